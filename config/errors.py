@@ -1,0 +1,158 @@
+"""One error shape for the whole API: {"error": {"code", "message", ...details}}.
+
+Services raise `ApiError` subclasses (declared in each app's errors.py); the DRF exception
+handler below renders them, DRF's own exceptions and Django's 404/validation errors in the
+shape of API.md. Anything unexpected is logged, reported to Sentry and answered as a
+generic 500 `internal_error` carrying the request id and no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions as drf
+from rest_framework.response import Response
+from rest_framework.serializers import as_serializer_error
+
+logger = logging.getLogger("tollgate.errors")
+
+
+class ApiError(Exception):
+    """A failure with a stable snake_case code, an HTTP status and optional details."""
+
+    status_code = 400
+    code = "invalid_request"
+    message = "The request is invalid."
+
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, status: int | None = None,
+        **details: Any,
+    ) -> None:
+        self.message = message or self.message
+        if code:
+            self.code = code
+        if status:
+            self.status_code = status
+        self.details = details
+        super().__init__(self.message)
+
+    def extra_headers(self) -> dict[str, str]:
+        """Headers the response must carry (e.g. Retry-After)."""
+        return {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class InvalidRequest(ApiError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class PermissionDeniedError(ApiError):
+    status_code = 403
+    code = "permission_denied"
+    message = "You are not allowed to do this."
+
+
+class AuthenticationError(ApiError):
+    status_code = 401
+    code = "authentication_failed"
+    message = "Authentication credentials were not provided or are invalid."
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    code = "payload_too_large"
+    message = "The request body is too large."
+
+
+class ServiceUnavailable(ApiError):
+    status_code = 503
+    code = "service_unavailable"
+    message = "The service is temporarily unavailable."
+
+
+def _drf_to_api_error(exc: drf.APIException) -> ApiError:
+    if isinstance(exc, drf.ValidationError):
+        return InvalidRequest("The request body is invalid.", fields=_fields(exc.detail))
+    if isinstance(exc, drf.ParseError):
+        return InvalidRequest(f"Malformed request body: {exc.detail}")
+    if isinstance(exc, drf.UnsupportedMediaType):
+        return ApiError(str(exc.detail), code="unsupported_media_type", status=415)
+    if isinstance(exc, drf.AuthenticationFailed | drf.NotAuthenticated):
+        code = exc.get_codes() if isinstance(exc.get_codes(), str) else "authentication_failed"
+        if code in ("not_authenticated", "authentication_failed"):
+            code = "authentication_failed"
+        return AuthenticationError(str(exc.detail), code=str(code))
+    if isinstance(exc, drf.PermissionDenied):
+        return PermissionDeniedError(str(exc.detail))
+    if isinstance(exc, drf.NotFound):
+        return ApiError(str(exc.detail), code="not_found", status=404)
+    if isinstance(exc, drf.MethodNotAllowed):
+        return ApiError(str(exc.detail), code="method_not_allowed", status=405)
+    if isinstance(exc, drf.NotAcceptable):
+        return ApiError(str(exc.detail), code="not_acceptable", status=406)
+    if isinstance(exc, drf.Throttled):
+        err = ApiError(str(exc.detail), code="rate_limited", status=429, retry_after=exc.wait)
+        return err
+    return ApiError(str(exc.detail), code=str(exc.default_code), status=exc.status_code)
+
+
+def _fields(detail: Any) -> dict[str, Any]:
+    if isinstance(detail, dict):
+        return {k: _flatten(v) for k, v in detail.items()}
+    return {"non_field_errors": _flatten(detail)}
+
+
+def _flatten(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_flatten(v) if isinstance(v, dict | list) else str(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _flatten(v) for k, v in value.items()}
+    return [str(value)]
+
+
+def render_error(err: ApiError, request_id: str | None = None) -> Response:
+    body = err.as_dict()
+    if request_id and err.status_code >= 500:
+        body["error"].setdefault("request_id", request_id)
+    response = Response(body, status=err.status_code)
+    for name, value in err.extra_headers().items():
+        response[name] = value
+    return response
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    """DRF EXCEPTION_HANDLER: every error in the API.md shape."""
+    request = context.get("request")
+    request_id = getattr(request, "request_id", None) if request is not None else None
+    if isinstance(exc, Http404):
+        exc = drf.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf.PermissionDenied()
+    elif isinstance(exc, DjangoValidationError):
+        exc = drf.ValidationError(as_serializer_error(exc))
+
+    if isinstance(exc, ApiError):
+        err = exc
+    elif isinstance(exc, drf.APIException):
+        err = _drf_to_api_error(exc)
+        if isinstance(exc, drf.Throttled) and exc.wait:
+            response = render_error(err, request_id)
+            response["Retry-After"] = str(max(1, int(exc.wait + 0.999)))
+            return response
+    else:
+        logger.exception("unhandled error", extra={"request_id": request_id})
+        try:
+            import sentry_sdk
+
+            sentry_sdk.capture_exception(exc)
+        except Exception:  # noqa: BLE001, S110 - reporting must never mask the error
+            pass
+        err = ApiError("An unexpected error occurred.", code="internal_error", status=500)
+    return render_error(err, request_id)

@@ -1,0 +1,96 @@
+"""Shared fixtures. The suite runs against the real PostgreSQL and Redis named by
+DATABASE_URL and REDIS_URL (defaults in pyproject.toml); if either is unreachable the run
+stops at once with a clear message instead of skipping."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlparse
+
+import pytest
+from django.conf import settings
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    db = settings.DATABASES["default"]
+    missing = []
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        missing.append("DATABASE_URL must point at PostgreSQL for the test suite")
+    elif not _reachable(f"postgres://{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}", 5432):
+        missing.append(f"PostgreSQL is unreachable at {db.get('HOST')}:{db.get('PORT')}")
+    if not settings.REDIS_URL:
+        missing.append("REDIS_URL must be set for the test suite")
+    elif not _reachable(settings.REDIS_URL, 6379):
+        missing.append(f"Redis is unreachable at {settings.REDIS_URL}")
+    if missing:
+        pytest.exit("cannot run the suite: " + "; ".join(missing), returncode=3)
+
+
+@pytest.fixture
+def redis_conn():
+    """The raw Redis connection of the default cache, flushed before and after the test."""
+    from django_redis import get_redis_connection
+
+    conn = get_redis_connection("default")
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+
+
+@pytest.fixture(autouse=True)
+def _clean_process_state(request):
+    """Each test starts with empty in-process caches (policies, keys, memory cache)."""
+    from quotas.authentication import key_cache_clear
+
+    key_cache_clear()
+    try:
+        from quotas.services import local_state_reset
+    except ImportError:
+        local_state_reset = None
+    if local_state_reset is not None:
+        local_state_reset()
+    yield
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture
+def user(db):
+    from quotas.tests.factories import UserFactory
+
+    return UserFactory()
+
+
+@pytest.fixture
+def local_model(db):
+    from quotas.models import ModelPrice
+
+    return ModelPrice.objects.update_or_create(
+        model="local/demo",
+        defaults={
+            "provider": "local", "upstream_model": "demo", "input_per_million": "1.50",
+            "output_per_million": "2.00", "context_window": 8192, "max_output_tokens": 1024,
+        },
+    )[0]
+
+
+@pytest.fixture
+def api_key(user):
+    """(full key string, ApiKey) for `user`."""
+    from quotas.services import key_create
+
+    return key_create(user=user, name="test")

@@ -1,0 +1,154 @@
+"""DRF authentication: API keys (Bearer or X-API-Key), DRF tokens, sessions.
+
+Keys are looked up by prefix in a per-process cache that lives at most one second, then
+compared in constant time against the stored hash. A revoked key is therefore refused
+within a second on every worker even on endpoints that do not reach admission; admission
+itself re-validates the key against the live policy version at no extra round trip.
+Failed authentications are counted per client address and refused past
+AUTH_FAILURES_PER_MINUTE.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from rest_framework import authentication, exceptions
+from rest_framework.request import Request
+
+from quotas import keys
+from quotas.errors import KeyExpired, KeyRevoked, TooManyAuthFailures, UserInactive
+from quotas.models import ApiKey
+
+_CACHE_TTL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPrincipal:
+    """What a request authenticated by an API key carries as `request.auth`."""
+
+    id: int
+    prefix: str
+    user_id: int
+    scopes: tuple[str, ...]
+
+    @property
+    def display(self) -> str:
+        return f"tg_{self.prefix}"
+
+    def has_scope(self, scope: str) -> bool:
+        return not self.scopes or scope in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedKey:
+    key: ApiKey
+    user: Any
+    fetched_at: float
+
+
+_key_cache: dict[str, _CachedKey] = {}
+_key_lock = threading.Lock()
+
+
+def key_cache_clear() -> None:
+    with _key_lock:
+        _key_cache.clear()
+
+
+def _load_key(prefix: str) -> _CachedKey | None:
+    now = time.monotonic()
+    cached = _key_cache.get(prefix)
+    if cached is not None and now - cached.fetched_at < _CACHE_TTL:
+        return cached
+    key = ApiKey.objects.select_related("user").filter(prefix=prefix).first()
+    if key is None:
+        with _key_lock:
+            _key_cache.pop(prefix, None)
+        return None
+    entry = _CachedKey(key=key, user=key.user, fetched_at=now)
+    with _key_lock:
+        _key_cache[prefix] = entry
+    return entry
+
+
+def _client_address(request: Request) -> str:
+    return str(request.META.get("REMOTE_ADDR") or "unknown")
+
+
+def _failure(request: Request, exc: exceptions.APIException | Exception) -> Exception:
+    from quotas import auth_throttle
+
+    retry = auth_throttle.record_failure(_client_address(request))
+    if retry:
+        return TooManyAuthFailures(retry)
+    return exc
+
+
+def validate_key(key: ApiKey, user: AbstractBaseUser, now: float | None = None) -> None:
+    """Raise the contract's 401 for a revoked or expired key or an inactive owner."""
+    if key.revoked_at is not None:
+        raise KeyRevoked()
+    if key.is_expired(now):
+        raise KeyExpired()
+    if not user.is_active:
+        raise UserInactive()
+
+
+class ApiKeyAuthentication(authentication.BaseAuthentication):
+    """`Authorization: Bearer tg_...` or `X-API-Key: tg_...`."""
+
+    def authenticate(self, request: Request) -> tuple[Any, KeyPrincipal] | None:
+        raw = request.META.get("HTTP_X_API_KEY", "")
+        if not raw:
+            header = request.META.get("HTTP_AUTHORIZATION", "")
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value:
+                return None
+            raw = value.strip()
+        from quotas import auth_throttle
+
+        retry = auth_throttle.blocked_for(_client_address(request))
+        if retry:
+            raise TooManyAuthFailures(retry)
+        parsed = keys.key_parse(raw)
+        if parsed is None:
+            raise _failure(request, exceptions.AuthenticationFailed("Malformed API key."))
+        prefix, secret = parsed
+        entry = _load_key(prefix)
+        if entry is None or not keys.secret_matches(secret, entry.key.secret_hash):
+            raise _failure(request, exceptions.AuthenticationFailed("Unknown API key."))
+        validate_key(entry.key, entry.user)
+        key = entry.key
+        principal = KeyPrincipal(
+            id=key.pk, prefix=key.prefix, user_id=key.user_id, scopes=tuple(key.scopes or ())
+        )
+        from quotas.services import key_touch
+
+        key_touch(key_id=key.pk, last_used_at=key.last_used_at)
+        return entry.user, principal
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="api"'
+
+
+class BearerTokenAuthentication(authentication.TokenAuthentication):
+    """DRF token: `Authorization: Token <token>`; refuses inactive users with user_inactive."""
+
+    keyword = "Token"
+
+    def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
+        from rest_framework.authtoken.models import Token
+
+        try:
+            token = Token.objects.select_related("user").get(key=key)
+        except Token.DoesNotExist as exc:
+            raise exceptions.AuthenticationFailed("Invalid token.") from exc
+        if not token.user.is_active:
+            raise UserInactive()
+        return token.user, token
+
+

@@ -1,0 +1,221 @@
+"""Effective quota policy of a (user, key, model): value objects and their resolution.
+
+A `Quota` is one limit of one scope on one dimension, in the engine's units (requests,
+tokens, micro-dollars, leases); `None` never appears: an unlimited dimension has no Quota.
+A limit of 0 refuses everything. The effective limit on a dimension is the tightest of all
+scopes; every scope is checked, so the tightest one refuses first and is the one reported.
+
+Counters are shared per principal: key scope -> `k:<id>`, user and plan scope -> `u:<id>`
+(the plan's limit applies to each user on it unless the user overrides it), global -> `g`,
+provider -> `p:<provider>:<model or *>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import Q
+
+from config.errors import InvalidRequest
+from quotas.errors import ModelNotAllowed, UserInactive, UserSuspended
+from quotas.models import (
+    DIMENSIONS,
+    ApiKey,
+    GlobalLimits,
+    ModelPrice,
+    Plan,
+    ProviderQuota,
+    UserQuota,
+)
+
+MICROS = Decimal(1_000_000)
+
+# dimension -> (kind, window). kind: r requests, t tokens, c micro-dollars, l leases.
+# window: seconds of a sliding window, or "day"/"month" for UTC calendar windows.
+DIMENSION_SPECS: dict[str, tuple[str, int | str]] = {
+    "requests_per_minute": ("r", 60),
+    "requests_per_hour": ("r", 3600),
+    "requests_per_day": ("r", "day"),
+    "tokens_per_minute": ("t", 60),
+    "tokens_per_day": ("t", "day"),
+    "cost_per_day": ("c", "day"),
+    "cost_per_month": ("c", "month"),
+    "concurrency": ("l", 0),
+}
+PRIORITIES = ("critical", "high", "medium", "low")
+SHARED_SCOPES = ("global", "provider")
+
+
+def usd_to_micros(value: Decimal) -> int:
+    return int((value * MICROS).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def micros_to_usd(value: int) -> Decimal:
+    return (Decimal(value) / MICROS).quantize(Decimal("0.000001"))
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    scope: str  # key | user | plan | global | provider
+    dimension: str
+    limit: int  # engine units; 0 refuses all
+    counter: str  # principal id in Redis keys
+
+    @property
+    def kind(self) -> str:
+        return DIMENSION_SPECS[self.dimension][0]
+
+    @property
+    def window(self) -> int | str:
+        return DIMENSION_SPECS[self.dimension][1]
+
+    def scaled(self, share: float) -> Quota:
+        """The limit a priority may use of a shared scope (floor; at least 0)."""
+        if share >= 1:
+            return self
+        return Quota(self.scope, self.dimension, math.floor(self.limit * share), self.counter)
+
+    def display_limit(self) -> int | str:
+        return str(micros_to_usd(self.limit)) if self.kind == "c" else self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything admission and settlement need to know about one (user, key, model)."""
+
+    user_id: int
+    username: str
+    key_id: int | None
+    key_prefix: str | None
+    plan: str | None
+    model: str
+    provider: str
+    upstream_model: str
+    input_per_million: Decimal
+    output_per_million: Decimal
+    max_output_tokens: int
+    context_window: int
+    allow_stale_fallback: bool
+    quotas: tuple[Quota, ...]
+    shares: dict[str, float] = field(default_factory=dict)
+    version: int = 0
+
+    def quotas_for(self, priority: str) -> tuple[Quota, ...]:
+        share = self.shares.get(priority, 1.0)
+        return tuple(q.scaled(share) if q.scope in SHARED_SCOPES else q for q in self.quotas)
+
+    def cost_of(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        """Exact cost in USD, rounded half-up to the micro-dollar."""
+        raw = (
+            Decimal(prompt_tokens) * self.input_per_million
+            + Decimal(completion_tokens) * self.output_per_million
+        ) / MICROS
+        return raw.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+
+
+def _units(dimension: str, value: int | Decimal | None) -> int | None:
+    if value is None:
+        return None
+    if DIMENSION_SPECS[dimension][0] == "c":
+        return usd_to_micros(Decimal(value))
+    return int(value)
+
+
+def _default_plan() -> Plan | None:
+    return Plan.objects.filter(name=settings.QUOTA_DEFAULT_PLAN).first()
+
+
+def model_get(model: str) -> ModelPrice:
+    """The catalogue entry of an enabled model; 400 invalid_request otherwise."""
+    price = ModelPrice.objects.filter(model=model).first()
+    if price is None or not price.enabled:
+        raise InvalidRequest(
+            f"Unknown or disabled model: {model!r}.", fields={"model": ["Unknown model."]}
+        )
+    return price
+
+
+def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int = 0) -> Policy:
+    """Read the effective policy from the database (a handful of indexed queries).
+
+    Raises 401 for a revoked/expired key or an inactive user, 403 for a suspended user or a
+    model the plan or key does not allow, 400 for an unknown or disabled model.
+    """
+    from quotas.authentication import validate_key
+
+    user = get_user_model().objects.get(pk=user_id)
+    if not user.is_active:
+        raise UserInactive()
+    key: ApiKey | None = None
+    if key_id is not None:
+        key = ApiKey.objects.get(pk=key_id)
+        validate_key(key, user)
+    price = model_get(model)
+    user_quota = UserQuota.objects.select_related("plan").filter(user_id=user_id).first()
+    if user_quota is not None and user_quota.suspended:
+        raise UserSuspended()
+    plan = user_quota.plan if user_quota is not None and user_quota.plan else _default_plan()
+    if plan is not None and plan.allowed_models and model not in plan.allowed_models:
+        raise ModelNotAllowed()
+    key_models = [s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")]
+    if key_models and model not in key_models:
+        raise ModelNotAllowed()
+
+    quotas: list[Quota] = []
+    if key is not None:
+        for dim in DIMENSIONS:
+            limit = _units(dim, getattr(key, dim))
+            if limit is not None:
+                quotas.append(Quota("key", dim, limit, f"k:{key.pk}"))
+    for dim in DIMENSIONS:
+        override = getattr(user_quota, dim) if user_quota is not None else None
+        if override is not None:
+            quotas.append(Quota("user", dim, _units(dim, override) or 0, f"u:{user_id}"))
+        elif plan is not None and getattr(plan, dim) is not None:
+            quotas.append(Quota("plan", dim, _units(dim, getattr(plan, dim)) or 0, f"u:{user_id}"))
+
+    glob = GlobalLimits.objects.filter(pk=1).first()
+    shares = {"critical": 1.0, "high": 0.9, "medium": 0.7, "low": 0.5}
+    if glob is not None:
+        shares.update(
+            high=float(glob.high_share), medium=float(glob.medium_share), low=float(glob.low_share)
+        )
+        for dim in ("cost_per_day", "requests_per_hour", "concurrency"):
+            limit = _units(dim, getattr(glob, dim))
+            if limit is not None:
+                quotas.append(Quota("global", dim, limit, "g"))
+
+    # The most specific provider quota row wins (model row over the provider-wide row);
+    # both are enforced when both exist, each on its own counter.
+    for row in ProviderQuota.objects.filter(
+        Q(provider=price.provider) & (Q(model=price.model) | Q(model=""))
+    ):
+        margin = float(row.safety_margin)
+        counter = f"p:{row.provider}:{row.model or '*'}"
+        for dim in ("requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day"):
+            value = getattr(row, dim)
+            if value is not None:
+                quotas.append(Quota("provider", dim, math.floor(value * margin), counter))
+
+    return Policy(
+        user_id=user_id,
+        username=user.get_username(),
+        key_id=key.pk if key else None,
+        key_prefix=key.prefix if key else None,
+        plan=plan.name if plan else None,
+        model=price.model,
+        provider=price.provider,
+        upstream_model=price.upstream_model,
+        input_per_million=price.input_per_million,
+        output_per_million=price.output_per_million,
+        max_output_tokens=price.max_output_tokens,
+        context_window=price.context_window,
+        allow_stale_fallback=plan.allow_stale_fallback if plan else True,
+        quotas=tuple(quotas),
+        shares=shares,
+        version=version,
+    )

@@ -1,0 +1,106 @@
+"""Audit trail and live policy invalidation.
+
+Any save or delete of governance data (through the admin, the ORM or a command) bumps the
+policy version once the transaction commits; every worker sees the new version in its next
+admission reply and reloads, so a change holds everywhere within a second. Changes of
+limits, plan assignments, suspensions and key revocations are written to the audit trail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save, pre_save
+from django.dispatch import receiver
+
+from quotas.audit import current_actor
+from quotas.models import (
+    DIMENSIONS,
+    ApiKey,
+    AuditEntry,
+    GlobalLimits,
+    ModelPrice,
+    Plan,
+    ProviderQuota,
+    UserQuota,
+)
+
+GOVERNED = (Plan, UserQuota, ApiKey, ModelPrice, ProviderQuota, GlobalLimits)
+AUDITED_FIELDS: dict[type, tuple[str, ...]] = {
+    Plan: (*DIMENSIONS, "allowed_models", "allow_stale_fallback"),
+    UserQuota: (*DIMENSIONS, "plan_id", "suspended"),
+    ApiKey: (*DIMENSIONS, "scopes", "expires_at", "revoked_at"),
+    ModelPrice: ("input_per_million", "output_per_million", "enabled", "max_output_tokens"),
+    ProviderQuota: (
+        "requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day",
+        "safety_margin",
+    ),
+    GlobalLimits: (
+        "cost_per_day", "requests_per_hour", "concurrency", "low_share", "medium_share",
+        "high_share",
+    ),
+}
+
+
+def _bump() -> None:
+    from quotas.services import policy_bump
+
+    policy_bump()
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+@receiver(pre_save)
+def _remember_old(sender: type, instance: Any, **kwargs: Any) -> None:
+    if sender not in AUDITED_FIELDS or instance.pk is None or kwargs.get("raw"):
+        return
+    fields = AUDITED_FIELDS[sender]
+    old = sender.objects.filter(pk=instance.pk).values(*fields).first()
+    instance._audit_old = old
+
+
+@receiver(post_save)
+def _audit_and_bump(sender: type, instance: Any, created: bool, **kwargs: Any) -> None:
+    if sender not in GOVERNED or kwargs.get("raw"):
+        return
+    old = getattr(instance, "_audit_old", None) or {}
+    actor = current_actor.get()
+    entries = []
+    for field in AUDITED_FIELDS[sender]:
+        new_value = getattr(instance, field)
+        old_value = old.get(field) if not created else None
+        if created and new_value in (None, [], False, ""):
+            continue
+        if not created and old_value == new_value:
+            continue
+        entries.append(
+            AuditEntry(
+                actor=actor if getattr(actor, "pk", None) else None,
+                object_type=sender._meta.model_name,
+                object_id=str(instance.pk),
+                object_repr=str(instance)[:200],
+                field=field.removesuffix("_id"),
+                old_value=_text(old_value),
+                new_value=_text(new_value),
+            )
+        )
+    if entries:
+        AuditEntry.objects.bulk_create(entries)
+    instance._audit_old = None
+    transaction.on_commit(_bump)
+
+
+@receiver(post_delete)
+def _bump_on_delete(sender: type, instance: Any, **kwargs: Any) -> None:
+    if sender in GOVERNED:
+        AuditEntry.objects.create(
+            actor=current_actor.get() if getattr(current_actor.get(), "pk", None) else None,
+            object_type=sender._meta.model_name,
+            object_id=str(instance.pk),
+            object_repr=str(instance)[:200],
+            field="(deleted)",
+        )
+        transaction.on_commit(_bump)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import factory
+from django.contrib.auth import get_user_model
+from factory.django import DjangoModelFactory
+
+from quotas.models import ModelPrice, Plan, UserQuota
+
+
+class UserFactory(DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda o: f"{o.username}@example.com")
+
+
+class PlanFactory(DjangoModelFactory):
+    class Meta:
+        model = Plan
+
+    name = factory.Sequence(lambda n: f"plan{n}")
+
+
+class UserQuotaFactory(DjangoModelFactory):
+    class Meta:
+        model = UserQuota
+
+    user = factory.SubFactory(UserFactory)
+    plan = factory.SubFactory(PlanFactory)
+
+
+class ModelPriceFactory(DjangoModelFactory):
+    class Meta:
+        model = ModelPrice
+        django_get_or_create = ("model",)
+
+    model = "local/demo"
+    provider = "local"
+    upstream_model = "demo"
+    input_per_million = "1.50"
+    output_per_million = "2.00"
