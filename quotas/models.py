@@ -203,6 +203,8 @@ class Outcome(models.TextChoices):
     UPSTREAM_TIMEOUT = "upstream_timeout", "upstream timeout"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable", "upstream unavailable"
     ABANDONED = "abandoned", "abandoned"
+    # Admitted while Redis was unreachable: the row holds the estimate until settlement.
+    PENDING = "pending", "pending"
 
 
 class UsageRecord(models.Model):
