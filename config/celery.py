@@ -1,4 +1,12 @@
-"""The Celery application; tasks are discovered in each app's tasks.py."""
+"""The Celery application; tasks are discovered in each app's tasks.py.
+
+Configuration comes from the CELERY_* settings (config/settings.py): broker and result
+backend from CELERY_BROKER_URL (Redis by default, RabbitMQ works too), late
+acknowledgement, one message prefetched per process, the beat schedule.
+
+    celery -A config worker -Q default,jobs --loglevel=INFO
+    celery -A config beat --loglevel=INFO
+"""
 
 from __future__ import annotations
 

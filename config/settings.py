@@ -162,8 +162,22 @@ API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 
 # --- CELERY ---
+# Broker: Redis by default, RabbitMQ (amqp://) works too. Results go to Redis with a Redis
+# broker and back over the broker (rpc://) otherwise; jobs keep their own state in
+# PostgreSQL, so task results are not stored unless a task asks for it.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
-CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL or "cache+memory://")
+CELERY_RESULT_BACKEND = env(
+    "CELERY_RESULT_BACKEND",
+    default=(
+        CELERY_BROKER_URL
+        if CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+        else "rpc://"
+        if CELERY_BROKER_URL.startswith(("amqp://", "amqps://"))
+        else "cache+memory://"
+    ),
+)
+CELERY_TASK_IGNORE_RESULT = True
+# Late acknowledgement: a task whose worker dies is delivered again; every task is idempotent.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -171,7 +185,59 @@ CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=300)
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=240)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+# Batch jobs have a queue of their own so a long batch never delays the periodic tasks.
+CELERY_TASK_ROUTES = {"generation.tasks.*": {"queue": "jobs"}}
 CELERY_TIMEZONE = "UTC"
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# A job refused for quota waits at most this long before it asks again (a day window may
+# reset hours later; a shorter wait keeps countdown messages well inside the visibility
+# timeout below, after which Redis would deliver an unacknowledged message again).
+JOB_RETRY_MAX_COUNTDOWN = env.int("JOB_RETRY_MAX_COUNTDOWN", default=900)
+JOB_MAX_QUOTA_RETRIES = env.int("JOB_MAX_QUOTA_RETRIES", default=200)
+JOB_MAX_SUBTOPICS = 20
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 4 * JOB_RETRY_MAX_COUNTDOWN)}
+CELERY_BEAT_SCHEDULE = {
+    # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.
+    "cache-popular-refresh": {
+        "task": "caching.tasks.popular_refresh",
+        "schedule": env.float("CELERY_POPULAR_REFRESH_SECONDS", default=3600.0),
+    },
+    # The ledger rolled up into daily aggregates (today and yesterday, idempotent).
+    "usage-rollup": {
+        "task": "quotas.tasks.usage_rollup",
+        "schedule": env.float("CELERY_USAGE_ROLLUP_SECONDS", default=300.0),
+    },
+    # 80% / 100% of a day or month budget: one alert per threshold per period.
+    "budget-alerts": {
+        "task": "quotas.tasks.budget_alerts_check",
+        "schedule": env.float("CELERY_BUDGET_ALERTS_SECONDS", default=60.0),
+    },
+    # Leases and reservations left by crashed workers are refunded.
+    "quota-sweep": {
+        "task": "quotas.tasks.quota_sweep",
+        "schedule": env.float("CELERY_QUOTA_SWEEP_SECONDS", default=60.0),
+    },
+}
+
+# --- BUDGET ALERTS ---
+# Thresholds in percent of a user's day or month cost budget.
+BUDGET_ALERT_THRESHOLDS = env.list("BUDGET_ALERT_THRESHOLDS", cast=int, default=[80, 100])
+# Extra recipients of every alert (the user's own address is always used when known).
+BUDGET_ALERT_EMAILS = env.list("BUDGET_ALERT_EMAILS", default=[])
+BUDGET_ALERT_EMAIL_USER = env.bool("BUDGET_ALERT_EMAIL_USER", default=True)
+# A JSON POST per alert; empty: no webhook.
+BUDGET_ALERT_WEBHOOK_URL = env("BUDGET_ALERT_WEBHOOK_URL", default="")
+BUDGET_ALERT_WEBHOOK_TIMEOUT = env.float("BUDGET_ALERT_WEBHOOK_TIMEOUT", default=5.0)
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER = env("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="tollgate@localhost")
 
 # --- API ---
 REST_FRAMEWORK = {

@@ -1,0 +1,49 @@
+"""Periodic quota tasks (scheduled by CELERY_BEAT_SCHEDULE in config/settings.py).
+
+Each task calls one service and is safe to run twice: roll-ups replace a day's rows,
+alerts are unique per threshold and period, the sweep only refunds what has expired.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from celery import shared_task
+from django.utils import timezone
+
+logger = logging.getLogger("tollgate.tasks")
+
+
+@shared_task(name="quotas.tasks.usage_rollup", time_limit=600, soft_time_limit=540)
+def usage_rollup(day: str | None = None) -> int:
+    """Roll the ledger up into DailyUsage: the given ISO day, else yesterday and today
+    (yesterday again so rows written late, e.g. batched cache hits, are counted)."""
+    from quotas.rollups import usage_rollup as rollup
+
+    if day is not None:
+        return rollup(day=dt.date.fromisoformat(day))
+    today = timezone.now().astimezone(dt.UTC).date()
+    return rollup(day=today - dt.timedelta(days=1)) + rollup(day=today)
+
+
+@shared_task(name="quotas.tasks.budget_alerts_check", time_limit=120, soft_time_limit=100)
+def budget_alerts_check() -> int:
+    """Create and deliver the budget alerts due now; returns how many were created."""
+    from quotas.alerts import budget_alerts_check as check
+
+    return len(check())
+
+
+@shared_task(name="quotas.tasks.quota_sweep", time_limit=120, soft_time_limit=100)
+def quota_sweep() -> int:
+    """Refund the leases and reservations left by crashed workers; returns how many."""
+    from quotas import services
+
+    sweep = getattr(services, "reservations_sweep", None)
+    if sweep is None:
+        # The engine without a sweep refunds expired leases on the next admission.
+        logger.info("quota sweep skipped: quotas.services.reservations_sweep is not available")
+        return 0
+    result = sweep()
+    return int(result or 0)
