@@ -107,8 +107,12 @@ def budget_alerts_check(*, now: dt.datetime | None = None) -> list[BudgetAlert]:
                 if spent * 100 < limit * threshold:
                     break
                 alert = _alert_create_once(
-                    user_id=user_id, period=period, period_start=start, threshold=threshold,
-                    budget=limit, spent=spent,
+                    user_id=user_id,
+                    period=period,
+                    period_start=start,
+                    threshold=threshold,
+                    budget=limit,
+                    spent=spent,
                 )
                 if alert is not None:
                     created.append(alert)
@@ -119,7 +123,12 @@ def budget_alerts_check(*, now: dt.datetime | None = None) -> list[BudgetAlert]:
 
 
 def _alert_create_once(
-    *, user_id: int, period: str, period_start: dt.date, threshold: int, budget: Decimal,
+    *,
+    user_id: int,
+    period: str,
+    period_start: dt.date,
+    threshold: int,
+    budget: Decimal,
     spent: Decimal,
 ) -> BudgetAlert | None:
     """The new alert, or None if this threshold of this period was already alerted."""
@@ -130,8 +139,12 @@ def _alert_create_once(
     try:
         with transaction.atomic():
             return BudgetAlert.objects.create(
-                user_id=user_id, period=period, period_start=period_start, threshold=threshold,
-                budget_usd=budget, spent_usd=spent,
+                user_id=user_id,
+                period=period,
+                period_start=period_start,
+                threshold=threshold,
+                budget_usd=budget,
+                spent_usd=spent,
             )
     except IntegrityError:
         # Another check created it first: it delivers, this one does not.
@@ -139,9 +152,11 @@ def _alert_create_once(
 
 
 def _retry_failed_deliveries(*, exclude: set[int]) -> None:
-    pending = BudgetAlert.objects.exclude(delivery_error="").filter(
-        delivery_attempts__lt=MAX_DELIVERY_ATTEMPTS
-    ).exclude(pk__in=exclude)
+    pending = (
+        BudgetAlert.objects.exclude(delivery_error="")
+        .filter(delivery_attempts__lt=MAX_DELIVERY_ATTEMPTS)
+        .exclude(pk__in=exclude)
+    )
     for alert in pending[:100]:
         alert_deliver(alert=alert)
 
@@ -187,7 +202,8 @@ def alert_deliver(*, alert: BudgetAlert) -> None:
     if settings.BUDGET_ALERT_WEBHOOK_URL and not alert.webhook_sent:
         try:
             response = httpx.post(
-                settings.BUDGET_ALERT_WEBHOOK_URL, json=payload,
+                settings.BUDGET_ALERT_WEBHOOK_URL,
+                json=payload,
                 timeout=settings.BUDGET_ALERT_WEBHOOK_TIMEOUT,
             )
             response.raise_for_status()
@@ -198,7 +214,11 @@ def alert_deliver(*, alert: BudgetAlert) -> None:
     alert.delivery_error = "; ".join(errors)[:2000]
     alert.save(
         update_fields=[
-            "email_sent", "emailed_to", "webhook_sent", "delivery_attempts", "delivery_error",
+            "email_sent",
+            "emailed_to",
+            "webhook_sent",
+            "delivery_attempts",
+            "delivery_error",
         ]
     )
     if errors:
@@ -208,4 +228,3 @@ def alert_deliver(*, alert: BudgetAlert) -> None:
             "budget alert sent",
             extra={"alert_id": alert.pk, "period": alert.period, "threshold": alert.threshold},
         )
-

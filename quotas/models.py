@@ -283,3 +283,7 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.object_repr}.{self.field}: {self.old_value} -> {self.new_value}"
+
+
+# Daily roll-ups of the ledger and budget alerts (declared in their own module).
+from quotas.rollups import BudgetAlert, BudgetPeriod, DailyUsage  # noqa: E402, F401

@@ -44,7 +44,8 @@ class DailyUsage(models.Model):
         ordering = ("-day", "user_id", "model")
         constraints = [
             models.UniqueConstraint(
-                fields=("day", "user", "model"), name="daily_usage_unique",
+                fields=("day", "user", "model"),
+                name="daily_usage_unique",
                 nulls_distinct=False,
             ),
         ]
@@ -93,7 +94,7 @@ class BudgetAlert(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.user_id}: {self.threshold}% of the {self.period} budget ({self.period_start})"
+        return f"{self.user_id}: {self.threshold}% of {self.period} {self.period_start}"
 
     @property
     def delivered(self) -> bool:
@@ -132,9 +133,16 @@ def usage_rollup(*, day: dt.date) -> int:
     )
     rows = [
         DailyUsage(
-            day=day, user_id=g["user_id"], model=g["model"], provider=g["provider_name"] or "",
-            requests=g["n"], cached=g["n_cached"], fallbacks=g["n_fallback"],
-            errors=g["n_errors"], prompt_tokens=g["prompt"], completion_tokens=g["completion"],
+            day=day,
+            user_id=g["user_id"],
+            model=g["model"],
+            provider=g["provider_name"] or "",
+            requests=g["n"],
+            cached=g["n_cached"],
+            fallbacks=g["n_fallback"],
+            errors=g["n_errors"],
+            prompt_tokens=g["prompt"],
+            completion_tokens=g["completion"],
             cost_usd=g["cost"],
         )
         for g in groups
@@ -151,8 +159,15 @@ def usage_rollup(*, day: dt.date) -> int:
 
 class DailyUsageAdmin(admin.ModelAdmin):
     list_display = (
-        "day", "user", "model", "requests", "cached", "errors", "prompt_tokens",
-        "completion_tokens", "cost_usd",
+        "day",
+        "user",
+        "model",
+        "requests",
+        "cached",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
     )
     list_filter = ("day", "model", "provider")
     search_fields = ("user__username", "model")
@@ -168,8 +183,16 @@ class DailyUsageAdmin(admin.ModelAdmin):
 
 class BudgetAlertAdmin(admin.ModelAdmin):
     list_display = (
-        "created_at", "user", "period", "period_start", "threshold", "spent_usd", "budget_usd",
-        "email_sent", "webhook_sent", "delivery_error",
+        "created_at",
+        "user",
+        "period",
+        "period_start",
+        "threshold",
+        "spent_usd",
+        "budget_usd",
+        "email_sent",
+        "webhook_sent",
+        "delivery_error",
     )
     list_filter = ("period", "threshold", "email_sent", "webhook_sent")
     search_fields = ("user__username",)
