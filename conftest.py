@@ -58,6 +58,9 @@ def _clean_process_state(request):
         local_state_reset = None
     if local_state_reset is not None:
         local_state_reset()
+    from caching.services import cache_local_reset
+
+    cache_local_reset()
     yield
 
 

@@ -144,6 +144,8 @@ QUOTA_LEASE_TTL = env.int("QUOTA_LEASE_TTL", default=300)
 # The fail-open in-process limiter divides request limits by this number of workers.
 QUOTA_WORKER_COUNT = env.int("QUOTA_WORKER_COUNT", default=env.int("WEB_CONCURRENCY", default=2))
 AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30)
+# Ledger rows of cache hits are written in batches at most this many seconds late (0: at once).
+USAGE_HIT_BATCH_SECONDS = env.float("USAGE_HIT_BATCH_SECONDS", default=1.0)
 
 # --- GENERATION ---
 TOLLGATE_DEFAULT_MODEL = env("TOLLGATE_DEFAULT_MODEL", default="local/demo")
@@ -158,6 +160,15 @@ UPSTREAM_MAX_ATTEMPTS = env.int("UPSTREAM_MAX_ATTEMPTS", default=3)
 UPSTREAM_MAX_RETRY_SECONDS = env.float("UPSTREAM_MAX_RETRY_SECONDS", default=30.0)
 CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
 CIRCUIT_RESET_SECONDS = env.float("CIRCUIT_RESET_SECONDS", default=30.0)
+# Full-jitter exponential backoff between attempts: random(0, min(max, base * 2**n)).
+UPSTREAM_BACKOFF_BASE = env.float("UPSTREAM_BACKOFF_BASE", default=0.5)
+UPSTREAM_BACKOFF_MAX = env.float("UPSTREAM_BACKOFF_MAX", default=8.0)
+# The offline provider's simulated failures (fractions of calls, 0..1).
+LOCAL_PROVIDER_FAILURE_RATE = env.float("LOCAL_PROVIDER_FAILURE_RATE", default=0.0)
+LOCAL_PROVIDER_TIMEOUT_RATE = env.float("LOCAL_PROVIDER_TIMEOUT_RATE", default=0.0)
+GENERATION_IDEMPOTENCY_TTL = env.int("GENERATION_IDEMPOTENCY_TTL", default=24 * 3600)
+# Parallel upstream calls of one /topics/explanations request.
+EXPLANATIONS_MAX_WORKERS = env.int("EXPLANATIONS_MAX_WORKERS", default=4)
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 

@@ -35,10 +35,7 @@ def record_failure(address: str) -> int:
     bucket = int(time.time() // _WINDOW)
     key = f"authfail:{address}:{bucket}"
     try:
-        if not cache.add(key, 1, timeout=_WINDOW * 2):
-            count = cache.incr(key)
-        else:
-            count = 1
+        count = 1 if cache.add(key, 1, timeout=_WINDOW * 2) else cache.incr(key)
     except Exception:  # noqa: BLE001 - the cache is down: do not turn a 401 into a 500
         logger.warning("auth failure counter unavailable", exc_info=True)
         return 0

@@ -150,5 +150,3 @@ class BearerTokenAuthentication(authentication.TokenAuthentication):
         if not token.user.is_active:
             raise UserInactive()
         return token.user, token
-
-

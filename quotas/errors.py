@@ -14,13 +14,21 @@ class QuotaExceeded(ApiError):
     code = "quota_exceeded"
 
     def __init__(
-        self, *, scope: str, dimension: str, limit: int | str, retry_after: float,
+        self,
+        *,
+        scope: str,
+        dimension: str,
+        limit: int | str,
+        retry_after: float,
         message: str | None = None,
     ) -> None:
         wait = max(1, math.ceil(retry_after))
         super().__init__(
             message or f"Quota exceeded: {dimension} of the {scope} scope (limit {limit}).",
-            scope=scope, dimension=dimension, limit=limit, retry_after=wait,
+            scope=scope,
+            dimension=dimension,
+            limit=limit,
+            retry_after=wait,
         )
         self.scope = scope
         self.dimension = dimension

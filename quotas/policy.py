@@ -161,7 +161,9 @@ def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int
     plan = user_quota.plan if user_quota is not None and user_quota.plan else _default_plan()
     if plan is not None and plan.allowed_models and model not in plan.allowed_models:
         raise ModelNotAllowed()
-    key_models = [s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")]
+    key_models = [
+        s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")
+    ]
     if key_models and model not in key_models:
         raise ModelNotAllowed()
 
@@ -196,7 +198,12 @@ def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int
     ):
         margin = float(row.safety_margin)
         counter = f"p:{row.provider}:{row.model or '*'}"
-        for dim in ("requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day"):
+        for dim in (
+            "requests_per_minute",
+            "requests_per_day",
+            "tokens_per_minute",
+            "tokens_per_day",
+        ):
             value = getattr(row, dim)
             if value is not None:
                 quotas.append(Quota("provider", dim, math.floor(value * margin), counter))

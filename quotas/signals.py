@@ -33,11 +33,18 @@ AUDITED_FIELDS: dict[type, tuple[str, ...]] = {
     ApiKey: (*DIMENSIONS, "scopes", "expires_at", "revoked_at"),
     ModelPrice: ("input_per_million", "output_per_million", "enabled", "max_output_tokens"),
     ProviderQuota: (
-        "requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day",
+        "requests_per_minute",
+        "requests_per_day",
+        "tokens_per_minute",
+        "tokens_per_day",
         "safety_margin",
     ),
     GlobalLimits: (
-        "cost_per_day", "requests_per_hour", "concurrency", "low_share", "medium_share",
+        "cost_per_day",
+        "requests_per_hour",
+        "concurrency",
+        "low_share",
+        "medium_share",
         "high_share",
     ),
 }

@@ -1,0 +1,71 @@
+"""Shared vocabulary of the quota backends: what a decision looks like."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from quotas.policy import Quota
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    """One quota after a decision: how much of it is used and when it next frees up."""
+
+    quota: Quota
+    used: int
+    reset_in: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.quota.limit - self.used)
+
+
+@dataclass(slots=True)
+class Decision:
+    admitted: bool
+    windows: list[WindowState] = field(default_factory=list)
+    denied: WindowState | None = None
+    retry_after: float = 0.0
+    backend: str = "redis"
+
+
+class StalePolicy(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The backend's policy version or counter epoch moved: reload and try again."""
+
+    def __init__(self, version: str, epoch: str) -> None:
+        super().__init__(version, epoch)
+        self.version = version
+        self.epoch = epoch
+
+
+class RebuildNeeded(Exception):  # noqa: N818
+    """Calendar counters are missing from Redis and must be rebuilt from the ledger."""
+
+    def __init__(self, quotas: list[Quota]) -> None:
+        super().__init__(quotas)
+        self.quotas = quotas
+
+
+class BackendUnavailable(Exception):  # noqa: N818
+    """The shared quota store (Redis) cannot be reached."""
+
+
+def calendar_bounds(now: float) -> tuple[datetime, datetime, datetime, datetime]:
+    """(day start, day end, month start, month end) in UTC around `now`."""
+    moment = datetime.fromtimestamp(now, tz=UTC)
+    day_start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    day_end = day_start + timedelta(days=1)
+    month_start = day_start.replace(day=1)
+    month_end = (month_start + timedelta(days=32)).replace(day=1)
+    return day_start, day_end, month_start, month_end
+
+
+def seconds_left(now: float) -> tuple[int, int]:
+    """Whole seconds to the end of the UTC day and of the UTC month (at least 1)."""
+    _, day_end, _, month_end = calendar_bounds(now)
+    return (
+        max(1, math.ceil(day_end.timestamp() - now)),
+        max(1, math.ceil(month_end.timestamp() - now)),
+    )

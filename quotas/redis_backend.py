@@ -1,0 +1,281 @@
+"""The Redis quota backend: one Lua call to admit, one to settle.
+
+Scripts are registered once per process on the raw connection of django-redis and called
+with EVALSHA (redis-py reloads them after NOSCRIPT). Key layout, under `<prefix>:q:`:
+
+    ver, epoch                       policy version and counter epoch (tokens)
+    {<counter>}:<kind><seconds>      sliding window: hash of 12 sub-buckets
+    {<counter>}:<epoch>:d<YYYYMMDD>  UTC day: hash r, t, c (+ g, its generation)
+    {<counter>}:<epoch>:m<YYYYMM>    UTC month: same
+    {<counter>}:l                    concurrency leases: zset request id -> expiry
+    res:<request id>, resx           reservations and their expiry index
+    den:<YYYYMMDD>                   refusals of the day by "scope|dimension"
+
+The counter epoch is part of every calendar key: rotating it (after a period of fail-open
+service, or when Redis lost its data) makes every day and month counter rebuild from the
+ledger before its next use.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from quotas.engine import (
+    BackendUnavailable,
+    Decision,
+    RebuildNeeded,
+    StalePolicy,
+    WindowState,
+    seconds_left,
+)
+from quotas.policy import Quota
+
+_LUA = Path(__file__).with_name("lua")
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisQuotaBackend:
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.prefix = f"{settings.REDIS_KEY_PREFIX}:q"
+
+    @cached_property
+    def client(self) -> Any:
+        from django_redis import get_redis_connection
+
+        return get_redis_connection("default")
+
+    @cached_property
+    def _admit(self) -> Any:
+        return self.client.register_script((_LUA / "admit.lua").read_text())
+
+    @cached_property
+    def _settle(self) -> Any:
+        return self.client.register_script((_LUA / "settle.lua").read_text())
+
+    @cached_property
+    def _init_calendar(self) -> Any:
+        return self.client.register_script((_LUA / "init_calendar.lua").read_text())
+
+    # --- keys ---
+    def counter_key(self, quota: Quota, epoch: str, now: float) -> str:
+        base = f"{self.prefix}:{{{quota.counter}}}"
+        window = quota.window
+        if window == "day":
+            return f"{base}:{epoch}:d{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
+        if window == "month":
+            return f"{base}:{epoch}:m{datetime.fromtimestamp(now, tz=UTC):%Y%m}"
+        if quota.kind == "l":
+            return f"{base}:l"
+        return f"{base}:{quota.kind}{window}"
+
+    def _window_arg(self, quota: Quota) -> str:
+        return "lease" if quota.kind == "l" else str(quota.window)
+
+    # --- calls ---
+    def admit(
+        self,
+        *,
+        quotas: tuple[Quota, ...],
+        request_id: str,
+        version: str,
+        epoch: str,
+        est_tokens: int,
+        est_cost: int,
+        mode: str,
+        now: float,
+    ) -> Decision:
+        day_left, month_left = seconds_left(now)
+        keys = [
+            f"{self.prefix}:ver",
+            f"{self.prefix}:epoch",
+            f"{self.prefix}:res:{request_id}",
+            f"{self.prefix}:resx",
+            f"{self.prefix}:den:{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}",
+        ]
+        args: list[Any] = [
+            repr(now),
+            request_id,
+            version,
+            epoch,
+            uuid.uuid4().hex,
+            settings.QUOTA_LEASE_TTL,
+            mode,
+            est_tokens,
+            est_cost,
+            day_left,
+            month_left,
+            len(quotas),
+        ]
+        for quota in quotas:
+            keys.append(self.counter_key(quota, epoch, now))
+            args += [quota.scope, quota.dimension, quota.limit, quota.kind, self._window_arg(quota)]
+        try:
+            reply = self._admit(keys=keys, args=args)
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        except RedisError as exc:
+            if "LOADING" in str(exc) or "MASTERDOWN" in str(exc):
+                raise BackendUnavailable(str(exc)) from exc
+            raise
+        status = _text(reply[0])
+        if status == "stale":
+            raise StalePolicy(_text(reply[1]), _text(reply[2]))
+        if status == "rebuild":
+            raise RebuildNeeded([quotas[int(i) - 1] for i in reply[1:]])
+        if status == "dup":
+            raise ValueError(f"request id {request_id} was already admitted")
+        offset = 1 if status == "ok" else 3
+        count = int(reply[offset])
+        windows = [
+            WindowState(
+                quota=quotas[i],
+                used=int(reply[offset + 1 + 2 * i]),
+                reset_in=float(_text(reply[offset + 2 + 2 * i])),
+            )
+            for i in range(count)
+        ]
+        if status == "ok":
+            return Decision(admitted=True, windows=windows)
+        denied = windows[int(reply[1]) - 1]
+        return Decision(
+            admitted=False, windows=windows, denied=denied, retry_after=float(_text(reply[2]))
+        )
+
+    def settle(self, *, request_id: str, tokens: int, cost: int, refund: bool) -> bool:
+        try:
+            done = self._settle(
+                keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
+                args=[request_id, "refund" if refund else "settle", tokens, cost],
+            )
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        return bool(done)
+
+    def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int:
+        """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present."""
+        args: list[Any] = [uuid.uuid4().hex]
+        for _, r, t, c, ttl in entries:
+            args += [r, t, c, ttl]
+        try:
+            return int(self._init_calendar(keys=[e[0] for e in entries], args=args))
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+
+    def tokens(self) -> tuple[str, str]:
+        """The current (policy version, counter epoch), creating them if missing."""
+        try:
+            pipe = self.client.pipeline()
+            fresh = uuid.uuid4().hex
+            pipe.set(f"{self.prefix}:ver", fresh, nx=True)
+            pipe.set(f"{self.prefix}:epoch", fresh, nx=True)
+            pipe.mget(f"{self.prefix}:ver", f"{self.prefix}:epoch")
+            version, epoch = pipe.execute()[2]
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        return _text(version), _text(epoch)
+
+    def bump_version(self) -> None:
+        try:
+            self.client.set(f"{self.prefix}:ver", uuid.uuid4().hex)
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+
+    def rotate_epoch(self) -> None:
+        try:
+            self.client.set(f"{self.prefix}:epoch", uuid.uuid4().hex)
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+
+    def read(self, *, quotas: tuple[Quota, ...], epoch: str, now: float) -> list[WindowState]:
+        """Current standing of each quota without changing anything (for GET /quota)."""
+        day_left, month_left = seconds_left(now)
+        pipe = self.client.pipeline(transaction=False)
+        for quota in quotas:
+            key = self.counter_key(quota, epoch, now)
+            if quota.kind == "l":
+                pipe.zcount(key, now, "+inf")
+            elif quota.window in ("day", "month"):
+                pipe.hget(key, quota.kind)
+            else:
+                pipe.hgetall(key)
+        try:
+            replies = pipe.execute()
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        states = []
+        for quota, reply in zip(quotas, replies, strict=True):
+            if quota.kind == "l":
+                states.append(WindowState(quota, int(reply), 0))
+            elif quota.window in ("day", "month"):
+                left = day_left if quota.window == "day" else month_left
+                states.append(WindowState(quota, int(reply or 0), left))
+            else:
+                states.append(self._sliding_state(quota, reply, now))
+        return states
+
+    def _sliding_state(self, quota: Quota, buckets: dict[Any, Any], now: float) -> WindowState:
+        window = int(quota.window)
+        size = window / 12
+        current = int(now // size)
+        counts = {int(_text(k)): int(v) for k, v in buckets.items()}
+        used, reset = 0, 0.0
+        for idx in sorted(counts):
+            if idx >= current - 12:
+                used += counts[idx]
+                if counts[idx] > 0 and not reset:
+                    reset = (idx + 13) * size - now
+        return WindowState(quota, used, reset)
+
+    def reset_counters(self, *, counter: str) -> int:
+        """Delete every counter of one principal (sliding, calendar, leases)."""
+        deleted = 0
+        for key in self.client.scan_iter(match=f"{self.prefix}:{{{counter}}}:*", count=500):
+            deleted += self.client.delete(key)
+        return deleted
+
+    def denials(self, *, day: str) -> dict[str, int]:
+        raw = self.client.hgetall(f"{self.prefix}:den:{day}")
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    def sweep(self, *, now: float, limit: int = 100) -> int:
+        """Refund reservations whose lease expired (their worker is presumed dead).
+
+        Runs the admission script with no quotas: its sweep refunds up to 5 reservations a
+        call and marks them, so that a worker that was only slow still settles exactly.
+        """
+        swept = 0
+        while swept < limit:
+            due = self.client.zcount(f"{self.prefix}:resx", "-inf", now)
+            if not due:
+                break
+            version, epoch = self.tokens()
+            try:
+                self.admit(
+                    quotas=(),
+                    request_id=f"sweep-{uuid.uuid4().hex}",
+                    version=version,
+                    epoch=epoch,
+                    est_tokens=0,
+                    est_cost=0,
+                    mode="hit",
+                    now=now,
+                )
+            except StalePolicy:
+                continue
+            swept += min(int(due), 5)
+        return swept

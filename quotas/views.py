@@ -1,0 +1,85 @@
+"""Quota endpoints: the caller's standing, their usage, and (staff) the shared scopes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from django.utils import timezone
+from rest_framework.permissions import IsAdminUser, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.errors import PermissionDeniedError
+from quotas import selectors, services
+from quotas.serializers import UsageQueryInputSerializer
+
+
+def principal_of(request: Request) -> tuple[int, int | None]:
+    """(user id, key id or None) of an authenticated request."""
+    from quotas.authentication import KeyPrincipal
+
+    auth = request.auth
+    key_id = auth.id if isinstance(auth, KeyPrincipal) else None
+    return int(request.user.pk), key_id
+
+
+class RateLimitHeadersMixin:
+    """Puts the caller's rate-limit headers on every authenticated response that lacks them."""
+
+    def finalize_response(
+        self, request: Request, response: Response, *args: Any, **kwargs: Any
+    ) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and "RateLimit" not in response:
+            user_id, key_id = principal_of(request)
+            for name, value in services.quota_headers(user_id=user_id, key_id=key_id).items():
+                response[name] = value
+        return response
+
+
+class QuotaStandingView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAuthenticated,)
+
+    def get(self, request: Request) -> Response:
+        user_id, key_id = principal_of(request)
+        return Response(services.quota_standing(user_id=user_id, key_id=key_id))
+
+
+class UsageListView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAuthenticated,)
+
+    def get(self, request: Request) -> Response:
+        params = UsageQueryInputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        user_id = int(request.user.pk)
+        if data.get("user"):
+            if not request.user.is_staff:
+                raise PermissionDeniedError("Only staff may read another user's usage.")
+            from django.contrib.auth import get_user_model
+
+            other = get_user_model().objects.filter(username=data["user"]).first()
+            if other is None:
+                from config.errors import InvalidRequest
+
+                raise InvalidRequest("Unknown user.", fields={"user": ["Unknown user."]})
+            user_id = other.pk
+        today = timezone.now().date()
+        return Response(
+            selectors.usage_rows(
+                user_id=user_id,
+                start=data.get("start") or today - dt.timedelta(days=30),
+                end=data.get("end") or today,
+                group_by=data.get("group_by") or "day",
+            )
+        )
+
+
+class QuotaGlobalView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAdminUser,)
+
+    def get(self, request: Request) -> Response:
+        return Response(services.quota_global())
