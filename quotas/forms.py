@@ -1,0 +1,128 @@
+"""Admin forms: checks the database cannot express (money and fractions in range, keys that
+expire in the future, model names that exist) and lists typed as comma-separated names."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from quotas.models import DIMENSIONS, ApiKey, ModelPrice, Plan
+
+# Fields that hold USD amounts (must not be negative) and fractions (0..1), wherever they occur.
+MONEY_FIELDS = ("cost_per_day", "cost_per_month", "input_per_million", "output_per_million")
+FRACTION_FIELDS = ("safety_margin", "low_share", "medium_share", "high_share")
+SCOPE_RE = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,100}$")
+
+
+class NameListField(forms.CharField):
+    """A list of names typed as "a, b, c" and stored as a JSON list (empty text: [])."""
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return ", ".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        if isinstance(value, list | tuple):
+            return [str(item) for item in value]
+        text = super().to_python(value) or ""
+        names: list[str] = []
+        for part in text.replace("\n", ",").split(","):
+            name = part.strip()
+            if name and name not in names:
+                names.append(name)
+        return names
+
+
+def scopes_validate(scopes: list[str]) -> list[str]:
+    """The scopes as given, or ValidationError naming the first malformed one."""
+    for scope in scopes:
+        if not SCOPE_RE.match(scope):
+            raise ValidationError(
+                f"“{scope}” is not a valid scope (letters, digits and _ . : / @ + - only).",
+                code="invalid_scope",
+            )
+    return scopes
+
+
+class GovernanceForm(forms.ModelForm):
+    """Base form of every governance model: USD amounts >= 0, fractions within 0..1."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        for name in MONEY_FIELDS:
+            value = cleaned.get(name)
+            if value is not None and value < 0:
+                self.add_error(name, "An amount in USD cannot be negative.")
+        for name in FRACTION_FIELDS:
+            value = cleaned.get(name)
+            if value is not None and not Decimal(0) <= value <= Decimal(1):
+                self.add_error(name, "A fraction between 0 and 1.")
+        return cleaned
+
+
+class PlanForm(GovernanceForm):
+    allowed_models = NameListField(
+        required=False,
+        help_text="Catalogue model names, separated by commas. Empty: every enabled model.",
+    )
+
+    class Meta:
+        model = Plan
+        fields = ("name", "description", *DIMENSIONS, "allowed_models", "allow_stale_fallback")
+
+    def clean_allowed_models(self) -> list[str]:
+        names: list[str] = self.cleaned_data["allowed_models"]
+        known = set(ModelPrice.objects.filter(model__in=names).values_list("model", flat=True))
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValidationError(f"Not in the model catalogue: {', '.join(unknown)}.")
+        return names
+
+
+class ApiKeyForm(GovernanceForm):
+    """The change form of a key: its name, scopes, expiry and own limits."""
+
+    scopes = NameListField(
+        required=False,
+        help_text="Separated by commas, e.g. “generate, model:local/demo”. Empty: every scope.",
+    )
+
+    class Meta:
+        model = ApiKey
+        fields: tuple[str, ...] = ("name", "scopes", "expires_at", *DIMENSIONS)
+
+    def clean_scopes(self) -> list[str]:
+        return scopes_validate(self.cleaned_data["scopes"])
+
+
+class ApiKeyCreateForm(ApiKeyForm):
+    """The add form: the key itself (prefix and hash) is generated on save."""
+
+    class Meta(ApiKeyForm.Meta):
+        fields = ("user", "name", "scopes", "expires_at", *DIMENSIONS)
+
+    def clean_user(self) -> Any:
+        user = self.cleaned_data["user"]
+        if user is not None and not user.is_active:
+            raise ValidationError("This user is inactive; a key of theirs would be refused.")
+        return user
+
+    def clean_expires_at(self) -> Any:
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            raise ValidationError("The expiry must be in the future.")
+        return expires_at
+
+    def limits(self) -> dict[str, Any]:
+        """The per-key limits the operator filled in (empty ones are not limits)."""
+        return {
+            name: self.cleaned_data[name]
+            for name in DIMENSIONS
+            if self.cleaned_data.get(name) is not None
+        }

@@ -1,0 +1,120 @@
+"""Read-side queries over the governance data and the usage ledger."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce, TruncDate
+
+from config.errors import InvalidRequest
+from quotas.models import UsageRecord
+
+# group_by -> the expression a ledger row is grouped by. "user" is for operators' reports;
+# the API offers day, model and key.
+USAGE_GROUPS = ("day", "model", "key", "user")
+_MICRO = Decimal("0.000001")
+
+
+def money(value: Decimal | None) -> str:
+    """A USD amount as the contract's decimal string, to the micro-dollar ("0.000150")."""
+    return str((value or Decimal(0)).quantize(_MICRO))
+
+
+def _day_start(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time.min, tzinfo=dt.UTC)
+
+
+def usage_queryset(*, user_id: int | None, start: dt.date, end: dt.date) -> QuerySet[UsageRecord]:
+    """Ledger rows of one user (None: every user) created on UTC days start..end inclusive."""
+    rows = UsageRecord.objects.filter(
+        created_at__gte=_day_start(start),
+        created_at__lt=_day_start(end + dt.timedelta(days=1)),
+    )
+    if user_id is not None:
+        rows = rows.filter(user_id=user_id)
+    return rows
+
+
+def _aggregates() -> dict[str, Any]:
+    return {
+        "requests": Count("id"),
+        "cached": Count("id", filter=Q(cached=True)),
+        "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+        "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+        "cost_usd": Sum("cost_usd"),
+    }
+
+
+def _group_expression(group_by: str) -> Any:
+    if group_by == "day":
+        return TruncDate("created_at", tzinfo=dt.UTC)
+    if group_by == "model":
+        return F("model")
+    if group_by == "key":
+        return F("api_key__prefix")
+    return F("user__username")
+
+
+def _group_label(group_by: str, group: Any) -> str | None:
+    if group is None:
+        return None
+    if group_by == "day":
+        return str(group.isoformat())
+    if group_by == "key":
+        return f"tg_{group}"
+    return str(group)
+
+
+def _row(values: Mapping[str, Any], group: str | None) -> dict[str, Any]:
+    return {
+        "group": group,
+        "requests": values["requests"],
+        "cached": values["cached"],
+        "prompt_tokens": values["prompt_tokens"],
+        "completion_tokens": values["completion_tokens"],
+        "cost_usd": money(values["cost_usd"]),
+    }
+
+
+def usage_rows(
+    *, user_id: int | None, start: dt.date, end: dt.date, group_by: str
+) -> dict[str, Any]:
+    """Usage from the ledger, as the body of GET /api/v1/usage.
+
+    `start` and `end` are UTC calendar days, both included; `user_id` None covers every
+    user. `group_by` is day, model, key (the key's "tg_<prefix>", null for requests made
+    without a key) or user (the username, null for rows whose user was deleted). Each row
+    and the totals carry `requests` (every ledger row: admitted requests and cache hits),
+    `cached` (cache hits among them), token sums, and `cost_usd` as a decimal string to the
+    micro-dollar. Rows are ordered by group. Two aggregate queries, whatever the range.
+
+    Raises InvalidRequest for an unknown `group_by` or a range that ends before it starts.
+    """
+    if group_by not in USAGE_GROUPS:
+        raise InvalidRequest(
+            "Unknown grouping.",
+            fields={"group_by": [f"Must be one of: {', '.join(USAGE_GROUPS)}."]},
+        )
+    if end < start:
+        raise InvalidRequest(
+            "The range ends before it starts.", fields={"end": ["Must not be before start."]}
+        )
+    rows = usage_queryset(user_id=user_id, start=start, end=end)
+    grouped = (
+        rows.annotate(group=_group_expression(group_by))
+        .values("group")
+        .annotate(**_aggregates())
+        .order_by(F("group").asc(nulls_last=True))
+    )
+    return {
+        "rows": [_row(values, _group_label(group_by, values["group"])) for values in grouped],
+        "totals": {
+            key: value
+            for key, value in _row(rows.aggregate(**_aggregates()), None).items()
+            if key != "group"
+        },
+    }
