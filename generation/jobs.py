@@ -1,0 +1,272 @@
+"""Asynchronous batch generation: create a job, run it, read it back.
+
+A job is an explanations request (API.md `POST /api/v1/topics/explanations`) accepted at
+once (202) and generated in the background by `generation.tasks.job_run`:
+
+- every item is admitted at priority "low", so batch work gives way to interactive
+  traffic on the shared global and provider scopes;
+- every finished item is written to the job row before the next one starts, so a job
+  delivered again resumes where it stopped, and each item carries a stable request id;
+- an item refused for quota (`QuotaExceeded`) stops the run with `JobQuotaWait`; the task
+  retries after the window's `retry_after` and the job shows status "waiting" meanwhile.
+  Other per-item failures are recorded on the item, as in the synchronous endpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+
+from config.errors import ApiError
+from generation.models import FINISHED, Job, JobStatus
+from quotas.errors import QuotaExceeded
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+
+logger = logging.getLogger("tollgate.jobs")
+
+JOB_PRIORITY = "low"
+_LOCK_TTL = 3600
+
+
+class JobNotFound(ApiError):
+    status_code = 404
+    code = "not_found"
+    message = "No such job."
+
+
+class JobQuotaWait(Exception):  # noqa: N818 - a wait, not an error
+    """An item was refused for quota; run the job again in `retry_after` seconds."""
+
+    def __init__(self, retry_after: int, scope: str, dimension: str) -> None:
+        super().__init__(f"quota wait of {retry_after}s ({scope}.{dimension})")
+        self.retry_after = retry_after
+        self.scope = scope
+        self.dimension = dimension
+
+
+ItemFn = Callable[..., dict[str, Any]]
+
+
+def _item_function() -> ItemFn:
+    """The generation service's per-item function (one explanation, admitted, cached and
+    charged on its own)."""
+    from generation import services
+
+    return services.explanation_item_generate  # type: ignore[attr-defined,no-any-return]
+
+
+def job_create(
+    *,
+    user_id: int,
+    key_id: int | None,
+    topic: str,
+    subtopics: list[str],
+    model: str | None = None,
+) -> Job:
+    """Accept an explanations batch and queue it; the job runs once the transaction commits.
+
+    Raises InvalidRequest (400) for an unknown or disabled model, 401/403 as admission would
+    for a revoked key, an inactive or suspended user, or a model the plan does not allow.
+    """
+    from quotas.policy import policy_resolve
+
+    model = model or settings.TOLLGATE_DEFAULT_MODEL
+    # Refuse now what admission would refuse for every item later.
+    policy_resolve(user_id=user_id, key_id=key_id, model=model)
+    job = Job.objects.create(
+        user_id=user_id,
+        api_key_id=key_id,
+        kind=Job.KIND_EXPLANATIONS,
+        request={"topic": topic, "subtopics": subtopics, "model": model},
+        total_items=len(subtopics),
+        items=[None] * len(subtopics),
+    )
+    job_enqueue(job_id=job.id)
+    return job
+
+
+def job_enqueue(*, job_id: uuid.UUID, countdown: float | None = None) -> None:
+    """Send the job to the `jobs` queue once the current transaction commits."""
+    from generation.tasks import job_run
+
+    transaction.on_commit(lambda: job_run.apply_async((str(job_id),), countdown=countdown))
+
+
+def job_get(*, job_id: uuid.UUID | str, user: AbstractBaseUser | AnonymousUser) -> Job:
+    """The job if `user` owns it or is staff; 404 otherwise (ids of others' jobs stay hidden)."""
+    try:
+        job = Job.objects.get(pk=job_id)
+    except (Job.DoesNotExist, ValueError, TypeError) as exc:
+        raise JobNotFound() from exc
+    if job.user_id != user.pk and not getattr(user, "is_staff", False):
+        raise JobNotFound()
+    return job
+
+
+def job_result(*, job: Job) -> dict[str, Any] | None:
+    """The explanations response of a finished job (API.md shape), else None."""
+    if job.status != JobStatus.DONE:
+        return None
+    prompt = completion = 0
+    cost = Decimal(0)
+    items = []
+    for stored in job.items:
+        item = stored or {}
+        usage = item.get("usage") or {}
+        prompt += int(usage.get("prompt_tokens", 0))
+        completion += int(usage.get("completion_tokens", 0))
+        cost += Decimal(str(item.get("cost_usd", "0")))
+        items.append(
+            {
+                "subtopic": item.get("subtopic"),
+                "explanation": item.get("explanation"),
+                "cached": bool(item.get("cached", False)),
+                "error": item.get("error"),
+            }
+        )
+    return {
+        "items": items,
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        "cost_usd": str(cost),
+    }
+
+
+def _quota_wait_from(error: dict[str, Any] | None) -> JobQuotaWait | None:
+    """An item answered with a quota error (rather than raising one) is a wait too."""
+    if error and error.get("code") == QuotaExceeded.code:
+        return JobQuotaWait(
+            retry_after=max(1, int(error.get("retry_after") or 1)),
+            scope=str(error.get("scope", "")),
+            dimension=str(error.get("dimension", "")),
+        )
+    return None
+
+
+def _item_record(
+    job: Job,
+    index: int,
+    subtopic: str,
+    outcome: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+) -> None:
+    outcome = outcome or {}
+    job.items[index] = {
+        "subtopic": subtopic,
+        "explanation": outcome.get("explanation"),
+        "cached": bool(outcome.get("cached", False)),
+        "error": error if error is not None else outcome.get("error"),
+        "usage": outcome.get("usage")
+        or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "cost_usd": str(outcome.get("cost_usd", "0")),
+    }
+    job.done_items = sum(1 for item in job.items if item is not None)
+    job.save(update_fields=["items", "done_items", "updated_at"])
+
+
+def job_run(*, job_id: uuid.UUID | str, item_fn: ItemFn | None = None) -> str:
+    """Generate the job's unfinished items in order; returns the job's status afterwards.
+
+    Raises JobQuotaWait when an item is refused for quota (the finished items are kept).
+    A job already finished, or being run by another worker, is left alone.
+    """
+    lock = f"job-run:{job_id}"
+    token = uuid.uuid4().hex
+    if not cache.add(lock, token, _LOCK_TTL):
+        logger.info("job %s is being run by another worker", job_id)
+        return "locked"
+    try:
+        return _job_run_locked(job_id=job_id, item_fn=item_fn or _item_function())
+    finally:
+        if cache.get(lock) == token:
+            cache.delete(lock)
+
+
+def _job_run_locked(*, job_id: uuid.UUID | str, item_fn: ItemFn) -> str:
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None:
+        logger.warning("job %s does not exist", job_id)
+        return "missing"
+    if job.status in FINISHED:
+        return str(job.status)
+    job.status = JobStatus.RUNNING
+    job.attempts += 1
+    job.retry_at = None
+    job.error = None
+    job.started_at = job.started_at or timezone.now()
+    job.save(update_fields=["status", "attempts", "retry_at", "error", "started_at", "updated_at"])
+
+    topic: str = job.request["topic"]
+    model: str = job.request["model"]
+    for index, subtopic in enumerate(job.request["subtopics"]):
+        if job.items[index] is not None:
+            continue
+        try:
+            outcome = item_fn(
+                user_id=job.user_id,
+                key_id=job.api_key_id,
+                topic=topic,
+                subtopic=subtopic,
+                model=model,
+                request_id=job.item_request_id(index),
+                priority=JOB_PRIORITY,
+            )
+        except QuotaExceeded as exc:
+            raise _job_wait(job, JobQuotaWait(exc.retry_after, exc.scope, exc.dimension)) from exc
+        except ApiError as exc:
+            _item_record(job, index, subtopic, None, {"code": exc.code, "message": exc.message})
+            continue
+        wait = _quota_wait_from(outcome.get("error"))
+        if wait is not None:
+            raise _job_wait(job, wait)
+        _item_record(job, index, subtopic, outcome, None)
+
+    failed = all((item or {}).get("error") for item in job.items) and job.total_items > 0
+    job.status = JobStatus.FAILED if failed else JobStatus.DONE
+    if failed:
+        job.error = {"code": "all_items_failed", "message": "Every item of the job failed."}
+    job.finished_at = timezone.now()
+    job.save(update_fields=["status", "error", "finished_at", "updated_at"])
+    logger.info("job %s %s", job.id, job.status)
+    return str(job.status)
+
+
+def _job_wait(job: Job, wait: JobQuotaWait) -> JobQuotaWait:
+    countdown = min(wait.retry_after, settings.JOB_RETRY_MAX_COUNTDOWN)
+    job.status = JobStatus.WAITING
+    job.quota_retries += 1
+    job.retry_at = timezone.now() + dt.timedelta(seconds=countdown)
+    job.error = {
+        "code": QuotaExceeded.code,
+        "message": "Waiting for the quota window to reset.",
+        "scope": wait.scope,
+        "dimension": wait.dimension,
+        "retry_after": wait.retry_after,
+    }
+    job.save(update_fields=["status", "quota_retries", "retry_at", "error", "updated_at"])
+    logger.info("job %s waits %ss for %s.%s", job.id, countdown, wait.scope, wait.dimension)
+    return JobQuotaWait(countdown, wait.scope, wait.dimension)
+
+
+def job_fail(*, job_id: uuid.UUID | str, code: str, message: str) -> None:
+    """Mark a job failed (a task that gave up, or an unexpected error)."""
+    Job.objects.filter(pk=job_id).exclude(status__in=FINISHED).update(
+        status=JobStatus.FAILED,
+        error={"code": code, "message": message},
+        finished_at=timezone.now(),
+        updated_at=timezone.now(),
+    )

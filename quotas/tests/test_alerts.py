@@ -1,0 +1,227 @@
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import uuid
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.core import mail
+from django.db import connection
+
+from config.tests.celery_fixtures import celery_worker, wait_until  # noqa: F401
+from quotas.alerts import budget_alerts_check
+from quotas.models import Outcome, UsageRecord, UserQuota
+from quotas.rollups import BudgetAlert, DailyUsage, usage_rollup
+from quotas.tasks import budget_alerts_check as budget_alerts_task
+from quotas.tasks import usage_rollup as usage_rollup_task
+from quotas.tests.factories import PlanFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+NOW = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
+
+
+def ledger(user, cost: str, *, when: dt.datetime = NOW, model: str = "local/demo", **fields):
+    return UsageRecord.objects.create(
+        request_id=uuid.uuid4().hex, user=user, model=model, provider="local",
+        cost_usd=Decimal(cost), created_at=when, **fields,
+    )
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that records the JSON bodies posted to it."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.bodies: list[dict] = []
+        self.status = status
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(receiver.status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/budget"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook(settings):
+    receiver = WebhookReceiver()
+    settings.BUDGET_ALERT_WEBHOOK_URL = receiver.url
+    yield receiver
+    receiver.close()
+
+
+def test_rollup_sums_ledger_per_day_user_and_model_and_is_idempotent():
+    alice, bob = UserFactory(), UserFactory()
+    yesterday = NOW - dt.timedelta(days=1)
+    ledger(alice, "0.100000", prompt_tokens=10, completion_tokens=20)
+    ledger(alice, "0.000000", cached=True)
+    ledger(alice, "0.000000", outcome=Outcome.UPSTREAM_TIMEOUT)
+    ledger(alice, "0.250000", model="local/other", prompt_tokens=5, completion_tokens=5)
+    ledger(bob, "0.300000", prompt_tokens=1, completion_tokens=2)
+    ledger(alice, "9.000000", when=yesterday)
+
+    assert usage_rollup(day=NOW.date()) == 3
+    assert usage_rollup(day=NOW.date()) == 3
+
+    rows = DailyUsage.objects.filter(day=NOW.date())
+    assert rows.count() == 3
+    demo = rows.get(user=alice, model="local/demo")
+    assert (demo.requests, demo.cached, demo.errors) == (3, 1, 1)
+    assert (demo.prompt_tokens, demo.completion_tokens) == (10, 20)
+    assert demo.cost_usd == Decimal("0.100000")
+    assert rows.get(user=alice, model="local/other").cost_usd == Decimal("0.250000")
+    assert rows.get(user=bob).cost_usd == Decimal("0.300000")
+    assert not DailyUsage.objects.filter(day=yesterday.date()).exists()
+
+
+def test_rollup_task_through_worker_rolls_up_today(celery_worker):
+    user = UserFactory()
+    ledger(user, "0.500000", when=dt.datetime.now(dt.UTC))
+    usage_rollup_task.delay()
+    row = wait_until(lambda: DailyUsage.objects.filter(user=user).first())
+    assert row.cost_usd == Decimal("0.500000")
+    assert row.day == dt.datetime.now(dt.UTC).date()
+
+
+def test_budget_alert_through_worker_fires_once_per_threshold(celery_worker, webhook, settings):
+    settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
+    user = UserFactory(email="alice@example.com")
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    now = dt.datetime.now(dt.UTC)
+    ledger(user, "0.850000", when=now)
+
+    budget_alerts_task.delay()
+    wait_until(lambda: BudgetAlert.objects.filter(user=user, email_sent=True).exists())
+    budget_alerts_task.delay()
+    budget_alerts_task.delay()
+    # The two later checks have run once a later marker task has (one solo worker, FIFO).
+    marker = ledger(user, "0.000000", when=now)
+    usage_rollup_task.delay()
+    wait_until(lambda: DailyUsage.objects.filter(user=user, requests=2).exists())
+    marker.delete()
+
+    alert = BudgetAlert.objects.get(user=user)
+    assert (alert.period, alert.threshold) == ("day", 80)
+    assert alert.period_start == now.date()
+    assert alert.spent_usd == Decimal("0.850000")
+    assert alert.webhook_sent and alert.email_sent and alert.delivery_error == ""
+    assert len(mail.outbox) == 1
+    assert mail.outbox[0].to == ["alice@example.com", "ops@example.com"]
+    assert "80%" in mail.outbox[0].subject
+    assert len(webhook.bodies) == 1
+    assert webhook.bodies[0]["threshold_percent"] == 80
+    assert webhook.bodies[0]["spent_usd"] == "0.850000"
+    assert webhook.bodies[0]["user"] == user.username
+
+    ledger(user, "0.200000", when=now)
+    budget_alerts_task.delay()
+    wait_until(lambda: BudgetAlert.objects.filter(user=user, threshold=100).exists())
+    assert BudgetAlert.objects.filter(user=user).count() == 2
+    wait_until(lambda: len(webhook.bodies) == 2)
+    assert webhook.bodies[1]["threshold_percent"] == 100
+
+
+def test_budget_alert_concurrent_checks_create_exactly_one(transactional_db):
+    user = UserFactory()
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "0.900000")
+    created: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def check():
+        try:
+            barrier.wait()
+            created.append(len(budget_alerts_check(now=NOW)))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=check) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(created) == [0, 0, 0, 0, 0, 1]
+    assert BudgetAlert.objects.filter(user=user).count() == 1
+    assert len(mail.outbox) == 1
+
+
+def test_budget_alert_month_budget_counts_earlier_days_from_rollup():
+    plan = PlanFactory(cost_per_month=Decimal("10.00"))
+    user = UserFactory()
+    UserQuota.objects.create(user=user, plan=plan)
+    earlier = NOW - dt.timedelta(days=3)
+    ledger(user, "7.000000", when=earlier)
+    usage_rollup(day=earlier.date())
+    ledger(user, "1.500000")
+
+    alerts = budget_alerts_check(now=NOW)
+
+    assert [(a.period, a.threshold, a.spent_usd) for a in alerts] == [
+        ("month", 80, Decimal("8.500000"))
+    ]
+    assert alerts[0].period_start == dt.date(2026, 11, 1)
+
+
+def test_budget_alert_new_period_alerts_again():
+    user = UserFactory()
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "1.000000")
+    ledger(user, "1.000000", when=NOW + dt.timedelta(days=1))
+
+    first = budget_alerts_check(now=NOW)
+    again = budget_alerts_check(now=NOW)
+    next_day = budget_alerts_check(now=NOW + dt.timedelta(days=1))
+
+    assert sorted(a.threshold for a in first) == [80, 100]
+    assert again == []
+    assert sorted(a.threshold for a in next_day) == [80, 100]
+    assert {a.period_start for a in next_day} == {NOW.date() + dt.timedelta(days=1)}
+
+
+def test_budget_alert_unlimited_or_zero_budget_never_alerts():
+    unlimited, zero = UserFactory(), UserFactory()
+    UserQuota.objects.create(user=unlimited)
+    UserQuota.objects.create(user=zero, cost_per_day=Decimal("0"))
+    ledger(unlimited, "50.000000")
+    ledger(zero, "0.000000")
+
+    assert budget_alerts_check(now=NOW) == []
+    assert not BudgetAlert.objects.exists()
+
+
+def test_budget_alert_failed_webhook_is_recorded_then_delivered_once(webhook):
+    user = UserFactory(email="")
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "0.800000")
+    webhook.status = 500
+
+    budget_alerts_check(now=NOW)
+    alert = BudgetAlert.objects.get(user=user)
+    assert not alert.webhook_sent
+    assert "webhook" in alert.delivery_error
+    assert alert.delivery_attempts == 1
+
+    webhook.status = 200
+    assert budget_alerts_check(now=NOW) == []
+    alert.refresh_from_db()
+    assert alert.webhook_sent and alert.delivery_error == ""
+    assert alert.delivery_attempts == 2
+    budget_alerts_check(now=NOW)
+    assert len(webhook.bodies) == 2  # the failed attempt, then the delivery; nothing after
+    assert len(mail.outbox) == 0
