@@ -22,8 +22,12 @@ def celery_worker(transactional_db: Any) -> Iterator[Any]:
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     app.conf.task_always_eager = False
     with start_worker(
-        app, pool="solo", perform_ping_check=False, queues=["default", "jobs"],
-        loglevel="WARNING", shutdown_timeout=30,
+        app,
+        pool="solo",
+        perform_ping_check=False,
+        queues=["default", "jobs"],
+        loglevel="WARNING",
+        shutdown_timeout=30,
     ) as worker:
         yield worker
 

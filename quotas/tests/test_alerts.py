@@ -26,8 +26,13 @@ NOW = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.UTC)
 
 def ledger(user, cost: str, *, when: dt.datetime = NOW, model: str = "local/demo", **fields):
     return UsageRecord.objects.create(
-        request_id=uuid.uuid4().hex, user=user, model=model, provider="local",
-        cost_usd=Decimal(cost), created_at=when, **fields,
+        request_id=uuid.uuid4().hex,
+        user=user,
+        model=model,
+        provider="local",
+        cost_usd=Decimal(cost),
+        created_at=when,
+        **fields,
     )
 
 
@@ -90,7 +95,8 @@ def test_rollup_sums_ledger_per_day_user_and_model_and_is_idempotent():
     assert not DailyUsage.objects.filter(day=yesterday.date()).exists()
 
 
-def test_rollup_task_through_worker_rolls_up_today(celery_worker):
+@pytest.mark.usefixtures("celery_worker")
+def test_rollup_task_through_worker_rolls_up_today():
     user = UserFactory()
     ledger(user, "0.500000", when=dt.datetime.now(dt.UTC))
     usage_rollup_task.delay()
@@ -99,7 +105,8 @@ def test_rollup_task_through_worker_rolls_up_today(celery_worker):
     assert row.day == dt.datetime.now(dt.UTC).date()
 
 
-def test_budget_alert_through_worker_fires_once_per_threshold(celery_worker, webhook, settings):
+@pytest.mark.usefixtures("celery_worker")
+def test_budget_alert_through_worker_fires_once_per_threshold(webhook, settings):
     settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
     user = UserFactory(email="alice@example.com")
     UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
@@ -120,7 +127,9 @@ def test_budget_alert_through_worker_fires_once_per_threshold(celery_worker, web
     assert (alert.period, alert.threshold) == ("day", 80)
     assert alert.period_start == now.date()
     assert alert.spent_usd == Decimal("0.850000")
-    assert alert.webhook_sent and alert.email_sent and alert.delivery_error == ""
+    assert alert.webhook_sent
+    assert alert.email_sent
+    assert alert.delivery_error == ""
     assert len(mail.outbox) == 1
     assert mail.outbox[0].to == ["alice@example.com", "ops@example.com"]
     assert "80%" in mail.outbox[0].subject
@@ -220,7 +229,8 @@ def test_budget_alert_failed_webhook_is_recorded_then_delivered_once(webhook):
     webhook.status = 200
     assert budget_alerts_check(now=NOW) == []
     alert.refresh_from_db()
-    assert alert.webhook_sent and alert.delivery_error == ""
+    assert alert.webhook_sent
+    assert alert.delivery_error == ""
     assert alert.delivery_attempts == 2
     budget_alerts_check(now=NOW)
     assert len(webhook.bodies) == 2  # the failed attempt, then the delivery; nothing after
