@@ -1,23 +1,154 @@
-"""Request id: taken from X-Request-ID when it is sane, else generated; bound to every log
-line through a context variable and echoed on every response."""
+"""Request id, request log line and request-body bound.
+
+The request id is taken from X-Request-ID when it is sane, else generated; it is bound to
+every log line through a context variable and echoed on every response. Once the response
+is ready, one structured `request` line is logged (endpoint, status, latency, cache result,
+quota decision, user and key prefix; never the key itself) and the request is counted in
+`tollgate_requests_total`.
+
+Bodies of /api/ and /v1/ requests larger than API_MAX_BODY_BYTES are refused with 413
+`payload_too_large` before any view reads them (the JSON parser does not go through
+Django's DATA_UPLOAD_MAX_MEMORY_SIZE check).
+"""
 
 from __future__ import annotations
 
 import contextvars
+import io
+import json
 import re
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
+import structlog
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.urls import Resolver404, resolve
+from django.utils.functional import empty
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
+_request_var: contextvars.ContextVar[HttpRequest | None] = contextvars.ContextVar(
+    "request", default=None
+)
 _VALID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_GUARDED_PREFIXES = ("/api/", "/v1/")
+_UNLOGGED_PATHS = frozenset({"/health/live", "/health/ready", "/health/startup", "/metrics"})
+
+access_log = structlog.get_logger("tollgate.request")
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def current_request() -> HttpRequest | None:
+    """The request this thread is serving, if any."""
+    return _request_var.get()
+
+
+def principal_of(request: Any) -> tuple[str | None, str | None]:
+    """(user id, key prefix such as `tg_ab12cd34`) of a request, once authentication has run.
+
+    Never triggers a session or database look-up: a user still behind Django's lazy
+    object is not resolved.
+    """
+    attrs = getattr(request, "__dict__", {})
+    user_id: str | None = None
+    user = attrs.get("user")
+    if user is not None:
+        wrapped = getattr(user, "_wrapped", user)
+        if wrapped is not empty:
+            pk = getattr(wrapped, "pk", None)
+            if pk is not None:
+                user_id = str(pk)
+    auth = attrs.get("auth")
+    key_prefix = getattr(auth, "display", None) if auth is not None else None
+    return user_id, key_prefix if isinstance(key_prefix, str) else None
+
+
+def quota_decision_of(request: HttpRequest, response: HttpResponse) -> str:
+    """What admission decided for this request, as far as the response tells.
+
+    A view may state it exactly by setting `request.quota_decision`; otherwise a refusal
+    is read from the error body, a stale fallback from X-Cache, an admission from the
+    rate-limit headers.
+    """
+    explicit = getattr(request, "quota_decision", None)
+    if explicit:
+        return str(explicit)
+    if response.status_code == 429:
+        error = _error_of(response)
+        if error.get("code") == "quota_exceeded":
+            return f"denied:{error.get('scope')}.{error.get('dimension')}"
+        return "denied"
+    if response.get("X-Cache") == "STALE":
+        return "fallback"
+    if response.has_header("RateLimit") or response.has_header("X-RateLimit-Limit-Requests"):
+        return "admitted"
+    return "none"
+
+
+def _error_of(response: HttpResponse) -> dict[str, Any]:
+    data = getattr(response, "data", None)
+    if data is None and response.get("Content-Type", "").startswith("application/json"):
+        try:
+            data = json.loads(response.content)
+        except (ValueError, AttributeError):
+            return {}
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return data["error"]
+    return {}
+
+
+def _endpoint_of(request: HttpRequest) -> str:
+    """The URL pattern (bounded cardinality), not the path."""
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        try:
+            match = resolve(request.path_info)
+        except Resolver404:
+            return "unmatched"
+    return "/" + (match.route or match.view_name or "unnamed")
+
+
+def payload_too_large(request: HttpRequest, limit: int) -> HttpResponse:
+    """413 in the contract's shape (OpenAI's shape under /v1/)."""
+    message = f"The request body is larger than {limit} bytes."
+    if request.path.startswith("/v1/"):
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": "payload_too_large",
+            }
+        }
+    else:
+        body = {"error": {"code": "payload_too_large", "message": message}}
+    return HttpResponse(json.dumps(body), status=413, content_type="application/json")
+
+
+def _body_too_large(request: HttpRequest, limit: int) -> bool:
+    """True when the body exceeds `limit`; a body of unknown length is read up to it."""
+    length = request.META.get("CONTENT_LENGTH")
+    if length:
+        try:
+            return int(length) > limit
+        except ValueError:
+            return False
+    if request.META.get("HTTP_TRANSFER_ENCODING", "").lower() != "chunked":
+        return False
+    data = request.read(limit + 1)
+    if len(data) > limit:
+        return True
+    # Hand the (bounded) body on to the view as if it had been sent with a length.
+    request._body = data  # type: ignore[attr-defined]
+    request._stream = io.BytesIO(data)  # type: ignore[attr-defined]
+    request.META["CONTENT_LENGTH"] = str(len(data))
+    return False
 
 
 class RequestIdMiddleware:
@@ -25,13 +156,40 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        started = time.perf_counter()
         incoming = request.headers.get("X-Request-ID", "")
         request_id = incoming if _VALID.match(incoming) else new_request_id()
         request.request_id = request_id  # type: ignore[attr-defined]
         token = request_id_var.set(request_id)
+        request_token = _request_var.set(request)
         try:
-            response = self.get_response(request)
+            limit = settings.API_MAX_BODY_BYTES
+            if request.path.startswith(_GUARDED_PREFIXES) and _body_too_large(request, limit):
+                response = payload_too_large(request, limit)
+            else:
+                response = self.get_response(request)
+            response["X-Request-ID"] = request_id
+            self._record(request, response, started)
         finally:
+            _request_var.reset(request_token)
             request_id_var.reset(token)
-        response["X-Request-ID"] = request_id
         return response
+
+    @staticmethod
+    def _record(request: HttpRequest, response: HttpResponse, started: float) -> None:
+        from health.metrics import REQUESTS
+
+        endpoint = _endpoint_of(request)
+        cache = response.get("X-Cache", "none")
+        REQUESTS.labels(endpoint=endpoint, status=str(response.status_code), cache=cache).inc()
+        if request.path in _UNLOGGED_PATHS:
+            return  # probes and scrapes every few seconds would drown the log
+        access_log.info(
+            "request",
+            method=request.method,
+            endpoint=endpoint,
+            status=response.status_code,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            cache=cache,
+            quota=quota_decision_of(request, response),
+        )

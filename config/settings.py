@@ -56,6 +56,7 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "config.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -277,24 +278,88 @@ CORS_ALLOWED_ORIGINS = env.list("CORS_ALLOWED_ORIGINS", default=[])
 CORS_URLS_REGEX = r"^/(api|v1)/.*$"
 
 # --- OBSERVABILITY ---
+# /metrics answers only `Authorization: Bearer <METRICS_TOKEN>` when it is set.
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
 SENTRY_DSN = env("SENTRY_DSN", default="")
+SENTRY_ENVIRONMENT = env("SENTRY_ENVIRONMENT", default="development" if DEBUG else "production")
+SENTRY_RELEASE = env("SENTRY_RELEASE", default="") or None
+SENTRY_TRACES_SAMPLE_RATE = env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0)
 LOG_LEVEL = env("LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
-}
+# json (one object per line) or console (readable, for a terminal).
+LOG_FORMAT = env("LOG_FORMAT", default="json")
+# Debugging only: keep keys, tokens and prompt text in log lines instead of redacting them.
+LOG_SENSITIVE_DATA = env.bool("LOG_SENSITIVE_DATA", default=False)
+# Readiness: each dependency is given this many seconds; a failing required check makes
+# /health/ready 503, a failing optional one `degraded` (200). Redis is optional while
+# quotas fail open.
+HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=1.0)
+HEALTH_REQUIRED_CHECKS = env.list(
+    "HEALTH_REQUIRED_CHECKS",
+    default=["database", "redis"] if QUOTA_FAIL_MODE == "closed" else ["database"],
+)
+from config.logging import logging_config, sentry_init, structlog_configure  # noqa: E402
+
+LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)
+structlog_configure()
+if SENTRY_DSN:
+    sentry_init(
+        dsn=SENTRY_DSN, environment=SENTRY_ENVIRONMENT, release=SENTRY_RELEASE,
+        traces_rate=SENTRY_TRACES_SAMPLE_RATE,
+    )
 
 # --- SECURITY ---
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)
+SESSION_COOKIE_HTTPONLY = True
+# TLS ends at the ingress or nginx, which sets X-Forwarded-Proto (and replaces a client's).
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("SECURE_PROXY_SSL", default=not DEBUG) else None
+)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG and not TESTING)
+# Probes and scrapes reach the pods over plain HTTP from inside the cluster.
+SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
+# Content-Security-Policy (django-csp): nothing from another origin, no inline script or
+# style; the dashboard draws its charts as inline SVG markup.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
+if env("CSP_REPORT_URI", default=""):
+    CONTENT_SECURITY_POLICY["DIRECTIVES"]["report-uri"] = [env("CSP_REPORT_URI")]
+# Swagger UI (/api/docs/) loads its bundle from a CDN and configures itself inline.
+CSP_SWAGGER_DIRECTIVES = {
+    "script-src": ["'self'", "https://cdn.jsdelivr.net", "'unsafe-inline'"],
+    "style-src": ["'self'", "https://cdn.jsdelivr.net", "'unsafe-inline'"],
+    "img-src": ["'self'", "data:", "https://cdn.jsdelivr.net"],
+}
+# CORS (django-cors-headers): origins from CORS_ALLOWED_ORIGINS above, /api/ and /v1/ only.
+CORS_ALLOW_HEADERS = (
+    "accept", "authorization", "content-type", "user-agent", "x-api-key", "x-request-id",
+    "idempotency-key",
+)
+CORS_EXPOSE_HEADERS = (
+    "x-request-id", "x-cache", "retry-after", "ratelimit", "ratelimit-policy",
+    "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
+)
+CORS_PREFLIGHT_MAX_AGE = env.int("CORS_PREFLIGHT_MAX_AGE", default=3600)
 
 # --- I18N, STATIC ---
 LANGUAGE_CODE = "en-us"

@@ -1,15 +1,27 @@
+from csp.decorators import csp_update
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from health import dashboard
+from health import views as health_views
+
 urlpatterns = [
+    path("admin/dashboard/", admin.site.admin_view(dashboard.dashboard), name="admin-dashboard"),
     path("admin/", admin.site.urls),
     path("api/v1/", include("quotas.urls")),
     path("api/v1/", include("generation.urls")),
     path("api/v1/", include("caching.urls")),
     path("v1/", include("generation.openai_urls")),
     path("health/", include("health.urls")),
-    path("", include("django_prometheus.urls")),
+    path("metrics", health_views.metrics, name="metrics"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path(
+        "api/docs/",
+        csp_update(settings.CSP_SWAGGER_DIRECTIVES)(
+            SpectacularSwaggerView.as_view(url_name="schema")
+        ),
+        name="swagger-ui",
+    ),
 ]

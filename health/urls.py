@@ -1,3 +1,9 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from health import views
+
+urlpatterns = [
+    path("live", views.live, name="health-live"),
+    path("ready", views.ready, name="health-ready"),
+    path("startup", views.startup, name="health-startup"),
+]

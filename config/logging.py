@@ -1,0 +1,180 @@
+"""Structured logging and error reporting.
+
+Every log line is one JSON object (structlog, rendered through the standard library so that
+Django's, Celery's and gunicorn's own loggers come out the same way). The request id, the
+user and the key prefix of the request being served are added to every line logged while
+it is served; the request middleware writes one `request` line per response with the
+endpoint, status, latency, cache result and quota decision.
+
+Nothing secret reaches a log line: values of sensitive fields (authorization, passwords,
+tokens, prompts...) are dropped and anything that looks like a full API key is cut down to
+its prefix, unless LOG_SENSITIVE_DATA is set for a debugging session.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import structlog
+from structlog.types import EventDict, WrappedLogger
+
+from config.middleware import current_request, principal_of, request_id_var
+
+# A full key (`tg_<prefix>_<secret>`); the prefix alone is not secret.
+_KEY_PATTERN = re.compile(r"\b(tg_[a-z0-9]{8})_[A-Za-z0-9_\-]{16,}")
+_TOKEN_PATTERN = re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=\-]{16,}")
+SENSITIVE_FIELDS = frozenset(
+    {
+        "authorization",
+        "api_key",
+        "key",
+        "secret",
+        "password",
+        "token",
+        "prompt",
+        "messages",
+        "text",
+        "content",
+        "cookie",
+        "x_api_key",
+        "sessionid",
+        "csrftoken",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def redact_text(value: str) -> str:
+    """Cut full API keys down to their prefix and drop bearer tokens from a string."""
+    value = _KEY_PATTERN.sub(r"\1_" + REDACTED, value)
+    return _TOKEN_PATTERN.sub(r"\1 " + REDACTED, value)
+
+
+def add_request_context(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Add the request id, user and key prefix of the request being served, if any.
+
+    The user and key are read only once authentication has resolved them: this never
+    triggers a session or database look-up of its own.
+    """
+    request_id = request_id_var.get()
+    if request_id and "request_id" not in event_dict:
+        event_dict["request_id"] = request_id
+    request = current_request()
+    if request is not None:
+        user, key_prefix = principal_of(request)
+        if user is not None:
+            event_dict.setdefault("user", user)
+        if key_prefix is not None:
+            event_dict.setdefault("key_prefix", key_prefix)
+    return event_dict
+
+
+def scrub_sensitive(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Drop sensitive fields and cut keys out of every string value."""
+    from django.conf import settings
+
+    if getattr(settings, "LOG_SENSITIVE_DATA", False):
+        return event_dict
+    for name in list(event_dict):
+        if name.lower() in SENSITIVE_FIELDS:
+            event_dict[name] = REDACTED
+        else:
+            value = event_dict[name]
+            if isinstance(value, str):
+                event_dict[name] = redact_text(value)
+    return event_dict
+
+
+def _drop_color_message(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
+SHARED_PROCESSORS: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.ExtraAdder(),
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    add_request_context,
+    _drop_color_message,
+]
+
+
+def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
+    """The LOGGING dict: stdlib records and structlog events through one JSON formatter."""
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "structured": {
+                "()": structlog.stdlib.ProcessorFormatter,
+                "foreign_pre_chain": SHARED_PROCESSORS,
+                "processors": [
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    scrub_sensitive,
+                    renderer,
+                ],
+            }
+        },
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structured"}},
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {
+            "django.db.backends": {"level": "WARNING"},
+            # The request middleware writes one structured line per request instead.
+            "django.server": {"level": "WARNING"},
+            "gunicorn.error": {"handlers": ["console"], "level": level, "propagate": False},
+        },
+    }
+
+
+def structlog_configure() -> None:
+    """Route structlog through the standard library so one formatter renders everything."""
+    structlog.configure(
+        processors=[
+            *SHARED_PROCESSORS,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def sentry_before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    """Tag every Sentry event with the request id of the request that raised it."""
+    request_id = request_id_var.get()
+    if request_id:
+        event.setdefault("tags", {})["request_id"] = request_id
+    return event
+
+
+def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate: float) -> None:
+    """Start Sentry with the Django, Celery and logging integrations (no PII sent)."""
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
+    sentry_sdk.init(
+        dsn=dsn,
+        environment=environment,
+        release=release,
+        traces_sample_rate=traces_rate,
+        send_default_pii=False,
+        integrations=[
+            DjangoIntegration(),
+            CeleryIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+        before_send=sentry_before_send,  # type: ignore[arg-type]
+    )

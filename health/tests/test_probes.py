@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import socket
+
+import pytest
+from django.db.migrations.recorder import MigrationRecorder
+
+from health import probes
+
+pytestmark = pytest.mark.django_db
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_startup_latch():
+    probes.startup_latch_reset()
+    yield
+    probes.startup_latch_reset()
+
+
+def test_live_answers_ok_without_authentication(client):
+    response = client.get("/health/live")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert response["X-Request-ID"]
+
+
+def test_ready_all_dependencies_up_is_ok_with_latencies(client, settings):
+    settings.HEALTH_REQUIRED_CHECKS = ["database", "redis", "broker"]
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"database", "redis", "broker"}
+    for check in body["checks"].values():
+        assert check["status"] == "ok"
+        assert check["latency_ms"] >= 0
+
+
+def test_ready_redis_down_and_optional_is_degraded(client, settings):
+    settings.REDIS_URL = f"redis://127.0.0.1:{_closed_port()}/3"
+    settings.HEALTH_REQUIRED_CHECKS = ["database"]
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["redis"]["status"] == "fail"
+    assert body["checks"]["redis"]["required"] is False
+    assert body["checks"]["database"]["status"] == "ok"
+
+
+def test_ready_redis_down_and_required_is_503(client, settings):
+    settings.REDIS_URL = f"redis://127.0.0.1:{_closed_port()}/3"
+    settings.HEALTH_REQUIRED_CHECKS = ["database", "redis"]
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "fail"
+    assert body["checks"]["redis"]["status"] == "fail"
+    assert "latency_ms" in body["checks"]["redis"]
+
+
+def test_ready_broker_down_is_degraded_by_default(client, settings):
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{_closed_port()}/3"
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    assert response.json()["status"] == "degraded"
+    assert response.json()["checks"]["broker"]["status"] == "fail"
+
+
+def test_ready_amqp_broker_unreachable_fails_fast(client, settings):
+    settings.CELERY_BROKER_URL = f"amqp://guest:guest@127.0.0.1:{_closed_port()}//"
+    settings.HEALTH_REQUIRED_CHECKS = ["database", "broker"]
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["checks"]["broker"]["status"] == "fail"
+    # No credentials or URL leak into the probe's body.
+    assert "guest" not in response.content.decode()
+
+
+def test_startup_all_migrations_applied_is_ok(client):
+    response = client.get("/health/startup")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_startup_unapplied_migration_is_503(client):
+    recorder = MigrationRecorder.Migration.objects
+    latest = recorder.filter(app="quotas").order_by("-applied").first()
+    assert latest is not None
+    latest.delete()  # as if this migration had not been applied yet (rolled back after)
+    response = client.get("/health/startup")
+    assert response.status_code == 503
+    assert response.json()["status"] == "fail"
+
+
+def test_startup_once_ok_stays_ok_without_asking_the_database(client, django_assert_num_queries):
+    assert client.get("/health/startup").status_code == 200
+    with django_assert_num_queries(0):
+        assert client.get("/health/startup").status_code == 200
+
+
+def test_probes_are_not_redirected_to_https(client, settings):
+    settings.SECURE_SSL_REDIRECT = True
+    assert client.get("/health/live").status_code == 200
+    assert client.get("/api/v1/quota").status_code == 301
