@@ -1,20 +1,39 @@
-"""The cache tier's public interface (used by generation). A first, simple implementation
-over Django's default cache; the memory layer, single flight, versioned namespaces and the
-stale copies are being built behind this same interface."""
+"""The cache tier's public interface (used by generation, the topic endpoints and ops).
+
+A look-up tries this process's memory layer, then Redis; a Redis hit is promoted into
+memory. Values are JSON-serialisable dicts; every hit returns a fresh copy. How the two
+layers are laid out in Redis and how invalidations reach every worker within a second is
+described in caching/tier.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
+
+from caching.tier import (
+    STAT_FIELDS,
+    Flight,
+    count_invalidation,
+    encode,
+    new_token,
+    split_key,
+    tier,
+    tier_reset,
+)
+
+logger = logging.getLogger("tollgate.caching")
 
 _SPACES = re.compile(r"\s+")
+POPULAR_LIMIT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +48,15 @@ def topic_normalise(topic: str) -> str:
     return _SPACES.sub(" ", topic).strip().lower()
 
 
-def cache_key_generation(*, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+def cache_key_generation(
+    *, model: str, messages: list[dict[str, str]], params: dict[str, Any]
+) -> str:
     """Key of a generation request: a hash of everything that changes the answer."""
     canonical = json.dumps(
-        {"model": model, "messages": messages, "params": params}, sort_keys=True,
-        separators=(",", ":"), ensure_ascii=False,
+        {"model": model, "messages": messages, "params": params},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
     )
     return "gen:" + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -45,27 +68,356 @@ def cache_key_topic(*, kind: str, topic: str, model: str, extra: str = "") -> st
     return f"topic:{topic_normalise(topic)}:{kind}:{digest}"
 
 
-def cache_get(key: str) -> CacheHit | None:
-    value = cache.get(key)
-    return CacheHit(value=value, layer="redis") if value is not None else None
+def _parse(raw: bytes) -> tuple[float, float, str]:
+    header, _, body = raw.partition(b"\n")
+    fresh, stale = header.split(b" ")
+    return float(fresh), float(stale), body.decode()
 
 
-def cache_get_stale(key: str) -> CacheHit | None:
-    value = cache.get(f"stale:{key}")
-    return CacheHit(value=value, layer="redis", stale=True) if value is not None else None
+def cache_get(key: str, *, now: float | None = None) -> CacheHit | None:
+    """A fresh answer from memory, else from Redis (then promoted into memory), else None.
+
+    `now` (epoch seconds) defaults to the current time. A Redis failure is a miss.
+    """
+    t = tier()
+    t.sync()
+    now = time.time() if now is None else now
+    payload = t.memory.get(key, now=now)
+    if payload is not None:
+        t.count("memory_hits", "memory", "hit")
+        return CacheHit(value=json.loads(payload), layer="memory")
+    t.count("memory_misses", "memory", "miss")
+    if not t.available():
+        t.count("redis_misses", "redis", "miss")
+        return None
+    try:
+        raw = t.redis.get(t.entry_key(key))
+    except Exception:
+        logger.warning("cache read failed", exc_info=True)
+        t.mark_down()
+        t.count("redis_misses", "redis", "error")
+        return None
+    if raw is not None:
+        fresh_until, _, body = _parse(raw)
+        if now < fresh_until:
+            t.memory.put(key, body, expires_at=min(now + settings.CACHE_MEMORY_TTL, fresh_until))
+            t.count("redis_hits", "redis", "hit")
+            return CacheHit(value=json.loads(body), layer="redis")
+    t.count("redis_misses", "redis", "miss")
+    return None
 
 
-def cache_set(key: str, value: dict[str, Any], *, ttl: int | None = None) -> None:
-    cache.set(key, value, ttl or settings.CACHE_REDIS_TTL)
-    cache.set(f"stale:{key}", value, (ttl or settings.CACHE_REDIS_TTL) + settings.QUOTA_FALLBACK_CACHE_TTL)
+def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
+    """The last stored answer, fresh or past its TTL but within QUOTA_FALLBACK_CACHE_TTL,
+    flagged `stale=True`: only for the fallback when a quota is exhausted. Never promoted."""
+    t = tier()
+    t.sync()
+    now = time.time() if now is None else now
+    raw = None
+    if t.available():  # without Redis there are no stale copies
+        try:
+            raw = t.redis.get(t.entry_key(key))
+        except Exception:
+            logger.warning("stale cache read failed", exc_info=True)
+            t.mark_down()
+    if raw is not None:
+        _, stale_until, body = _parse(raw)
+        if now < stale_until:
+            t.count("stale_hits", "stale", "hit")
+            return CacheHit(value=json.loads(body), layer="redis", stale=True)
+    t.count("stale_misses", "stale", "miss")
+    return None
+
+
+def cache_set(
+    key: str,
+    value: dict[str, Any],
+    *,
+    ttl: int | None = None,
+    now: float | None = None,
+    broadcast: bool = False,
+) -> None:
+    """Store an answer in both layers: fresh for `ttl` seconds (default CACHE_REDIS_TTL),
+    then kept QUOTA_FALLBACK_CACHE_TTL longer as the stale copy. `broadcast=True` also drops
+    older copies from every other worker's memory layer (a refresh of an existing answer).
+    """
+    t = tier()
+    t.sync()
+    now = time.time() if now is None else now
+    fresh_ttl = settings.CACHE_REDIS_TTL if ttl is None else ttl
+    fresh_until = now + fresh_ttl
+    stale_until = fresh_until + settings.QUOTA_FALLBACK_CACHE_TTL
+    body = encode(value)
+    split_key(key)
+    layer = "memory"
+    if t.available():
+        raw = f"{fresh_until:.3f} {stale_until:.3f}\n{body}".encode()
+        try:
+            t.redis.set(t.entry_key(key), raw, px=max(1, int((stale_until - now) * 1000)))
+            if broadcast:
+                t.publish("key", key)
+            layer = "redis"
+        except Exception:  # still kept in this worker's memory
+            logger.warning("cache write failed", exc_info=True)
+            t.mark_down()
+    t.memory.put(key, body, expires_at=min(now + settings.CACHE_MEMORY_TTL, fresh_until))
+    t.count("sets", layer, "set")
+
+
+def cache_delete(*, keys: Iterable[str]) -> int:
+    """Invalidate exact keys (fresh and stale copies) everywhere; returns how many existed."""
+    keys = list(keys)
+    if not keys:
+        return 0
+    t = tier()
+    t.sync(force=True)
+    removed = t.memory.delete(keys)
+    if t.redis is None:
+        return removed
+    removed = int(t.redis.unlink(*[t.entry_key(k) for k in keys]))
+    t.publish("key", "\x00".join(keys))
+    count_invalidation()
+    return removed
+
+
+def cache_invalidate(*, pattern: str) -> int:
+    """Invalidate every key matching a glob pattern (`topic:python*`), fresh and stale copies,
+    in Redis (SCAN, never KEYS) and in every worker's memory layer within a second.
+    Returns how many entries were dropped (from Redis; from memory without Redis)."""
+    t = tier()
+    t.sync(force=True)
+    removed = t.memory.delete_matching(pattern)
+    if t.redis is None:
+        return removed
+    removed = 0
+    for batch in t.scan_matching(pattern):
+        removed += int(t.redis.unlink(*batch))
+    t.publish("pattern", pattern)
+    count_invalidation()
+    return removed
+
+
+def cache_namespace_drop(*, namespace: str) -> int:
+    """Drop a whole namespace (`gen`, `topic`) in O(1) by bumping its version; returns the
+    new version. The old entries become unreachable at once and expire by their TTL."""
+    t = tier()
+    t.sync(force=True)
+    t.memory.delete_prefix(namespace + ":")
+    if t.redis is None:
+        return 0
+    version = t.publish("ns", namespace)
+    t.versions[namespace] = version
+    count_invalidation()
+    return version
 
 
 def single_flight(
-    key: str, compute: Callable[[], dict[str, Any]], *, wait_seconds: float = 30.0
+    key: str,
+    compute: Callable[[], dict[str, Any]],
+    *,
+    wait_seconds: float = 30.0,
+    store: bool = True,
+    ttl: int | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Run `compute` once for concurrent identical misses: (value, computed_here)."""
-    return compute(), True
+    """Run `compute` once for concurrent identical misses, across threads and processes.
+
+    Returns (value, computed_here). The first caller takes a Redis lock (expiring after
+    `wait_seconds`), computes, stores the value with `cache_set` (unless `store=False`:
+    then it must be stored by the caller for other processes to see it) and releases the
+    lock. Other threads of the same process wait for the leader in-process; other
+    processes poll the cache until the value appears or the lock is gone (then one of them
+    takes over). A waiter that has waited `wait_seconds` computes on its own. If the
+    leader's `compute` raises, its in-process waiters get the same exception and the lock
+    is released at once so that another process may try.
+    """
+    t = tier()
+    with t._flights_lock:
+        flight = t.flights.get(key)
+        leader = flight is None
+        if flight is None:
+            flight = t.flights[key] = Flight()
+    if not leader:
+        if flight.done.wait(wait_seconds):
+            if flight.error is not None:
+                raise flight.error
+            return json.loads(flight.value or "null"), False
+        return _compute_and_store(key, compute, store=store, ttl=ttl), True
+    try:
+        value, here = _single_flight_shared(
+            key, compute, wait_seconds=wait_seconds, store=store, ttl=ttl
+        )
+        flight.value = encode(value)
+        return value, here
+    except BaseException as exc:
+        flight.error = exc
+        raise
+    finally:
+        with t._flights_lock:
+            t.flights.pop(key, None)
+        flight.done.set()
 
 
-def popularity_bump(topic: str) -> None:
-    """Count one request for a topic."""
+def _compute_and_store(
+    key: str, compute: Callable[[], dict[str, Any]], *, store: bool, ttl: int | None
+) -> dict[str, Any]:
+    value = compute()
+    if store:
+        cache_set(key, value, ttl=ttl)
+    return value
+
+
+def _fresh_value(key: str, raw: bytes | None) -> dict[str, Any] | None:
+    """The answer another caller just stored (counted as a hit, promoted), else None."""
+    if raw is None or time.time() >= _parse(raw)[0]:
+        return None
+    hit = cache_get(key)
+    return None if hit is None else hit.value
+
+
+def _single_flight_shared(
+    key: str,
+    compute: Callable[[], dict[str, Any]],
+    *,
+    wait_seconds: float,
+    store: bool,
+    ttl: int | None,
+) -> tuple[dict[str, Any], bool]:
+    t = tier()
+    t.sync()
+    if not t.available():
+        return _compute_and_store(key, compute, store=store, ttl=ttl), True
+    lock_key = t.k("lock:" + key)
+    entry_key = t.entry_key(key)
+    token = new_token()
+    lock_ms = max(1, int(wait_seconds * 1000))
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        replies = _pipe(t, [("set", lock_key, token, lock_ms), ("get", entry_key)])
+        if replies is None:
+            break  # Redis failed: no coordination possible, compute on our own
+        acquired, raw = replies
+        value = _fresh_value(key, raw)
+        if acquired:
+            try:
+                if value is not None:  # stored between our miss and our lock
+                    return value, False
+                return _compute_and_store(key, compute, store=store, ttl=ttl), True
+            finally:
+                _release(t, lock_key, token)
+        if value is not None:
+            return value, False
+        # Someone else holds the lock: wait for its answer or for the lock to go away
+        # (then loop to take it over).
+        delay = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            replies = _pipe(t, [("exists", lock_key), ("get", entry_key)])
+            if replies is None:
+                break
+            held, raw = replies
+            value = _fresh_value(key, raw)
+            if value is not None:
+                return value, False
+            if not held:
+                break
+        if replies is None:
+            break
+    return _compute_and_store(key, compute, store=store, ttl=ttl), True
+
+
+def _pipe(t: Any, commands: list[tuple[Any, ...]]) -> list[Any] | None:
+    """Run a few commands in one round trip; None (and Redis marked down) on failure."""
+    try:
+        pipe = t.redis.pipeline(transaction=False)
+        for name, *args in commands:
+            if name == "set":
+                pipe.set(args[0], args[1], nx=True, px=args[2])
+            else:
+                getattr(pipe, name)(*args)
+        return list(pipe.execute())
+    except Exception:
+        logger.warning("single flight: Redis failed", exc_info=True)
+        t.mark_down()
+        return None
+
+
+def _release(t: Any, lock_key: str, token: str) -> None:
+    try:
+        t.release_lock(lock_key, token)
+    except Exception:  # the lock expires on its own
+        logger.warning("single flight: lock release failed", exc_info=True)
+
+
+def popularity_bump(topic: str, *, count: int = 1) -> None:
+    """Count `count` requests for a topic (buffered; in Redis within a quarter second)."""
+    t = tier()
+    with t._stats_lock:
+        t.popularity[topic_normalise(topic)] += count
+    t.sync()
+
+
+def popularity_top(*, limit: int = POPULAR_LIMIT, min_count: int = 1) -> list[tuple[str, int]]:
+    """The most requested topics with their counts, most requested first."""
+    t = tier()
+    t.sync(force=True)
+    if t.redis is None:
+        return [(k, n) for k, n in t.local_popularity.most_common(limit) if n >= min_count]
+    rows = t.redis.zrevrangebyscore(
+        t.k("pop"), "+inf", min_count, start=0, num=limit, withscores=True
+    )
+    return [(name.decode(), int(score)) for name, score in rows]
+
+
+def popularity_decay(*, factor: float = 0.5) -> None:
+    """Multiply every topic's count by `factor` (0..1), so that popularity fades."""
+    t = tier()
+    t.sync(force=True)
+    if t.redis is None:
+        for name in list(t.local_popularity):
+            t.local_popularity[name] = int(t.local_popularity[name] * factor)
+        return
+    t.redis.zunionstore(t.k("pop"), {t.k("pop"): factor})
+    t.redis.zremrangebyscore(t.k("pop"), "-inf", "(1")
+
+
+def cache_stats() -> dict[str, Any]:
+    """Counts of every worker (`memory.size` is this process's): the API.md stats shape."""
+    t = tier()
+    t.sync(force=True)
+    if t.redis is None:
+        totals = {name: t.local_totals[name] for name in STAT_FIELDS}
+    else:
+        raw = t.redis.hgetall(t.k("stats"))
+        totals = {name: int(raw.get(name.encode(), 0)) for name in STAT_FIELDS}
+    looked_up = totals["redis_hits"] + totals["redis_misses"]
+    return {
+        "memory": {
+            "size": len(t.memory),
+            "max_size": t.memory.max_size,
+            "hits": totals["memory_hits"],
+            "misses": totals["memory_misses"],
+        },
+        "redis": {
+            "hits": totals["redis_hits"],
+            "misses": totals["redis_misses"],
+            "hit_rate": round(totals["redis_hits"] / looked_up, 4) if looked_up else 0.0,
+        },
+        "stale": {"hits": totals["stale_hits"], "misses": totals["stale_misses"]},
+        "sets": totals["sets"],
+        "popular": [[name, n] for name, n in popularity_top()],
+    }
+
+
+def cache_stats_reset() -> None:
+    """Zero the shared hit/miss counters (popularity is kept)."""
+    t = tier()
+    t.sync(force=True)
+    t.local_totals.clear()
+    if t.redis is not None:
+        t.redis.delete(t.k("stats"))
+
+
+def cache_local_reset() -> None:
+    """Forget this process's memory layer and sync state (tests; after a Redis flush)."""
+    tier_reset()

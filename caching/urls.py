@@ -1,3 +1,8 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from caching.views import CacheInvalidateView, CacheStatsView
+
+urlpatterns = [
+    path("cache/stats", CacheStatsView.as_view(), name="cache-stats"),
+    path("cache/invalidate", CacheInvalidateView.as_view(), name="cache-invalidate"),
+]

@@ -1,0 +1,92 @@
+"""The in-process memory layer: a thread-safe LRU with a size bound and per-entry expiry.
+
+Entries hold the serialised answer (a JSON string), not the decoded object, so that a caller
+mutating the dict it got back can never corrupt what the next request is served. Expiry
+times are wall-clock seconds (`time.time()`) so tests can pass `now` instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class MemoryEntry:
+    payload: str
+    expires_at: float
+
+
+class MemoryLayer:
+    """LRU of at most `max_size` entries; an entry expires at its own `expires_at`.
+
+    `max_size` 0 disables the layer (every get misses, every put is dropped).
+    """
+
+    def __init__(self, *, max_size: int) -> None:
+        self.max_size = max_size
+        self._data: OrderedDict[str, MemoryEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str, *, now: float | None = None) -> str | None:
+        """The payload of a live entry (and mark it most recently used), else None."""
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry.expires_at <= (time.time() if now is None else now):
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry.payload
+
+    def put(self, key: str, payload: str, *, expires_at: float) -> None:
+        """Store an entry, evicting the least recently used ones past the size bound."""
+        if self.max_size <= 0:
+            return
+        with self._lock:
+            self._data[key] = MemoryEntry(payload, expires_at)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_size:
+                self._data.popitem(last=False)
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Remove the given keys; returns how many were present."""
+        removed = 0
+        with self._lock:
+            for key in keys:
+                if self._data.pop(key, None) is not None:
+                    removed += 1
+        return removed
+
+    def delete_matching(self, pattern: str) -> int:
+        """Remove every key matching a glob pattern (`*`, `?`, `[...]`), case-sensitive."""
+        with self._lock:
+            doomed = [k for k in self._data if fnmatch.fnmatchcase(k, pattern)]
+            for key in doomed:
+                del self._data[key]
+        return len(doomed)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every key starting with `prefix` (a namespace drop)."""
+        with self._lock:
+            doomed = [k for k in self._data if k.startswith(prefix)]
+            for key in doomed:
+                del self._data[key]
+        return len(doomed)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def keys(self) -> list[str]:
+        """Keys from least to most recently used (a snapshot)."""
+        with self._lock:
+            return list(self._data)

@@ -1,0 +1,337 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from caching.services import (
+    cache_delete,
+    cache_get,
+    cache_get_stale,
+    cache_invalidate,
+    cache_key_generation,
+    cache_key_topic,
+    cache_local_reset,
+    cache_namespace_drop,
+    cache_set,
+    cache_stats,
+    cache_stats_reset,
+    popularity_bump,
+    popularity_top,
+    single_flight,
+    topic_normalise,
+)
+from caching.tier import tier
+
+T0 = 1_900_000_000.0  # a fixed "now" for the TTL tests
+
+
+@pytest.fixture(autouse=True)
+def _redis(redis_conn):
+    cache_local_reset()
+    return redis_conn
+
+
+def test_topic_normalise_ignores_case_and_whitespace():
+    assert topic_normalise("  Python\t  PROGRAMMING \n") == "python programming"
+
+
+def test_generation_key_same_for_same_request_and_different_otherwise():
+    messages = [{"role": "user", "content": "hi"}]
+    a = cache_key_generation(model="m", messages=messages, params={"t": 0.7, "max": 5})
+    b = cache_key_generation(model="m", messages=list(messages), params={"max": 5, "t": 0.7})
+    c = cache_key_generation(model="m", messages=messages, params={"t": 0.8, "max": 5})
+    assert a == b
+    assert a != c
+
+
+def test_topic_key_groups_variants_of_a_topic():
+    assert cache_key_topic(kind="subtopics", topic="Python  Programming", model="m") == (
+        cache_key_topic(kind="subtopics", topic="python programming", model="m")
+    )
+
+
+def test_get_redis_hit_is_promoted_into_memory():
+    cache_set("gen:a", {"text": "A"})
+    cache_local_reset()  # a fresh worker: empty memory layer, the entry is only in Redis
+
+    first = cache_get("gen:a")
+    second = cache_get("gen:a")
+
+    assert first is not None
+    assert first.layer == "redis"
+    assert first.value == {"text": "A"}
+    assert second is not None
+    assert second.layer == "memory"
+    assert second.value == {"text": "A"}
+
+
+def test_get_returns_a_copy_the_caller_may_mutate():
+    cache_set("gen:a", {"text": "A"})
+    hit = cache_get("gen:a")
+    assert hit is not None
+    hit.value["text"] = "changed"
+
+    again = cache_get("gen:a")
+    assert again is not None
+    assert again.value == {"text": "A"}
+
+
+def test_memory_layer_evicts_least_recently_used_at_size_bound(settings):
+    settings.CACHE_MEMORY_MAX_SIZE = 3
+    cache_local_reset()
+    for name in ("gen:1", "gen:2", "gen:3"):
+        cache_set(name, {"n": name})
+    assert cache_get("gen:1").layer == "memory"  # gen:1 is now the most recently used
+
+    cache_set("gen:4", {"n": "gen:4"})
+
+    assert tier().memory.keys() == ["gen:3", "gen:1", "gen:4"]
+    evicted = cache_get("gen:2")
+    assert evicted is not None
+    assert evicted.layer == "redis"  # still in the shared layer
+    assert len(tier().memory) == 3
+
+
+def test_memory_entry_expires_after_memory_ttl_then_comes_from_redis(settings):
+    settings.CACHE_MEMORY_TTL = 10
+    cache_set("gen:a", {"text": "A"}, ttl=100, now=T0)
+
+    assert cache_get("gen:a", now=T0 + 9).layer == "memory"
+    later = cache_get("gen:a", now=T0 + 11)
+
+    assert later is not None
+    assert later.layer == "redis"
+
+
+def test_entry_expires_in_both_layers_after_fresh_ttl(settings):
+    settings.CACHE_MEMORY_TTL = 600
+    cache_set("gen:a", {"text": "A"}, ttl=100, now=T0)
+
+    assert cache_get("gen:a", now=T0 + 99) is not None
+    assert cache_get("gen:a", now=T0 + 101) is None  # memory bounded by the fresh TTL too
+    cache_local_reset()
+    assert cache_get("gen:a", now=T0 + 101) is None  # and Redis treats it as a miss
+
+
+def test_redis_keeps_entry_for_fresh_plus_fallback_ttl(settings, redis_conn):
+    settings.QUOTA_FALLBACK_CACHE_TTL = 50
+    cache_set("gen:a", {"text": "A"}, ttl=100)
+
+    pttl = redis_conn.pttl(tier().entry_key("gen:a"))
+
+    assert 149_000 < pttl <= 150_000
+
+
+def test_stale_copy_served_only_through_cache_get_stale(settings):
+    settings.QUOTA_FALLBACK_CACHE_TTL = 50
+    cache_set("gen:a", {"text": "A"}, ttl=100, now=T0)
+
+    assert cache_get("gen:a", now=T0 + 120) is None
+    stale = cache_get_stale("gen:a", now=T0 + 120)
+    assert stale is not None
+    assert stale.stale is True
+    assert stale.value == {"text": "A"}
+    assert cache_get("gen:a", now=T0 + 120) is None  # serving it stale did not revive it
+    assert cache_get_stale("gen:a", now=T0 + 151) is None
+
+
+def test_delete_by_key_drops_both_layers_and_stale_copy():
+    cache_set("gen:a", {"text": "A"})
+    cache_set("gen:b", {"text": "B"})
+
+    assert cache_delete(keys=["gen:a"]) == 1
+
+    assert cache_get("gen:a") is None
+    assert cache_get_stale("gen:a") is None
+    assert cache_get("gen:b") is not None
+
+
+def test_invalidate_pattern_drops_matching_keys_only_and_counts_them():
+    python_keys = [
+        cache_key_topic(kind="subtopics", topic="Python", model="m"),
+        cache_key_topic(kind="subtopics", topic="python programming", model="m"),
+        cache_key_topic(kind="explanations", topic="Python", model="m"),
+    ]
+    other = cache_key_topic(kind="subtopics", topic="Rust", model="m")
+    for key in [*python_keys, other]:
+        cache_set(key, {"k": key})
+
+    assert cache_invalidate(pattern="topic:python*") == 3
+
+    assert all(cache_get(key) is None for key in python_keys)
+    assert all(cache_get_stale(key) is None for key in python_keys)
+    assert cache_get(other).layer == "memory"
+
+
+def test_invalidate_pattern_without_literal_namespace_scans_every_namespace():
+    cache_set("gen:abc", {"x": 1})
+    cache_set("topic:abc:subtopics:1", {"x": 2})
+    cache_set("topic:xyz:subtopics:1", {"x": 3})
+
+    assert cache_invalidate(pattern="*abc*") == 2
+
+    assert cache_get("gen:abc") is None
+    assert cache_get("topic:abc:subtopics:1") is None
+    assert cache_get("topic:xyz:subtopics:1") is not None
+
+
+def test_invalidate_pattern_scans_past_one_batch():
+    for i in range(1200):
+        cache_set(f"topic:bulk{i}:subtopics:x", {"i": i})
+
+    assert cache_invalidate(pattern="topic:bulk*") == 1200
+
+
+def test_namespace_drop_hides_every_entry_of_that_namespace_only(redis_conn):
+    cache_set("gen:a", {"x": 1})
+    cache_set("topic:a:subtopics:1", {"x": 2})
+    keys_before = redis_conn.dbsize()
+
+    cache_namespace_drop(namespace="gen")
+
+    assert cache_get("gen:a") is None
+    assert cache_get_stale("gen:a") is None
+    assert cache_get("topic:a:subtopics:1") is not None
+    cache_set("gen:a", {"x": 3})
+    assert cache_get("gen:a").value == {"x": 3}
+    assert redis_conn.dbsize() >= keys_before  # O(1): nothing was scanned or deleted
+
+
+def test_key_without_namespace_is_refused():
+    with pytest.raises(ValueError, match="namespace"):
+        cache_set("plain", {"x": 1})
+
+
+def test_single_flight_50_threads_compute_once():
+    calls = 0
+    calls_lock = threading.Lock()
+    barrier = threading.Barrier(50)
+    results: list[tuple[dict, bool]] = []
+
+    def compute() -> dict:
+        nonlocal calls
+        with calls_lock:
+            calls += 1
+        time.sleep(0.2)
+        return {"text": "answer"}
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(single_flight("gen:same", compute, wait_seconds=10))
+
+    threads = [threading.Thread(target=worker) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert calls == 1
+    assert len(results) == 50
+    assert all(value == {"text": "answer"} for value, _ in results)
+    assert sum(1 for _, computed_here in results if computed_here) == 1
+    assert cache_get("gen:same").value == {"text": "answer"}
+
+
+def test_single_flight_hit_after_store_does_not_compute():
+    cache_set("gen:same", {"text": "cached"})
+    cache_local_reset()
+
+    value, computed_here = single_flight("gen:same", lambda: {"text": "new"})
+
+    assert value == {"text": "cached"}
+    assert computed_here is False
+
+
+def test_single_flight_waiter_proceeds_alone_after_bounded_wait(redis_conn):
+    # Another process holds the lock and never answers.
+    redis_conn.set(tier().k("lock:gen:stuck"), "someone-else", px=60_000)
+
+    value, computed_here = single_flight("gen:stuck", lambda: {"text": "mine"}, wait_seconds=0.3)
+
+    assert value == {"text": "mine"}
+    assert computed_here is True
+
+
+def test_single_flight_leader_failure_reaches_waiters_and_releases_lock(redis_conn):
+    barrier = threading.Barrier(5)
+    errors: list[BaseException] = []
+    calls = 0
+
+    def compute() -> dict:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.2)
+        raise RuntimeError("upstream down")
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            single_flight("gen:fail", compute, wait_seconds=10)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert calls == 1
+    assert len(errors) == 5
+    assert redis_conn.exists(tier().k("lock:gen:fail")) == 0
+    assert cache_get("gen:fail") is None
+
+
+def test_stats_count_what_was_done():
+    cache_stats_reset()
+    cache_set("gen:a", {"x": 1})
+    cache_set("gen:b", {"x": 2})
+    cache_get("gen:a")  # memory hit
+    cache_get("gen:a")  # memory hit
+    cache_get("gen:missing")  # memory miss, redis miss
+    tier().memory.clear()
+    cache_get("gen:b")  # memory miss, redis hit
+    cache_get_stale("gen:nothing")  # stale miss
+    for _ in range(3):
+        popularity_bump("Python  Programming")
+    popularity_bump("rust")
+
+    stats = cache_stats()
+
+    assert stats["memory"] == {"size": 1, "max_size": 1000, "hits": 2, "misses": 2}
+    assert stats["redis"] == {"hits": 1, "misses": 1, "hit_rate": 0.5}
+    assert stats["stale"] == {"hits": 0, "misses": 1}
+    assert stats["sets"] == 2
+    assert stats["popular"] == [["python programming", 3], ["rust", 1]]
+
+
+def test_popularity_top_filters_by_min_count():
+    popularity_bump("a", count=12)
+    popularity_bump("b", count=3)
+
+    assert popularity_top(min_count=10) == [("a", 12)]
+
+
+def test_popularity_is_summed_across_workers():
+    popularity_bump("python", count=2)
+    cache_local_reset()  # another worker (the buffered count was flushed on reset)
+    popularity_bump("python", count=5)
+
+    assert popularity_top() == [("python", 7)]
+
+
+def test_redis_outage_is_a_miss_not_an_error():
+    import redis
+
+    cache_set("gen:a", {"x": 1})
+    cache_local_reset()
+    t = tier()
+    t.redis  # noqa: B018 - loads the scripts on the real client first
+    # A Redis that does not answer (nothing listens on port 1).
+    t._redis = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+
+    assert cache_get("gen:a") is None
+    cache_set("gen:b", {"x": 2})  # dropped from Redis, kept in this worker's memory
+    assert cache_get("gen:b").layer == "memory"

@@ -1,0 +1,361 @@
+"""The two-layer cache tier of one process: the memory layer over the shared Redis layer.
+
+Redis layout (P = settings.REDIS_KEY_PREFIX):
+
+- ``P:c:e:<ns>:<version>:<rest>`` one entry per logical key ``<ns>:<rest>``: a header
+  ``"<fresh_until> <stale_until>"``, a newline, then the JSON answer. The entry lives in
+  Redis until ``stale_until`` (fresh TTL + QUOTA_FALLBACK_CACHE_TTL); a normal look-up
+  treats it as a miss once ``fresh_until`` has passed, so the stale copy costs no second
+  key and is only ever read by `get_stale` (the quota fallback).
+- ``P:c:ns`` hash namespace -> version. Dropping a namespace is one HINCRBY: every old
+  entry becomes unreachable at once and expires on its own (O(1), no scan).
+- ``P:c:seq`` + ``P:c:inv`` the invalidation log: a counter and a capped stream whose
+  entry ids are the counter values (``<seq>-1``), written by one Lua script so that ids
+  are gap-free. Each entry is ``k`` (key|pattern|ns) and ``a`` (its argument).
+- ``P:c:stats`` hash of hit/miss counters summed over all processes; ``P:c:pop`` sorted
+  set of requests per normalised topic; ``P:c:lock:<key>`` single-flight locks.
+
+Why a polled log and not pub/sub: a memory hit must cost no Redis round trip, and a
+gunicorn worker has no thread of its own to listen on a subscription (a listener thread
+would also have to survive forks and reconnects, and messages sent while it reconnects
+would be lost). Instead every look-up first calls `sync()`, which does nothing unless
+INVALIDATION_POLL_SECONDS (0.25 s) have passed since the last sync; then ONE transaction
+reads the log counter, the entries after the last one applied and the namespace versions,
+and flushes this process's buffered stats and popularity counts. A worker therefore serves
+at most one extra round trip per 0.25 s, however many hits it answers, and no look-up
+after an invalidation + 0.25 s (+ one round trip) can see the dropped entry. A gap in the
+log (the stream was trimmed, or Redis was flushed: the counter went backwards) clears the
+whole memory layer, which is always safe.
+
+Without REDIS_URL (the embedded default) the tier is the memory layer alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fnmatch
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from caching.memory import MemoryLayer
+from health.metrics import CACHE_OPERATIONS
+
+logger = logging.getLogger("tollgate.caching")
+
+INVALIDATION_POLL_SECONDS = 0.25
+STREAM_MAXLEN = 1000
+SYNC_BATCH = 500
+SCAN_COUNT = 500
+REDIS_RETRY_SECONDS = 1.0
+STAT_FIELDS = (
+    "memory_hits",
+    "memory_misses",
+    "redis_hits",
+    "redis_misses",
+    "stale_hits",
+    "stale_misses",
+    "sets",
+)
+_GLOB_CHARS = frozenset("*?[]\\")
+
+# KEYS: seq, stream, namespaces. ARGV: maxlen, kind, arg.
+_PUBLISH_LUA = """
+local version = 0
+if ARGV[2] == 'ns' then
+  version = redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-1', 'k', ARGV[2], 'a', ARGV[3])
+return {seq, version}
+"""
+# KEYS: lock. ARGV: token. Deletes the lock only if we still own it.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_METRIC = {
+    (layer, result): CACHE_OPERATIONS.labels(layer=layer, result=result)
+    for layer in ("memory", "redis", "stale")
+    for result in ("hit", "miss", "set", "error", "invalidate")
+}
+
+
+def count_invalidation() -> None:
+    _METRIC[("redis", "invalidate")].inc()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in _GLOB_CHARS else c for c in text)
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """`<ns>:<rest>` -> (ns, rest). Raises ValueError for a key without a namespace."""
+    ns, sep, rest = key.partition(":")
+    if not sep or not ns:
+        raise ValueError(f"cache keys look like '<namespace>:<rest>', got {key!r}")
+    return ns, rest
+
+
+def encode(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(slots=True)
+class Flight:
+    """An in-process single flight: the leader's result, handed to waiting threads."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    value: str | None = None  # the encoded answer: each waiter decodes its own copy
+    error: BaseException | None = None
+
+
+class CacheTier:
+    """Memory layer + Redis layer + invalidation sync + buffered stats of one process."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryLayer(max_size=settings.CACHE_MEMORY_MAX_SIZE)
+        self.prefix = f"{settings.REDIS_KEY_PREFIX}:c:"
+        self._redis: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._init_process_state()
+
+    def _init_process_state(self) -> None:
+        self._sync_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._flights_lock = threading.Lock()
+        self.flights: dict[str, Flight] = {}
+        self.versions: dict[str, int] = {}
+        self.last_seq: int | None = None
+        self.last_sync = -1e18
+        self.down_until = 0.0
+        self.stats: Counter[str] = Counter()
+        self.popularity: Counter[str] = Counter()
+        # Without Redis the totals live here; with Redis, only until the next sync.
+        self.local_totals: Counter[str] = Counter()
+        self.local_popularity: Counter[str] = Counter()
+
+    def after_fork(self) -> None:
+        """A forked child inherits no locks, flights or unflushed counts from its parent."""
+        self._init_process_state()
+        self.memory = MemoryLayer(max_size=self.memory.max_size)
+
+    # --- Redis plumbing -------------------------------------------------------------------
+
+    @property
+    def redis(self) -> Any:
+        """The raw redis-py client of the default django-redis cache, or None (no Redis)."""
+        if self._redis is None and settings.REDIS_URL:
+            from django_redis import get_redis_connection
+
+            self._redis = get_redis_connection("default")
+            self._scripts = {
+                "publish": self._redis.register_script(_PUBLISH_LUA),
+                "release": self._redis.register_script(_RELEASE_LUA),
+            }
+        return self._redis
+
+    def available(self) -> bool:
+        """Redis is configured and did not fail in the last REDIS_RETRY_SECONDS."""
+        return self.redis is not None and time.monotonic() >= self.down_until
+
+    def mark_down(self) -> None:
+        """After a Redis failure the tier runs on memory alone for REDIS_RETRY_SECONDS, so
+        that an outage costs one slow call per second, not one per look-up."""
+        self.down_until = time.monotonic() + REDIS_RETRY_SECONDS
+
+    def k(self, name: str) -> str:
+        return self.prefix + name
+
+    def entry_key(self, key: str) -> str:
+        ns, rest = split_key(key)
+        return f"{self.prefix}e:{ns}:{self.versions.get(ns, 0)}:{rest}"
+
+    def count(self, name: str, layer: str, result: str) -> None:
+        _METRIC[(layer, result)].inc()
+        with self._stats_lock:
+            self.stats[name] += 1
+
+    # --- invalidation sync ------------------------------------------------------------------
+
+    def sync(self, *, force: bool = False) -> None:
+        """Apply the invalidations published since the last sync and flush buffered counts.
+
+        Does nothing unless INVALIDATION_POLL_SECONDS have passed (or `force`); never blocks
+        on another thread's sync. Redis errors are logged and retried at the next poll.
+        """
+        redis = self.redis
+        mono = time.monotonic()
+        if redis is None:
+            with self._stats_lock:
+                self.local_totals.update(self.stats)
+                self.local_popularity.update(self.popularity)
+                self.stats.clear()
+                self.popularity.clear()
+            return
+        if not force and mono - self.last_sync < INVALIDATION_POLL_SECONDS:
+            return
+        if mono < self.down_until:
+            return
+        if not self._sync_lock.acquire(blocking=force):
+            return
+        try:
+            self.last_sync = mono
+            with self._stats_lock:
+                stats, self.stats = self.stats, Counter()
+                popularity, self.popularity = self.popularity, Counter()
+            last_seq = self.last_seq
+            pipe = redis.pipeline(transaction=True)
+            pipe.get(self.k("seq"))
+            pipe.hgetall(self.k("ns"))
+            if last_seq is not None:
+                pipe.xrange(self.k("inv"), min=f"({last_seq}-1", max="+", count=SYNC_BATCH)
+            for name, n in stats.items():
+                pipe.hincrby(self.k("stats"), name, n)
+            for topic, n in popularity.items():
+                pipe.zincrby(self.k("pop"), n, topic)
+            try:
+                replies = pipe.execute()
+            except Exception:  # a Redis outage must not fail a look-up
+                logger.warning("cache invalidation sync failed", exc_info=True)
+                self.mark_down()
+                with self._stats_lock:
+                    self.stats.update(stats)
+                    self.popularity.update(popularity)
+                return
+            self._apply(replies, last_seq)
+        finally:
+            self._sync_lock.release()
+
+    def _apply(self, replies: list[Any], last_seq: int | None) -> None:
+        seq = int(replies[0] or 0)
+        versions = {ns.decode(): int(v) for ns, v in replies[1].items()}
+        for ns, version in versions.items():
+            if self.versions.get(ns, 0) != version:
+                self.memory.delete_prefix(ns + ":")
+        for ns in set(self.versions) - set(versions):  # Redis lost the hash
+            self.memory.delete_prefix(ns + ":")
+        self.versions = versions
+        if last_seq is None:
+            self.memory.clear()  # nothing known about what happened before this process
+        elif seq < last_seq:
+            self.memory.clear()  # Redis was flushed or restarted
+        elif seq > last_seq:
+            entries = replies[2]
+            expected = list(range(last_seq + 1, last_seq + 1 + len(entries)))
+            got = [int(entry_id.split(b"-")[0]) for entry_id, _ in entries]
+            if got != expected or last_seq + len(entries) != seq:
+                self.memory.clear()  # the log was trimmed past us, or too long to replay
+            else:
+                for _, fields in entries:
+                    self._apply_entry(fields[b"k"].decode(), fields[b"a"].decode())
+        self.last_seq = seq
+
+    def _apply_entry(self, kind: str, arg: str) -> None:
+        if kind == "key":
+            self.memory.delete(arg.split("\x00"))
+        elif kind == "pattern":
+            self.memory.delete_matching(arg)
+        elif kind == "ns":
+            self.memory.delete_prefix(arg + ":")
+
+    def publish(self, kind: str, arg: str) -> int:
+        """Append an invalidation to the log; returns the namespace's new version for 'ns'."""
+        self.redis  # noqa: B018 - loads the scripts
+        _, version = self._scripts["publish"](
+            keys=[self.k("seq"), self.k("inv"), self.k("ns")], args=[STREAM_MAXLEN, kind, arg]
+        )
+        return int(version)
+
+    def release_lock(self, lock_key: str, token: str) -> None:
+        self.redis  # noqa: B018 - loads the scripts
+        self._scripts["release"](keys=[lock_key], args=[token])
+
+    # --- scanning ---------------------------------------------------------------------------
+
+    def scan_matching(self, pattern: str) -> Iterator[list[str]]:
+        """Batches of current-version Redis entry keys whose logical key matches `pattern`.
+
+        A pattern with a literal namespace (`topic:python*`) is one SCAN MATCH over that
+        namespace's current version; any other pattern scans all entries and filters here.
+        SCAN, never KEYS: the server is never blocked for the whole key space.
+        """
+        ns, sep, rest = pattern.partition(":")
+        literal_ns = bool(sep and ns) and not (_GLOB_CHARS & set(ns))
+        if literal_ns:
+            match = f"{_glob_escape(self.prefix)}e:{ns}:{self.versions.get(ns, 0)}:{rest}"
+            check: Callable[[str], bool] | None = None
+        else:
+            match = f"{_glob_escape(self.prefix)}e:*"
+            head = len(self.prefix) + 2
+
+            def check(raw: str) -> bool:
+                ens, ver, erest = raw[head:].split(":", 2)
+                return str(self.versions.get(ens, 0)) == ver and fnmatch.fnmatchcase(
+                    f"{ens}:{erest}", pattern
+                )
+
+        batch: list[str] = []
+        for raw_key in self.redis.scan_iter(match=match, count=SCAN_COUNT):
+            name = raw_key.decode()
+            if check is None or check(name):
+                batch.append(name)
+            if len(batch) >= SCAN_COUNT:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+_tier: CacheTier | None = None
+_tier_lock = threading.Lock()
+
+
+def tier() -> CacheTier:
+    """This process's tier, created on first use."""
+    global _tier  # noqa: PLW0603 - one tier per process, created lazily after settings load
+    if _tier is None:
+        with _tier_lock:
+            if _tier is None:
+                _tier = CacheTier()
+    return _tier
+
+
+def tier_reset() -> None:
+    """Forget everything this process holds (memory, versions); settings are re-read.
+    Buffered counts are flushed to Redis first (best effort)."""
+    global _tier  # noqa: PLW0603
+    with _tier_lock:
+        if _tier is not None and _tier._redis is not None and _tier.available():
+            _tier.sync(force=True)
+        _tier = None
+
+
+def _after_fork_in_child() -> None:
+    if _tier is not None:
+        _tier.after_fork()
+
+
+def _flush_at_exit() -> None:
+    if _tier is not None and _tier._redis is not None and _tier.available():
+        _tier.sync(force=True)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_flush_at_exit)
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
