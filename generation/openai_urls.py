@@ -1,3 +1,7 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from generation import views
+
+urlpatterns = [
+    path("chat/completions", views.ChatCompletionCreateView.as_view(), name="chat-completions"),
+]

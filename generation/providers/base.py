@@ -1,0 +1,97 @@
+"""The provider interface: one call, one answer, typed failures.
+
+A provider turns a `CompletionRequest` into a `Completion` or raises a `ProviderFailure`
+subclass. Retries, the circuit breaker and the mapping to HTTP errors live above it
+(generation.resilience), so a provider makes exactly one upstream attempt per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """One upstream call. `model` is the upstream model name; `task` ("chat", "subtopics",
+    "explanation") is a hint only the offline provider uses to shape its answer."""
+
+    model: str
+    messages: tuple[dict[str, str], ...]
+    max_tokens: int
+    temperature: float | None = None
+    task: str = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """An answer. Token counts come from the provider's usage report when it gives one
+    (`usage_reported`), else from generation.tokens."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"
+    usage_reported: bool = True
+
+
+class ProviderFailure(Exception):  # noqa: N818 - a family of failures, not one error
+    """An upstream attempt failed. `retryable`: another attempt may succeed;
+    `trips_circuit`: the failure says the provider is unhealthy (not our request's fault);
+    `retry_after`: seconds the provider asked us to wait, if it said."""
+
+    retryable = True
+    trips_circuit = True
+    outcome = "upstream_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ProviderTimeout(ProviderFailure):
+    outcome = "upstream_timeout"
+
+
+class ProviderUnreachable(ProviderFailure):
+    outcome = "upstream_unavailable"
+
+
+class ProviderRateLimited(ProviderFailure):
+    """429 from the provider: its own quota. Retried after Retry-After; does not trip the
+    circuit (the provider is healthy, we are just sending too much)."""
+
+    outcome = "upstream_unavailable"
+    trips_circuit = False
+
+
+class ProviderServerError(ProviderFailure):
+    """5xx, or a 200 whose body is unusable (malformed JSON, no choices)."""
+
+
+class ProviderRejected(ProviderFailure):
+    """4xx other than 429: retrying the same request cannot help."""
+
+    retryable = False
+    trips_circuit = False
+
+
+class Provider(Protocol):
+    """Anything that can complete a chat."""
+
+    name: str
+
+    def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
+        """One upstream attempt, bounded by `timeout` seconds of reading."""
+        ...
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header (delta-seconds form; HTTP dates are ignored)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

@@ -1,0 +1,105 @@
+"""Google Gemini through the official `google-genai` SDK, with a configurable base URL.
+The SDK's own retries stay off (its default): generation.resilience retries."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from generation.providers.base import (
+    Completion,
+    CompletionRequest,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderServerError,
+    ProviderTimeout,
+    ProviderUnreachable,
+    parse_retry_after,
+)
+from generation.tokens import tokens_count, tokens_count_messages
+
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
+
+
+class GeminiProvider:
+    """generateContent over google-genai."""
+
+    name = "gemini"
+
+    def __init__(self, *, api_key: str, base_url: str | None) -> None:
+        self.api_key = api_key or "unset"
+        self.base_url = base_url or None
+        self._clients: dict[int, genai.Client] = {}
+
+    def _client(self, timeout: float) -> genai.Client:
+        # google-genai takes one timeout (milliseconds) per client; keep one per value.
+        millis = max(1, int(timeout * 1000))
+        client = self._clients.get(millis)
+        if client is None:
+            client = genai.Client(
+                api_key=self.api_key,
+                http_options=types.HttpOptions(base_url=self.base_url, timeout=millis),
+            )
+            self._clients[millis] = client
+        return client
+
+    def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
+        system = "\n".join(m["content"] for m in request.messages if m.get("role") == "system")
+        contents = [
+            types.Content(
+                role="model" if m.get("role") == "assistant" else "user",
+                parts=[types.Part(text=m.get("content", ""))],
+            )
+            for m in request.messages
+            if m.get("role") != "system"
+        ]
+        config = types.GenerateContentConfig(
+            max_output_tokens=request.max_tokens,
+            temperature=request.temperature,
+            system_instruction=system or None,
+        )
+        try:
+            response = self._client(timeout).models.generate_content(
+                model=request.model, contents=contents, config=config
+            )
+        except httpx2.TimeoutException as exc:
+            raise ProviderTimeout(f"gemini: timed out after {timeout}s") from exc
+        except httpx2.TransportError as exc:
+            raise ProviderUnreachable(f"gemini: cannot connect: {exc}") from exc
+        except genai_errors.APIError as exc:
+            headers = getattr(exc.response, "headers", None) or {}
+            retry_after = parse_retry_after(headers.get("retry-after"))
+            if exc.code == 429:
+                raise ProviderRateLimited("gemini: rate limited", retry_after=retry_after) from exc
+            if exc.code >= 500 or exc.code == 408:
+                raise ProviderServerError(
+                    f"gemini: HTTP {exc.code}", retry_after=retry_after
+                ) from exc
+            raise ProviderRejected(f"gemini: HTTP {exc.code}: {exc.message}") from exc
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ProviderServerError(f"gemini: malformed response: {exc}") from exc
+        if not response.candidates:
+            raise ProviderServerError("gemini: response without candidates")
+        candidate = response.candidates[0]
+        parts = candidate.content.parts if candidate.content and candidate.content.parts else []
+        text = "".join(p.text or "" for p in parts)
+        finish = _FINISH.get(str(getattr(candidate.finish_reason, "value", "STOP")), "stop")
+        usage = response.usage_metadata
+        if usage is not None and usage.prompt_token_count is not None:
+            return Completion(
+                text=text,
+                prompt_tokens=usage.prompt_token_count,
+                completion_tokens=usage.candidates_token_count or 0,
+                finish_reason=finish,
+            )
+        return Completion(
+            text=text,
+            prompt_tokens=tokens_count_messages(request.messages),
+            completion_tokens=tokens_count(text),
+            finish_reason=finish,
+            usage_reported=False,
+        )

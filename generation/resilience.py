@@ -1,0 +1,289 @@
+"""Upstream resilience: timeouts, retries (tenacity) and a circuit breaker shared through
+Redis.
+
+Retries: exponential backoff with full jitter (`random(0, min(max, base * 2**n))`, AWS's
+"full jitter"), except when the provider sent Retry-After, which is then waited instead.
+Attempts are bounded by UPSTREAM_MAX_ATTEMPTS and the whole call by
+UPSTREAM_MAX_RETRY_SECONDS: no attempt starts, and no sleep begins, that would end past
+that budget, and each attempt's read timeout is cut to the time left.
+
+Circuit breaker: one Redis hash per provider+model (`<prefix>:cb:<provider>:<model>`), so
+every worker sees the same state. CIRCUIT_FAILURE_THRESHOLD consecutive failed attempts
+(timeouts, connection errors, 5xx, malformed answers; not 429 nor other 4xx) open it; while
+open every call fails at once with 503. After CIRCUIT_RESET_SECONDS it is half-open: one
+caller at a time (a lease in Redis) gets through as a probe; its success closes the
+circuit, its failure opens it again for another period. Each transition is one Lua call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tenacity
+from django.conf import settings
+from django_redis import get_redis_connection
+
+from generation.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from generation.providers import provider_get
+from generation.providers.base import (
+    Completion,
+    CompletionRequest,
+    ProviderFailure,
+    ProviderRateLimited,
+    ProviderTimeout,
+    ProviderUnreachable,
+)
+from health.metrics import CIRCUIT_STATE, UPSTREAM_CALLS, UPSTREAM_LATENCY
+
+logger = logging.getLogger("tollgate.generation")
+
+STATE_CODES = {"closed": 0, "half_open": 1, "open": 2}
+
+# KEYS: breaker hash, probe lease. ARGV: now, reset seconds, probe lease ms.
+# Returns {allowed 0/1, state, failures, seconds until a probe may go}.
+_ALLOW = """
+local h = redis.call('HMGET', KEYS[1], 'state', 'failures', 'opened_at')
+local state = h[1] or 'closed'
+local failures = tonumber(h[2] or '0')
+if state == 'closed' then return {1, state, failures, '0'} end
+local now = tonumber(ARGV[1])
+if state == 'open' then
+  local waited = now - tonumber(h[3] or '0')
+  local reset = tonumber(ARGV[2])
+  if waited < reset then return {0, state, failures, tostring(reset - waited)} end
+  redis.call('HSET', KEYS[1], 'state', 'half_open')
+  state = 'half_open'
+end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3]) then
+  return {1, state, failures, '0'}
+end
+return {0, state, failures, '1'}
+"""
+
+# KEYS: breaker hash, probe lease. ARGV: now, threshold, seconds a failure is remembered.
+# Returns the state after the failure.
+_FAILURE = """
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if state == 'open' then return state end
+if state == 'half_open' then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1])
+  redis.call('PERSIST', KEYS[1])
+  redis.call('DEL', KEYS[2])
+  return 'open'
+end
+local n = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if n >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[1])
+  redis.call('PERSIST', KEYS[1])
+  return 'open'
+end
+redis.call('HSET', KEYS[1], 'state', 'closed')
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 'closed'
+"""
+
+# KEYS: breaker hash, probe lease. A success closes a half-open circuit and clears the
+# failure count; it does not close a circuit another worker opened meanwhile.
+_SUCCESS = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'open' then return state end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 'closed'
+"""
+
+_scripts: dict[str, Any] = {}
+
+
+def _script(name: str, source: str) -> Any:
+    script = _scripts.get(name)
+    if script is None:
+        script = get_redis_connection("default").register_script(source)
+        _scripts[name] = script
+    return script
+
+
+def _now(now: float | None) -> float:
+    return now if now is not None else time.time()
+
+
+class CircuitOpen(Exception):  # noqa: N818 - a state, raised to stop the call
+    """The circuit of this provider+model refuses calls for `retry_after` seconds."""
+
+    def __init__(self, *, provider: str, model: str, retry_after: float) -> None:
+        super().__init__(f"circuit open for {provider}:{model}")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """The shared circuit of one provider+model."""
+
+    provider: str
+    model: str
+
+    @property
+    def key(self) -> str:
+        return f"{settings.REDIS_KEY_PREFIX}:cb:{self.provider}:{self.model}"
+
+    @property
+    def probe_key(self) -> str:
+        return f"{settings.REDIS_KEY_PREFIX}:cbprobe:{self.provider}:{self.model}"
+
+    def allow(self, *, now: float | None = None) -> tuple[str, int]:
+        """Admit one attempt: (state, failures so far). Raises CircuitOpen."""
+        probe_ms = int(
+            1000 * (settings.UPSTREAM_READ_TIMEOUT + settings.UPSTREAM_CONNECT_TIMEOUT + 1)
+        )
+        allowed, state, failures, wait = _script("allow", _ALLOW)(
+            keys=[self.key, self.probe_key],
+            args=[
+                now if now is not None else time.time(),
+                settings.CIRCUIT_RESET_SECONDS,
+                probe_ms,
+            ],
+        )
+        state = state.decode() if isinstance(state, bytes) else str(state)
+        CIRCUIT_STATE.labels(self.provider, self.model).set(STATE_CODES.get(state, 0))
+        if not allowed:
+            raise CircuitOpen(provider=self.provider, model=self.model, retry_after=float(wait))
+        return state, int(failures)
+
+    def record_failure(self, *, now: float | None = None) -> str:
+        """Count one failed attempt; returns the new state."""
+        remember = max(60, int(settings.CIRCUIT_RESET_SECONDS * 2))
+        state = _script("failure", _FAILURE)(
+            keys=[self.key, self.probe_key],
+            args=[
+                now if now is not None else time.time(),
+                settings.CIRCUIT_FAILURE_THRESHOLD,
+                remember,
+            ],
+        )
+        state = state.decode() if isinstance(state, bytes) else str(state)
+        if state == "open":
+            logger.warning("circuit open: %s:%s", self.provider, self.model)
+        CIRCUIT_STATE.labels(self.provider, self.model).set(STATE_CODES.get(state, 0))
+        return state
+
+    def record_success(self) -> None:
+        """Close a half-open circuit / forget earlier failures."""
+        _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
+        CIRCUIT_STATE.labels(self.provider, self.model).set(0)
+
+
+def circuit_states(*, now: float | None = None) -> list[dict[str, Any]]:
+    """Every circuit Redis knows of (closed circuits without recent failures are absent):
+    [{"provider", "model", "state", "failures", "retry_in"}], sorted by provider+model.
+    `retry_in` is the seconds until an open circuit lets a probe through (0 otherwise)."""
+    conn = get_redis_connection("default")
+    prefix = f"{settings.REDIS_KEY_PREFIX}:cb:"
+    now = now if now is not None else time.time()
+    rows = []
+    for raw in conn.scan_iter(match=prefix + "*", count=500):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        data = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in conn.hgetall(key).items()
+        }
+        if not data:
+            continue
+        provider, _, model = key[len(prefix) :].partition(":")
+        state = data.get("state", "closed")
+        retry_in = 0.0
+        if state == "open":
+            retry_in = max(
+                0.0, settings.CIRCUIT_RESET_SECONDS - (now - float(data.get("opened_at", now)))
+            )
+        rows.append(
+            {
+                "provider": provider,
+                "model": model,
+                "state": state,
+                "failures": int(data.get("failures", 0)),
+                "retry_in": round(retry_in, 3),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["provider"], r["model"]))
+
+
+class _WaitRetryAfterOrJitter(tenacity.wait.wait_base):
+    """Full-jitter exponential backoff, or the provider's Retry-After when it sent one."""
+
+    def __init__(self, *, base: float, maximum: float) -> None:
+        self.jitter = tenacity.wait_random_exponential(multiplier=base, max=maximum)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return float(retry_after)
+        return float(self.jitter(retry_state))
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderFailure) and exc.retryable
+
+
+def upstream_complete(
+    *,
+    provider: str,
+    request: CompletionRequest,
+    on_attempt: Callable[[int], None] | None = None,
+) -> Completion:
+    """Complete `request` on `provider` with timeouts, retries and the circuit breaker.
+
+    Raises UpstreamTimeout (504), UpstreamUnavailable (503: circuit open, provider
+    unreachable or rate-limiting) or UpstreamError (502); their `.outcome` is the ledger
+    outcome of the refund.
+    """
+    breaker = Breaker(provider, request.model)
+    client = provider_get(provider)
+    deadline = time.monotonic() + settings.UPSTREAM_MAX_RETRY_SECONDS
+    retrying = tenacity.Retrying(
+        stop=(
+            tenacity.stop_after_attempt(settings.UPSTREAM_MAX_ATTEMPTS)
+            | tenacity.stop_before_delay(settings.UPSTREAM_MAX_RETRY_SECONDS)
+        ),
+        wait=_WaitRetryAfterOrJitter(
+            base=settings.UPSTREAM_BACKOFF_BASE, maximum=settings.UPSTREAM_BACKOFF_MAX
+        ),
+        retry=tenacity.retry_if_exception(_retryable),
+        reraise=True,
+    )
+
+    def attempt() -> Completion:
+        state, failures = breaker.allow()
+        if on_attempt is not None:
+            on_attempt(retrying.statistics.get("attempt_number", 1))
+        timeout = max(0.05, min(settings.UPSTREAM_READ_TIMEOUT, deadline - time.monotonic()))
+        started = time.perf_counter()
+        try:
+            result = client.complete(request, timeout=timeout)
+        except ProviderFailure as exc:
+            UPSTREAM_CALLS.labels(provider, request.model, exc.outcome).inc()
+            if exc.trips_circuit:
+                breaker.record_failure()
+            logger.info("upstream attempt failed: %s", exc)
+            raise
+        UPSTREAM_LATENCY.labels(provider, request.model).observe(time.perf_counter() - started)
+        UPSTREAM_CALLS.labels(provider, request.model, "ok").inc()
+        if state != "closed" or failures:
+            breaker.record_success()
+        return result
+
+    try:
+        return retrying(attempt)
+    except CircuitOpen as exc:
+        raise UpstreamUnavailable(
+            "The model provider is failing; its circuit is open.", retry_after=exc.retry_after
+        ) from exc
+    except ProviderTimeout as exc:
+        raise UpstreamTimeout() from exc
+    except (ProviderRateLimited, ProviderUnreachable) as exc:
+        raise UpstreamUnavailable(retry_after=exc.retry_after) from exc
+    except ProviderFailure as exc:
+        raise UpstreamError() from exc

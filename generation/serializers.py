@@ -1,0 +1,113 @@
+"""Request bodies of the generation endpoints (bounded sizes; a bad body is a 400)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+MAX_PROMPT_CHARS = 100_000
+MAX_MESSAGES = 200
+PRIORITIES = ("critical", "high", "medium", "low")
+
+
+class MessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=("system", "user", "assistant"))
+    content = serializers.CharField(max_length=MAX_PROMPT_CHARS, trim_whitespace=False)
+
+
+class GenerateInputSerializer(serializers.Serializer):
+    prompt = serializers.CharField(
+        max_length=MAX_PROMPT_CHARS, required=False, trim_whitespace=False
+    )
+    messages = serializers.ListField(
+        child=MessageSerializer(), required=False, max_length=MAX_MESSAGES
+    )
+    model = serializers.CharField(max_length=100, required=False)
+    max_tokens = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False)
+    temperature = serializers.FloatField(min_value=0.0, max_value=2.0, required=False)
+    priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
+    cache = serializers.ChoiceField(choices=("use", "refresh", "bypass"), default="use")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        has_prompt, has_messages = "prompt" in attrs, bool(attrs.get("messages"))
+        if has_prompt == has_messages:
+            raise serializers.ValidationError(
+                {"prompt": ["Give exactly one of prompt and messages."]}
+            )
+        if has_prompt:
+            attrs["messages"] = [{"role": "user", "content": attrs.pop("prompt")}]
+        else:
+            attrs["messages"] = [dict(m) for m in attrs["messages"]]
+        return attrs
+
+
+class ChatContentField(serializers.Field):
+    """OpenAI message content: a string, or a list of parts of which the text ones count."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, str):
+            text = data
+        elif isinstance(data, list):
+            texts = []
+            for part in data:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise serializers.ValidationError("Only text content parts are supported.")
+                texts.append(str(part.get("text", "")))
+            text = "".join(texts)
+        elif data is None:
+            text = ""
+        else:
+            raise serializers.ValidationError("Expected a string or a list of content parts.")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise serializers.ValidationError(f"At most {MAX_PROMPT_CHARS} characters.")
+        return text
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class ChatMessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=("system", "developer", "user", "assistant"))
+    content = ChatContentField()
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["role"] == "developer":  # OpenAI's newer name for the system role
+            attrs["role"] = "system"
+        return attrs
+
+
+class ChatCompletionInputSerializer(serializers.Serializer):
+    model = serializers.CharField(max_length=100)
+    messages = serializers.ListField(
+        child=ChatMessageSerializer(), min_length=1, max_length=MAX_MESSAGES
+    )
+    max_tokens = serializers.IntegerField(
+        min_value=1, max_value=1_000_000, required=False, allow_null=True
+    )
+    max_completion_tokens = serializers.IntegerField(
+        min_value=1, max_value=1_000_000, required=False, allow_null=True
+    )
+    temperature = serializers.FloatField(
+        min_value=0.0, max_value=2.0, required=False, allow_null=True
+    )
+    n = serializers.IntegerField(min_value=1, max_value=1, required=False, allow_null=True)
+    stream = serializers.BooleanField(required=False, default=False, allow_null=True)
+    stream_options = serializers.DictField(required=False, allow_null=True)
+    priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
+
+
+class SubtopicsInputSerializer(serializers.Serializer):
+    topic = serializers.CharField(max_length=200)
+    count = serializers.IntegerField(min_value=3, max_value=12, default=6)
+    model = serializers.CharField(max_length=100, required=False)
+    priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
+
+
+class ExplanationsInputSerializer(serializers.Serializer):
+    topic = serializers.CharField(max_length=200)
+    subtopics = serializers.ListField(
+        child=serializers.CharField(max_length=200), min_length=1, max_length=20
+    )
+    model = serializers.CharField(max_length=100, required=False)
+    priority = serializers.ChoiceField(choices=PRIORITIES, default="high")

@@ -1,0 +1,251 @@
+"""A fake LLM provider: a real HTTP server on loopback speaking the OpenAI chat-completions
+and the Gemini generateContent wire formats, told how to answer by the test.
+
+Behaviours (`Behaviour.kind`): "ok", "slow" (answers after `delay` seconds), "status" (an
+error status, optionally with Retry-After), "malformed" (200 with a body that is not JSON),
+"hang" (never answers until the server stops). A test scripts the next answers with
+`script(...)` (consumed in order), sets a `default`, or adds `rules` that apply to requests
+whose prompt contains a given text. Every request is recorded in `requests`.
+
+Also runnable as a process for the benchmark: `python -m generation.tests.fake_upstream PORT`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_GEMINI_PATH = re.compile(r"^/v1(beta)?/models/(?P<model>[^/:]+):generateContent$")
+
+
+@dataclass
+class Behaviour:
+    kind: str = "ok"
+    status: int = 200
+    retry_after: str | None = None
+    delay: float = 0.0
+    text: str | None = None
+    usage: tuple[int, int] | None = None  # (prompt, completion); None: counted by length
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    at: float
+
+
+@dataclass
+class FakeUpstream:
+    default: Behaviour = field(default_factory=Behaviour)
+    queue: list[Behaviour] = field(default_factory=list)
+    rules: list[tuple[str, Behaviour]] = field(default_factory=list)
+    requests: list[Recorded] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    def script(self, *behaviours: Behaviour) -> None:
+        with self.lock:
+            self.queue.extend(behaviours)
+
+    def rule(self, contains: str, behaviour: Behaviour) -> None:
+        with self.lock:
+            self.rules.append((contains, behaviour))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.default = Behaviour()
+            self.queue.clear()
+            self.rules.clear()
+            self.requests.clear()
+
+    def _choose(self, prompt: str) -> Behaviour:
+        with self.lock:
+            for contains, behaviour in self.rules:
+                if contains in prompt:
+                    return behaviour
+            if self.queue:
+                return self.queue.pop(0)
+            return self.default
+
+    def start(self, port: int = 0) -> FakeUpstream:
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _words(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def _answer_text(prompt: str) -> str:
+    if "JSON" in prompt and "subtopics" in prompt:
+        topic = (
+            prompt.rsplit("Topic:", 1)[-1].strip().splitlines()[0] if "Topic:" in prompt else "it"
+        )
+        items = [f"{topic} part {i}" for i in range(1, 13)]
+        return json.dumps({"subtopics": items})
+    return f"Answer about: {prompt[-60:]}"
+
+
+def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            return
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            gemini = _GEMINI_PATH.match(self.path.split("?", 1)[0])
+            if self.path.split("?", 1)[0].endswith("/chat/completions"):
+                prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+                flavour = "openai"
+            elif gemini:
+                parts = [
+                    p.get("text", "") for c in body.get("contents", []) for p in c.get("parts", [])
+                ]
+                system = body.get("systemInstruction") or body.get("system_instruction") or {}
+                parts = [p.get("text", "") for p in system.get("parts", [])] + parts
+                prompt = "\n".join(parts)
+                flavour = "gemini"
+            else:
+                self._send(
+                    404, json.dumps({"error": {"message": f"not found: {self.path}"}}).encode()
+                )
+                return
+            with fake.lock:
+                fake.requests.append(
+                    Recorded(self.path, dict(self.headers.items()), body, time.monotonic())
+                )
+            behaviour = fake._choose(prompt)
+            if behaviour.kind == "hang":
+                fake.stop.wait(60)
+                return
+            if behaviour.kind == "slow" and behaviour.delay:
+                time.sleep(behaviour.delay)
+            if behaviour.kind == "status":
+                headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+                self._send(behaviour.status, _error(flavour, behaviour.status), headers)
+                return
+            if behaviour.kind == "malformed":
+                self._send(200, b'{"choices": [ this is not json')
+                return
+            text = behaviour.text if behaviour.text is not None else _answer_text(prompt)
+            p_tokens, c_tokens = behaviour.usage or (_words(prompt), _words(text))
+            if flavour == "openai":
+                payload = _openai_body(body.get("model", "?"), text, p_tokens, c_tokens)
+            else:
+                assert gemini is not None
+                payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens)
+            self._send(200, json.dumps(payload).encode())
+
+    return Handler
+
+
+def _error(flavour: str, status: int) -> bytes:
+    if flavour == "openai":
+        kind = "rate_limit_error" if status == 429 else "server_error"
+        return json.dumps(
+            {"error": {"message": f"fake {status}", "type": kind, "param": None, "code": None}}
+        ).encode()
+    names = {
+        429: "RESOURCE_EXHAUSTED",
+        500: "INTERNAL",
+        503: "UNAVAILABLE",
+        400: "INVALID_ARGUMENT",
+    }
+    return json.dumps(
+        {
+            "error": {
+                "code": status,
+                "message": f"fake {status}",
+                "status": names.get(status, "UNKNOWN"),
+            }
+        }
+    ).encode()
+
+
+def _openai_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": p_tokens,
+            "completion_tokens": c_tokens,
+            "total_tokens": p_tokens + c_tokens,
+        },
+    }
+
+
+def _gemini_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[str, Any]:
+    return {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": text}]},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": p_tokens,
+            "candidatesTokenCount": c_tokens,
+            "totalTokenCount": p_tokens + c_tokens,
+        },
+        "modelVersion": model,
+    }
+
+
+if __name__ == "__main__":
+    server = FakeUpstream().start(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    sys.stdout.write(server.url + "\n")
+    sys.stdout.flush()
+    threading.Event().wait()

@@ -1,0 +1,109 @@
+"""Prompts of the topic endpoints (Django templates in templates/prompts/) and the robust
+parsing of the model's subtopic lists."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from django.template.loader import render_to_string
+
+_FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?|\n?\s*```\s*$")
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+(?P<item>.+?)\s*$")
+_TRAILING_COMMA = re.compile(r",\s*([\]}])")
+MAX_LABEL = 200
+
+
+def prompt_render(name: str, **context: Any) -> str:
+    """Render templates/prompts/<name>.txt (no HTML escaping), stripped."""
+    return render_to_string(f"prompts/{name}.txt", context).strip()
+
+
+def subtopics_messages(*, topic: str, count: int) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": prompt_render("subtopics_system")},
+        {"role": "user", "content": prompt_render("subtopics", topic=topic, count=count)},
+    ]
+
+
+def subtopics_retry_messages(
+    *, topic: str, count: int, previous: list[dict[str, str]], answer: str
+) -> list[dict[str, str]]:
+    return [
+        *previous,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": prompt_render("subtopics_retry", topic=topic, count=count)},
+    ]
+
+
+def explanation_messages(*, topic: str, subtopic: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": prompt_render("explanation_system")},
+        {"role": "user", "content": prompt_render("explanation", topic=topic, subtopic=subtopic)},
+    ]
+
+
+def _loads_lenient(text: str) -> Any:
+    """JSON, or the first JSON object/array inside the text, with trailing commas and
+    single quotes repaired; None when nothing parses."""
+    candidates = [text]
+    for opener, closer in (("{", "}"), ("[", "]")):
+        start, end = text.find(opener), text.rfind(closer)
+        if start != -1 and end > start:
+            candidates.append(text[start : end + 1])
+    for candidate in candidates:
+        for attempt in (
+            candidate,
+            _TRAILING_COMMA.sub(r"\1", candidate),
+            _TRAILING_COMMA.sub(r"\1", candidate.replace("'", '"')),
+        ):
+            try:
+                return json.loads(attempt)
+            except ValueError:
+                continue
+    return None
+
+
+def _label(item: Any) -> str:
+    if isinstance(item, dict):
+        for name in ("label", "name", "title", "subtopic", "topic"):
+            if isinstance(item.get(name), str):
+                return str(item[name])
+        return ""
+    return item if isinstance(item, str) else ""
+
+
+def subtopics_parse(text: str, *, count: int) -> list[str]:
+    """The subtopic labels of a model's answer: JSON (`{"subtopics": [...]}` or a bare
+    list, possibly fenced or surrounded by prose, with common syntax slips repaired), else
+    a bulleted or numbered list. Deduplicated case-insensitively, at most `count`; empty
+    when nothing usable was found."""
+    body = _FENCE.sub("", text.strip())
+    data = _loads_lenient(body)
+    items: list[Any] = []
+    if isinstance(data, dict):
+        found = data.get("subtopics") or next((v for v in data.values() if isinstance(v, list)), [])
+        items = found if isinstance(found, list) else []
+    elif isinstance(data, list):
+        items = data
+    if not items:
+        items = [m.group("item") for m in map(_BULLET.match, body.splitlines()) if m]
+    labels: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        label = " ".join(_label(item).split()).strip(" \"'")[:MAX_LABEL]
+        if label and label.lower() not in seen:
+            seen.add(label.lower())
+            labels.append(label)
+    return labels[:count]
+
+
+def topic_graph(*, topic: str, subtopics: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Nodes (the root is the topic itself) and an edge from the root to every subtopic."""
+    nodes = [{"id": "root", "label": topic}]
+    edges = []
+    for index, label in enumerate(subtopics, start=1):
+        nodes.append({"id": f"s{index}", "label": label})
+        edges.append({"source": "root", "target": f"s{index}"})
+    return {"nodes": nodes, "edges": edges}

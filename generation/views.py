@@ -1,0 +1,263 @@
+"""Generation endpoints: parse, call generation.services, render."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from django.http import StreamingHttpResponse
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.errors import InvalidRequest
+from config.errors import exception_handler as api_exception_handler
+from generation import services
+from generation.serializers import (
+    ChatCompletionInputSerializer,
+    ExplanationsInputSerializer,
+    GenerateInputSerializer,
+    SubtopicsInputSerializer,
+)
+from quotas.authentication import KeyPrincipal
+from quotas.views import RateLimitHeadersMixin
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def _user_id(request: Request) -> int:
+    pk = request.user.pk
+    assert pk is not None  # noqa: S101 - IsAuthenticated let the request in
+    return int(pk)
+
+
+def _caller(request: Request, priority: str = "high") -> services.Caller:
+    auth = request.auth
+    key_id = auth.id if isinstance(auth, KeyPrincipal) else None
+    request_id = getattr(request, "request_id", None) or uuid.uuid4().hex
+    return services.Caller(
+        user_id=_user_id(request), key_id=key_id, request_id=request_id, priority=priority
+    )
+
+
+def _respond(request: Request, view_name: str, run: Callable[[], services.Replay]) -> Response:
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(
+            "Idempotency-Key is too long.",
+            fields={"Idempotency-Key": [f"At most {MAX_IDEMPOTENCY_KEY} characters."]},
+        )
+    answer, replayed = services.idempotent_run(
+        user_id=_user_id(request),
+        key=key,
+        fingerprint=services.request_fingerprint(view_name, request.data),
+        run=run,
+    )
+    response = Response(answer.body, status=answer.status)
+    for name, value in answer.headers.items():
+        response[name] = value
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _replay(body: Any, outcome_headers: dict[str, str], cache: str) -> services.Replay:
+    return services.Replay(status=200, body=body, headers={**outcome_headers, "X-Cache": cache})
+
+
+class GenerationCreateView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAuthenticated,)
+
+    def post(self, request: Request) -> Response:
+        params = GenerateInputSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        caller = _caller(request, data["priority"])
+
+        def run() -> services.Replay:
+            outcome = services.completion_create(
+                caller=caller,
+                model=data.get("model"),
+                messages=data["messages"],
+                max_tokens=data.get("max_tokens"),
+                temperature=data.get("temperature"),
+                cache_policy=data["cache"],
+            )
+            body = services.completion_body(outcome, request_id=caller.request_id)
+            return _replay(body, outcome.headers, outcome.cache)
+
+        return _respond(request, "generate", run)
+
+
+class TopicSubtopicsView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAuthenticated,)
+
+    def post(self, request: Request) -> Response:
+        params = SubtopicsInputSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        caller = _caller(request, data["priority"])
+
+        def run() -> services.Replay:
+            outcome = services.topic_subtopics(
+                caller=caller, topic=data["topic"], count=data["count"], model=data.get("model")
+            )
+            body = services.subtopics_body(outcome, topic=data["topic"])
+            return _replay(body, outcome.headers, outcome.cache)
+
+        return _respond(request, "subtopics", run)
+
+
+class TopicExplanationsView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAuthenticated,)
+
+    def post(self, request: Request) -> Response:
+        params = ExplanationsInputSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        caller = _caller(request, data["priority"])
+
+        def run() -> services.Replay:
+            items = services.topic_explanations(
+                caller=caller,
+                topic=data["topic"],
+                subtopics=data["subtopics"],
+                model=data.get("model"),
+            )
+            every = {i.outcome.cache for i in items if i.outcome}
+            cache = every.pop() if len(every) == 1 else "MISS"
+            return _replay(
+                services.explanations_body(items), services.explanations_headers(items), cache
+            )
+
+        return _respond(request, "explanations", run)
+
+
+# --- OpenAI-compatible ----------------------------------------------------------------------
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
+    """Errors of /v1/ in OpenAI's shape {"error": {"message", "type", "param", "code"}},
+    with the same status codes and headers as the rest of the API."""
+    response = api_exception_handler(exc, context)
+    error = (response.data or {}).get("error", {})
+    fields = error.get("fields") or {}
+    response.data = {
+        "error": {
+            "message": error.get("message", ""),
+            "type": _OPENAI_TYPES.get(response.status_code, "api_error"),
+            "param": next(iter(fields), None),
+            "code": error.get("code"),
+        }
+    }
+    return response
+
+
+def _chat_body(outcome: services.Outcome, completion_id: str, created: int) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": outcome.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": outcome.value.get("text", "")},
+                "logprobs": None,
+                "finish_reason": outcome.value.get("finish_reason", "stop"),
+            }
+        ],
+        "usage": outcome.usage(),
+        "system_fingerprint": None,
+    }
+
+
+def _chat_stream(
+    outcome: services.Outcome, completion_id: str, created: int, include_usage: bool
+) -> Iterator[bytes]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": outcome.model,
+            "choices": choices,
+            **extra,
+        }
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+    text = outcome.value.get("text", "")
+    yield chunk(
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    )
+    words = text.split(" ")
+    for start in range(0, len(words), 8):
+        piece = " ".join(words[start : start + 8])
+        if start + 8 < len(words):
+            piece += " "
+        yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+    finish = outcome.value.get("finish_reason", "stop")
+    yield chunk([{"index": 0, "delta": {}, "finish_reason": finish}])
+    if include_usage:
+        yield chunk([], usage=outcome.usage())
+    yield b"data: [DONE]\n\n"
+
+
+class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
+    permission_classes = (IsAuthenticated,)
+
+    def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
+        return openai_exception_handler
+
+    def post(self, request: Request) -> Response | StreamingHttpResponse:
+        params = ChatCompletionInputSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        caller = _caller(request, data["priority"])
+        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def run() -> services.Outcome:
+            return services.completion_create(
+                caller=caller,
+                model=data["model"],
+                messages=[dict(m) for m in data["messages"]],
+                max_tokens=max_tokens,
+                temperature=data.get("temperature"),
+            )
+
+        if data.get("stream"):
+            outcome = run()
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            response = StreamingHttpResponse(
+                _chat_stream(outcome, completion_id, created, include_usage),
+                content_type="text/event-stream",
+            )
+            response["Cache-Control"] = "no-cache"
+            response["X-Cache"] = outcome.cache
+            for name, value in outcome.headers.items():
+                response[name] = value
+            return response
+
+        def replay() -> services.Replay:
+            outcome = run()
+            return _replay(
+                _chat_body(outcome, completion_id, created), outcome.headers, outcome.cache
+            )
+
+        return _respond(request, "chat.completions", replay)
