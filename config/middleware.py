@@ -74,20 +74,21 @@ def quota_decision_of(request: HttpRequest, response: HttpResponse) -> str:
     """What admission decided for this request, as far as the response tells.
 
     A view may state it exactly by setting `request.quota_decision`; otherwise a refusal
-    is read from the error body, a stale fallback from X-Cache, an admission from the
-    rate-limit headers.
+    is read from the 429 error body, a stale fallback and an admission from X-Cache (only
+    generation responses carry it; other endpoints do not go through admission).
     """
     explicit = getattr(request, "quota_decision", None)
     if explicit:
         return str(explicit)
     if response.status_code == 429:
         error = _error_of(response)
-        if error.get("code") == "quota_exceeded":
-            return f"denied:{error.get('scope')}.{error.get('dimension')}"
-        return "denied"
-    if response.get("X-Cache") == "STALE":
+        if error.get("scope") and error.get("dimension"):
+            return f"denied:{error['scope']}.{error['dimension']}"
+        return f"denied:{error.get('code') or 'unknown'}"
+    cache = response.get("X-Cache")
+    if cache == "STALE":
         return "fallback"
-    if response.has_header("RateLimit") or response.has_header("X-RateLimit-Limit-Requests"):
+    if cache and response.status_code < 400:
         return "admitted"
     return "none"
 
@@ -139,9 +140,17 @@ def _body_too_large(request: HttpRequest, limit: int) -> bool:
             return int(length) > limit
         except ValueError:
             return False
-    if request.META.get("HTTP_TRANSFER_ENCODING", "").lower() != "chunked":
+    # A chunked body has no length. Django itself ignores it (it reads CONTENT_LENGTH bytes,
+    # i.e. none); when the server has de-chunked it (gunicorn sets wsgi.input_terminated),
+    # read it here up to the limit so that the view gets it, bounded.
+    stream = request.META.get("wsgi.input")
+    if (
+        request.META.get("HTTP_TRANSFER_ENCODING", "").lower() != "chunked"
+        or not request.META.get("wsgi.input_terminated")
+        or stream is None
+    ):
         return False
-    data = request.read(limit + 1)
+    data = stream.read(limit + 1)
     if len(data) > limit:
         return True
     # Hand the (bounded) body on to the view as if it had been sent with a length.

@@ -1,0 +1,201 @@
+"""Metrics under gunicorn with two worker processes (Prometheus multiprocess mode)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client.mmap_dict import MmapedDict
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "scrape-token-for-tests"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def gunicorn_server(tmp_path):
+    """gunicorn -w 2 with our gunicorn.conf.py on a free port.
+
+    Yields (port, metrics dir, process, number of /health/live answers used to wait for it).
+    """
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    stale = metrics_dir / "counter_999999.db"
+    stale.write_bytes(b"left over from a previous run")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "METRICS_TOKEN": TOKEN,
+        "WEB_CONCURRENCY": "2",
+        "GUNICORN_BIND": f"127.0.0.1:{port}",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "LOG_LEVEL": "WARNING",
+    }
+    log = (tmp_path / "gunicorn.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "config.wsgi"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        answered = 0
+        while True:
+            assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
+            try:
+                status = _request(port, "GET", "/health/live")[0]
+            except OSError:
+                status = None
+            if status is not None:
+                answered += 1
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.2)
+        assert not stale.exists()  # the directory was emptied at start
+        yield port, metrics_dir, proc, answered
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _served_per_worker(metrics_dir: Path, endpoint: str) -> dict[str, float]:
+    """tollgate_requests_total{endpoint} as each worker process recorded it in its own file."""
+    served: dict[str, float] = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = path.stem.split("_")[1]
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            metric, name, labels, _ = json.loads(key)
+            if name == "tollgate_requests_total" and labels.get("endpoint") == endpoint:
+                served[pid] = served.get(pid, 0) + value
+    return served
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") and not labels:
+            return float(line.rsplit(" ", 1)[1])
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _scrape(port: int) -> str:
+    status, body = _request(port, "GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200
+    return body.decode()
+
+
+def test_metrics_count_every_request_across_two_gunicorn_workers(gunicorn_server):
+    port, metrics_dir, _, warmup = gunicorn_server
+    # A known sequence. Until both workers have served probes, send more in parallel
+    # (bounded); every request sent is counted exactly once, whichever worker took it.
+    live_sent = warmup
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(20):
+            statuses = list(pool.map(lambda _: _request(port, "GET", "/health/live")[0], range(16)))
+            assert statuses == [200] * 16
+            live_sent += 16
+            if len(_served_per_worker(metrics_dir, "/health/live")) >= 2:
+                break
+    per_worker = _served_per_worker(metrics_dir, "/health/live")
+    assert len(per_worker) == 2, per_worker
+    assert all(count > 0 for count in per_worker.values())
+
+    big = b'{"prompt": "' + b"x" * 300_000 + b'"}'
+    for _ in range(3):
+        status, body = _request(
+            port, "POST", "/api/v1/generate", body=big, headers={"Content-Type": "application/json"}
+        )
+        assert status == 413
+        assert json.loads(body)["error"]["code"] == "payload_too_large"
+    # A chunked body of unknown length is bounded too.
+    chunked = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    chunked.request(
+        "POST",
+        "/api/v1/generate",
+        body=iter([b"y" * 100_000] * 4),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    assert chunked.getresponse().status == 413
+    chunked.close()
+    for _ in range(2):
+        assert _request(port, "GET", "/no/such/page")[0] == 404
+
+    text = _scrape(port)
+    assert (
+        _sample(
+            text, "tollgate_requests_total", endpoint="/health/live", status="200", cache="none"
+        )
+        == live_sent
+    )
+    assert _sample(text, "tollgate_requests_total", endpoint="/api/v1/generate", status="413") == 4
+    assert _sample(text, "tollgate_requests_total", endpoint="unmatched", status="404") == 2
+    # django-prometheus's own counters add up across the workers too (this scrape included).
+    assert _sample(text, "django_http_requests_before_middlewares_total") == live_sent + 4 + 2 + 1
+    assert _sample(text, "django_http_responses_total_by_status_total", status="200") == live_sent
+
+
+def test_metrics_survive_a_worker_restart(gunicorn_server):
+    port, metrics_dir, proc, warmup = gunicorn_server
+    for _ in range(10):
+        assert _request(port, "GET", "/health/live")[0] == 200
+    before = _sample(_scrape(port), "tollgate_requests_total", endpoint="/health/live")
+    assert before == 10 + warmup
+    worker_pids = {path.stem.split("_")[1] for path in metrics_dir.glob("counter_*.db")}
+    victim = int(sorted(worker_pids)[0])
+    os.kill(victim, signal.SIGKILL)
+    # The master replaces the worker; the dead worker's counts stay in its file.
+    deadline = time.monotonic() + 30
+    while len({p.stem.split("_")[1] for p in metrics_dir.glob("counter_*.db")} - worker_pids) < 1:
+        assert time.monotonic() < deadline, "no replacement worker"
+        _request(port, "GET", "/health/live")
+        time.sleep(0.2)
+    after = _sample(_scrape(port), "tollgate_requests_total", endpoint="/health/live")
+    assert after >= before + 1
+    assert proc.poll() is None

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from config.logging import logging_config
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def log_lines():
+    """The JSON lines the configured formatter writes, captured from the root logger."""
+    spec = dict(logging_config(level="INFO", fmt="json")["formatters"]["structured"])
+    factory = spec.pop("()")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(factory(**spec))
+    root = logging.getLogger()
+    root.addHandler(handler)
+
+    def lines() -> list[dict]:
+        return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+    lines.raw = stream.getvalue  # type: ignore[attr-defined]
+    yield lines
+    root.removeHandler(handler)
+
+
+def test_request_log_line_carries_request_id_user_and_key_prefix_but_no_key(
+    api_client, api_key, redis_conn, log_lines
+):
+    full_key, key = api_key
+    response = api_client.get(
+        "/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {full_key}", HTTP_X_REQUEST_ID="req-log-1"
+    )
+    assert response.status_code == 200
+    assert response["X-Request-ID"] == "req-log-1"
+    lines = log_lines()
+    request_lines = [line for line in lines if line.get("event") == "request"]
+    assert len(request_lines) == 1
+    line = request_lines[0]
+    assert line["request_id"] == "req-log-1"
+    assert line["user"] == str(key.user_id)
+    assert line["key_prefix"] == f"tg_{key.prefix}"
+    assert line["endpoint"] == "/api/v1/quota"
+    assert line["status"] == 200
+    assert line["method"] == "GET"
+    assert line["cache"] == "none"
+    assert line["quota"] == "none"
+    assert line["latency_ms"] >= 0
+    assert line["level"] == "info"
+    secret = full_key.rsplit("_", 1)[1]
+    assert secret not in log_lines.raw()
+
+
+def test_request_log_line_of_unknown_key_holds_no_key(api_client, redis_conn, log_lines):
+    bogus = "tg_abcd1234_" + "s" * 40
+    response = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {bogus}")
+    assert response.status_code == 401
+    assert "s" * 40 not in log_lines.raw()
+    (line,) = [line for line in log_lines() if line.get("event") == "request"]
+    assert line["status"] == 401
+    assert "key_prefix" not in line
+    assert line["request_id"] == response["X-Request-ID"]
+
+
+def test_log_lines_redact_keys_tokens_and_prompts_logged_by_mistake(log_lines, settings):
+    settings.LOG_SENSITIVE_DATA = False
+    full_key = "tg_zz99yy88_" + "Q" * 43
+    logging.getLogger("tollgate.test").warning("calling upstream with %s", full_key)
+    structlog.get_logger("tollgate.test").info(
+        "generation", prompt="my secret plan", authorization="Token " + "a" * 40, model="m"
+    )
+    raw = log_lines.raw()
+    assert "Q" * 43 not in raw
+    assert "my secret plan" not in raw
+    assert "a" * 40 not in raw
+    first, second = log_lines()
+    assert "tg_zz99yy88_[redacted]" in first["event"]
+    assert second["prompt"] == "[redacted]"
+    assert second["model"] == "m"
+
+
+def test_log_lines_keep_sensitive_data_when_debug_setting_says_so(log_lines, settings):
+    settings.LOG_SENSITIVE_DATA = True
+    structlog.get_logger("tollgate.test").info("generation", prompt="visible prompt")
+    assert log_lines()[0]["prompt"] == "visible prompt"
+
+
+def test_log_lines_inside_a_request_carry_its_request_id(client, log_lines):
+    from config.middleware import request_id_var
+
+    token = request_id_var.set("req-inner")
+    try:
+        logging.getLogger("tollgate.test").info("inside")
+    finally:
+        request_id_var.reset(token)
+    assert log_lines()[0]["request_id"] == "req-inner"
