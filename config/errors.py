@@ -21,15 +21,23 @@ from rest_framework.serializers import as_serializer_error
 logger = logging.getLogger("tollgate.errors")
 
 
-class ApiError(Exception):
-    """A failure with a stable snake_case code, an HTTP status and optional details."""
+class ApiError(drf.APIException):
+    """A failure with a stable snake_case code, an HTTP status and optional details.
+
+    A DRF APIException, so that DRF's own machinery (authentication, permissions) treats it
+    as a client error; rendered by `exception_handler` below.
+    """
 
     status_code = 400
     code = "invalid_request"
     message = "The request is invalid."
 
     def __init__(
-        self, message: str | None = None, *, code: str | None = None, status: int | None = None,
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        status: int | None = None,
         **details: Any,
     ) -> None:
         self.message = message or self.message
@@ -38,7 +46,7 @@ class ApiError(Exception):
         if status:
             self.status_code = status
         self.details = details
-        super().__init__(self.message)
+        super().__init__(detail=self.message, code=self.code)
 
     def extra_headers(self) -> dict[str, str]:
         """Headers the response must carry (e.g. Retry-After)."""

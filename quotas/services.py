@@ -224,6 +224,7 @@ class Admission:
     windows: list[WindowState]
     backend: str
     cached: bool = False
+    at: float = field(default_factory=time.time)  # admission time: the ledger row's date
     started: float = field(default_factory=time.monotonic)
 
     def headers(self) -> dict[str, str]:
@@ -271,8 +272,10 @@ def _admit(
             est_tokens = prompt_tokens + max_tokens
             est_cost = usd_to_micros(policy.cost_of(prompt_tokens, max_tokens))
         try:
-            if _state.degraded_since is not None and time.monotonic() < _state.next_redis_try:
-                raise BackendUnavailable("still in fail-open mode")
+            if _state.degraded_since is not None:
+                if time.monotonic() < _state.next_redis_try:
+                    raise BackendUnavailable("still in fail-open mode")
+                _recover()
             decision = backend().admit(
                 quotas=quotas,
                 request_id=request_id,
@@ -302,10 +305,6 @@ def _admit(
                 now=moment,
                 reason=str(exc),
             )
-        else:
-            if _state.degraded_since is not None:
-                _recover()
-                continue
         if not decision.admitted:
             raise _refuse(decision, policy)
         metrics.QUOTA_DECISIONS.labels("admitted", "", "").inc()
@@ -446,12 +445,14 @@ def _admit_degraded(
 
 
 def _recover() -> None:
-    """Redis answers again: rebuild calendar counters from the ledger (new epoch)."""
-    logger.warning("quota backend reachable again: rotating the counter epoch")
-    try:
-        backend().rotate_epoch()
-    except BackendUnavailable:
-        return
+    """Try Redis again after a fail-open period; raises BackendUnavailable if still down.
+
+    The counter epoch is rotated first, so day and month counters are rebuilt from the
+    ledger, which holds what every worker spent while Redis was away.
+    """
+    _state.next_redis_try = time.monotonic() + 1.0
+    backend().rotate_epoch()
+    logger.warning("quota backend reachable again: counter epoch rotated")
     _state.degraded_since = None
 
 

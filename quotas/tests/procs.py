@@ -1,0 +1,87 @@
+"""A worker process for the multi-process tests: the same Django project, the same test
+database and Redis, driven by JSON commands on stdin (one per line, one reply per line).
+
+    {"op": "admit", "user_id": 1, "key_id": null, "threads": 16, "per_thread": 3,
+     "prompt_tokens": 10, "max_tokens": 10, "settle_tokens": [5, 5]}
+    -> {"admitted": 7, "denied": 41, "errors": {"quota_exceeded": 41}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+
+def _admit_many(cmd: dict[str, Any]) -> dict[str, Any]:
+    from django.db import close_old_connections
+
+    from config.errors import ApiError
+    from quotas import services
+
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(cmd.get("threads", 1))
+
+    def one_thread() -> None:
+        barrier.wait()
+        try:
+            for _ in range(cmd.get("per_thread", 1)):
+                try:
+                    admission = services.admission_admit(
+                        user_id=cmd["user_id"],
+                        key_id=cmd.get("key_id"),
+                        model=cmd.get("model", "local/demo"),
+                        request_id=uuid.uuid4().hex,
+                        prompt_tokens=cmd.get("prompt_tokens", 1),
+                        max_tokens=cmd.get("max_tokens", 1),
+                        priority=cmd.get("priority", "high"),
+                    )
+                except ApiError as exc:
+                    with lock:
+                        outcomes[exc.code] += 1
+                    continue
+                settle = cmd.get("settle_tokens")
+                if settle is not None:
+                    services.usage_settle(
+                        admission=admission,
+                        prompt_tokens=settle[0],
+                        completion_tokens=settle[1],
+                        latency_ms=1,
+                    )
+                with lock:
+                    outcomes["admitted"] += 1
+        finally:
+            close_old_connections()
+
+    with ThreadPoolExecutor(cmd.get("threads", 1)) as pool:
+        for future in [pool.submit(one_thread) for _ in range(cmd.get("threads", 1))]:
+            future.result()
+    admitted = outcomes.pop("admitted", 0)
+    return {"admitted": admitted, "denied": sum(outcomes.values()), "errors": dict(outcomes)}
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    print(json.dumps({"ready": True}), flush=True)  # noqa: T201
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "admit":
+            reply = _admit_many(cmd)
+        elif cmd["op"] == "exit":
+            break
+        else:
+            reply = {"error": f"unknown op {cmd['op']}"}
+        print(json.dumps(reply), flush=True)  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

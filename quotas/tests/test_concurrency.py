@@ -1,0 +1,108 @@
+"""Exact limits under concurrency: real processes and threads racing on the real Redis,
+and live policy changes seen by another process."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.db.models import Sum
+
+from quotas import services
+from quotas.models import UsageRecord
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+def test_request_limit_exact_across_processes_and_threads(worker_factory, user, plan_for):
+    plan_for(user, requests_per_minute=20)
+    workers = [worker_factory(), worker_factory()]
+    replies = [w.ask(op="admit", user_id=user.pk, threads=16, per_thread=3) for w in workers]
+    assert sum(r["admitted"] for r in replies) == 20
+    assert sum(r["denied"] for r in replies) == 2 * 16 * 3 - 20
+    assert all(set(r["errors"]) <= {"quota_exceeded"} for r in replies)
+
+
+def test_token_budget_never_exceeded_by_the_ledger(worker_factory, user, plan_for):
+    plan_for(user, tokens_per_day=5_000)
+    workers = [worker_factory(), worker_factory()]
+    # Each reserves 100 + 100 tokens and settles 100 + 60.
+    replies = [
+        w.ask(
+            op="admit",
+            user_id=user.pk,
+            threads=16,
+            per_thread=2,
+            prompt_tokens=100,
+            max_tokens=100,
+            settle_tokens=[100, 60],
+        )
+        for w in workers
+    ]
+    admitted = sum(r["admitted"] for r in replies)
+    spent = UsageRecord.objects.filter(user=user).aggregate(
+        p=Sum("prompt_tokens"), c=Sum("completion_tokens")
+    )
+    assert admitted == UsageRecord.objects.filter(user=user).count()
+    assert 0 < spent["p"] + spent["c"] <= 5_000
+    assert admitted < 64  # the budget did refuse some
+
+
+def test_cost_budget_never_exceeded_by_the_ledger(worker_factory, user, plan_for):
+    plan_for(user, cost_per_day=Decimal("0.010000"))
+    workers = [worker_factory(), worker_factory()]
+    # Reserve 1000 x 1.50 + 1000 x 2.00 per million = 0.0035; settle 0.0025.
+    replies = [
+        w.ask(
+            op="admit",
+            user_id=user.pk,
+            threads=16,
+            per_thread=2,
+            prompt_tokens=1000,
+            max_tokens=1000,
+            settle_tokens=[1000, 500],
+        )
+        for w in workers
+    ]
+    spent = UsageRecord.objects.filter(user=user).aggregate(total=Sum("cost_usd"))["total"]
+    assert sum(r["admitted"] for r in replies) >= 2
+    assert spent <= Decimal("0.010000")
+
+
+def test_limit_changed_in_admin_form_holds_in_another_process(
+    worker_factory, user, plan_for, client
+):
+    from django.contrib.auth import get_user_model
+
+    plan = plan_for(user, requests_per_minute=100)
+    worker = worker_factory()
+    assert worker.ask(op="admit", user_id=user.pk, threads=1, per_thread=3)["admitted"] == 3
+    admin = get_user_model().objects.create_superuser("boss", "boss@example.com", "pw-boss-123")
+    client.force_login(admin)
+    response = client.post(
+        f"/admin/quotas/plan/{plan.pk}/change/",
+        {
+            "name": plan.name,
+            "requests_per_minute": 4,
+            "allowed_models": "",
+            "allow_stale_fallback": "on",
+            "description": "",
+        },
+    )
+    assert response.status_code == 302, (
+        response.context["adminform"].form.errors if response.context else response.content[:500]
+    )
+    plan.refresh_from_db()
+    assert plan.requests_per_minute == 4
+    # The worker's cached policy said 100; its very next admission sees 4.
+    assert worker.ask(op="admit", user_id=user.pk, threads=1, per_thread=5)["admitted"] == 1
+
+
+def test_revoked_key_refused_by_another_process(worker_factory, user, plan_for):
+    plan_for(user)
+    _, key = services.key_create(user=user)
+    worker = worker_factory()
+    assert worker.ask(op="admit", user_id=user.pk, key_id=key.pk)["admitted"] == 1
+    services.key_revoke(key=key)
+    reply = worker.ask(op="admit", user_id=user.pk, key_id=key.pk)
+    assert reply == {"admitted": 0, "denied": 1, "errors": {"key_revoked": 1}}

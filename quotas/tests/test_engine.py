@@ -1,0 +1,274 @@
+"""The enforcement engine against the real Redis: windows, reservations, settlement."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from quotas import services
+from quotas.errors import QuotaExceeded
+from quotas.models import ApiKey, GlobalLimits, Outcome, ProviderQuota, UsageRecord
+from quotas.policy import usd_to_micros
+
+pytestmark = pytest.mark.django_db
+
+NOW = 1_795_000_000.0  # a fixed moment (2026-11-18), far from a minute boundary
+
+
+def admit(user, *, key_id=None, now=NOW, prompt=10, max_tokens=10, priority="high"):
+    return services.admission_admit(
+        user_id=user.pk,
+        key_id=key_id,
+        model="local/demo",
+        request_id=uuid.uuid4().hex,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens,
+        priority=priority,
+        now=now,
+    )
+
+
+@pytest.fixture
+def save(django_capture_on_commit_callbacks):
+    """Save a governance row and run its on-commit hooks (the live policy bump)."""
+
+    def run(obj):
+        with django_capture_on_commit_callbacks(execute=True):
+            obj.save()
+
+    return run
+
+
+def admitted(user, n, **kwargs):
+    count = 0
+    for _ in range(n):
+        try:
+            admit(user, **kwargs)
+            count += 1
+        except QuotaExceeded:
+            pass
+    return count
+
+
+def test_admit_rejects_when_any_window_full_and_consumes_nothing(redis_conn, user, plan_for):
+    plan_for(user, requests_per_minute=3, tokens_per_minute=1000)
+    assert admitted(user, 3) == 3
+    before = {k: redis_conn.dump(k) for k in redis_conn.keys("tg:q:{u:*")}
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user)
+    after = {k: redis_conn.dump(k) for k in redis_conn.keys("tg:q:{u:*")}
+    assert before == after
+    err = info.value
+    assert (err.scope, err.dimension, err.limit) == ("plan", "requests_per_minute", 3)
+    assert err.retry_after >= 1
+    assert err.headers["X-RateLimit-Remaining-Requests"] == "0"
+
+
+def test_admit_raising_limit_admits_exactly_the_difference(redis_conn, user, plan_for, save):
+    plan = plan_for(user, requests_per_minute=5)
+    assert admitted(user, 8) == 5
+    plan.requests_per_minute = 8
+    save(plan)
+    assert admitted(user, 10, now=NOW + 1) == 3
+
+
+def test_admit_lowering_limit_refuses_at_once(redis_conn, user, plan_for, save):
+    plan = plan_for(user, requests_per_minute=10)
+    assert admitted(user, 4) == 4
+    plan.requests_per_minute = 4
+    save(plan)
+    with pytest.raises(QuotaExceeded):
+        admit(user)
+
+
+def test_sliding_minute_window_has_no_double_burst_at_boundary(redis_conn, user, plan_for):
+    plan_for(user, requests_per_minute=10)
+    boundary = (NOW // 60 + 1) * 60
+    assert admitted(user, 10, now=boundary - 1) == 10
+    # A fixed window would reset here and admit 10 more within two seconds.
+    assert admitted(user, 10, now=boundary + 1) == 0
+    # Once the whole minute has passed (plus at most one 5 s sub-bucket), all is free again.
+    assert admitted(user, 10, now=boundary - 1 + 65) == 10
+
+
+def test_user_override_wins_over_plan_and_reports_user_scope(redis_conn, user, plan_for, save):
+    plan_for(user, requests_per_minute=10)
+    user.quota.requests_per_minute = 2
+    save(user.quota)
+    assert admitted(user, 2) == 2
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user)
+    assert info.value.scope == "user"
+
+
+def test_key_limit_is_its_own_scope(redis_conn, user, plan_for):
+    plan_for(user, requests_per_minute=10)
+    _, key = services.key_create(user=user, name="k", requests_per_minute=2)
+    assert admitted(user, 5, key_id=key.pk) == 2
+    # The user's other traffic still has the plan's room left.
+    assert admitted(user, 10) == 8
+
+
+def test_settlement_replaces_reservation_to_the_micro_dollar(redis_conn, user, plan_for):
+    plan_for(user, cost_per_day=Decimal("1.00"), tokens_per_day=100_000)
+    a = admit(user, prompt=1000, max_tokens=4000)
+    # Reserved: 1000 x 1.50 + 4000 x 2.00 per million = 0.0095 USD.
+    standing = services.quota_standing(user_id=user.pk, now=NOW)["limits"]
+    assert standing["cost_per_day"]["used"] == "0.0095"
+    assert standing["tokens_per_day"]["used"] == 5000
+    cost = services.usage_settle(
+        admission=a, prompt_tokens=1000, completion_tokens=333, latency_ms=5
+    )
+    assert cost == Decimal("0.002166")  # 0.0015 + 0.000666
+    standing = services.quota_standing(user_id=user.pk, now=NOW)["limits"]
+    assert standing["cost_per_day"]["used"] == "0.002166"
+    assert standing["tokens_per_day"]["used"] == 1333
+    row = UsageRecord.objects.get(request_id=a.request_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.cost_usd) == (
+        1000,
+        333,
+        Decimal("0.002166"),
+    )
+    assert row.outcome == Outcome.OK
+
+
+def test_settlement_is_idempotent(redis_conn, user, plan_for):
+    plan_for(user, cost_per_day=Decimal("1.00"))
+    a = admit(user, prompt=100, max_tokens=100)
+    services.usage_settle(admission=a, prompt_tokens=100, completion_tokens=50, latency_ms=1)
+    services.usage_settle(admission=a, prompt_tokens=100, completion_tokens=50, latency_ms=1)
+    assert UsageRecord.objects.filter(request_id=a.request_id).count() == 1
+    assert (
+        services.quota_standing(user_id=user.pk, now=NOW)["limits"]["cost_per_day"]["used"]
+        == "0.00025"
+    )
+
+
+def test_refund_gives_everything_back(redis_conn, user, plan_for):
+    plan_for(user, requests_per_minute=1, cost_per_day=Decimal("1.00"), concurrency=1)
+    a = admit(user, prompt=100, max_tokens=100)
+    services.usage_refund(admission=a, outcome=Outcome.UPSTREAM_TIMEOUT, latency_ms=9)
+    limits = services.quota_standing(user_id=user.pk, now=NOW)["limits"]
+    assert limits["cost_per_day"]["used"] == "0.00"
+    assert limits["concurrency"]["used"] == 0
+    assert limits["requests_per_minute"]["used"] == 0
+    row = UsageRecord.objects.get(request_id=a.request_id)
+    assert (row.outcome, row.cost_usd) == (Outcome.UPSTREAM_TIMEOUT, Decimal(0))
+    admit(user)  # the slot is free again
+
+
+def test_concurrency_lease_released_by_settlement(redis_conn, user, plan_for):
+    plan_for(user, concurrency=2)
+    first, _ = admit(user), admit(user)
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user)
+    assert info.value.dimension == "concurrency"
+    services.usage_settle(admission=first, prompt_tokens=1, completion_tokens=1, latency_ms=1)
+    admit(user)
+
+
+def test_abandoned_lease_expires_and_is_refunded(redis_conn, user, plan_for, settings):
+    settings.QUOTA_LEASE_TTL = 30
+    plan_for(user, concurrency=1, tokens_per_day=100)
+    admit(user, prompt=40, max_tokens=40)  # its worker "crashes": never settled
+    with pytest.raises(QuotaExceeded):
+        admit(user, now=NOW + 10)
+    assert services.reservations_sweep(now=NOW + 31) == 1
+    limits = services.quota_standing(user_id=user.pk, now=NOW + 31)["limits"]
+    assert limits["tokens_per_day"]["used"] == 0
+    admit(user, now=NOW + 31, prompt=40, max_tokens=40)
+
+
+def test_late_settlement_after_sweep_still_charges_actual_usage(
+    redis_conn, user, plan_for, settings
+):
+    settings.QUOTA_LEASE_TTL = 30
+    plan_for(user, tokens_per_day=1000)
+    slow = admit(user, prompt=100, max_tokens=100)
+    services.reservations_sweep(now=NOW + 31)
+    services.usage_settle(admission=slow, prompt_tokens=100, completion_tokens=20, latency_ms=31000)
+    limits = services.quota_standing(user_id=user.pk, now=NOW + 32)["limits"]
+    assert limits["tokens_per_day"]["used"] == 120
+
+
+def test_flushall_mid_day_rebuilds_day_budget_from_ledger(redis_conn, user, plan_for):
+    plan_for(user, cost_per_day=Decimal("0.000500"))
+    for _ in range(4):
+        try:
+            a = admit(user, prompt=50, max_tokens=50)
+        except QuotaExceeded:
+            continue
+        services.usage_settle(admission=a, prompt_tokens=50, completion_tokens=50, latency_ms=1)
+    # Each request costs 50 x 1.50 + 50 x 2.00 per million = 0.000175 USD: the third
+    # (0.000525 > 0.0005) is refused, so two went through.
+    spent = sum(r.cost_usd for r in UsageRecord.objects.filter(user=user))
+    assert spent == Decimal("0.000350")
+    redis_conn.flushall()
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, prompt=50, max_tokens=50, now=NOW + 1)
+    assert info.value.dimension == "cost_per_day"
+    # The rebuilt counter holds exactly what the ledger holds.
+    assert (
+        services.quota_standing(user_id=user.pk, now=NOW)["limits"]["cost_per_day"]["used"]
+        == "0.00035"
+    )
+
+
+def test_cache_hit_counts_requests_only(redis_conn, user, plan_for):
+    plan_for(user, requests_per_minute=2, tokens_per_minute=10)
+    services.admission_count_hit(
+        user_id=user.pk, key_id=None, model="local/demo", request_id="h1", now=NOW
+    )
+    services.admission_count_hit(
+        user_id=user.pk, key_id=None, model="local/demo", request_id="h2", now=NOW
+    )
+    with pytest.raises(QuotaExceeded) as info:
+        services.admission_count_hit(
+            user_id=user.pk, key_id=None, model="local/demo", request_id="h3", now=NOW
+        )
+    assert info.value.dimension == "requests_per_minute"
+    assert (
+        services.quota_standing(user_id=user.pk, now=NOW)["limits"]["tokens_per_minute"]["used"]
+        == 0
+    )
+
+
+def test_priorities_share_global_scope_by_headroom(redis_conn, user, plan_for):
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 10})
+    assert admitted(user, 10, priority="low") == 5
+    assert admitted(user, 10, priority="medium") == 2
+    assert admitted(user, 10, priority="high") == 2
+    assert admitted(user, 10, priority="critical") == 1
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, priority="critical")
+    assert info.value.scope == "global"
+
+
+def test_provider_quota_applies_safety_margin(redis_conn, user, plan_for):
+    plan_for(user)
+    ProviderQuota.objects.create(
+        provider="local", model="", requests_per_minute=10, safety_margin="0.80"
+    )
+    assert admitted(user, 20, priority="critical") == 8
+
+
+def test_revoked_key_is_refused_at_next_admission(
+    redis_conn, user, plan_for, django_capture_on_commit_callbacks
+):
+    from quotas.errors import KeyRevoked
+
+    plan_for(user)
+    _, key = services.key_create(user=user)
+    admit(user, key_id=key.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.key_revoke(key=ApiKey.objects.get(pk=key.pk))
+    with pytest.raises(KeyRevoked):
+        admit(user, key_id=key.pk)
+
+
+def test_money_is_counted_in_integer_micro_dollars():
+    assert usd_to_micros(Decimal("0.0000015")) == 2  # half-up
+    assert usd_to_micros(Decimal("5.00")) == 5_000_000

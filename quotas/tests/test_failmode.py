@@ -1,0 +1,159 @@
+"""Redis stopped: QUOTA_FAIL_MODE=open keeps serving within the limits, closed refuses.
+
+A private redis-server is started for these tests and really stopped, so that the shared
+one other tests use is left alone.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.db.models import Sum
+
+from quotas import services
+from quotas.errors import QuotaExceeded, QuotaUnavailable
+from quotas.models import Outcome, UsageRecord
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(settings):
+    server = PrivateRedis()
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    settings.REDIS_URL = url
+    settings.CACHES = {
+        "default": {
+            **settings.CACHES["default"],
+            "LOCATION": url,
+            "OPTIONS": {
+                **settings.CACHES["default"]["OPTIONS"],
+                "SOCKET_CONNECT_TIMEOUT": 0.2,
+                "SOCKET_TIMEOUT": 0.2,
+            },
+        }
+    }
+    services.local_state_reset()
+    yield server
+    server.stop()
+    services.local_state_reset()
+
+
+def admit(user, **kwargs):
+    return services.admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="local/demo",
+        request_id=uuid.uuid4().hex,
+        prompt_tokens=kwargs.pop("prompt", 1),
+        max_tokens=kwargs.pop("max_tokens", 1),
+        **kwargs,
+    )
+
+
+def count_admitted(user, n, **kwargs):
+    admitted = 0
+    for _ in range(n):
+        try:
+            a = admit(user, **kwargs)
+        except QuotaExceeded:
+            continue
+        services.usage_settle(
+            admission=a, prompt_tokens=a.prompt_tokens, completion_tokens=a.max_tokens
+        )
+        admitted += 1
+    return admitted
+
+
+def test_fail_open_request_window_uses_per_worker_share(private_redis, settings, user, plan_for):
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 2
+    plan_for(user, requests_per_minute=10)
+    assert count_admitted(user, 1) == 1
+    private_redis.stop()
+    # The in-process limiter allows 10 / 2 workers in this process.
+    assert count_admitted(user, 8) == 5
+    assert UsageRecord.objects.filter(user=user, outcome=Outcome.OK).count() == 6
+
+
+def test_fail_open_never_fails_open_on_money(private_redis, settings, user, plan_for):
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, cost_per_day=Decimal("0.000600"))
+    # 100 x 1.50 + 100 x 2.00 per million = 0.00035 reserved, settled at the same.
+    assert count_admitted(user, 1, prompt=100, max_tokens=100) == 1
+    private_redis.stop()
+    assert count_admitted(user, 5, prompt=100, max_tokens=100) == 0
+    assert count_admitted(user, 5, prompt=10, max_tokens=10) == 5  # 0.000035 each fits
+    spent = UsageRecord.objects.filter(user=user).aggregate(t=Sum("cost_usd"))["t"]
+    assert spent == Decimal("0.000525")
+
+
+def test_fail_open_spending_counts_after_redis_comes_back(private_redis, settings, user, plan_for):
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, cost_per_day=Decimal("0.000700"))
+    assert count_admitted(user, 1, prompt=100, max_tokens=100) == 1
+    private_redis.stop()
+    assert count_admitted(user, 1, prompt=100, max_tokens=100) == 1
+    private_redis.start()  # back, but empty: and even if it had kept its data, it missed one
+    time.sleep(1.1)  # fail-open retries Redis at most once a second
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, prompt=100, max_tokens=100)
+    assert info.value.dimension == "cost_per_day"
+
+
+def test_fail_closed_answers_quota_unavailable(private_redis, settings, user, plan_for):
+    settings.QUOTA_FAIL_MODE = "closed"
+    plan_for(user, requests_per_minute=10)
+    private_redis.stop()
+    with pytest.raises(QuotaUnavailable) as info:
+        admit(user)
+    assert info.value.status_code == 503
+    assert info.value.code == "quota_unavailable"
+    assert not UsageRecord.objects.filter(user=user).exists()
