@@ -9,6 +9,7 @@ by quotas.signals names the operator. Changes go through model saves (never
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from django.contrib import admin, messages
@@ -115,6 +116,21 @@ def _reset_windows(admin_: admin.ModelAdmin, request: HttpRequest, users: list[A
         )
 
 
+def duration(seconds: float) -> str:
+    """A wait for a person: "45 s", "12 min 5 s", "13 h 4 min", "2 d 3 h"."""
+    total = max(0, math.ceil(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"
+
+
 def live_usage_html(user_id: int) -> SafeString:
     """The user's standing against each limit (quota_standing), or why it is unavailable."""
     try:
@@ -128,7 +144,15 @@ def live_usage_html(user_id: int) -> SafeString:
     rows = []
     if standing is not None:
         for dimension, values in (standing.get("limits") or {}).items():
-            rows.append({"dimension": dimension.replace("_", " "), **values})
+            limited = values.get("limit") is not None
+            reset_in = values.get("reset_in")
+            rows.append(
+                {
+                    **values,
+                    "dimension": dimension.replace("_", " "),
+                    "resets": duration(reset_in) if limited and reset_in is not None else "-",
+                }
+            )
     html = render_to_string(
         "admin/quotas/live_usage.html", {"standing": standing, "rows": rows, "error": error}
     )

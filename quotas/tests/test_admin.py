@@ -1,0 +1,617 @@
+from __future__ import annotations
+
+import datetime as dt
+import re
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django import forms
+from django.db import connection
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import escape
+
+from quotas import keys
+from quotas.errors import QuotaExceeded
+from quotas.models import (
+    ApiKey,
+    AuditEntry,
+    DenialCount,
+    GlobalLimits,
+    ModelPrice,
+    Plan,
+    ProviderQuota,
+    UsageRecord,
+    UserQuota,
+)
+from quotas.services import admission_admit, key_create
+from quotas.tests.factories import PlanFactory, UserFactory, UserQuotaFactory
+
+pytestmark = pytest.mark.django_db
+
+KEY_RE = re.compile(r"tg_[a-z0-9]{8}_[A-Za-z0-9_-]{32,128}")
+
+
+def _url(model: type, view: str, *args: Any) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
+
+
+def _form_data(response) -> dict[str, Any]:
+    """The POST body a browser would send for the admin form as rendered (with inlines)."""
+    data: dict[str, Any] = {}
+    rendered = [response.context["adminform"].form]
+    for inline in response.context["inline_admin_formsets"]:
+        rendered.append(inline.formset.management_form)
+        rendered.extend(inline.formset.forms)
+    for form in rendered:
+        for name, field in form.fields.items():
+            bound = form[name]
+            value = bound.value()
+            if field.disabled:
+                continue
+            if isinstance(field.widget, forms.MultiWidget):
+                parts = field.widget.decompress(value)
+                for i, part in enumerate(parts):
+                    data[f"{bound.html_name}_{i}"] = "" if part is None else str(part)
+            elif isinstance(field.widget, forms.CheckboxInput):
+                if value:
+                    data[bound.html_name] = "on"
+            elif isinstance(value, list | tuple):
+                data[bound.html_name] = [str(item) for item in value]
+            else:
+                data[bound.html_name] = "" if value is None else str(value)
+    return data
+
+
+def _edit(client, model: type, obj_id: int, **changes: Any):
+    url = _url(model, "change", obj_id)
+    data = _form_data(client.get(url))
+    for name, value in changes.items():
+        if value is False:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    return client.post(url, data)
+
+
+def _action(client, model: type, action: str, ids: list[int]):
+    return client.post(
+        _url(model, "changelist"), {"action": action, "_selected_action": [str(i) for i in ids]}
+    )
+
+
+@pytest.fixture
+def governance(local_model):
+    plan = PlanFactory(name="gold", requests_per_minute=10, cost_per_day=Decimal("5.00"))
+    quota = UserQuotaFactory(user=UserFactory(username="carol"), plan=plan)
+    _, key = key_create(user=quota.user, name="ci")
+    usage = UsageRecord.objects.create(
+        request_id="req-admin-1",
+        user=quota.user,
+        api_key=key,
+        model="local/demo",
+        provider="local",
+        prompt_tokens=3,
+        completion_tokens=4,
+        cost_usd=Decimal("0.000012"),
+    )
+    return {
+        Plan: plan,
+        UserQuota: quota,
+        ApiKey: key,
+        ModelPrice: local_model,
+        ProviderQuota: ProviderQuota.objects.create(provider="local", requests_per_minute=100),
+        GlobalLimits: GlobalLimits.load(),
+        UsageRecord: usage,
+        DenialCount: DenialCount.objects.create(
+            day=dt.date(2026, 3, 1), scope="user", dimension="requests_per_minute", count=3
+        ),
+        AuditEntry: AuditEntry.objects.create(
+            object_type="plan",
+            object_id=str(plan.pk),
+            object_repr="gold",
+            field="requests_per_minute",
+            old_value="5",
+            new_value="10",
+        ),
+    }
+
+
+MODELS = (
+    Plan,
+    UserQuota,
+    ApiKey,
+    ModelPrice,
+    ProviderQuota,
+    GlobalLimits,
+    UsageRecord,
+    DenialCount,
+    AuditEntry,
+)
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+def test_admin_changelist_and_change_page_load_for_each_model(admin_client, governance, model):
+    obj = governance[model]
+
+    assert admin_client.get(_url(model, "changelist")).status_code == 200
+    page = admin_client.get(_url(model, "change", obj.pk))
+
+    assert page.status_code == 200
+    assert escape(str(obj)) in page.content.decode()
+
+
+@pytest.mark.parametrize(
+    "model", [Plan, UserQuota, ApiKey, ModelPrice, ProviderQuota], ids=lambda m: m.__name__
+)
+def test_admin_add_page_loads_for_each_editable_model(admin_client, model):
+    assert admin_client.get(_url(model, "add")).status_code == 200
+
+
+def test_admin_user_pages_load_with_quota_inline(admin_client, governance):
+    user = governance[UserQuota].user
+
+    listing = admin_client.get(reverse("admin:auth_user_changelist"))
+    page = admin_client.get(reverse("admin:auth_user_change", args=(user.pk,)))
+
+    assert listing.status_code == 200
+    assert "gold" in listing.content.decode()
+    assert page.status_code == 200
+    formset_models = [f.formset.model for f in page.context["inline_admin_formsets"]]
+    assert formset_models == [UserQuota, ApiKey]
+    assert admin_client.get(reverse("admin:auth_user_add")).status_code == 200
+
+
+def test_user_page_shows_live_usage_against_each_limit(admin_client, governance, redis_conn):
+    user = governance[UserQuota].user
+    admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="local/demo",
+        request_id="live-1",
+        prompt_tokens=10,
+        max_tokens=20,
+    )
+
+    page = admin_client.get(reverse("admin:auth_user_change", args=(user.pk,)))
+
+    html = page.content.decode()
+    assert "Plan: <strong>gold</strong>" in html
+    # requests per minute: limit 10, one request in flight, 9 remaining.
+    assert re.search(
+        r"<td>requests per minute</td>\s*<td>10</td>\s*<td>1</td>\s*<td>9</td>"
+        r"\s*<td>1 min \d+ s</td>",
+        html,
+    )
+    assert re.search(r"<td>cost per day</td>\s*<td>5.00</td>\s*<td>0.0000\d\d</td>", html)
+    assert re.search(
+        r"<td>tokens per day</td>\s*<td>unlimited</td>\s*<td>0</td>\s*<td>-</td>"
+        r"\s*<td>-</td>",
+        html,
+    )
+
+
+def test_user_page_renders_when_live_usage_fails(admin_client, governance, monkeypatch):
+    from quotas import services
+
+    def broken(**kwargs):
+        raise ConnectionError("quota backend down")
+
+    monkeypatch.setattr(services, "quota_standing", broken)
+    user = governance[UserQuota].user
+
+    page = admin_client.get(reverse("admin:auth_user_change", args=(user.pk,)))
+
+    assert page.status_code == 200
+    assert "Live usage is unavailable right now" in page.content.decode()
+    assert "quota backend down" in page.content.decode()
+
+
+# --- API keys ---
+
+
+def _add_key(client, user, **extra: Any):
+    data = {
+        "user": str(user.pk),
+        "name": "from the admin",
+        "scopes": "generate, model:local/demo",
+        "expires_at_0": "",
+        "expires_at_1": "",
+        "requests_per_minute": "",
+        "requests_per_hour": "",
+        "requests_per_day": "",
+        "tokens_per_minute": "",
+        "tokens_per_day": "",
+        "cost_per_day": "",
+        "cost_per_month": "",
+        "concurrency": "",
+    }
+    data.update(extra)
+    return client.post(_url(ApiKey, "add"), data)
+
+
+def _rows_containing(text: str) -> list[str]:
+    """Every table of the public schema whose row text contains `text`."""
+    found = []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+        )
+        for (table,) in cursor.fetchall():
+            cursor.execute(
+                f'SELECT count(*) FROM "{table}" AS t WHERE t::text LIKE %s',  # noqa: S608
+                [f"%{text}%"],
+            )
+            if cursor.fetchone()[0]:
+                found.append(table)
+    return found
+
+
+def test_key_add_shows_the_key_once_and_stores_only_prefix_and_hash(
+    admin_client, user, local_model, api_client
+):
+    expires = timezone.now() + dt.timedelta(days=10)
+
+    page = _add_key(
+        admin_client,
+        user,
+        expires_at_0=expires.date().isoformat(),
+        expires_at_1="12:00:00",
+        requests_per_minute="7",
+        cost_per_day="0.50",
+    )
+
+    assert page.status_code == 200
+    assert "no-store" in page["Cache-Control"]
+    html = page.content.decode()
+    full_key = KEY_RE.search(html).group(0)
+    prefix, secret = keys.key_parse(full_key)
+    key = ApiKey.objects.get()
+    assert (key.prefix, key.user, key.name) == (prefix, user, "from the admin")
+    assert key.secret_hash == keys.hash_secret(secret)
+    assert key.scopes == ["generate", "model:local/demo"]
+    assert (key.requests_per_minute, key.cost_per_day) == (7, Decimal("0.50"))
+    assert key.expires_at.date() == expires.date()
+    # Neither the secret nor the whole key is in any column of any table.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT t::text FROM quotas_apikey AS t")
+        (row_text,) = cursor.fetchone()
+    assert secret not in row_text
+    assert _rows_containing(secret) == []
+    # Never shown again: not on the key's page, not in the list, not in the history.
+    for url in (
+        _url(ApiKey, "change", key.pk),
+        _url(ApiKey, "changelist"),
+        _url(ApiKey, "history", key.pk),
+    ):
+        later = admin_client.get(url).content.decode()
+        assert secret not in later
+        assert f"tg_{prefix}" in later
+    # And it works.
+    response = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    assert response.status_code == 200
+    assert response.json()["key"] == f"tg_{prefix}"
+
+
+def test_key_add_each_save_makes_a_different_key(admin_client, user):
+    first = KEY_RE.search(_add_key(admin_client, user).content.decode()).group(0)
+    second = KEY_RE.search(_add_key(admin_client, user).content.decode()).group(0)
+
+    assert first != second
+    assert ApiKey.objects.count() == 2
+
+
+def test_key_add_refuses_past_expiry_bad_scope_and_inactive_user(admin_client, user):
+    past = _add_key(admin_client, user, expires_at_0="2020-01-01", expires_at_1="00:00:00")
+    bad_scope = _add_key(admin_client, user, scopes="generate, two words")
+    inactive = UserFactory(username="gone", is_active=False)
+    refused_user = _add_key(admin_client, inactive)
+
+    assert past.status_code == bad_scope.status_code == refused_user.status_code == 200
+    assert "must be in the future" in past.content.decode()
+    assert "is not a valid scope" in bad_scope.content.decode()
+    assert "inactive" in refused_user.content.decode()
+    assert not KEY_RE.search(past.content.decode() + bad_scope.content.decode())
+    assert ApiKey.objects.count() == 0
+
+
+def test_key_change_form_keeps_credentials_read_only(admin_client, api_key):
+    full_key, key = api_key
+    stored = (key.prefix, key.secret_hash, key.user_id)
+
+    response = _edit(
+        admin_client,
+        ApiKey,
+        key.pk,
+        name="renamed",
+        scopes="generate",
+        prefix="zzzzzzzz",
+        secret_hash="0" * 64,
+        user=str(UserFactory().pk),
+    )
+
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.name == "renamed"
+    assert key.scopes == ["generate"]
+    assert (key.prefix, key.secret_hash, key.user_id) == stored
+
+
+def test_revoke_action_revokes_records_the_actor_and_refuses_the_key(
+    admin_client, admin_user, user, api_client, local_model
+):
+    full_key, key = key_create(user=user, name="live")
+    _, old = key_create(user=user, name="old")
+    earlier = timezone.now() - dt.timedelta(days=3)
+    ApiKey.objects.filter(pk=old.pk).update(revoked_at=earlier)
+
+    response = _action(admin_client, ApiKey, "revoke", [key.pk, old.pk])
+
+    assert response.status_code == 302
+    key.refresh_from_db()
+    old.refresh_from_db()
+    assert key.revoked_at is not None
+    assert old.revoked_at == earlier
+    entry = AuditEntry.objects.get(object_type="apikey", object_id=str(key.pk), field="revoked_at")
+    assert entry.actor == admin_user
+    assert entry.old_value is None
+    refused = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "key_revoked"
+
+
+def test_extend_action_adds_30_days_and_leaves_unexpiring_and_revoked_keys(
+    admin_client, admin_user, user
+):
+    now = timezone.now()
+    _, soon = key_create(user=user, expires_at=now + dt.timedelta(days=5))
+    _, expired = key_create(user=user, expires_at=now - dt.timedelta(days=2))
+    _, forever = key_create(user=user)
+    _, revoked = key_create(user=user, expires_at=now + dt.timedelta(days=5))
+    ApiKey.objects.filter(pk=revoked.pk).update(revoked_at=now)
+
+    before = timezone.now()
+    _action(admin_client, ApiKey, "extend_expiry", [soon.pk, expired.pk, forever.pk, revoked.pk])
+    after = timezone.now()
+
+    for key in (soon, expired, forever, revoked):
+        key.refresh_from_db()
+    assert soon.expires_at == now + dt.timedelta(days=35)
+    assert before + dt.timedelta(days=30) <= expired.expires_at <= after + dt.timedelta(days=30)
+    assert forever.expires_at is None
+    assert revoked.expires_at == now + dt.timedelta(days=5)
+    entry = AuditEntry.objects.get(
+        object_type="apikey", object_id=str(soon.pk), field="expires_at", actor__isnull=False
+    )
+    assert entry.actor == admin_user
+
+
+def test_key_status_filter_separates_active_expired_and_revoked(admin_client, user):
+    now = timezone.now()
+    _, active = key_create(user=user, name="active-key")
+    _, expired = key_create(user=user, name="expired-key", expires_at=now - dt.timedelta(1))
+    _, revoked = key_create(user=user, name="revoked-key")
+    ApiKey.objects.filter(pk=revoked.pk).update(revoked_at=now)
+
+    def listed(status):
+        response = admin_client.get(_url(ApiKey, "changelist"), {"status": status})
+        return {key.pk for key in response.context["cl"].result_list}
+
+    assert listed("active") == {active.pk}
+    assert listed("expired") == {expired.pk}
+    assert listed("revoked") == {revoked.pk}
+
+
+# --- Audit trail and governance edits ---
+
+
+def test_plan_limit_changed_in_the_change_form_is_audited_with_the_actor(
+    admin_client, admin_user, governance
+):
+    plan = governance[Plan]
+
+    response = _edit(admin_client, Plan, plan.pk, requests_per_minute="20")
+
+    assert response.status_code == 302
+    plan.refresh_from_db()
+    assert plan.requests_per_minute == 20
+    entries = list(
+        AuditEntry.objects.filter(object_type="plan", object_id=str(plan.pk), actor__isnull=False)
+    )
+    assert [(e.field, e.old_value, e.new_value, e.actor) for e in entries] == [
+        ("requests_per_minute", "10", "20", admin_user)
+    ]
+    trail = admin_client.get(
+        _url(AuditEntry, "changelist"), {"object_type": "plan", "actor__id__exact": admin_user.pk}
+    )
+    assert [e.pk for e in trail.context["cl"].result_list] == [entries[0].pk]
+
+
+def test_suspension_through_the_user_page_is_audited_with_the_actor(
+    admin_client, admin_user, governance
+):
+    quota = governance[UserQuota]
+
+    response = _edit(admin_client, type(quota.user), quota.user.pk, **{"quota-0-suspended": "on"})
+
+    assert response.status_code == 302, response.context and response.context["errors"]
+    quota.refresh_from_db()
+    assert quota.suspended is True
+    entry = AuditEntry.objects.get(object_type="userquota", field="suspended")
+    assert (entry.old_value, entry.new_value, entry.actor) == ("False", "True", admin_user)
+
+
+def test_plan_form_refuses_unknown_models_and_negative_money(admin_client, governance):
+    plan = governance[Plan]
+
+    response = _edit(
+        admin_client, Plan, plan.pk, allowed_models="local/demo, nope/x", cost_per_day="-1"
+    )
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert "nope/x" in str(errors["allowed_models"])
+    assert "cost_per_day" in errors
+    plan.refresh_from_db()
+    assert plan.cost_per_day == Decimal("5.00")
+
+
+def test_plan_allowed_models_are_stored_as_a_list(admin_client, governance):
+    plan = governance[Plan]
+
+    _edit(admin_client, Plan, plan.pk, allowed_models="local/demo")
+
+    plan.refresh_from_db()
+    assert plan.allowed_models == ["local/demo"]
+
+
+def test_global_limits_is_a_singleton_without_delete(admin_client):
+    assert admin_client.get(_url(GlobalLimits, "add")).status_code == 200
+    response = admin_client.post(
+        _url(GlobalLimits, "add"),
+        {
+            "cost_per_day": "100",
+            "requests_per_hour": "",
+            "concurrency": "",
+            "high_share": "0.9",
+            "medium_share": "0.7",
+            "low_share": "0.5",
+        },
+    )
+    assert response.status_code == 302
+    row = GlobalLimits.objects.get()
+    assert row.pk == 1
+    assert row.cost_per_day == Decimal(100)
+
+    assert admin_client.get(_url(GlobalLimits, "add")).status_code == 403
+    assert (
+        admin_client.post(_url(GlobalLimits, "delete", row.pk), {"post": "yes"}).status_code == 403
+    )
+    assert GlobalLimits.objects.count() == 1
+
+
+def test_global_limits_share_outside_zero_to_one_is_refused(admin_client):
+    row = GlobalLimits.load()
+
+    response = _edit(admin_client, GlobalLimits, row.pk, low_share="1.50")
+
+    assert response.status_code == 200
+    assert "low_share" in response.context["adminform"].form.errors
+
+
+# --- Read-only records ---
+
+
+@pytest.mark.parametrize("model", [UsageRecord, DenialCount, AuditEntry], ids=lambda m: m.__name__)
+def test_records_are_read_only_in_the_admin(admin_client, governance, model):
+    obj = governance[model]
+    before = model.objects.filter(pk=obj.pk).values().get()
+
+    assert admin_client.get(_url(model, "add")).status_code == 403
+    view = admin_client.get(_url(model, "change", obj.pk))
+    assert view.status_code == 200
+    assert 'name="_save"' not in view.content.decode()
+    assert admin_client.post(_url(model, "change", obj.pk), {}).status_code == 403
+    assert admin_client.post(_url(model, "delete", obj.pk), {"post": "yes"}).status_code == 403
+    _action(admin_client, model, "delete_selected", [obj.pk])
+    assert model.objects.filter(pk=obj.pk).values().get() == before
+
+
+def test_ledger_filters_search_and_date_hierarchy(admin_client, governance):
+    usage = governance[UsageRecord]
+    UsageRecord.objects.create(
+        request_id="req-admin-hit",
+        user=usage.user,
+        model="local/demo",
+        provider="local",
+        cached=True,
+        outcome="cached",
+    )
+
+    def listed(**params):
+        response = admin_client.get(_url(UsageRecord, "changelist"), params)
+        assert response.status_code == 200
+        return sorted(r.request_id for r in response.context["cl"].result_list)
+
+    assert listed(cached__exact="1") == ["req-admin-hit"]
+    assert listed(outcome__exact="ok") == ["req-admin-1"]
+    assert listed(q="req-admin-1") == ["req-admin-1"]
+    assert listed(q="carol") == ["req-admin-1", "req-admin-hit"]
+    today = timezone.now()
+    assert listed(created_at__year=str(today.year), created_at__month=str(today.month)) == [
+        "req-admin-1",
+        "req-admin-hit",
+    ]
+    assert listed(model="local/demo", provider="local") == ["req-admin-1", "req-admin-hit"]
+
+
+# --- Resetting windows ---
+
+
+def test_reset_windows_action_lets_a_blocked_user_through_again(
+    admin_client, governance, redis_conn
+):
+    quota = governance[UserQuota]
+    Plan.objects.filter(pk=quota.plan_id).update(requests_per_minute=1)
+
+    def admit(request_id):
+        return admission_admit(
+            user_id=quota.user_id,
+            key_id=None,
+            model="local/demo",
+            request_id=request_id,
+            prompt_tokens=1,
+            max_tokens=1,
+        )
+
+    admit("reset-1")
+    with pytest.raises(QuotaExceeded):
+        admit("reset-2")
+
+    response = _action(admin_client, UserQuota, "reset_windows", [quota.pk])
+
+    assert response.status_code == 302
+    admit("reset-3")
+    with pytest.raises(QuotaExceeded):
+        admit("reset-4")
+
+
+def test_reset_windows_action_on_the_user_list(admin_client, governance, redis_conn):
+    quota = governance[UserQuota]
+    Plan.objects.filter(pk=quota.plan_id).update(requests_per_minute=1)
+    admission_admit(
+        user_id=quota.user_id,
+        key_id=None,
+        model="local/demo",
+        request_id="u-1",
+        prompt_tokens=1,
+        max_tokens=1,
+    )
+
+    response = admin_client.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "reset_user_windows", "_selected_action": [str(quota.user_id)]},
+        follow=True,
+    )
+
+    assert "Current windows reset for: carol" in response.content.decode()
+    admission_admit(
+        user_id=quota.user_id,
+        key_id=None,
+        model="local/demo",
+        request_id="u-2",
+        prompt_tokens=1,
+        max_tokens=1,
+    )
+
+
+def test_suspend_action_suspends_and_records_the_actor(admin_client, admin_user, governance):
+    quota = governance[UserQuota]
+
+    _action(admin_client, UserQuota, "suspend", [quota.pk])
+
+    quota.refresh_from_db()
+    assert quota.suspended is True
+    entry = AuditEntry.objects.get(object_type="userquota", field="suspended")
+    assert entry.actor == admin_user
