@@ -1,10 +1,23 @@
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import serializers
 
 
+class _StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of turning them into text."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class CacheInvalidateInputSerializer(serializers.Serializer):
-    pattern = serializers.CharField(max_length=512, trim_whitespace=True)
+    pattern = _StrictCharField(
+        max_length=512, help_text="A glob over cache keys, e.g. topic:python*"
+    )
 
 
 class CacheInvalidateOutputSerializer(serializers.Serializer):
