@@ -1,0 +1,189 @@
+"""The HTTP contract of API.md for authentication, quotas and their headers."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from quotas import services
+
+pytestmark = pytest.mark.django_db
+
+GENERATE = "/api/v1/generate"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"HTTP_AUTHORIZATION": f"Bearer {key}"}
+
+
+def generate(client, key, **body):
+    return client.post(
+        GENERATE, {"prompt": "hello", "max_tokens": 8, **body}, format="json", **auth(key)
+    )
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert response["X-Request-ID"]
+    return body["error"]
+
+
+def test_no_credentials_is_401_authentication_failed(api_client):
+    assert_error(api_client.get("/api/v1/quota"), 401, "authentication_failed")
+
+
+def test_unknown_and_malformed_keys_are_401(api_client, api_key, local_model):
+    full, _ = api_key
+    tampered = full[:-4] + ("aaaa" if not full.endswith("aaaa") else "bbbb")
+    assert_error(api_client.get("/api/v1/quota", **auth(tampered)), 401, "authentication_failed")
+    assert_error(api_client.get("/api/v1/quota", **auth("tg_nope")), 401, "authentication_failed")
+
+
+def test_revoked_key_is_401_key_revoked(api_client, api_key):
+    full, key = api_key
+    services.key_revoke(key=key)
+    assert_error(api_client.get("/api/v1/quota", **auth(full)), 401, "key_revoked")
+
+
+def test_expired_key_is_401_key_expired(api_client, user):
+    full, _ = services.key_create(user=user, expires_at=timezone.now() - dt.timedelta(seconds=1))
+    assert_error(api_client.get("/api/v1/quota", HTTP_X_API_KEY=full), 401, "key_expired")
+
+
+def test_inactive_user_is_401_user_inactive(api_client, api_key):
+    full, key = api_key
+    key.user.is_active = False
+    key.user.save()
+    assert_error(api_client.get("/api/v1/quota", **auth(full)), 401, "user_inactive")
+
+
+def test_drf_token_authenticates(api_client, user, local_model):
+    from rest_framework.authtoken.models import Token
+
+    token = Token.objects.create(user=user)
+    response = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Token {token.key}")
+    assert response.status_code == 200
+    assert response.json()["key"] is None
+
+
+def test_staff_endpoint_is_403_permission_denied_for_others(api_client, api_key):
+    full, _ = api_key
+    assert_error(api_client.get("/api/v1/quota/global", **auth(full)), 403, "permission_denied")
+
+
+def test_model_not_allowed_for_plan_is_403(api_client, api_key, plan_for):
+    full, key = api_key
+    plan_for(key.user, allowed_models=["local/other"])
+    assert_error(generate(api_client, full), 403, "permission_denied")
+
+
+def test_quota_exceeded_is_429_with_every_header_and_detail(
+    api_client, api_key, plan_for, redis_conn
+):
+    full, key = api_key
+    plan_for(key.user, requests_per_minute=2)
+    for _ in range(2):
+        ok = generate(api_client, full, cache="bypass")
+        assert ok.status_code == 200, ok.content
+        assert ok["X-RateLimit-Limit-Requests"] == "2"
+    response = generate(api_client, full, cache="bypass")
+    err = assert_error(response, 429, "quota_exceeded")
+    assert err["scope"] == "plan"
+    assert err["dimension"] == "requests_per_minute"
+    assert err["limit"] == 2
+    assert err["retry_after"] >= 1
+    assert int(response["Retry-After"]) == err["retry_after"]
+    assert response["RateLimit-Policy"] == '"rpm";q=2;w=60'
+    assert response["RateLimit"].startswith('"rpm";r=0;t=')
+    assert response["X-RateLimit-Remaining-Requests"] == "0"
+    assert response["X-RateLimit-Reset-Requests"].endswith("s")
+
+
+def test_quota_standing_shape_and_headers(api_client, api_key, plan_for, redis_conn):
+    full, key = api_key
+    plan_for(
+        key.user, requests_per_minute=60, cost_per_day="5.00", concurrency=4, tokens_per_day=1000
+    )
+    assert generate(api_client, full, cache="bypass").status_code == 200
+    response = api_client.get("/api/v1/quota", **auth(full))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["user"] == key.user.username
+    assert body["key"] == f"tg_{key.prefix}"
+    limits = body["limits"]
+    assert limits["requests_per_minute"]["limit"] == 60
+    assert limits["requests_per_minute"]["used"] == 1
+    assert limits["requests_per_minute"]["remaining"] == 59
+    assert 0 < limits["requests_per_minute"]["reset_in"] <= 65
+    assert limits["cost_per_day"]["limit"] == "5.00"
+    assert limits["requests_per_hour"] == {
+        "limit": None,
+        "used": 0,
+        "remaining": None,
+        "reset_in": 0,
+    }
+    assert limits["concurrency"] == {"limit": 4, "used": 0, "remaining": 4}
+    assert response["RateLimit-Policy"] == '"rpm";q=60;w=60'
+    assert response["X-RateLimit-Remaining-Requests"] == "59"
+    assert response["X-RateLimit-Limit-Tokens"] == "1000"
+
+
+def test_usage_rejects_bad_dates_with_invalid_request(api_client, api_key):
+    full, _ = api_key
+    response = api_client.get("/api/v1/usage?start=2026-13-01", **auth(full))
+    err = assert_error(response, 400, "invalid_request")
+    assert "start" in err["fields"]
+
+
+def test_usage_of_another_user_is_staff_only(api_client, api_key):
+    full, _ = api_key
+    assert_error(
+        api_client.get("/api/v1/usage?user=someone", **auth(full)), 403, "permission_denied"
+    )
+
+
+def test_failed_authentications_are_rate_limited_per_address(api_client, settings):
+    from quotas import auth_throttle
+
+    settings.AUTH_FAILURES_PER_MINUTE = 3
+    auth_throttle.reset()
+    bad = "tg_abcdefgh_" + "x" * 43
+    codes = [api_client.get("/api/v1/quota", **auth(bad)).json()["error"]["code"] for _ in range(5)]
+    assert codes[:3] == ["authentication_failed"] * 3
+    assert codes[3:] == ["too_many_authentication_failures"] * 2
+    auth_throttle.reset()
+
+
+def test_database_holds_no_api_key_secret(api_key):
+    full, _ = api_key
+    secret = full.split("_", 2)[2]
+    with connection.cursor() as cursor:
+        tables = connection.introspection.table_names(cursor)
+        for table in tables:
+            columns = [
+                c.name for c in connection.introspection.get_table_description(cursor, table)
+            ]
+            for column in columns:
+                cursor.execute(
+                    f'SELECT COUNT(*) FROM "{table}" WHERE CAST("{column}" AS TEXT) LIKE %s',  # noqa: S608
+                    [f"%{secret}%"],
+                )
+                assert cursor.fetchone()[0] == 0, f"{table}.{column} holds the secret"
+
+
+def test_last_used_is_written_at_most_once_a_minute(api_client, api_key):
+    full, key = api_key
+    api_client.get("/api/v1/quota", **auth(full))
+    key.refresh_from_db()
+    first = key.last_used_at
+    assert first is not None
+    api_client.get("/api/v1/quota", **auth(full))
+    key.refresh_from_db()
+    assert key.last_used_at == first
