@@ -272,3 +272,20 @@ def test_revoked_key_is_refused_at_next_admission(
 def test_money_is_counted_in_integer_micro_dollars():
     assert usd_to_micros(Decimal("0.0000015")) == 2  # half-up
     assert usd_to_micros(Decimal("5.00")) == 5_000_000
+
+
+def test_rebuild_counters_command_restores_day_budget_from_ledger(redis_conn, user, plan_for):
+    import io
+
+    from django.core.management import call_command
+
+    plan_for(user, tokens_per_day=300)
+    a = admit(user, prompt=100, max_tokens=100)
+    services.usage_settle(admission=a, prompt_tokens=100, completion_tokens=100, latency_ms=1)
+    # Someone tampers with the live counter; the ledger still says 200 tokens.
+    for key in redis_conn.keys("tg:q:{u:*}:*:d*"):
+        redis_conn.hset(key, "t", 0)
+    call_command("rebuild_counters", stdout=io.StringIO())
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, prompt=100, max_tokens=100, now=NOW + 1)
+    assert info.value.dimension == "tokens_per_day"

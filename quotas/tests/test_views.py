@@ -30,7 +30,8 @@ def assert_error(response, status, code):
     body = response.json()
     assert set(body) == {"error"}
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     assert response["X-Request-ID"]
     return body["error"]
 

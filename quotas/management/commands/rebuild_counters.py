@@ -1,0 +1,29 @@
+"""`manage.py rebuild_counters`: restore Redis day/month counters from the ledger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from quotas import services
+from quotas.engine import BackendUnavailable
+
+
+class Command(BaseCommand):
+    help = (
+        "Rebuild the day and month quota counters from the usage ledger. Counters are "
+        "recreated lazily, from the ledger, at the next admission of each principal."
+    )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            services.counters_rebuild_all()
+        except BackendUnavailable as exc:
+            raise CommandError(f"the quota backend is unreachable: {exc}") from exc
+        self.stdout.write(
+            self.style.SUCCESS(
+                "Counter epoch rotated: every day and month counter is rebuilt from the "
+                "ledger before its next use."
+            )
+        )
