@@ -57,9 +57,10 @@ class Worker:
 def worker_factory(transactional_db, redis_conn):
     """Start worker processes that share this test's database and Redis."""
     db = connection.settings_dict
+    host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
     env = {
         **os.environ,
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+        "DATABASE_URL": f"postgres://{db['USER']}@{host}:{port}/{db['NAME']}",
         "REDIS_URL": settings.REDIS_URL,
         "SECRET_KEY": "test-only-secret-key-not-for-production",
         "USAGE_HIT_BATCH_SECONDS": "0",
