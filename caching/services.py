@@ -164,6 +164,42 @@ def cache_set(
     t.count("sets", layer, "set")
 
 
+def cache_fresh_for(key: str, *, now: float | None = None) -> float | None:
+    """Seconds the stored answer stays fresh (0 if only the stale copy is left), or None
+    if nothing is stored. Reads Redis (the shared truth), not the memory layer."""
+    t = tier()
+    now = time.time() if now is None else now
+    if not t.available():
+        return None
+    raw = t.redis.get(t.entry_key(key))
+    if raw is None:
+        return None
+    return max(0.0, _parse(raw)[0] - now)
+
+
+def cache_expire(key: str, *, now: float | None = None) -> bool:
+    """End the fresh life of a stored answer but keep its stale copy (so that a refresh
+    that fails upstream still leaves a fallback); every worker's memory copy is dropped.
+    Returns False if nothing was stored."""
+    t = tier()
+    t.sync(force=True)
+    now = time.time() if now is None else now
+    t.memory.delete([key])
+    if not t.available():
+        return False
+    entry_key = t.entry_key(key)
+    raw = t.redis.get(entry_key)
+    if raw is None:
+        return False
+    _, stale_until, body = _parse(raw)
+    if stale_until <= now:
+        return False
+    expired = f"{now:.3f} {stale_until:.3f}\n{body}".encode()
+    t.redis.set(entry_key, expired, px=max(1, int((stale_until - now) * 1000)), xx=True)
+    t.publish("key", key)
+    return True
+
+
 def cache_delete(*, keys: Iterable[str]) -> int:
     """Invalidate exact keys (fresh and stale copies) everywhere; returns how many existed."""
     keys = list(keys)

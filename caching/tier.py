@@ -202,6 +202,7 @@ class CacheTier:
             with self._stats_lock:
                 self.local_totals.update(self.stats)
                 self.local_popularity.update(self.popularity)
+                self.local_popularity += Counter()  # drops zero and negative counts
                 self.stats.clear()
                 self.popularity.clear()
             return
@@ -225,7 +226,8 @@ class CacheTier:
             for name, n in stats.items():
                 pipe.hincrby(self.k("stats"), name, n)
             for topic, n in popularity.items():
-                pipe.zincrby(self.k("pop"), n, topic)
+                if n:
+                    pipe.zincrby(self.k("pop"), n, topic)
             try:
                 replies = pipe.execute()
             except Exception:  # a Redis outage must not fail a look-up

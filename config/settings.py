@@ -131,6 +131,9 @@ CACHE_CDN_TTL = env.int("CACHE_CDN_TTL", default=1800)
 CACHE_CDN_ENABLED = env.bool("CACHE_CDN_ENABLED", default=False)
 CACHE_POPULAR_THRESHOLD = env.int("CACHE_POPULAR_THRESHOLD", default=10)
 QUOTA_FALLBACK_CACHE_TTL = env.int("QUOTA_FALLBACK_CACHE_TTL", default=3600)
+# The account whose quotas pay for warming and refreshing popular topics (username; empty:
+# the first active superuser).
+CACHE_WARM_USER = env("CACHE_WARM_USER", default="")
 
 # --- QUOTAS ---
 QUOTA_FAIL_MODE = env("QUOTA_FAIL_MODE", default="open")

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from caching.services import (
+    cache_fresh_for,
+    cache_get,
+    cache_get_stale,
+    cache_local_reset,
+    cache_set,
+    popularity_bump,
+    popularity_top,
+)
+from caching.tasks import cache_popular_refresh
+from caching.warming import topic_key
+from quotas.models import UsageRecord
+from quotas.tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _redis(redis_conn, local_model):
+    cache_local_reset()
+    return redis_conn
+
+
+@pytest.fixture
+def operator():
+    return UserFactory(username="ops", is_staff=True, is_superuser=True)
+
+
+def _warm(*args: str) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command("warm_cache", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+def test_warm_cache_fills_cache_for_listed_topics(tmp_path, operator):
+    topics = tmp_path / "topics.txt"
+    topics.write_text("# ops list\nPython programming\n\nRust\n  python   PROGRAMMING \n")
+
+    out, err = _warm("--topics-file", str(topics))
+
+    assert "warmed 2, already cached 0, failed 0" in out
+    assert "2/2" in err  # the progress bar
+    for topic in ("python programming", "rust"):
+        hit = cache_get(topic_key(topic=topic))
+        assert hit is not None
+        assert len(hit.value["subtopics"]) == 6
+    rows = UsageRecord.objects.filter(user=operator)
+    assert rows.count() == 2  # charged to the operator, like any request
+
+
+def test_warm_cache_skips_topics_already_cached(tmp_path, operator):
+    cache_set(topic_key(topic="rust"), {"subtopics": ["a", "b", "c"], "usage": {}})
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\ngo\n")
+
+    out, _ = _warm("--topics-file", str(topics))
+
+    assert "warmed 1, already cached 1, failed 0" in out
+    assert cache_get(topic_key(topic="rust")).value["subtopics"] == ["a", "b", "c"]
+    assert cache_get(topic_key(topic="go")) is not None
+
+
+def test_warm_cache_top_uses_popularity(operator):
+    popularity_bump("Django", count=20)
+    popularity_bump("Flask", count=5)
+    popularity_bump("Bottle", count=1)
+
+    out, _ = _warm("--top", "2")
+
+    assert "warmed 2" in out
+    assert cache_get(topic_key(topic="django")) is not None
+    assert cache_get(topic_key(topic="flask")) is not None
+    assert cache_get(topic_key(topic="bottle")) is None
+
+
+def test_warm_cache_refuses_bad_arguments(tmp_path, operator):
+    with pytest.raises(CommandError, match="--top"):
+        _warm()
+    with pytest.raises(CommandError, match="Cannot read"):
+        _warm("--topics-file", str(tmp_path / "missing.txt"))
+    with pytest.raises(CommandError, match="between 3 and 12"):
+        _warm("--top", "3", "--count", "40")
+
+
+def test_warm_cache_without_an_account_to_charge_is_refused(tmp_path):
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\n")
+
+    with pytest.raises(CommandError, match="superuser"):
+        _warm("--topics-file", str(topics))
+
+
+def test_popular_refresh_recomputes_popular_topics_due_and_decays(operator, settings):
+    settings.CACHE_POPULAR_THRESHOLD = 10
+    old = {"subtopics": ["old1", "old2", "old3"], "usage": {}}
+    cache_set(topic_key(topic="python"), old, ttl=600)  # expires before the next run
+    cache_set(topic_key(topic="go"), old, ttl=7200)  # still fresh at the next run
+    popularity_bump("python", count=12)
+    popularity_bump("go", count=30)
+    popularity_bump("rust", count=11)  # popular, never cached
+    popularity_bump("cobol", count=2)  # not popular
+
+    result = cache_popular_refresh()
+
+    assert result == {"warmed": 2, "cached": 1, "failed": {}}
+    assert cache_get(topic_key(topic="python")).value["subtopics"] != old["subtopics"]
+    assert cache_fresh_for(topic_key(topic="python")) > 3000
+    assert cache_get(topic_key(topic="go")).value == old
+    assert cache_get(topic_key(topic="rust")) is not None
+    assert cache_get(topic_key(topic="cobol")) is None
+    assert popularity_top() == [("go", 15), ("python", 6), ("rust", 5), ("cobol", 1)]
+
+
+def test_refresh_keeps_stale_copy_when_recompute_fails(operator, settings):
+    from quotas.models import ModelPrice
+
+    old = {"subtopics": ["old1", "old2", "old3"], "usage": {}}
+    cache_set(topic_key(topic="python"), old, ttl=60)
+    popularity_bump("python", count=50)
+    ModelPrice.objects.filter(model="local/demo").update(enabled=False)  # generation fails
+
+    result = cache_popular_refresh()
+
+    assert result["failed"] == {"python": "invalid_request"}
+    assert cache_get(topic_key(topic="python")) is None
+    stale = cache_get_stale(topic_key(topic="python"))
+    assert stale is not None
+    assert stale.value == old
