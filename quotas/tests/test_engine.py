@@ -30,6 +30,17 @@ def admit(user, *, key_id=None, now=NOW, prompt=10, max_tokens=10, priority="hig
     )
 
 
+@pytest.fixture(params=["redis", "local"])
+def engine(request, settings, redis_conn):
+    """Both backends: Redis, and the in-process one of the embedded default, which must
+    have the same semantics for one process."""
+    if request.param == "local":
+        settings.REDIS_URL = ""
+    services.local_state_reset()
+    yield request.param
+    services.local_state_reset()
+
+
 @pytest.fixture
 def save(django_capture_on_commit_callbacks):
     """Save a governance row and run its on-commit hooks (the live policy bump)."""
@@ -66,7 +77,7 @@ def test_admit_rejects_when_any_window_full_and_consumes_nothing(redis_conn, use
     assert err.headers["X-RateLimit-Remaining-Requests"] == "0"
 
 
-def test_admit_raising_limit_admits_exactly_the_difference(redis_conn, user, plan_for, save):
+def test_admit_raising_limit_admits_exactly_the_difference(engine, user, plan_for, save):
     plan = plan_for(user, requests_per_minute=5)
     assert admitted(user, 8) == 5
     plan.requests_per_minute = 8
@@ -74,7 +85,7 @@ def test_admit_raising_limit_admits_exactly_the_difference(redis_conn, user, pla
     assert admitted(user, 10, now=NOW + 1) == 3
 
 
-def test_admit_lowering_limit_refuses_at_once(redis_conn, user, plan_for, save):
+def test_admit_lowering_limit_refuses_at_once(engine, user, plan_for, save):
     plan = plan_for(user, requests_per_minute=10)
     assert admitted(user, 4) == 4
     plan.requests_per_minute = 4
@@ -83,7 +94,7 @@ def test_admit_lowering_limit_refuses_at_once(redis_conn, user, plan_for, save):
         admit(user)
 
 
-def test_sliding_minute_window_has_no_double_burst_at_boundary(redis_conn, user, plan_for):
+def test_sliding_minute_window_has_no_double_burst_at_boundary(engine, user, plan_for):
     plan_for(user, requests_per_minute=10)
     boundary = (NOW // 60 + 1) * 60
     assert admitted(user, 10, now=boundary - 1) == 10
@@ -93,7 +104,7 @@ def test_sliding_minute_window_has_no_double_burst_at_boundary(redis_conn, user,
     assert admitted(user, 10, now=boundary - 1 + 65) == 10
 
 
-def test_user_override_wins_over_plan_and_reports_user_scope(redis_conn, user, plan_for, save):
+def test_user_override_wins_over_plan_and_reports_user_scope(engine, user, plan_for, save):
     plan_for(user, requests_per_minute=10)
     user.quota.requests_per_minute = 2
     save(user.quota)
@@ -103,7 +114,7 @@ def test_user_override_wins_over_plan_and_reports_user_scope(redis_conn, user, p
     assert info.value.scope == "user"
 
 
-def test_key_limit_is_its_own_scope(redis_conn, user, plan_for):
+def test_key_limit_is_its_own_scope(engine, user, plan_for):
     plan_for(user, requests_per_minute=10)
     _, key = services.key_create(user=user, name="k", requests_per_minute=2)
     assert admitted(user, 5, key_id=key.pk) == 2
@@ -111,7 +122,7 @@ def test_key_limit_is_its_own_scope(redis_conn, user, plan_for):
     assert admitted(user, 10) == 8
 
 
-def test_settlement_replaces_reservation_to_the_micro_dollar(redis_conn, user, plan_for):
+def test_settlement_replaces_reservation_to_the_micro_dollar(engine, user, plan_for):
     plan_for(user, cost_per_day=Decimal("1.00"), tokens_per_day=100_000)
     a = admit(user, prompt=1000, max_tokens=4000)
     # Reserved: 1000 x 1.50 + 4000 x 2.00 per million = 0.0095 USD.
@@ -134,7 +145,7 @@ def test_settlement_replaces_reservation_to_the_micro_dollar(redis_conn, user, p
     assert row.outcome == Outcome.OK
 
 
-def test_settlement_is_idempotent(redis_conn, user, plan_for):
+def test_settlement_is_idempotent(engine, user, plan_for):
     plan_for(user, cost_per_day=Decimal("1.00"))
     a = admit(user, prompt=100, max_tokens=100)
     services.usage_settle(admission=a, prompt_tokens=100, completion_tokens=50, latency_ms=1)
@@ -146,7 +157,7 @@ def test_settlement_is_idempotent(redis_conn, user, plan_for):
     )
 
 
-def test_refund_gives_everything_back(redis_conn, user, plan_for):
+def test_refund_gives_everything_back(engine, user, plan_for):
     plan_for(user, requests_per_minute=1, cost_per_day=Decimal("1.00"), concurrency=1)
     a = admit(user, prompt=100, max_tokens=100)
     services.usage_refund(admission=a, outcome=Outcome.UPSTREAM_TIMEOUT, latency_ms=9)
@@ -159,7 +170,7 @@ def test_refund_gives_everything_back(redis_conn, user, plan_for):
     admit(user)  # the slot is free again
 
 
-def test_concurrency_lease_released_by_settlement(redis_conn, user, plan_for):
+def test_concurrency_lease_released_by_settlement(engine, user, plan_for):
     plan_for(user, concurrency=2)
     first, _ = admit(user), admit(user)
     with pytest.raises(QuotaExceeded) as info:
@@ -169,7 +180,7 @@ def test_concurrency_lease_released_by_settlement(redis_conn, user, plan_for):
     admit(user)
 
 
-def test_abandoned_lease_expires_and_is_refunded(redis_conn, user, plan_for, settings):
+def test_abandoned_lease_expires_and_is_refunded(engine, user, plan_for, settings):
     settings.QUOTA_LEASE_TTL = 30
     plan_for(user, concurrency=1, tokens_per_day=100)
     admit(user, prompt=40, max_tokens=40)  # its worker "crashes": never settled
@@ -181,9 +192,7 @@ def test_abandoned_lease_expires_and_is_refunded(redis_conn, user, plan_for, set
     admit(user, now=NOW + 31, prompt=40, max_tokens=40)
 
 
-def test_late_settlement_after_sweep_still_charges_actual_usage(
-    redis_conn, user, plan_for, settings
-):
+def test_late_settlement_after_sweep_still_charges_actual_usage(engine, user, plan_for, settings):
     settings.QUOTA_LEASE_TTL = 30
     plan_for(user, tokens_per_day=1000)
     slow = admit(user, prompt=100, max_tokens=100)
@@ -216,7 +225,7 @@ def test_flushall_mid_day_rebuilds_day_budget_from_ledger(redis_conn, user, plan
     )
 
 
-def test_cache_hit_counts_requests_only(redis_conn, user, plan_for):
+def test_cache_hit_counts_requests_only(engine, user, plan_for):
     plan_for(user, requests_per_minute=2, tokens_per_minute=10)
     services.admission_count_hit(
         user_id=user.pk, key_id=None, model="local/demo", request_id="h1", now=NOW
@@ -235,7 +244,7 @@ def test_cache_hit_counts_requests_only(redis_conn, user, plan_for):
     )
 
 
-def test_priorities_share_global_scope_by_headroom(redis_conn, user, plan_for):
+def test_priorities_share_global_scope_by_headroom(engine, user, plan_for):
     plan_for(user)
     GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 10})
     assert admitted(user, 10, priority="low") == 5
@@ -247,7 +256,7 @@ def test_priorities_share_global_scope_by_headroom(redis_conn, user, plan_for):
     assert info.value.scope == "global"
 
 
-def test_provider_quota_applies_safety_margin(redis_conn, user, plan_for):
+def test_provider_quota_applies_safety_margin(engine, user, plan_for):
     plan_for(user)
     ProviderQuota.objects.create(
         provider="local", model="", requests_per_minute=10, safety_margin="0.80"
@@ -256,7 +265,7 @@ def test_provider_quota_applies_safety_margin(redis_conn, user, plan_for):
 
 
 def test_revoked_key_is_refused_at_next_admission(
-    redis_conn, user, plan_for, django_capture_on_commit_callbacks
+    engine, user, plan_for, django_capture_on_commit_callbacks
 ):
     from quotas.errors import KeyRevoked
 
@@ -289,3 +298,12 @@ def test_rebuild_counters_command_restores_day_budget_from_ledger(redis_conn, us
     with pytest.raises(QuotaExceeded) as info:
         admit(user, prompt=100, max_tokens=100, now=NOW + 1)
     assert info.value.dimension == "tokens_per_day"
+
+
+def test_next_admission_refunds_abandoned_reservation(engine, user, plan_for, settings):
+    settings.QUOTA_LEASE_TTL = 30
+    plan_for(user, concurrency=1, tokens_per_day=100)
+    admit(user, prompt=40, max_tokens=40)  # never settled
+    admit(user, now=NOW + 31, prompt=40, max_tokens=40)  # no explicit sweep
+    limits = services.quota_standing(user_id=user.pk, now=NOW + 31)["limits"]
+    assert limits["tokens_per_day"]["used"] == 80
