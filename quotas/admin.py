@@ -131,12 +131,13 @@ def duration(seconds: float) -> str:
     return f"{secs} s"
 
 
-def live_usage_html(user_id: int) -> SafeString:
-    """The user's standing against each limit (quota_standing), or why it is unavailable."""
+def live_usage_html(user_id: int, key_id: int | None = None) -> SafeString:
+    """The standing of a user (or of one of their keys) against each limit, with links to
+    the user's ledger rows; or why it is unavailable (the page renders either way)."""
     try:
         from quotas.services import quota_standing
 
-        standing: dict[str, Any] | None = quota_standing(user_id=user_id)
+        standing: dict[str, Any] | None = quota_standing(user_id=user_id, key_id=key_id)
         error = None
     except Exception as exc:
         logger.exception("live usage of user %s is unavailable", user_id)
@@ -153,9 +154,15 @@ def live_usage_html(user_id: int) -> SafeString:
                     "resets": duration(reset_in) if limited and reset_in is not None else "-",
                 }
             )
-    html = render_to_string(
-        "admin/quotas/live_usage.html", {"standing": standing, "rows": rows, "error": error}
-    )
+    ledger = reverse("admin:quotas_usagerecord_changelist")
+    filters = f"user__id__exact={user_id}" + (f"&api_key__id__exact={key_id}" if key_id else "")
+    context = {
+        "standing": standing,
+        "rows": rows,
+        "error": error,
+        "ledger_url": f"{ledger}?{filters}",
+    }
+    html = render_to_string("admin/quotas/live_usage.html", context)
     return mark_safe(html)  # noqa: S308  (rendered by an autoescaping template)
 
 
@@ -329,7 +336,7 @@ class ApiKeyAdmin(AuditedAdmin):
         "name",
         "user",
         "status",
-        "scopes",
+        "scope_list",
         "expires_at",
         "last_used_at",
         "created_at",
@@ -348,6 +355,7 @@ class ApiKeyAdmin(AuditedAdmin):
         "revoked_at",
         "last_used_at",
         "created_at",
+        "live_usage",
     )
 
     def get_form(
@@ -375,6 +383,10 @@ class ApiKeyAdmin(AuditedAdmin):
             )
         return (
             (None, {"fields": ("display", "user", "name", "scopes", "expires_at")}),
+            (
+                "Live usage (the tightest of this key's and its owner's limits)",
+                {"fields": ("live_usage",)},
+            ),
             ("State", {"fields": ("revoked_at", "last_used_at", "created_at")}),
             ("Stored credential", {"fields": ("prefix", "secret_hash")}),
             *LIMIT_FIELDSETS,
@@ -383,6 +395,14 @@ class ApiKeyAdmin(AuditedAdmin):
     @admin.display(description="key", ordering="prefix")
     def display(self, obj: ApiKey) -> str:
         return obj.display
+
+    @admin.display(description="scopes")
+    def scope_list(self, obj: ApiKey) -> str:
+        return ", ".join(obj.scopes or ()) or "(all)"
+
+    @admin.display(description="standing against each limit")
+    def live_usage(self, obj: ApiKey) -> SafeString:
+        return live_usage_html(obj.user_id, key_id=obj.pk)
 
     @admin.display(description="status")
     def status(self, obj: ApiKey) -> str:

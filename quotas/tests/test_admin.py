@@ -152,6 +152,8 @@ def test_admin_add_page_loads_for_each_editable_model(admin_client, model):
 def test_admin_user_pages_load_with_quota_inline(admin_client, governance):
     user = governance[UserQuota].user
 
+    key_listing = admin_client.get(_url(ApiKey, "changelist")).content.decode()
+    assert '<td class="field-scope_list">(all)</td>' in key_listing
     listing = admin_client.get(reverse("admin:auth_user_changelist"))
     page = admin_client.get(reverse("admin:auth_user_change", args=(user.pk,)))
 
@@ -190,6 +192,27 @@ def test_user_page_shows_live_usage_against_each_limit(admin_client, governance,
         r"\s*<td>-</td>",
         html,
     )
+
+
+def test_key_page_shows_the_keys_own_tighter_limit_and_links_its_ledger_rows(
+    admin_client, governance, redis_conn
+):
+    key = governance[ApiKey]
+    ApiKey.objects.filter(pk=key.pk).update(requests_per_minute=3)
+    other = UsageRecord.objects.create(
+        request_id="req-other-user", user=UserFactory(), model="local/demo", provider="local"
+    )
+
+    page = admin_client.get(_url(ApiKey, "change", key.pk))
+
+    html = page.content.decode()
+    assert f"key <strong>tg_{key.prefix}</strong>" in html
+    assert re.search(r"<td>requests per minute</td>\s*<td>3</td>\s*<td>0</td>\s*<td>3</td>", html)
+    ledger_url = re.search(r'<a href="([^"]+)">usage records</a>', html).group(1)
+    listed = admin_client.get(ledger_url.replace("&amp;", "&"))
+    rows = [r.request_id for r in listed.context["cl"].result_list]
+    assert rows == ["req-admin-1"]
+    assert other.request_id not in rows
 
 
 def test_user_page_renders_when_live_usage_fails(admin_client, governance, monkeypatch):
