@@ -1,0 +1,152 @@
+"""The cache tier on the real request path: POST /api/v1/generate against the fake
+upstream (a real HTTP server on loopback), real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection
+from rest_framework.test import APIClient
+
+from caching.services import cache_expire, cache_get_stale, cache_local_reset, cache_stats
+from caching.tier import tier
+from generation.tests.fake_upstream import Behaviour
+from quotas.models import UsageRecord
+from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+URL = "/api/v1/generate"
+
+
+@pytest.fixture(autouse=True)
+def _clean(redis_conn):
+    cache_local_reset()
+
+
+def _generation_keys() -> list[str]:
+    """The logical keys of the generation answers stored in Redis."""
+    t = tier()
+    keys = [name for batch in t.scan_matching("gen:*") for name in batch]
+    head = len(t.prefix) + 2
+    return [f"{ns}:{rest}" for ns, _, rest in (k[head:].split(":", 2) for k in keys)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_50_concurrent_identical_requests_make_one_upstream_call(
+    upstream_settings, fake_upstream, openai_model, api_key
+):
+    fake_upstream.default = Behaviour(kind="slow", delay=0.5, text="one answer", usage=(10, 5))
+    full_key, _ = api_key
+    barrier = threading.Barrier(50)
+    responses: list = []
+    lock = threading.Lock()
+
+    def one_request() -> None:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+        barrier.wait()
+        try:
+            response = client.post(URL, {"prompt": "Same", "model": "gpt-test"}, format="json")
+            with lock:
+                responses.append(response)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=one_request) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(fake_upstream.requests) == 1
+    assert [r.status_code for r in responses] == [200] * 50
+    assert {r.json()["text"] for r in responses} == {"one answer"}
+    caches = sorted(r["X-Cache"] for r in responses)
+    assert caches == ["HIT"] * 49 + ["MISS"]
+    charged = [r.json() for r in responses if r.json()["cost_usd"] != "0"]
+    assert len(charged) == 1
+    assert all(r.json()["cached"] for r in responses if r["X-Cache"] == "HIT")
+    assert UsageRecord.objects.count() == 50  # every request counted, one paid
+
+
+@pytest.mark.django_db
+def test_quota_exhausted_serves_stale_copy_with_fallback_flags(
+    upstream_settings, fake_upstream, openai_model, api_key, user
+):
+    UserQuotaFactory(user=user, plan=PlanFactory(requests_per_minute=1, allow_stale_fallback=True))
+    fake_upstream.default = Behaviour(text="the answer", usage=(10, 5))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    first = client.post(URL, {"prompt": "popular", "model": "gpt-test"}, format="json")
+    assert first.status_code == 200
+    [key] = _generation_keys()
+    assert cache_expire(key)  # past its fresh TTL: only the stale copy is left
+
+    again = client.post(URL, {"prompt": "popular", "model": "gpt-test"}, format="json")
+
+    assert again.status_code == 200, again.content
+    assert again["X-Cache"] == "STALE"
+    body = again.json()
+    assert body["fallback"] is True
+    assert body["cached"] is True
+    assert body["text"] == "the answer"
+    assert body["cost_usd"] == "0"
+    assert len(fake_upstream.requests) == 1
+    assert cache_stats()["stale"]["hits"] == 1
+
+
+@pytest.mark.django_db
+def test_quota_exhausted_without_stale_copy_is_429(
+    upstream_settings, fake_upstream, openai_model, api_key, user
+):
+    UserQuotaFactory(user=user, plan=PlanFactory(requests_per_minute=1, allow_stale_fallback=True))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    assert client.post(URL, {"prompt": "a", "model": "gpt-test"}, format="json").status_code == 200
+
+    other = client.post(URL, {"prompt": "never asked", "model": "gpt-test"}, format="json")
+
+    assert other.status_code == 429
+    assert other.json()["error"]["code"] == "quota_exceeded"
+    assert int(other["Retry-After"]) >= 1
+
+
+@pytest.mark.django_db
+def test_quota_exhausted_with_stale_copy_but_no_fallback_allowed_is_429(
+    upstream_settings, fake_upstream, openai_model, api_key, user
+):
+    UserQuotaFactory(user=user, plan=PlanFactory(requests_per_minute=1, allow_stale_fallback=False))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    assert client.post(URL, {"prompt": "p", "model": "gpt-test"}, format="json").status_code == 200
+    [key] = _generation_keys()
+    cache_expire(key)
+    assert cache_get_stale(key) is not None
+
+    again = client.post(URL, {"prompt": "p", "model": "gpt-test"}, format="json")
+
+    assert again.status_code == 429
+    assert again.json()["error"]["code"] == "quota_exceeded"
+
+
+@pytest.mark.django_db
+def test_invalidated_answer_is_generated_again(
+    upstream_settings, fake_upstream, openai_model, api_key, admin_user
+):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    fake_upstream.default = Behaviour(text="v1")
+    assert (
+        client.post(URL, {"prompt": "q", "model": "gpt-test"}, format="json").json()["text"] == "v1"
+    )
+    staff = APIClient()
+    staff.force_authenticate(admin_user)
+    assert staff.post("/api/v1/cache/invalidate", {"pattern": "gen:*"}, format="json").json() == {
+        "invalidated": 1
+    }
+    fake_upstream.default = Behaviour(text="v2")
+
+    again = client.post(URL, {"prompt": "q", "model": "gpt-test"}, format="json")
+
+    assert again["X-Cache"] == "MISS"
+    assert again.json()["text"] == "v2"
