@@ -53,18 +53,24 @@ def nice_ceiling(value: float) -> float:
     return 10.0 ** (exponent + 1)
 
 
+def count_label(value: float) -> str:
+    """1,234 for whole numbers, 2.5 for a half tick."""
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
+
+
 def bar_chart(
     *,
     title: str,
     days: Sequence[dt.date],
     values: Sequence[float | int | Decimal],
     secondary: Sequence[float | int | Decimal] | None = None,
-    fmt: Callable[[float], str] = lambda v: f"{v:,.0f}",
+    fmt: Callable[[float], str] | None = None,
     legend: str = "",
     width: int = 720,
     height: int = 200,
 ) -> Chart:
     """One bar per day; `secondary` (at most the value) is drawn as the bar's lower part."""
+    fmt = fmt or count_label
     left, right, top, bottom = 64, 12, 12, 28
     plot_w = width - left - right
     plot_h = height - top - bottom
