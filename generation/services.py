@@ -171,13 +171,33 @@ def generation_run(
     if cache_policy == "use":
         hit = cache_get(key)
         if hit is not None:
-            admission = admission_count_hit(
-                user_id=caller.user_id,
-                key_id=caller.key_id,
-                model=model,
-                request_id=caller.request_id,
-                priority=caller.priority,
-            )
+            try:
+                admission = admission_count_hit(
+                    user_id=caller.user_id,
+                    key_id=caller.key_id,
+                    model=model,
+                    request_id=caller.request_id,
+                    priority=caller.priority,
+                )
+            except QuotaExceeded as exc:
+                # The request windows are full; the answer is at hand, so a policy that
+                # allows stale fallbacks gets it as one.
+                if not policy.allow_stale_fallback:
+                    raise
+                usage_record_fallback(
+                    policy=policy,
+                    user_id=caller.user_id,
+                    key_id=caller.key_id,
+                    request_id=caller.request_id,
+                    latency_ms=0,
+                )
+                return Outcome(
+                    value=hit.value,
+                    model=model,
+                    cache="STALE",
+                    cache_layer=hit.layer,
+                    headers=exc.headers,
+                )
             usage_record_hit(admission=admission)
             return Outcome(
                 value=hit.value,

@@ -155,7 +155,12 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 return
             with fake.lock:
                 fake.requests.append(
-                    Recorded(self.path, dict(self.headers.items()), body, time.monotonic())
+                    Recorded(
+                        self.path,
+                        {k.lower(): v for k, v in self.headers.items()},
+                        body,
+                        time.monotonic(),
+                    )
                 )
             behaviour = fake._choose(prompt)
             if behaviour.kind == "hang":

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import pytest
+
+from generation.tests.fake_upstream import FakeUpstream
+
+
+@pytest.fixture
+def fake_upstream():
+    """A real HTTP server on loopback speaking the OpenAI and Gemini wire formats."""
+    server = FakeUpstream().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def upstream_settings(settings, fake_upstream, redis_conn):
+    """Providers pointed at the fake upstream, with short timeouts and backoff so that the
+    tests run quickly, and a clean Redis (breakers, counters, cache)."""
+    from generation.providers import providers_reset
+    from generation.resilience import _scripts
+
+    settings.OPENAI_BASE_URL = fake_upstream.openai_base_url
+    settings.OPENAI_API_KEY = "sk-test"
+    settings.GEMINI_BASE_URL = fake_upstream.url
+    settings.GEMINI_API_KEY = "gm-test"
+    settings.UPSTREAM_READ_TIMEOUT = 1.0
+    settings.UPSTREAM_CONNECT_TIMEOUT = 1.0
+    settings.UPSTREAM_MAX_ATTEMPTS = 3
+    settings.UPSTREAM_MAX_RETRY_SECONDS = 10.0
+    settings.UPSTREAM_BACKOFF_BASE = 0.01
+    settings.UPSTREAM_BACKOFF_MAX = 0.05
+    settings.CIRCUIT_FAILURE_THRESHOLD = 5
+    settings.CIRCUIT_RESET_SECONDS = 30.0
+    providers_reset()
+    _scripts.clear()
+    yield settings
+    providers_reset()
+
+
+@pytest.fixture
+def openai_model(db):
+    from quotas.models import ModelPrice
+
+    return ModelPrice.objects.update_or_create(
+        model="gpt-test",
+        defaults={
+            "provider": "openai",
+            "upstream_model": "gpt-4o-mini",
+            "input_per_million": "0.150000",
+            "output_per_million": "0.600000",
+            "context_window": 128000,
+            "max_output_tokens": 4096,
+        },
+    )[0]
+
+
+@pytest.fixture
+def gemini_model(db):
+    from quotas.models import ModelPrice
+
+    return ModelPrice.objects.update_or_create(
+        model="gemini-test",
+        defaults={
+            "provider": "gemini",
+            "upstream_model": "gemini-2.0-flash",
+            "input_per_million": "0.100000",
+            "output_per_million": "0.400000",
+            "context_window": 1000000,
+            "max_output_tokens": 8192,
+        },
+    )[0]
+
+
+@pytest.fixture
+def key_client(api_client, api_key):
+    """An API client authenticated with the user's key (Bearer)."""
+    full_key, _ = api_key
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    return api_client

@@ -1,0 +1,346 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from generation.tests.fake_upstream import Behaviour
+from quotas.models import UsageRecord
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/v1/generate"
+
+
+def _post(client, body, **headers):
+    return client.post(URL, body, format="json", **headers)
+
+
+def test_generate_openai_success_charges_exact_cost_in_ledger(
+    upstream_settings, fake_upstream, openai_model, key_client, api_key
+):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    UserQuotaFactory(user=api_key[1].user, plan=PlanFactory(requests_per_minute=60))
+    fake_upstream.script(Behaviour(text="Paris.", usage=(1234, 567)))
+
+    response = _post(key_client, {"prompt": "Capital of France?", "model": "gpt-test"})
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    # 1234 x 0.15 / 1e6 + 567 x 0.60 / 1e6 = 0.0001851 + 0.0003402
+    assert body["cost_usd"] == "0.000525"
+    assert body["text"] == "Paris."
+    assert body["usage"] == {"prompt_tokens": 1234, "completion_tokens": 567, "total_tokens": 1801}
+    assert body["cached"] is False
+    assert body["fallback"] is False
+    assert response["X-Cache"] == "MISS"
+    assert response["X-RateLimit-Limit-Requests"] == "60"
+    assert response["X-RateLimit-Remaining-Requests"] == "59"
+    row = UsageRecord.objects.get(request_id=body["request_id"])
+    assert (row.prompt_tokens, row.completion_tokens) == (1234, 567)
+    assert row.cost_usd == Decimal("0.000525")
+    assert row.outcome == "ok"
+    assert row.api_key_id == api_key[1].pk
+    sent = fake_upstream.requests[0]
+    assert sent.body["model"] == "gpt-4o-mini"
+    assert sent.headers["authorization"] == "Bearer sk-test"
+
+
+def test_generate_gemini_success_charges_exact_cost_in_ledger(
+    upstream_settings, fake_upstream, gemini_model, key_client
+):
+    fake_upstream.script(Behaviour(text="Bonjour.", usage=(2000, 1000)))
+
+    response = _post(
+        key_client,
+        {
+            "messages": [
+                {"role": "system", "content": "Answer in French."},
+                {"role": "user", "content": "Hello"},
+            ],
+            "model": "gemini-test",
+        },
+    )
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["text"] == "Bonjour."
+    assert body["cost_usd"] == "0.000600"  # 2000 x 0.10 / 1e6 + 1000 x 0.40 / 1e6
+    assert UsageRecord.objects.get(request_id=body["request_id"]).cost_usd == Decimal("0.0006")
+    sent = fake_upstream.requests[0]
+    assert sent.path.endswith("/models/gemini-2.0-flash:generateContent")
+    assert sent.body["systemInstruction"]["parts"][0]["text"] == "Answer in French."
+
+
+def test_generate_second_identical_request_is_a_free_cache_hit(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    first = _post(key_client, {"prompt": "Same question", "model": "gpt-test"})
+    second = _post(key_client, {"prompt": "Same question", "model": "gpt-test"})
+
+    assert first.status_code == second.status_code == 200
+    assert second["X-Cache"] == "HIT"
+    body = second.json()
+    assert body["cached"] is True
+    assert body["cost_usd"] == "0"
+    assert body["usage"]["total_tokens"] == 0
+    assert body["text"] == first.json()["text"]
+    assert len(fake_upstream.requests) == 1
+
+
+def test_generate_cache_bypass_calls_upstream_each_time(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    for _ in range(2):
+        response = _post(key_client, {"prompt": "Q", "model": "gpt-test", "cache": "bypass"})
+        assert response["X-Cache"] == "BYPASS"
+    assert len(fake_upstream.requests) == 2
+
+
+def test_generate_retries_server_errors_then_succeeds(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.script(
+        Behaviour(kind="status", status=500), Behaviour(kind="status", status=503), Behaviour()
+    )
+
+    response = _post(key_client, {"prompt": "retry me", "model": "gpt-test"})
+
+    assert response.status_code == 200, response.content
+    assert len(fake_upstream.requests) == 3
+    assert UsageRecord.objects.filter(outcome="ok").count() == 1
+
+
+def test_generate_gemini_retries_malformed_json_then_succeeds(
+    upstream_settings, fake_upstream, gemini_model, key_client
+):
+    fake_upstream.script(Behaviour(kind="malformed"), Behaviour(text="fine"))
+
+    response = _post(key_client, {"prompt": "hello", "model": "gemini-test"})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["text"] == "fine"
+    assert len(fake_upstream.requests) == 2
+
+
+def test_generate_honours_retry_after_of_a_429(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    # Backoff is at most 0.05 s here, so only Retry-After explains a wait of a second.
+    fake_upstream.script(Behaviour(kind="status", status=429, retry_after="1"), Behaviour())
+
+    response = _post(key_client, {"prompt": "rate limited", "model": "gpt-test"})
+
+    assert response.status_code == 200, response.content
+    first, second = fake_upstream.requests
+    assert second.at - first.at >= 1.0
+
+
+def test_generate_429_with_retry_after_beyond_budget_is_503_not_retried(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 2.0
+    fake_upstream.default = Behaviour(kind="status", status=429, retry_after="30")
+
+    response = _post(key_client, {"prompt": "slow down", "model": "gpt-test"})
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert int(response["Retry-After"]) >= 30
+    assert len(fake_upstream.requests) == 1
+    assert UsageRecord.objects.get().outcome == "upstream_unavailable"
+
+
+def test_generate_timeout_is_504_and_refunded(
+    upstream_settings, fake_upstream, openai_model, key_client, api_key
+):
+    from quotas.services import quota_standing
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    user = api_key[1].user
+    UserQuotaFactory(user=user, plan=PlanFactory(tokens_per_minute=100_000, cost_per_day="5"))
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 0.3
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="hang")
+
+    response = _post(key_client, {"prompt": "never answered", "model": "gpt-test"})
+
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert row.outcome == "upstream_timeout"
+    assert row.cost_usd == 0
+    assert row.prompt_tokens == row.completion_tokens == 0
+    standing = quota_standing(user_id=user.pk, key_id=api_key[1].pk)["limits"]
+    assert standing["tokens_per_minute"]["used"] == 0
+    assert Decimal(standing["cost_per_day"]["used"]) == 0
+
+
+def test_generate_client_error_upstream_is_502_not_retried(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(kind="status", status=400)
+
+    response = _post(key_client, {"prompt": "bad", "model": "gpt-test"})
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert len(fake_upstream.requests) == 1
+
+
+def test_generate_idempotent_retry_returns_first_answer_charged_once(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    body = {"prompt": "pay once", "model": "gpt-test", "cache": "bypass"}
+    fake_upstream.default = Behaviour(text="done", usage=(10, 10))
+
+    first = _post(key_client, body, HTTP_IDEMPOTENCY_KEY="order-42")
+    again = _post(key_client, body, HTTP_IDEMPOTENCY_KEY="order-42")
+
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()
+    assert again["Idempotent-Replayed"] == "true"
+    assert len(fake_upstream.requests) == 1
+    assert UsageRecord.objects.count() == 1
+
+
+def test_generate_idempotency_key_reused_with_other_body_is_409(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    _post(key_client, {"prompt": "one", "model": "gpt-test"}, HTTP_IDEMPOTENCY_KEY="k1")
+
+    response = _post(key_client, {"prompt": "two", "model": "gpt-test"}, HTTP_IDEMPOTENCY_KEY="k1")
+
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "idempotency_conflict"
+
+
+def test_generate_idempotent_retry_after_failure_runs_again(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(Behaviour(kind="status", status=500), Behaviour(text="second time"))
+    body = {"prompt": "flaky", "model": "gpt-test"}
+
+    failed = _post(key_client, body, HTTP_IDEMPOTENCY_KEY="k2")
+    retried = _post(key_client, body, HTTP_IDEMPOTENCY_KEY="k2")
+
+    assert failed.status_code == 502
+    assert retried.status_code == 200
+    assert retried.json()["text"] == "second time"
+
+
+def test_generate_unknown_model_is_400(upstream_settings, key_client):
+    response = _post(key_client, {"prompt": "hi", "model": "no-such-model"})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_generate_model_not_allowed_by_plan_is_403(
+    upstream_settings, openai_model, local_model, key_client, user
+):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    UserQuotaFactory(user=user, plan=PlanFactory(allowed_models=["local/demo"]))
+
+    response = _post(key_client, {"prompt": "hi", "model": "gpt-test"})
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "permission_denied"
+
+
+def test_generate_max_tokens_over_model_limit_is_400(upstream_settings, openai_model, key_client):
+    response = _post(key_client, {"prompt": "hi", "model": "gpt-test", "max_tokens": 5000})
+
+    assert response.status_code == 400
+    assert "max_tokens" in response.json()["error"]["fields"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "gpt-test"},
+        {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+        {"prompt": "a", "temperature": 9},
+        {"messages": [{"role": "wizard", "content": "b"}]},
+        {"prompt": "a", "priority": "urgent"},
+        {"prompt": ["not", "a", "string"]},
+    ],
+)
+def test_generate_bad_body_is_400_invalid_request(upstream_settings, key_client, body):
+    response = _post(key_client, body)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_generate_without_credentials_is_401(api_client):
+    response = api_client.post(URL, {"prompt": "hi"}, format="json")
+
+    assert response.status_code == 401
+
+
+def test_generate_quota_exhausted_serves_stale_copy_as_fallback(
+    upstream_settings, fake_upstream, openai_model, key_client, user
+):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    UserQuotaFactory(user=user, plan=PlanFactory(requests_per_minute=1, allow_stale_fallback=True))
+    fake_upstream.default = Behaviour(text="the answer")
+    first = _post(key_client, {"prompt": "popular", "model": "gpt-test"})
+
+    again = _post(key_client, {"prompt": "popular", "model": "gpt-test", "cache": "refresh"})
+
+    assert first.status_code == 200
+    assert again.status_code == 200, again.content
+    assert again["X-Cache"] == "STALE"
+    body = again.json()
+    assert body["fallback"] is True
+    assert body["text"] == "the answer"
+    assert body["cost_usd"] == "0"
+    assert len(fake_upstream.requests) == 1
+
+
+def test_generate_quota_exhausted_without_fallback_is_429(
+    upstream_settings, fake_upstream, openai_model, key_client, user
+):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    UserQuotaFactory(user=user, plan=PlanFactory(requests_per_minute=1, allow_stale_fallback=False))
+    _post(key_client, {"prompt": "popular", "model": "gpt-test"})
+
+    again = _post(key_client, {"prompt": "popular", "model": "gpt-test", "cache": "refresh"})
+
+    assert again.status_code == 429
+    assert again.json()["error"]["code"] == "quota_exceeded"
+    assert int(again["Retry-After"]) >= 1
+
+
+def test_generate_local_provider_answers_offline_and_deterministically(
+    upstream_settings, local_model, key_client
+):
+    body = {"prompt": "What is a gateway?", "model": "local/demo", "cache": "bypass"}
+
+    first = _post(key_client, body).json()
+    second = _post(key_client, body).json()
+
+    assert first["text"] == second["text"]
+    assert first["text"].startswith("[local offline model]")
+    assert first["model"] == "local/demo"
+    assert first["usage"]["completion_tokens"] > 0
+    assert Decimal(first["cost_usd"]) > 0
+
+
+def test_generate_local_provider_simulated_failures_are_refunded(
+    upstream_settings, local_model, key_client
+):
+    upstream_settings.LOCAL_PROVIDER_FAILURE_RATE = 1.0
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+
+    response = _post(key_client, {"prompt": "hi", "model": "local/demo"})
+
+    assert response.status_code == 502
+    assert UsageRecord.objects.get().outcome == "upstream_error"

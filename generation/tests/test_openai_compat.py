@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+import openai
+import pytest
+
+from generation.tests.fake_upstream import Behaviour
+from quotas.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def tollgate(live_server, api_key):
+    """An unmodified OpenAI SDK client pointed at Tollgate with a Tollgate key."""
+    full_key, _ = api_key
+    return openai.OpenAI(api_key=full_key, base_url=f"{live_server.url}/v1", max_retries=0)
+
+
+def test_openai_sdk_completes_through_tollgate_and_is_charged(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="Hello from upstream", usage=(40, 20))
+
+    completion = tollgate.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=50,
+    )
+
+    assert completion.choices[0].message.content == "Hello from upstream"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "gpt-test"
+    assert completion.usage.prompt_tokens == 40
+    assert completion.usage.completion_tokens == 20
+    row = UsageRecord.objects.get()
+    assert row.cost_usd == Decimal("0.000018")  # 40 x 0.15 / 1e6 + 20 x 0.60 / 1e6
+
+
+def test_openai_sdk_with_local_model_gets_labelled_offline_answer(
+    upstream_settings, local_model, tollgate
+):
+    completion = tollgate.chat.completions.create(
+        model="local/demo", messages=[{"role": "user", "content": "What is Tollgate?"}]
+    )
+
+    assert completion.model == "local/demo"
+    assert completion.choices[0].message.content.startswith("[local offline model]")
+
+
+def test_openai_sdk_streams_chunks_and_usage(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    fake_upstream.default = Behaviour(text=text, usage=(5, 12))
+
+    stream = tollgate.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "count"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 12
+    assert UsageRecord.objects.get().completion_tokens == 12
+
+
+def test_openai_sdk_sees_unknown_model_as_openai_shaped_400(upstream_settings, tollgate):
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+
+    error = info.value.body
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_request"
+    assert error["message"]
+
+
+def test_openai_sdk_sees_upstream_timeout_as_504_and_is_not_charged(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 0.3
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="hang")
+
+    with pytest.raises(openai.APIStatusError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Hi"}]
+        )
+
+    assert info.value.status_code == 504
+    assert info.value.body["code"] == "upstream_timeout"
+    assert info.value.body["type"] == "api_error"
+    assert UsageRecord.objects.get().cost_usd == 0
+
+
+def test_openai_sdk_with_bad_key_gets_401(live_server, upstream_settings, openai_model):
+    client = openai.OpenAI(
+        api_key="tg_abcdefgh_" + "x" * 40, base_url=f"{live_server.url}/v1", max_retries=0
+    )
+
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "x"}]
+        )
+
+    assert info.value.body["type"] == "authentication_error"

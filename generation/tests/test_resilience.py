@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from django.conf import settings
+
+from generation.providers.base import CompletionRequest
+from generation.resilience import Breaker, CircuitOpen, circuit_states, upstream_complete
+from generation.tests.fake_upstream import Behaviour
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/v1/generate"
+
+_PEEK = """
+import json, django
+django.setup()
+from generation.resilience import Breaker, CircuitOpen
+try:
+    state, failures = Breaker("openai", "gpt-4o-mini").allow()
+    print(json.dumps({"allowed": True, "state": state}))
+except CircuitOpen as exc:
+    print(json.dumps({"allowed": False, "retry_after": exc.retry_after}))
+"""
+
+
+def _other_process_view() -> dict:
+    """Ask a separate Python process, sharing only Redis, whether the circuit lets it through."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "SECRET_KEY": settings.SECRET_KEY,
+        "REDIS_URL": settings.REDIS_URL,
+        "CIRCUIT_RESET_SECONDS": str(settings.CIRCUIT_RESET_SECONDS),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _PEEK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(settings.BASE_DIR),
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _request(text: str = "hi") -> CompletionRequest:
+    return CompletionRequest(
+        model="gpt-4o-mini", messages=({"role": "user", "content": text},), max_tokens=16
+    )
+
+
+def test_circuit_opens_after_threshold_and_another_process_sees_it_open(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 3
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+
+    statuses = [
+        key_client.post(URL, {"prompt": f"q{i}", "model": "gpt-test"}, format="json").status_code
+        for i in range(4)
+    ]
+
+    assert statuses == [502, 502, 502, 503]
+    assert len(fake_upstream.requests) == 3  # the fourth never left Tollgate
+    assert _other_process_view()["allowed"] is False
+    [state] = circuit_states()
+    assert state["provider"] == "openai"
+    assert state["model"] == "gpt-4o-mini"
+    assert state["state"] == "open"
+    assert state["retry_in"] > 0
+
+
+def test_circuit_open_error_is_503_upstream_unavailable_with_retry_after(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    key_client.post(URL, {"prompt": "a", "model": "gpt-test"}, format="json")
+
+    response = key_client.post(URL, {"prompt": "b", "model": "gpt-test"}, format="json")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert 1 <= int(response["Retry-After"]) <= 30
+
+
+def test_circuit_half_open_lets_one_probe_through_and_recovers(upstream_settings, fake_upstream):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 2
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    upstream_settings.CIRCUIT_RESET_SECONDS = 0.5
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    for _ in range(2):
+        with pytest.raises(Exception, match="provider returned an error"):
+            upstream_complete(provider="openai", request=_request())
+    assert circuit_states()[0]["state"] == "open"
+    time.sleep(0.6)  # let the open period end
+    fake_upstream.default = Behaviour(text="healthy again")
+
+    result = upstream_complete(provider="openai", request=_request())
+
+    assert result.text == "healthy again"
+    assert circuit_states() == []  # closed, failures forgotten
+    assert _other_process_view() == {"allowed": True, "state": "closed"}
+
+
+def test_circuit_half_open_failed_probe_opens_again(upstream_settings, fake_upstream):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    upstream_settings.CIRCUIT_RESET_SECONDS = 0.3
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    with pytest.raises(Exception, match="provider returned an error"):
+        upstream_complete(provider="openai", request=_request())
+    time.sleep(0.4)
+
+    with pytest.raises(Exception, match="provider returned an error"):
+        upstream_complete(provider="openai", request=_request())  # the probe fails
+
+    assert circuit_states()[0]["state"] == "open"
+    assert len(fake_upstream.requests) == 2
+
+
+def test_breaker_half_open_admits_a_single_probe_at_a_time(upstream_settings):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    breaker = Breaker("openai", "probe-model")
+    breaker.record_failure(now=1000.0)
+
+    with pytest.raises(CircuitOpen):
+        breaker.allow(now=1001.0)
+    assert breaker.allow(now=1031.0) == ("half_open", 1)
+    with pytest.raises(CircuitOpen):
+        breaker.allow(now=1031.5)  # the probe is still out
+    breaker.record_success()
+    assert breaker.allow(now=1032.0) == ("closed", 0)
+
+
+def test_rate_limits_do_not_trip_the_circuit(upstream_settings, fake_upstream):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="status", status=429, retry_after="0")
+
+    with pytest.raises(Exception, match="unavailable"):
+        upstream_complete(provider="openai", request=_request())
+
+    assert circuit_states() == []
+
+
+def test_success_resets_the_consecutive_failure_count(upstream_settings, fake_upstream):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 2
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(
+        Behaviour(kind="status", status=500), Behaviour(), Behaviour(kind="status", status=500)
+    )
+    for _ in range(3):
+        with contextlib.suppress(Exception):
+            upstream_complete(provider="openai", request=_request())
+
+    assert circuit_states()[0]["state"] == "closed"
+    assert circuit_states()[0]["failures"] == 1
+
+
+def test_retries_stop_at_max_attempts(upstream_settings, fake_upstream):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 4
+    fake_upstream.default = Behaviour(kind="status", status=502)
+
+    with pytest.raises(Exception, match="provider returned an error"):
+        upstream_complete(provider="gemini", request=_request())
+
+    assert len(fake_upstream.requests) == 4
+
+
+def test_connection_refused_is_503_unavailable(upstream_settings):
+    upstream_settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    from generation.errors import UpstreamUnavailable
+    from generation.providers import providers_reset
+
+    providers_reset()
+
+    with pytest.raises(UpstreamUnavailable):
+        upstream_complete(provider="openai", request=_request())

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from generation.tests.fake_upstream import Behaviour
+from quotas.models import UsageRecord
+
+SUBTOPICS = "/api/v1/topics/subtopics"
+EXPLANATIONS = "/api/v1/topics/explanations"
+
+
+@pytest.mark.django_db
+def test_subtopics_returns_graph_rooted_at_topic(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(
+        text=json.dumps({"subtopics": ["Syntax", "Types", "Modules", "Testing"]}), usage=(90, 30)
+    )
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Python programming", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["topic"] == "Python programming"
+    assert [n["label"] for n in body["nodes"]] == [
+        "Python programming",
+        "Syntax",
+        "Types",
+        "Modules",
+    ]
+    assert all(e["source"] == "root" for e in body["edges"])
+    assert len(body["edges"]) == 3
+    assert body["cost_usd"] == "0.000032"  # 90 x 0.15 / 1e6 + 30 x 0.60 / 1e6 = 0.0000315
+    prompt = fake_upstream.requests[0].body["messages"][-1]["content"]
+    assert "Topic: Python programming" in prompt
+    assert "JSON" in prompt
+
+
+@pytest.mark.django_db
+def test_subtopics_same_topic_any_case_is_a_cache_hit(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    body = {"topic": "Python programming", "count": 4, "model": "gpt-test"}
+    key_client.post(SUBTOPICS, body, format="json")
+
+    again = key_client.post(SUBTOPICS, {**body, "topic": "  python   PROGRAMMING "}, format="json")
+
+    assert again.status_code == 200
+    assert again["X-Cache"] == "HIT"
+    assert again.json()["cached"] is True
+    assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.django_db
+def test_subtopics_malformed_answer_is_repaired_without_asking_again(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text='```json\n{"subtopics": ["A", "B", "C",]}\n```')
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 200
+    assert [n["label"] for n in response.json()["nodes"][1:]] == ["A", "B", "C"]
+    assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.django_db
+def test_subtopics_unreadable_answer_is_asked_again_once_and_both_calls_charged(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.script(
+        Behaviour(text="I cannot do JSON today.", usage=(100, 10)),
+        Behaviour(text='{"subtopics": ["X", "Y", "Z"]}', usage=(150, 20)),
+    )
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == 250
+    assert len(fake_upstream.requests) == 2
+    retry_messages = fake_upstream.requests[1].body["messages"]
+    assert retry_messages[-2] == {"role": "assistant", "content": "I cannot do JSON today."}
+
+
+@pytest.mark.django_db
+def test_subtopics_still_unreadable_after_asking_again_is_502_refunded(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text="no")
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert UsageRecord.objects.get().cost_usd == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("count", [2, 13])
+def test_subtopics_count_out_of_range_is_400(upstream_settings, key_client, count):
+    response = key_client.post(SUBTOPICS, {"topic": "x", "count": count}, format="json")
+
+    assert response.status_code == 400
+    assert "count" in response.json()["error"]["fields"]
+
+
+@pytest.mark.django_db
+def test_subtopics_local_provider_answers_offline(upstream_settings, local_model, key_client):
+    response = key_client.post(SUBTOPICS, {"topic": "Rust", "count": 5}, format="json")
+
+    assert response.status_code == 200, response.content
+    assert len(response.json()["nodes"]) == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_explanations_one_failing_item_does_not_fail_the_others(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.rule("Subtopic: Broken", Behaviour(kind="status", status=500))
+    fake_upstream.default = Behaviour(text="An explanation.", usage=(30, 10))
+    subtopics = ["Syntax", "Broken", "Types", "Modules", "Testing"]
+
+    response = key_client.post(
+        EXPLANATIONS,
+        {"topic": "Python", "subtopics": subtopics, "model": "gpt-test"},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+    items = response.json()["items"]
+    assert [i["subtopic"] for i in items] == subtopics
+    broken = items[1]
+    assert broken["explanation"] is None
+    assert broken["error"]["code"] == "upstream_error"
+    assert all(
+        i["explanation"] == "An explanation." and i["error"] is None
+        for i in items
+        if i["subtopic"] != "Broken"
+    )
+    body = response.json()
+    assert body["usage"]["prompt_tokens"] == 4 * 30
+    # Each item costs (30 x 0.15 + 10 x 0.60) / 1e6 = 0.0000105, rounded half-up on its own.
+    assert body["cost_usd"] == "0.000044"
+    rows = UsageRecord.objects.order_by("request_id")
+    assert [r.outcome for r in rows].count("ok") == 4
+    assert [r.outcome for r in rows].count("upstream_error") == 1
+    assert len({r.request_id for r in rows}) == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_explanations_cached_items_cost_nothing_the_second_time(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    body = {"topic": "Go", "subtopics": ["Goroutines", "Channels"], "model": "gpt-test"}
+    key_client.post(EXPLANATIONS, body, format="json")
+
+    again = key_client.post(EXPLANATIONS, body, format="json")
+
+    assert again.status_code == 200
+    assert [i["cached"] for i in again.json()["items"]] == [True, True]
+    assert again.json()["cost_usd"] == "0"
+    assert again["X-Cache"] == "HIT"
+    assert len(fake_upstream.requests) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_explanations_all_items_failing_is_an_error(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+
+    response = key_client.post(
+        EXPLANATIONS, {"topic": "Go", "subtopics": ["A", "B"], "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+@pytest.mark.django_db
+def test_explanations_more_than_twenty_subtopics_is_400(upstream_settings, key_client):
+    response = key_client.post(
+        EXPLANATIONS, {"topic": "Go", "subtopics": [f"s{i}" for i in range(21)]}, format="json"
+    )
+
+    assert response.status_code == 400

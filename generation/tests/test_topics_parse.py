@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from generation.topics import subtopics_parse, topic_graph
+
+
+def test_subtopics_parse_reads_plain_json():
+    assert subtopics_parse('{"subtopics": ["a", "b", "c"]}', count=6) == ["a", "b", "c"]
+
+
+def test_subtopics_parse_repairs_fenced_json_with_trailing_comma():
+    text = 'Sure! Here they are:\n```json\n{"subtopics": ["Syntax", "Types",]}\n```'
+    assert subtopics_parse(text, count=6) == ["Syntax", "Types"]
+
+
+def test_subtopics_parse_accepts_bullets_when_no_json():
+    text = "1. Syntax\n2. Types\n- Modules\n* syntax"
+    assert subtopics_parse(text, count=6) == ["Syntax", "Types", "Modules"]
+
+
+def test_subtopics_parse_cuts_at_count_and_reads_objects():
+    text = '[{"name": "a"}, {"title": "b"}, {"label": "c"}]'
+    assert subtopics_parse(text, count=2) == ["a", "b"]
+
+
+def test_subtopics_parse_garbage_yields_nothing():
+    assert subtopics_parse('{"subtopics": [ oops', count=6) == []
+
+
+def test_topic_graph_links_every_subtopic_to_the_root():
+    graph = topic_graph(topic="Python", subtopics=["Syntax", "Types"])
+    assert graph["nodes"][0] == {"id": "root", "label": "Python"}
+    assert graph["edges"] == [
+        {"source": "root", "target": "s1"},
+        {"source": "root", "target": "s2"},
+    ]
