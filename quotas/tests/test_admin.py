@@ -465,6 +465,21 @@ def test_suspension_through_the_user_page_is_audited_with_the_actor(
     assert (entry.old_value, entry.new_value, entry.actor) == ("False", "True", admin_user)
 
 
+def test_deleting_a_provider_quota_in_the_admin_is_audited_with_the_actor(
+    admin_client, admin_user, governance
+):
+    row = governance[ProviderQuota]
+
+    response = admin_client.post(_url(ProviderQuota, "delete", row.pk), {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not ProviderQuota.objects.filter(pk=row.pk).exists()
+    entry = AuditEntry.objects.get(
+        object_type="providerquota", object_id=str(row.pk), field="(deleted)"
+    )
+    assert entry.actor == admin_user
+
+
 def test_plan_form_refuses_unknown_models_and_negative_money(admin_client, governance):
     plan = governance[Plan]
 
