@@ -34,11 +34,13 @@ UPSTREAM_LATENCY = Histogram(
 )
 TOKENS = Counter("tollgate_tokens_total", "Tokens charged by model and kind.", ["model", "kind"])
 COST_USD = Counter("tollgate_cost_usd_total", "USD charged by model.", ["model"])
+# Under gunicorn each worker sets these from what it last saw; the most recent value of a
+# live worker is the truth (a max or min would keep a state another worker has since left).
 CIRCUIT_STATE = Gauge(
     "tollgate_circuit_state", "Circuit breaker state (0 closed, 1 half-open, 2 open).",
-    ["provider", "model"], multiprocess_mode="livemax",
+    ["provider", "model"], multiprocess_mode="livemostrecent",
 )
 QUOTA_REMAINING = Gauge(
     "tollgate_quota_remaining", "Remaining headroom of global and provider scopes.",
-    ["scope", "dimension"], multiprocess_mode="livemin",
+    ["scope", "dimension"], multiprocess_mode="livemostrecent",
 )

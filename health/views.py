@@ -1,9 +1,11 @@
-"""Probes and the Prometheus scrape endpoint: plain Django views, no authentication (but
-METRICS_TOKEN on /metrics), no session, no database work beyond the checks themselves."""
+"""Probes and the Prometheus scrape endpoint: plain Django views without authentication
+(but METRICS_TOKEN on /metrics) or session. A probe does nothing beyond its checks; a
+scrape also reads the shared quota headroom and the circuit states from Redis."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 
 from django.conf import settings
@@ -19,6 +21,10 @@ from prometheus_client import (
 )
 
 from health import probes
+from health.metrics import CIRCUIT_STATE
+
+logger = logging.getLogger(__name__)
+CIRCUIT_CODES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 @never_cache
@@ -65,6 +71,29 @@ def _authorized(request: HttpRequest) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
 
 
+def _refresh_shared_gauges() -> None:
+    """Set the gauges of state that lives in Redis (shared quota headroom, circuit states)
+    from Redis itself, so a scrape sees the truth and not what this worker last noticed."""
+    try:
+        from quotas.services import quota_global
+
+        quota_global()  # sets tollgate_quota_remaining for every global and provider window
+    except Exception:  # a scrape must answer even with Redis or the database down
+        logger.warning("shared quota gauges not refreshed", exc_info=True)
+    try:
+        from generation.services import circuit_states
+    except ImportError:
+        return
+    try:
+        for row in circuit_states():
+            state = str(row.get("state", "closed")).replace("-", "_")
+            CIRCUIT_STATE.labels(row.get("provider", ""), row.get("model", "")).set(
+                CIRCUIT_CODES.get(state, 0)
+            )
+    except Exception:
+        logger.warning("circuit gauges not refreshed", exc_info=True)
+
+
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
@@ -74,4 +103,5 @@ def metrics(request: HttpRequest) -> HttpResponse:
         )
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
+    _refresh_shared_gauges()
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from health.tests.test_gunicorn_metrics import _sample
+from quotas.models import GlobalLimits, ProviderQuota
+
+pytestmark = pytest.mark.django_db
+
+
+def test_scrape_reports_shared_quota_headroom_and_open_circuits_from_redis(client, redis_conn):
+    limits = GlobalLimits.load()
+    limits.requests_per_hour = 1000
+    limits.save()
+    ProviderQuota.objects.create(
+        provider="openai", model="", requests_per_minute=100, safety_margin="0.80"
+    )
+    redis_conn.hset(
+        "tg:cb:openai:gpt-test", mapping={"state": "open", "failures": 5, "opened_at": time.time()}
+    )
+    text = client.get("/metrics").content.decode()
+    assert (
+        _sample(text, "tollgate_quota_remaining", scope="global", dimension="requests_per_hour")
+        == 1000
+    )
+    assert (
+        _sample(text, "tollgate_quota_remaining", scope="provider", dimension="requests_per_minute")
+        == 80
+    )
+    assert _sample(text, "tollgate_circuit_state", provider="openai", model="gpt-test") == 2
+
+
+def test_scrape_answers_with_redis_down(client, settings, caplog):
+    from quotas.services import local_state_reset
+
+    closed = "redis://127.0.0.1:1/3"
+    settings.REDIS_URL = closed
+    settings.CACHES = {
+        **settings.CACHES,
+        "default": {**settings.CACHES["default"], "LOCATION": closed},
+    }
+    local_state_reset()  # forget the quota backend bound to the working Redis
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert b"tollgate_requests_total" in response.content
+    messages = [r.getMessage() for r in caplog.records if r.name == "health.views"]
+    assert "shared quota gauges not refreshed" in messages
+    assert "circuit gauges not refreshed" in messages
