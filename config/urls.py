@@ -25,3 +25,5 @@ urlpatterns = [
         name="swagger-ui",
     ),
 ]
+
+handler500 = "health.views.server_error"

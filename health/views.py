@@ -7,9 +7,11 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from prometheus_client import (
@@ -20,6 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from config.middleware import request_id_var
 from health import probes
 from health.metrics import CIRCUIT_STATE
 
@@ -105,3 +108,30 @@ def metrics(request: HttpRequest) -> HttpResponse:
         return response
     _refresh_shared_gauges()
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500: an error that escaped a plain Django view or a middleware.
+
+    Under /api/ and /v1/ the body is the contract's error shape (OpenAI's under /v1/) with
+    the request id and no traceback; elsewhere (the admin) Django's own 500 page.
+    """
+    request_id = getattr(request, "request_id", None) or request_id_var.get()
+    message = "An unexpected error occurred."
+    if request.path.startswith("/v1/"):
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": "server_error",
+                "code": "internal_error",
+                "request_id": request_id,
+            }
+        }
+    elif request.path.startswith("/api/"):
+        body = {"error": {"code": "internal_error", "message": message, "request_id": request_id}}
+    else:
+        return defaults.server_error(request)
+    response = JsonResponse(body, status=500)
+    if request_id:
+        response["X-Request-ID"] = request_id
+    return response

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import sentry_sdk
+
+from config.logging import sentry_init
+
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("health.tests.urls_raising")]
+
+
+@pytest.fixture
+def raising_client(client):
+    client.raise_request_exception = False
+    return client
+
+
+def test_unexpected_error_in_api_view_is_500_with_request_id_and_no_traceback(raising_client):
+    response = raising_client.get("/api/v1/test-boom", HTTP_X_REQUEST_ID="req-500-a")
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {
+            "code": "internal_error",
+            "message": "An unexpected error occurred.",
+            "request_id": "req-500-a",
+        }
+    }
+    assert b"internal detail" not in response.content
+    assert b"Traceback" not in response.content
+
+
+def test_unexpected_error_in_plain_api_view_is_500_in_contract_shape(raising_client):
+    response = raising_client.get("/api/v1/test-boom-plain", HTTP_X_REQUEST_ID="req-500-b")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert response.json()["error"]["request_id"] == "req-500-b"
+    assert b"internal detail" not in response.content
+
+
+def test_unexpected_error_under_v1_is_500_in_openai_shape(raising_client):
+    response = raising_client.get("/v1/test-boom-plain", HTTP_X_REQUEST_ID="req-500-c")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert error["request_id"] == "req-500-c"
+    assert error["message"]
+
+
+def test_unexpected_error_outside_the_api_keeps_djangos_page(raising_client):
+    response = raising_client.get("/admin-boom")
+    assert response.status_code == 500
+    assert not response["Content-Type"].startswith("application/json")
+    assert b"internal detail" not in response.content
+
+
+class _Ingest(BaseHTTPRequestHandler):
+    envelopes: list[bytes] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.envelopes.append(body)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sentry_ingest():
+    """A Sentry ingest endpoint on loopback that keeps the envelopes it receives."""
+    _Ingest.envelopes = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ingest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sentry_init(
+        dsn=f"http://public@127.0.0.1:{server.server_port}/42",
+        environment="test",
+        release="test-release",
+        traces_rate=0.0,
+    )
+    yield _Ingest.envelopes
+    sentry_sdk.get_client().close(timeout=2)
+    sentry_sdk.init()  # no DSN: reporting off again
+    server.shutdown()
+
+
+def _events(envelopes: list[bytes]) -> list[dict]:
+    events = []
+    for envelope in envelopes:
+        lines = envelope.split(b"\n")
+        for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+            if json.loads(header).get("type") == "event":
+                events.append(json.loads(payload))
+    return events
+
+
+def test_unexpected_error_reaches_sentry_tagged_with_request_id(raising_client, sentry_ingest):
+    response = raising_client.get("/api/v1/test-boom", HTTP_X_REQUEST_ID="req-sentry-1")
+    assert response.status_code == 500
+    sentry_sdk.flush(timeout=5)
+    events = _events(sentry_ingest)
+    assert events, "no event reached the Sentry endpoint"
+    tagged = [e for e in events if e.get("tags", {}).get("request_id") == "req-sentry-1"]
+    assert tagged
+    event = tagged[0]
+    assert event["environment"] == "test"
+    assert event["exception"]["values"][-1]["type"] == "RuntimeError"
