@@ -101,3 +101,33 @@ def test_log_lines_inside_a_request_carry_its_request_id(client, log_lines):
     finally:
         request_id_var.reset(token)
     assert log_lines()[0]["request_id"] == "req-inner"
+
+
+@pytest.mark.usefixtures("redis_conn", "local_model")
+def test_request_log_lines_report_cache_result_and_quota_decision(api_client, log_lines):
+    from quotas.services import key_create
+    from quotas.tests.factories import PlanFactory, UserFactory, UserQuotaFactory
+
+    plan = PlanFactory(requests_per_minute=2)
+    user = UserQuotaFactory(user=UserFactory(), plan=plan).user
+    full_key, _ = key_create(user=user, name="log")
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    prompts = ["what is a log line"] * 3 + ["something never asked"]
+    statuses = [
+        api_client.post(
+            "/api/v1/generate", {"prompt": p, "max_tokens": 8}, format="json"
+        ).status_code
+        for p in prompts
+    ]
+    # Miss, hit, then over the limit: a stale copy of the same answer, then a refusal.
+    assert statuses == [200, 200, 200, 429]
+    lines = [line for line in log_lines() if line.get("event") == "request"]
+    assert [(line["cache"], line["quota"]) for line in lines] == [
+        ("MISS", "admitted"),
+        ("HIT", "admitted"),
+        ("STALE", "fallback"),
+        ("none", "denied:plan.requests_per_minute"),
+    ]
+    assert all(line["endpoint"] == "/api/v1/generate" for line in lines)
+    assert "what is a log line" not in log_lines.raw()
+    assert "something never asked" not in log_lines.raw()
