@@ -149,13 +149,17 @@ def main() -> None:
         )
         plan = "\n".join(f"    {row[0]}" for row in cursor.fetchall())
 
-    print(f"\nledger rows: {args.rows:,} over 30 days, {args.users} users, "
-          f"median/max of {args.repeat} runs")
+    print(
+        f"\nledger rows: {args.rows:,} over 30 days, {args.users} users, "
+        f"median/max of {args.repeat} runs"
+    )
     print(f"  dashboard queries, no roll-up (ledger only) : {cold[0]:8.1f} ms / {cold[1]:.1f} ms")
     print(f"  roll-up of 29 past days (periodic task)      : {rollup_ms:8.1f} ms once")
     print(f"  dashboard queries, with roll-up              : {warm[0]:8.1f} ms / {warm[1]:.1f} ms")
-    print(f"  whole admin page (HTML + SVG), with roll-up  : "
-          f"{page_times[0]:8.1f} ms / {page_times[1]:.1f} ms")
+    print(
+        f"  whole admin page (HTML + SVG), with roll-up  : "
+        f"{page_times[0]:8.1f} ms / {page_times[1]:.1f} ms"
+    )
     print(f"  plan of today's top-users query:\n{plan}")
 
 

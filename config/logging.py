@@ -25,6 +25,8 @@ from config.middleware import current_request, principal_of, request_id_var
 # A full key (`tg_<prefix>_<secret>`); the prefix alone is not secret.
 _KEY_PATTERN = re.compile(r"\b(tg_[a-z0-9]{8})_[A-Za-z0-9_\-]{16,}")
 _TOKEN_PATTERN = re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=\-]{16,}")
+# One cheap scan decides whether a string needs the two substitutions below.
+_MAY_HOLD_SECRET = re.compile(r"tg_|(?i:bearer|token)")
 SENSITIVE_FIELDS = frozenset(
     {
         "authorization",
@@ -77,13 +79,11 @@ def scrub_sensitive(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
 
     if getattr(settings, "LOG_SENSITIVE_DATA", False):
         return event_dict
-    for name in list(event_dict):
+    for name, value in event_dict.items():
         if name.lower() in SENSITIVE_FIELDS:
             event_dict[name] = REDACTED
-        else:
-            value = event_dict[name]
-            if isinstance(value, str):
-                event_dict[name] = redact_text(value)
+        elif isinstance(value, str) and _MAY_HOLD_SECRET.search(value):
+            event_dict[name] = redact_text(value)
     return event_dict
 
 
