@@ -71,6 +71,7 @@ class Overview:
     top_users: list[UserSpend]
     denials: list[tuple[str, str, int]]
     circuits: list[dict[str, Any]] | None
+    shared: list[dict[str, Any]] | None
     generated_at: dt.datetime
     notes: list[str] = field(default_factory=list)
 
@@ -306,20 +307,42 @@ def _as_rows(states: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def shared_headroom() -> list[dict[str, Any]] | None:
+    """Live use of the global and provider scopes, one row per window (None: unreachable)."""
+    from quotas.services import quota_global
+
+    try:
+        standing = quota_global()
+    except Exception:
+        logger.warning("shared quota standing unavailable", exc_info=True)
+        return None
+    rows = [
+        {"scope": "global", "dimension": dim, **entry}
+        for dim, entry in standing.get("global", {}).items()
+    ]
+    for provider, windows in sorted(standing.get("providers", {}).items()):
+        rows += [{"scope": provider, "dimension": dim, **entry} for dim, entry in windows.items()]
+    return rows
+
+
 def dashboard_overview(*, now: dt.datetime) -> Overview:
     """Everything the dashboard page shows, as of `now` (UTC)."""
     today = now.astimezone(dt.UTC).date()
     series = daily_series(today=today)
     circuits = open_circuits()
+    shared = shared_headroom()
     notes = []
     if circuits is None:
-        notes.append("Circuit breaker states are not reported by the generation service.")
+        notes.append("Circuit breaker states are unavailable.")
+    if shared is None:
+        notes.append("Live quota counters are unavailable (Redis unreachable?).")
     return Overview(
         today=series[-1],
         series=series,
         top_users=top_users_by_cost(today=today),
         denials=denials_by_reason(today=today),
         circuits=circuits,
+        shared=shared,
         generated_at=now,
         notes=notes,
     )

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from health import selectors
-from quotas.models import DailyUsage, DenialCount, UsageRecord
+from quotas.models import DailyUsage, DenialCount, GlobalLimits, UsageRecord
 from quotas.tests.factories import PlanFactory, UserFactory, UserQuotaFactory
 
 pytestmark = pytest.mark.django_db
@@ -84,6 +84,9 @@ def seeded(redis_conn):
         completion_tokens=30,
         cost_usd=Decimal("0.07"),
     )
+    limits = GlobalLimits.load()
+    limits.requests_per_hour = 500
+    limits.save()
     DenialCount.objects.create(day=today, scope="user", dimension="requests_per_minute", count=3)
     DenialCount.objects.create(
         day=today - dt.timedelta(days=1), scope="key", dimension="cost_per_day", count=8
@@ -149,6 +152,9 @@ def test_dashboard_renders_seeded_data_for_staff(client, admin_user, seeded):
     assert "cost_per_day" not in denials[: denials.index("</table>")]
     circuits = html[html.index('id="circuits"') :]
     assert "openai:gpt-test" in circuits[: circuits.index("</table>")]
+    shared = html[html.index('id="shared-quotas"') :]
+    shared = shared[: shared.index("</table>")]
+    assert re.search(r"<td>global</td><td>requests_per_hour</td><td>500</td>", shared)
     # Three charts of 30 days each, drawn inline; no script and nothing from another origin.
     assert html.count("<svg") >= 3
     assert html.count('class="dashboard-bar"') == 90
@@ -165,6 +171,7 @@ def test_dashboard_renders_with_no_data(client, admin_user, redis_conn):
     assert "No spend recorded today." in html
     assert "No refusals today." in html
     assert "All circuits closed." in html
+    assert "No global or provider limit is set." in html
     assert re.search(r'id="today-hit-rate">\s*n/a', html)
 
 
@@ -172,3 +179,24 @@ def test_admin_index_links_to_the_dashboard(client, admin_user):
     client.force_login(admin_user)
     html = client.get("/admin/").content.decode()
     assert 'href="/admin/dashboard/"' in html
+
+
+def test_dashboard_renders_from_the_ledger_with_redis_down(client, admin_user, seeded, settings):
+    from quotas.services import local_state_reset
+
+    closed = "redis://127.0.0.1:1/3"
+    settings.REDIS_URL = closed
+    settings.CACHES = {
+        **settings.CACHES,
+        "default": {**settings.CACHES["default"], "LOCATION": closed},
+    }
+    local_state_reset()
+    client.force_login(admin_user)
+    response = client.get("/admin/dashboard/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert re.search(r'id="today-requests">\s*4\s*<', html)
+    assert "Live counters unavailable." in html
+    assert "Live quota counters are unavailable" in html
+    # Persisted refusal counts still show.
+    assert "requests_per_minute" in html[html.index('id="denials"') :]
