@@ -210,7 +210,8 @@ class CacheTier:
             return
         if mono < self.down_until:
             return
-        if not self._sync_lock.acquire(blocking=force):
+        # The first sync of a process blocks: until it has run, namespace versions are unknown.
+        if not self._sync_lock.acquire(blocking=force or self.last_seq is None):
             return
         try:
             self.last_sync = mono

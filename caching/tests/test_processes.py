@@ -80,6 +80,25 @@ def test_namespace_drop_reaches_another_process_memory_within_one_second():
         worker.wait()
 
 
+def test_broadcast_set_replaces_another_process_memory_copy_within_one_second():
+    cache_set("gen:a", {"text": "old"})
+    cache_set("gen:b", {"text": "other"})
+    worker = _spawn("read", "gen:a", "gen:b")
+    try:
+        assert json.loads(worker.stdout.readline()) == ["memory", "memory"]
+
+        cache_set("gen:a", {"text": "new"}, broadcast=True)
+        time.sleep(1.0)
+        worker.stdin.write("check\n")
+        worker.stdin.flush()
+
+        # Its memory copy was dropped: the new answer comes from Redis.
+        assert json.loads(worker.stdout.readline()) == ["redis", "memory"]
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def test_single_flight_across_processes_computes_once(redis_conn):
     workers = [_spawn("flight", "gen:shared", "20") for _ in range(2)]
     results: list[bool] = []
