@@ -13,9 +13,10 @@ from caching.serializers import (
     CacheStatsOutputSerializer,
 )
 from caching.services import cache_invalidate, cache_stats
+from quotas.views import RateLimitHeadersMixin
 
 
-class CacheStatsView(ConditionalGetMixin, APIView):
+class CacheStatsView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = [IsAdminUser]
     cache_max_age = 0  # live numbers: always revalidate, a 304 when nothing changed
 
@@ -24,7 +25,7 @@ class CacheStatsView(ConditionalGetMixin, APIView):
         return Response(CacheStatsOutputSerializer(cache_stats()).data)
 
 
-class CacheInvalidateView(APIView):
+class CacheInvalidateView(RateLimitHeadersMixin, APIView):
     permission_classes = [IsAdminUser]
 
     @extend_schema(

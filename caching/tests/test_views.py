@@ -10,7 +10,7 @@ from caching.services import (
     cache_set,
     popularity_bump,
 )
-from quotas.tests.factories import UserFactory
+from quotas.tests.factories import PlanFactory, UserFactory, UserQuotaFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -23,8 +23,10 @@ def _redis(redis_conn):
 
 @pytest.fixture
 def staff_client() -> APIClient:
+    staff = UserFactory(username="ops", is_staff=True)
+    UserQuotaFactory(user=staff, plan=PlanFactory(requests_per_minute=600))
     client = APIClient()
-    client.force_authenticate(UserFactory(username="ops", is_staff=True))
+    client.force_authenticate(staff)
     return client
 
 
@@ -35,7 +37,7 @@ def user_client() -> APIClient:
     return client
 
 
-def test_stats_shape_and_counts_for_staff(staff_client):
+def test_stats_shape_and_counts_for_staff(staff_client, local_model):
     cache_set("gen:a", {"x": 1})
     cache_get("gen:a")
     cache_get("gen:nope")
@@ -48,6 +50,7 @@ def test_stats_shape_and_counts_for_staff(staff_client):
     assert body["memory"] == {"size": 1, "max_size": 1000, "hits": 1, "misses": 1}
     assert body["redis"] == {"hits": 0, "misses": 1, "hit_rate": 0.0}
     assert body["popular"] == [["python programming", 45]]
+    assert response["X-RateLimit-Limit-Requests"] == "600"  # like every authenticated response
 
 
 def test_stats_refused_to_non_staff(user_client):
