@@ -144,3 +144,44 @@ def test_admin_requires_staff_login(client, django_user_model):
     user = django_user_model.objects.create_user("plain", password="pw-123456789")
     client.force_login(user)
     assert client.get("/admin/dashboard/").status_code == 302
+
+
+def test_production_settings_pass_the_deploy_security_checks():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TOLLGATE_TESTING", "DEBUG")}
+    env.update(
+        SECRET_KEY="a-long-random-production-secret-9f8e7d6c5b4a3928171605f4e3d2c1b0",
+        DEBUG="0",
+        ALLOWED_HOSTS="example.com",
+    )
+    for name in (
+        "SECURE_SSL_REDIRECT",
+        "SECURE_HSTS_SECONDS",
+        "SESSION_COOKIE_SECURE",
+        "CSRF_COOKIE_SECURE",
+    ):
+        env.pop(name, None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "check",
+            "--deploy",
+            "--tag",
+            "security",
+            "--fail-level",
+            "WARNING",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues" in result.stdout
