@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, URLResolver, path
 
-from caching.services import cache_invalidate, cache_stats
+from caching.services import cache_invalidate, cache_namespace_drop, cache_stats
 
 
 class InvalidateForm(forms.Form):
@@ -24,17 +24,32 @@ class InvalidateForm(forms.Form):
     )
 
 
+class NamespaceDropForm(forms.Form):
+    namespace = forms.ChoiceField(
+        choices=[("gen", "gen: generation answers"), ("topic", "topic: topic answers")],
+        help_text="Drops every answer of the namespace at once (its entries expire on their own).",
+    )
+
+
 def cache_admin_view(request: HttpRequest) -> HttpResponse:
-    form = InvalidateForm(request.POST or None)
-    if request.method == "POST" and form.is_valid():
+    posted = request.POST if request.method == "POST" else None
+    form = InvalidateForm(posted if posted and "pattern" in posted else None)
+    drop_form = NamespaceDropForm(posted if posted and "namespace" in posted else None)
+    if form.is_valid():
         pattern = form.cleaned_data["pattern"]
         removed = cache_invalidate(pattern=pattern)
         messages.success(request, f"Invalidated {removed} cached entries matching {pattern!r}.")
+        return HttpResponseRedirect(request.path)
+    if drop_form.is_valid():
+        namespace = drop_form.cleaned_data["namespace"]
+        cache_namespace_drop(namespace=namespace)
+        messages.success(request, f"Dropped every cached answer of the {namespace!r} namespace.")
         return HttpResponseRedirect(request.path)
     context = {
         **admin.site.each_context(request),
         "title": "Cache",
         "form": form,
+        "drop_form": drop_form,
         "stats": cache_stats(),
     }
     return TemplateResponse(request, "caching/admin_cache.html", context)

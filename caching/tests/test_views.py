@@ -157,6 +157,18 @@ def test_admin_page_invalidates_by_pattern(client):
     assert cache_get("topic:python:subtopics:1") is None
 
 
+def test_admin_page_drops_a_namespace(client):
+    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
+    cache_set("gen:a", {"x": 1})
+    cache_set("topic:python:subtopics:1", {"x": 2})
+
+    response = client.post("/admin/cache/", {"namespace": "gen"}, follow=True)
+
+    assert b"Dropped every cached answer" in response.content
+    assert cache_get("gen:a") is None
+    assert cache_get("topic:python:subtopics:1") is not None
+
+
 def test_admin_page_requires_staff(client):
     client.force_login(UserFactory(username="bob"))
 
