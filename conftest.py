@@ -23,7 +23,7 @@ def _reachable(url: str, default_port: int) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     db = settings.DATABASES["default"]
     missing = []
-    if db["ENGINE"] != "django.db.backends.postgresql":
+    if not db["ENGINE"].endswith(".postgresql"):  # Django's, or django-prometheus's wrapper
         missing.append("DATABASE_URL must point at PostgreSQL for the test suite")
     elif not _reachable(f"postgres://{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}", 5432):
         missing.append(f"PostgreSQL is unreachable at {db.get('HOST')}:{db.get('PORT')}")

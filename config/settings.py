@@ -300,6 +300,18 @@ HEALTH_REQUIRED_CHECKS = env.list(
     "HEALTH_REQUIRED_CHECKS",
     default=["database", "redis"] if QUOTA_FAIL_MODE == "closed" else ["database"],
 )
+# django-prometheus's database and cache wrappers: queries, errors and latencies per alias,
+# cache get/hit/miss counts. Same drivers underneath; off with PROMETHEUS_DB_CACHE_METRICS=0.
+if env.bool("PROMETHEUS_DB_CACHE_METRICS", default=True):
+    _WRAPPED_ENGINES = {
+        "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",
+        "django.db.backends.sqlite3": "django_prometheus.db.backends.sqlite3",
+    }
+    DATABASES["default"]["ENGINE"] = _WRAPPED_ENGINES.get(
+        DATABASES["default"]["ENGINE"], DATABASES["default"]["ENGINE"]
+    )
+    if CACHES["default"]["BACKEND"] == "django_redis.cache.RedisCache":
+        CACHES["default"]["BACKEND"] = "django_prometheus.cache.backends.redis.RedisCache"
 from config.logging import logging_config, sentry_init, structlog_configure  # noqa: E402
 
 LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)

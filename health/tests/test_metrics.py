@@ -48,3 +48,16 @@ def test_scrape_answers_with_redis_down(client, settings, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "health.views"]
     assert "shared quota gauges not refreshed" in messages
     assert "circuit gauges not refreshed" in messages
+
+
+def test_scrape_reports_database_and_cache_metrics(client, redis_conn):
+    from django.core.cache import cache
+
+    cache.set("metrics-probe", 1)
+    cache.get("metrics-probe")
+    cache.get("metrics-absent")
+    client.get("/health/ready")  # runs a query on the default database
+    text = client.get("/metrics").content.decode()
+    assert _sample(text, "django_db_execute_total", alias="default", vendor="postgresql") > 0
+    assert _sample(text, "django_cache_get_hits_total", backend="redis") > 0
+    assert _sample(text, "django_cache_get_misses_total", backend="redis") > 0
