@@ -89,6 +89,9 @@ def scrub_sensitive(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
 
 def _drop_color_message(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     event_dict.pop("color_message", None)
+    # A record another handler formatted first carries its rendered message: same as event.
+    if event_dict.get("message") == event_dict.get("event"):
+        event_dict.pop("message", None)
     return event_dict
 
 
