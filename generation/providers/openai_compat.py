@@ -4,6 +4,7 @@ the same way."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx2
@@ -37,16 +38,24 @@ class OpenAIProvider:
         self.connect_timeout = connect_timeout
 
     def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
-        kwargs: dict[str, Any] = {"max_tokens": request.max_tokens}
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens,
+        }
         if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
+            body["temperature"] = request.temperature
         try:
-            response = self.client.chat.completions.create(
-                model=request.model,
-                messages=list(request.messages),  # type: ignore[arg-type]
-                timeout=httpx2.Timeout(timeout, connect=self.connect_timeout),
-                **kwargs,
+            # The SDK's generic request method: its auth, base URL, timeouts and error
+            # mapping, without the typed-parameter transform and model construction of
+            # chat.completions.create (about half of the SDK's CPU time per call).
+            response = self.client.post(
+                "/chat/completions",
+                cast_to=httpx2.Response,
+                body=body,
+                options={"timeout": httpx2.Timeout(timeout, connect=self.connect_timeout)},
             )
+            data = json.loads(response.content)
         except openai.APITimeoutError as exc:
             raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
         except openai.APIConnectionError as exc:
@@ -60,24 +69,31 @@ class OpenAIProvider:
                     f"openai: HTTP {exc.status_code}", retry_after=retry_after
                 ) from exc
             raise ProviderRejected(f"openai: HTTP {exc.status_code}: {exc.message}") from exc
-        except (ValueError, openai.APIResponseValidationError) as exc:
+        except ValueError as exc:
             raise ProviderServerError(f"openai: malformed response: {exc}") from exc
-        if not response.choices:
-            raise ProviderServerError("openai: response without choices")
-        choice = response.choices[0]
-        text = choice.message.content or ""
-        usage = response.usage
-        if usage is not None:
+        return _completion(data, request)
+
+
+def _completion(data: Any, request: CompletionRequest) -> Completion:
+    """A Completion from a chat.completion body; ProviderServerError when it is not one."""
+    try:
+        choice = data["choices"][0]
+        text = choice["message"].get("content") or ""
+        finish = choice.get("finish_reason") or "stop"
+        usage = data.get("usage")
+        if isinstance(usage, dict) and "prompt_tokens" in usage:
             return Completion(
-                text=text,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                finish_reason=choice.finish_reason or "stop",
+                text=str(text),
+                prompt_tokens=int(usage["prompt_tokens"]),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason=str(finish),
             )
-        return Completion(
-            text=text,
-            prompt_tokens=tokens_count_messages(request.messages),
-            completion_tokens=tokens_count(text),
-            finish_reason=choice.finish_reason or "stop",
-            usage_reported=False,
-        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise ProviderServerError(f"openai: unexpected response shape: {exc!r}") from exc
+    return Completion(
+        text=str(text),
+        prompt_tokens=tokens_count_messages(request.messages),
+        completion_tokens=tokens_count(str(text)),
+        finish_reason=str(finish),
+        usage_reported=False,
+    )

@@ -1,0 +1,430 @@
+"""Cache-miss generation requests through gunicorn against the zero-latency fake upstream.
+
+    .venv/bin/python bench/generate.py [--duration 6] [--concurrency 1 8 32] [--write-docs]
+    .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
+
+Starts the fake upstream (generation/tests/fake_upstream.py, its own process), then
+Tollgate under gunicorn (config/gunicorn.conf.py, 2 sync workers) with the OpenAI-compatible
+provider pointed at it, and drives both with wrk at each concurrency:
+
+- through Tollgate: POST /api/v1/generate, every prompt unique (always a cache miss), with
+  an API key whose plan, key and global limits are all set (every window is checked and
+  reserved) and the ledger on;
+- straight to the fake upstream: POST /v1/chat/completions with the body Tollgate sends.
+
+Overhead = (through Tollgate) - (straight to the upstream), both measured in the same run.
+CPU per request is the gunicorn workers' user+system CPU time over the run divided by the
+requests served; peak RSS is each worker's VmHWM. Own database `tollgate_bench_gen` and
+Redis db 1 (override with DATABASE_URL / REDIS_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tollgate_bench_gen")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/1")
+os.environ.setdefault("CELERY_BROKER_URL", os.environ["REDIS_URL"])
+os.environ.setdefault("SECRET_KEY", "bench-only")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+MODEL = "bench/gpt"
+DOCS = ROOT / "docs" / "BENCHMARKS.md"
+START, END = "<!-- generation-bench:start -->", "<!-- generation-bench:end -->"
+
+WRK_SCRIPT = r"""
+local counter = 0
+local tid = 0
+local threads = {}
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+function init(args)
+  tid = tonumber(tid) or 0
+  math.randomseed(os.time() + tid * 7919)
+end
+request = function()
+  counter = counter + 1
+  if BODY_FORMAT == "" then return wrk.format(METHOD) end
+  local body = string.format(BODY_FORMAT, tid, counter, math.random(1, 1000000000))
+  return wrk.format(METHOD, nil, nil, body)
+end
+not_ok = 0
+function response(status, headers, body)
+  if status ~= 200 then not_ok = not_ok + 1 end
+end
+function done(summary, latency, requests)
+  local failed = 0
+  for _, thread in ipairs(threads) do failed = failed + (thread:get("not_ok") or 0) end
+  local errors = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"mean_us": %d, "non_2xx": %d, "socket_errors": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.mean, failed, errors.connect + errors.read + errors.write + errors.timeout))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def setup_database() -> str:
+    """Create the bench database if needed, migrate, and return a key with every limit set."""
+    import psycopg
+
+    name = os.environ["DATABASE_URL"].rsplit("/", 1)[-1]
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
+        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            c.execute(f'CREATE DATABASE "{name}"')
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    from quotas import services
+    from quotas.models import GlobalLimits, ModelPrice, Plan, UserQuota
+
+    call_command("migrate", verbosity=0)
+    ModelPrice.objects.update_or_create(
+        model=MODEL,
+        defaults={
+            "provider": "openai",
+            "upstream_model": "gpt-bench",
+            "input_per_million": "0.15",
+            "output_per_million": "0.60",
+            "context_window": 128000,
+            "max_output_tokens": 4096,
+        },
+    )
+    big = 10**9
+    plan, _ = Plan.objects.update_or_create(
+        name="bench-generate",
+        defaults={
+            "requests_per_minute": big,
+            "requests_per_hour": big,
+            "requests_per_day": big,
+            "tokens_per_minute": big * 1000,
+            "tokens_per_day": big * 1000,
+            "cost_per_day": "1000000",
+            "cost_per_month": "1000000",
+            "concurrency": 10_000,
+        },
+    )
+    user, _ = get_user_model().objects.get_or_create(username="bench-generate")
+    UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
+    GlobalLimits.objects.update_or_create(
+        pk=1, defaults={"requests_per_hour": big, "cost_per_day": "1000000", "concurrency": 10_000}
+    )
+    full_key, _ = services.key_create(
+        user=user, name="bench", requests_per_minute=big, tokens_per_minute=big * 1000
+    )
+    from django_redis import get_redis_connection
+
+    get_redis_connection("default").flushdb()
+    return full_key
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_hwm_mib(pid: int) -> float:
+    match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def wrk(
+    url: str,
+    *,
+    body_format: str,
+    headers: dict[str, str],
+    concurrency: int,
+    duration: float,
+    method: str = "POST",
+) -> dict[str, float]:
+    script = WRK_SCRIPT.replace("BODY_FORMAT", json.dumps(body_format)).replace(
+        "METHOD", json.dumps(method)
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+        path = f.name
+    cmd = [
+        "wrk",
+        "-t",
+        str(min(2, concurrency)),
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        path,
+    ]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    os.unlink(path)
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, help="profile N in-process requests")
+    args = parser.parse_args()
+    if not shutil.which("wrk") and not args.profile:
+        sys.exit("wrk is required (apt-get install wrk)")
+
+    key = setup_database()
+    up_port, gw_port = free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {
+        **os.environ,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+        "OPENAI_API_KEY": "sk-bench",
+        "GUNICORN_BIND": f"127.0.0.1:{gw_port}",
+        "WEB_CONCURRENCY": "2",
+        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="tollgate-bench-prom-"),
+        "PYTHONPATH": str(ROOT),
+    }
+    try:
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "generation.tests.fake_upstream", str(up_port)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        wait_http(f"http://127.0.0.1:{up_port}/")
+        if args.profile:
+            profile(args.profile, key, env)
+            return
+        gunicorn = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("gunicorn")),
+                "-c",
+                "config/gunicorn.conf.py",
+                "config.wsgi",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(gunicorn)
+        wait_http(f"http://127.0.0.1:{gw_port}/health/live")
+        results = run_all(args, key, up_port, gw_port, gunicorn.pid)
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+    table = render(results, args.duration)
+    sys.stdout.write(table + "\n")
+    if args.write_docs:
+        write_docs(table)
+
+
+def run_all(
+    args: argparse.Namespace, key: str, up_port: int, gw_port: int, master: int
+) -> list[dict[str, float]]:
+    gw_body = '{"prompt": "bench %d-%d-%d: explain caching", "model": "' + MODEL + '"}'
+    up_body = (
+        '{"model": "gpt-bench", "messages": [{"role": "user", "content": '
+        '"bench %d-%d-%d: explain caching"}], "max_tokens": 256}'
+    )
+    # As behind the TLS-terminating proxy of deploy/nginx (else: a redirect to https).
+    gw_headers = {
+        "Authorization": f"Bearer {key}",
+        "Content-Type": "application/json",
+        "X-Forwarded-Proto": "https",
+    }
+    up_headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+    gw_url = f"http://127.0.0.1:{gw_port}/api/v1/generate"
+    up_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+    # Warm up: imports, connection pools, policy caches, script loading in both workers.
+    wrk(gw_url, body_format=gw_body, headers=gw_headers, concurrency=4, duration=2)
+    results = []
+    # The floor: the same stack (gunicorn, middleware, request log, metrics) answering
+    # GET /health/live, which does no work of its own.
+    workers = children(master)
+    cpu_before = sum(proc_cpu(p) for p in workers)
+    floor = wrk(
+        f"http://127.0.0.1:{gw_port}/health/live",
+        body_format="",
+        headers={"X-Forwarded-Proto": "https"},
+        concurrency=1,
+        duration=args.duration,
+        method="GET",
+    )
+    floor_cpu = sum(proc_cpu(p) for p in workers) - cpu_before
+    results.append(
+        {
+            "c": "floor",
+            "rps": floor["rps"],
+            "p50": floor["p50_us"] / 1000,
+            "p99": floor["p99_us"] / 1000,
+            "cpu_ms": 1000 * floor_cpu / max(1, floor["requests"]),
+            "rss": max(proc_hwm_mib(p) for p in workers),
+            "errors": floor["non_2xx"],
+        }
+    )
+    for c in args.concurrency:
+        workers = children(master)
+        cpu_before = sum(proc_cpu(p) for p in workers)
+        through = wrk(
+            gw_url, body_format=gw_body, headers=gw_headers, concurrency=c, duration=args.duration
+        )
+        cpu = sum(proc_cpu(p) for p in workers) - cpu_before
+        straight = wrk(
+            up_url, body_format=up_body, headers=up_headers, concurrency=c, duration=args.duration
+        )
+        results.append(
+            {
+                "c": c,
+                "rps": through["rps"],
+                "p50": through["p50_us"] / 1000,
+                "p99": through["p99_us"] / 1000,
+                "up_rps": straight["rps"],
+                "up_p50": straight["p50_us"] / 1000,
+                "up_p99": straight["p99_us"] / 1000,
+                "cpu_ms": 1000 * cpu / max(1, through["requests"]),
+                "rss": max(proc_hwm_mib(p) for p in workers),
+                "errors": through["non_2xx"] + through["socket_errors"],
+            }
+        )
+    return results
+
+
+def render(results: list[dict[str, float]], duration: float) -> str:
+    lines = [
+        f"wrk, {duration:g} s per point, 2 sync gunicorn workers, every request a cache miss.",
+        "",
+        "| concurrency | req/s | p50 | p99 | upstream alone p50 / p99 | overhead p50 / p99 "
+        "| CPU / request | peak RSS / worker | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["c"] == "floor":
+            lines.append(
+                f"| GET /health/live (floor), 1 | {r['rps']:.0f} | {r['p50']:.2f} ms "
+                f"| {r['p99']:.2f} ms | - | - | {r['cpu_ms']:.2f} ms | {r['rss']:.0f} MiB "
+                f"| {r['errors']:.0f} |"
+            )
+            continue
+        lines.append(
+            f"| {r['c']} | {r['rps']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms "
+            f"| {r['up_p50']:.2f} / {r['up_p99']:.2f} ms "
+            f"| {r['p50'] - r['up_p50']:.2f} / {r['p99'] - r['up_p99']:.2f} ms "
+            f"| {r['cpu_ms']:.2f} ms | {r['rss']:.0f} MiB | {r['errors']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(table: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{START}\n{table}\n{END}"
+    if START in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def profile(count: int, key: str, env: dict[str, str]) -> None:
+    """pyinstrument over `count` in-process cache-miss requests (Django test client)."""
+    os.environ["OPENAI_BASE_URL"] = env["OPENAI_BASE_URL"]
+    os.environ["OPENAI_API_KEY"] = env["OPENAI_API_KEY"]
+    from django.conf import settings
+    from django.test import Client
+    from pyinstrument import Profiler
+
+    settings.OPENAI_BASE_URL = env["OPENAI_BASE_URL"]
+    settings.OPENAI_API_KEY = env["OPENAI_API_KEY"]
+    settings.ALLOWED_HOSTS = ["*"]
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {key}")
+
+    def one(i: int) -> None:
+        body = {"prompt": f"profile {i} {time.time()}", "model": MODEL}
+        response = client.post(
+            "/api/v1/generate", body, content_type="application/json", secure=True
+        )
+        assert response.status_code == 200, response.content
+
+    for i in range(30):
+        one(i)
+    started, cpu = time.perf_counter(), time.process_time()
+    for i in range(count):
+        one(i)
+    sys.stdout.write(
+        f"unprofiled: {1000 * (time.perf_counter() - started) / count:.2f} ms wall, "
+        f"{1000 * (time.process_time() - cpu) / count:.2f} ms CPU per request\n"
+    )
+    if os.environ.get("BENCH_CPROFILE"):
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(count):
+            one(i)
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(
+            os.environ.get("BENCH_CPROFILE_SORT", "tottime")
+        ).print_stats(int(os.environ.get("BENCH_CPROFILE_LINES", "45")))
+        return
+    profiler = Profiler(interval=0.0005)
+    profiler.start()
+    for i in range(count):
+        one(i)
+    profiler.stop()
+    sys.stdout.write(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    main()
