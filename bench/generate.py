@@ -417,8 +417,6 @@ def profile(count: int, key: str, env: dict[str, str]) -> None:
         order = os.environ.get("BENCH_CPROFILE_SORT", "tottime")
         lines = int(os.environ.get("BENCH_CPROFILE_LINES", "45"))
         pstats.Stats(prof, stream=sys.stdout).sort_stats(order).print_stats(lines)
-            os.environ.get("BENCH_CPROFILE_SORT", "tottime")
-        ).print_stats(int(os.environ.get("BENCH_CPROFILE_LINES", "45")))
         return
     profiler = Profiler(interval=0.0005)
     profiler.start()
