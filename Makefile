@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-dev run serve test lint format migrate bench clean
+.PHONY: install install-dev run serve test lint lint-deploy format migrate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(MAKE) lint-deploy
+
+# Deployment artifacts: Dockerfile, shell scripts, every YAML file, the Kubernetes
+# manifests, and the metrics named by the alert rules and the dashboard.
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/k8s/*/*.yaml))
+lint-deploy: install-dev
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck deploy/backup/*.sh deploy/docker-entrypoint.sh
+	$(BIN)/yamllint --strict -c .yamllint.yml .
+	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
+	SECRET_KEY=$${SECRET_KEY:-lint-only} $(BIN)/python deploy/check_metrics.py
 
 format: install-dev
 	$(BIN)/ruff check --fix .
