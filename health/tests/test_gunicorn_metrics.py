@@ -46,11 +46,17 @@ def _request(
 
 
 @pytest.fixture
-def gunicorn_server(tmp_path):
-    """gunicorn -w 2 with our gunicorn.conf.py on a free port.
+def gunicorn_server(tmp_path, django_db_setup, django_db_blocker):
+    """gunicorn -w 2 with our gunicorn.conf.py on a free port, on the test database.
 
     Yields (port, metrics dir, process, number of /health/live answers used to wait for it).
     """
+    from django.db import connection
+
+    db = connection.settings_dict
+    database_url = (
+        f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    )
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     stale = metrics_dir / "counter_999999.db"
@@ -64,6 +70,7 @@ def gunicorn_server(tmp_path):
         "GUNICORN_BIND": f"127.0.0.1:{port}",
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "LOG_LEVEL": "WARNING",
+        "DATABASE_URL": database_url,
     }
     log = (tmp_path / "gunicorn.log").open("wb")
     proc = subprocess.Popen(
@@ -199,3 +206,75 @@ def test_metrics_survive_a_worker_restart(gunicorn_server):
     after = _sample(_scrape(port), "tollgate_requests_total", endpoint="/health/live")
     assert after >= before + 1
     assert proc.poll() is None
+
+
+def _generate(port: int, key: str, prompt: str) -> int:
+    body = json.dumps({"prompt": prompt, "max_tokens": 8}).encode()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    return _request(port, "POST", "/api/v1/generate", body=body, headers=headers)[0]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("redis_conn", "local_model")
+def test_generation_metrics_across_workers_after_miss_hit_fallback_and_refusal(gunicorn_server):
+    from quotas.services import key_create
+    from quotas.tests.factories import PlanFactory, UserFactory, UserQuotaFactory
+
+    port, _, _, _ = gunicorn_server
+    plan = PlanFactory(requests_per_minute=2)
+    user = UserQuotaFactory(user=UserFactory(), plan=plan).user
+    full_key, _ = key_create(user=user, name="metrics")
+    statuses = [
+        _generate(port, full_key, "how are metrics added up"),  # miss: upstream call
+        _generate(port, full_key, "how are metrics added up"),  # hit
+        _generate(port, full_key, "how are metrics added up"),  # over the limit: stale copy
+        _generate(port, full_key, "a question never asked"),  # over the limit: refused
+    ]
+    assert statuses == [200, 200, 200, 429]
+
+    text = _scrape(port)
+    endpoint = "/api/v1/generate"
+    assert (
+        _sample(text, "tollgate_requests_total", endpoint=endpoint, status="200", cache="MISS") == 1
+    )
+    assert (
+        _sample(text, "tollgate_requests_total", endpoint=endpoint, status="200", cache="HIT") == 1
+    )
+    assert (
+        _sample(text, "tollgate_requests_total", endpoint=endpoint, status="200", cache="STALE")
+        == 1
+    )
+    assert (
+        _sample(text, "tollgate_requests_total", endpoint=endpoint, status="429", cache="none") == 1
+    )
+    assert _sample(text, "tollgate_stale_fallbacks_total") == 1
+    # One upstream call (labelled with the provider's own model name) for the one miss.
+    assert (
+        _sample(text, "tollgate_upstream_calls_total", provider="local", model="demo", outcome="ok")
+        == 1
+    )
+    # Tokens and cost in the metrics are those charged in the ledger.
+    from quotas.models import UsageRecord
+
+    row = UsageRecord.objects.get(user=user, cached=False, fallback=False)
+    assert (
+        _sample(text, "tollgate_tokens_total", model="local/demo", kind="prompt")
+        == row.prompt_tokens
+    )
+    assert (
+        _sample(text, "tollgate_tokens_total", model="local/demo", kind="completion")
+        == row.completion_tokens
+    )
+    assert _sample(text, "tollgate_cost_usd_total", model="local/demo") == pytest.approx(
+        float(row.cost_usd)
+    )
+    assert (
+        _sample(
+            text,
+            "tollgate_quota_decisions_total",
+            decision="denied",
+            scope="plan",
+            dimension="requests_per_minute",
+        )
+        == 2
+    )
