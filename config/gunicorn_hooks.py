@@ -1,11 +1,11 @@
-"""Gunicorn server hooks for Prometheus multiprocess mode.
+"""Gunicorn server hooks for Prometheus multiprocess mode (called by gunicorn.conf.py).
 
 Under gunicorn every worker is its own process, so each keeps its metric values in files
 under PROMETHEUS_MULTIPROC_DIR and /metrics adds them up. The directory must be set before
-prometheus_client is first imported (gunicorn.conf.py calls `multiprocess_dir_prepare` at
-import time, in the master, before any worker loads the application), emptied at every
-start so that counters of a previous run are not added to this one, and a dead worker's
-live gauges must be dropped (`child_exit`).
+prometheus_client is first imported (gunicorn.conf.py sets it at import time, in the master,
+before any worker loads the application), emptied at every start so that counters of a
+previous run are not added to this one (`on_starting`), and a dead worker's live gauges
+must be dropped (`child_exit`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def _request(
 
 @pytest.fixture
 def gunicorn_server(tmp_path, django_db_setup, django_db_blocker):
-    """gunicorn -w 2 with our gunicorn.conf.py on a free port, on the test database.
+    """gunicorn -w 2 with the project's gunicorn.conf.py on a free port, on the test database.
 
     Yields (port, metrics dir, process, number of /health/live answers used to wait for it).
     """
@@ -74,7 +74,8 @@ def gunicorn_server(tmp_path, django_db_setup, django_db_blocker):
     }
     log = (tmp_path / "gunicorn.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py", "config.wsgi"],
+        # gunicorn reads the repository's gunicorn.conf.py, as in production.
+        [sys.executable, "-m", "gunicorn", "config.wsgi:application"],
         cwd=ROOT,
         env=env,
         stdout=log,
