@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from caching.http import ConditionalGetMixin
 from config.errors import PermissionDeniedError
 from quotas import selectors, services
 from quotas.serializers import UsageQueryInputSerializer
@@ -40,15 +41,16 @@ class RateLimitHeadersMixin:
         return response
 
 
-class QuotaStandingView(RateLimitHeadersMixin, APIView):
+class QuotaStandingView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
+    cache_max_age = 0  # live counters: revalidate every time (cheap with the ETag)
 
     def get(self, request: Request) -> Response:
         user_id, key_id = principal_of(request)
         return Response(services.quota_standing(user_id=user_id, key_id=key_id))
 
 
-class UsageListView(RateLimitHeadersMixin, APIView):
+class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
 
     def get(self, request: Request) -> Response:
@@ -78,8 +80,9 @@ class UsageListView(RateLimitHeadersMixin, APIView):
         )
 
 
-class QuotaGlobalView(RateLimitHeadersMixin, APIView):
+class QuotaGlobalView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = (IsAdminUser,)
+    cache_max_age = 0
 
     def get(self, request: Request) -> Response:
         return Response(services.quota_global())

@@ -188,3 +188,17 @@ def test_last_used_is_written_at_most_once_a_minute(api_client, api_key):
     api_client.get("/api/v1/quota", **auth(full))
     key.refresh_from_db()
     assert key.last_used_at == first
+
+
+def test_quota_standing_answers_if_none_match_with_304(api_client, api_key, plan_for, redis_conn):
+    full, key = api_key
+    plan_for(key.user, requests_per_minute=60)
+    first = api_client.get("/api/v1/quota", **auth(full))
+    assert "private" in first["Cache-Control"]
+    etag = first["ETag"]
+    again = api_client.get("/api/v1/quota", HTTP_IF_NONE_MATCH=etag, **auth(full))
+    assert again.status_code == 304
+    assert generate(api_client, full, cache="bypass").status_code == 200
+    changed = api_client.get("/api/v1/quota", HTTP_IF_NONE_MATCH=etag, **auth(full))
+    assert changed.status_code == 200
+    assert changed["ETag"] != etag
