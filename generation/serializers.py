@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import inline_serializer
 from rest_framework import serializers
 
 MAX_PROMPT_CHARS = 100_000
@@ -111,3 +112,61 @@ class ExplanationsInputSerializer(serializers.Serializer):
     )
     model = serializers.CharField(max_length=100, required=False)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
+
+
+# --- response shapes (for the OpenAPI schema; the services build the bodies) -----------------
+
+
+class UsageOutputSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class GenerateOutputSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    request_id = serializers.CharField()
+    model = serializers.CharField()
+    text = serializers.CharField()
+    usage = UsageOutputSerializer()
+    cost_usd = serializers.CharField(help_text="USD as a decimal string.")
+    cached = serializers.BooleanField()
+    cache_layer = serializers.ChoiceField(choices=("memory", "redis"), allow_null=True)
+    fallback = serializers.BooleanField()
+
+
+# `label` and `source` are attributes of DRF fields themselves: declared by name instead.
+NodeOutputSerializer = inline_serializer(
+    "TopicNode", {"id": serializers.CharField(), "label": serializers.CharField()}
+)
+EdgeOutputSerializer = inline_serializer(
+    "TopicEdge", {"source": serializers.CharField(), "target": serializers.CharField()}
+)
+
+
+class SubtopicsOutputSerializer(serializers.Serializer):
+    topic = serializers.CharField()
+    nodes = serializers.ListField(child=NodeOutputSerializer)
+    edges = serializers.ListField(child=EdgeOutputSerializer)
+    usage = UsageOutputSerializer()
+    cost_usd = serializers.CharField()
+    cached = serializers.BooleanField()
+    fallback = serializers.BooleanField()
+
+
+class ItemErrorOutputSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+class ExplanationItemOutputSerializer(serializers.Serializer):
+    subtopic = serializers.CharField()
+    explanation = serializers.CharField(allow_null=True)
+    cached = serializers.BooleanField()
+    error = ItemErrorOutputSerializer(allow_null=True)
+
+
+class ExplanationsOutputSerializer(serializers.Serializer):
+    items = ExplanationItemOutputSerializer(many=True)
+    usage = UsageOutputSerializer()
+    cost_usd = serializers.CharField()

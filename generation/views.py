@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -20,13 +22,22 @@ from generation import services
 from generation.serializers import (
     ChatCompletionInputSerializer,
     ExplanationsInputSerializer,
+    ExplanationsOutputSerializer,
     GenerateInputSerializer,
+    GenerateOutputSerializer,
     SubtopicsInputSerializer,
+    SubtopicsOutputSerializer,
 )
 from quotas.authentication import KeyPrincipal
 from quotas.views import RateLimitHeadersMixin
 
 MAX_IDEMPOTENCY_KEY = 255
+IDEMPOTENCY_HEADER = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="A retry with the same key within 24 h returns the first answer, charged once.",
+)
 
 
 def _user_id(request: Request) -> int:
@@ -72,6 +83,11 @@ def _replay(body: Any, outcome_headers: dict[str, str], cache: str) -> services.
 class GenerationCreateView(RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
 
+    @extend_schema(
+        request=GenerateInputSerializer,
+        responses={200: GenerateOutputSerializer},
+        parameters=[IDEMPOTENCY_HEADER],
+    )
     def post(self, request: Request) -> Response:
         params = GenerateInputSerializer(data=request.data)
         params.is_valid(raise_exception=True)
@@ -96,6 +112,11 @@ class GenerationCreateView(RateLimitHeadersMixin, APIView):
 class TopicSubtopicsView(RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
 
+    @extend_schema(
+        request=SubtopicsInputSerializer,
+        responses={200: SubtopicsOutputSerializer},
+        parameters=[IDEMPOTENCY_HEADER],
+    )
     def post(self, request: Request) -> Response:
         params = SubtopicsInputSerializer(data=request.data)
         params.is_valid(raise_exception=True)
@@ -115,6 +136,11 @@ class TopicSubtopicsView(RateLimitHeadersMixin, APIView):
 class TopicExplanationsView(RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
 
+    @extend_schema(
+        request=ExplanationsInputSerializer,
+        responses={200: ExplanationsOutputSerializer},
+        parameters=[IDEMPOTENCY_HEADER],
+    )
     def post(self, request: Request) -> Response:
         params = ExplanationsInputSerializer(data=request.data)
         params.is_valid(raise_exception=True)
@@ -223,6 +249,11 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
     def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
         return openai_exception_handler
 
+    @extend_schema(
+        request=ChatCompletionInputSerializer,
+        responses={200: OpenApiTypes.OBJECT},
+        description="OpenAI Chat Completions (also `stream: true`, as server-sent events).",
+    )
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         params = ChatCompletionInputSerializer(data=request.data)
         params.is_valid(raise_exception=True)

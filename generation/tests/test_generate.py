@@ -344,3 +344,19 @@ def test_generate_local_provider_simulated_failures_are_refunded(
 
     assert response.status_code == 502
     assert UsageRecord.objects.get().outcome == "upstream_error"
+
+
+def test_generate_openai_malformed_json_is_retried_then_502_refunded(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="malformed")
+
+    response = _post(key_client, {"prompt": "garbled", "model": "gpt-test"})
+
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert row.outcome == "upstream_error"
+    assert row.cost_usd == 0
