@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -55,15 +54,35 @@ class JobQuotaWait(Exception):  # noqa: N818 - a wait, not an error
         self.dimension = dimension
 
 
-ItemFn = Callable[..., dict[str, Any]]
+def explanation_item_generate(
+    *,
+    user_id: int,
+    key_id: int | None,
+    topic: str,
+    subtopic: str,
+    model: str,
+    request_id: str,
+    priority: str,
+) -> dict[str, Any]:
+    """One explanation through the generation service's per-item path (cache, admission,
+    upstream, settlement), as a job item. Raises QuotaExceeded when refused for quota; any
+    other failure is returned as the item's `error`."""
+    from generation.services import Caller, _explain_one, money
 
-
-def _item_function() -> ItemFn:
-    """The generation service's per-item function (one explanation, admitted, cached and
-    charged on its own)."""
-    from generation import services
-
-    return services.explanation_item_generate  # type: ignore[attr-defined,no-any-return]
+    caller = Caller(user_id=user_id, key_id=key_id, request_id=request_id, priority=priority)
+    item = _explain_one(caller=caller, topic=topic, subtopic=subtopic, model=model)
+    if item.error is not None:
+        if isinstance(item.error, QuotaExceeded):
+            raise item.error
+        return {"error": {"code": item.error.code, "message": item.error.message}}
+    outcome = item.outcome
+    assert outcome is not None  # noqa: S101 - an item has an outcome or an error
+    return {
+        "explanation": outcome.value.get("text", ""),
+        "cached": outcome.cached,
+        "usage": outcome.usage(),
+        "cost_usd": money(outcome.cost),
+    }
 
 
 def job_create(
@@ -178,7 +197,7 @@ def _item_record(
     job.save(update_fields=["items", "done_items", "updated_at"])
 
 
-def job_run(*, job_id: uuid.UUID | str, item_fn: ItemFn | None = None) -> str:
+def job_run(*, job_id: uuid.UUID | str) -> str:
     """Generate the job's unfinished items in order; returns the job's status afterwards.
 
     Raises JobQuotaWait when an item is refused for quota (the finished items are kept).
@@ -190,13 +209,13 @@ def job_run(*, job_id: uuid.UUID | str, item_fn: ItemFn | None = None) -> str:
         logger.info("job %s is being run by another worker", job_id)
         return "locked"
     try:
-        return _job_run_locked(job_id=job_id, item_fn=item_fn or _item_function())
+        return _job_run_locked(job_id=job_id)
     finally:
         if cache.get(lock) == token:
             cache.delete(lock)
 
 
-def _job_run_locked(*, job_id: uuid.UUID | str, item_fn: ItemFn) -> str:
+def _job_run_locked(*, job_id: uuid.UUID | str) -> str:
     job = Job.objects.filter(pk=job_id).first()
     if job is None:
         logger.warning("job %s does not exist", job_id)
@@ -216,7 +235,7 @@ def _job_run_locked(*, job_id: uuid.UUID | str, item_fn: ItemFn) -> str:
         if job.items[index] is not None:
             continue
         try:
-            outcome = item_fn(
+            outcome = explanation_item_generate(
                 user_id=job.user_id,
                 key_id=job.api_key_id,
                 topic=topic,

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from config.tests.celery_fixtures import celery_worker, wait_until  # noqa: F401
+from generation import jobs
+from generation.models import Job, JobStatus
+from quotas.models import UsageRecord, UserQuota
+from quotas.services import key_create
+from quotas.tests.factories import UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+@pytest.fixture
+def owner_client(api_client, user):
+    full_key, _ = key_create(user=user, name="jobs")
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    return api_client
+
+
+def job_status(job_id: str) -> Job:
+    return Job.objects.get(pk=job_id)
+
+
+def unique_topic() -> str:
+    return f"Topic {uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.usefixtures("celery_worker", "upstream_settings")
+def test_job_through_worker_goes_from_queued_to_done(owner_client, openai_model, fake_upstream):
+    topic = unique_topic()
+    response = owner_client.post(
+        "/api/v1/jobs",
+        {"topic": topic, "subtopics": ["Variables", "Loops", "Functions"], "model": "gpt-test"},
+        format="json",
+    )
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "queued"
+    assert body["progress"] == {"done": 0, "total": 3, "percent": 0}
+    assert body["result"] is None
+    assert response["Location"] == f"/api/v1/jobs/{body['id']}"
+
+    wait_until(lambda: job_status(body["id"]).status == JobStatus.DONE)
+    detail = owner_client.get(f"/api/v1/jobs/{body['id']}")
+
+    assert detail.status_code == 200
+    done = detail.json()
+    assert done["status"] == "done"
+    assert done["progress"] == {"done": 3, "total": 3, "percent": 100}
+    items = done["result"]["items"]
+    assert [i["subtopic"] for i in items] == ["Variables", "Loops", "Functions"]
+    assert all(i["explanation"] and i["error"] is None for i in items)
+    assert len(fake_upstream.requests) == 3
+    rows = UsageRecord.objects.filter(request_id__startswith=f"job-{uuid.UUID(body['id']).hex}")
+    assert rows.count() == 3
+    assert Decimal(done["result"]["cost_usd"]) == sum(r.cost_usd for r in rows)
+    assert done["result"]["usage"]["total_tokens"] == sum(
+        r.prompt_tokens + r.completion_tokens for r in rows
+    )
+
+
+@pytest.mark.usefixtures("celery_worker", "upstream_settings")
+def test_job_item_refused_for_quota_is_retried_not_failed(
+    owner_client, user, openai_model, settings
+):
+    settings.JOB_RETRY_MAX_COUNTDOWN = 1
+    UserQuota.objects.create(user=user, requests_per_minute=1)
+    response = owner_client.post(
+        "/api/v1/jobs",
+        {"topic": unique_topic(), "subtopics": ["One", "Two"], "model": "gpt-test"},
+        format="json",
+    )
+    job_id = response.json()["id"]
+
+    waiting = wait_until(
+        lambda: (j := job_status(job_id)).quota_retries >= 1 and j.status == "waiting" and j
+    )
+    assert waiting.done_items == 1
+    assert waiting.error["code"] == "quota_exceeded"
+    assert waiting.error["dimension"] == "requests_per_minute"
+    assert waiting.retry_at is not None
+    seen = owner_client.get(f"/api/v1/jobs/{job_id}").json()
+    assert seen["status"] in ("waiting", "running")
+    assert seen["progress"]["done"] == 1
+
+    # The operator raises the limit: the next retry gets through and the job completes.
+    UserQuota.objects.filter(user=user).update(requests_per_minute=10)
+    UserQuota.objects.get(user=user).save()
+    done = wait_until(lambda: (j := job_status(job_id)).status in ("done", "failed") and j)
+
+    assert done.status == JobStatus.DONE
+    assert done.error is None
+    assert done.attempts >= 2
+    assert [item["error"] for item in done.items] == [None, None]
+    assert UsageRecord.objects.filter(request_id__startswith=f"job-{done.id.hex}").count() == 2
+
+
+@pytest.mark.usefixtures("upstream_settings")
+def test_job_run_again_after_done_changes_nothing(
+    user, openai_model, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False):
+        job = jobs.job_create(
+            user_id=user.pk, key_id=None, topic=unique_topic(), subtopics=["A"], model="gpt-test"
+        )
+    assert jobs.job_run(job_id=job.id) == "done"
+    rows = UsageRecord.objects.count()
+
+    assert jobs.job_run(job_id=job.id) == "done"
+    job.refresh_from_db()
+    assert job.attempts == 1
+    assert UsageRecord.objects.count() == rows
+
+
+@pytest.mark.usefixtures("upstream_settings")
+def test_job_get_other_users_job_is_404_staff_can_read(
+    owner_client, user, openai_model, api_client
+):
+    job = Job.objects.create(user=user, request={"topic": "t", "subtopics": ["a"], "model": "m"})
+    stranger = UserFactory()
+    staff = UserFactory(is_staff=True)
+
+    from rest_framework.test import APIClient
+
+    other = APIClient()
+    other.force_authenticate(stranger)
+    admin = APIClient()
+    admin.force_authenticate(staff)
+
+    assert owner_client.get(f"/api/v1/jobs/{job.id}").status_code == 200
+    refused = other.get(f"/api/v1/jobs/{job.id}")
+    assert refused.status_code == 404
+    assert refused.json()["error"]["code"] == "not_found"
+    assert admin.get(f"/api/v1/jobs/{job.id}").status_code == 200
+    assert owner_client.get(f"/api/v1/jobs/{uuid.uuid4()}").status_code == 404
+    assert APIClient().get(f"/api/v1/jobs/{job.id}").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"topic": "t", "subtopics": []}, "subtopics"),
+        ({"topic": "t", "subtopics": [f"s{i}" for i in range(21)]}, "subtopics"),
+        ({"subtopics": ["a"]}, "topic"),
+        ({"topic": "t", "subtopics": "not a list"}, "subtopics"),
+    ],
+)
+def test_job_create_bad_body_is_400_and_queues_nothing(owner_client, body, field):
+    response = owner_client.post("/api/v1/jobs", body, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert field in response.json()["error"]["fields"]
+    assert not Job.objects.exists()
+
+
+def test_job_create_unknown_model_is_400(owner_client):
+    response = owner_client.post(
+        "/api/v1/jobs", {"topic": "t", "subtopics": ["a"], "model": "no-such-model"}, format="json"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert not Job.objects.exists()
