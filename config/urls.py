@@ -13,6 +13,7 @@ urlpatterns = [
     path("api/v1/", include("quotas.urls")),
     path("api/v1/", include("generation.urls")),
     path("api/v1/", include("caching.urls")),
+    path("api/v1/", include("generation.jobs_urls")),
     path("v1/", include("generation.openai_urls")),
     path("health/", include("health.urls")),
     path("metrics", health_views.metrics, name="metrics"),
