@@ -312,6 +312,11 @@ if env.bool("PROMETHEUS_DB_CACHE_METRICS", default=True):
     )
     if CACHES["default"]["BACKEND"] == "django_redis.cache.RedisCache":
         CACHES["default"]["BACKEND"] = "django_prometheus.cache.backends.redis.RedisCache"
+# An unreachable database fails a readiness probe (and a request) in seconds, not minutes.
+if "postgresql" in DATABASES["default"]["ENGINE"]:
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3)
+    )
 from config.logging import logging_config, sentry_init, structlog_configure  # noqa: E402
 
 LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)

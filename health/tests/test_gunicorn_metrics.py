@@ -7,9 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,95 +14,28 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
+from health.tests.servers import database_url_of, gunicorn, http_request
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "scrape-token-for-tests"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 @pytest.fixture
-def gunicorn_server(tmp_path, django_db_setup, django_db_blocker):
-    """gunicorn -w 2 with the project's gunicorn.conf.py on a free port, on the test database.
-
-    Yields (port, metrics dir, process, number of /health/live answers used to wait for it).
-    """
+def gunicorn_server(tmp_path, django_db_setup):
+    """gunicorn -w 2 on the test database; yields (port, metrics dir, process, warm-up count)."""
     from django.db import connection
 
-    db = connection.settings_dict
-    database_url = (
-        f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-    )
-    metrics_dir = tmp_path / "prometheus"
-    metrics_dir.mkdir()
-    stale = metrics_dir / "counter_999999.db"
+    stale = tmp_path / "prometheus" / "counter_999999.db"
+    stale.parent.mkdir()
     stale.write_bytes(b"left over from a previous run")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "METRICS_TOKEN": TOKEN,
-        "WEB_CONCURRENCY": "2",
-        "GUNICORN_BIND": f"127.0.0.1:{port}",
-        "DJANGO_SETTINGS_MODULE": "config.settings",
-        "LOG_LEVEL": "WARNING",
-        "DATABASE_URL": database_url,
-    }
-    log = (tmp_path / "gunicorn.log").open("wb")
-    proc = subprocess.Popen(
-        # gunicorn reads the repository's gunicorn.conf.py, as in production.
-        [sys.executable, "-m", "gunicorn", "config.wsgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        answered = 0
-        while True:
-            assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
-            try:
-                status = _request(port, "GET", "/health/live")[0]
-            except OSError:
-                status = None
-            if status is not None:
-                answered += 1
-            if status == 200:
-                break
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
+    with gunicorn(
+        tmp_path,
+        database_url=database_url_of(connection.settings_dict),
+        env={"METRICS_TOKEN": TOKEN},
+    ) as server:
         assert not stale.exists()  # the directory was emptied at start
-        yield port, metrics_dir, proc, answered
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        yield server
 
 
 def _served_per_worker(metrics_dir: Path, endpoint: str) -> dict[str, float]:
@@ -133,7 +63,9 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def _scrape(port: int) -> str:
-    status, body = _request(port, "GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    status, body = http_request(
+        port, "GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert status == 200
     return body.decode()
 
@@ -145,7 +77,9 @@ def test_metrics_count_every_request_across_two_gunicorn_workers(gunicorn_server
     live_sent = warmup
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(20):
-            statuses = list(pool.map(lambda _: _request(port, "GET", "/health/live")[0], range(16)))
+            statuses = list(
+                pool.map(lambda _: http_request(port, "GET", "/health/live")[0], range(16))
+            )
             assert statuses == [200] * 16
             live_sent += 16
             if len(_served_per_worker(metrics_dir, "/health/live")) >= 2:
@@ -156,7 +90,7 @@ def test_metrics_count_every_request_across_two_gunicorn_workers(gunicorn_server
 
     big = b'{"prompt": "' + b"x" * 300_000 + b'"}'
     for _ in range(3):
-        status, body = _request(
+        status, body = http_request(
             port, "POST", "/api/v1/generate", body=big, headers={"Content-Type": "application/json"}
         )
         assert status == 413
@@ -173,7 +107,7 @@ def test_metrics_count_every_request_across_two_gunicorn_workers(gunicorn_server
     assert chunked.getresponse().status == 413
     chunked.close()
     for _ in range(2):
-        assert _request(port, "GET", "/no/such/page")[0] == 404
+        assert http_request(port, "GET", "/no/such/page")[0] == 404
 
     text = _scrape(port)
     assert (
@@ -192,7 +126,7 @@ def test_metrics_count_every_request_across_two_gunicorn_workers(gunicorn_server
 def test_metrics_survive_a_worker_restart(gunicorn_server):
     port, metrics_dir, proc, warmup = gunicorn_server
     for _ in range(10):
-        assert _request(port, "GET", "/health/live")[0] == 200
+        assert http_request(port, "GET", "/health/live")[0] == 200
     before = _sample(_scrape(port), "tollgate_requests_total", endpoint="/health/live")
     assert before == 10 + warmup
     worker_pids = {path.stem.split("_")[1] for path in metrics_dir.glob("counter_*.db")}
@@ -202,7 +136,7 @@ def test_metrics_survive_a_worker_restart(gunicorn_server):
     deadline = time.monotonic() + 30
     while len({p.stem.split("_")[1] for p in metrics_dir.glob("counter_*.db")} - worker_pids) < 1:
         assert time.monotonic() < deadline, "no replacement worker"
-        _request(port, "GET", "/health/live")
+        http_request(port, "GET", "/health/live")
         time.sleep(0.2)
     after = _sample(_scrape(port), "tollgate_requests_total", endpoint="/health/live")
     assert after >= before + 1
@@ -212,7 +146,7 @@ def test_metrics_survive_a_worker_restart(gunicorn_server):
 def _generate(port: int, key: str, prompt: str) -> int:
     body = json.dumps({"prompt": prompt, "max_tokens": 8}).encode()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    return _request(port, "POST", "/api/v1/generate", body=body, headers=headers)[0]
+    return http_request(port, "POST", "/api/v1/generate", body=body, headers=headers)[0]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -111,3 +112,22 @@ def test_probes_are_not_redirected_to_https(client, settings):
     settings.SECURE_SSL_REDIRECT = True
     assert client.get("/health/live").status_code == 200
     assert client.get("/api/v1/quota").status_code == 301
+
+
+@pytest.mark.slow
+def test_probes_with_database_unreachable(tmp_path):
+    from health.tests.servers import free_port, gunicorn, http_request
+
+    unreachable = f"postgres://postgres@127.0.0.1:{free_port()}/tollgate"
+    with gunicorn(tmp_path, database_url=unreachable, workers=1) as (port, _, _, _):
+        assert http_request(port, "GET", "/health/live")[0] == 200
+        status, body = http_request(port, "GET", "/health/ready")
+        assert status == 503
+        report = json.loads(body)
+        assert report["status"] == "fail"
+        assert report["checks"]["database"]["status"] == "fail"
+        assert report["checks"]["redis"]["status"] == "ok"
+        assert "postgres://" not in body.decode()
+        status, body = http_request(port, "GET", "/health/startup")
+        assert status == 503
+        assert json.loads(body)["status"] == "fail"
