@@ -131,3 +131,19 @@ def test_request_log_lines_report_cache_result_and_quota_decision(api_client, lo
     assert all(line["endpoint"] == "/api/v1/generate" for line in lines)
     assert "what is a log line" not in log_lines.raw()
     assert "something never asked" not in log_lines.raw()
+
+
+def test_log_lines_written_by_a_celery_task_carry_its_id(log_lines):
+    from config.celery import app
+
+    @app.task(name="health.tests.log_something")
+    def log_something():
+        logging.getLogger("tollgate.test").info("from a task")
+
+    result = log_something.apply(task_id="task-123")
+    assert result.successful()
+    (line,) = [line for line in log_lines() if line.get("event") == "from a task"]
+    assert line["task_id"] == "task-123"
+    assert line["task"] == "health.tests.log_something"
+    logging.getLogger("tollgate.test").info("after the task")
+    assert "task_id" not in log_lines()[-1]
