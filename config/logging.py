@@ -153,11 +153,26 @@ def structlog_configure() -> None:
     )
 
 
+_SENTRY_HEADER_DENYLIST = frozenset({"authorization", "x-api-key", "cookie", "set-cookie"})
+
+
 def sentry_before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
-    """Tag every Sentry event with the request id of the request that raised it."""
+    """Tag every Sentry event with the request id, and keep keys and prompts out of it."""
     request_id = request_id_var.get()
     if request_id:
         event.setdefault("tags", {})["request_id"] = request_id
+    request = event.get("request")
+    if isinstance(request, dict):
+        request.pop("data", None)
+        request.pop("cookies", None)
+        headers = request.get("headers")
+        if isinstance(headers, dict):
+            for name in list(headers):
+                if name.lower() in _SENTRY_HEADER_DENYLIST:
+                    headers[name] = REDACTED
+    for exception in (event.get("exception") or {}).get("values") or ():
+        if isinstance(exception.get("value"), str):
+            exception["value"] = redact_text(exception["value"])
     return event
 
 
@@ -174,6 +189,7 @@ def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate:
         release=release,
         traces_sample_rate=traces_rate,
         send_default_pii=False,
+        max_request_body_size="never",  # bodies hold prompts
         integrations=[
             DjangoIntegration(),
             CeleryIntegration(),

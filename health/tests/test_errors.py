@@ -103,9 +103,20 @@ def _events(envelopes: list[bytes]) -> list[dict]:
 
 
 def test_unexpected_error_reaches_sentry_tagged_with_request_id(raising_client, sentry_ingest):
-    response = raising_client.get("/api/v1/test-boom", HTTP_X_REQUEST_ID="req-sentry-1")
+    full_key = "tg_abcd1234_" + "K" * 43
+    response = raising_client.post(
+        "/api/v1/test-boom",
+        data={"prompt": "a confidential prompt"},
+        content_type="application/json",
+        HTTP_X_REQUEST_ID="req-sentry-1",
+        HTTP_X_API_KEY=full_key,
+        HTTP_AUTHORIZATION=f"Bearer {full_key}",
+    )
     assert response.status_code == 500
     sentry_sdk.flush(timeout=5)
+    raw = b"".join(sentry_ingest)
+    assert b"K" * 43 not in raw
+    assert b"a confidential prompt" not in raw
     events = _events(sentry_ingest)
     assert events, "no event reached the Sentry endpoint"
     tagged = [e for e in events if e.get("tags", {}).get("request_id") == "req-sentry-1"]

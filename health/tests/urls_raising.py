@@ -18,6 +18,10 @@ class BoomView(APIView):
     def get(self, request: Request) -> Response:
         raise RuntimeError("internal detail that must not leak")
 
+    def post(self, request: Request) -> Response:
+        request.data  # noqa: B018 - read the body, as a real view would
+        raise RuntimeError("internal detail that must not leak")
+
 
 def plain_boom(request: HttpRequest) -> HttpResponse:
     raise RuntimeError("internal detail that must not leak")
