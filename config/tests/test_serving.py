@@ -1,0 +1,199 @@
+"""End to end as deployed: gunicorn (2 workers, gunicorn.conf.py) and a Celery worker,
+each started by the test as its own process, against the real PostgreSQL and Redis, with
+the provider faked by a loopback HTTP server speaking the OpenAI wire format."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+
+from generation.tests.fake_upstream import FakeUpstream
+from quotas.models import ModelPrice, UsageRecord
+from quotas.services import key_create
+from quotas.tests.factories import UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+ROOT = Path(settings.BASE_DIR)
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, key: str | None = None):
+    request = urllib.request.Request(url, method=method)
+    if body is not None:
+        request.data = json.dumps(body).encode()
+        request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read() or b"null")
+
+
+def wait_for(predicate, timeout: float, what: str, logs: list[Path]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    pytest.fail(f"{what} not reached within {timeout}s\n{tails}")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def stack(tmp_path) -> Iterator[dict]:
+    upstream = FakeUpstream().start()
+    db = settings.DATABASES["default"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    host, db_port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    env.update(
+        DATABASE_URL=f"postgres://{db['USER']}@{host}:{db_port}/{db['NAME']}",
+        REDIS_URL=settings.REDIS_URL,
+        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        CELERY_TASK_ALWAYS_EAGER="0",
+        OPENAI_BASE_URL=upstream.openai_base_url,
+        OPENAI_API_KEY="sk-test",
+        WEB_CONCURRENCY="2",
+        GUNICORN_WORKER_CLASS="sync",
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
+        SECURE_SSL_REDIRECT="0",
+        DJANGO_SETTINGS_MODULE="config.settings",
+    )
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    web_log, worker_log = tmp_path / "gunicorn.log", tmp_path / "celery.log"
+    with web_log.open("w") as web_out, worker_log.open("w") as worker_out:
+        web = subprocess.Popen(
+            [str(BIN / "gunicorn"), "config.wsgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=web_out,
+            stderr=subprocess.STDOUT,
+        )
+        worker = subprocess.Popen(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                "default,jobs",
+                "--pool=solo",
+                "--loglevel=INFO",
+                "-n",
+                f"e2e-{port}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=worker_out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    logs = [web_log, worker_log]
+    try:
+        wait_for(lambda: _live(base), 60, "gunicorn answering /health/live", logs)
+        yield {"base": base, "web": web, "worker": worker, "upstream": upstream, "logs": logs}
+    finally:
+        stop(web)
+        stop(worker)
+        upstream.close()
+        connection.close()
+
+
+def _live(base: str) -> bool:
+    try:
+        return http("GET", f"{base}/health/live")[0] == 200
+    except OSError:
+        return False
+
+
+def test_two_gunicorn_workers_and_a_celery_worker_serve_a_job_end_to_end(stack):
+    ModelPrice.objects.create(
+        model="gpt-test",
+        provider="openai",
+        upstream_model="gpt-4o-mini",
+        input_per_million="0.150000",
+        output_per_million="0.600000",
+    )
+    user = UserFactory()
+    key, _ = key_create(user=user, name="e2e")
+    base = stack["base"]
+
+    assert len(children(stack["web"].pid)) == 2
+    status, headers, body = http(
+        "POST",
+        f"{base}/api/v1/jobs",
+        {
+            "topic": "Distributed systems",
+            "subtopics": ["Consensus", "Replication"],
+            "model": "gpt-test",
+        },
+        key,
+    )
+    assert status == 202, body
+    assert headers["Location"] == f"/api/v1/jobs/{body['id']}"
+
+    def finished():
+        code, _, job = http("GET", f"{base}/api/v1/jobs/{body['id']}", key=key)
+        assert code == 200, job
+        return job if job["status"] in ("done", "failed") else None
+
+    job = wait_for(finished, 90, "the job finishing", stack["logs"])
+
+    assert job["status"] == "done", job
+    assert job["progress"] == {"done": 2, "total": 2, "percent": 100}
+    assert [i["subtopic"] for i in job["result"]["items"]] == ["Consensus", "Replication"]
+    assert all(i["explanation"] and i["error"] is None for i in job["result"]["items"])
+    assert len(stack["upstream"].requests) == 2
+    assert UsageRecord.objects.filter(user=user).count() == 2
+    # The job ran in the Celery worker process, not inside a web worker.
+    worker_log = stack["logs"][1].read_text()
+    assert "generation.tasks.job_run" in worker_log
+    assert "succeeded" in worker_log
+    # Someone else's key cannot read it.
+    stranger_key, _ = key_create(user=UserFactory(), name="other")
+    assert http("GET", f"{base}/api/v1/jobs/{body['id']}", key=stranger_key)[0] == 404
+    # Both workers are still up after serving (no crash), and the master stops cleanly.
+    assert len(children(stack["web"].pid)) == 2
+    stack["web"].send_signal(signal.SIGTERM)
+    assert stack["web"].wait(timeout=40) == 0
