@@ -4,8 +4,8 @@
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
 
 Starts the fake upstream (generation/tests/fake_upstream.py, its own process), then
-Tollgate under gunicorn (config/gunicorn.conf.py, 2 sync workers) with the OpenAI-compatible
-provider pointed at it, and drives both with wrk at each concurrency:
+Tollgate under gunicorn (the repository's gunicorn.conf.py, 2 sync workers) with the
+OpenAI-compatible provider pointed at it, and drives both with wrk at each concurrency:
 
 - through Tollgate: POST /api/v1/generate, every prompt unique (always a cache miss), with
   an API key whose plan, key and global limits are all set (every window is checked and
@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--profile", type=int, default=0, help="profile N in-process requests")
+    parser.add_argument(
+        "--breakdown", type=int, default=0, help="CPU of each step of the path, N times each"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk") and not args.profile:
         sys.exit("wrk is required (apt-get install wrk)")
@@ -245,13 +248,12 @@ def main() -> None:
         if args.profile:
             profile(args.profile, key, env)
             return
+        if args.breakdown:
+            breakdown(args.breakdown, key, env)
+            return
         gunicorn = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("gunicorn")),
-                "-c",
-                "config/gunicorn.conf.py",
-                "config.wsgi",
-            ],
+            # gunicorn.conf.py is read from the working directory.
+            [str(Path(sys.executable).with_name("gunicorn")), "config.wsgi"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -424,6 +426,83 @@ def profile(count: int, key: str, env: dict[str, str]) -> None:
         one(i)
     profiler.stop()
     sys.stdout.write(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+def breakdown(count: int, key: str, env: dict[str, str]) -> None:
+    """CPU time of each step of a cache-miss request, in-process, `count` times each."""
+    import uuid
+
+    from django.conf import settings
+    from django.test import Client
+
+    from caching import services as caching
+    from generation import serializers as gen_serializers
+    from generation.providers import provider_get
+    from generation.providers.base import CompletionRequest
+    from generation.resilience import Breaker, upstream_complete
+    from quotas import services as quotas
+    from quotas.models import ApiKey
+
+    settings.OPENAI_BASE_URL = env["OPENAI_BASE_URL"]
+    settings.OPENAI_API_KEY = env["OPENAI_API_KEY"]
+    settings.ALLOWED_HOSTS = ["*"]
+    api_key = ApiKey.objects.filter(name="bench").latest("created_at")
+    user_id, key_id = api_key.user_id, api_key.pk
+    request = CompletionRequest(
+        model="gpt-bench",
+        messages=({"role": "user", "content": "explain caching"},),
+        max_tokens=256,
+    )
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {key}")
+    provider = provider_get("openai")
+    breaker = Breaker("openai", "gpt-bench")
+
+    def admit_settle() -> None:
+        a = quotas.admission_admit(
+            user_id=user_id,
+            key_id=key_id,
+            model=MODEL,
+            request_id=uuid.uuid4().hex,
+            prompt_tokens=10,
+            max_tokens=256,
+        )
+        quotas.usage_settle(admission=a, prompt_tokens=10, completion_tokens=20)
+
+    def cache_miss() -> None:
+        k = caching.cache_key_generation(model=MODEL, messages=[{"n": uuid.uuid4().hex}], params={})
+        caching.cache_get(k)
+        caching.single_flight(k, lambda: {"text": "x" * 200, "usage": {}})
+
+    def full() -> None:
+        body = {"prompt": f"breakdown {uuid.uuid4().hex}", "model": MODEL}
+        r = client.post("/api/v1/generate", body, content_type="application/json", secure=True)
+        assert r.status_code == 200, r.content
+
+    steps = {
+        "whole request (Django test client, in-process)": full,
+        "request body validation (serializer)": lambda: gen_serializers.GenerateInputSerializer(
+            data={"prompt": "explain caching", "model": MODEL}
+        ).is_valid(raise_exception=True),
+        "policy_get (in-process cache)": lambda: quotas.policy_get(
+            user_id=user_id, key_id=key_id, model=MODEL
+        ),
+        "admission + settlement + ledger INSERT": admit_settle,
+        "cache look-up + single flight + store (miss)": cache_miss,
+        "circuit breaker check": breaker.allow,
+        "provider call (openai SDK, fake upstream)": lambda: provider.complete(request, timeout=5),
+        "upstream_complete (retry wrapper + breaker + SDK)": lambda: upstream_complete(
+            provider="openai", request=request
+        ),
+    }
+    for name, step in steps.items():
+        for _ in range(20):
+            step()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(count):
+            step()
+        cpu_ms = 1000 * (time.process_time() - cpu) / count
+        wall_ms = 1000 * (time.perf_counter() - wall) / count
+        sys.stdout.write(f"| {name} | {cpu_ms:.3f} ms | {wall_ms:.3f} ms |\n")
 
 
 if __name__ == "__main__":

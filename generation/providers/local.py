@@ -101,11 +101,12 @@ class LocalProvider:
         if request.task == "explanation":
             topic = _field(prompt, "Topic") or "the topic"
             subtopic = _field(prompt, "Subtopic") or topic
-            picks = [_SENTENCES[(digest[i] + i) % len(_SENTENCES)] for i in range(3)]
+            first = digest[0]
+            picks = [_SENTENCES[(first + i) % len(_SENTENCES)] for i in range(3)]
             return " ".join(p.format(s=subtopic, t=topic) for p in picks)
         last = request.messages[-1].get("content", "") if request.messages else ""
         words = last.split()
         subject = " ".join(words[:12]) or "your message"
-        picks = [_SENTENCES[(digest[i] + i) % len(_SENTENCES)] for i in range(2)]
+        picks = [_SENTENCES[(digest[0] + i) % len(_SENTENCES)] for i in range(2)]
         body = " ".join(p.format(s="This question", t="the subject") for p in picks)
         return f"[local offline model] You asked about: {subject}. {body}"
