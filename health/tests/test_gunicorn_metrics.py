@@ -22,8 +22,12 @@ TOKEN = "scrape-token-for-tests"
 
 
 @pytest.fixture
-def gunicorn_server(tmp_path, django_db_setup):
-    """gunicorn -w 2 on the test database; yields (port, metrics dir, process, warm-up count)."""
+def gunicorn_server(tmp_path, transactional_db):
+    """gunicorn -w 2 on the test database; yields (port, metrics dir, process, warm-up count).
+
+    Transactional: what the server writes (a scrape creates the global limits row) is
+    flushed after the test, not left for the next one.
+    """
     from django.db import connection
 
     stale = tmp_path / "prometheus" / "counter_999999.db"
