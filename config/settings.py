@@ -216,7 +216,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 4 * JOB_RETRY
 CELERY_BEAT_SCHEDULE = {
     # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.
     "cache-popular-refresh": {
-        "task": "caching.tasks.popular_refresh",
+        "task": "caching.popular_refresh",
         "schedule": env.float("CELERY_POPULAR_REFRESH_SECONDS", default=3600.0),
     },
     # The ledger rolled up into daily aggregates (today and yesterday, idempotent).
@@ -233,6 +233,11 @@ CELERY_BEAT_SCHEDULE = {
     "quota-sweep": {
         "task": "quotas.tasks.quota_sweep",
         "schedule": env.float("CELERY_QUOTA_SWEEP_SECONDS", default=60.0),
+    },
+    # Live refusal counts copied to the database (the dashboard's denials by reason).
+    "denials-persist": {
+        "task": "quotas.tasks.denials_persist",
+        "schedule": env.float("CELERY_DENIALS_PERSIST_SECONDS", default=300.0),
     },
 }
 

@@ -1,18 +1,16 @@
 """Periodic quota tasks (scheduled by CELERY_BEAT_SCHEDULE in config/settings.py).
 
 Each task calls one service and is safe to run twice: roll-ups replace a day's rows,
-alerts are unique per threshold and period, the sweep only refunds what has expired.
+alerts are unique per threshold and period, the sweep only refunds what has expired,
+denial counts are overwritten.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 
 from celery import shared_task
 from django.utils import timezone
-
-logger = logging.getLogger("tollgate.tasks")
 
 
 @shared_task(name="quotas.tasks.usage_rollup", time_limit=600, soft_time_limit=540)
@@ -37,13 +35,17 @@ def budget_alerts_check() -> int:
 
 @shared_task(name="quotas.tasks.quota_sweep", time_limit=120, soft_time_limit=100)
 def quota_sweep() -> int:
-    """Refund the leases and reservations left by crashed workers; returns how many."""
-    from quotas import services
+    """Refund the reservations and leases left by crashed workers; returns how many."""
+    from quotas.services import reservations_sweep
 
-    sweep = getattr(services, "reservations_sweep", None)
-    if sweep is None:
-        # The engine without a sweep refunds expired leases on the next admission.
-        logger.info("quota sweep skipped: quotas.services.reservations_sweep is not available")
-        return 0
-    result = sweep()
-    return int(result or 0)
+    return int(reservations_sweep() or 0)
+
+
+@shared_task(name="quotas.tasks.denials_persist", time_limit=120, soft_time_limit=100)
+def denials_persist() -> int:
+    """Copy the live refusal counts of yesterday and today into DenialCount (yesterday
+    again so its last minutes are kept); returns how many counts were written."""
+    from quotas.services import denials_persist as persist
+
+    today = timezone.now().astimezone(dt.UTC).date()
+    return persist(day=today - dt.timedelta(days=1)) + persist(day=today)

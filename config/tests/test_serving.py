@@ -1,6 +1,7 @@
 """End to end as deployed: gunicorn (2 workers, gunicorn.conf.py) and a Celery worker,
 each started by the test as its own process, against the real PostgreSQL and Redis, with
-the provider faked by a loopback HTTP server speaking the OpenAI wire format."""
+the provider faked by a loopback HTTP server speaking the OpenAI wire format. The broker
+is Redis, then RabbitMQ (the local server on 5672)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import kombu
 import pytest
 import redis
 from django.conf import settings
@@ -78,8 +80,25 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture
-def stack(tmp_path) -> Iterator[dict]:
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def broker_url(kind: str) -> str:
+    """The broker of this run, emptied of messages left by an earlier run."""
+    if kind == "redis":
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+        return settings.CELERY_BROKER_URL
+    with kombu.Connection(RABBITMQ_URL, connect_timeout=5) as conn:
+        channel = conn.default_channel
+        for queue in ("default", "jobs"):
+            kombu.Queue(queue, channel=channel).declare()
+            channel.queue_purge(queue)
+    return RABBITMQ_URL
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def stack(request, tmp_path) -> Iterator[dict]:
+    broker = broker_url(request.param)
     upstream = FakeUpstream().start()
     db = settings.DATABASES["default"]
     port = free_port()
@@ -88,7 +107,7 @@ def stack(tmp_path) -> Iterator[dict]:
     env.update(
         DATABASE_URL=f"postgres://{db['USER']}@{host}:{db_port}/{db['NAME']}",
         REDIS_URL=settings.REDIS_URL,
-        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        CELERY_BROKER_URL=broker,
         CELERY_TASK_ALWAYS_EAGER="0",
         OPENAI_BASE_URL=upstream.openai_base_url,
         OPENAI_API_KEY="sk-test",
@@ -99,7 +118,6 @@ def stack(tmp_path) -> Iterator[dict]:
         SECURE_SSL_REDIRECT="0",
         DJANGO_SETTINGS_MODULE="config.settings",
     )
-    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
     web_log, worker_log = tmp_path / "gunicorn.log", tmp_path / "celery.log"
     with web_log.open("w") as web_out, worker_log.open("w") as worker_out:
