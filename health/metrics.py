@@ -5,11 +5,13 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
-    "tollgate_requests_total", "API requests by endpoint, status and cache result.",
+    "tollgate_requests_total",
+    "API requests by endpoint, status and cache result.",
     ["endpoint", "status", "cache"],
 )
 QUOTA_DECISIONS = Counter(
-    "tollgate_quota_decisions_total", "Admission decisions by scope and dimension.",
+    "tollgate_quota_decisions_total",
+    "Admission decisions by scope and dimension.",
     ["decision", "scope", "dimension"],
 )
 QUOTA_BACKEND_FALLBACKS = Counter(
@@ -21,15 +23,19 @@ STALE_FALLBACKS = Counter(
     "tollgate_stale_fallbacks_total", "Stale cached answers served because a quota was exhausted."
 )
 CACHE_OPERATIONS = Counter(
-    "tollgate_cache_operations_total", "Cache look-ups and writes by layer and result.",
+    "tollgate_cache_operations_total",
+    "Cache look-ups and writes by layer and result.",
     ["layer", "result"],
 )
 UPSTREAM_CALLS = Counter(
-    "tollgate_upstream_calls_total", "Upstream calls by provider, model and outcome.",
+    "tollgate_upstream_calls_total",
+    "Upstream calls by provider, model and outcome.",
     ["provider", "model", "outcome"],
 )
 UPSTREAM_LATENCY = Histogram(
-    "tollgate_upstream_latency_seconds", "Upstream call latency.", ["provider", "model"],
+    "tollgate_upstream_latency_seconds",
+    "Upstream call latency.",
+    ["provider", "model"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
 TOKENS = Counter("tollgate_tokens_total", "Tokens charged by model and kind.", ["model", "kind"])
@@ -37,10 +43,14 @@ COST_USD = Counter("tollgate_cost_usd_total", "USD charged by model.", ["model"]
 # Under gunicorn each worker sets these from what it last saw; the most recent value of a
 # live worker is the truth (a max or min would keep a state another worker has since left).
 CIRCUIT_STATE = Gauge(
-    "tollgate_circuit_state", "Circuit breaker state (0 closed, 1 half-open, 2 open).",
-    ["provider", "model"], multiprocess_mode="livemostrecent",
+    "tollgate_circuit_state",
+    "Circuit breaker state (0 closed, 1 half-open, 2 open).",
+    ["provider", "model"],
+    multiprocess_mode="livemostrecent",
 )
 QUOTA_REMAINING = Gauge(
-    "tollgate_quota_remaining", "Remaining headroom of global and provider scopes.",
-    ["scope", "dimension"], multiprocess_mode="livemostrecent",
+    "tollgate_quota_remaining",
+    "Remaining headroom of global and provider scopes.",
+    ["scope", "dimension"],
+    multiprocess_mode="livemostrecent",
 )
