@@ -27,4 +27,6 @@ urlpatterns = [
     ),
 ]
 
+handler400 = "health.views.bad_request"
+handler404 = "health.views.page_not_found"
 handler500 = "health.views.server_error"

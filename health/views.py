@@ -110,28 +110,57 @@ def metrics(request: HttpRequest) -> HttpResponse:
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
 
 
+def _api_error(
+    request: HttpRequest, *, status: int, code: str, message: str, openai_type: str
+) -> JsonResponse | None:
+    """The contract's error body under /api/ (OpenAI's under /v1/); None elsewhere."""
+    request_id = getattr(request, "request_id", None) or request_id_var.get()
+    if request.path.startswith("/v1/"):
+        body: dict[str, Any] = {"error": {"message": message, "type": openai_type, "code": code}}
+    elif request.path.startswith("/api/"):
+        body = {"error": {"code": code, "message": message}}
+    else:
+        return None
+    if status >= 500 and request_id:
+        body["error"]["request_id"] = request_id
+    return JsonResponse(body, status=status)
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler400 (e.g. a disallowed Host header, a malformed request line)."""
+    response = _api_error(
+        request,
+        status=400,
+        code="invalid_request",
+        message="The request is malformed.",
+        openai_type="invalid_request_error",
+    )
+    return response or defaults.bad_request(request, exception)
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """handler404: an unknown URL under /api/ or /v1/ answers in the contract's shape."""
+    response = _api_error(
+        request,
+        status=404,
+        code="not_found",
+        message=f"No endpoint at {request.path}.",
+        openai_type="invalid_request_error",
+    )
+    return response or defaults.page_not_found(request, exception)
+
+
 def server_error(request: HttpRequest) -> HttpResponse:
     """handler500: an error that escaped a plain Django view or a middleware.
 
     Under /api/ and /v1/ the body is the contract's error shape (OpenAI's under /v1/) with
     the request id and no traceback; elsewhere (the admin) Django's own 500 page.
     """
-    request_id = getattr(request, "request_id", None) or request_id_var.get()
-    message = "An unexpected error occurred."
-    if request.path.startswith("/v1/"):
-        body: dict[str, Any] = {
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "code": "internal_error",
-                "request_id": request_id,
-            }
-        }
-    elif request.path.startswith("/api/"):
-        body = {"error": {"code": "internal_error", "message": message, "request_id": request_id}}
-    else:
-        return defaults.server_error(request)
-    response = JsonResponse(body, status=500)
-    if request_id:
-        response["X-Request-ID"] = request_id
-    return response
+    response = _api_error(
+        request,
+        status=500,
+        code="internal_error",
+        message="An unexpected error occurred.",
+        openai_type="server_error",
+    )
+    return response or defaults.server_error(request)

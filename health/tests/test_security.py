@@ -185,3 +185,19 @@ def test_production_settings_pass_the_deploy_security_checks():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "System check identified no issues" in result.stdout
+
+
+def test_unknown_api_url_is_404_in_contract_shape(client):
+    response = client.get("/api/v1/no-such-endpoint")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    response = client.get("/v1/no-such-endpoint")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert not client.get("/no-such-page")["Content-Type"].startswith("application/json")
+
+
+def test_disallowed_host_under_api_is_400_in_contract_shape(client):
+    response = client.get("/api/v1/quota", HTTP_HOST="evil.example.net")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"

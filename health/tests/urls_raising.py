@@ -7,7 +7,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.urls import handler500
+from config.urls import handler400, handler404, handler500
 from config.urls import urlpatterns as project_urlpatterns
 
 
@@ -34,4 +34,4 @@ urlpatterns = [
     path("admin-boom", plain_boom),
     *project_urlpatterns,
 ]
-__all__ = ["handler500", "urlpatterns"]
+__all__ = ["handler400", "handler404", "handler500", "urlpatterns"]
