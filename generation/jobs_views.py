@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import uuid
 
+from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from generation import jobs
 from generation.jobs_serializers import JobCreateInputSerializer, JobOutputSerializer
+from quotas.views import RateLimitHeadersMixin, principal_of
 
 
-def _key_id(request: Request) -> int | None:
-    auth = request.auth
-    # An API-key request carries a KeyPrincipal; tokens and sessions carry no key id.
-    return getattr(auth, "id", None) if hasattr(auth, "prefix") else None
-
-
-class JobCreateView(APIView):
+class JobCreateView(RateLimitHeadersMixin, APIView):
+    @extend_schema(
+        request=JobCreateInputSerializer,
+        responses={202: JobOutputSerializer},
+        summary="Queue an explanations batch (generated in the background at low priority)",
+    )
     def post(self, request: Request) -> Response:
         data = JobCreateInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        user_id, key_id = principal_of(request)
         job = jobs.job_create(
-            user_id=int(request.user.pk or 0),
-            key_id=_key_id(request),
+            user_id=user_id,
+            key_id=key_id,
             topic=data.validated_data["topic"],
             subtopics=data.validated_data["subtopics"],
             model=data.validated_data.get("model"),
@@ -33,7 +35,11 @@ class JobCreateView(APIView):
         return Response(body, status=202, headers={"Location": body["url"]})
 
 
-class JobDetailView(APIView):
+class JobDetailView(RateLimitHeadersMixin, APIView):
+    @extend_schema(
+        responses={200: JobOutputSerializer},
+        summary="A job's status, progress and, once done, its result (owner or staff)",
+    )
     def get(self, request: Request, job_id: uuid.UUID) -> Response:
         job = jobs.job_get(job_id=job_id, user=request.user)
         return Response(JobOutputSerializer(job).data)

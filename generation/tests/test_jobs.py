@@ -31,7 +31,10 @@ def unique_topic() -> str:
 
 
 @pytest.mark.usefixtures("celery_worker", "upstream_settings")
-def test_job_through_worker_goes_from_queued_to_done(owner_client, openai_model, fake_upstream):
+def test_job_through_worker_goes_from_queued_to_done(
+    owner_client, user, openai_model, local_model, fake_upstream
+):
+    UserQuota.objects.create(user=user, requests_per_minute=100)
     topic = unique_topic()
     response = owner_client.post(
         "/api/v1/jobs",
@@ -44,6 +47,7 @@ def test_job_through_worker_goes_from_queued_to_done(owner_client, openai_model,
     assert body["progress"] == {"done": 0, "total": 3, "percent": 0}
     assert body["result"] is None
     assert response["Location"] == f"/api/v1/jobs/{body['id']}"
+    assert response["X-RateLimit-Limit-Requests"] == "100"
 
     wait_until(lambda: job_status(body["id"]).status == JobStatus.DONE)
     detail = owner_client.get(f"/api/v1/jobs/{body['id']}")
