@@ -6,4 +6,4 @@ class QuotasConfig(AppConfig):
     verbose_name = "Quotas and keys"
 
     def ready(self) -> None:
-        from quotas import signals  # noqa: F401  (audit trail and live policy invalidation)
+        from quotas import schema, signals  # noqa: F401  (OpenAPI; audit trail and live policy)

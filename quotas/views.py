@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -14,7 +15,12 @@ from rest_framework.views import APIView
 from caching.http import ConditionalGetMixin
 from config.errors import PermissionDeniedError
 from quotas import selectors, services
-from quotas.serializers import UsageQueryInputSerializer
+from quotas.serializers import (
+    QuotaGlobalOutputSerializer,
+    QuotaStandingOutputSerializer,
+    UsageQueryInputSerializer,
+    UsageReportOutputSerializer,
+)
 
 
 def principal_of(request: Request) -> tuple[int, int | None]:
@@ -45,6 +51,7 @@ class QuotaStandingView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
     cache_max_age = 0  # live counters: revalidate every time (cheap with the ETag)
 
+    @extend_schema(responses=QuotaStandingOutputSerializer, summary="The caller's own standing")
     def get(self, request: Request) -> Response:
         user_id, key_id = principal_of(request)
         return Response(services.quota_standing(user_id=user_id, key_id=key_id))
@@ -53,6 +60,11 @@ class QuotaStandingView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
 class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = (IsAuthenticated,)
 
+    @extend_schema(
+        parameters=[UsageQueryInputSerializer],
+        responses=UsageReportOutputSerializer,
+        summary="The caller's usage from the ledger",
+    )
     def get(self, request: Request) -> Response:
         params = UsageQueryInputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
@@ -84,5 +96,6 @@ class QuotaGlobalView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
     permission_classes = (IsAdminUser,)
     cache_max_age = 0
 
+    @extend_schema(responses=QuotaGlobalOutputSerializer, summary="Global and provider scopes")
     def get(self, request: Request) -> Response:
         return Response(services.quota_global())
