@@ -169,3 +169,64 @@ def test_job_create_unknown_model_is_400(owner_client):
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request"
     assert not Job.objects.exists()
+
+
+def queued_job(user, subtopics: list[str], django_capture_on_commit_callbacks) -> Job:
+    """A job created without sending it to the broker (the test runs it in-process)."""
+    with django_capture_on_commit_callbacks(execute=False):
+        return jobs.job_create(
+            user_id=user.pk,
+            key_id=None,
+            topic=unique_topic(),
+            subtopics=subtopics,
+            model="gpt-test",
+        )
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_failing_item_is_recorded_others_done_and_all_failing_fails_the_job(
+    user, upstream_settings, fake_upstream, django_capture_on_commit_callbacks
+):
+    from generation.tests.fake_upstream import Behaviour
+
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.rule("Subtopic: Broken", Behaviour(kind="status", status=500))
+    partial = queued_job(user, ["Fine", "Broken"], django_capture_on_commit_callbacks)
+
+    assert jobs.job_run(job_id=partial.id) == "done"
+    partial.refresh_from_db()
+    assert partial.items[0]["error"] is None
+    assert partial.items[1]["error"]["code"] == "upstream_error"
+    assert jobs.job_result(job=partial)["items"][1]["explanation"] is None
+
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    failing = queued_job(user, ["Broken one", "Broken two"], django_capture_on_commit_callbacks)
+    assert jobs.job_run(job_id=failing.id) == "failed"
+    failing.refresh_from_db()
+    assert failing.error["code"] == "all_items_failed"
+    assert failing.finished_at is not None
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings")
+def test_job_yields_to_interactive_traffic_on_the_global_scope(
+    user, owner_client, django_capture_on_commit_callbacks
+):
+    from quotas.models import GlobalLimits
+
+    # Low priority may use half of the global hourly requests: 2 of 4.
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 4})
+    job = queued_job(user, ["One", "Two", "Three"], django_capture_on_commit_callbacks)
+
+    with pytest.raises(jobs.JobQuotaWait) as wait:
+        jobs.job_run(job_id=job.id)
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.WAITING
+    assert job.done_items == 2
+    assert wait.value.scope == "global"
+    assert wait.value.dimension == "requests_per_hour"
+    # Interactive requests (priority high) still get through the same global scope.
+    interactive = owner_client.post(
+        "/api/v1/generate", {"prompt": "Hello", "model": "gpt-test"}, format="json"
+    )
+    assert interactive.status_code == 200, interactive.content
