@@ -411,11 +411,31 @@ def profile(count: int, key: str, env: dict[str, str]) -> None:
         import cProfile
         import pstats
 
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.process_time)
         prof.enable()
         for i in range(count):
             one(i)
         prof.disable()
+        if os.environ.get("BENCH_CPROFILE_GROUP"):
+            groups: dict[str, float] = {}
+            for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+                group = filename
+                for pattern in (
+                    r"site-packages/([^/]+)",
+                    r"/work/main/([^/]+)",
+                    r"python3\.\d+/([^/]+)",
+                ):
+                    found = re.search(pattern, filename)
+                    if found:
+                        group = found.group(1)
+                        break
+                if filename == "~":
+                    group = "builtins (sockets, C calls)"
+                groups[group] = groups.get(group, 0.0) + tottime
+            total = sum(groups.values())
+            for group, seconds in sorted(groups.items(), key=lambda kv: -kv[1])[:25]:
+                sys.stdout.write(f"{group:30s} {100 * seconds / total:5.1f}%\n")
+            return
         order = os.environ.get("BENCH_CPROFILE_SORT", "tottime")
         lines = int(os.environ.get("BENCH_CPROFILE_LINES", "45"))
         pstats.Stats(prof, stream=sys.stdout).sort_stats(order).print_stats(lines)
@@ -494,6 +514,7 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
             provider="openai", request=request
         ),
     }
+    sys.stdout.write("| step | CPU | wall |\n|---|---|---|\n")
     for name, step in steps.items():
         for _ in range(20):
             step()
