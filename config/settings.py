@@ -212,6 +212,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 JOB_RETRY_MAX_COUNTDOWN = env.int("JOB_RETRY_MAX_COUNTDOWN", default=900)
 JOB_MAX_QUOTA_RETRIES = env.int("JOB_MAX_QUOTA_RETRIES", default=200)
 JOB_MAX_SUBTOPICS = 20
+# Finished jobs (and their results) are deleted this many days after they finished; 0 keeps them.
+JOB_RETENTION_DAYS = env.int("JOB_RETENTION_DAYS", default=30)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 4 * JOB_RETRY_MAX_COUNTDOWN)}
 CELERY_BEAT_SCHEDULE = {
     # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.
@@ -233,6 +235,11 @@ CELERY_BEAT_SCHEDULE = {
     "quota-sweep": {
         "task": "quotas.tasks.quota_sweep",
         "schedule": env.float("CELERY_QUOTA_SWEEP_SECONDS", default=60.0),
+    },
+    # Finished batch jobs past JOB_RETENTION_DAYS are deleted.
+    "jobs-purge": {
+        "task": "generation.tasks.jobs_purge",
+        "schedule": env.float("CELERY_JOBS_PURGE_SECONDS", default=86400.0),
     },
     # Live refusal counts copied to the database (the dashboard's denials by reason).
     "denials-persist": {

@@ -289,3 +289,13 @@ def job_fail(*, job_id: uuid.UUID | str, code: str, message: str) -> None:
         finished_at=timezone.now(),
         updated_at=timezone.now(),
     )
+
+
+def job_purge(*, older_than_days: int, now: dt.datetime | None = None) -> int:
+    """Delete finished jobs that finished more than `older_than_days` ago; returns how many.
+    Unfinished jobs are kept whatever their age. 0 keeps everything."""
+    if older_than_days <= 0:
+        return 0
+    cutoff = (now or timezone.now()) - dt.timedelta(days=older_than_days)
+    deleted, _ = Job.objects.filter(status__in=FINISHED, finished_at__lt=cutoff).delete()
+    return deleted

@@ -56,3 +56,9 @@ def job_run(self: Task, job_id: str) -> str:
         # Finished items are kept; the rest continues in a fresh run.
         logger.warning("job %s hit the soft time limit; continuing in a new run", job_id)
         raise self.retry(countdown=1, max_retries=None) from exc
+
+
+@shared_task(name="generation.tasks.jobs_purge", time_limit=600, soft_time_limit=540)
+def jobs_purge() -> int:
+    """Delete jobs finished more than JOB_RETENTION_DAYS ago; returns how many."""
+    return jobs.job_purge(older_than_days=settings.JOB_RETENTION_DAYS)

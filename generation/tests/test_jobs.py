@@ -230,3 +230,24 @@ def test_job_yields_to_interactive_traffic_on_the_global_scope(
         "/api/v1/generate", {"prompt": "Hello", "model": "gpt-test"}, format="json"
     )
     assert interactive.status_code == 200, interactive.content
+
+
+def test_job_purge_deletes_only_jobs_finished_before_the_retention(user):
+    import datetime as dt
+
+    now = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
+    request = {"topic": "t", "subtopics": ["a"], "model": "m"}
+    old_done = Job.objects.create(
+        user=user, request=request, status=JobStatus.DONE, finished_at=now - dt.timedelta(days=31)
+    )
+    recent = Job.objects.create(
+        user=user, request=request, status=JobStatus.FAILED, finished_at=now - dt.timedelta(days=2)
+    )
+    old_waiting = Job.objects.create(
+        user=user, request=request, status=JobStatus.WAITING, created_at=now - dt.timedelta(days=90)
+    )
+
+    assert jobs.job_purge(older_than_days=30, now=now) == 1
+    assert set(Job.objects.values_list("pk", flat=True)) == {recent.pk, old_waiting.pk}
+    assert not Job.objects.filter(pk=old_done.pk).exists()
+    assert jobs.job_purge(older_than_days=0, now=now) == 0
