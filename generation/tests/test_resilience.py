@@ -188,3 +188,31 @@ def test_connection_refused_is_503_unavailable(upstream_settings):
 
     with pytest.raises(UpstreamUnavailable):
         upstream_complete(provider="openai", request=_request())
+
+
+def test_open_circuit_serves_stale_copy_when_policy_allows(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(text="kept answer")
+    body = {"prompt": "remember me", "model": "gpt-test"}
+    assert key_client.post(URL, body, format="json").status_code == 200
+    Breaker("openai", "gpt-4o-mini").record_failure()  # the provider starts failing
+
+    response = key_client.post(URL, {**body, "cache": "refresh"}, format="json")
+
+    assert response.status_code == 200
+    assert response["X-Cache"] == "STALE"
+    assert response.json()["fallback"] is True
+    assert response.json()["text"] == "kept answer"
+    assert len(fake_upstream.requests) == 1
+
+
+def test_gemini_429_retry_after_is_honoured(upstream_settings, fake_upstream):
+    fake_upstream.script(Behaviour(kind="status", status=429, retry_after="1"), Behaviour())
+
+    upstream_complete(provider="gemini", request=_request())
+
+    first, second = fake_upstream.requests
+    assert second.at - first.at >= 1.0
