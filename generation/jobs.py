@@ -35,13 +35,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tollgate.jobs")
 
 JOB_PRIORITY = "low"
-_LOCK_TTL = 3600
+# One run at a time per job. The lock outlives the task's hard time limit (1800 s), so a
+# worker killed outright frees the job at the latest this long after it took it.
+JOB_LOCK_TTL = 1860
 
 
 class JobNotFound(ApiError):
     status_code = 404
     code = "not_found"
     message = "No such job."
+
+
+class JobLocked(Exception):  # noqa: N818 - a state, not an error
+    """Another worker is running this job (or one died holding the lock); try again later."""
 
 
 class JobQuotaWait(Exception):  # noqa: N818 - a wait, not an error
@@ -200,14 +206,14 @@ def _item_record(
 def job_run(*, job_id: uuid.UUID | str) -> str:
     """Generate the job's unfinished items in order; returns the job's status afterwards.
 
-    Raises JobQuotaWait when an item is refused for quota (the finished items are kept).
-    A job already finished, or being run by another worker, is left alone.
+    Raises JobQuotaWait when an item is refused for quota (the finished items are kept) and
+    JobLocked when another worker holds the job. A finished job is left alone.
     """
     lock = f"job-run:{job_id}"
     token = uuid.uuid4().hex
-    if not cache.add(lock, token, _LOCK_TTL):
+    if not cache.add(lock, token, JOB_LOCK_TTL):
         logger.info("job %s is being run by another worker", job_id)
-        return "locked"
+        raise JobLocked(str(job_id))
     try:
         return _job_run_locked(job_id=job_id)
     finally:

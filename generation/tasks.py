@@ -52,6 +52,9 @@ def job_run(self: Task, job_id: str) -> str:
             )
             return "failed"
         raise self.retry(countdown=wait.retry_after, max_retries=None) from wait
+    except jobs.JobLocked as exc:
+        # Delivered twice, or the previous holder died: look again once the lock may be free.
+        raise self.retry(countdown=60, max_retries=None) from exc
     except SoftTimeLimitExceeded as exc:
         # Finished items are kept; the rest continues in a fresh run.
         logger.warning("job %s hit the soft time limit; continuing in a new run", job_id)

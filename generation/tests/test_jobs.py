@@ -251,3 +251,19 @@ def test_job_purge_deletes_only_jobs_finished_before_the_retention(user):
     assert set(Job.objects.values_list("pk", flat=True)) == {recent.pk, old_waiting.pk}
     assert not Job.objects.filter(pk=old_done.pk).exists()
     assert jobs.job_purge(older_than_days=0, now=now) == 0
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings")
+def test_job_held_by_another_worker_is_not_run_twice(user, django_capture_on_commit_callbacks):
+    from django.core.cache import cache
+
+    job = queued_job(user, ["Only"], django_capture_on_commit_callbacks)
+    cache.add(f"job-run:{job.id}", "another-worker", jobs.JOB_LOCK_TTL)
+
+    with pytest.raises(jobs.JobLocked):
+        jobs.job_run(job_id=job.id)
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)
+
+    cache.delete(f"job-run:{job.id}")
+    assert jobs.job_run(job_id=job.id) == "done"
