@@ -34,8 +34,10 @@ COPY --from=builder /wheels /wheels
 RUN pip install --no-index --find-links=/wheels /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
 COPY --chown=tollgate:tollgate . .
+# /backups: the mount point of the compose backup volume, writable by the app user.
 RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput \
-    && chmod 0755 deploy/backup/*.sh deploy/docker-entrypoint.sh
+    && chmod 0755 deploy/backup/*.sh deploy/docker-entrypoint.sh \
+    && install -d -o "${APP_UID}" -g "${APP_UID}" /backups
 USER ${APP_UID}:${APP_UID}
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
