@@ -25,7 +25,7 @@ from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
-from config.errors import ApiError
+from config.errors import ApiError, ServiceUnavailable
 from generation.models import FINISHED, Job, JobStatus
 from quotas.errors import QuotaExceeded
 
@@ -104,11 +104,11 @@ def job_create(
     Raises InvalidRequest (400) for an unknown or disabled model, 401/403 as admission would
     for a revoked key, an inactive or suspended user, or a model the plan does not allow.
     """
-    from quotas.policy import policy_resolve
+    from quotas.services import policy_get
 
     model = model or settings.TOLLGATE_DEFAULT_MODEL
     # Refuse now what admission would refuse for every item later.
-    policy_resolve(user_id=user_id, key_id=key_id, model=model)
+    policy_get(user_id=user_id, key_id=key_id, model=model)
     job = Job.objects.create(
         user_id=user_id,
         api_key_id=key_id,
@@ -122,10 +122,24 @@ def job_create(
 
 
 def job_enqueue(*, job_id: uuid.UUID, countdown: float | None = None) -> None:
-    """Send the job to the `jobs` queue once the current transaction commits."""
+    """Send the job to the `jobs` queue once the current transaction commits.
+
+    Raises ServiceUnavailable (503) when the broker cannot take it; the job is then marked
+    failed, so that nothing waits for a message that was never sent.
+    """
     from generation.tasks import job_run
 
-    transaction.on_commit(lambda: job_run.apply_async((str(job_id),), countdown=countdown))
+    def send() -> None:
+        try:
+            job_run.apply_async((str(job_id),), countdown=countdown)
+        except Exception as exc:
+            logger.exception("job %s could not be queued", job_id)
+            job_fail(
+                job_id=job_id, code="service_unavailable", message="The job could not be queued."
+            )
+            raise ServiceUnavailable("The job queue is unavailable; try again shortly.") from exc
+
+    transaction.on_commit(send)
 
 
 def job_get(*, job_id: uuid.UUID | str, user: AbstractBaseUser | AnonymousUser) -> Job:

@@ -267,3 +267,44 @@ def test_job_held_by_another_worker_is_not_run_twice(user, django_capture_on_com
 
     cache.delete(f"job-run:{job.id}")
     assert jobs.job_run(job_id=job.id) == "done"
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_create_with_broker_down_is_503_and_the_job_is_not_left_queued(user):
+    import os
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    script = (
+        "import django; django.setup()\n"
+        "from config.errors import ServiceUnavailable\n"
+        "from generation import jobs\n"
+        "try:\n"
+        f"    jobs.job_create(user_id={user.pk}, key_id=None, topic='t', subtopics=['a'],"
+        " model='gpt-test')\n"
+        "except ServiceUnavailable as exc:\n"
+        "    print(exc.status_code, exc.code)\n"
+    )
+    env = {
+        **os.environ,
+        # Nothing listens on port 1: the broker is down.
+        "CELERY_BROKER_URL": "redis://127.0.0.1:1/0",
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=settings.BASE_DIR,
+        check=False,
+    )
+
+    assert out.stdout.split() == ["503", "service_unavailable"], out.stderr[-2000:]
+    job = Job.objects.get()
+    assert job.status == JobStatus.FAILED
+    assert job.error["code"] == "service_unavailable"
