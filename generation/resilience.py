@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +27,19 @@ import tenacity
 from django.conf import settings
 from django_redis import get_redis_connection
 
-from generation.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from generation.errors import (
+    GenerationError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from generation.providers import provider_get
 from generation.providers.base import (
     Completion,
     CompletionRequest,
     ProviderFailure,
     ProviderRateLimited,
+    ProviderServerError,
     ProviderTimeout,
     ProviderUnreachable,
 )
@@ -228,22 +234,8 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderFailure) and exc.retryable
 
 
-def upstream_complete(
-    *,
-    provider: str,
-    request: CompletionRequest,
-    on_attempt: Callable[[int], None] | None = None,
-) -> Completion:
-    """Complete `request` on `provider` with timeouts, retries and the circuit breaker.
-
-    Raises UpstreamTimeout (504), UpstreamUnavailable (503: circuit open, provider
-    unreachable or rate-limiting) or UpstreamError (502); their `.outcome` is the ledger
-    outcome of the refund.
-    """
-    breaker = Breaker(provider, request.model)
-    client = provider_get(provider)
-    deadline = time.monotonic() + settings.UPSTREAM_MAX_RETRY_SECONDS
-    retrying = tenacity.Retrying(
+def _retrying() -> tenacity.Retrying:
+    return tenacity.Retrying(
         stop=(
             tenacity.stop_after_attempt(settings.UPSTREAM_MAX_ATTEMPTS)
             | tenacity.stop_before_delay(settings.UPSTREAM_MAX_RETRY_SECONDS)
@@ -255,35 +247,116 @@ def upstream_complete(
         reraise=True,
     )
 
+
+def _api_error(exc: Exception) -> GenerationError:
+    """The contract's error for a final upstream failure."""
+    if isinstance(exc, CircuitOpen):
+        return UpstreamUnavailable(
+            "The model provider is failing; its circuit is open.", retry_after=exc.retry_after
+        )
+    if isinstance(exc, ProviderTimeout):
+        return UpstreamTimeout()
+    if isinstance(exc, ProviderRateLimited | ProviderUnreachable):
+        return UpstreamUnavailable(retry_after=exc.retry_after)
+    return UpstreamError()
+
+
+class _Attempts:
+    """One upstream call's attempts: breaker check, read timeout cut to the time left,
+    metrics, and the breaker's bookkeeping of each outcome."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self.breaker = Breaker(provider, model)
+        self.deadline = time.monotonic() + settings.UPSTREAM_MAX_RETRY_SECONDS
+        self.state = "closed"
+        self.failures = 0
+        self.started = 0.0
+
+    def begin(self) -> float:
+        """Admit an attempt (raises CircuitOpen); returns its read timeout."""
+        self.state, self.failures = self.breaker.allow()
+        self.started = time.perf_counter()
+        return max(0.05, min(settings.UPSTREAM_READ_TIMEOUT, self.deadline - time.monotonic()))
+
+    def failed(self, exc: ProviderFailure) -> None:
+        UPSTREAM_CALLS.labels(self.provider, self.model, exc.outcome).inc()
+        if exc.trips_circuit:
+            self.breaker.record_failure()
+        logger.info("upstream attempt failed: %s", exc)
+
+    def succeeded(self) -> None:
+        UPSTREAM_LATENCY.labels(self.provider, self.model).observe(
+            time.perf_counter() - self.started
+        )
+        UPSTREAM_CALLS.labels(self.provider, self.model, "ok").inc()
+        if self.state != "closed" or self.failures:
+            self.breaker.record_success()
+
+
+def upstream_complete(*, provider: str, request: CompletionRequest) -> Completion:
+    """Complete `request` on `provider` with timeouts, retries and the circuit breaker.
+
+    Raises UpstreamTimeout (504), UpstreamUnavailable (503: circuit open, provider
+    unreachable or rate-limiting) or UpstreamError (502); their `.outcome` is the ledger
+    outcome of the refund.
+    """
+    client = provider_get(provider)
+    attempts = _Attempts(provider, request.model)
+
     def attempt() -> Completion:
-        state, failures = breaker.allow()
-        if on_attempt is not None:
-            on_attempt(retrying.statistics.get("attempt_number", 1))
-        timeout = max(0.05, min(settings.UPSTREAM_READ_TIMEOUT, deadline - time.monotonic()))
-        started = time.perf_counter()
+        timeout = attempts.begin()
         try:
             result = client.complete(request, timeout=timeout)
         except ProviderFailure as exc:
-            UPSTREAM_CALLS.labels(provider, request.model, exc.outcome).inc()
-            if exc.trips_circuit:
-                breaker.record_failure()
-            logger.info("upstream attempt failed: %s", exc)
+            attempts.failed(exc)
             raise
-        UPSTREAM_LATENCY.labels(provider, request.model).observe(time.perf_counter() - started)
-        UPSTREAM_CALLS.labels(provider, request.model, "ok").inc()
-        if state != "closed" or failures:
-            breaker.record_success()
+        attempts.succeeded()
         return result
 
     try:
-        return retrying(attempt)
-    except CircuitOpen as exc:
-        raise UpstreamUnavailable(
-            "The model provider is failing; its circuit is open.", retry_after=exc.retry_after
-        ) from exc
-    except ProviderTimeout as exc:
-        raise UpstreamTimeout() from exc
-    except (ProviderRateLimited, ProviderUnreachable) as exc:
-        raise UpstreamUnavailable(retry_after=exc.retry_after) from exc
-    except ProviderFailure as exc:
-        raise UpstreamError() from exc
+        return _retrying()(attempt)
+    except (CircuitOpen, ProviderFailure) as exc:
+        raise _api_error(exc) from exc
+
+
+def upstream_stream(*, provider: str, request: CompletionRequest) -> Iterator[str | Completion]:
+    """Stream `request` from `provider`: text pieces, then the final Completion (usage).
+
+    Attempts are retried, as in upstream_complete, until the first piece arrives; this
+    function returns only then, so a failure to start raises the same 502/503/504 errors.
+    A failure after that is raised by the iterator as one of those errors (never retried:
+    part of the answer is already out).
+    """
+    client = provider_get(provider)
+    attempts = _Attempts(provider, request.model)
+
+    def attempt() -> tuple[Iterator[str | Completion], str | Completion]:
+        timeout = attempts.begin()
+        try:
+            pieces = iter(client.stream(request, timeout=timeout))
+            return pieces, next(pieces)
+        except StopIteration as exc:
+            failure = ProviderServerError("empty stream")
+            attempts.failed(failure)
+            raise failure from exc
+        except ProviderFailure as exc:
+            attempts.failed(exc)
+            raise
+
+    try:
+        pieces, first = _retrying()(attempt)
+    except (CircuitOpen, ProviderFailure) as exc:
+        raise _api_error(exc) from exc
+
+    def rest() -> Iterator[str | Completion]:
+        yield first
+        try:
+            yield from pieces
+        except ProviderFailure as exc:
+            attempts.failed(exc)
+            raise _api_error(exc) from exc
+        attempts.succeeded()
+
+    return rest()

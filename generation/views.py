@@ -226,21 +226,30 @@ def _chat_stream(
         }
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
-    text = outcome.value.get("text", "")
     yield chunk(
         [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     )
-    words = text.split(" ")
-    for start in range(0, len(words), 8):
-        piece = " ".join(words[start : start + 8])
-        if start + 8 < len(words):
-            piece += " "
+    for piece in outcome.pieces if outcome.pieces is not None else _pieces(outcome.value):
         yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+    if outcome.error is not None:
+        # Cut short upstream (and refunded): OpenAI SDKs raise on an event carrying "error".
+        error = {"message": outcome.error.message, "type": "api_error", "code": outcome.error.code}
+        yield f"data: {json.dumps({'error': error})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+        return
     finish = outcome.value.get("finish_reason", "stop")
     yield chunk([{"index": 0, "delta": {}, "finish_reason": finish}])
     if include_usage:
         yield chunk([], usage=outcome.usage())
     yield b"data: [DONE]\n\n"
+
+
+def _pieces(value: dict[str, Any]) -> Iterator[str]:
+    """A whole (cached) answer cut in pieces of a few words, as a stream would bring it."""
+    words = str(value.get("text", "")).split(" ")
+    for start in range(0, len(words), 8):
+        tail = " " if start + 8 < len(words) else ""
+        yield " ".join(words[start : start + 8]) + tail
 
 
 class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
@@ -263,17 +272,20 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def run() -> services.Outcome:
+        def run(*, stream: bool = False) -> services.Outcome:
             return services.completion_create(
                 caller=caller,
                 model=data["model"],
                 messages=[dict(m) for m in data["messages"]],
                 max_tokens=max_tokens,
                 temperature=data.get("temperature"),
+                stream=stream,
             )
 
         if data.get("stream"):
-            outcome = run()
+            # Errors before the first piece are ordinary JSON errors; the stream is settled
+            # when it ends. Streams are not idempotent-replayed.
+            outcome = run(stream=True)
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             response = StreamingHttpResponse(
                 _chat_stream(outcome, completion_id, created, include_usage),

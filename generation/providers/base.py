@@ -7,6 +7,7 @@ subclass. Retries, the circuit breaker and the mapping to HTTP errors live above
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +84,10 @@ class Provider(Protocol):
 
     def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
         """One upstream attempt, bounded by `timeout` seconds of reading."""
+        ...
+
+    def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
+        """One streamed attempt: text pieces as they come, then the whole Completion."""
         ...
 
 

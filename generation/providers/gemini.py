@@ -3,7 +3,8 @@ The SDK's own retries stay off (its default): generation.resilience retries."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx2
 from google import genai
@@ -47,7 +48,9 @@ class GeminiProvider:
             self._clients[millis] = client
         return client
 
-    def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
+    def _arguments(
+        self, request: CompletionRequest
+    ) -> tuple[list[types.Content], types.GenerateContentConfig]:
         system = "\n".join(m["content"] for m in request.messages if m.get("role") == "system")
         contents = [
             types.Content(
@@ -62,44 +65,86 @@ class GeminiProvider:
             temperature=request.temperature,
             system_instruction=system or None,
         )
-        try:
+        return contents, config
+
+    def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
+        contents, config = self._arguments(request)
+        with _mapped_errors(timeout):
             response = self._client(timeout).models.generate_content(
                 model=request.model, contents=contents, config=config
             )
-        except httpx2.TimeoutException as exc:
-            raise ProviderTimeout(f"gemini: timed out after {timeout}s") from exc
-        except httpx2.TransportError as exc:
-            raise ProviderUnreachable(f"gemini: cannot connect: {exc}") from exc
-        except genai_errors.APIError as exc:
-            headers = getattr(exc.response, "headers", None) or {}
-            retry_after = parse_retry_after(headers.get("retry-after"))
-            if exc.code == 429:
-                raise ProviderRateLimited("gemini: rate limited", retry_after=retry_after) from exc
-            if exc.code >= 500 or exc.code == 408:
-                raise ProviderServerError(
-                    f"gemini: HTTP {exc.code}", retry_after=retry_after
-                ) from exc
-            raise ProviderRejected(f"gemini: HTTP {exc.code}: {exc.message}") from exc
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise ProviderServerError(f"gemini: malformed response: {exc}") from exc
         if not response.candidates:
             raise ProviderServerError("gemini: response without candidates")
-        candidate = response.candidates[0]
-        parts = candidate.content.parts if candidate.content and candidate.content.parts else []
-        text = "".join(p.text or "" for p in parts)
-        finish = _FINISH.get(str(getattr(candidate.finish_reason, "value", "STOP")), "stop")
-        usage = response.usage_metadata
-        if usage is not None and usage.prompt_token_count is not None:
-            return Completion(
-                text=text,
-                prompt_tokens=usage.prompt_token_count,
-                completion_tokens=usage.candidates_token_count or 0,
-                finish_reason=finish,
-            )
+        text, finish = _candidate(response)
+        return _with_usage(request, text, finish, response.usage_metadata)
+
+    def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
+        contents, config = self._arguments(request)
+        parts: list[str] = []
+        finish = "stop"
+        usage = None
+        with _mapped_errors(timeout):
+            for response in self._client(timeout).models.generate_content_stream(
+                model=request.model, contents=contents, config=config
+            ):
+                if response.usage_metadata is not None:
+                    usage = response.usage_metadata
+                if not response.candidates:
+                    continue
+                text, finish = _candidate(response)
+                if text:
+                    parts.append(text)
+                    yield text
+        yield _with_usage(request, "".join(parts), finish, usage)
+
+
+def _candidate(response: types.GenerateContentResponse) -> tuple[str, str]:
+    candidate = (response.candidates or [])[0]
+    parts = candidate.content.parts if candidate.content and candidate.content.parts else []
+    text = "".join(p.text or "" for p in parts)
+    reason = getattr(candidate.finish_reason, "value", None) or "STOP"
+    return text, _FINISH.get(str(reason), "stop")
+
+
+def _with_usage(
+    request: CompletionRequest,
+    text: str,
+    finish: str,
+    usage: types.GenerateContentResponseUsageMetadata | None,
+) -> Completion:
+    if usage is not None and usage.prompt_token_count is not None:
         return Completion(
             text=text,
-            prompt_tokens=tokens_count_messages(request.messages),
-            completion_tokens=tokens_count(text),
+            prompt_tokens=usage.prompt_token_count,
+            completion_tokens=usage.candidates_token_count or 0,
             finish_reason=finish,
-            usage_reported=False,
         )
+    return Completion(
+        text=text,
+        prompt_tokens=tokens_count_messages(request.messages),
+        completion_tokens=tokens_count(text),
+        finish_reason=finish,
+        usage_reported=False,
+    )
+
+
+@contextmanager
+def _mapped_errors(timeout: float) -> Iterator[None]:
+    """SDK and transport errors as ProviderFailure subclasses."""
+    try:
+        yield
+    except httpx2.TimeoutException as exc:
+        raise ProviderTimeout(f"gemini: timed out after {timeout}s") from exc
+    except httpx2.TransportError as exc:
+        raise ProviderUnreachable(f"gemini: cannot connect: {exc}") from exc
+    except genai_errors.APIError as exc:
+        headers = getattr(exc.response, "headers", None) or {}
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        if exc.code == 429:
+            raise ProviderRateLimited("gemini: rate limited", retry_after=retry_after) from exc
+        if exc.code >= 500 or exc.code == 408:
+            message = f"gemini: HTTP {exc.code}"
+            raise ProviderServerError(message, retry_after=retry_after) from exc
+        raise ProviderRejected(f"gemini: HTTP {exc.code}: {exc.message}") from exc
+    except (ValueError, httpx2.HTTPError) as exc:
+        raise ProviderServerError(f"gemini: malformed or broken response: {exc}") from exc

@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Iterator
 
 from django.conf import settings
 
@@ -89,6 +90,14 @@ class LocalProvider:
             finish_reason=finish,
             usage_reported=False,
         )
+
+    def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
+        completion = self.complete(request, timeout=timeout)
+        words = completion.text.split(" ")
+        for start in range(0, len(words), 4):
+            tail = " " if start + 4 < len(words) else ""
+            yield " ".join(words[start : start + 4]) + tail
+        yield completion
 
     def _answer(self, request: CompletionRequest, prompt: str) -> str:
         digest = hashlib.sha256(f"{request.model}\x00{prompt}".encode()).digest()

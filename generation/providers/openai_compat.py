@@ -5,6 +5,8 @@ the same way."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx2
@@ -45,10 +47,10 @@ class OpenAIProvider:
         }
         if request.temperature is not None:
             body["temperature"] = request.temperature
-        try:
-            # The SDK's generic request method: its auth, base URL, timeouts and error
-            # mapping, without the typed-parameter transform and model construction of
-            # chat.completions.create (about half of the SDK's CPU time per call).
+        # The SDK's generic request method: its auth, base URL, timeouts and error mapping,
+        # without the typed-parameter transform and model construction of
+        # chat.completions.create (about half of the SDK's CPU time per call).
+        with _mapped_errors(timeout):
             response = self.client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,
@@ -56,22 +58,67 @@ class OpenAIProvider:
                 options={"timeout": httpx2.Timeout(timeout, connect=self.connect_timeout)},
             )
             data = json.loads(response.content)
-        except openai.APITimeoutError as exc:
-            raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
-        except openai.APIConnectionError as exc:
-            raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
-        except openai.APIStatusError as exc:
-            retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
-            if exc.status_code == 429:
-                raise ProviderRateLimited("openai: rate limited", retry_after=retry_after) from exc
-            if exc.status_code >= 500 or exc.status_code == 408:
-                raise ProviderServerError(
-                    f"openai: HTTP {exc.status_code}", retry_after=retry_after
-                ) from exc
-            raise ProviderRejected(f"openai: HTTP {exc.status_code}: {exc.message}") from exc
-        except ValueError as exc:
-            raise ProviderServerError(f"openai: malformed response: {exc}") from exc
         return _completion(data, request)
+
+    def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
+        kwargs: dict[str, Any] = {"max_tokens": request.max_tokens}
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        parts: list[str] = []
+        finish = "stop"
+        usage = None
+        with _mapped_errors(timeout):
+            chunks = self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=request.model,
+                messages=list(request.messages),
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=httpx2.Timeout(timeout, connect=self.connect_timeout),
+                **kwargs,
+            )
+            for chunk in chunks:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+                if choice.delta and choice.delta.content:
+                    parts.append(choice.delta.content)
+                    yield choice.delta.content
+        text = "".join(parts)
+        if usage is not None:
+            yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
+        else:
+            yield Completion(
+                text,
+                tokens_count_messages(request.messages),
+                tokens_count(text),
+                finish,
+                usage_reported=False,
+            )
+
+
+@contextmanager
+def _mapped_errors(timeout: float) -> Iterator[None]:
+    """SDK and transport errors as ProviderFailure subclasses."""
+    try:
+        yield
+    except openai.APITimeoutError as exc:
+        raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
+    except openai.APIConnectionError as exc:
+        raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
+    except openai.APIStatusError as exc:
+        retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
+        if exc.status_code == 429:
+            raise ProviderRateLimited("openai: rate limited", retry_after=retry_after) from exc
+        if exc.status_code >= 500 or exc.status_code == 408:
+            message = f"openai: HTTP {exc.status_code}"
+            raise ProviderServerError(message, retry_after=retry_after) from exc
+        raise ProviderRejected(f"openai: HTTP {exc.status_code}: {exc.message}") from exc
+    except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
+        raise ProviderServerError(f"openai: malformed or broken response: {exc}") from exc
 
 
 def _completion(data: Any, request: CompletionRequest) -> Completion:

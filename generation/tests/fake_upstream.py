@@ -3,7 +3,9 @@ and the Gemini generateContent wire formats, told how to answer by the test.
 
 Behaviours (`Behaviour.kind`): "ok", "slow" (answers after `delay` seconds), "status" (an
 error status, optionally with Retry-After), "malformed" (200 with a body that is not JSON),
-"hang" (never answers until the server stops). A test scripts the next answers with
+"hang" (never answers until the server stops), "cut" (a stream that breaks off half-way).
+Streaming requests (OpenAI `stream: true`, Gemini `streamGenerateContent?alt=sse`) are
+answered as server-sent events, a few words per event. A test scripts the next answers with
 `script(...)` (consumed in order), sets a `default`, or adds `rules` that apply to requests
 whose prompt contains a given text. Every request is recorded in `requests`.
 
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-_GEMINI_PATH = re.compile(r"^/v1(beta)?/models/(?P<model>[^/:]+):generateContent$")
+_GEMINI_PATH = re.compile(
+    r"^/v1(beta)?/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)$"
+)
 
 
 @dataclass
@@ -185,12 +189,36 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 return
             text = behaviour.text if behaviour.text is not None else _answer_text(prompt)
             p_tokens, c_tokens = behaviour.usage or (_words(prompt), _words(text))
+            if flavour == "openai" and body.get("stream"):
+                usage = (body.get("stream_options") or {}).get("include_usage")
+                events = _openai_events(body.get("model", "?"), text, p_tokens, c_tokens, usage)
+                self._send_events(events, cut=behaviour.kind == "cut")
+                return
+            if gemini and gemini.group("method") == "streamGenerateContent":
+                events = _gemini_events(gemini.group("model"), text, p_tokens, c_tokens)
+                self._send_events(events, cut=behaviour.kind == "cut")
+                return
             if flavour == "openai":
                 payload = _openai_body(body.get("model", "?"), text, p_tokens, c_tokens)
             else:
                 assert gemini is not None
                 payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens)
             self._send(200, json.dumps(payload).encode())
+
+        def _send_events(self, events: list[str], *, cut: bool) -> None:
+            data = "".join(f"data: {event}\n\n" for event in events).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if cut:
+                # Half the events, then the connection drops before the declared length.
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(data)
 
     return Handler
 
@@ -237,6 +265,65 @@ def _openai_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[st
             "total_tokens": p_tokens + c_tokens,
         },
     }
+
+
+def _pieces(text: str, size: int = 3) -> list[str]:
+    words = text.split(" ")
+    return [
+        " ".join(words[i : i + size]) + (" " if i + size < len(words) else "")
+        for i in range(0, len(words), size)
+    ]
+
+
+def _openai_events(
+    model: str, text: str, p_tokens: int, c_tokens: int, include_usage: bool
+) -> list[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return json.dumps(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
+        )
+
+    events = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])]
+    events += [
+        chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+        for piece in _pieces(text)
+    ]
+    events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    if include_usage:
+        usage = {
+            "prompt_tokens": p_tokens,
+            "completion_tokens": c_tokens,
+            "total_tokens": p_tokens + c_tokens,
+        }
+        events.append(chunk([], usage=usage))
+    events.append("[DONE]")
+    return events
+
+
+def _gemini_events(model: str, text: str, p_tokens: int, c_tokens: int) -> list[str]:
+    pieces = _pieces(text)
+    events = []
+    for index, piece in enumerate(pieces):
+        body: dict[str, Any] = {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": piece}]}, "index": 0}],
+            "modelVersion": model,
+        }
+        if index == len(pieces) - 1:
+            body["candidates"][0]["finishReason"] = "STOP"
+            body["usageMetadata"] = {
+                "promptTokenCount": p_tokens,
+                "candidatesTokenCount": c_tokens,
+                "totalTokenCount": p_tokens + c_tokens,
+            }
+        events.append(json.dumps(body))
+    return events
 
 
 def _gemini_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[str, Any]:

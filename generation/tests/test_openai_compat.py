@@ -68,6 +68,88 @@ def test_openai_sdk_streams_chunks_and_usage(
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == 12
     assert UsageRecord.objects.get().completion_tokens == 12
+    assert fake_upstream.requests[0].body["stream"] is True  # streamed upstream too
+
+
+def test_openai_sdk_stream_of_a_gemini_model_is_settled_when_it_ends(
+    upstream_settings, fake_upstream, gemini_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="alpha beta gamma delta epsilon", usage=(8, 5))
+
+    stream = tollgate.chat.completions.create(
+        model="gemini-test",
+        messages=[{"role": "user", "content": "letters"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "alpha beta gamma delta epsilon"
+    )
+    assert "streamGenerateContent" in fake_upstream.requests[0].path
+    row = UsageRecord.objects.get()
+    assert (row.prompt_tokens, row.completion_tokens) == (8, 5)
+    assert row.cost_usd == Decimal("0.000003")  # (8 x 0.10 + 5 x 0.40) / 1e6, rounded
+
+
+def test_openai_sdk_stream_cut_upstream_raises_and_is_refunded(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(
+        kind="cut", text=" ".join(f"w{i}" for i in range(40)), usage=(5, 40)
+    )
+
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "long"}], stream=True
+    )
+    received: list[str] = []
+
+    def drain() -> None:
+        received.extend(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with pytest.raises(openai.APIError):
+        drain()
+
+    assert "".join(received).startswith("w0 w1 w2")
+    row = UsageRecord.objects.get()
+    assert row.outcome == "upstream_unavailable"
+    assert row.cost_usd == 0
+
+
+def test_openai_sdk_stream_failing_before_first_piece_gets_a_json_error(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+
+    with pytest.raises(openai.APIStatusError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "upstream_error"
+    assert UsageRecord.objects.get().cost_usd == 0
+
+
+def test_openai_sdk_second_stream_is_served_from_cache(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="cached words here", usage=(3, 3))
+    ask = {"model": "gpt-test", "messages": [{"role": "user", "content": "again"}]}
+    first = "".join(
+        c.choices[0].delta.content or ""
+        for c in tollgate.chat.completions.create(**ask, stream=True)
+        if c.choices
+    )
+
+    response = tollgate.chat.completions.with_raw_response.create(**ask, stream=True)
+    second = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+
+    assert first == second == "cached words here"
+    assert response.headers["X-Cache"] == "HIT"
+    assert len(fake_upstream.requests) == 1
 
 
 def test_openai_sdk_sees_unknown_model_as_openai_shaped_400(upstream_settings, tollgate):

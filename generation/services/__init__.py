@@ -1,0 +1,52 @@
+"""Generation services: the request path (completion), Idempotency-Key handling
+(idempotency) and the topic endpoints (topic_answers). Import from here."""
+
+from generation.services.completion import (
+    ZERO,
+    Caller,
+    Outcome,
+    circuit_states,
+    completion_body,
+    completion_create,
+    generation_run,
+    money,
+)
+from generation.services.idempotency import (
+    Replay,
+    idempotency_begin,
+    idempotency_finish,
+    idempotent_run,
+    request_fingerprint,
+)
+from generation.services.topic_answers import (
+    ExplanationItem,
+    _explain_one,
+    explanations_body,
+    explanations_headers,
+    subtopics_body,
+    topic_explanations,
+    topic_subtopics,
+)
+
+__all__ = [
+    "ZERO",
+    "Caller",
+    "ExplanationItem",
+    "Outcome",
+    "Replay",
+    "_explain_one",  # one explanation item, for the batch jobs of generation.jobs
+    "circuit_states",
+    "completion_body",
+    "completion_create",
+    "explanations_body",
+    "explanations_headers",
+    "generation_run",
+    "idempotency_begin",
+    "idempotency_finish",
+    "idempotent_run",
+    "money",
+    "request_fingerprint",
+    "subtopics_body",
+    "topic_explanations",
+    "topic_subtopics",
+]

@@ -1,0 +1,444 @@
+"""The request path of DESIGN.md for every generation endpoint.
+
+cache look-up -> admission -> single flight -> upstream (retries, circuit breaker) ->
+settlement (or refund on failure) -> cache store. A cache hit only counts one request.
+A refused admission serves a stale copy when the policy allows it (`fallback: true`).
+Responses carry the rate-limit headers of the admission that let them through.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+
+from caching.services import (
+    CacheHit,
+    cache_get,
+    cache_get_stale,
+    cache_key_generation,
+    cache_set,
+    single_flight,
+)
+from config.errors import InvalidRequest
+from generation import resilience
+from generation.errors import GenerationError, UpstreamError, UpstreamUnavailable
+from generation.providers.base import Completion, CompletionRequest
+from generation.resilience import upstream_complete, upstream_stream
+from generation.tokens import tokens_count, tokens_count_messages
+from quotas.errors import QuotaExceeded
+from quotas.policy import Policy
+from quotas.services import (
+    Admission,
+    admission_admit,
+    admission_count_hit,
+    policy_get,
+    usage_record_fallback,
+    usage_record_hit,
+    usage_refund,
+    usage_settle,
+)
+
+logger = logging.getLogger("tollgate.generation")
+
+DEFAULT_MAX_TOKENS = 256
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks: the user, the key (None for token or session requests), the request id
+    (the ledger's unique id) and the priority class."""
+
+    user_id: int
+    key_id: int | None
+    request_id: str
+    priority: str = "high"
+
+    def item(self, index: int) -> Caller:
+        """The caller of the `index`-th item of a batch (its own ledger row)."""
+        return Caller(self.user_id, self.key_id, f"{self.request_id[:56]}.{index}", self.priority)
+
+
+@dataclass
+class Outcome:
+    """One answer: the cached value, how it was obtained, what it cost."""
+
+    value: dict[str, Any]
+    model: str
+    cache: str  # HIT | MISS | STALE | BYPASS
+    cache_layer: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: Decimal = ZERO
+    headers: dict[str, str] = field(default_factory=dict)
+    # Streams only: the text as it comes (None when the answer is whole in `value`), and
+    # the error that cut it short.
+    pieces: Iterator[str] | None = None
+    error: GenerationError | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.cache in ("HIT", "STALE")
+
+    @property
+    def fallback(self) -> bool:
+        return self.cache == "STALE"
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def circuit_states() -> list[dict[str, Any]]:
+    """The circuit breakers' states (for /api/v1/quota/global); see generation.resilience."""
+    return resilience.circuit_states()
+
+
+def money(value: Decimal) -> str:
+    """USD as API.md writes it: "0" for nothing, else six decimals."""
+    return "0" if not value else f"{value.quantize(Decimal('0.000001'))}"
+
+
+def _completion_value(completion: Completion) -> dict[str, Any]:
+    return {
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+        },
+    }
+
+
+def generation_run(
+    *,
+    caller: Caller,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int | None,
+    temperature: float | None,
+    cache_policy: str,
+    cache_key: str | None = None,
+    task: str = "chat",
+    compute: Callable[[CompletionRequest, str], dict[str, Any]] | None = None,
+    stream: bool = False,
+) -> Outcome:
+    """Answer one generation request along the request path; see the module docstring.
+
+    `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
+    relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
+    stale copies come back whole, as without `stream`.
+
+    `cache_policy`: "use" (look up, then store), "refresh" (skip the look-up, store) or
+    "bypass" (neither). `compute(request, provider)` turns the upstream call into the value
+    to cache (default: the completion's text, finish reason and usage).
+    Raises InvalidRequest (400: unknown model, max_tokens over the model's limit, prompt over
+    its context window), the policy's 401/403, QuotaExceeded (429), UpstreamError (502),
+    UpstreamUnavailable (503) or UpstreamTimeout (504); failures after admission are refunded.
+    """
+    policy = policy_get(user_id=caller.user_id, key_id=caller.key_id, model=model)
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, policy.max_output_tokens)
+    if max_tokens > policy.max_output_tokens:
+        raise InvalidRequest(
+            f"max_tokens is over this model's limit of {policy.max_output_tokens}.",
+            fields={"max_tokens": [f"At most {policy.max_output_tokens}."]},
+        )
+    prompt_tokens = tokens_count_messages(messages)
+    if prompt_tokens + max_tokens > policy.context_window:
+        raise InvalidRequest(
+            f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this model's "
+            f"context window of {policy.context_window} tokens.",
+            fields={"messages": ["Too long for this model."]},
+        )
+    key = cache_key or cache_key_generation(
+        model=model,
+        messages=messages,
+        params={"max_tokens": max_tokens, "temperature": temperature, "task": task},
+    )
+    if cache_policy == "use":
+        hit = cache_get(key)
+        if hit is not None:
+            return _serve_hit(hit, caller=caller, policy=policy, model=model)
+
+    started = time.monotonic()
+    try:
+        admission = admission_admit(
+            user_id=caller.user_id,
+            key_id=caller.key_id,
+            model=model,
+            request_id=caller.request_id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            priority=caller.priority,
+        )
+    except QuotaExceeded as exc:
+        stale = _stale_for(exc, key, cache_policy)
+        if stale is None:
+            raise
+        usage_record_fallback(
+            policy=policy,
+            user_id=caller.user_id,
+            key_id=caller.key_id,
+            request_id=caller.request_id,
+            latency_ms=int((time.monotonic() - started) * 1000),
+        )
+        return Outcome(
+            value=stale, model=model, cache="STALE", cache_layer="redis", headers=exc.headers
+        )
+
+    request = CompletionRequest(
+        model=policy.upstream_model,
+        messages=tuple(messages),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        task=task,
+    )
+
+    def upstream() -> dict[str, Any]:
+        if compute is not None:
+            return compute(request, policy.provider)
+        return _completion_value(upstream_complete(provider=policy.provider, request=request))
+
+    if stream:
+        return _start_stream(
+            request,
+            admission=admission,
+            key=key,
+            cache_policy=cache_policy,
+            model=model,
+            prompt_tokens=prompt_tokens,
+        )
+
+    try:
+        if cache_policy == "use":
+            wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+            value, computed_here = single_flight(key, upstream, wait_seconds=wait)
+        else:
+            value, computed_here = upstream(), True
+            if cache_policy == "refresh":
+                cache_set(key, value, broadcast=True)
+    except GenerationError as err:
+        return _upstream_failed(err, admission, key, cache_policy, model)
+    except BaseException:
+        usage_refund(admission=admission, outcome="upstream_error")
+        raise
+
+    if not computed_here:
+        # Another request made the same call at the same moment: this one rode along.
+        usage_settle(admission=admission, prompt_tokens=0, completion_tokens=0, cached=True)
+        return Outcome(value=value, model=model, cache="HIT", headers=admission.headers())
+    usage = value.get("usage") or {}
+    p_tokens, c_tokens = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    cost = usage_settle(admission=admission, prompt_tokens=p_tokens, completion_tokens=c_tokens)
+    return Outcome(
+        value=value,
+        model=model,
+        cache="MISS" if cache_policy != "bypass" else "BYPASS",
+        prompt_tokens=p_tokens,
+        completion_tokens=c_tokens,
+        cost=cost,
+        headers=admission.headers(),
+    )
+
+
+def _serve_hit(hit: CacheHit, *, caller: Caller, policy: Policy, model: str) -> Outcome:
+    """A cached answer: counted as one request, free."""
+    try:
+        admission = admission_count_hit(
+            user_id=caller.user_id,
+            key_id=caller.key_id,
+            model=model,
+            request_id=caller.request_id,
+            priority=caller.priority,
+        )
+    except QuotaExceeded as exc:
+        # The request windows are full; the answer is at hand, so a policy that
+        # allows stale fallbacks gets it as one.
+        if not policy.allow_stale_fallback:
+            raise
+        usage_record_fallback(
+            policy=policy,
+            user_id=caller.user_id,
+            key_id=caller.key_id,
+            request_id=caller.request_id,
+            latency_ms=0,
+        )
+        return Outcome(
+            value=hit.value,
+            model=model,
+            cache="STALE",
+            cache_layer=hit.layer,
+            headers=exc.headers,
+        )
+    usage_record_hit(admission=admission)
+    return Outcome(
+        value=hit.value,
+        model=model,
+        cache="HIT",
+        cache_layer=hit.layer,
+        headers=admission.headers(),
+    )
+
+
+def _start_stream(
+    request: CompletionRequest,
+    *,
+    admission: Admission,
+    key: str,
+    cache_policy: str,
+    model: str,
+    prompt_tokens: int,
+) -> Outcome:
+    """Open the upstream stream (retried until its first piece) and wrap it in `_relay`."""
+    try:
+        pieces = upstream_stream(provider=admission.policy.provider, request=request)
+    except GenerationError as err:
+        return _upstream_failed(err, admission, key, cache_policy, model)
+    except BaseException:
+        usage_refund(admission=admission, outcome="upstream_error")
+        raise
+    outcome = Outcome(
+        value={},
+        model=model,
+        cache="MISS" if cache_policy != "bypass" else "BYPASS",
+        headers=admission.headers(),
+    )
+    outcome.pieces = _relay(
+        pieces,
+        outcome=outcome,
+        admission=admission,
+        key=key,
+        cache_policy=cache_policy,
+        prompt_tokens=prompt_tokens,
+    )
+    return outcome
+
+
+def _upstream_failed(
+    err: GenerationError, admission: Admission, key: str, cache_policy: str, model: str
+) -> Outcome:
+    """Refund a failed upstream call; serve the stale copy when the provider is unavailable
+    and the policy allows it, else raise `err` (with the rate-limit headers)."""
+    usage_refund(admission=admission, outcome=err.outcome)
+    err.headers = admission.headers()
+    if isinstance(err, UpstreamUnavailable) and cache_policy != "bypass":
+        copy = cache_get_stale(key) if admission.policy.allow_stale_fallback else None
+        if copy is not None:
+            return Outcome(
+                value=copy.value,
+                model=model,
+                cache="STALE",
+                cache_layer="redis",
+                headers=err.headers,
+            )
+    raise err
+
+
+def _relay(
+    pieces: Iterator[str | Completion],
+    *,
+    outcome: Outcome,
+    admission: Admission,
+    key: str,
+    cache_policy: str,
+    prompt_tokens: int,
+) -> Iterator[str]:
+    """Pass a stream's text on, then settle it and store the whole answer. A failure
+    mid-stream is refunded and left in `outcome.error`. A client that goes away mid-stream
+    pays the estimate of what it was sent (the provider has produced and billed it)."""
+    sent: list[str] = []
+    final: Completion | None = None
+    try:
+        for item in pieces:
+            if isinstance(item, Completion):
+                final = item
+            else:
+                sent.append(item)
+                yield item
+    except GenerationError as err:
+        usage_refund(admission=admission, outcome=err.outcome)
+        outcome.error = err
+        return
+    except GeneratorExit:
+        usage_settle(
+            admission=admission,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=tokens_count("".join(sent)),
+        )
+        raise
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    if final is None:
+        usage_refund(admission=admission, outcome="upstream_error")
+        outcome.error = UpstreamError("The model provider's stream ended without an answer.")
+        return
+    outcome.value = _completion_value(final)
+    outcome.prompt_tokens, outcome.completion_tokens = final.prompt_tokens, final.completion_tokens
+    outcome.cost = usage_settle(
+        admission=admission,
+        prompt_tokens=final.prompt_tokens,
+        completion_tokens=final.completion_tokens,
+    )
+    if cache_policy != "bypass":
+        cache_set(key, outcome.value)
+
+
+def _stale_for(exc: QuotaExceeded, key: str, cache_policy: str) -> dict[str, Any] | None:
+    policy = getattr(exc, "policy", None)
+    if cache_policy == "bypass" or policy is None or not policy.allow_stale_fallback:
+        return None
+    stale = cache_get_stale(key)
+    return stale.value if stale is not None else None
+
+
+# --- /api/v1/generate and /v1/chat/completions ---------------------------------------------
+
+
+def completion_create(
+    *,
+    caller: Caller,
+    model: str | None,
+    messages: list[dict[str, str]],
+    max_tokens: int | None,
+    temperature: float | None,
+    cache_policy: str = "use",
+    stream: bool = False,
+) -> Outcome:
+    """A chat completion (`prompt` requests arrive here as one user message)."""
+    return generation_run(
+        caller=caller,
+        model=model or settings.TOLLGATE_DEFAULT_MODEL,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        cache_policy=cache_policy,
+        stream=stream,
+    )
+
+
+def completion_body(outcome: Outcome, *, request_id: str) -> dict[str, Any]:
+    """The /api/v1/generate response body."""
+    return {
+        "id": f"gen_{uuid.uuid4().hex}",
+        "request_id": request_id,
+        "model": outcome.model,
+        "text": outcome.value.get("text", ""),
+        "usage": outcome.usage(),
+        "cost_usd": money(outcome.cost),
+        "cached": outcome.cached,
+        "cache_layer": outcome.cache_layer,
+        "fallback": outcome.fallback,
+    }

@@ -1,0 +1,96 @@
+"""Idempotency-Key: the first answer of a (user, key) is kept in Redis (Django's cache)
+for GENERATION_IDEMPOTENCY_TTL seconds and returned to every retry, which is not charged
+again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+
+from generation.errors import IdempotencyConflict
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A stored first answer: status, body and headers to send again."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+def _idempotency_slot(user_id: int, key: str) -> str:
+    return "idem:" + hashlib.sha256(f"{user_id}\x00{key}".encode()).hexdigest()
+
+
+def idempotency_begin(*, user_id: int, key: str, fingerprint: str) -> Replay | None:
+    """Claim an Idempotency-Key for this user: None when the request should run, the stored
+    answer when a first one exists. Raises IdempotencyConflict (409) when the same key is in
+    flight or was used for a different request body."""
+    slot = _idempotency_slot(user_id, key)
+    pending = {"state": "pending", "fingerprint": fingerprint}
+    budget = int(settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT + 30)
+    if cache.add(slot, pending, timeout=budget):
+        return None
+    stored = cache.get(slot)
+    if stored is None:  # expired between the two calls
+        if cache.add(slot, pending, timeout=budget):
+            return None
+        stored = cache.get(slot) or pending
+    if stored.get("fingerprint") != fingerprint:
+        raise IdempotencyConflict("This Idempotency-Key was already used for a different request.")
+    if stored.get("state") != "done":
+        raise IdempotencyConflict()
+    return Replay(status=stored["status"], body=stored["body"], headers=stored["headers"])
+
+
+def idempotency_finish(*, user_id: int, key: str, fingerprint: str, replay: Replay | None) -> None:
+    """Store the first answer for GENERATION_IDEMPOTENCY_TTL seconds, or (None: the request
+    failed) release the key so that a retry runs again."""
+    slot = _idempotency_slot(user_id, key)
+    if replay is None:
+        cache.delete(slot)
+        return
+    cache.set(
+        slot,
+        {
+            "state": "done",
+            "fingerprint": fingerprint,
+            "status": replay.status,
+            "body": replay.body,
+            "headers": replay.headers,
+        },
+        timeout=settings.GENERATION_IDEMPOTENCY_TTL,
+    )
+
+
+def request_fingerprint(path: str, data: Any) -> str:
+    """A stable hash of what a request asks for (path and parsed body)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{path}\x00{canonical}".encode()).hexdigest()
+
+
+def idempotent_run(
+    *, user_id: int, key: str | None, fingerprint: str, run: Callable[[], Replay]
+) -> tuple[Replay, bool]:
+    """Run `run` once per (user, Idempotency-Key): (answer, replayed). Without a key it just
+    runs. A failed run releases the key so that the client's retry runs again (failures are
+    refunded, so nothing is charged twice either way)."""
+    if not key:
+        return run(), False
+    replay = idempotency_begin(user_id=user_id, key=key, fingerprint=fingerprint)
+    if replay is not None:
+        return replay, True
+    try:
+        answer = run()
+    except BaseException:
+        idempotency_finish(user_id=user_id, key=key, fingerprint=fingerprint, replay=None)
+        raise
+    idempotency_finish(user_id=user_id, key=key, fingerprint=fingerprint, replay=answer)
+    return answer, False

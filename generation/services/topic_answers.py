@@ -1,0 +1,179 @@
+"""The topic endpoints: a topic's subtopic graph and explanations of its subtopics, each
+answer going through the request path of generation.services.completion."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import connections
+
+from caching.services import cache_key_topic, popularity_bump, topic_normalise
+from config.errors import ApiError
+from generation import topics
+from generation.errors import UpstreamError
+from generation.providers.base import CompletionRequest
+from generation.resilience import upstream_complete
+from generation.services.completion import ZERO, Caller, Outcome, generation_run, money
+
+
+def _subtopics_compute(
+    *, topic: str, count: int, messages: list[dict[str, str]]
+) -> Callable[[CompletionRequest, str], dict[str, Any]]:
+    def compute(request: CompletionRequest, provider: str) -> dict[str, Any]:
+        completion = upstream_complete(provider=provider, request=request)
+        labels = topics.subtopics_parse(completion.text, count=count)
+        p_tokens, c_tokens = completion.prompt_tokens, completion.completion_tokens
+        if not labels:
+            # Re-ask once, showing the model its unusable answer; both calls are charged.
+            retry = CompletionRequest(
+                model=request.model,
+                messages=tuple(
+                    topics.subtopics_retry_messages(
+                        topic=topic, count=count, previous=messages, answer=completion.text
+                    )
+                ),
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                task=request.task,
+            )
+            again = upstream_complete(provider=provider, request=retry)
+            labels = topics.subtopics_parse(again.text, count=count)
+            p_tokens += again.prompt_tokens
+            c_tokens += again.completion_tokens
+        if not labels:
+            raise UpstreamError("The model's answer could not be read as a list of subtopics.")
+        return {
+            "subtopics": labels,
+            "usage": {"prompt_tokens": p_tokens, "completion_tokens": c_tokens},
+        }
+
+    return compute
+
+
+def topic_subtopics(*, caller: Caller, topic: str, count: int, model: str | None) -> Outcome:
+    """The subtopics of `topic` (cached per normalised topic, count and model)."""
+    model = model or settings.TOLLGATE_DEFAULT_MODEL
+    messages = topics.subtopics_messages(topic=topic, count=count)
+    popularity_bump(topic)
+    return generation_run(
+        caller=caller,
+        model=model,
+        messages=messages,
+        max_tokens=None,
+        temperature=None,
+        cache_policy="use",
+        cache_key=cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count)),
+        task="subtopics",
+        compute=_subtopics_compute(topic=topic, count=count, messages=messages),
+    )
+
+
+def subtopics_body(outcome: Outcome, *, topic: str) -> dict[str, Any]:
+    """The /api/v1/topics/subtopics response body."""
+    graph = topics.topic_graph(topic=topic, subtopics=list(outcome.value.get("subtopics", [])))
+    return {
+        "topic": topic,
+        **graph,
+        "usage": outcome.usage(),
+        "cost_usd": money(outcome.cost),
+        "cached": outcome.cached,
+        "fallback": outcome.fallback,
+    }
+
+
+@dataclass
+class ExplanationItem:
+    subtopic: str
+    outcome: Outcome | None = None
+    error: ApiError | None = None
+
+
+def _explain_one(*, caller: Caller, topic: str, subtopic: str, model: str) -> ExplanationItem:
+    try:
+        outcome = generation_run(
+            caller=caller,
+            model=model,
+            messages=topics.explanation_messages(topic=topic, subtopic=subtopic),
+            max_tokens=None,
+            temperature=None,
+            cache_policy="use",
+            cache_key=cache_key_topic(
+                kind="explanation", topic=topic, model=model, extra=topic_normalise(subtopic)
+            ),
+            task="explanation",
+        )
+        return ExplanationItem(subtopic=subtopic, outcome=outcome)
+    except ApiError as exc:
+        return ExplanationItem(subtopic=subtopic, error=exc)
+    finally:
+        # Pool threads are short-lived: close their database connections now.
+        connections.close_all()
+
+
+def topic_explanations(
+    *, caller: Caller, topic: str, subtopics: list[str], model: str | None
+) -> list[ExplanationItem]:
+    """Explanations of each subtopic, generated in parallel by at most
+    EXPLANATIONS_MAX_WORKERS threads; every item is admitted, cached and charged on its own
+    (ledger request ids `<request id>.<n>`). A failed item carries its error. Raises the
+    first item's error when every item failed."""
+    model = model or settings.TOLLGATE_DEFAULT_MODEL
+    popularity_bump(topic)
+    workers = max(1, min(settings.EXPLANATIONS_MAX_WORKERS, len(subtopics)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explain") as pool:
+        futures = [
+            pool.submit(
+                contextvars.copy_context().run,
+                _explain_one,
+                caller=caller.item(index),
+                topic=topic,
+                subtopic=subtopic,
+                model=model,
+            )
+            for index, subtopic in enumerate(subtopics)
+        ]
+        items = [f.result() for f in futures]
+    if items and all(item.error is not None for item in items):
+        first = items[0].error
+        assert first is not None  # noqa: S101 - checked just above
+        raise first
+    return items
+
+
+def explanations_body(items: list[ExplanationItem]) -> dict[str, Any]:
+    """The /api/v1/topics/explanations response body."""
+    prompt = sum(i.outcome.prompt_tokens for i in items if i.outcome)
+    completion = sum(i.outcome.completion_tokens for i in items if i.outcome)
+    cost = sum((i.outcome.cost for i in items if i.outcome), ZERO)
+    return {
+        "items": [
+            {
+                "subtopic": item.subtopic,
+                "explanation": item.outcome.value.get("text", "") if item.outcome else None,
+                "cached": item.outcome.cached if item.outcome else False,
+                "error": (
+                    {"code": item.error.code, "message": item.error.message} if item.error else None
+                ),
+            }
+            for item in items
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        "cost_usd": money(cost),
+    }
+
+
+def explanations_headers(items: list[ExplanationItem]) -> dict[str, str]:
+    """Rate-limit headers of the last item that got through (the freshest standing)."""
+    for item in reversed(items):
+        if item.outcome is not None and item.outcome.headers:
+            return item.outcome.headers
+    return {}
