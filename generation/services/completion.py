@@ -135,13 +135,12 @@ def generation_run(
 ) -> Outcome:
     """Answer one generation request along the request path; see the module docstring.
 
-    `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
-    relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
-    stale copies come back whole, as without `stream`.
-
     `cache_policy`: "use" (look up, then store), "refresh" (skip the look-up, store) or
     "bypass" (neither). `compute(request, provider)` turns the upstream call into the value
     to cache (default: the completion's text, finish reason and usage).
+    `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
+    relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
+    stale copies come back whole, as without `stream`.
     Raises InvalidRequest (400: unknown model, max_tokens over the model's limit, prompt over
     its context window), the policy's 401/403, QuotaExceeded (429), UpstreamError (502),
     UpstreamUnavailable (503) or UpstreamTimeout (504); failures after admission are refunded.
