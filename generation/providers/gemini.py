@@ -32,24 +32,12 @@ class GeminiProvider:
     name = "gemini"
 
     def __init__(self, *, api_key: str, base_url: str | None) -> None:
-        self.api_key = api_key or "unset"
-        self.base_url = base_url or None
-        self._clients: dict[int, genai.Client] = {}
-
-    def _client(self, timeout: float) -> genai.Client:
-        # google-genai takes one timeout (milliseconds) per client; keep one per value.
-        millis = max(1, int(timeout * 1000))
-        client = self._clients.get(millis)
-        if client is None:
-            client = genai.Client(
-                api_key=self.api_key,
-                http_options=types.HttpOptions(base_url=self.base_url, timeout=millis),
-            )
-            self._clients[millis] = client
-        return client
+        self.client = genai.Client(
+            api_key=api_key or "unset", http_options=types.HttpOptions(base_url=base_url or None)
+        )
 
     def _arguments(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, timeout: float
     ) -> tuple[list[types.Content], types.GenerateContentConfig]:
         system = "\n".join(m["content"] for m in request.messages if m.get("role") == "system")
         contents = [
@@ -64,13 +52,15 @@ class GeminiProvider:
             max_output_tokens=request.max_tokens,
             temperature=request.temperature,
             system_instruction=system or None,
+            # google-genai takes one timeout, in milliseconds, per request.
+            http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
         )
         return contents, config
 
     def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
-        contents, config = self._arguments(request)
+        contents, config = self._arguments(request, timeout)
         with _mapped_errors(timeout):
-            response = self._client(timeout).models.generate_content(
+            response = self.client.models.generate_content(
                 model=request.model, contents=contents, config=config
             )
         if not response.candidates:
@@ -79,12 +69,12 @@ class GeminiProvider:
         return _with_usage(request, text, finish, response.usage_metadata)
 
     def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
-        contents, config = self._arguments(request)
+        contents, config = self._arguments(request, timeout)
         parts: list[str] = []
         finish = "stop"
         usage = None
         with _mapped_errors(timeout):
-            for response in self._client(timeout).models.generate_content_stream(
+            for response in self.client.models.generate_content_stream(
                 model=request.model, contents=contents, config=config
             ):
                 if response.usage_metadata is not None:

@@ -360,3 +360,17 @@ def test_generate_openai_malformed_json_is_retried_then_502_refunded(
     row = UsageRecord.objects.get()
     assert row.outcome == "upstream_error"
     assert row.cost_usd == 0
+
+
+def test_generate_gemini_hang_times_out_as_504(
+    upstream_settings, fake_upstream, gemini_model, key_client
+):
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 0.3
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="hang")
+
+    response = _post(key_client, {"prompt": "silence", "model": "gemini-test"})
+
+    assert response.status_code == 504
+    assert len(fake_upstream.requests) == 2
+    assert UsageRecord.objects.get().outcome == "upstream_timeout"
