@@ -146,11 +146,7 @@ class Breaker:
         )
         allowed, state, failures, wait = _script("allow", _ALLOW)(
             keys=[self.key, self.probe_key],
-            args=[
-                now if now is not None else time.time(),
-                settings.CIRCUIT_RESET_SECONDS,
-                probe_ms,
-            ],
+            args=[_now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms],
         )
         state = state.decode() if isinstance(state, bytes) else str(state)
         CIRCUIT_STATE.labels(self.provider, self.model).set(STATE_CODES.get(state, 0))
@@ -163,11 +159,7 @@ class Breaker:
         remember = max(60, int(settings.CIRCUIT_RESET_SECONDS * 2))
         state = _script("failure", _FAILURE)(
             keys=[self.key, self.probe_key],
-            args=[
-                now if now is not None else time.time(),
-                settings.CIRCUIT_FAILURE_THRESHOLD,
-                remember,
-            ],
+            args=[_now(now), settings.CIRCUIT_FAILURE_THRESHOLD, remember],
         )
         state = state.decode() if isinstance(state, bytes) else str(state)
         if state == "open":
