@@ -167,6 +167,10 @@ class Breaker:
         CIRCUIT_STATE.labels(self.provider, self.model).set(STATE_CODES.get(state, 0))
         return state
 
+    def release_probe(self) -> None:
+        """Let another caller probe a half-open circuit (this probe proved nothing)."""
+        get_redis_connection("default").delete(self.probe_key)
+
     def record_success(self) -> None:
         """Close a half-open circuit / forget earlier failures."""
         _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
@@ -276,6 +280,8 @@ class _Attempts:
         UPSTREAM_CALLS.labels(self.provider, self.model, exc.outcome).inc()
         if exc.trips_circuit:
             self.breaker.record_failure()
+        elif self.state == "half_open":
+            self.breaker.release_probe()
         logger.info("upstream attempt failed: %s", exc)
 
     def succeeded(self) -> None:

@@ -216,3 +216,22 @@ def test_gemini_429_retry_after_is_honoured(upstream_settings, fake_upstream):
 
     first, second = fake_upstream.requests
     assert second.at - first.at >= 1.0
+
+
+def test_half_open_probe_answered_429_lets_the_next_caller_probe(upstream_settings, fake_upstream):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    upstream_settings.CIRCUIT_RESET_SECONDS = 0.3
+    fake_upstream.script(
+        Behaviour(kind="status", status=500),
+        Behaviour(kind="status", status=429, retry_after="0"),
+        Behaviour(text="back"),
+    )
+    with pytest.raises(Exception, match="provider returned an error"):
+        upstream_complete(provider="openai", request=_request())
+    time.sleep(0.4)
+    with pytest.raises(Exception, match="unavailable"):
+        upstream_complete(provider="openai", request=_request())  # probe: rate limited
+
+    assert upstream_complete(provider="openai", request=_request()).text == "back"
+    assert circuit_states() == []
