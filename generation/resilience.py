@@ -102,6 +102,16 @@ return 'closed'
 """
 
 _scripts: dict[str, Any] = {}
+# The state last reported to the CIRCUIT_STATE gauge, per provider+model: in Prometheus
+# multiprocess mode every set is a write to a shared file, so only changes are written.
+_reported: dict[tuple[str, str], int] = {}
+
+
+def _report(provider: str, model: str, state: str) -> None:
+    code = STATE_CODES.get(state, 0)
+    if _reported.get((provider, model)) != code:
+        _reported[(provider, model)] = code
+        CIRCUIT_STATE.labels(provider, model).set(code)
 
 
 def _script(name: str, source: str) -> Any:
@@ -149,7 +159,7 @@ class Breaker:
             args=[_now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms],
         )
         state = state.decode() if isinstance(state, bytes) else str(state)
-        CIRCUIT_STATE.labels(self.provider, self.model).set(STATE_CODES.get(state, 0))
+        _report(self.provider, self.model, state)
         if not allowed:
             raise CircuitOpen(provider=self.provider, model=self.model, retry_after=float(wait))
         return state, int(failures)
@@ -164,7 +174,7 @@ class Breaker:
         state = state.decode() if isinstance(state, bytes) else str(state)
         if state == "open":
             logger.warning("circuit open: %s:%s", self.provider, self.model)
-        CIRCUIT_STATE.labels(self.provider, self.model).set(STATE_CODES.get(state, 0))
+        _report(self.provider, self.model, state)
         return state
 
     def release_probe(self) -> None:
@@ -174,7 +184,7 @@ class Breaker:
     def record_success(self) -> None:
         """Close a half-open circuit / forget earlier failures."""
         _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
-        CIRCUIT_STATE.labels(self.provider, self.model).set(0)
+        _report(self.provider, self.model, "closed")
 
 
 def circuit_states(*, now: float | None = None) -> list[dict[str, Any]]:
