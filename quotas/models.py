@@ -29,7 +29,11 @@ MONEY_DIMENSIONS = ("cost_per_day", "cost_per_month")
 
 def _money_field(verbose: str) -> models.DecimalField:
     return models.DecimalField(
-        verbose, max_digits=14, decimal_places=6, null=True, blank=True,
+        verbose,
+        max_digits=14,
+        decimal_places=6,
+        null=True,
+        blank=True,
         help_text="USD. Empty: unlimited (on a plan) or inherit (on an override).",
     )
 
@@ -118,7 +122,9 @@ class ApiKey(LimitFields):
     def is_expired(self, now: float | None = None) -> bool:
         if self.expires_at is None:
             return False
-        return self.expires_at.timestamp() <= (now if now is not None else timezone.now().timestamp())
+        return self.expires_at.timestamp() <= (
+            now if now is not None else timezone.now().timestamp()
+        )
 
 
 class Provider(models.TextChoices):
@@ -159,7 +165,9 @@ class ProviderQuota(models.Model):
     tokens_per_minute = models.PositiveBigIntegerField(null=True, blank=True)
     tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True)
     safety_margin = models.DecimalField(
-        max_digits=3, decimal_places=2, default=_default_safety_margin,
+        max_digits=3,
+        decimal_places=2,
+        default=_default_safety_margin,
         help_text="Fraction of the upstream's limit Tollgate may use (0..1).",
     )
 
@@ -265,7 +273,10 @@ class AuditEntry(models.Model):
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     object_type = models.CharField(max_length=50)
