@@ -374,3 +374,26 @@ def test_generate_gemini_hang_times_out_as_504(
     assert response.status_code == 504
     assert len(fake_upstream.requests) == 2
     assert UsageRecord.objects.get().outcome == "upstream_timeout"
+
+
+def test_generate_disabled_model_is_400(upstream_settings, openai_model, key_client):
+    openai_model.enabled = False
+    openai_model.save()
+
+    response = _post(key_client, {"prompt": "hi", "model": "gpt-test"})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_generate_model_outside_key_scopes_is_403(
+    upstream_settings, openai_model, local_model, api_client, user
+):
+    from quotas.services import key_create
+
+    full_key, _ = key_create(user=user, name="local only", scopes=["model:local/demo"])
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+
+    response = _post(api_client, {"prompt": "hi", "model": "gpt-test"})
+
+    assert response.status_code == 403

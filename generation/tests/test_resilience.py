@@ -235,3 +235,18 @@ def test_half_open_probe_answered_429_lets_the_next_caller_probe(upstream_settin
 
     assert upstream_complete(provider="openai", request=_request()).text == "back"
     assert circuit_states() == []
+
+
+def test_open_circuit_is_listed_by_quota_global(upstream_settings, api_client, user):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    Breaker("gemini", "gemini-2.0-flash").record_failure()
+    user.is_staff = True
+    user.save()
+    api_client.force_authenticate(user)
+
+    response = api_client.get("/api/v1/quota/global", secure=True)
+
+    assert response.status_code == 200
+    [circuit] = response.json()["circuits"]
+    assert circuit["provider"] == "gemini"
+    assert circuit["state"] == "open"
