@@ -94,6 +94,7 @@ class ExplanationItem:
 
 
 def _explain_one(*, caller: Caller, topic: str, subtopic: str, model: str) -> ExplanationItem:
+    """One explanation along the request path; an API error becomes the item's error."""
     try:
         outcome = generation_run(
             caller=caller,
@@ -110,6 +111,11 @@ def _explain_one(*, caller: Caller, topic: str, subtopic: str, model: str) -> Ex
         return ExplanationItem(subtopic=subtopic, outcome=outcome)
     except ApiError as exc:
         return ExplanationItem(subtopic=subtopic, error=exc)
+
+
+def _explain_in_pool(*, caller: Caller, topic: str, subtopic: str, model: str) -> ExplanationItem:
+    try:
+        return _explain_one(caller=caller, topic=topic, subtopic=subtopic, model=model)
     finally:
         # Pool threads are short-lived: close their database connections now.
         connections.close_all()
@@ -129,7 +135,7 @@ def topic_explanations(
         futures = [
             pool.submit(
                 contextvars.copy_context().run,
-                _explain_one,
+                _explain_in_pool,
                 caller=caller.item(index),
                 topic=topic,
                 subtopic=subtopic,
