@@ -14,7 +14,9 @@ from django.conf import settings
 def _reachable(url: str, default_port: int) -> bool:
     parsed = urlparse(url)
     try:
-        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or default_port), 2):
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), 2
+        ):
             return True
     except OSError:
         return False
@@ -25,7 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
     missing = []
     if not db["ENGINE"].endswith(".postgresql"):  # Django's, or django-prometheus's wrapper
         missing.append("DATABASE_URL must point at PostgreSQL for the test suite")
-    elif not _reachable(f"postgres://{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}", 5432):
+    elif not _reachable(
+        f"postgres://{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}", 5432
+    ):
         missing.append(f"PostgreSQL is unreachable at {db.get('HOST')}:{db.get('PORT')}")
     if not settings.REDIS_URL:
         missing.append("REDIS_URL must be set for the test suite")
@@ -47,21 +51,15 @@ def redis_conn():
 
 
 @pytest.fixture(autouse=True)
-def _clean_process_state(request):
+def _clean_process_state():
     """Each test starts with empty in-process caches (policies, keys, memory cache)."""
+    from caching.services import cache_local_reset
     from quotas.authentication import key_cache_clear
+    from quotas.services import local_state_reset
 
     key_cache_clear()
-    try:
-        from quotas.services import local_state_reset
-    except ImportError:
-        local_state_reset = None
-    if local_state_reset is not None:
-        local_state_reset()
-    from caching.services import cache_local_reset
-
+    local_state_reset()
     cache_local_reset()
-    yield
 
 
 @pytest.fixture
@@ -85,8 +83,12 @@ def local_model(db):
     return ModelPrice.objects.update_or_create(
         model="local/demo",
         defaults={
-            "provider": "local", "upstream_model": "demo", "input_per_million": "1.50",
-            "output_per_million": "2.00", "context_window": 8192, "max_output_tokens": 1024,
+            "provider": "local",
+            "upstream_model": "demo",
+            "input_per_million": "1.50",
+            "output_per_million": "2.00",
+            "context_window": 8192,
+            "max_output_tokens": 1024,
         },
     )[0]
 

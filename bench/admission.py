@@ -44,20 +44,31 @@ def setup() -> tuple[int, int]:
     call_command("migrate", verbosity=0)
     ModelPrice.objects.update_or_create(
         model="local/demo",
-        defaults={"provider": "local", "upstream_model": "demo", "input_per_million": "1.5",
-                  "output_per_million": "2"},
+        defaults={
+            "provider": "local",
+            "upstream_model": "demo",
+            "input_per_million": "1.5",
+            "output_per_million": "2",
+        },
     )
     plan, _ = Plan.objects.update_or_create(
         name="bench",
-        defaults={"requests_per_minute": 10**9, "requests_per_hour": 10**9,
-                  "requests_per_day": 10**9, "tokens_per_minute": 10**12,
-                  "tokens_per_day": 10**12, "cost_per_day": "1000000", "cost_per_month": "1000000",
-                  "concurrency": 10_000},
+        defaults={
+            "requests_per_minute": 10**9,
+            "requests_per_hour": 10**9,
+            "requests_per_day": 10**9,
+            "tokens_per_minute": 10**12,
+            "tokens_per_day": 10**12,
+            "cost_per_day": "1000000",
+            "cost_per_month": "1000000",
+            "concurrency": 10_000,
+        },
     )
     user, _ = get_user_model().objects.get_or_create(username="bench")
     UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
     GlobalLimits.objects.update_or_create(
-        pk=1, defaults={"requests_per_hour": 10**9, "cost_per_day": "1000000", "concurrency": 10_000}
+        pk=1,
+        defaults={"requests_per_hour": 10**9, "cost_per_day": "1000000", "concurrency": 10_000},
     )
     _, key = services.key_create(user=user, name="bench", requests_per_minute=10**9)
     return user.pk, key.pk
@@ -76,8 +87,12 @@ def run(user_id: int, key_id: int, requests: int, threads: int) -> dict[str, flo
     def one(_: int) -> None:
         t0 = time.perf_counter()
         a = services.admission_admit(
-            user_id=user_id, key_id=key_id, model="local/demo", request_id=uuid.uuid4().hex,
-            prompt_tokens=50, max_tokens=200,
+            user_id=user_id,
+            key_id=key_id,
+            model="local/demo",
+            request_id=uuid.uuid4().hex,
+            prompt_tokens=50,
+            max_tokens=200,
         )
         t1 = time.perf_counter()
         services.usage_settle(admission=a, prompt_tokens=50, completion_tokens=120, latency_ms=1)
@@ -117,9 +132,13 @@ def run(user_id: int, key_id: int, requests: int, threads: int) -> dict[str, flo
         return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
     return {
-        "threads": threads, "requests": done, "throughput": done / elapsed,
-        "admit_p50": pct(admit_ms, 50), "admit_p99": pct(admit_ms, 99),
-        "settle_p50": pct(settle_ms, 50), "settle_p99": pct(settle_ms, 99),
+        "threads": threads,
+        "requests": done,
+        "throughput": done / elapsed,
+        "admit_p50": pct(admit_ms, 50),
+        "admit_p99": pct(admit_ms, 99),
+        "settle_p50": pct(settle_ms, 50),
+        "settle_p99": pct(settle_ms, 99),
         "redis_per_request": round_trips / done,
         "inside_per_request": inside / done,
     }
@@ -131,14 +150,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     user_id, key_id = setup()
-    print("| threads | requests | req/s | admit p50 ms | admit p99 ms | settle p50 ms "
-          "| settle p99 ms | Redis round trips / request | commands run by the scripts / request |")
+    print(
+        "| threads | requests | req/s | admit p50 ms | admit p99 ms | settle p50 ms "
+        "| settle p99 ms | Redis round trips / request | commands run by the scripts / request |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for threads in args.threads:
         r = run(user_id, key_id, args.requests, threads)
-        print(f"| {r['threads']} | {r['requests']} | {r['throughput']:.0f} | {r['admit_p50']:.2f} "
-              f"| {r['admit_p99']:.2f} | {r['settle_p50']:.2f} | {r['settle_p99']:.2f} "
-              f"| {r['redis_per_request']:.2f} | {r['inside_per_request']:.1f} |")
+        print(
+            f"| {r['threads']} | {r['requests']} | {r['throughput']:.0f} | {r['admit_p50']:.2f} "
+            f"| {r['admit_p99']:.2f} | {r['settle_p50']:.2f} | {r['settle_p99']:.2f} "
+            f"| {r['redis_per_request']:.2f} | {r['inside_per_request']:.1f} |"
+        )
     UsageRecord.objects.filter(user__username="bench").delete()
 
 

@@ -85,7 +85,7 @@ class ServiceUnavailable(ApiError):
     message = "The service is temporarily unavailable."
 
 
-def _drf_to_api_error(exc: drf.APIException) -> ApiError:
+def _drf_to_api_error(exc: drf.APIException) -> ApiError:  # noqa: PLR0911 - a lookup table
     if isinstance(exc, drf.ValidationError):
         return InvalidRequest("The request body is invalid.", fields=_fields(exc.detail))
     if isinstance(exc, drf.ParseError):
@@ -106,8 +106,8 @@ def _drf_to_api_error(exc: drf.APIException) -> ApiError:
     if isinstance(exc, drf.NotAcceptable):
         return ApiError(str(exc.detail), code="not_acceptable", status=406)
     if isinstance(exc, drf.Throttled):
-        err = ApiError(str(exc.detail), code="rate_limited", status=429, retry_after=exc.wait)
-        return err
+        wait = getattr(exc, "wait", None)
+        return ApiError(str(exc.detail), code="rate_limited", status=429, retry_after=wait)
     return ApiError(str(exc.detail), code=str(exc.default_code), status=exc.status_code)
 
 
@@ -150,9 +150,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         err = exc
     elif isinstance(exc, drf.APIException):
         err = _drf_to_api_error(exc)
-        if isinstance(exc, drf.Throttled) and exc.wait:
+        wait = getattr(exc, "wait", None)
+        if isinstance(exc, drf.Throttled) and wait:
             response = render_error(err, request_id)
-            response["Retry-After"] = str(max(1, int(exc.wait + 0.999)))
+            response["Retry-After"] = str(max(1, int(wait + 0.999)))
             return response
     else:
         logger.exception("unhandled error", extra={"request_id": request_id})

@@ -335,7 +335,9 @@ LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)
 structlog_configure()
 if SENTRY_DSN:
     sentry_init(
-        dsn=SENTRY_DSN, environment=SENTRY_ENVIRONMENT, release=SENTRY_RELEASE,
+        dsn=SENTRY_DSN,
+        environment=SENTRY_ENVIRONMENT,
+        release=SENTRY_RELEASE,
         traces_rate=SENTRY_TRACES_SAMPLE_RATE,
     )
 
@@ -383,13 +385,25 @@ CSP_SWAGGER_DIRECTIVES = {
 }
 # CORS (django-cors-headers): origins from CORS_ALLOWED_ORIGINS above, /api/ and /v1/ only.
 CORS_ALLOW_HEADERS = (
-    "accept", "authorization", "content-type", "user-agent", "x-api-key", "x-request-id",
+    "accept",
+    "authorization",
+    "content-type",
+    "user-agent",
+    "x-api-key",
+    "x-request-id",
     "idempotency-key",
 )
 CORS_EXPOSE_HEADERS = (
-    "x-request-id", "x-cache", "retry-after", "ratelimit", "ratelimit-policy",
-    "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
-    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
+    "x-request-id",
+    "x-cache",
+    "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
 )
 CORS_PREFLIGHT_MAX_AGE = env.int("CORS_PREFLIGHT_MAX_AGE", default=3600)
 

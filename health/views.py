@@ -135,7 +135,7 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
         message="The request is malformed.",
         openai_type="invalid_request_error",
     )
-    return response or defaults.bad_request(request, exception)
+    return response or defaults.bad_request(request, exception or Exception("bad request"))
 
 
 def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from config.errors import ApiError, AuthenticationError, PermissionDeniedError
 
@@ -34,8 +35,10 @@ class QuotaExceeded(ApiError):
         self.dimension = dimension
         self.limit = limit
         self.retry_after = wait
-        # Rate-limit headers of the refused request (set by the view layer).
+        # Rate-limit headers of the refused request, and the policy that refused it (so
+        # that the caller may serve a stale answer if the plan allows).
         self.headers: dict[str, str] = {}
+        self.policy: Any = None
 
     def extra_headers(self) -> dict[str, str]:
         return {**self.headers, "Retry-After": str(self.retry_after)}

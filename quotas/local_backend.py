@@ -113,14 +113,14 @@ class LocalQuotaBackend:
                         used = 0
                     else:
                         used = cal.get(quota.kind)
-                    reset = day_left if quota.window == "day" else month_left
-                    wait = float(reset)
+                    reset = float(day_left if quota.window == "day" else month_left)
+                    wait = reset
                 elif quota.kind == "l":
                     leases = self._leases[key]
                     for rid in [r for r, exp in leases.items() if exp <= now]:
                         del leases[rid]
                     used = len(leases)
-                    reset = min(leases.values()) - now if leases else 0
+                    reset = min(leases.values()) - now if leases else 0.0
                     wait = 1.0
                 else:
                     used, reset, wait = self._sliding_read(
@@ -163,7 +163,12 @@ class LocalQuotaBackend:
                         del buckets[idx]
                     reservation.ops.append((key, quota.kind, str(current), None))
                 reset = state.reset_in
-                if not reset and amount and quota.kind in ("r", "t") and isinstance(quota.window, int):
+                if (
+                    not reset
+                    and amount
+                    and quota.kind in ("r", "t")
+                    and isinstance(quota.window, int)
+                ):
                     size = quota.window / SUB
                     reset = (math.floor(now / size) + SUB + 1) * size - now
                 after.append(WindowState(quota, state.used + amount, reset))

@@ -283,8 +283,9 @@ class AuditEntry(models.Model):
     object_id = models.CharField(max_length=50)
     object_repr = models.CharField(max_length=200)
     field = models.CharField(max_length=50)
-    old_value = models.TextField(blank=True, null=True)
-    new_value = models.TextField(blank=True, null=True)
+    # NULL is "no value" (a limit left empty), which an empty string would not say.
+    old_value = models.TextField(blank=True, null=True)  # noqa: DJ001
+    new_value = models.TextField(blank=True, null=True)  # noqa: DJ001
 
     class Meta:
         verbose_name = "audit entry"

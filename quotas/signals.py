@@ -61,7 +61,7 @@ def _text(value: Any) -> str | None:
 
 
 @receiver(pre_save)
-def _remember_old(sender: type, instance: Any, **kwargs: Any) -> None:
+def _remember_old(sender: Any, instance: Any, **kwargs: Any) -> None:
     if sender not in AUDITED_FIELDS or instance.pk is None or kwargs.get("raw"):
         return
     fields = AUDITED_FIELDS[sender]
@@ -70,7 +70,7 @@ def _remember_old(sender: type, instance: Any, **kwargs: Any) -> None:
 
 
 @receiver(post_save)
-def _audit_and_bump(sender: type, instance: Any, created: bool, **kwargs: Any) -> None:
+def _audit_and_bump(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
     if sender not in GOVERNED or kwargs.get("raw"):
         return
     old = getattr(instance, "_audit_old", None) or {}
@@ -86,7 +86,7 @@ def _audit_and_bump(sender: type, instance: Any, created: bool, **kwargs: Any) -
         entries.append(
             AuditEntry(
                 actor=actor if getattr(actor, "pk", None) else None,
-                object_type=sender._meta.model_name,
+                object_type=str(sender._meta.model_name),
                 object_id=str(instance.pk),
                 object_repr=str(instance)[:200],
                 field=field.removesuffix("_id"),
@@ -101,11 +101,11 @@ def _audit_and_bump(sender: type, instance: Any, created: bool, **kwargs: Any) -
 
 
 @receiver(post_delete)
-def _bump_on_delete(sender: type, instance: Any, **kwargs: Any) -> None:
+def _bump_on_delete(sender: Any, instance: Any, **kwargs: Any) -> None:
     if sender in GOVERNED:
         AuditEntry.objects.create(
             actor=current_actor.get() if getattr(current_actor.get(), "pk", None) else None,
-            object_type=sender._meta.model_name,
+            object_type=str(sender._meta.model_name),
             object_id=str(instance.pk),
             object_repr=str(instance)[:200],
             field="(deleted)",

@@ -29,7 +29,7 @@ def principal_of(request: Request) -> tuple[int, int | None]:
 
     auth = request.auth
     key_id = auth.id if isinstance(auth, KeyPrincipal) else None
-    return int(request.user.pk), key_id
+    return int(request.user.pk or 0), key_id
 
 
 class RateLimitHeadersMixin:
@@ -69,7 +69,7 @@ class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
         params = UsageQueryInputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
         data = params.validated_data
-        user_id = int(request.user.pk)
+        user_id = int(request.user.pk or 0)
         if data.get("user"):
             if not request.user.is_staff:
                 raise PermissionDeniedError("Only staff may read another user's usage.")
