@@ -397,3 +397,21 @@ def test_generate_model_outside_key_scopes_is_403(
     response = _post(api_client, {"prompt": "hi", "model": "gpt-test"})
 
     assert response.status_code == 403
+
+
+def test_generate_cache_refresh_replaces_the_stored_answer(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    body = {"prompt": "news", "model": "gpt-test"}
+    fake_upstream.default = Behaviour(text="old")
+    _post(key_client, body)
+    fake_upstream.default = Behaviour(text="new")
+
+    refreshed = _post(key_client, {**body, "cache": "refresh"})
+    later = _post(key_client, body)
+
+    assert refreshed["X-Cache"] == "MISS"
+    assert refreshed.json()["text"] == "new"
+    assert later["X-Cache"] == "HIT"
+    assert later.json()["text"] == "new"
+    assert len(fake_upstream.requests) == 2
