@@ -13,11 +13,16 @@ every worker sees the same state. CIRCUIT_FAILURE_THRESHOLD consecutive failed a
 open every call fails at once with 503. After CIRCUIT_RESET_SECONDS it is half-open: one
 caller at a time (a lease in Redis) gets through as a probe; its success closes the
 circuit, its failure opens it again for another period. Each transition is one Lua call.
+
+Without REDIS_URL (the embedded default) the same state machine lives in the process. If
+Redis is unreachable the breaker steps aside (calls go through, failures are not counted)
+rather than turning an outage of Redis into an outage of the gateway.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +31,8 @@ from typing import Any
 import tenacity
 from django.conf import settings
 from django_redis import get_redis_connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from generation.errors import (
     GenerationError,
@@ -101,6 +108,64 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 'closed'
 """
 
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class _LocalCircuits:
+    """The breaker's state machine in one process, for the embedded default (no Redis)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state: dict[str, dict[str, Any]] = {}
+        self.probes: dict[str, float] = {}
+
+    def allow(self, key: str, probe_key: str, now: float, reset: float, probe_ms: int) -> list[Any]:
+        with self.lock:
+            h = self.state.get(key, {})
+            state, failures = h.get("state", "closed"), int(h.get("failures", 0))
+            if state == "closed":
+                return [1, state, failures, "0"]
+            if state == "open":
+                waited = now - float(h.get("opened_at", 0))
+                if waited < reset:
+                    return [0, state, failures, str(reset - waited)]
+                h["state"] = state = "half_open"
+            if self.probes.get(probe_key, 0) <= time.monotonic():
+                self.probes[probe_key] = time.monotonic() + probe_ms / 1000
+                return [1, state, failures, "0"]
+            return [0, state, failures, "1"]
+
+    def failure(self, key: str, probe_key: str, now: float, threshold: int) -> str:
+        with self.lock:
+            h = self.state.setdefault(key, {})
+            state = h.get("state", "closed")
+            if state == "open":
+                return str(state)
+            if state == "half_open":
+                h.update(state="open", opened_at=now)
+                self.probes.pop(probe_key, None)
+                return "open"
+            h["failures"] = int(h.get("failures", 0)) + 1
+            if h["failures"] >= threshold:
+                h.update(state="open", opened_at=now)
+                return "open"
+            h["state"] = "closed"
+            return "closed"
+
+    def success(self, key: str, probe_key: str) -> str:
+        with self.lock:
+            if self.state.get(key, {}).get("state") == "open":
+                return "open"
+            self.state.pop(key, None)
+            self.probes.pop(probe_key, None)
+            return "closed"
+
+    def release(self, probe_key: str) -> None:
+        with self.lock:
+            self.probes.pop(probe_key, None)
+
+
+_local = _LocalCircuits()
 _scripts: dict[str, Any] = {}
 # The state last reported to the CIRCUIT_STATE gauge, per provider+model: in Prometheus
 # multiprocess mode every set is a write to a shared file, so only changes are written.
@@ -154,10 +219,20 @@ class Breaker:
         probe_ms = int(
             1000 * (settings.UPSTREAM_READ_TIMEOUT + settings.UPSTREAM_CONNECT_TIMEOUT + 1)
         )
-        allowed, state, failures, wait = _script("allow", _ALLOW)(
-            keys=[self.key, self.probe_key],
-            args=[_now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms],
-        )
+        if not settings.REDIS_URL:
+            reply = _local.allow(
+                self.key, self.probe_key, _now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms
+            )
+        else:
+            try:
+                reply = _script("allow", _ALLOW)(
+                    keys=[self.key, self.probe_key],
+                    args=[_now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms],
+                )
+            except _REDIS_DOWN:
+                logger.warning("circuit state unavailable (Redis down): letting the call through")
+                return "closed", 0
+        allowed, state, failures, wait = reply
         state = state.decode() if isinstance(state, bytes) else str(state)
         _report(self.provider, self.model, state)
         if not allowed:
@@ -167,10 +242,18 @@ class Breaker:
     def record_failure(self, *, now: float | None = None) -> str:
         """Count one failed attempt; returns the new state."""
         remember = max(60, int(settings.CIRCUIT_RESET_SECONDS * 2))
-        state = _script("failure", _FAILURE)(
-            keys=[self.key, self.probe_key],
-            args=[_now(now), settings.CIRCUIT_FAILURE_THRESHOLD, remember],
-        )
+        if not settings.REDIS_URL:
+            state = _local.failure(
+                self.key, self.probe_key, _now(now), settings.CIRCUIT_FAILURE_THRESHOLD
+            )
+        else:
+            try:
+                state = _script("failure", _FAILURE)(
+                    keys=[self.key, self.probe_key],
+                    args=[_now(now), settings.CIRCUIT_FAILURE_THRESHOLD, remember],
+                )
+            except _REDIS_DOWN:
+                return "closed"
         state = state.decode() if isinstance(state, bytes) else str(state)
         if state == "open":
             logger.warning("circuit open: %s:%s", self.provider, self.model)
@@ -179,11 +262,23 @@ class Breaker:
 
     def release_probe(self) -> None:
         """Let another caller probe a half-open circuit (this probe proved nothing)."""
-        get_redis_connection("default").delete(self.probe_key)
+        if not settings.REDIS_URL:
+            _local.release(self.probe_key)
+            return
+        try:
+            get_redis_connection("default").delete(self.probe_key)
+        except _REDIS_DOWN:
+            logger.warning("probe lease not released (Redis down); it expires by itself")
 
     def record_success(self) -> None:
         """Close a half-open circuit / forget earlier failures."""
-        _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
+        if not settings.REDIS_URL:
+            _local.success(self.key, self.probe_key)
+        else:
+            try:
+                _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
+            except _REDIS_DOWN:
+                return
         _report(self.provider, self.model, "closed")
 
 
@@ -191,16 +286,10 @@ def circuit_states(*, now: float | None = None) -> list[dict[str, Any]]:
     """Every circuit Redis knows of (closed circuits without recent failures are absent):
     [{"provider", "model", "state", "failures", "retry_in"}], sorted by provider+model.
     `retry_in` is the seconds until an open circuit lets a probe through (0 otherwise)."""
-    conn = get_redis_connection("default")
     prefix = f"{settings.REDIS_KEY_PREFIX}:cb:"
     now = now if now is not None else time.time()
     rows = []
-    for raw in conn.scan_iter(match=prefix + "*", count=500):
-        key = raw.decode() if isinstance(raw, bytes) else raw
-        data = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in conn.hgetall(key).items()
-        }
+    for key, data in _circuit_hashes(prefix):
         if not data:
             continue
         provider, _, model = key[len(prefix) :].partition(":")
@@ -220,6 +309,29 @@ def circuit_states(*, now: float | None = None) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda r: (r["provider"], r["model"]))
+
+
+def _circuit_hashes(prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if not settings.REDIS_URL:
+        with _local.lock:
+            items = [(k, {n: str(v) for n, v in h.items()}) for k, h in _local.state.items()]
+        yield from items
+        return
+    conn = get_redis_connection("default")
+    try:
+        for raw in conn.scan_iter(match=prefix + "*", count=500):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            yield (
+                key,
+                {
+                    (k.decode() if isinstance(k, bytes) else k): (
+                        v.decode() if isinstance(v, bytes) else v
+                    )
+                    for k, v in conn.hgetall(key).items()
+                },
+            )
+    except _REDIS_DOWN:
+        logger.warning("circuit states unavailable (Redis down)")
 
 
 class _WaitRetryAfterOrJitter(tenacity.wait.wait_base):
