@@ -16,18 +16,19 @@ Every value comes from the environment:
 
 Prometheus multiprocess mode: the directory is set before any worker imports
 prometheus_client, emptied when the master starts, and a dead worker's live gauges are
-dropped. The project's hooks in config/gunicorn_hooks.py are called when present.
+dropped, by the hooks of config/gunicorn_hooks.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+# The hooks live with the project's code (the master imports this file before Django).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config import gunicorn_hooks  # noqa: E402
 
 
 def _int(name: str, default: int) -> int:
@@ -35,38 +36,8 @@ def _int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def _hooks() -> ModuleType | None:
-    try:
-        return importlib.import_module("config.gunicorn_hooks")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("config.gunicorn_hooks", "config"):
-            raise
-        return None
-
-
-def _call_hook(name: str, *args: Any) -> bool:
-    hooks = _hooks()
-    hook = getattr(hooks, name, None) if hooks is not None else None
-    if hook is None:
-        return False
-    hook(*args)
-    return True
-
-
-def _multiproc_dir_clean() -> None:
-    path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    path.mkdir(parents=True, exist_ok=True)
-    for entry in path.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
 # Must be set before prometheus_client is first imported by a worker.
-os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", str(Path(tempfile.gettempdir()) / "tollgate-prometheus")
-)
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(gunicorn_hooks.DEFAULT_DIR))
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{_int('PORT', 8000)}")
 workers = _int("WEB_CONCURRENCY", min(2 * (os.cpu_count() or 1), 8))
@@ -90,25 +61,9 @@ proc_name = "tollgate"
 
 def on_starting(server: Any) -> None:
     """Master, once: start from an empty metrics directory."""
-    if not _call_hook("on_starting", server):
-        _multiproc_dir_clean()
-
-
-def when_ready(server: Any) -> None:
-    _call_hook("when_ready", server)
-
-
-def post_fork(server: Any, worker: Any) -> None:
-    _call_hook("post_fork", server, worker)
-
-
-def worker_exit(server: Any, worker: Any) -> None:
-    _call_hook("worker_exit", server, worker)
+    gunicorn_hooks.on_starting(server)
 
 
 def child_exit(server: Any, worker: Any) -> None:
     """Master: a dead worker's live gauges no longer count."""
-    if not _call_hook("child_exit", server, worker):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    gunicorn_hooks.child_exit(server, worker)

@@ -139,6 +139,28 @@ def model_get(model: str) -> ModelPrice:
     return price
 
 
+def global_quotas(glob: GlobalLimits) -> list[Quota]:
+    """The quotas of the global scope (all users together)."""
+    quotas = []
+    for dim in ("cost_per_day", "requests_per_hour", "concurrency"):
+        limit = _units(dim, getattr(glob, dim))
+        if limit is not None:
+            quotas.append(Quota("global", dim, limit, "g"))
+    return quotas
+
+
+def provider_quotas(row: ProviderQuota) -> list[Quota]:
+    """The quotas of one provider row: the upstream's limits times its safety margin."""
+    counter = f"p:{row.provider}:{row.model or '*'}"
+    margin = float(row.safety_margin)
+    quotas = []
+    for dim in ("requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day"):
+        value = getattr(row, dim)
+        if value is not None:
+            quotas.append(Quota("provider", dim, math.floor(value * margin), counter))
+    return quotas
+
+
 def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int = 0) -> Policy:
     """Read the effective policy from the database (a handful of indexed queries).
 
@@ -186,27 +208,14 @@ def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int
         shares.update(
             high=float(glob.high_share), medium=float(glob.medium_share), low=float(glob.low_share)
         )
-        for dim in ("cost_per_day", "requests_per_hour", "concurrency"):
-            limit = _units(dim, getattr(glob, dim))
-            if limit is not None:
-                quotas.append(Quota("global", dim, limit, "g"))
+        quotas += global_quotas(glob)
 
-    # The most specific provider quota row wins (model row over the provider-wide row);
-    # both are enforced when both exist, each on its own counter.
+    # A provider-wide row and a row of this very model are both enforced, each on its own
+    # counter.
     for row in ProviderQuota.objects.filter(
         Q(provider=price.provider) & (Q(model=price.model) | Q(model=""))
     ):
-        margin = float(row.safety_margin)
-        counter = f"p:{row.provider}:{row.model or '*'}"
-        for dim in (
-            "requests_per_minute",
-            "requests_per_day",
-            "tokens_per_minute",
-            "tokens_per_day",
-        ):
-            value = getattr(row, dim)
-            if value is not None:
-                quotas.append(Quota("provider", dim, math.floor(value * margin), counter))
+        quotas += provider_quotas(row)
 
     return Policy(
         user_id=user_id,

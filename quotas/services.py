@@ -556,6 +556,20 @@ def _latency(admission: Admission, latency_ms: int | None) -> int:
     return int((time.monotonic() - admission.started) * 1000)
 
 
+def _settle_counters(*, admission: Admission, tokens: int, cost: int, refund: bool) -> None:
+    if admission.backend == "degraded":
+        _state.fallback.settle(
+            request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund
+        )
+        return
+    try:
+        backend().settle(request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund)
+    except BackendUnavailable:
+        # The reservation stays until its lease expires and the sweep refunds it; the
+        # ledger is the truth the next counter epoch rebuilds from.
+        logger.warning("settlement of %s deferred: quota backend unavailable", admission.request_id)
+
+
 def usage_settle(
     *,
     admission: Admission,
@@ -575,21 +589,7 @@ def usage_settle(
     cost = policy.cost_of(prompt_tokens, completion_tokens)
     micros = usd_to_micros(cost)
     tokens = prompt_tokens + completion_tokens
-    if admission.backend == "degraded":
-        _state.fallback.settle(
-            request_id=admission.request_id, tokens=tokens, cost=micros, refund=False
-        )
-    else:
-        try:
-            backend().settle(
-                request_id=admission.request_id, tokens=tokens, cost=micros, refund=False
-            )
-        except BackendUnavailable:
-            # The reservation stays until its lease expires and the sweep refunds it; the
-            # ledger below is the truth the next epoch rebuilds from.
-            logger.warning(
-                "settlement of %s deferred: quota backend unavailable", admission.request_id
-            )
+    _settle_counters(admission=admission, tokens=tokens, cost=micros, refund=False)
     _ledger_write(
         admission=admission,
         prompt_tokens=prompt_tokens,
@@ -610,13 +610,7 @@ def usage_settle(
 
 def usage_refund(*, admission: Admission, outcome: str, latency_ms: int | None = None) -> None:
     """A failed upstream call: everything reserved is given back; the ledger row has no cost."""
-    if admission.backend == "degraded":
-        _state.fallback.settle(request_id=admission.request_id, tokens=0, cost=0, refund=True)
-    else:
-        try:
-            backend().settle(request_id=admission.request_id, tokens=0, cost=0, refund=True)
-        except BackendUnavailable:
-            logger.warning("refund of %s deferred: quota backend unavailable", admission.request_id)
+    _settle_counters(admission=admission, tokens=0, cost=0, refund=True)
     _ledger_write(
         admission=admission,
         prompt_tokens=0,
@@ -995,32 +989,13 @@ def quota_global(*, now: float | None = None) -> dict[str, Any]:
     """Staff view of the shared scopes: global and provider limits with their use, today's
     refusals by reason, the priority shares and the upstream circuits."""
     from quotas.models import GlobalLimits, ProviderQuota
-    from quotas.policy import _units
+    from quotas.policy import global_quotas, provider_quotas
 
     moment = time.time() if now is None else now
     glob = GlobalLimits.load()
-    quotas: list[Quota] = []
-    for dim in ("cost_per_day", "requests_per_hour", "concurrency"):
-        limit = _units(dim, getattr(glob, dim))
-        if limit is not None:
-            quotas.append(Quota("global", dim, limit, "g"))
+    quotas = global_quotas(glob)
     for row in ProviderQuota.objects.all():
-        for dim in (
-            "requests_per_minute",
-            "requests_per_day",
-            "tokens_per_minute",
-            "tokens_per_day",
-        ):
-            value = getattr(row, dim)
-            if value is not None:
-                quotas.append(
-                    Quota(
-                        "provider",
-                        dim,
-                        math.floor(value * float(row.safety_margin)),
-                        f"p:{row.provider}:{row.model or '*'}",
-                    )
-                )
+        quotas += provider_quotas(row)
     states = _read(tuple(quotas), moment)
 
     def entry(state: WindowState) -> dict[str, Any]:
