@@ -11,6 +11,14 @@ with EVALSHA (redis-py reloads them after NOSCRIPT). Key layout, under `<prefix>
     res:<request id>, resx           reservations and their expiry index
     den:<YYYYMMDD>                   refusals of the day by "scope|dimension"
 
+Sliding windows (minute, hour) count 12 sub-buckets of window/12 seconds and admit only
+if the sum of every bucket overlapping the last `window` seconds leaves room. Worst-case
+error, stated exactly: never more than the limit in ANY interval of the window's length
+(no double burst at a boundary, no over-admission at all); the price is that a refusal may
+come up to one sub-bucket early (5 s for a minute window, 5 min for an hour), so a client
+refused at the limit waits at most window + window/12 for its oldest request to age out.
+Day and month windows are exact UTC calendar windows.
+
 The counter epoch is part of every calendar key: rotating it (after a period of fail-open
 service, or when Redis lost its data) makes every day and month counter rebuild from the
 ledger before its next use.
