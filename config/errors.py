@@ -3,7 +3,9 @@
 Services raise `ApiError` subclasses (declared in each app's errors.py); the DRF exception
 handler below renders them, DRF's own exceptions and Django's 404/validation errors in the
 shape of API.md. Anything unexpected is logged, reported to Sentry and answered as a
-generic 500 `internal_error` carrying the request id and no traceback.
+generic 500 `internal_error` carrying the request id and no traceback. Redis unreachable
+where a view did not degrade on its own (staff cache statistics, invalidation) is a 503
+`service_unavailable`, not a 500: the client may retry, and the service is not at fault.
 """
 
 from __future__ import annotations
@@ -135,6 +137,16 @@ def render_error(err: ApiError, request_id: str | None = None) -> Response:
     return response
 
 
+def _is_redis_unreachable(exc: Exception) -> bool:
+    try:
+        from django_redis.exceptions import ConnectionInterrupted
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - both are in requirements/base.txt
+        return False
+    return isinstance(exc, ConnectionInterrupted | RedisConnectionError | RedisTimeoutError)
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF EXCEPTION_HANDLER: every error in the API.md shape."""
     request = context.get("request")
@@ -148,6 +160,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
 
     if isinstance(exc, ApiError):
         err = exc
+    elif _is_redis_unreachable(exc):
+        logger.warning("redis unreachable", exc_info=exc, extra={"request_id": request_id})
+        err = ServiceUnavailable("A backing service (Redis) is unreachable; try again shortly.")
     elif isinstance(exc, drf.APIException):
         err = _drf_to_api_error(exc)
         wait = getattr(exc, "wait", None)

@@ -252,12 +252,18 @@ class RedisQuotaBackend:
     def reset_counters(self, *, counter: str) -> int:
         """Delete every counter of one principal (sliding, calendar, leases)."""
         deleted = 0
-        for key in self.client.scan_iter(match=f"{self.prefix}:{{{counter}}}:*", count=500):
-            deleted += self.client.delete(key)
+        try:
+            for key in self.client.scan_iter(match=f"{self.prefix}:{{{counter}}}:*", count=500):
+                deleted += self.client.delete(key)
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
         return deleted
 
     def denials(self, *, day: str) -> dict[str, int]:
-        raw = self.client.hgetall(f"{self.prefix}:den:{day}")
+        try:
+            raw = self.client.hgetall(f"{self.prefix}:den:{day}")
+        except _UNAVAILABLE as exc:  # quota_global reports without them
+            raise BackendUnavailable(str(exc)) from exc
         return {_text(k): int(v) for k, v in raw.items()}
 
     def sweep(self, *, now: float, limit: int = 100) -> int:

@@ -1,6 +1,12 @@
 """Idempotency-Key: the first answer of a (user, key) is kept in Redis (Django's cache)
 for GENERATION_IDEMPOTENCY_TTL seconds and returned to every retry, which is not charged
-again."""
+again.
+
+Redis unreachable: the keys are kept in this process instead (`_store`), so a request is
+never failed because of its Idempotency-Key; a retry that reaches the same worker still
+replays, one that reaches another worker runs again (and is charged again) until Redis is
+back. The quota engine decides separately whether to serve at all (QUOTA_FAIL_MODE).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,10 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
+from django.core.cache.backends.base import BaseCache
+from django.core.cache.backends.locmem import LocMemCache
+from django_redis.exceptions import ConnectionInterrupted
+from redis.exceptions import RedisError
 
 from generation.errors import IdempotencyConflict
 
@@ -25,6 +35,19 @@ class Replay:
     headers: dict[str, str]
 
 
+_local = LocMemCache("tollgate-idempotency", {"OPTIONS": {"MAX_ENTRIES": 10000}})
+_UNREACHABLE = (RedisError, ConnectionInterrupted, OSError)
+
+
+def _store(op: Callable[[BaseCache], Any]) -> Any:
+    """Run one cache operation on Django's cache, or on the in-process one while Redis is
+    unreachable."""
+    try:
+        return op(cache)
+    except _UNREACHABLE:
+        return op(_local)
+
+
 def _idempotency_slot(user_id: int, key: str) -> str:
     return "idem:" + hashlib.sha256(f"{user_id}\x00{key}".encode()).hexdigest()
 
@@ -36,13 +59,13 @@ def idempotency_begin(*, user_id: int, key: str, fingerprint: str) -> Replay | N
     slot = _idempotency_slot(user_id, key)
     pending = {"state": "pending", "fingerprint": fingerprint}
     budget = int(settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT + 30)
-    if cache.add(slot, pending, timeout=budget):
+    if _store(lambda c: c.add(slot, pending, timeout=budget)):
         return None
-    stored = cache.get(slot)
+    stored = _store(lambda c: c.get(slot))
     if stored is None:  # expired between the two calls
-        if cache.add(slot, pending, timeout=budget):
+        if _store(lambda c: c.add(slot, pending, timeout=budget)):
             return None
-        stored = cache.get(slot) or pending
+        stored = _store(lambda c: c.get(slot)) or pending
     if stored.get("fingerprint") != fingerprint:
         raise IdempotencyConflict("This Idempotency-Key was already used for a different request.")
     if stored.get("state") != "done":
@@ -55,19 +78,16 @@ def idempotency_finish(*, user_id: int, key: str, fingerprint: str, replay: Repl
     failed) release the key so that a retry runs again."""
     slot = _idempotency_slot(user_id, key)
     if replay is None:
-        cache.delete(slot)
+        _store(lambda c: c.delete(slot))
         return
-    cache.set(
-        slot,
-        {
-            "state": "done",
-            "fingerprint": fingerprint,
-            "status": replay.status,
-            "body": replay.body,
-            "headers": replay.headers,
-        },
-        timeout=settings.GENERATION_IDEMPOTENCY_TTL,
-    )
+    done = {
+        "state": "done",
+        "fingerprint": fingerprint,
+        "status": replay.status,
+        "body": replay.body,
+        "headers": replay.headers,
+    }
+    _store(lambda c: c.set(slot, done, timeout=settings.GENERATION_IDEMPOTENCY_TTL))
 
 
 def request_fingerprint(path: str, data: Any) -> str:

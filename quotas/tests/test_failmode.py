@@ -6,8 +6,6 @@ one other tests use is left alone.
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 import uuid
 from decimal import Decimal
@@ -15,6 +13,7 @@ from decimal import Decimal
 import pytest
 from django.db.models import Sum
 
+from config.tests.redis_server import PrivateRedis, point_settings_at
 from quotas import services
 from quotas.errors import QuotaExceeded, QuotaUnavailable
 from quotas.models import Outcome, UsageRecord
@@ -22,64 +21,11 @@ from quotas.models import Outcome, UsageRecord
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateRedis:
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture
 def private_redis(settings):
     server = PrivateRedis()
     server.start()
-    url = f"redis://127.0.0.1:{server.port}/0"
-    settings.REDIS_URL = url
-    settings.CACHES = {
-        "default": {
-            **settings.CACHES["default"],
-            "LOCATION": url,
-            "OPTIONS": {
-                **settings.CACHES["default"]["OPTIONS"],
-                "SOCKET_CONNECT_TIMEOUT": 0.2,
-                "SOCKET_TIMEOUT": 0.2,
-            },
-        }
-    }
+    point_settings_at(settings, server)
     services.local_state_reset()
     yield server
     server.stop()

@@ -1,0 +1,465 @@
+"""Redis going away (and the upstream failing meanwhile): nothing lost, never a 500.
+
+A private redis-server is started for each test and really stopped, so the shared one on
+6379 is left alone. Requests go through the Django test client with an API key, exactly as
+a client's would. With QUOTA_FAIL_MODE=open every endpoint keeps answering, each generation
+is charged exactly in the ledger and request limits hold at limit / QUOTA_WORKER_COUNT in
+this process; with `closed` generation answers 503 quota_unavailable in the contract's
+shape. When Redis comes back (empty), the day counters are rebuilt from the ledger, so what
+was spent during the outage still counts.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import ROUND_HALF_UP, Decimal
+
+import pytest
+from django.db.models import Sum
+
+from config.tests.redis_server import PrivateRedis, point_settings_at
+from generation.tests.fake_upstream import Behaviour, FakeUpstream
+from quotas.models import Outcome, UsageRecord
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+
+GENERATE = "/api/v1/generate"
+CHAT = "/v1/chat/completions"
+SUBTOPICS = "/api/v1/topics/subtopics"
+EXPLANATIONS = "/api/v1/topics/explanations"
+
+
+def _reset_process_state() -> None:
+    from caching.services import cache_local_reset
+    from generation.providers import providers_reset
+    from generation.resilience import _scripts
+    from quotas.authentication import key_cache_clear
+    from quotas.services import local_state_reset
+
+    local_state_reset()
+    cache_local_reset()
+    key_cache_clear()
+    providers_reset()
+    _scripts.clear()
+
+
+@pytest.fixture
+def redis_server(settings):
+    """A private Redis the test may stop and start; settings and process state point at it."""
+    server = PrivateRedis()
+    server.start()
+    point_settings_at(settings, server)
+    settings.USAGE_HIT_BATCH_SECONDS = 0  # cache-hit ledger rows written at once
+    _reset_process_state()
+    yield server
+    server.stop()
+    _reset_process_state()
+
+
+@pytest.fixture
+def upstream():
+    """The fake LLM provider on loopback (the only thing faked)."""
+    server = FakeUpstream().start()
+    yield server
+    server.close()
+
+
+def plan_for(user, **limits):
+    """Put `user` on a fresh plan with these limits."""
+    from quotas.models import Plan, UserQuota
+
+    plan = Plan.objects.create(name=f"outage-{user.pk}-{Plan.objects.count()}", **limits)
+    UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
+    return plan
+
+
+@pytest.fixture
+def client_with_key(api_client, api_key, local_model):
+    full_key, _ = api_key
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    return api_client
+
+
+def _post(client, url, body, **headers):
+    response = client.post(url, body, format="json", **headers)
+    assert response.status_code != 500, response.content
+    return response
+
+
+def _get(client, url):
+    response = client.get(url)
+    assert response.status_code != 500, response.content
+    return response
+
+
+def _warm_up(client) -> None:
+    response = _post(client, GENERATE, {"prompt": "warm-up", "max_tokens": 16})
+    assert response.status_code == 200, response.content
+
+
+def _assert_quota_unavailable(response) -> None:
+    assert response.status_code == 503, response.content
+    error = response.json()["error"]
+    assert error["code"] == "quota_unavailable"
+    assert error["message"]
+
+
+def test_redis_down_fail_open_generate_is_served_and_charged_exactly(
+    redis_server, settings, client_with_key, user
+):
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, cost_per_day=Decimal("10"))
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    miss = _post(client_with_key, GENERATE, {"prompt": "during the outage", "max_tokens": 16})
+    bypass = _post(client_with_key, GENERATE, {"prompt": "during the outage", "cache": "bypass"})
+    hit = _post(client_with_key, GENERATE, {"prompt": "warm-up", "max_tokens": 16})
+
+    assert miss.status_code == 200, miss.content
+    assert miss["X-Cache"] == "MISS"
+    assert bypass.status_code == 200, bypass.content
+    assert bypass["X-Cache"] == "BYPASS"
+    assert hit.status_code == 200, hit.content
+    assert hit.json()["cached"] is True  # the memory layer still answers
+    for response in (miss, bypass):
+        body = response.json()
+        row = UsageRecord.objects.get(request_id=body["request_id"])
+        assert row.outcome == Outcome.OK
+        assert row.cost_usd == Decimal(body["cost_usd"]) > 0
+        usage = body["usage"]
+        exact = (
+            Decimal("1.50") * usage["prompt_tokens"] + Decimal("2.00") * usage["completion_tokens"]
+        ) / 10**6
+        assert row.cost_usd == exact.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+    hit_row = UsageRecord.objects.get(request_id=hit.json()["request_id"])
+    assert (hit_row.outcome, hit_row.cost_usd) == (Outcome.CACHED, Decimal("0"))
+
+
+def test_redis_down_fail_open_idempotency_key_replays_the_first_answer(
+    redis_server, settings, client_with_key, user
+):
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user)
+    _warm_up(client_with_key)
+    redis_server.stop()
+    body = {"prompt": "pay once", "cache": "bypass"}
+
+    first = _post(client_with_key, GENERATE, body, HTTP_IDEMPOTENCY_KEY="retry-1")
+    again = _post(client_with_key, GENERATE, body, HTTP_IDEMPOTENCY_KEY="retry-1")
+    other = _post(
+        client_with_key,
+        GENERATE,
+        {"prompt": "else", "cache": "bypass"},
+        HTTP_IDEMPOTENCY_KEY="retry-1",
+    )
+
+    assert first.status_code == 200, first.content
+    assert again.status_code == 200, again.content
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert other.status_code == 409, other.content
+    charged = UsageRecord.objects.filter(user=user, cost_usd__gt=0).count()
+    assert charged == 2  # the warm-up and the first answer; the replay is not charged
+
+
+def test_redis_down_fail_open_request_limit_is_split_between_workers(
+    redis_server, settings, client_with_key, user
+):
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 2
+    plan_for(user, requests_per_minute=10)
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    statuses = [
+        _post(client_with_key, GENERATE, {"prompt": f"p{i}", "cache": "bypass"}).status_code
+        for i in range(7)
+    ]
+    refused = _post(client_with_key, GENERATE, {"prompt": "one more", "cache": "bypass"})
+
+    assert statuses == [200] * 5 + [429] * 2
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["code"], error["dimension"]) == ("quota_exceeded", "requests_per_minute")
+    assert int(refused["Retry-After"]) >= 1
+
+
+@pytest.mark.django_db(transaction=True)  # explanations run in a pool of threads
+def test_redis_down_fail_open_every_endpoint_answers(redis_server, settings, client_with_key, user):
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, requests_per_minute=100)
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    chat = _post(
+        client_with_key,
+        CHAT,
+        {"model": "local/demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+    )
+    subtopics = _post(client_with_key, SUBTOPICS, {"topic": "Redis outages", "count": 3})
+    explanations = _post(
+        client_with_key, EXPLANATIONS, {"topic": "Redis outages", "subtopics": ["a", "b"]}
+    )
+    quota = _get(client_with_key, "/api/v1/quota")
+    usage = _get(client_with_key, "/api/v1/usage")
+    ready = _get(client_with_key, "/health/ready")
+
+    assert chat.status_code == 200, chat.content
+    assert chat.json()["choices"][0]["message"]["content"]
+    assert subtopics.status_code == 200, subtopics.content
+    assert len(subtopics.json()["nodes"]) == 4
+    assert explanations.status_code == 200, explanations.content
+    assert [i["error"] for i in explanations.json()["items"]] == [None, None]
+    assert quota.status_code == 200, quota.content
+    assert quota.json()["limits"]["requests_per_minute"]["limit"] == 100
+    assert usage.status_code == 200, usage.content
+    totals = usage.json()["totals"]
+    ledger = UsageRecord.objects.filter(user=user).aggregate(n=Sum("cost_usd"))["n"]
+    assert Decimal(totals["cost_usd"]) == ledger
+    assert ready.status_code == 200, ready.content
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["checks"]["redis"]["status"] != "ok"
+
+
+@pytest.mark.django_db(transaction=True)  # explanations run in a pool of threads
+def test_redis_down_fail_closed_generation_answers_quota_unavailable(
+    redis_server, settings, client_with_key, user
+):
+    settings.QUOTA_FAIL_MODE = "closed"
+    settings.HEALTH_REQUIRED_CHECKS = ["database", "redis"]  # the default when fail-closed
+    plan_for(user)
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    generate = _post(client_with_key, GENERATE, {"prompt": "closed", "cache": "bypass"})
+    idempotent = _post(
+        client_with_key, GENERATE, {"prompt": "closed"}, HTTP_IDEMPOTENCY_KEY="closed-1"
+    )
+    hit = _post(client_with_key, GENERATE, {"prompt": "warm-up", "max_tokens": 16})
+    subtopics = _post(client_with_key, SUBTOPICS, {"topic": "Closed", "count": 3})
+    explanations = _post(
+        client_with_key, EXPLANATIONS, {"topic": "Closed", "subtopics": ["a", "b"]}
+    )
+    chat = _post(
+        client_with_key,
+        CHAT,
+        {"model": "local/demo", "messages": [{"role": "user", "content": "x"}]},
+    )
+    quota = _get(client_with_key, "/api/v1/quota")
+    usage = _get(client_with_key, "/api/v1/usage")
+    ready = _get(client_with_key, "/health/ready")
+
+    for response in (generate, idempotent, hit, subtopics, explanations):
+        _assert_quota_unavailable(response)
+    assert chat.status_code == 503, chat.content
+    assert chat.json()["error"]["code"] == "quota_unavailable"
+    assert chat.json()["error"]["message"]
+    assert quota.status_code == 200, quota.content
+    assert usage.status_code == 200, usage.content
+    assert ready.status_code == 503, ready.content
+    assert ready.json()["checks"]["redis"]["status"] != "ok"
+    # Nothing was charged while refusing.
+    assert UsageRecord.objects.filter(user=user, cost_usd__gt=0).count() == 1
+
+
+def test_redis_back_counters_rebuilt_so_outage_spending_still_counts(
+    redis_server, settings, client_with_key, user
+):
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, cost_per_day=Decimal("0.0002"))
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    outcomes = []
+    for i in range(20):
+        response = _post(client_with_key, GENERATE, {"prompt": f"spend {i}", "max_tokens": 16})
+        outcomes.append(response.status_code)
+        if response.status_code == 429:
+            assert response.json()["error"]["dimension"] == "cost_per_day"
+            break
+    assert outcomes[0] == 200
+    assert outcomes[-1] == 429
+    spent = UsageRecord.objects.filter(user=user).aggregate(t=Sum("cost_usd"))["t"]
+    assert spent <= Decimal("0.0002")
+
+    redis_server.start()  # back, and empty
+    time.sleep(1.1)  # fail-open tries Redis again at most once a second
+    after = _post(client_with_key, GENERATE, {"prompt": "after", "max_tokens": 16})
+    quota = _get(client_with_key, "/api/v1/quota")
+
+    assert after.status_code == 429, after.content
+    assert after.json()["error"]["dimension"] == "cost_per_day"
+    assert quota.status_code == 200
+    assert Decimal(quota.json()["limits"]["cost_per_day"]["used"]) == spent
+    # Small requests still fit: Redis serves again, and counts from the ledger's total.
+    small = _post(client_with_key, GENERATE, {"prompt": "s", "max_tokens": 1, "cache": "bypass"})
+    assert small.status_code in (200, 429)
+    assert UsageRecord.objects.filter(user=user).aggregate(t=Sum("cost_usd"))["t"] <= Decimal(
+        "0.0002"
+    )
+
+
+def test_redis_down_upstream_failing_is_refunded_not_500(  # noqa: PLR0917
+    redis_server, settings, client_with_key, user, upstream
+):
+    from quotas.models import ModelPrice
+
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.OPENAI_BASE_URL = upstream.openai_base_url
+    settings.OPENAI_API_KEY = "sk-test"
+    settings.UPSTREAM_READ_TIMEOUT = 1.0
+    settings.UPSTREAM_MAX_ATTEMPTS = 2
+    settings.UPSTREAM_BACKOFF_BASE = 0.01
+    settings.UPSTREAM_BACKOFF_MAX = 0.05
+    _reset_process_state()
+    ModelPrice.objects.update_or_create(
+        model="gpt-test",
+        defaults={
+            "provider": "openai",
+            "upstream_model": "gpt-4o-mini",
+            "input_per_million": "0.150000",
+            "output_per_million": "0.600000",
+            "context_window": 128000,
+            "max_output_tokens": 4096,
+        },
+    )
+    plan_for(user, requests_per_minute=100)
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    upstream.default = Behaviour(kind="status", status=500)
+    failed = _post(client_with_key, GENERATE, {"prompt": "boom", "model": "gpt-test"})
+    chat = _post(
+        client_with_key,
+        CHAT,
+        {"model": "gpt-test", "messages": [{"role": "user", "content": "boom"}]},
+    )
+    upstream.default = Behaviour(text="fine", usage=(1000, 500))
+    ok = _post(client_with_key, GENERATE, {"prompt": "fine now", "model": "gpt-test"})
+
+    assert failed.status_code in (502, 503), failed.content
+    assert failed.json()["error"]["code"] in ("upstream_error", "upstream_unavailable")
+    assert chat.status_code in (502, 503), chat.content
+    assert chat.json()["error"]["code"] in ("upstream_error", "upstream_unavailable")
+    failed_rows = UsageRecord.objects.filter(user=user, model="gpt-test").exclude(
+        outcome=Outcome.OK
+    )
+    assert failed_rows.count() == 2  # the generate and the chat completion
+    assert {r.cost_usd for r in failed_rows} == {Decimal("0")}
+    assert ok.status_code == 200, ok.content
+    row = UsageRecord.objects.get(request_id=ok.json()["request_id"])
+    # 1000 x 0.15 / 1e6 + 500 x 0.60 / 1e6
+    assert row.cost_usd == Decimal("0.000450")
+
+
+def test_redis_down_operator_and_client_side_endpoints_answer(  # noqa: PLR0917
+    redis_server, settings, client_with_key, user, django_capture_on_commit_callbacks
+):
+    """Staff reads, jobs, a wrong key, a governance change and /metrics during the outage."""
+    from rest_framework.test import APIClient
+
+    from quotas.models import Plan
+    from quotas.tests.factories import UserFactory
+
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 2
+    plan = plan_for(user, requests_per_minute=100)
+    _warm_up(client_with_key)
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    redis_server.stop()
+
+    job = _post(client_with_key, "/api/v1/jobs", {"topic": "Outages", "subtopics": ["a"]})
+    job_detail = _get(client_with_key, job["Location"]) if job.status_code == 202 else job
+    anonymous = APIClient()
+    wrong = anonymous.post(
+        GENERATE,
+        {"prompt": "x"},
+        format="json",
+        HTTP_AUTHORIZATION="Bearer tg_nope1234_" + "x" * 40,
+    )
+    plan.requests_per_minute = 50
+    with django_capture_on_commit_callbacks(execute=True):
+        plan.save()  # an operator's change while Redis is away: the policy bump cannot reach it
+    after_change = _post(client_with_key, GENERATE, {"prompt": "after change", "cache": "bypass"})
+    staff_client = APIClient()
+    staff_client.force_authenticate(staff)
+    stats = _get(staff_client, "/api/v1/cache/stats")
+    invalidate = _post(staff_client, "/api/v1/cache/invalidate", {"pattern": "topic:python*"})
+    global_quota = _get(staff_client, "/api/v1/quota/global")
+    metrics = _get(anonymous, "/metrics")
+
+    assert job.status_code in (202, 503), job.content
+    assert job_detail.status_code in (200, 503), job_detail.content
+    assert wrong.status_code == 401, wrong.content
+    assert wrong.json()["error"]["code"] == "authentication_failed"
+    assert Plan.objects.get(pk=plan.pk).requests_per_minute == 50
+    assert after_change.status_code == 200, after_change.content
+    assert after_change["X-RateLimit-Limit-Requests"] == "25"  # 50 / 2 workers, in-process
+    for response in (stats, invalidate):  # they need Redis: a clear 503, not a 500
+        assert response.status_code == 503, response.content
+        assert response.json()["error"]["code"] == "service_unavailable"
+    assert global_quota.status_code == 200, global_quota.content
+    assert metrics.status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)  # the requests run in threads
+def test_redis_down_concurrent_identical_misses_all_answered_and_charged(
+    redis_server, settings, api_key, local_model, user
+):
+    """Single flight cannot coordinate through Redis: each request computes on its own,
+    and each is charged for what it used."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, requests_per_minute=100)
+    full_key, _ = api_key
+    redis_server.stop()
+
+    def ask(_: int) -> tuple[int, str]:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+        try:
+            response = client.post(GENERATE, {"prompt": "same question"}, format="json")
+            return response.status_code, response.json().get("request_id", "")
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+
+    assert [status for status, _ in answers] == [200] * 4
+    charged = UsageRecord.objects.filter(request_id__in=[rid for _, rid in answers])
+    assert charged.count() == 4
+    assert not charged.filter(outcome=Outcome.PENDING).exists()
+    assert all((row.outcome == Outcome.CACHED) == (row.cost_usd == 0) for row in charged)
+
+
+def test_redis_hung_requests_still_served_then_recovers(
+    redis_server, settings, client_with_key, user
+):
+    """A Redis that accepts connections but never answers (frozen) costs each request a
+    socket timeout at most, then fail-open takes over; thawed, it serves again."""
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, requests_per_minute=100)
+    _warm_up(client_with_key)
+    redis_server.pause()
+
+    during = [
+        _post(client_with_key, GENERATE, {"prompt": f"frozen {i}", "cache": "bypass"})
+        for i in range(3)
+    ]
+    ready = _get(client_with_key, "/health/ready")
+    redis_server.resume()
+    time.sleep(1.1)  # fail-open tries Redis again at most once a second
+    after = _post(client_with_key, GENERATE, {"prompt": "thawed", "cache": "bypass"})
+
+    assert [r.status_code for r in during] == [200] * 3
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
+    assert after.status_code == 200, after.content
+    assert after["X-RateLimit-Limit-Requests"] == "100"  # Redis decides again, not the share
+    rows = UsageRecord.objects.filter(user=user, outcome=Outcome.OK)
+    assert rows.count() == 5
