@@ -141,6 +141,20 @@ def cache_set(
     then kept QUOTA_FALLBACK_CACHE_TTL longer as the stale copy. `broadcast=True` also drops
     older copies from every other worker's memory layer (a refresh of an existing answer).
     """
+    _store(key, value, ttl=ttl, now=now, broadcast=broadcast)
+
+
+def _store(
+    key: str,
+    value: dict[str, Any],
+    *,
+    ttl: int | None = None,
+    now: float | None = None,
+    broadcast: bool = False,
+    lock: tuple[str, str] | None = None,
+) -> None:
+    """`cache_set`; with `lock` (key, token), also release that single-flight lock in the
+    same round trip."""
     t = tier()
     t.sync()
     now = time.time() if now is None else now
@@ -153,13 +167,19 @@ def cache_set(
     if t.available():
         raw = f"{fresh_until:.3f} {stale_until:.3f}\n{body}".encode()
         try:
-            t.redis.set(t.entry_key(key), raw, px=max(1, int((stale_until - now) * 1000)))
+            px = max(1, int((stale_until - now) * 1000))
+            if lock is None:
+                t.redis.set(t.entry_key(key), raw, px=px)
+            else:
+                t.store_and_release(t.entry_key(key), raw, px, *lock)
             if broadcast:
                 t.publish("key", key)
             layer = "redis"
         except Exception:  # still kept in this worker's memory
             logger.warning("cache write failed", exc_info=True)
             t.mark_down()
+    if lock is not None and layer != "redis":  # not stored: release on its own (best effort)
+        _release(t, *lock)
     t.memory.put(key, body, expires_at=min(now + settings.CACHE_MEMORY_TTL, fresh_until))
     t.count("sets", layer, "set")
 
@@ -334,12 +354,19 @@ def _single_flight_shared(
         acquired, raw = replies
         value = _fresh_value(key, raw)
         if acquired:
-            try:
-                if value is not None:  # stored between our miss and our lock
-                    return value, False
-                return _compute_and_store(key, compute, store=store, ttl=ttl), True
-            finally:
+            if value is not None:  # stored between our miss and our lock
                 _release(t, lock_key, token)
+                return value, False
+            try:
+                value = compute()
+            except BaseException:
+                _release(t, lock_key, token)
+                raise
+            if store:  # stored and released in one round trip
+                _store(key, value, ttl=ttl, lock=(lock_key, token))
+            else:
+                _release(t, lock_key, token)
+            return value, True
         if value is not None:
             return value, False
         # Someone else holds the lock: wait for its answer or for the lock to go away

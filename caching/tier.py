@@ -13,7 +13,8 @@ Redis layout (P = settings.REDIS_KEY_PREFIX):
   entry ids are the counter values (``<seq>-1``), written by one Lua script so that ids
   are gap-free. Each entry is ``k`` (key|pattern|ns) and ``a`` (its argument).
 - ``P:c:stats`` hash of hit/miss counters summed over all processes; ``P:c:pop`` sorted
-  set of requests per normalised topic; ``P:c:lock:<key>`` single-flight locks.
+  set of requests per normalised topic; ``P:c:lock:<key>`` single-flight locks (a leader
+  stores its answer and releases its lock in one script).
 
 Why a polled log and not pub/sub: a memory hit must cost no Redis round trip, and a
 gunicorn worker has no thread of its own to listen on a subscription (a listener thread
@@ -84,6 +85,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+# KEYS: entry, lock. ARGV: entry value, its TTL in ms, token. A single flight's leader
+# stores its answer and releases its lock (if it still owns it) in one round trip.
+_STORE_RELEASE_LUA = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
 """
 
 _METRIC = {
@@ -164,6 +174,7 @@ class CacheTier:
             self._scripts = {
                 "publish": self._redis.register_script(_PUBLISH_LUA),
                 "release": self._redis.register_script(_RELEASE_LUA),
+                "store_release": self._redis.register_script(_STORE_RELEASE_LUA),
             }
         return self._redis
 
@@ -285,6 +296,13 @@ class CacheTier:
     def release_lock(self, lock_key: str, token: str) -> None:
         self.redis  # noqa: B018 - loads the scripts
         self._scripts["release"](keys=[lock_key], args=[token])
+
+    def store_and_release(
+        self, entry_key: str, raw: bytes, px: int, lock_key: str, token: str
+    ) -> None:
+        """SET the entry (PX `px`) and release our single-flight lock: one round trip."""
+        self.redis  # noqa: B018 - loads the scripts
+        self._scripts["store_release"](keys=[entry_key, lock_key], args=[raw, px, token])
 
     # --- scanning ---------------------------------------------------------------------------
 

@@ -164,6 +164,9 @@ UPSTREAM_MAX_ATTEMPTS = env.int("UPSTREAM_MAX_ATTEMPTS", default=3)
 UPSTREAM_MAX_RETRY_SECONDS = env.float("UPSTREAM_MAX_RETRY_SECONDS", default=30.0)
 CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
 CIRCUIT_RESET_SECONDS = env.float("CIRCUIT_RESET_SECONDS", default=30.0)
+# A worker that found a circuit closed without failures trusts that for this long before
+# asking Redis again: a circuit opened by another worker is seen within this bound.
+CIRCUIT_CLOSED_CACHE_SECONDS = env.float("CIRCUIT_CLOSED_CACHE_SECONDS", default=0.25)
 # Full-jitter exponential backoff between attempts: random(0, min(max, base * 2**n)).
 UPSTREAM_BACKOFF_BASE = env.float("UPSTREAM_BACKOFF_BASE", default=0.5)
 UPSTREAM_BACKOFF_MAX = env.float("UPSTREAM_BACKOFF_MAX", default=8.0)

@@ -13,6 +13,10 @@ every worker sees the same state. CIRCUIT_FAILURE_THRESHOLD consecutive failed a
 open every call fails at once with 503. After CIRCUIT_RESET_SECONDS it is half-open: one
 caller at a time (a lease in Redis) gets through as a probe; its success closes the
 circuit, its failure opens it again for another period. Each transition is one Lua call.
+A worker that finds a circuit closed without failures trusts that for
+CIRCUIT_CLOSED_CACHE_SECONDS (0.25 s) without asking Redis again, so a healthy provider
+costs at most four checks a second per worker, and a circuit opened by another worker is
+seen within that bound; the worker's own failures are always counted in Redis at once.
 
 Without REDIS_URL (the embedded default) the same state machine lives in the process. If
 Redis is unreachable the breaker steps aside (calls go through, failures are not counted)
@@ -170,6 +174,8 @@ _scripts: dict[str, Any] = {}
 # The state last reported to the CIRCUIT_STATE gauge, per provider+model: in Prometheus
 # multiprocess mode every set is a write to a shared file, so only changes are written.
 _reported: dict[tuple[str, str], int] = {}
+# Breaker key -> time.monotonic() until which a closed circuit without failures is trusted.
+_closed_until: dict[str, float] = {}
 
 
 def _report(provider: str, model: str, state: str) -> None:
@@ -223,6 +229,8 @@ class Breaker:
             reply = _local.allow(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms
             )
+        elif _closed_until.get(self.key, 0.0) > time.monotonic():
+            return "closed", 0
         else:
             try:
                 reply = _script("allow", _ALLOW)(
@@ -237,10 +245,13 @@ class Breaker:
         _report(self.provider, self.model, state)
         if not allowed:
             raise CircuitOpen(provider=self.provider, model=self.model, retry_after=float(wait))
+        if settings.REDIS_URL and state == "closed" and not int(failures):
+            _closed_until[self.key] = time.monotonic() + settings.CIRCUIT_CLOSED_CACHE_SECONDS
         return state, int(failures)
 
     def record_failure(self, *, now: float | None = None) -> str:
         """Count one failed attempt; returns the new state."""
+        _closed_until.pop(self.key, None)
         remember = max(60, int(settings.CIRCUIT_RESET_SECONDS * 2))
         if not settings.REDIS_URL:
             state = _local.failure(

@@ -7,6 +7,8 @@ from typing import Any
 from drf_spectacular.utils import inline_serializer
 from rest_framework import serializers
 
+from config.serializers import InputSerializer
+
 MAX_PROMPT_CHARS = 100_000
 MAX_MESSAGES = 200
 PRIORITIES = ("critical", "high", "medium", "low")
@@ -17,7 +19,7 @@ class MessageSerializer(serializers.Serializer):
     content = serializers.CharField(max_length=MAX_PROMPT_CHARS, trim_whitespace=False)
 
 
-class GenerateInputSerializer(serializers.Serializer):
+class GenerateInputSerializer(InputSerializer):
     prompt = serializers.CharField(
         max_length=MAX_PROMPT_CHARS, required=False, trim_whitespace=False
     )
@@ -78,7 +80,7 @@ class ChatMessageSerializer(serializers.Serializer):
         return attrs
 
 
-class ChatCompletionInputSerializer(serializers.Serializer):
+class ChatCompletionInputSerializer(InputSerializer):
     model = serializers.CharField(max_length=100)
     messages = serializers.ListField(
         child=ChatMessageSerializer(), min_length=1, max_length=MAX_MESSAGES
@@ -98,14 +100,14 @@ class ChatCompletionInputSerializer(serializers.Serializer):
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
 
 
-class SubtopicsInputSerializer(serializers.Serializer):
+class SubtopicsInputSerializer(InputSerializer):
     topic = serializers.CharField(max_length=200)
     count = serializers.IntegerField(min_value=3, max_value=12, default=6)
     model = serializers.CharField(max_length=100, required=False)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
 
 
-class ExplanationsInputSerializer(serializers.Serializer):
+class ExplanationsInputSerializer(InputSerializer):
     topic = serializers.CharField(max_length=200)
     subtopics = serializers.ListField(
         child=serializers.CharField(max_length=200), min_length=1, max_length=20

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -29,18 +30,27 @@ except CircuitOpen as exc:
     print(json.dumps({"allowed": False, "retry_after": exc.retry_after}))
 """
 
+_FAIL = """
+import json, django
+django.setup()
+from generation.resilience import Breaker
+print(json.dumps(Breaker("openai", "gpt-4o-mini").record_failure()))
+"""
 
-def _other_process_view() -> dict:
-    """Ask a separate Python process, sharing only Redis, whether the circuit lets it through."""
+
+def _other_process_view(code: str = _PEEK) -> Any:
+    """Run `code` in a separate Python process sharing only Redis (by default: ask whether
+    the circuit lets it through); returns the JSON it printed last."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "SECRET_KEY": settings.SECRET_KEY,
         "REDIS_URL": settings.REDIS_URL,
         "CIRCUIT_RESET_SECONDS": str(settings.CIRCUIT_RESET_SECONDS),
+        "CIRCUIT_FAILURE_THRESHOLD": str(settings.CIRCUIT_FAILURE_THRESHOLD),
     }
     out = subprocess.run(
-        [sys.executable, "-c", _PEEK],
+        [sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,
@@ -141,6 +151,35 @@ def test_breaker_half_open_admits_a_single_probe_at_a_time(upstream_settings):
         breaker.allow(now=1031.5)  # the probe is still out
     breaker.record_success()
     assert breaker.allow(now=1032.0) == ("closed", 0)
+
+
+def test_breaker_trusts_a_closed_circuit_for_a_while_but_sees_its_own_failure_at_once(
+    upstream_settings,
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.CIRCUIT_CLOSED_CACHE_SECONDS = 60
+    breaker = Breaker("openai", "gpt-4o-mini")
+    assert breaker.allow() == ("closed", 0)
+    assert _other_process_view(_FAIL) == "open"  # another worker opens the circuit
+
+    assert breaker.allow() == ("closed", 0)  # trusted without asking Redis again
+    assert breaker.record_failure() == "open"
+    with pytest.raises(CircuitOpen):
+        breaker.allow()
+
+
+def test_breaker_sees_a_circuit_opened_by_another_worker_once_the_closed_period_ends(
+    upstream_settings,
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.CIRCUIT_CLOSED_CACHE_SECONDS = 0.2
+    breaker = Breaker("openai", "gpt-4o-mini")
+    assert breaker.allow() == ("closed", 0)
+    assert _other_process_view(_FAIL) == "open"
+    time.sleep(0.25)  # the subprocess alone usually takes longer; this makes it certain
+
+    with pytest.raises(CircuitOpen):
+        breaker.allow()
 
 
 def test_rate_limits_do_not_trip_the_circuit(upstream_settings, fake_upstream):

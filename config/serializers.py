@@ -1,0 +1,39 @@
+"""A base class for request-body serializers on the hot path."""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+from rest_framework import serializers
+from rest_framework.utils.serializer_helpers import BindingDict
+
+_built = threading.local()
+
+
+class InputSerializer(serializers.Serializer):
+    """A request-body serializer whose fields are built once per class and thread.
+
+    DRF deep-copies every declared field (nested serializers included) for each new
+    serializer instance, which costs more than validating a small body. Here the copy is
+    made the first time a thread uses the class and re-bound to each later instance.
+    That is safe because a thread validates one request at a time and an input serializer
+    is only validated and then read (`validated_data`, `errors`): don't add, remove or
+    alter fields per instance, and don't keep an instance to validate again after another
+    instance of the same class was created on the same thread.
+    """
+
+    @cached_property
+    def fields(self) -> BindingDict:  # type: ignore[override]
+        built: dict[type, BindingDict] = _built.__dict__.setdefault("fields", {})
+        fields = built.get(type(self))
+        if fields is None:
+            fields = BindingDict(self)
+            for name, field in self.get_fields().items():
+                fields[name] = field
+            built[type(self)] = fields
+            return fields
+        fields.serializer = self
+        for field in fields.values():
+            field.parent = self
+        return fields
