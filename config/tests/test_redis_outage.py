@@ -196,6 +196,12 @@ def test_redis_down_fail_open_every_endpoint_answers(redis_server, settings, cli
         CHAT,
         {"model": "local/demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
     )
+    stream = client_with_key.post(
+        CHAT,
+        {"model": "local/demo", "stream": True, "messages": [{"role": "user", "content": "s"}]},
+        format="json",
+    )
+    streamed = b"".join(stream.streaming_content)
     subtopics = _post(client_with_key, SUBTOPICS, {"topic": "Redis outages", "count": 3})
     explanations = _post(
         client_with_key, EXPLANATIONS, {"topic": "Redis outages", "subtopics": ["a", "b"]}
@@ -206,6 +212,8 @@ def test_redis_down_fail_open_every_endpoint_answers(redis_server, settings, cli
 
     assert chat.status_code == 200, chat.content
     assert chat.json()["choices"][0]["message"]["content"]
+    assert stream.status_code == 200
+    assert streamed.rstrip().endswith(b"data: [DONE]")
     assert subtopics.status_code == 200, subtopics.content
     assert len(subtopics.json()["nodes"]) == 4
     assert explanations.status_code == 200, explanations.content
@@ -334,6 +342,15 @@ def test_redis_down_upstream_failing_is_refunded_not_500(  # noqa: PLR0917
         CHAT,
         {"model": "gpt-test", "messages": [{"role": "user", "content": "boom"}]},
     )
+    upstream.default = Behaviour(kind="malformed")
+    malformed = _post(client_with_key, GENERATE, {"prompt": "garbled", "model": "gpt-test"})
+    upstream.default = Behaviour(kind="cut")
+    cut = client_with_key.post(
+        CHAT,
+        {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "cut"}]},
+        format="json",
+    )
+    streamed = b"".join(cut.streaming_content) if cut.status_code == 200 else cut.content
     upstream.default = Behaviour(text="fine", usage=(1000, 500))
     ok = _post(client_with_key, GENERATE, {"prompt": "fine now", "model": "gpt-test"})
 
@@ -341,10 +358,15 @@ def test_redis_down_upstream_failing_is_refunded_not_500(  # noqa: PLR0917
     assert failed.json()["error"]["code"] in ("upstream_error", "upstream_unavailable")
     assert chat.status_code in (502, 503), chat.content
     assert chat.json()["error"]["code"] in ("upstream_error", "upstream_unavailable")
+    assert malformed.status_code == 502, malformed.content
+    assert malformed.json()["error"]["code"] == "upstream_error"
+    assert cut.status_code in (200, 502), streamed
+    # An SSE error event (or the error body) says why, and the stream is closed properly.
+    assert b"upstream_error" in streamed or b"upstream_unavailable" in streamed
     failed_rows = UsageRecord.objects.filter(user=user, model="gpt-test").exclude(
         outcome=Outcome.OK
     )
-    assert failed_rows.count() == 2  # the generate and the chat completion
+    assert failed_rows.count() == 4  # generate, chat completion, malformed, cut stream
     assert {r.cost_usd for r in failed_rows} == {Decimal("0")}
     assert ok.status_code == 200, ok.content
     row = UsageRecord.objects.get(request_id=ok.json()["request_id"])
