@@ -182,15 +182,27 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
     response = api_exception_handler(exc, context)
     error = (response.data or {}).get("error", {})
     fields = error.get("fields") or {}
+    message = error.get("message", "")
+    if fields and message == "The request body is invalid.":
+        # OpenAI's shape has no room for every field: name the first problem.
+        param = next(iter(fields))
+        message = f"{message} {param}: {_first_message(fields[param])}"
     response.data = {
         "error": {
-            "message": error.get("message", ""),
+            "message": message,
             "type": _OPENAI_TYPES.get(response.status_code, "api_error"),
             "param": next(iter(fields), None),
             "code": error.get("code"),
         }
     }
     return response
+
+
+def _first_message(detail: Any) -> str:
+    """The first message in a nested DRF error detail ({"0": {"content": ["..."]}})."""
+    while isinstance(detail, dict | list) and detail:
+        detail = next(iter(detail.values())) if isinstance(detail, dict) else detail[0]
+    return str(detail)
 
 
 def _chat_body(outcome: services.Outcome, completion_id: str, created: int) -> dict[str, Any]:

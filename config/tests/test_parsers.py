@@ -42,3 +42,17 @@ def test_generate_deeply_nested_body_with_idempotency_key_is_400(key_client):
     )
 
     assert response.status_code in (200, 400), response.content
+
+
+def test_chat_completions_invalid_field_message_names_the_problem(key_client):
+    image_only = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+
+    response = key_client.post(
+        "/v1/chat/completions", {"model": "local/demo", "messages": image_only}, format="json"
+    )
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["param"] == "messages"
+    assert error["message"].startswith("The request body is invalid. messages: ")
+    assert len(error["message"]) > len("The request body is invalid. messages: ")
