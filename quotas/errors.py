@@ -44,6 +44,14 @@ class QuotaExceeded(ApiError):
         return {**self.headers, "Retry-After": str(self.retry_after)}
 
 
+class DuplicateRequest(ApiError):
+    """409: a request with this id holds a reservation already (a retry still in flight)."""
+
+    status_code = 409
+    code = "duplicate_request"
+    message = "A request with this id is already in flight."
+
+
 class QuotaUnavailable(ApiError):
     """503: Redis is unreachable and QUOTA_FAIL_MODE=closed."""
 

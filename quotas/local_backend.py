@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from quotas.engine import Decision, RebuildNeeded, StalePolicy, WindowState, seconds_left
+from quotas.errors import DuplicateRequest
 from quotas.policy import Quota
 
 SUB = 12
@@ -96,7 +97,7 @@ class LocalQuotaBackend:
                 raise StalePolicy(self._version, self._epoch)
             self._sweep_locked(now, 5)
             if mode == "full" and request_id in self._reservations:
-                raise ValueError(f"request id {request_id} was already admitted")
+                raise DuplicateRequest(f"Request {request_id} is already in flight.")
             day_left, month_left = seconds_left(now)
             amounts = {"r": 1, "t": est_tokens, "c": est_cost, "l": 1}
             missing: list[Quota] = []

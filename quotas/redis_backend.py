@@ -45,6 +45,7 @@ from quotas.engine import (
     WindowState,
     seconds_left,
 )
+from quotas.errors import DuplicateRequest
 from quotas.policy import Quota
 
 _LUA = Path(__file__).with_name("lua")
@@ -146,7 +147,7 @@ class RedisQuotaBackend:
         if status == "rebuild":
             raise RebuildNeeded([quotas[int(i) - 1] for i in reply[1:]])
         if status == "dup":
-            raise ValueError(f"request id {request_id} was already admitted")
+            raise DuplicateRequest(f"Request {request_id} is already in flight.")
         offset = 1 if status == "ok" else 3
         count = int(reply[offset])
         windows = [

@@ -307,3 +307,17 @@ def test_next_admission_refunds_abandoned_reservation(engine, user, plan_for, se
     admit(user, now=NOW + 31, prompt=40, max_tokens=40)  # no explicit sweep
     limits = services.quota_standing(user_id=user.pk, now=NOW + 31)["limits"]
     assert limits["tokens_per_day"]["used"] == 80
+
+
+def test_same_request_id_in_flight_is_a_409_and_reserves_nothing(engine, user, plan_for):
+    from quotas.errors import DuplicateRequest
+
+    plan_for(user, tokens_per_day=1000)
+    kwargs = {"user_id": user.pk, "key_id": None, "model": "local/demo", "now": NOW}
+    services.admission_admit(request_id="same", prompt_tokens=100, max_tokens=100, **kwargs)
+    with pytest.raises(DuplicateRequest) as info:
+        services.admission_admit(request_id="same", prompt_tokens=100, max_tokens=100, **kwargs)
+    assert info.value.status_code == 409
+    assert (
+        services.quota_standing(user_id=user.pk, now=NOW)["limits"]["tokens_per_day"]["used"] == 200
+    )
