@@ -148,6 +148,8 @@ QUOTA_LEASE_TTL = env.int("QUOTA_LEASE_TTL", default=300)
 # The fail-open in-process limiter divides request limits by this number of workers.
 QUOTA_WORKER_COUNT = env.int("QUOTA_WORKER_COUNT", default=env.int("WEB_CONCURRENCY", default=2))
 AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30)
+# Proxies whose X-Forwarded-For is believed (the variable gunicorn reads too; "*": any).
+FORWARDED_ALLOW_IPS = env.list("FORWARDED_ALLOW_IPS", default=["127.0.0.1"])
 # Ledger rows of cache hits are written in batches at most this many seconds late (0: at once).
 USAGE_HIT_BATCH_SECONDS = env.float("USAGE_HIT_BATCH_SECONDS", default=1.0)
 

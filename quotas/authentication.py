@@ -76,7 +76,28 @@ def _load_key(prefix: str) -> _CachedKey | None:
 
 
 def _client_address(request: Request) -> str:
-    return str(request.META.get("REMOTE_ADDR") or "unknown")
+    """The address failed authentications are counted against.
+
+    Behind nginx or an ingress, REMOTE_ADDR is the proxy's for every client, so one client's
+    bad keys would block all of them: when REMOTE_ADDR is a trusted proxy
+    (FORWARDED_ALLOW_IPS, the variable gunicorn reads too; `*` trusts any), the client is
+    the right-most X-Forwarded-For entry that is not itself a trusted proxy. Entries further
+    left are whatever the client sent, and are never used.
+    """
+    from django.conf import settings
+
+    remote = str(request.META.get("REMOTE_ADDR") or "unknown")
+    trusted = set(settings.FORWARDED_ALLOW_IPS)
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    if not forwarded or ("*" not in trusted and remote not in trusted):
+        return remote
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    if "*" in trusted:
+        return hops[-1] if hops else remote
+    for hop in reversed(hops):
+        if hop not in trusted:
+            return hop
+    return remote
 
 
 def _failure(request: Request, exc: exceptions.APIException | Exception) -> Exception:
