@@ -23,8 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from csp.constants import HEADER, HEADER_REPORT_ONLY
+from csp.middleware import CheckableLazyObject
+from csp.middleware import CSPMiddleware as BaseCSPMiddleware
+from csp.utils import build_policy
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.urls import Resolver404, resolve
 from django.utils.functional import empty
 
@@ -202,3 +208,55 @@ class RequestIdMiddleware:
             cache=cache,
             quota=quota_decision_of(request, response),
         )
+
+
+# Set by django-csp's view decorators (csp_update & co.) to change one response's policy.
+_CSP_OVERRIDES = tuple(
+    f"_csp_{kind}{ro}" for kind in ("config", "update", "replace") for ro in ("", "_ro")
+)
+_csp_policies: dict[bool, str] = {}
+
+
+@receiver(setting_changed)
+def _csp_settings_changed(*, setting: str, **_: Any) -> None:
+    if setting.startswith("CONTENT_SECURITY_POLICY"):
+        _csp_policies.clear()
+
+
+class CSPMiddleware(BaseCSPMiddleware):
+    """django-csp's middleware, with the settings' policy built once per process.
+
+    django-csp builds the header again for every response (a deep copy of the settings,
+    then every directive joined), which costs a tenth of a cache hit. A response whose view
+    changed nothing (no csp_update & co.) and used no nonce always gets the settings'
+    policy: here it is built once, and again only if the settings change. Any other
+    response goes through django-csp itself.
+    """
+
+    def process_response(
+        self, request: HttpRequest, response: HttpResponseBase
+    ) -> HttpResponseBase:
+        if (
+            getattr(request, "_csp_nonce", None) is not None
+            or any(hasattr(response, name) for name in _CSP_OVERRIDES)
+            or (settings.DEBUG and response.status_code in (404, 500))
+        ):
+            return super().process_response(request, response)
+        for report_only, header, setting in (
+            (False, HEADER, "CONTENT_SECURITY_POLICY"),
+            (True, HEADER_REPORT_ONLY, "CONTENT_SECURITY_POLICY_REPORT_ONLY"),
+        ):
+            policy = _csp_policies.get(report_only)
+            if policy is None:
+                policy = _csp_policies[report_only] = build_policy(report_only=report_only)
+            exempt = getattr(response, "_csp_exempt_ro" if report_only else "_csp_exempt", False)
+            excluded = (getattr(settings, setting, None) or {}).get("EXCLUDE_URL_PREFIXES") or ()
+            if (
+                policy
+                and header not in response
+                and exempt is False
+                and not request.path_info.startswith(tuple(excluded))
+            ):
+                response[header] = policy
+        request.csp_nonce = CheckableLazyObject(self._csp_nonce_post_response)  # type: ignore[attr-defined]
+        return response

@@ -19,6 +19,7 @@ spent meanwhile.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import queue
@@ -646,25 +647,44 @@ def _ledger_write(
             latency_ms=latency_ms,
         )
         return
-    UsageRecord.objects.bulk_create(
-        [
-            UsageRecord(
-                request_id=admission.request_id,
-                user_id=policy.user_id,
-                api_key_id=policy.key_id,
-                model=policy.model,
-                provider=policy.provider,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cost_usd=cost,
-                cached=cached,
-                fallback=fallback,
-                outcome=outcome,
-                latency_ms=latency_ms,
-            )
-        ],
-        ignore_conflicts=True,
+    _ledger_insert(
+        UsageRecord(
+            request_id=admission.request_id,
+            user_id=policy.user_id,
+            api_key_id=policy.key_id,
+            model=policy.model,
+            provider=policy.provider,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+            cached=cached,
+            fallback=fallback,
+            outcome=outcome,
+            latency_ms=latency_ms,
+        )
     )
+
+
+@functools.cache
+def _ledger_insert_sql(vendor: str) -> tuple[str, tuple[Any, ...]]:
+    fields = tuple(f for f in UsageRecord._meta.concrete_fields if not f.primary_key)
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(str(f.column)) for f in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    # Names from the model's meta, quoted; the values are parameters.
+    table = quote(UsageRecord._meta.db_table)
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"  # noqa: S608
+    return sql, fields
+
+
+def _ledger_insert(row: UsageRecord) -> None:
+    """INSERT one ledger row unless its request id is already there. One statement, so one
+    round trip in autocommit mode, where bulk_create(ignore_conflicts=True) adds a BEGIN
+    and a COMMIT around it; the SQL is built once from the model."""
+    sql, fields = _ledger_insert_sql(connection.vendor)
+    params = [f.get_db_prep_save(f.pre_save(row, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 # --- cache-hit ledger rows (batched) -----------------------------------------------------
@@ -704,7 +724,7 @@ def _enqueue(row: UsageRecord) -> None:
     global _flusher  # noqa: PLW0603
     interval = float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0))
     if interval <= 0:
-        UsageRecord.objects.bulk_create([row], ignore_conflicts=True)
+        _ledger_insert(row)
         return
     _hit_queue.put(row)
     if _flusher is None or not _flusher.is_alive():
