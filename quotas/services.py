@@ -46,6 +46,7 @@ from quotas.engine import (
     StalePolicy,
     WindowState,
     calendar_bounds,
+    seconds_left,
 )
 from quotas.errors import QuotaExceeded, QuotaUnavailable
 from quotas.local_backend import LocalQuotaBackend
@@ -866,19 +867,46 @@ def _standing_quotas(user_id: int, key_id: int | None) -> tuple[Policy | None, t
     return policy, tuple(q for q in policy.quotas if q.scope in scopes)
 
 
-def _read(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
+def _read(quotas: tuple[Quota, ...], now: float, *, from_ledger: bool = False) -> list[WindowState]:
+    """The windows' standing from the backend; Redis unreachable: nothing used (headers),
+    or (from_ledger) what fail-open enforces, see `_read_degraded`."""
     if not quotas:
         return []
     be = backend()
-    if not _state.epoch:
-        try:
-            _state.version, _state.epoch = be.tokens()
-        except BackendUnavailable:
-            return [WindowState(q, 0, 0) for q in quotas]
     try:
+        if not _state.epoch:
+            _state.version, _state.epoch = be.tokens()
         return be.read(quotas=quotas, epoch=_state.epoch, now=now)
     except BackendUnavailable:
+        if from_ledger:
+            return _read_degraded(quotas, now)
         return [WindowState(q, 0, 0) for q in quotas]
+
+
+def _read_degraded(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
+    """Redis unreachable: the standing fail-open enforces. Token and cost budgets and the
+    calendar request windows come from the ledger (one aggregate per principal and window,
+    so a GET /api/v1/quota during an outage never claims an untouched budget); minute and
+    hour request windows and concurrency from this worker's limiter, at its share."""
+    workers = max(1, settings.QUOTA_WORKER_COUNT)
+    day_left, month_left = seconds_left(now)
+    ledger: dict[tuple[str, str | int], tuple[int, int, int]] = {}
+    local: list[Quota] = []
+    states: dict[int, WindowState] = {}
+    for i, q in enumerate(quotas):
+        if q.window not in ("day", "month") and q.kind in ("r", "l"):
+            local.append(Quota(q.scope, q.dimension, q.limit // workers, q.counter))
+            continue
+        spot = (q.counter, q.window)
+        if spot not in ledger:
+            ledger[spot] = ledger_usage(counter=q.counter, since=_window_start(q, now))
+        requests, tokens, micros = ledger[spot]
+        used = {"r": requests, "t": tokens, "c": micros}[q.kind]
+        reset = day_left if q.window == "day" else month_left if q.window == "month" else 0
+        states[i] = WindowState(q, used, reset)
+    fallback = _state.fallback
+    local_states = iter(fallback.read(quotas=tuple(local), epoch=fallback.tokens()[1], now=now))
+    return [states[i] if i in states else next(local_states) for i in range(len(quotas))]
 
 
 def quota_headers(*, user_id: int, key_id: int | None, now: float | None = None) -> dict[str, str]:
@@ -902,7 +930,7 @@ def quota_standing(
     """API.md's GET /api/v1/quota body: each dimension's tightest limit, use and reset."""
     moment = time.time() if now is None else now
     policy, quotas = _standing_quotas(user_id, key_id)
-    states = _read(quotas, moment)
+    states = _read(quotas, moment, from_ledger=True)
     limits: dict[str, dict[str, Any]] = {}
     for dim in DIMENSIONS:
         dim_states = [s for s in states if s.quota.dimension == dim]
