@@ -492,3 +492,56 @@ def test_redis_hung_requests_still_served_then_recovers(
     assert after["X-RateLimit-Limit-Requests"] == "100"  # Redis decides again, not the share
     rows = UsageRecord.objects.filter(user=user, outcome=Outcome.OK)
     assert rows.count() == 5
+
+
+def test_redis_down_admin_pages_answer(redis_server, settings, client_with_key, user, api_key):
+    """The operator's pages that show live usage (user, key, dashboard) and the reset
+    action while Redis is away."""
+    from django.test import Client
+
+    from quotas.tests.factories import UserFactory
+
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, requests_per_minute=100, cost_per_day=Decimal("5"))
+    _warm_up(client_with_key)
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    admin = Client()
+    admin.force_login(staff)
+    redis_server.stop()
+
+    pages = [
+        "/admin/",
+        "/admin/dashboard/",
+        f"/admin/auth/user/{user.pk}/change/",
+        f"/admin/quotas/apikey/{api_key[1].pk}/change/",
+        "/admin/quotas/usagerecord/",
+        "/admin/quotas/plan/",
+    ]
+    statuses = {page: admin.get(page).status_code for page in pages}
+    reset = admin.post(
+        "/admin/auth/user/",
+        {"action": "reset_user_windows", "_selected_action": [user.pk]},
+        follow=True,
+    )
+
+    assert statuses == dict.fromkeys(pages, 200)
+    assert reset.status_code == 200
+    assert "Could not reset the windows" in reset.content.decode()  # said, not a 500
+
+
+@pytest.mark.parametrize(("mode", "status"), [("open", 200), ("closed", 503)])
+def test_redis_down_before_the_first_request_of_a_worker(  # noqa: PLR0917
+    redis_server, settings, client_with_key, user, mode, status
+):
+    """A worker that starts while Redis is away: nothing cached yet in the process."""
+    settings.QUOTA_FAIL_MODE = mode
+    plan_for(user, requests_per_minute=10)
+    redis_server.stop()
+
+    generate = _post(client_with_key, GENERATE, {"prompt": "first of this worker"})
+    quota = _get(client_with_key, "/api/v1/quota")
+
+    assert generate.status_code == status, generate.content
+    if mode == "closed":
+        _assert_quota_unavailable(generate)
+    assert quota.status_code == 200, quota.content
