@@ -46,10 +46,15 @@ from quotas.engine import (
     seconds_left,
 )
 from quotas.errors import DuplicateRequest
-from quotas.policy import Quota
+from quotas.policy import DIMENSION_SPECS, Quota
 
 _LUA = Path(__file__).with_name("lua")
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _window_arg(kind: str, window: int | str) -> str:
+    """How admit.lua is told a quota's window: seconds, "day", "month" or "lease"."""
+    return "lease" if kind == "l" else str(window)
 
 
 def _text(value: Any) -> str:
@@ -82,18 +87,19 @@ class RedisQuotaBackend:
 
     # --- keys ---
     def counter_key(self, quota: Quota, epoch: str, now: float) -> str:
-        base = f"{self.prefix}:{{{quota.counter}}}"
-        window = quota.window
-        if window == "day":
-            return f"{base}:{epoch}:d{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
-        if window == "month":
-            return f"{base}:{epoch}:m{datetime.fromtimestamp(now, tz=UTC):%Y%m}"
-        if quota.kind == "l":
-            return f"{base}:l"
-        return f"{base}:{quota.kind}{window}"
+        return self._counter_key(quota, epoch, f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}")
 
-    def _window_arg(self, quota: Quota) -> str:
-        return "lease" if quota.kind == "l" else str(quota.window)
+    def _counter_key(self, quota: Quota, epoch: str, day: str) -> str:
+        """`counter_key` with the UTC day of `now` (YYYYMMDD) formatted once per call."""
+        base = f"{self.prefix}:{{{quota.counter}}}"
+        kind, window = DIMENSION_SPECS[quota.dimension]
+        if window == "day":
+            return f"{base}:{epoch}:d{day}"
+        if window == "month":
+            return f"{base}:{epoch}:m{day[:6]}"
+        if kind == "l":
+            return f"{base}:l"
+        return f"{base}:{kind}{window}"
 
     # --- calls ---
     def admit(
@@ -109,12 +115,13 @@ class RedisQuotaBackend:
         now: float,
     ) -> Decision:
         day_left, month_left = seconds_left(now)
+        day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
         keys = [
             f"{self.prefix}:ver",
             f"{self.prefix}:epoch",
             f"{self.prefix}:res:{request_id}",
             f"{self.prefix}:resx",
-            f"{self.prefix}:den:{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}",
+            f"{self.prefix}:den:{day}",
         ]
         args: list[Any] = [
             repr(now),
@@ -131,8 +138,9 @@ class RedisQuotaBackend:
             len(quotas),
         ]
         for quota in quotas:
-            keys.append(self.counter_key(quota, epoch, now))
-            args += [quota.scope, quota.dimension, quota.limit, quota.kind, self._window_arg(quota)]
+            kind, window = DIMENSION_SPECS[quota.dimension]
+            keys.append(self._counter_key(quota, epoch, day))
+            args += [quota.scope, quota.dimension, quota.limit, kind, _window_arg(kind, window)]
         try:
             reply = self._admit(keys=keys, args=args)
         except _UNAVAILABLE as exc:
@@ -149,14 +157,11 @@ class RedisQuotaBackend:
         if status == "dup":
             raise DuplicateRequest(f"Request {request_id} is already in flight.")
         offset = 1 if status == "ok" else 3
-        count = int(reply[offset])
+        states = reply[offset + 1 : offset + 1 + 2 * int(reply[offset])]
+        # int() and float() read the bytes of Redis replies as they are.
         windows = [
-            WindowState(
-                quota=quotas[i],
-                used=int(reply[offset + 1 + 2 * i]),
-                reset_in=float(_text(reply[offset + 2 + 2 * i])),
-            )
-            for i in range(count)
+            WindowState(quota, int(used), float(reset_in))
+            for quota, used, reset_in in zip(quotas, states[0::2], states[1::2], strict=False)
         ]
         if status == "ok":
             return Decision(admitted=True, windows=windows)
