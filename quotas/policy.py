@@ -103,10 +103,18 @@ class Policy:
     quotas: tuple[Quota, ...]
     shares: dict[str, float] = field(default_factory=dict)
     version: int = 0
+    # quotas_for's answers: the policy itself is cached, so each priority's is built once.
+    _by_priority: dict[str, tuple[Quota, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def quotas_for(self, priority: str) -> tuple[Quota, ...]:
-        share = self.shares.get(priority, 1.0)
-        return tuple(q.scaled(share) if q.scope in SHARED_SCOPES else q for q in self.quotas)
+        quotas = self._by_priority.get(priority)
+        if quotas is None:
+            share = self.shares.get(priority, 1.0)
+            quotas = tuple(q.scaled(share) if q.scope in SHARED_SCOPES else q for q in self.quotas)
+            self._by_priority[priority] = quotas
+        return quotas
 
     def cost_of(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
         """Exact cost in USD, rounded half-up to the micro-dollar."""
