@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -524,6 +525,34 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
         cpu_ms = 1000 * (time.process_time() - cpu) / count
         wall_ms = 1000 * (time.perf_counter() - wall) / count
         sys.stdout.write(f"| {name} | {cpu_ms:.3f} ms | {wall_ms:.3f} ms |\n")
+    redis_trips, sql = min(round_trips(full) for _ in range(20))
+    sys.stdout.write(
+        f"\nA whole miss: {redis_trips} Redis round trips, {sql} SQL statements (fewest of 20).\n"
+    )
+
+
+def round_trips(step: Any) -> tuple[int, int]:
+    """(Redis round trips, SQL statements) of one call of `step`; a pipeline or a script
+    is one round trip."""
+    import redis.connection
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    sent = 0
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        return original(self, *args, **kwargs)
+
+    redis.connection.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            step()
+    finally:
+        redis.connection.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+    return sent, len(queries)
 
 
 if __name__ == "__main__":
