@@ -15,6 +15,8 @@ from quotas.views import RateLimitHeadersMixin, principal_of
 
 
 class JobCreateView(RateLimitHeadersMixin, APIView):
+    key_scope = "generate"
+
     @extend_schema(
         request=JobCreateInputSerializer,
         responses={202: JobOutputSerializer},
@@ -36,6 +38,8 @@ class JobCreateView(RateLimitHeadersMixin, APIView):
 
 
 class JobDetailView(RateLimitHeadersMixin, APIView):
+    key_scope = "usage"
+
     @extend_schema(
         responses={200: JobOutputSerializer},
         summary="A job's status, progress and, once done, its result (owner or staff)",

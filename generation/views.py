@@ -29,6 +29,7 @@ from generation.serializers import (
     SubtopicsOutputSerializer,
 )
 from quotas.authentication import KeyPrincipal
+from quotas.permissions import KeyScopePermission
 from quotas.views import RateLimitHeadersMixin
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -81,7 +82,8 @@ def _replay(body: Any, outcome_headers: dict[str, str], cache: str) -> services.
 
 
 class GenerationCreateView(RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated,)
+    permission_classes = (IsAuthenticated, KeyScopePermission)
+    key_scope = "generate"
 
     @extend_schema(
         request=GenerateInputSerializer,
@@ -110,7 +112,8 @@ class GenerationCreateView(RateLimitHeadersMixin, APIView):
 
 
 class TopicSubtopicsView(RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated,)
+    permission_classes = (IsAuthenticated, KeyScopePermission)
+    key_scope = "generate"
 
     @extend_schema(
         request=SubtopicsInputSerializer,
@@ -134,7 +137,8 @@ class TopicSubtopicsView(RateLimitHeadersMixin, APIView):
 
 
 class TopicExplanationsView(RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated,)
+    permission_classes = (IsAuthenticated, KeyScopePermission)
+    key_scope = "generate"
 
     @extend_schema(
         request=ExplanationsInputSerializer,
@@ -265,7 +269,8 @@ def _pieces(value: dict[str, Any]) -> Iterator[str]:
 
 
 class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated,)
+    permission_classes = (IsAuthenticated, KeyScopePermission)
+    key_scope = "generate"
 
     def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
         return openai_exception_handler

@@ -41,10 +41,13 @@ class NameListField(forms.CharField):
 
 def scopes_validate(scopes: list[str]) -> list[str]:
     """The scopes as given, or ValidationError naming the first malformed one."""
+    from quotas.permissions import ENDPOINT_SCOPES, scope_is_known
+
     for scope in scopes:
-        if not SCOPE_RE.match(scope):
+        if not SCOPE_RE.match(scope) or not scope_is_known(scope):
             raise ValidationError(
-                f"“{scope}” is not a valid scope (letters, digits and _ . : / @ + - only).",
+                f"“{scope}” is not a valid scope: use "
+                f"{', '.join(ENDPOINT_SCOPES)} or model:<name>.",
                 code="invalid_scope",
             )
     return scopes

@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from caching.http import ConditionalGetMixin
 from config.errors import PermissionDeniedError
 from quotas import selectors, services
+from quotas.permissions import KeyScopePermission
 from quotas.serializers import (
     QuotaGlobalOutputSerializer,
     QuotaStandingOutputSerializer,
@@ -48,6 +49,7 @@ class RateLimitHeadersMixin:
 
 
 class QuotaStandingView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
+    # Any key may read its own standing: a client checks it before it sends.
     permission_classes = (IsAuthenticated,)
     cache_max_age = 0  # live counters: revalidate every time (cheap with the ETag)
 
@@ -58,7 +60,8 @@ class QuotaStandingView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
 
 
 class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated,)
+    permission_classes = (IsAuthenticated, KeyScopePermission)
+    key_scope = "usage"
 
     @extend_schema(
         parameters=[UsageQueryInputSerializer],

@@ -202,3 +202,17 @@ def test_quota_standing_answers_if_none_match_with_304(api_client, api_key, plan
     changed = api_client.get("/api/v1/quota", HTTP_IF_NONE_MATCH=etag, **auth(full))
     assert changed.status_code == 200
     assert changed["ETag"] != etag
+
+
+def test_key_scopes_limit_the_endpoints_a_key_may_call(api_client, user, local_model, redis_conn):
+    usage_only, _ = services.key_create(user=user, scopes=["usage"])
+    generate_only, _ = services.key_create(user=user, scopes=["generate", "model:local/demo"])
+    models_only, _ = services.key_create(user=user, scopes=["model:local/demo"])
+    assert_error(generate(api_client, usage_only), 403, "permission_denied")
+    assert api_client.get("/api/v1/quota", **auth(usage_only)).status_code == 200
+    assert generate(api_client, generate_only).status_code == 200
+    assert_error(api_client.get("/api/v1/usage", **auth(generate_only)), 403, "permission_denied")
+    assert api_client.get("/api/v1/quota", **auth(generate_only)).status_code == 200
+    # Model scopes alone restrict models, not endpoints.
+    assert generate(api_client, models_only).status_code == 200
+    assert api_client.get("/api/v1/quota", **auth(models_only)).status_code == 200

@@ -1,0 +1,35 @@
+"""Key scopes: what an API key may call.
+
+A key's scopes are a list of names. Endpoint scopes: `generate` (generation, chat
+completions, topics, batch jobs) and `usage` (reading its usage and its jobs; any key
+may read its own quota standing). `model:<name>` entries restrict the models a key may use (enforced by admission).
+A key with no endpoint scope may call every endpoint; DRF tokens and sessions are not
+scoped. A view declares the scope it needs in `key_scope`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+
+from quotas.authentication import KeyPrincipal
+
+ENDPOINT_SCOPES = ("generate", "usage")
+
+
+def scope_is_known(scope: str) -> bool:
+    return scope in ENDPOINT_SCOPES or (scope.startswith("model:") and len(scope) > 6)
+
+
+class KeyScopePermission(BasePermission):
+    message = "This API key does not have the scope this endpoint needs."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        needed = getattr(view, "key_scope", None)
+        auth = request.auth
+        if needed is None or not isinstance(auth, KeyPrincipal):
+            return True
+        granted = [s for s in auth.scopes if not s.startswith("model:")]
+        return not granted or needed in granted
