@@ -2,9 +2,9 @@
 
 A key's scopes are a list of names. Endpoint scopes: `generate` (generation, chat
 completions, topics, batch jobs) and `usage` (reading its usage and its jobs; any key
-may read its own quota standing). `model:<name>` entries restrict the models a key may use (enforced by admission).
-A key with no endpoint scope may call every endpoint; DRF tokens and sessions are not
-scoped. A view declares the scope it needs in `key_scope`.
+may read its own quota standing). `model:<name>` entries restrict the models a key may
+use (enforced by admission). A key with no endpoint scope may call every endpoint; DRF
+tokens and sessions are not scoped. A view declares the scope it needs in `key_scope`.
 """
 
 from __future__ import annotations
