@@ -51,6 +51,11 @@ def _caller(request: Request, priority: str = "high") -> services.Caller:
     auth = request.auth
     key_id = auth.id if isinstance(auth, KeyPrincipal) else None
     request_id = getattr(request, "request_id", None) or uuid.uuid4().hex
+    if request.headers.get("X-Request-ID") == request_id:
+        # The client chose this id, and may send it again (a retry, a proxy that copies
+        # it): the ledger needs an id of its own per request, or a reused one would lose
+        # the second request's row. The client's id stays its prefix, for searching.
+        request_id = f"{request_id[:40]}.{uuid.uuid4().hex[:12]}"
     return services.Caller(
         user_id=_user_id(request), key_id=key_id, request_id=request_id, priority=priority
     )

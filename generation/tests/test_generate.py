@@ -415,3 +415,25 @@ def test_generate_cache_refresh_replaces_the_stored_answer(
     assert later["X-Cache"] == "HIT"
     assert later.json()["text"] == "new"
     assert len(fake_upstream.requests) == 2
+
+
+def test_client_reusing_its_request_id_is_charged_for_every_request(
+    api_client, api_key, local_model, redis_conn
+):
+    from quotas.models import UsageRecord
+
+    full, key = api_key
+    for _ in range(2):
+        response = api_client.post(
+            "/api/v1/generate",
+            {"prompt": "same id twice", "cache": "bypass"},
+            format="json",
+            HTTP_AUTHORIZATION=f"Bearer {full}",
+            HTTP_X_REQUEST_ID="client-chosen-id",
+        )
+        assert response.status_code == 200, response.content
+        assert response["X-Request-ID"] == "client-chosen-id"
+        assert response.json()["request_id"].startswith("client-chosen-id.")
+    rows = UsageRecord.objects.filter(request_id__startswith="client-chosen-id.")
+    assert rows.count() == 2
+    assert all(row.cost_usd > 0 for row in rows)
