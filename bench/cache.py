@@ -3,7 +3,7 @@
     python bench/cache.py [--gets 20000] [--duration 10] [--connections 16]
 
 1. Memory-layer and Redis-layer `cache_get` latency (p50/p99), in this process.
-2. Two gunicorn workers (config/gunicorn.conf.py), loaded by wrk with `--connections`
+2. Two gunicorn workers (the repository's gunicorn.conf.py), loaded by wrk with `--connections`
    connections for `--duration` seconds each, in the same run:
    - a bare Django view returning a constant JSON body (the whole middleware stack), then
    - POST /api/v1/generate answered from the cache: API-key authentication, validation,
@@ -209,7 +209,7 @@ def http_ratio(full_key: str, *, duration: int, connections: int) -> dict:
             "-m",
             "gunicorn",
             "-c",
-            "config/gunicorn.conf.py",
+            "gunicorn.conf.py",
             "bench.cache:application",
         ],
         cwd=ROOT,
