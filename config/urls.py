@@ -1,7 +1,7 @@
 from csp.decorators import csp_update
 from django.conf import settings
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from health import dashboard
@@ -25,6 +25,9 @@ urlpatterns = [
         ),
         name="swagger-ui",
     ),
+    # Unknown API URLs answer in the contract's shape even with DEBUG on (Django's debug
+    # 404 page would answer HTML).
+    re_path(r"^(?:api|v1)/", health_views.page_not_found),
 ]
 
 handler400 = "health.views.bad_request"

@@ -39,6 +39,8 @@ class GenerateInputSerializer(InputSerializer):
                 {"prompt": ["Give exactly one of prompt and messages."]}
             )
         if has_prompt:
+            if not attrs["prompt"].strip():
+                raise serializers.ValidationError({"prompt": ["The prompt is empty."]})
             attrs["messages"] = [{"role": "user", "content": attrs.pop("prompt")}]
         else:
             attrs["messages"] = [dict(m) for m in attrs["messages"]]

@@ -437,3 +437,12 @@ def test_client_reusing_its_request_id_is_charged_for_every_request(
     rows = UsageRecord.objects.filter(request_id__startswith="client-chosen-id.")
     assert rows.count() == 2
     assert all(row.cost_usd > 0 for row in rows)
+
+
+def test_blank_prompt_is_invalid_request(api_client, api_key, local_model):
+    full, _ = api_key
+    response = api_client.post(
+        "/api/v1/generate", {"prompt": "   "}, format="json", HTTP_AUTHORIZATION=f"Bearer {full}"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"]["prompt"] == ["The prompt is empty."]

@@ -201,3 +201,10 @@ def test_disallowed_host_under_api_is_400_in_contract_shape(client):
     response = client.get("/api/v1/quota", HTTP_HOST="evil.example.net")
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_unknown_api_url_is_json_404_even_in_debug(client, settings):
+    settings.DEBUG = True
+    response = client.get("/api/v1/nothing-here", secure=True)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
