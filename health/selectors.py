@@ -316,6 +316,8 @@ def shared_headroom() -> list[dict[str, Any]] | None:
     except Exception:
         logger.warning("shared quota standing unavailable", exc_info=True)
         return None
+    if not standing.get("backend", {}).get("live", True):
+        return None
     rows = [
         {"scope": "global", "dimension": dim, **entry}
         for dim, entry in standing.get("global", {}).items()

@@ -80,7 +80,9 @@ def _refresh_shared_gauges() -> None:
     try:
         from quotas.services import quota_global
 
-        quota_global()  # sets tollgate_quota_remaining for every global and provider window
+        # Sets tollgate_quota_remaining for every global and provider window.
+        if not quota_global()["backend"]["live"]:
+            logger.warning("shared quota gauges not refreshed")
     except Exception:  # a scrape must answer even with Redis or the database down
         logger.warning("shared quota gauges not refreshed", exc_info=True)
     try:

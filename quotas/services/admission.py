@@ -1,0 +1,372 @@
+"""Admission: one atomic call that checks every window of every scope and reserves, or
+refuses consuming nothing; and its fail-open path when Redis is unreachable."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import connection, transaction
+
+from health import metrics
+from quotas.engine import (
+    BackendUnavailable,
+    Decision,
+    RebuildNeeded,
+    StalePolicy,
+    WindowState,
+    calendar_bounds,
+)
+from quotas.errors import QuotaExceeded, QuotaUnavailable
+from quotas.models import Outcome, UsageRecord
+from quotas.policy import PRIORITIES, Policy, Quota, micros_to_usd, usd_to_micros
+from quotas.services.counters import counters_rebuild
+from quotas.services.ledger import _window_start, ledger_usage
+from quotas.services.state import _on_stale, _state, backend, logger, policy_get
+
+# --- admission ---------------------------------------------------------------------------
+
+
+_POLICY_NAMES = {
+    ("r", 60): "rpm",
+    ("r", 3600): "rph",
+    ("r", "day"): "rpd",
+    ("t", 60): "tpm",
+    ("t", "day"): "tpd",
+}
+_WINDOW_SECONDS = {60: 60, 3600: 3600, "day": 86400, "month": 2592000}
+
+
+def _tightest(windows: Iterable[WindowState], kind: str) -> WindowState | None:
+    candidates = [w for w in windows if w.quota.kind == kind]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda w: (w.remaining, _WINDOW_SECONDS.get(w.quota.window, 0)))
+
+
+def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
+    """API.md's rate-limit headers for the tightest request window and token window."""
+    windows = list(windows)
+    headers: dict[str, str] = {}
+    req = _tightest(windows, "r")
+    if req is not None:
+        name = _POLICY_NAMES.get((req.quota.kind, req.quota.window), "requests")
+        reset = max(0, math.ceil(req.reset_in))
+        window = _WINDOW_SECONDS.get(req.quota.window, 60)
+        headers["RateLimit-Policy"] = f'"{name}";q={req.quota.limit};w={window}'
+        headers["RateLimit"] = f'"{name}";r={req.remaining};t={reset}'
+        headers["X-RateLimit-Limit-Requests"] = str(req.quota.limit)
+        headers["X-RateLimit-Remaining-Requests"] = str(req.remaining)
+        headers["X-RateLimit-Reset-Requests"] = f"{reset}s"
+    tok = _tightest(windows, "t")
+    if tok is not None:
+        headers["X-RateLimit-Limit-Tokens"] = str(tok.quota.limit)
+        headers["X-RateLimit-Remaining-Tokens"] = str(tok.remaining)
+        headers["X-RateLimit-Reset-Tokens"] = f"{max(0, math.ceil(tok.reset_in))}s"
+    return headers
+
+
+@dataclass
+class Admission:
+    """A request let through: what was reserved, for settlement and the response headers."""
+
+    request_id: str
+    policy: Policy
+    priority: str
+    prompt_tokens: int
+    max_tokens: int
+    est_tokens: int
+    est_cost: int  # micro-USD
+    windows: list[WindowState]
+    backend: str
+    cached: bool = False
+    at: float = field(default_factory=time.time)  # admission time: the ledger row's date
+    started: float = field(default_factory=time.monotonic)
+
+    def headers(self) -> dict[str, str]:
+        return ratelimit_headers(self.windows)
+
+
+def _refuse(decision: Decision, policy: Policy) -> QuotaExceeded:
+    denied = decision.denied
+    assert denied is not None  # noqa: S101 - a refusal always names its quota
+    quota = denied.quota
+    metrics.QUOTA_DECISIONS.labels("denied", quota.scope, quota.dimension).inc()
+    exc = QuotaExceeded(
+        scope=quota.scope,
+        dimension=quota.dimension,
+        limit=quota.display_limit(),
+        retry_after=decision.retry_after,
+    )
+    exc.headers = ratelimit_headers(decision.windows)
+    exc.policy = policy  # lets the caller serve a stale answer
+    return exc
+
+
+def _admit(
+    *,
+    user_id: int,
+    key_id: int | None,
+    model: str,
+    request_id: str,
+    priority: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    mode: str,
+    now: float | None,
+) -> Admission:
+    if priority not in PRIORITIES:
+        priority = "high"
+    moment = time.time() if now is None else now
+    for _ in range(5):
+        policy = policy_get(user_id=user_id, key_id=key_id, model=model)
+        quotas = policy.quotas_for(priority)
+        if mode == "hit":
+            quotas = tuple(q for q in quotas if q.kind == "r")
+            est_tokens, est_cost = 0, 0
+        else:
+            est_tokens = prompt_tokens + max_tokens
+            est_cost = usd_to_micros(policy.cost_of(prompt_tokens, max_tokens))
+        try:
+            if _state.degraded_since is not None:
+                if time.monotonic() < _state.next_redis_try:
+                    raise BackendUnavailable("still in fail-open mode")
+                _recover()
+            decision = backend().admit(
+                quotas=quotas,
+                request_id=request_id,
+                version=_state.version,
+                epoch=_state.epoch,
+                est_tokens=est_tokens,
+                est_cost=est_cost,
+                mode=mode,
+                now=moment,
+            )
+        except StalePolicy as exc:
+            _on_stale(exc)
+            continue
+        except RebuildNeeded as exc:
+            counters_rebuild(quotas=exc.quotas, now=moment)
+            continue
+        except BackendUnavailable as exc:
+            decision = _admit_degraded(
+                policy=policy,
+                quotas=quotas,
+                request_id=request_id,
+                est_tokens=est_tokens,
+                est_cost=est_cost,
+                prompt_tokens=prompt_tokens,
+                max_tokens=max_tokens,
+                mode=mode,
+                now=moment,
+                reason=str(exc),
+            )
+        if not decision.admitted:
+            raise _refuse(decision, policy)
+        metrics.QUOTA_DECISIONS.labels("admitted", "", "").inc()
+        return Admission(
+            request_id=request_id,
+            policy=policy,
+            priority=priority,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            est_tokens=est_tokens,
+            est_cost=est_cost,
+            windows=decision.windows,
+            backend=decision.backend,
+            cached=mode == "hit",
+        )
+    raise QuotaUnavailable("The quota policy kept changing during admission; try again.")
+
+
+def admission_admit(
+    *,
+    user_id: int,
+    key_id: int | None,
+    model: str,
+    request_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    priority: str = "high",
+    now: float | None = None,
+) -> Admission:
+    """Admit one generation request or refuse it, consuming nothing when refused.
+
+    Reserves a request, `prompt_tokens + max_tokens` tokens, their cost at the model's
+    prices (micro-USD, rounded half-up) and a concurrency lease in every scope that applies.
+    Raises QuotaExceeded (429), QuotaUnavailable (503, fail-closed) and the policy errors.
+    """
+    return _admit(
+        user_id=user_id,
+        key_id=key_id,
+        model=model,
+        request_id=request_id,
+        priority=priority,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        mode="full",
+        now=now,
+    )
+
+
+def admission_count_hit(
+    *,
+    user_id: int,
+    key_id: int | None,
+    model: str,
+    request_id: str,
+    priority: str = "high",
+    now: float | None = None,
+) -> Admission:
+    """Count a cache hit against the request windows only (it costs no tokens or money)."""
+    return _admit(
+        user_id=user_id,
+        key_id=key_id,
+        model=model,
+        request_id=request_id,
+        priority=priority,
+        prompt_tokens=0,
+        max_tokens=0,
+        mode="hit",
+        now=now,
+    )
+
+
+# --- fail-open ---------------------------------------------------------------------------
+
+
+def _admit_degraded(
+    *,
+    policy: Policy,
+    quotas: tuple[Quota, ...],
+    request_id: str,
+    est_tokens: int,
+    est_cost: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    mode: str,
+    now: float,
+    reason: str,
+) -> Decision:
+    if _state.degraded_since is None:
+        logger.warning(
+            "quota backend unavailable (%s): QUOTA_FAIL_MODE=%s", reason, settings.QUOTA_FAIL_MODE
+        )
+    _state.degraded_since = _state.degraded_since or time.monotonic()
+    _state.next_redis_try = time.monotonic() + 1.0
+    metrics.QUOTA_BACKEND_FALLBACKS.labels(settings.QUOTA_FAIL_MODE).inc()
+    if settings.QUOTA_FAIL_MODE == "closed":
+        raise QuotaUnavailable()
+
+    workers = max(1, settings.QUOTA_WORKER_COUNT)
+    local = tuple(
+        Quota(q.scope, q.dimension, q.limit // workers, q.counter)
+        for q in quotas
+        if q.window not in ("day", "month") and q.kind in ("r", "l")
+    )
+    ledgered = tuple(q for q in quotas if q.window in ("day", "month") or q.kind == "t")
+    fallback = _state.fallback
+    version, epoch = fallback.tokens()
+    decision = fallback.admit(
+        quotas=local,
+        request_id=request_id,
+        version=version,
+        epoch=epoch,
+        est_tokens=est_tokens,
+        est_cost=est_cost,
+        mode=mode,
+        now=now,
+    )
+    decision.backend = "degraded"
+    if not decision.admitted:
+        return decision
+    ledger_decision = _ledger_admit(
+        policy=policy,
+        quotas=ledgered,
+        request_id=request_id,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        est_tokens=est_tokens,
+        est_cost=est_cost,
+        mode=mode,
+        now=now,
+    )
+    if not ledger_decision.admitted:
+        fallback.settle(request_id=request_id, tokens=0, cost=0, refund=True)
+        ledger_decision.windows = decision.windows + ledger_decision.windows
+        ledger_decision.backend = "degraded"
+        return ledger_decision
+    decision.windows += ledger_decision.windows
+    return decision
+
+
+def _recover() -> None:
+    """Try Redis again after a fail-open period; raises BackendUnavailable if still down.
+
+    The counter epoch is rotated first, so day and month counters are rebuilt from the
+    ledger, which holds what every worker spent while Redis was away.
+    """
+    _state.next_redis_try = time.monotonic() + 1.0
+    backend().rotate_epoch()
+    logger.warning("quota backend reachable again: counter epoch rotated")
+    _state.degraded_since = None
+
+
+def _ledger_admit(
+    *,
+    policy: Policy,
+    quotas: tuple[Quota, ...],
+    request_id: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    est_tokens: int,
+    est_cost: int,
+    mode: str,
+    now: float,
+) -> Decision:
+    """Check budgets against the ledger and write a pending row, one principal at a time."""
+    amounts = {"r": 1, "t": est_tokens, "c": est_cost}
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                for counter in sorted({q.counter for q in quotas}):
+                    cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tg:{counter}"])
+        states: list[WindowState] = []
+        worst: WindowState | None = None
+        worst_wait = -1.0
+        for quota in quotas:
+            used = ledger_usage(counter=quota.counter, since=_window_start(quota, now))
+            value = {"r": used[0], "t": used[1], "c": used[2]}[quota.kind]
+            _, day_end, _, month_end = calendar_bounds(now)
+            end = {"day": day_end.timestamp(), "month": month_end.timestamp()}.get(
+                str(quota.window), now + 1
+            )
+            state = WindowState(quota, value, end - now)
+            states.append(state)
+            if value + amounts[quota.kind] > quota.limit and state.reset_in > worst_wait:
+                worst, worst_wait = state, state.reset_in
+        if worst is not None:
+            return Decision(False, states, worst, worst_wait, backend="degraded")
+        UsageRecord.objects.create(
+            request_id=request_id,
+            user_id=policy.user_id,
+            api_key_id=policy.key_id,
+            model=policy.model,
+            provider=policy.provider,
+            prompt_tokens=0 if mode == "hit" else prompt_tokens,
+            completion_tokens=0 if mode == "hit" else max_tokens,
+            cost_usd=micros_to_usd(est_cost),
+            cached=mode == "hit",
+            outcome=Outcome.CACHED if mode == "hit" else Outcome.PENDING,
+        )
+    return Decision(
+        True,
+        [
+            WindowState(q, s.used + amounts[q.kind], s.reset_in)
+            for q, s in zip(quotas, states, strict=True)
+        ],
+        backend="degraded",
+    )

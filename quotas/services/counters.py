@@ -1,0 +1,84 @@
+"""Counter maintenance: rebuilds from the ledger, the sweep of abandoned reservations,
+resets and persisted refusal counts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import date
+
+from django.utils import timezone
+
+from quotas.engine import (
+    calendar_bounds,
+)
+from quotas.models import ApiKey, DenialCount
+from quotas.policy import Quota
+from quotas.services.ledger import _window_start, ledger_usage
+from quotas.services.state import _state, backend, logger
+
+# --- counters ------------------------------------------------------------------------------
+
+
+def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> int:
+    """Recreate missing day/month counters of these quotas from the ledger.
+
+    Returns how many counters were created (0 when another worker was first).
+    """
+    moment = time.time() if now is None else now
+    _, day_end, _, month_end = calendar_bounds(moment)
+    entries: dict[str, tuple[str, int, int, int, int]] = {}
+    be = backend()
+    for quota in quotas:
+        if quota.window not in ("day", "month"):
+            continue
+        key = be.counter_key(quota, _state.epoch, moment)
+        if key in entries:
+            continue
+        requests, tokens, micros = ledger_usage(
+            counter=quota.counter, since=_window_start(quota, moment)
+        )
+        end = day_end if quota.window == "day" else month_end
+        ttl = int(end.timestamp() - moment) + 3600
+        entries[key] = (key, requests, tokens, micros, ttl)
+    if not entries:
+        return 0
+    created = be.init_calendar(list(entries.values()))
+    if created:
+        logger.info("rebuilt %d calendar counters from the ledger", created)
+    return created
+
+
+def counters_rebuild_all() -> None:
+    """Make every day and month counter rebuild from the ledger before its next use."""
+    backend().rotate_epoch()
+
+
+def reservations_sweep(*, now: float | None = None) -> int:
+    """Refund reservations abandoned by crashed workers (their lease expired)."""
+    moment = time.time() if now is None else now
+    return backend().sweep(now=moment)
+
+
+def quota_reset_windows(*, user_id: int) -> int:
+    """Clear a user's current windows (sliding, calendar, leases) and those of their keys.
+
+    Calendar counters rebuild from the ledger on the next request, so this forgives the
+    minute and hour windows and any in-flight leases; day and month budgets stay true.
+    """
+    deleted = backend().reset_counters(counter=f"u:{user_id}")
+    for key_id in ApiKey.objects.filter(user_id=user_id).values_list("id", flat=True):
+        deleted += backend().reset_counters(counter=f"k:{key_id}")
+    return deleted
+
+
+def denials_persist(*, day: date | None = None) -> int:
+    """Copy the day's live refusal counts from the quota backend into DenialCount."""
+    day = day or timezone.now().date()
+    counts = backend().denials(day=day.strftime("%Y%m%d"))
+    for name, count in counts.items():
+        scope, _, dimension = name.partition("|")
+        DenialCount.objects.update_or_create(
+            day=day, scope=scope, dimension=dimension, defaults={"count": count}
+        )
+    return len(counts)

@@ -1,0 +1,234 @@
+"""The usage ledger: rows of settled requests and cache hits (the latter batched), and the
+ledger sums that rebuild counters and back fail-open admission."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import queue
+import threading
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, Q, Sum
+
+from health import metrics
+from quotas.engine import (
+    calendar_bounds,
+)
+from quotas.models import Outcome, UsageRecord
+from quotas.policy import Policy, Quota, usd_to_micros
+from quotas.services.state import logger
+
+if TYPE_CHECKING:
+    from quotas.services.admission import Admission
+
+
+COUNTED_OUTCOMES = (Outcome.OK, Outcome.CACHED, Outcome.PENDING)
+
+
+def _latency(admission: Admission, latency_ms: int | None) -> int:
+    if latency_ms is not None:
+        return max(0, int(latency_ms))
+    return int((time.monotonic() - admission.started) * 1000)
+
+
+def _ledger_filter(counter: str) -> Q:
+    kind, _, rest = counter.partition(":")
+    if kind == "u":
+        return Q(user_id=int(rest))
+    if kind == "k":
+        return Q(api_key_id=int(rest))
+    if kind == "p":
+        provider, _, model = rest.partition(":")
+        return Q(provider=provider) if model == "*" else Q(provider=provider, model=model)
+    return Q()
+
+
+def _window_start(quota: Quota, now: float) -> datetime:
+    day_start, _, month_start, _ = calendar_bounds(now)
+    if quota.window == "day":
+        return day_start
+    if quota.window == "month":
+        return month_start
+    return datetime.fromtimestamp(now - int(quota.window), tz=UTC)
+
+
+def ledger_usage(*, counter: str, since: datetime) -> tuple[int, int, int]:
+    """(requests, tokens, micro-USD) the ledger holds for a principal since `since`."""
+    row = (
+        UsageRecord.objects.filter(_ledger_filter(counter), created_at__gte=since)
+        .filter(outcome__in=COUNTED_OUTCOMES)
+        .aggregate(
+            requests=Count("id"),
+            prompt=Sum("prompt_tokens"),
+            completion=Sum("completion_tokens"),
+            cost=Sum("cost_usd"),
+        )
+    )
+    tokens = int(row["prompt"] or 0) + int(row["completion"] or 0)
+    return int(row["requests"]), tokens, usd_to_micros(row["cost"] or Decimal(0))
+
+
+def _ledger_write(
+    *,
+    admission: Admission,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cost: Decimal,
+    outcome: str,
+    cached: bool,
+    fallback: bool,
+    latency_ms: int,
+) -> None:
+    policy = admission.policy
+    if admission.backend == "degraded":
+        UsageRecord.objects.filter(request_id=admission.request_id).update(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+            outcome=outcome,
+            cached=cached,
+            fallback=fallback,
+            latency_ms=latency_ms,
+        )
+        return
+    _ledger_insert(
+        UsageRecord(
+            request_id=admission.request_id,
+            user_id=policy.user_id,
+            api_key_id=policy.key_id,
+            model=policy.model,
+            provider=policy.provider,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+            cached=cached,
+            fallback=fallback,
+            outcome=outcome,
+            latency_ms=latency_ms,
+        )
+    )
+
+
+@functools.cache
+def _ledger_insert_sql(vendor: str) -> tuple[str, tuple[Any, ...]]:
+    fields = tuple(f for f in UsageRecord._meta.concrete_fields if not f.primary_key)
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(str(f.column)) for f in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    # Names from the model's meta, quoted; the values are parameters.
+    table = quote(UsageRecord._meta.db_table)
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"  # noqa: S608
+    return sql, fields
+
+
+def _ledger_insert(row: UsageRecord) -> None:
+    """INSERT one ledger row unless its request id is already there. One statement, so one
+    round trip in autocommit mode, where bulk_create(ignore_conflicts=True) adds a BEGIN
+    and a COMMIT around it; the SQL is built once from the model."""
+    sql, fields = _ledger_insert_sql(connection.vendor)
+    params = [f.get_db_prep_save(f.pre_save(row, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+# --- cache-hit ledger rows (batched) -----------------------------------------------------
+
+_hit_queue: queue.SimpleQueue[UsageRecord] = queue.SimpleQueue()
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def usage_flush() -> int:
+    """Write the queued cache-hit rows now (one bulk INSERT); the number written."""
+    rows: list[UsageRecord] = []
+    while True:
+        try:
+            rows.append(_hit_queue.get_nowait())
+        except queue.Empty:
+            break
+    if rows:
+        UsageRecord.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
+    return len(rows)
+
+
+def _flush_forever(interval: float) -> None:
+    from django.db import close_old_connections
+
+    while True:
+        time.sleep(interval)
+        try:
+            usage_flush()
+        except Exception:
+            logger.exception("cache-hit ledger flush failed")
+        finally:
+            close_old_connections()
+
+
+def _enqueue(row: UsageRecord) -> None:
+    global _flusher  # noqa: PLW0603
+    interval = float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0))
+    if interval <= 0:
+        _ledger_insert(row)
+        return
+    _hit_queue.put(row)
+    if _flusher is None or not _flusher.is_alive():
+        with _flusher_lock:
+            if _flusher is None or not _flusher.is_alive():
+                _flusher = threading.Thread(
+                    target=_flush_forever, args=(interval,), name="usage-flush", daemon=True
+                )
+                _flusher.start()
+
+
+atexit.register(lambda: usage_flush() if not _hit_queue.empty() else None)
+
+
+def usage_record_hit(
+    *, admission: Admission, latency_ms: int | None = None, fallback: bool = False
+) -> None:
+    """The ledger row of a cache hit (no tokens, no money), written at most a second late."""
+    policy = admission.policy
+    if admission.backend == "degraded":
+        UsageRecord.objects.filter(request_id=admission.request_id).update(
+            latency_ms=_latency(admission, latency_ms), fallback=fallback
+        )
+        return
+    _enqueue(
+        UsageRecord(
+            request_id=admission.request_id,
+            user_id=policy.user_id,
+            api_key_id=policy.key_id,
+            model=policy.model,
+            provider=policy.provider,
+            cached=True,
+            fallback=fallback,
+            outcome=Outcome.CACHED,
+            latency_ms=_latency(admission, latency_ms),
+        )
+    )
+
+
+def usage_record_fallback(
+    *, policy: Policy, user_id: int, key_id: int | None, request_id: str, latency_ms: int
+) -> None:
+    """The ledger row of a stale answer served because a quota was exhausted."""
+    metrics.STALE_FALLBACKS.inc()
+    _enqueue(
+        UsageRecord(
+            request_id=request_id,
+            user_id=user_id,
+            api_key_id=key_id,
+            model=policy.model,
+            provider=policy.provider,
+            cached=True,
+            fallback=True,
+            outcome=Outcome.CACHED,
+            latency_ms=max(0, latency_ms),
+        )
+    )

@@ -1,0 +1,84 @@
+"""Settlement: the reservation replaced by actual usage, or refunded; idempotent."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from health import metrics
+from quotas.engine import (
+    BackendUnavailable,
+)
+from quotas.models import Outcome
+from quotas.policy import usd_to_micros
+from quotas.services.admission import Admission
+from quotas.services.ledger import _latency, _ledger_write
+from quotas.services.state import _state, backend, logger
+
+# --- settlement --------------------------------------------------------------------------
+
+
+def _settle_counters(*, admission: Admission, tokens: int, cost: int, refund: bool) -> None:
+    if admission.backend == "degraded":
+        _state.fallback.settle(
+            request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund
+        )
+        return
+    try:
+        backend().settle(request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund)
+    except BackendUnavailable:
+        # The reservation stays until its lease expires and the sweep refunds it; the
+        # ledger is the truth the next counter epoch rebuilds from.
+        logger.warning("settlement of %s deferred: quota backend unavailable", admission.request_id)
+
+
+def usage_settle(
+    *,
+    admission: Admission,
+    prompt_tokens: int,
+    completion_tokens: int,
+    latency_ms: int | None = None,
+    cached: bool = False,
+    fallback: bool = False,
+) -> Decimal:
+    """Replace the reservation by the actual usage and write the ledger row; idempotent.
+
+    Returns the cost in USD (Decimal, to the micro-dollar). `cached=True` with zero tokens
+    settles a request answered by another one (single flight): it counts as a request and
+    costs nothing.
+    """
+    policy = admission.policy
+    cost = policy.cost_of(prompt_tokens, completion_tokens)
+    micros = usd_to_micros(cost)
+    tokens = prompt_tokens + completion_tokens
+    _settle_counters(admission=admission, tokens=tokens, cost=micros, refund=False)
+    _ledger_write(
+        admission=admission,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost=cost,
+        outcome=Outcome.CACHED if cached else Outcome.OK,
+        cached=cached,
+        fallback=fallback,
+        latency_ms=_latency(admission, latency_ms),
+    )
+    if tokens:
+        metrics.TOKENS.labels(policy.model, "prompt").inc(prompt_tokens)
+        metrics.TOKENS.labels(policy.model, "completion").inc(completion_tokens)
+    if cost:
+        metrics.COST_USD.labels(policy.model).inc(float(cost))
+    return cost
+
+
+def usage_refund(*, admission: Admission, outcome: str, latency_ms: int | None = None) -> None:
+    """A failed upstream call: everything reserved is given back; the ledger row has no cost."""
+    _settle_counters(admission=admission, tokens=0, cost=0, refund=True)
+    _ledger_write(
+        admission=admission,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cost=Decimal(0),
+        outcome=outcome,
+        cached=False,
+        fallback=False,
+        latency_ms=_latency(admission, latency_ms),
+    )

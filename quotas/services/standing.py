@@ -1,0 +1,214 @@
+"""A caller's standing and the shared scopes' use, read without consuming anything."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+
+from health import metrics
+from quotas.engine import (
+    BackendUnavailable,
+    WindowState,
+    seconds_left,
+)
+from quotas.models import DIMENSIONS, ApiKey
+from quotas.policy import Policy, Quota, micros_to_usd
+from quotas.services.admission import ratelimit_headers
+from quotas.services.ledger import _window_start, ledger_usage
+from quotas.services.state import _state, backend, policy_get
+
+# --- standing --------------------------------------------------------------------------------
+
+
+def _standing_quotas(user_id: int, key_id: int | None) -> tuple[Policy | None, tuple[Quota, ...]]:
+    model = settings.TOLLGATE_DEFAULT_MODEL
+    try:
+        policy = policy_get(user_id=user_id, key_id=key_id, model=model)
+    except Exception:  # noqa: BLE001 - the default model may be missing; show scopes anyway
+        policy = None
+    if policy is None:
+        return None, ()
+    scopes = ("key", "user", "plan")
+    return policy, tuple(q for q in policy.quotas if q.scope in scopes)
+
+
+def _read_live(quotas: tuple[Quota, ...], now: float) -> list[WindowState] | None:
+    """The windows' standing from the backend, or None when it is unreachable."""
+    if not quotas:
+        return []
+    be = backend()
+    try:
+        if not _state.epoch:
+            _state.version, _state.epoch = be.tokens()
+        return be.read(quotas=quotas, epoch=_state.epoch, now=now)
+    except BackendUnavailable:
+        return None
+
+
+def _read(quotas: tuple[Quota, ...], now: float, *, from_ledger: bool = False) -> list[WindowState]:
+    """The windows' standing from the backend; Redis unreachable: nothing used (headers),
+    or (from_ledger) what fail-open enforces, see `_read_degraded`."""
+    states = _read_live(quotas, now)
+    if states is not None:
+        return states
+    if from_ledger:
+        return _read_degraded(quotas, now)
+    return [WindowState(q, 0, 0) for q in quotas]
+
+
+def _read_degraded(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
+    """Redis unreachable: the standing fail-open enforces. Token and cost budgets and the
+    calendar request windows come from the ledger (one aggregate per principal and window,
+    so a GET /api/v1/quota during an outage never claims an untouched budget); minute and
+    hour request windows and concurrency from this worker's limiter, at its share."""
+    workers = max(1, settings.QUOTA_WORKER_COUNT)
+    day_left, month_left = seconds_left(now)
+    ledger: dict[tuple[str, str | int], tuple[int, int, int]] = {}
+    local: list[Quota] = []
+    states: dict[int, WindowState] = {}
+    for i, q in enumerate(quotas):
+        if q.window not in ("day", "month") and q.kind in ("r", "l"):
+            local.append(Quota(q.scope, q.dimension, q.limit // workers, q.counter))
+            continue
+        spot = (q.counter, q.window)
+        if spot not in ledger:
+            ledger[spot] = ledger_usage(counter=q.counter, since=_window_start(q, now))
+        requests, tokens, micros = ledger[spot]
+        used = {"r": requests, "t": tokens, "c": micros}[q.kind]
+        reset = day_left if q.window == "day" else month_left if q.window == "month" else 0
+        states[i] = WindowState(q, used, reset)
+    fallback = _state.fallback
+    local_states = iter(fallback.read(quotas=tuple(local), epoch=fallback.tokens()[1], now=now))
+    return [states[i] if i in states else next(local_states) for i in range(len(quotas))]
+
+
+def quota_headers(*, user_id: int, key_id: int | None, now: float | None = None) -> dict[str, str]:
+    """Rate-limit headers of the caller's current standing; consumes nothing."""
+    _, quotas = _standing_quotas(user_id, key_id)
+    return ratelimit_headers(_read(quotas, time.time() if now is None else now))
+
+
+def _money(micros: int) -> str:
+    """USD as a decimal string with at least cents: "5.00", "0.1234", "0.000055"."""
+    value = micros_to_usd(micros).normalize()
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        value = value.quantize(Decimal("0.01"))
+    return f"{value:f}"
+
+
+def quota_standing(
+    *, user_id: int, key_id: int | None = None, now: float | None = None
+) -> dict[str, Any]:
+    """API.md's GET /api/v1/quota body: each dimension's tightest limit, use and reset."""
+    moment = time.time() if now is None else now
+    policy, quotas = _standing_quotas(user_id, key_id)
+    states = _read(quotas, moment, from_ledger=True)
+    limits: dict[str, dict[str, Any]] = {}
+    for dim in DIMENSIONS:
+        dim_states = [s for s in states if s.quota.dimension == dim]
+        tight = min(dim_states, key=lambda s: s.remaining) if dim_states else None
+        money = dim.startswith("cost")
+        if tight is None:
+            entry: dict[str, Any] = {"limit": None, "used": "0" if money else 0, "remaining": None}
+        elif money:
+            entry = {
+                "limit": _money(tight.quota.limit),
+                "used": _money(tight.used),
+                "remaining": _money(tight.remaining),
+            }
+        else:
+            entry = {"limit": tight.quota.limit, "used": tight.used, "remaining": tight.remaining}
+        if dim != "concurrency":
+            entry["reset_in"] = math.ceil(tight.reset_in) if tight else 0
+        limits[dim] = entry
+    username = policy.username if policy else ""
+    if policy is None:
+        from django.contrib.auth import get_user_model
+
+        user = get_user_model().objects.filter(pk=user_id).first()
+        username = user.get_username() if user else ""
+    prefix = (
+        ApiKey.objects.filter(pk=key_id).values_list("prefix", flat=True).first()
+        if key_id
+        else None
+    )
+    return {
+        "user": username,
+        "key": f"tg_{prefix}" if prefix else None,
+        "plan": policy.plan if policy else None,
+        "limits": limits,
+    }
+
+
+def quota_global(*, now: float | None = None) -> dict[str, Any]:
+    """Staff view of the shared scopes: global and provider limits with their use, today's
+    refusals by reason, the priority shares and the upstream circuits."""
+    from quotas.models import GlobalLimits, ProviderQuota
+    from quotas.policy import global_quotas, provider_quotas
+
+    moment = time.time() if now is None else now
+    glob = GlobalLimits.load()
+    quotas = global_quotas(glob)
+    for row in ProviderQuota.objects.all():
+        quotas += provider_quotas(row)
+    live = _read_live(tuple(quotas), moment)
+    states = live if live is not None else _read_degraded(tuple(quotas), moment)
+
+    def entry(state: WindowState) -> dict[str, Any]:
+        money = state.quota.kind == "c"
+        fmt = _money if money else (lambda v: v)
+        if live is not None:  # the gauges show live counters only
+            metrics.QUOTA_REMAINING.labels(state.quota.scope, state.quota.dimension).set(
+                state.remaining
+            )
+        return {
+            "limit": fmt(state.quota.limit),
+            "used": fmt(state.used),
+            "remaining": fmt(state.remaining),
+            "reset_in": math.ceil(state.reset_in),
+        }
+
+    providers: dict[str, dict[str, Any]] = {}
+    for state in states:
+        if state.quota.scope == "provider":
+            name = state.quota.counter.removeprefix("p:")
+            providers.setdefault(name, {})[state.quota.dimension] = entry(state)
+    day = datetime.fromtimestamp(moment, tz=UTC).strftime("%Y%m%d")
+    try:
+        denials = backend().denials(day=day)
+    except BackendUnavailable:
+        denials = {}
+    try:
+        from generation.services import circuit_states
+
+        circuits = circuit_states()
+    except Exception:  # noqa: BLE001 - the breaker lives in another app; report without it
+        circuits = []
+    return {
+        "global": {s.quota.dimension: entry(s) for s in states if s.quota.scope == "global"},
+        "providers": providers,
+        "denials_today": [
+            {"scope": k.partition("|")[0], "dimension": k.partition("|")[2], "count": v}
+            for k, v in sorted(denials.items())
+        ],
+        "priority_shares": {
+            "critical": "1.00",
+            "high": str(glob.high_share),
+            "medium": str(glob.medium_share),
+            "low": str(glob.low_share),
+        },
+        "circuits": circuits,
+        "backend": {
+            "name": backend().name,
+            "degraded": _state.degraded_since is not None or live is None,
+            # False: Redis is unreachable and the figures above come from the ledger.
+            "live": live is not None,
+            "fail_mode": settings.QUOTA_FAIL_MODE,
+        },
+    }

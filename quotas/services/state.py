@@ -1,0 +1,137 @@
+"""Process state of the quota services: the backend, the policy cache and its version."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Protocol
+
+from django.conf import settings
+
+from quotas.engine import (
+    BackendUnavailable,
+    Decision,
+    StalePolicy,
+    WindowState,
+)
+from quotas.local_backend import LocalQuotaBackend
+from quotas.policy import Policy, Quota, policy_resolve
+
+logger = logging.getLogger("tollgate.quotas")
+
+
+class QuotaBackend(Protocol):
+    name: str
+
+    def admit(
+        self,
+        *,
+        quotas: tuple[Quota, ...],
+        request_id: str,
+        version: str,
+        epoch: str,
+        est_tokens: int,
+        est_cost: int,
+        mode: str,
+        now: float,
+    ) -> Decision: ...
+    def settle(self, *, request_id: str, tokens: int, cost: int, refund: bool) -> bool: ...
+    def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int: ...
+    def counter_key(self, quota: Quota, epoch: str, now: float) -> str: ...
+    def tokens(self) -> tuple[str, str]: ...
+    def bump_version(self) -> None: ...
+    def rotate_epoch(self) -> None: ...
+    def read(self, *, quotas: tuple[Quota, ...], epoch: str, now: float) -> list[WindowState]: ...
+    def reset_counters(self, *, counter: str) -> int: ...
+    def denials(self, *, day: str) -> dict[str, int]: ...
+    def sweep(self, *, now: float, limit: int = 100) -> int: ...
+
+
+# --- process state ---------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    backend: QuotaBackend | None = None
+    fallback: LocalQuotaBackend = field(default_factory=LocalQuotaBackend)
+    version: str = ""
+    epoch: str = ""
+    policies: dict[tuple[int, int | None, str], tuple[Policy, float]] = field(default_factory=dict)
+    degraded_since: float | None = None
+    next_redis_try: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_state = _State()
+
+
+def backend() -> QuotaBackend:
+    """The shared backend: Redis when REDIS_URL is set, else the in-process one."""
+    if _state.backend is None:
+        if settings.REDIS_URL:
+            from quotas.redis_backend import RedisQuotaBackend
+
+            _state.backend = RedisQuotaBackend()
+        else:
+            _state.backend = LocalQuotaBackend()
+    return _state.backend
+
+
+def local_state_reset() -> None:
+    """Forget every in-process cache and counter (tests; a fresh worker).
+
+    The state object is reset in place: the other modules of the package hold it by name.
+    """
+    from quotas.services.apikeys import _last_touch
+
+    fresh = _State()
+    for item in fields(_State):
+        setattr(_state, item.name, getattr(fresh, item.name))
+    _last_touch.clear()
+
+
+# --- policy ------------------------------------------------------------------------------
+
+
+def policy_get(*, user_id: int, key_id: int | None, model: str) -> Policy:
+    """The effective policy, from the process cache or the database.
+
+    Raises the resolution errors of `quotas.policy.policy_resolve` (400, 401, 403).
+    """
+    cache_key = (user_id, key_id, model)
+    cached = _state.policies.get(cache_key)
+    now = time.monotonic()
+    # Without Redis there is no shared version to check against: a policy lives 1 s.
+    if cached is not None and (_state.degraded_since is None or now - cached[1] < 1.0):
+        return cached[0]
+    policy = policy_resolve(user_id=user_id, key_id=key_id, model=model)
+    with _state.lock:
+        if len(_state.policies) > 50_000:
+            _state.policies.clear()
+        _state.policies[cache_key] = (policy, now)
+    return policy
+
+
+def policy_bump() -> None:
+    """A governance row changed: every worker reloads its policies on its next admission."""
+    with _state.lock:
+        _state.policies.clear()
+    from quotas.authentication import key_cache_clear
+
+    key_cache_clear()
+    try:
+        backend().bump_version()
+    except BackendUnavailable:
+        logger.warning("policy version not bumped: quota backend unavailable")
+
+
+def _on_stale(exc: StalePolicy) -> None:
+    with _state.lock:
+        if exc.version != _state.version:
+            _state.policies.clear()
+            from quotas.authentication import key_cache_clear
+
+            key_cache_clear()
+        _state.version, _state.epoch = exc.version, exc.epoch
