@@ -22,10 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tollgate")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tollgate_bench_admission")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("SECRET_KEY", "bench-only")
 os.environ.setdefault("USAGE_HIT_BATCH_SECONDS", "1")
+
+from bench.common import ensure_database  # noqa: E402
+
+ensure_database(os.environ["DATABASE_URL"])
 
 import django  # noqa: E402
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import ensure_database  # noqa: E402
+
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/tollgate_bench_cache"
 APP = "bench.cache:application"
 
@@ -62,15 +64,6 @@ if os.environ.get("BENCH_CACHE_WSGI") == "1":
 
     urlpatterns = [path("bench/bare", bare), *project_urls]
     settings.ROOT_URLCONF = "bench.cache"
-
-
-def _ensure_database(url: str) -> None:
-    import psycopg
-
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def _pcts(samples_ns: list[int]) -> tuple[float, float]:
@@ -252,7 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
-    _ensure_database(os.environ["DATABASE_URL"])
+    ensure_database(os.environ["DATABASE_URL"])
 
     import django
 

@@ -37,6 +37,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import ensure_database  # noqa: E402
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tollgate_bench_gen")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/1")
@@ -103,12 +105,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 def setup_database() -> str:
     """Create the bench database if needed, migrate, and return a key with every limit set."""
-    import psycopg
-
-    name = os.environ["DATABASE_URL"].rsplit("/", 1)[-1]
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
-        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            c.execute(f'CREATE DATABASE "{name}"')
+    ensure_database(os.environ["DATABASE_URL"])
     import django
 
     django.setup()
