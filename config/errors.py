@@ -113,18 +113,33 @@ def _drf_to_api_error(exc: drf.APIException) -> ApiError:  # noqa: PLR0911 - a l
     return ApiError(str(exc.detail), code=str(exc.default_code), status=exc.status_code)
 
 
-def _fields(detail: Any) -> dict[str, Any]:
+def _fields(detail: Any) -> dict[str, list[str]]:
+    """API.md's `fields`: {field: [messages]}, always a flat list of strings per top-level
+    field; an error inside a list item or nested object is prefixed with its path
+    (`0.role: ...`)."""
     if isinstance(detail, dict):
-        return {k: _flatten(v) for k, v in detail.items()}
+        return {str(k): _flatten(v) for k, v in detail.items()}
     return {"non_field_errors": _flatten(detail)}
 
 
-def _flatten(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_flatten(v) if isinstance(v, dict | list) else str(v) for v in value]
+def _flatten(value: Any, path: str = "") -> list[str]:
+    prefix = f"{path}: " if path else ""
     if isinstance(value, dict):
-        return {k: _flatten(v) for k, v in value.items()}
-    return [str(value)]
+        return [
+            message
+            for key, inner in value.items()
+            for message in _flatten(inner, f"{path}.{key}" if path else str(key))
+        ]
+    if isinstance(value, list):
+        if all(not isinstance(v, dict | list) for v in value):
+            return [f"{prefix}{v}" for v in value]
+        return [
+            message
+            for index, inner in enumerate(value)
+            if inner
+            for message in _flatten(inner, f"{path}.{index}" if path else str(index))
+        ]
+    return [f"{prefix}{value}"]
 
 
 def render_error(err: ApiError, request_id: str | None = None) -> Response:

@@ -144,6 +144,8 @@ QUOTA_FAIL_MODE = env("QUOTA_FAIL_MODE", default="open")
 if QUOTA_FAIL_MODE not in ("open", "closed"):
     raise ImproperlyConfigured("QUOTA_FAIL_MODE must be 'open' or 'closed'.")
 QUOTA_SAFETY_MARGIN = env.float("QUOTA_SAFETY_MARGIN", default=0.8)
+if not 0 <= QUOTA_SAFETY_MARGIN <= 1:
+    raise ImproperlyConfigured("QUOTA_SAFETY_MARGIN must be between 0 and 1.")
 # Plan applied to a user who has no UserQuota row (by name; missing plan = no plan limits).
 QUOTA_DEFAULT_PLAN = env("QUOTA_DEFAULT_PLAN", default="free")
 # A concurrency lease (and its reservation) not settled within this many seconds is

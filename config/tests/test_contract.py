@@ -1,0 +1,495 @@
+"""The public contract (API.md) as the engineers who call Tollgate rely on it: the points
+that no app's own tests pin down. Runs against the real PostgreSQL and Redis, with the
+offline `local` provider."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parents[2]
+RATE_LIMIT_HEADERS = (
+    "RateLimit-Policy",
+    "RateLimit",
+    "X-RateLimit-Limit-Requests",
+    "X-RateLimit-Remaining-Requests",
+    "X-RateLimit-Limit-Tokens",
+    "X-RateLimit-Remaining-Tokens",
+    "X-RateLimit-Reset-Requests",
+)
+DECIMAL_STRING = re.compile(r"^\d+(\.\d+)?$")
+
+
+@pytest.fixture
+def client_with_key(api_client, api_key, local_model, redis_conn):
+    full, key = api_key
+    UserQuotaFactory(
+        user=key.user, plan=PlanFactory(requests_per_minute=60, tokens_per_day=100_000)
+    )
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full}")
+    return api_client
+
+
+@pytest.fixture
+def staff_client(api_client, local_model, redis_conn):
+    staff = get_user_model().objects.create_user("ops", password="x", is_staff=True)
+    api_client.force_authenticate(staff)
+    return api_client
+
+
+def _generate(client, **body):
+    return client.post("/api/v1/generate", {"prompt": "hi", **body}, format="json")
+
+
+def _assert_rate_limit_headers(response) -> None:
+    missing = [h for h in RATE_LIMIT_HEADERS if not response.has_header(h)]
+    assert not missing, f"{response.status_code} lacks {missing}"
+
+
+def test_generate_response_has_every_field_with_its_type(client_with_key):
+    response = _generate(client_with_key, cache="bypass")
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert set(body) >= {
+        "id", "request_id", "model", "text", "usage", "cost_usd", "cached", "cache_layer",
+        "fallback",
+    }  # fmt: skip
+    assert body["model"] == "local/demo"
+    assert body["request_id"] == response["X-Request-ID"]
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert isinstance(body["cost_usd"], str)
+    assert DECIMAL_STRING.match(body["cost_usd"])
+    assert Decimal(body["cost_usd"]) > 0
+    assert body["cached"] is False
+    assert body["cache_layer"] is None
+    assert body["fallback"] is False
+
+
+def test_generate_x_cache_is_miss_then_hit_with_a_cache_layer(client_with_key):
+    first = _generate(client_with_key, prompt="cache me")
+    second = _generate(client_with_key, prompt="cache me")
+
+    assert first["X-Cache"] == "MISS"
+    assert second["X-Cache"] == "HIT"
+    body = second.json()
+    assert body["cached"] is True
+    assert body["cache_layer"] in ("memory", "redis")
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert body["cost_usd"] == "0"
+
+
+def test_generate_cache_bypass_is_x_cache_bypass(client_with_key):
+    response = _generate(client_with_key, cache="bypass")
+
+    assert response["X-Cache"] == "BYPASS"
+
+
+def test_generate_messages_instead_of_prompt_is_accepted(client_with_key):
+    response = client_with_key.post(
+        "/api/v1/generate",
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"},
+            ]
+        },
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+
+
+def test_generate_neither_prompt_nor_messages_lists_the_fields(client_with_key):
+    response = client_with_key.post("/api/v1/generate", {"max_tokens": 10}, format="json")
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert isinstance(error["fields"], dict)
+    assert error["fields"]
+    assert all(isinstance(v, list) for v in error["fields"].values())
+
+
+def test_generate_validation_error_carries_rate_limit_and_request_id_headers(client_with_key):
+    response = client_with_key.post("/api/v1/generate", {}, format="json")
+
+    assert response.status_code == 400
+    _assert_rate_limit_headers(response)
+    assert response["X-Request-ID"]
+
+
+def test_unauthenticated_api_error_has_request_id_and_contract_shape(api_client, db):
+    response = api_client.get("/api/v1/quota")
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "authentication_failed"
+    assert response["X-Request-ID"]
+
+
+def test_client_request_id_is_echoed_back(client_with_key):
+    response = client_with_key.get("/api/v1/quota", HTTP_X_REQUEST_ID="abc-123-def")
+
+    assert response["X-Request-ID"] == "abc-123-def"
+
+
+@pytest.mark.parametrize(
+    "path", ["/health/live", "/health/startup", "/metrics", "/api/schema/", "/api/v1/nowhere"]
+)
+def test_every_response_has_a_request_id(client, path):
+    response = client.get(path)
+
+    assert response["X-Request-ID"]
+
+
+def test_subtopics_response_shape_and_rate_limit_headers(client_with_key):
+    response = client_with_key.post(
+        "/api/v1/topics/subtopics", {"topic": "Python programming", "count": 3}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    _assert_rate_limit_headers(response)
+    body = response.json()
+    assert set(body) >= {"topic", "nodes", "edges", "usage", "cost_usd", "cached", "fallback"}
+    assert body["topic"] == "Python programming"
+    root = body["nodes"][0]
+    assert root["label"] == "Python programming"
+    children = [n["id"] for n in body["nodes"][1:]]
+    assert len(children) == 3
+    assert {(e["source"], e["target"]) for e in body["edges"]} >= {
+        (root["id"], c) for c in children
+    }
+    assert isinstance(body["cost_usd"], str)
+    assert body["cached"] is False
+    assert body["fallback"] is False
+
+
+@pytest.mark.parametrize("count", [3, 12])
+def test_subtopics_count_bounds_are_inclusive(client_with_key, count):
+    response = client_with_key.post(
+        "/api/v1/topics/subtopics", {"topic": f"Bounds {count}", "count": count}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    assert len(response.json()["nodes"]) == count + 1
+
+
+def test_subtopics_count_defaults_to_six(client_with_key):
+    response = client_with_key.post(
+        "/api/v1/topics/subtopics", {"topic": "Default count"}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    assert len(response.json()["nodes"]) == 7
+
+
+@pytest.mark.django_db(transaction=True)  # items run on pool threads with their own connections
+def test_explanations_response_shape(client_with_key):
+    response = client_with_key.post(
+        "/api/v1/topics/explanations",
+        {"topic": "Python", "subtopics": ["Decorators", "Generators"]},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+    _assert_rate_limit_headers(response)
+    body = response.json()
+    assert set(body) >= {"items", "usage", "cost_usd"}
+    assert [i["subtopic"] for i in body["items"]] == ["Decorators", "Generators"]
+    for item in body["items"]:
+        assert item["explanation"]
+        assert item["cached"] is False
+        assert item["error"] is None
+    assert isinstance(body["cost_usd"], str)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("subtopics", [[], [f"s{i}" for i in range(20)]])
+def test_explanations_subtopics_bounds(client_with_key, subtopics):
+    response = client_with_key.post(
+        "/api/v1/topics/explanations", {"topic": "T", "subtopics": subtopics}, format="json"
+    )
+
+    if subtopics:
+        assert response.status_code == 200, response.content
+        assert len(response.json()["items"]) == 20
+    else:
+        assert response.status_code == 400
+        assert "subtopics" in response.json()["error"]["fields"]
+
+
+def test_chat_completion_has_openai_shape_and_rate_limit_headers(client_with_key):
+    response = client_with_key.post(
+        "/v1/chat/completions",
+        {"model": "local/demo", "messages": [{"role": "user", "content": "hi"}]},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+    _assert_rate_limit_headers(response)
+    assert response["X-Request-ID"]
+    assert response["X-Cache"] in ("HIT", "MISS", "BYPASS")
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert set(body["usage"]) >= {"prompt_tokens", "completion_tokens", "total_tokens"}
+
+
+def test_chat_completion_without_credentials_is_openai_shaped_401(api_client, db):
+    response = api_client.post(
+        "/v1/chat/completions",
+        {"model": "local/demo", "messages": [{"role": "user", "content": "hi"}]},
+        format="json",
+    )
+
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert response["X-Request-ID"]
+
+
+def test_chat_completion_bad_body_is_openai_shaped_400(client_with_key):
+    response = client_with_key.post("/v1/chat/completions", {"model": "local/demo"}, format="json")
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert error["code"] == "invalid_request"
+
+
+def test_chat_completion_quota_exceeded_is_openai_shaped_429_with_headers(
+    api_client, api_key, local_model, redis_conn
+):
+    full, key = api_key
+    UserQuotaFactory(user=key.user, plan=PlanFactory(requests_per_minute=1))
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full}")
+    body = {"model": "local/demo", "messages": [{"role": "user", "content": "hi"}]}
+    assert api_client.post("/v1/chat/completions", body, format="json").status_code == 200
+
+    response = api_client.post(
+        "/v1/chat/completions",
+        {**body, "messages": [{"role": "user", "content": "other"}]},
+        format="json",
+    )
+
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert error["code"] == "quota_exceeded"
+    assert int(response["Retry-After"]) >= 1
+    assert response["X-RateLimit-Remaining-Requests"] == "0"
+    assert response["RateLimit-Policy"] == '"rpm";q=1;w=60'
+
+
+def test_usage_body_has_rows_and_totals_with_money_as_strings(client_with_key):
+    assert _generate(client_with_key, cache="bypass").status_code == 200
+
+    for group_by in ("day", "model", "key"):
+        response = client_with_key.get("/api/v1/usage", {"group_by": group_by})
+        assert response.status_code == 200, response.content
+        _assert_rate_limit_headers(response)
+        body = response.json()
+        assert len(body["rows"]) == 1
+        row = body["rows"][0]
+        assert set(row) >= {
+            "group", "requests", "cached", "prompt_tokens", "completion_tokens", "cost_usd"
+        }  # fmt: skip
+        assert row["requests"] == 1
+        assert isinstance(row["cost_usd"], str)
+        assert Decimal(row["cost_usd"]) > 0
+        assert body["totals"]["requests"] == 1
+    assert response.json()["rows"][0]["group"] is not None
+
+
+def test_usage_bad_group_by_is_invalid_request(client_with_key):
+    response = client_with_key.get("/api/v1/usage", {"group_by": "planet"})
+
+    assert response.status_code == 400
+    assert "group_by" in response.json()["error"]["fields"]
+
+
+def test_quota_lists_every_dimension_with_money_as_strings(client_with_key):
+    response = client_with_key.get("/api/v1/quota")
+
+    assert response.status_code == 200
+    limits = response.json()["limits"]
+    assert set(limits) == {
+        "requests_per_minute", "requests_per_hour", "requests_per_day", "tokens_per_minute",
+        "tokens_per_day", "cost_per_day", "cost_per_month", "concurrency",
+    }  # fmt: skip
+    for dimension in ("cost_per_day", "cost_per_month"):
+        assert isinstance(limits[dimension]["used"], str)
+        assert set(limits[dimension]) == {"limit", "used", "remaining", "reset_in"}
+
+
+def test_quota_global_answers_staff(staff_client):
+    response = staff_client.get("/api/v1/quota/global")
+
+    assert response.status_code == 200, response.content
+    assert set(response.json()) >= {"global", "providers", "denials_today", "priority_shares"}
+
+
+def test_cache_stats_body_shape(staff_client):
+    response = staff_client.get("/api/v1/cache/stats")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body["memory"]) >= {"size", "max_size", "hits", "misses"}
+    assert set(body["redis"]) >= {"hits", "misses", "hit_rate"}
+    assert isinstance(body["popular"], list)
+
+
+def test_schema_is_openapi_3_and_lists_the_public_paths(api_client, db):
+    response = api_client.get("/api/schema/", HTTP_ACCEPT="application/json")
+
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["openapi"].startswith("3.")
+    for path in (
+        "/api/v1/generate",
+        "/api/v1/topics/subtopics",
+        "/api/v1/topics/explanations",
+        "/api/v1/quota",
+        "/api/v1/usage",
+        "/v1/chat/completions",
+    ):
+        assert path in schema["paths"], path
+
+
+def test_docs_serves_swagger_ui(client, db):
+    response = client.get("/api/docs/")
+
+    assert response.status_code == 200
+    assert b"swagger" in response.content.lower()
+
+
+def test_metrics_is_prometheus_text(client, db, redis_conn):
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    assert b"# TYPE " in response.content
+
+
+def test_readme_lists_every_environment_variable_of_the_contract():
+    names = [
+        "SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL",
+        "TOLLGATE_DEFAULT_MODEL", "OPENAI_API_KEY", "OPENAI_BASE_URL", "GEMINI_API_KEY",
+        "GEMINI_BASE_URL", "SENTRY_DSN", "QUOTA_FAIL_MODE", "QUOTA_SAFETY_MARGIN",
+        "CACHE_MEMORY_MAX_SIZE", "CACHE_MEMORY_TTL", "CACHE_REDIS_TTL", "METRICS_TOKEN",
+        "LOCAL_PROVIDER_LATENCY_MS",
+    ]  # fmt: skip
+    readme = (ROOT / "README.md").read_text()
+    missing = [n for n in names if f"`{n}`" not in readme and f"| {n} " not in readme]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]},
+            "messages",
+            '1.role: "wizard" is not a valid choice.',
+        ),
+        ({"prompt": "a", "max_tokens": -1}, "max_tokens", "greater than or equal to 1"),
+    ],
+)
+def test_invalid_request_fields_are_lists_of_strings_even_for_nested_errors(
+    client_with_key, body, field, message
+):
+    response = client_with_key.post("/api/v1/generate", body, format="json")
+
+    assert response.status_code == 400
+    fields = response.json()["error"]["fields"]
+    assert all(isinstance(m, str) for m in fields[field])
+    assert any(message in m for m in fields[field]), fields
+
+
+def test_explanations_blank_subtopic_is_reported_under_subtopics_with_its_index(client_with_key):
+    response = client_with_key.post(
+        "/api/v1/topics/explanations", {"topic": "T", "subtopics": ["ok", ""]}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"] == {"subtopics": ["1: This field may not be blank."]}
+
+
+def test_api_key_has_the_documented_shape(user):
+    from quotas.services import key_create
+
+    full, key = key_create(user=user, name="shape")
+
+    match = re.fullmatch(r"tg_([a-z0-9]{8})_([A-Za-z0-9_-]{32,})", full)
+    assert match, full
+    assert match.group(1) == key.prefix
+
+
+def test_usage_of_another_user_for_staff(staff_client, user):
+    response = staff_client.get("/api/v1/usage", {"user": user.username})
+
+    assert response.status_code == 200
+    assert response.json()["rows"] == []
+    assert response.json()["totals"]["cost_usd"] == "0.000000"
+
+
+def test_usage_of_an_unknown_user_for_staff_is_invalid_request(staff_client):
+    response = staff_client.get("/api/v1/usage", {"user": "ghost"})
+
+    assert response.status_code == 400
+    assert "user" in response.json()["error"]["fields"]
+
+
+def test_quota_with_drf_token_has_no_key(api_client, user, db, redis_conn):
+    from rest_framework.authtoken.models import Token
+
+    token = Token.objects.create(user=user)
+    api_client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+
+    response = api_client.get("/api/v1/quota")
+
+    assert response.status_code == 200
+    assert response.json()["user"] == user.username
+    assert response.json()["key"] is None
+
+
+def test_unknown_api_url_and_wrong_method_answer_in_the_error_shape(client_with_key):
+    missing = client_with_key.get("/api/v1/nowhere")
+    wrong_method = client_with_key.get("/api/v1/generate")
+
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"]
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("value", "starts"), [("0.5", True), ("1.5", False), ("-0.1", False)])
+def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, starts):
+    env = {**os.environ, "DEBUG": "1", "QUOTA_SAFETY_MARGIN": value}
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env={**env, "DJANGO_SETTINGS_MODULE": "config.settings"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert (result.returncode == 0) is starts, result.stderr
+    if not starts:
+        assert "QUOTA_SAFETY_MARGIN" in result.stderr
