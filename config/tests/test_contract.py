@@ -493,3 +493,21 @@ def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, st
     assert (result.returncode == 0) is starts, result.stderr
     if not starts:
         assert "QUOTA_SAFETY_MARGIN" in result.stderr
+
+
+def test_quota_exceeded_on_a_money_dimension_gives_the_limit_as_a_decimal_string(
+    api_client, api_key, local_model, redis_conn
+):
+    full, key = api_key
+    UserQuotaFactory(user=key.user, plan=PlanFactory(cost_per_day="0.000001"))
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full}")
+
+    response = _generate(api_client, prompt="x" * 50, cache="bypass")
+
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert error["dimension"] == "cost_per_day"
+    assert error["scope"] == "plan"
+    assert error["limit"] == "0.000001"
+    assert error["retry_after"] >= 1
+    assert int(response["Retry-After"]) == error["retry_after"]
