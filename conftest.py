@@ -78,19 +78,10 @@ def user(db):
 
 @pytest.fixture
 def local_model(db):
-    from quotas.models import ModelPrice
+    """The offline model at 1.50 / 2.00 USD per million input / output tokens."""
+    from quotas.tests.factories import ModelPriceFactory
 
-    return ModelPrice.objects.update_or_create(
-        model="local/demo",
-        defaults={
-            "provider": "local",
-            "upstream_model": "demo",
-            "input_per_million": "1.50",
-            "output_per_million": "2.00",
-            "context_window": 8192,
-            "max_output_tokens": 1024,
-        },
-    )[0]
+    return ModelPriceFactory(context_window=8192, max_output_tokens=1024)
 
 
 @pytest.fixture

@@ -100,3 +100,16 @@ def parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 else None
+
+
+def failure_for_status(
+    provider: str, status: int, *, message: str = "", retry_after_header: str | None = None
+) -> ProviderFailure:
+    """The ProviderFailure of an upstream HTTP error status: 429 rate limited, 408 and 5xx
+    server errors (both retried, honouring Retry-After), anything else rejected."""
+    retry_after = parse_retry_after(retry_after_header)
+    if status == 429:
+        return ProviderRateLimited(f"{provider}: rate limited", retry_after=retry_after)
+    if status >= 500 or status == 408:
+        return ProviderServerError(f"{provider}: HTTP {status}", retry_after=retry_after)
+    return ProviderRejected(f"{provider}: HTTP {status}: {message}")

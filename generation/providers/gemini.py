@@ -14,12 +14,10 @@ from google.genai import types
 from generation.providers.base import (
     Completion,
     CompletionRequest,
-    ProviderRateLimited,
-    ProviderRejected,
     ProviderServerError,
     ProviderTimeout,
     ProviderUnreachable,
-    parse_retry_after,
+    failure_for_status,
 )
 from generation.tokens import tokens_count, tokens_count_messages
 
@@ -129,12 +127,11 @@ def _mapped_errors(timeout: float) -> Iterator[None]:
         raise ProviderUnreachable(f"gemini: cannot connect: {exc}") from exc
     except genai_errors.APIError as exc:
         headers = getattr(exc.response, "headers", None) or {}
-        retry_after = parse_retry_after(headers.get("retry-after"))
-        if exc.code == 429:
-            raise ProviderRateLimited("gemini: rate limited", retry_after=retry_after) from exc
-        if exc.code >= 500 or exc.code == 408:
-            message = f"gemini: HTTP {exc.code}"
-            raise ProviderServerError(message, retry_after=retry_after) from exc
-        raise ProviderRejected(f"gemini: HTTP {exc.code}: {exc.message}") from exc
+        raise failure_for_status(
+            "gemini",
+            exc.code,
+            message=str(exc.message),
+            retry_after_header=headers.get("retry-after"),
+        ) from exc
     except (ValueError, httpx2.HTTPError) as exc:
         raise ProviderServerError(f"gemini: malformed or broken response: {exc}") from exc

@@ -15,12 +15,10 @@ import openai
 from generation.providers.base import (
     Completion,
     CompletionRequest,
-    ProviderRateLimited,
-    ProviderRejected,
     ProviderServerError,
     ProviderTimeout,
     ProviderUnreachable,
-    parse_retry_after,
+    failure_for_status,
 )
 from generation.tokens import tokens_count, tokens_count_messages
 
@@ -110,13 +108,12 @@ def _mapped_errors(timeout: float) -> Iterator[None]:
     except openai.APIConnectionError as exc:
         raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
     except openai.APIStatusError as exc:
-        retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
-        if exc.status_code == 429:
-            raise ProviderRateLimited("openai: rate limited", retry_after=retry_after) from exc
-        if exc.status_code >= 500 or exc.status_code == 408:
-            message = f"openai: HTTP {exc.status_code}"
-            raise ProviderServerError(message, retry_after=retry_after) from exc
-        raise ProviderRejected(f"openai: HTTP {exc.status_code}: {exc.message}") from exc
+        raise failure_for_status(
+            "openai",
+            exc.status_code,
+            message=exc.message,
+            retry_after_header=exc.response.headers.get("retry-after"),
+        ) from exc
     except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
         raise ProviderServerError(f"openai: malformed or broken response: {exc}") from exc
 

@@ -41,36 +41,32 @@ def upstream_settings(settings, fake_upstream, redis_conn):
 
 @pytest.fixture
 def openai_model(db):
-    from quotas.models import ModelPrice
+    from quotas.tests.factories import ModelPriceFactory
 
-    return ModelPrice.objects.update_or_create(
+    return ModelPriceFactory(
         model="gpt-test",
-        defaults={
-            "provider": "openai",
-            "upstream_model": "gpt-4o-mini",
-            "input_per_million": "0.150000",
-            "output_per_million": "0.600000",
-            "context_window": 128000,
-            "max_output_tokens": 4096,
-        },
-    )[0]
+        provider="openai",
+        upstream_model="gpt-4o-mini",
+        input_per_million="0.150000",
+        output_per_million="0.600000",
+        context_window=128000,
+        max_output_tokens=4096,
+    )
 
 
 @pytest.fixture
 def gemini_model(db):
-    from quotas.models import ModelPrice
+    from quotas.tests.factories import ModelPriceFactory
 
-    return ModelPrice.objects.update_or_create(
+    return ModelPriceFactory(
         model="gemini-test",
-        defaults={
-            "provider": "gemini",
-            "upstream_model": "gemini-2.0-flash",
-            "input_per_million": "0.100000",
-            "output_per_million": "0.400000",
-            "context_window": 1000000,
-            "max_output_tokens": 8192,
-        },
-    )[0]
+        provider="gemini",
+        upstream_model="gemini-2.0-flash",
+        input_per_million="0.100000",
+        output_per_million="0.400000",
+        context_window=1000000,
+        max_output_tokens=8192,
+    )
 
 
 @pytest.fixture

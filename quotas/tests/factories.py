@@ -41,3 +41,8 @@ class ModelPriceFactory(DjangoModelFactory):
     upstream_model = "demo"
     input_per_million = "1.50"
     output_per_million = "2.00"
+
+    @classmethod
+    def _after_postgeneration(cls, instance, create, results=None):
+        if create:  # prices given as strings come back as the Decimals the model stores
+            instance.refresh_from_db()
