@@ -25,7 +25,7 @@ def _reachable(url: str, default_port: int) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     db = settings.DATABASES["default"]
     missing = []
-    if not db["ENGINE"].endswith(".postgresql"):  # Django's, or django-prometheus's wrapper
+    if db["ENGINE"] != "config.db":  # PostgreSQL through config/db/base.py
         missing.append("DATABASE_URL must point at PostgreSQL for the test suite")
     elif not _reachable(
         f"postgres://{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}", 5432

@@ -5,7 +5,8 @@ handler below renders them, DRF's own exceptions and Django's 404/validation err
 shape of API.md. Anything unexpected is logged, reported to Sentry and answered as a
 generic 500 `internal_error` carrying the request id and no traceback. Redis unreachable
 where a view did not degrade on its own (staff cache statistics, invalidation) is a 503
-`service_unavailable`, not a 500: the client may retry, and the service is not at fault.
+`service_unavailable`, not a 500: the client may retry, and the service is not at fault;
+so is a database that cannot be reached.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -178,6 +180,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     elif _is_redis_unreachable(exc):
         logger.warning("redis unreachable", exc_info=exc, extra={"request_id": request_id})
         err = ServiceUnavailable("A backing service (Redis) is unreachable; try again shortly.")
+    elif isinstance(exc, OperationalError | InterfaceError):
+        logger.error("database unreachable", exc_info=exc, extra={"request_id": request_id})
+        err = ServiceUnavailable("The database is unreachable; try again shortly.")
     elif isinstance(exc, drf.APIException):
         err = _drf_to_api_error(exc)
         wait = getattr(exc, "wait", None)

@@ -338,8 +338,13 @@ if env.bool("PROMETHEUS_DB_CACHE_METRICS", default=True):
     )
     if CACHES["default"]["BACKEND"] == "django_redis.cache.RedisCache":
         CACHES["default"]["BACKEND"] = "django_prometheus.cache.backends.redis.RedisCache"
+# PostgreSQL through config.db: the health check of a reused connection looks at its
+# socket and runs `SELECT 1` only when the server has sent something (config/db/base.py).
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    DATABASE_ENGINE_BASE = DATABASES["default"]["ENGINE"]
+    DATABASES["default"]["ENGINE"] = "config.db"
 # An unreachable database fails a readiness probe (and a request) in seconds, not minutes.
-if "postgresql" in DATABASES["default"]["ENGINE"]:
+if DATABASES["default"]["ENGINE"] == "config.db":
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
         "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3)
     )

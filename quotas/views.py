@@ -7,6 +7,7 @@ from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
+from django.db import DatabaseError
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -40,7 +41,10 @@ class RateLimitHeadersMixin:
         self, request: Request, response: Response, *args: Any, **kwargs: Any
     ) -> Response:
         response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
-        user = getattr(request, "user", None)
+        try:
+            user = getattr(request, "user", None)
+        except DatabaseError:  # authentication itself failed: the 503 goes out as it is
+            return response
         if user is not None and user.is_authenticated and "RateLimit" not in response:
             user_id, key_id = principal_of(request)
             for name, value in services.quota_headers(user_id=user_id, key_id=key_id).items():

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Count, Q, Sum
 
 from health import metrics
@@ -133,8 +133,19 @@ def _ledger_insert(row: UsageRecord) -> None:
     and a COMMIT around it; the SQL is built once from the model."""
     sql, fields = _ledger_insert_sql(connection.vendor)
     params = [f.get_db_prep_save(f.pre_save(row, True), connection) for f in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise
+        # A connection the server dropped (a restart since its last health check,
+        # config/db/base.py): once more on a new one. ON CONFLICT DO NOTHING makes the
+        # retry harmless if the first INSERT did land.
+        logger.warning("ledger insert of %s retried on a new connection", row.request_id)
+        connection.close()
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
 
 
 # --- cache-hit ledger rows (batched) -----------------------------------------------------

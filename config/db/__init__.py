@@ -1,0 +1,1 @@
+"""Tollgate's PostgreSQL engine (`ENGINE: config.db`); see config/db/base.py."""

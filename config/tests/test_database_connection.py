@@ -1,0 +1,120 @@
+"""A persistent database connection the server drops: what callers see (config/db/base.py).
+
+The server side of the connection is really terminated with pg_terminate_backend, as a
+PostgreSQL restart or an idle-connection reaper would.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from quotas.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _drop_server_side() -> None:
+    """Terminate the backend of this thread's Django connection from another connection."""
+    _terminate(connection.connection.info.backend_pid)
+
+
+def _terminate(pid: int) -> None:
+    db = settings.DATABASES["default"]
+    dsn = f"host={db['HOST']} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_connection_after():
+    yield
+    connection.close()  # the test may leave a dead one; the database flush needs a live one
+
+
+@pytest.fixture
+def key_client(api_client, api_key, redis_conn):
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    return api_client
+
+
+def _generate(client, prompt: str, model: str):
+    return client.post("/api/v1/generate", {"prompt": prompt, "model": model}, format="json")
+
+
+def test_a_healthy_connection_is_checked_without_a_query(monkeypatch):
+    connection.ensure_connection()
+    before = connection.connection.info.backend_pid
+    connection.health_check_done = False
+    monkeypatch.setattr(connection, "is_usable", lambda: pytest.fail("SELECT 1 was sent"))
+
+    connection.close_if_health_check_failed()
+
+    assert connection.health_check_done is True
+    assert connection.connection.info.backend_pid == before  # kept
+
+
+def test_a_connection_the_server_closed_is_replaced_before_the_first_query():
+    connection.ensure_connection()
+    before = connection.connection.info.backend_pid
+    _drop_server_side()
+    connection.health_check_done = False
+
+    connection.close_if_health_check_failed()
+
+    assert connection.connection is None  # found dead and closed
+    assert UsageRecord.objects.count() == 0  # the next query opens a new one
+    assert connection.connection.info.backend_pid != before
+
+
+def test_a_request_after_the_server_closed_the_connection_succeeds(key_client, local_model):
+    assert _generate(key_client, "before the drop", local_model.model).status_code == 200
+    _drop_server_side()
+    close_old_connections()  # what Django does at the start of every request
+
+    response = _generate(key_client, "after the drop", local_model.model)
+
+    assert response.status_code == 200, response.content
+    assert UsageRecord.objects.filter(request_id=response.json()["request_id"]).exists()
+
+
+def test_ledger_row_of_a_miss_survives_a_connection_lost_during_the_upstream_call(
+    settings, key_client, local_model
+):
+    # The request's first query (the key) runs on a live connection; the server drops it
+    # while the (simulated) upstream call is under way; the ledger INSERT then retries on a
+    # new connection.
+    settings.LOCAL_PROVIDER_LATENCY_MS = 400
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    killer = threading.Timer(0.2, _terminate, args=(pid,))
+    killer.start()
+
+    response = _generate(key_client, "dropped mid-call", local_model.model)
+    killer.join()
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    row = UsageRecord.objects.get(request_id=body["request_id"])
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        body["usage"]["prompt_tokens"],
+        body["usage"]["completion_tokens"],
+    )
+    assert connection.connection.info.backend_pid != pid
+
+
+def test_a_query_on_a_connection_lost_after_the_check_is_503_not_500(key_client):
+    assert key_client.get("/api/v1/usage").status_code == 200
+    _drop_server_side()
+
+    response = key_client.get("/api/v1/usage")
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert "Traceback" not in response.content.decode()
+    close_old_connections()  # what Django does at the end of every request
+    assert key_client.get("/api/v1/usage").status_code == 200
