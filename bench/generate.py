@@ -357,10 +357,16 @@ def render(results: list[dict[str, float]], duration: float) -> str:
                 f"| {r['errors']:.0f} |"
             )
             continue
+        # Latency minus latency means something only while neither side queues: with more
+        # connections than cores, both are mostly waiting for a CPU (read the CPU column).
+        overhead = (
+            f"{r['p50'] - r['up_p50']:.2f} / {r['p99'] - r['up_p99']:.2f} ms"
+            if r["c"] == 1
+            else "queueing"
+        )
         lines.append(
             f"| {r['c']} | {r['rps']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms "
-            f"| {r['up_p50']:.2f} / {r['up_p99']:.2f} ms "
-            f"| {r['p50'] - r['up_p50']:.2f} / {r['p99'] - r['up_p99']:.2f} ms "
+            f"| {r['up_p50']:.2f} / {r['up_p99']:.2f} ms | {overhead} "
             f"| {r['cpu_ms']:.2f} ms | {r['rss']:.0f} MiB | {r['errors']:.0f} |"
         )
     return "\n".join(lines)

@@ -153,13 +153,6 @@ def generation_run(
             f"max_tokens is over this model's limit of {policy.max_output_tokens}.",
             fields={"max_tokens": [f"At most {policy.max_output_tokens}."]},
         )
-    prompt_tokens = tokens_count_messages(messages)
-    if prompt_tokens + max_tokens > policy.context_window:
-        raise InvalidRequest(
-            f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this model's "
-            f"context window of {policy.context_window} tokens.",
-            fields={"messages": ["Too long for this model."]},
-        )
     key = cache_key or cache_key_generation(
         model=model,
         messages=messages,
@@ -167,8 +160,15 @@ def generation_run(
     )
     if cache_policy == "use":
         hit = cache_get(key)
-        if hit is not None:
+        if hit is not None:  # an answer to these very messages exists: nothing to estimate
             return _serve_hit(hit, caller=caller, policy=policy, model=model)
+    prompt_tokens = tokens_count_messages(messages)
+    if prompt_tokens + max_tokens > policy.context_window:
+        raise InvalidRequest(
+            f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this model's "
+            f"context window of {policy.context_window} tokens.",
+            fields={"messages": ["Too long for this model."]},
+        )
 
     started = time.monotonic()
     try:

@@ -202,14 +202,18 @@ for i = 1, n do
     local w = tonumber(window)
     local size = w / SUB
     local cur = math.floor(now / size)
-    if amount ~= 0 then redis.call('HINCRBY', key, cur, amount) end
-    if redis.call('HLEN', key) > SUB + 2 then
-      local fields = redis.call('HKEYS', key)
-      for _, f in ipairs(fields) do
-        if tonumber(f) < cur - SUB then redis.call('HDEL', key, f) end
+    -- The hash gains a field only when a request opens a new bucket: only then can it
+    -- have grown past SUB + 2 buckets, and only then must its life be extended (it must
+    -- outlive its newest bucket's time in the window).
+    if amount ~= 0 and redis.call('HINCRBY', key, cur, amount) == amount then
+      if redis.call('HLEN', key) > SUB + 2 then
+        local fields = redis.call('HKEYS', key)
+        for _, f in ipairs(fields) do
+          if tonumber(f) < cur - SUB then redis.call('HDEL', key, f) end
+        end
       end
+      redis.call('EXPIRE', key, math.ceil(w + 2 * size))
     end
-    redis.call('EXPIRE', key, math.ceil(w + 2 * size))
     ops[#ops + 1] = {key = key, k = kind, f = tostring(cur)}
     if reset[i] == 0 and amount ~= 0 then reset[i] = (cur + SUB + 1) * size - now end
   end

@@ -13,8 +13,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection, models
 from django.db.models import Count, Q, Sum
+from django.utils import timezone
 
 from health import metrics
 from quotas.engine import (
@@ -98,7 +99,7 @@ def _ledger_write(
         )
         return
     _ledger_insert(
-        UsageRecord(
+        _row(
             request_id=admission.request_id,
             user_id=policy.user_id,
             api_key_id=policy.key_id,
@@ -116,23 +117,45 @@ def _ledger_write(
 
 
 @functools.cache
-def _ledger_insert_sql(vendor: str) -> tuple[str, tuple[Any, ...]]:
-    fields = tuple(f for f in UsageRecord._meta.concrete_fields if not f.primary_key)
+def _ledger_columns(vendor: str) -> tuple[str, tuple[tuple[str, Any, Any], ...]]:
+    """`INSERT INTO <ledger> (<columns>) VALUES`, and per column its attribute name, its
+    default and the field whose database preparation it needs (None: the value as it is).
+    Built once from the model."""
+    fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
     quote = connection.ops.quote_name
     columns = ", ".join(quote(str(f.column)) for f in fields)
-    placeholders = ", ".join(["%s"] * len(fields))
     # Names from the model's meta, quoted; the values are parameters.
-    table = quote(UsageRecord._meta.db_table)
-    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"  # noqa: S608
-    return sql, fields
+    head = f"INSERT INTO {quote(UsageRecord._meta.db_table)} ({columns}) VALUES "  # noqa: S608
+    prep = (models.DecimalField, models.DateTimeField)
+    return head, tuple(
+        (f.attname, f.get_default(), f if isinstance(f, prep) else None) for f in fields
+    )
 
 
-def _ledger_insert(row: UsageRecord) -> None:
+def _row(**values: Any) -> list[Any]:
+    """The INSERT parameters of one ledger row (`created_at` now unless given), without
+    building a model instance: the hot path writes one per request."""
+    values.setdefault("created_at", timezone.now())
+    _, columns = _ledger_columns(connection.vendor)
+    return [
+        values.get(name, default)
+        if field is None
+        else field.get_db_prep_save(values.get(name, default), connection)
+        for name, default, field in columns
+    ]
+
+
+def _ledger_sql(rows: int) -> str:
+    head, columns = _ledger_columns(connection.vendor)
+    one = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    return head + ", ".join([one] * rows) + " ON CONFLICT DO NOTHING"
+
+
+def _ledger_insert(params: list[Any]) -> None:
     """INSERT one ledger row unless its request id is already there. One statement, so one
     round trip in autocommit mode, where bulk_create(ignore_conflicts=True) adds a BEGIN
-    and a COMMIT around it; the SQL is built once from the model."""
-    sql, fields = _ledger_insert_sql(connection.vendor)
-    params = [f.get_db_prep_save(f.pre_save(row, True), connection) for f in fields]
+    and a COMMIT around it."""
+    sql = _ledger_sql(1)
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -142,7 +165,7 @@ def _ledger_insert(row: UsageRecord) -> None:
         # A connection the server dropped (a restart since its last health check,
         # config/db/base.py): once more on a new one. ON CONFLICT DO NOTHING makes the
         # retry harmless if the first INSERT did land.
-        logger.warning("ledger insert of %s retried on a new connection", row.request_id)
+        logger.warning("ledger insert retried on a new connection")
         connection.close()
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -150,21 +173,24 @@ def _ledger_insert(row: UsageRecord) -> None:
 
 # --- cache-hit ledger rows (batched) -----------------------------------------------------
 
-_hit_queue: queue.SimpleQueue[UsageRecord] = queue.SimpleQueue()
+HIT_BATCH_ROWS = 500  # rows per INSERT of the batched cache-hit rows
+_hit_queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
 
 
 def usage_flush() -> int:
     """Write the queued cache-hit rows now (one bulk INSERT); the number written."""
-    rows: list[UsageRecord] = []
+    rows: list[list[Any]] = []
     while True:
         try:
             rows.append(_hit_queue.get_nowait())
         except queue.Empty:
             break
-    if rows:
-        UsageRecord.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), HIT_BATCH_ROWS):
+            batch = rows[start : start + HIT_BATCH_ROWS]
+            cursor.execute(_ledger_sql(len(batch)), [v for row in batch for v in row])
     return len(rows)
 
 
@@ -181,7 +207,7 @@ def _flush_forever(interval: float) -> None:
             close_old_connections()
 
 
-def _enqueue(row: UsageRecord) -> None:
+def _enqueue(row: list[Any]) -> None:
     global _flusher  # noqa: PLW0603
     interval = float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0))
     if interval <= 0:
@@ -211,7 +237,7 @@ def usage_record_hit(
         )
         return
     _enqueue(
-        UsageRecord(
+        _row(
             request_id=admission.request_id,
             user_id=policy.user_id,
             api_key_id=policy.key_id,
@@ -231,7 +257,7 @@ def usage_record_fallback(
     """The ledger row of a stale answer served because a quota was exhausted."""
     metrics.STALE_FALLBACKS.inc()
     _enqueue(
-        UsageRecord(
+        _row(
             request_id=request_id,
             user_id=user_id,
             api_key_id=key_id,
