@@ -155,16 +155,19 @@ def _ledger_insert(params: list[Any]) -> None:
     """INSERT one ledger row unless its request id is already there. One statement, so one
     round trip in autocommit mode, where bulk_create(ignore_conflicts=True) adds a BEGIN
     and a COMMIT around it."""
-    sql = _ledger_sql(1)
+    _execute(_ledger_sql(1), params)
+
+
+def _execute(sql: str, params: list[Any]) -> None:
+    """Run one ledger INSERT; on a connection the server dropped (a restart since the
+    request's health check, config/db/base.py), once more on a new one. ON CONFLICT DO
+    NOTHING makes the retry harmless if the first attempt did land."""
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
     except (OperationalError, InterfaceError):
         if connection.in_atomic_block:
             raise
-        # A connection the server dropped (a restart since its last health check,
-        # config/db/base.py): once more on a new one. ON CONFLICT DO NOTHING makes the
-        # retry harmless if the first INSERT did land.
         logger.warning("ledger insert retried on a new connection")
         connection.close()
         with connection.cursor() as cursor:
@@ -174,24 +177,39 @@ def _ledger_insert(params: list[Any]) -> None:
 # --- cache-hit ledger rows (batched) -----------------------------------------------------
 
 HIT_BATCH_ROWS = 500  # rows per INSERT of the batched cache-hit rows
+HIT_BACKLOG_MAX = 200_000  # rows kept while the database cannot be written (~100 MB)
 _hit_queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
 
 
 def usage_flush() -> int:
-    """Write the queued cache-hit rows now (one bulk INSERT); the number written."""
+    """Write the queued cache-hit rows now (multi-row INSERTs); the number written.
+
+    Rows that cannot be written (the database unreachable) go back to the queue for the
+    next flush, up to HIT_BACKLOG_MAX rows; past that the oldest are dropped and logged.
+    Raises the database error after re-queueing."""
     rows: list[list[Any]] = []
     while True:
         try:
             rows.append(_hit_queue.get_nowait())
         except queue.Empty:
             break
-    with connection.cursor() as cursor:
+    written = 0
+    try:
         for start in range(0, len(rows), HIT_BATCH_ROWS):
             batch = rows[start : start + HIT_BATCH_ROWS]
-            cursor.execute(_ledger_sql(len(batch)), [v for row in batch for v in row])
-    return len(rows)
+            _execute(_ledger_sql(len(batch)), [v for row in batch for v in row])
+            written += len(batch)
+    except Exception:
+        left = rows[written:]
+        dropped = max(0, len(left) + _hit_queue.qsize() - HIT_BACKLOG_MAX)
+        if dropped:
+            logger.error("cache-hit ledger backlog full: %d rows dropped", dropped)
+        for row in left[dropped:]:
+            _hit_queue.put(row)
+        raise
+    return written
 
 
 def _flush_forever(interval: float) -> None:

@@ -1,0 +1,70 @@
+"""The batched cache-hit ledger rows when the database refuses them (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import ProgrammingError, connection
+
+from quotas.models import UsageRecord
+from quotas.services import ledger, usage_flush
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _queue_hit_rows(user, count: int) -> list[str]:
+    ids = [f"hit-{i}" for i in range(count)]
+    for request_id in ids:
+        ledger._hit_queue.put(
+            ledger._row(
+                request_id=request_id,
+                user_id=user.pk,
+                model="local/demo",
+                provider="local",
+                cached=True,
+                outcome="cached",
+            )
+        )
+    return ids
+
+
+@pytest.fixture
+def hidden_ledger():
+    """The ledger table out of reach (renamed) until the context ends."""
+    table = UsageRecord._meta.db_table
+
+    def rename(old: str, new: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(f'ALTER TABLE "{old}" RENAME TO "{new}"')
+
+    class Hidden:
+        def __enter__(self) -> None:
+            rename(table, "ledger_out_of_reach")
+
+        def __exit__(self, *exc: object) -> None:
+            rename("ledger_out_of_reach", table)
+
+    return Hidden()
+
+
+def test_hit_rows_the_database_refused_are_written_by_the_next_flush(user, hidden_ledger):
+    ids = _queue_hit_rows(user, 3)
+
+    with hidden_ledger, pytest.raises(ProgrammingError):
+        usage_flush()
+
+    assert UsageRecord.objects.count() == 0
+    assert usage_flush() == 3
+    assert set(UsageRecord.objects.values_list("request_id", flat=True)) == set(ids)
+
+
+def test_hit_rows_past_the_backlog_bound_are_dropped_oldest_first(
+    user, hidden_ledger, monkeypatch
+):
+    monkeypatch.setattr(ledger, "HIT_BACKLOG_MAX", 2)
+    _queue_hit_rows(user, 5)
+
+    with hidden_ledger, pytest.raises(ProgrammingError):
+        usage_flush()
+
+    assert usage_flush() == 2
+    assert set(UsageRecord.objects.values_list("request_id", flat=True)) == {"hit-3", "hit-4"}
