@@ -90,3 +90,27 @@ def api_key(user):
     from quotas.services import key_create
 
     return key_create(user=user, name="test")
+
+
+@pytest.fixture
+def hidden_ledger():
+    """A context in which the ledger table is out of reach (renamed): every write to it
+    fails as it would with the database refusing it. Needs a transactional test."""
+    from django.db import connection
+
+    from quotas.models import UsageRecord
+
+    table = UsageRecord._meta.db_table
+
+    def rename(old: str, new: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(f'ALTER TABLE "{old}" RENAME TO "{new}"')
+
+    class Hidden:
+        def __enter__(self) -> None:
+            rename(table, "ledger_out_of_reach")
+
+        def __exit__(self, *exc: object) -> None:
+            rename("ledger_out_of_reach", table)
+
+    return Hidden()

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from quotas.models import UsageRecord
+from quotas.services import usage_flush
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,7 +28,8 @@ def _terminate(pid: int) -> None:
     db = settings.DATABASES["default"]
     dsn = f"host={db['HOST']} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
     with psycopg.connect(dsn, autocommit=True) as other:
-        other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # Wait for the backend to be gone: pg_terminate_backend only signals it.
+        other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +120,20 @@ def test_a_query_on_a_connection_lost_after_the_check_is_503_not_500(key_client)
     assert "Traceback" not in response.content.decode()
     close_old_connections()  # what Django does at the end of every request
     assert key_client.get("/api/v1/usage").status_code == 200
+
+
+def test_a_miss_served_while_the_ledger_refuses_writes_keeps_its_row(
+    key_client, local_model, hidden_ledger
+):
+    # The key is loaded (and cached) by a first request, as on a busy worker.
+    assert _generate(key_client, "warm", local_model.model).status_code == 200
+
+    with hidden_ledger:
+        response = _generate(key_client, "while the ledger is out of reach", local_model.model)
+
+    assert response.status_code == 200, response.content  # served: it was paid upstream
+    request_id = response.json()["request_id"]
+    assert not UsageRecord.objects.filter(request_id=request_id).exists()
+    assert usage_flush() == 1  # what the flusher does a second later
+    row = UsageRecord.objects.get(request_id=request_id)
+    assert row.prompt_tokens == response.json()["usage"]["prompt_tokens"]

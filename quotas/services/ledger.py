@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connection, models
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, models
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
@@ -98,7 +98,7 @@ def _ledger_write(
             latency_ms=latency_ms,
         )
         return
-    _ledger_insert(
+    _insert_or_keep(
         _row(
             request_id=admission.request_id,
             user_id=policy.user_id,
@@ -226,12 +226,31 @@ def _flush_forever(interval: float) -> None:
 
 
 def _enqueue(row: list[Any]) -> None:
+    """Queue a row for the next batched INSERT (at once with USAGE_HIT_BATCH_SECONDS=0)."""
+    if float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0)) <= 0:
+        _insert_or_keep(row)
+        return
+    _keep(row)
+
+
+def _insert_or_keep(row: list[Any]) -> None:
+    """INSERT a ledger row now; if the database refuses it, keep it for the next flush
+    rather than lose it (the request it records has been served, and charged in Redis)."""
+    try:
+        _ledger_insert(row)
+    except DatabaseError:
+        if connection.in_atomic_block:
+            raise
+        logger.exception("ledger row kept for a later flush: the database refused it")
+        _keep(row)
+
+
+def _keep(row: list[Any]) -> None:
     global _flusher  # noqa: PLW0603
+    _hit_queue.put(row)
     interval = float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0))
     if interval <= 0:
-        _ledger_insert(row)
-        return
-    _hit_queue.put(row)
+        return  # no background flusher (tests): the next usage_flush() writes it
     if _flusher is None or not _flusher.is_alive():
         with _flusher_lock:
             if _flusher is None or not _flusher.is_alive():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from django.db import ProgrammingError, connection
+from django.db import ProgrammingError
 
 from quotas.models import UsageRecord
 from quotas.services import ledger, usage_flush
@@ -27,25 +27,6 @@ def _queue_hit_rows(user, count: int) -> list[str]:
     return ids
 
 
-@pytest.fixture
-def hidden_ledger():
-    """The ledger table out of reach (renamed) until the context ends."""
-    table = UsageRecord._meta.db_table
-
-    def rename(old: str, new: str) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(f'ALTER TABLE "{old}" RENAME TO "{new}"')
-
-    class Hidden:
-        def __enter__(self) -> None:
-            rename(table, "ledger_out_of_reach")
-
-        def __exit__(self, *exc: object) -> None:
-            rename("ledger_out_of_reach", table)
-
-    return Hidden()
-
-
 def test_hit_rows_the_database_refused_are_written_by_the_next_flush(user, hidden_ledger):
     ids = _queue_hit_rows(user, 3)
 
@@ -57,9 +38,7 @@ def test_hit_rows_the_database_refused_are_written_by_the_next_flush(user, hidde
     assert set(UsageRecord.objects.values_list("request_id", flat=True)) == set(ids)
 
 
-def test_hit_rows_past_the_backlog_bound_are_dropped_oldest_first(
-    user, hidden_ledger, monkeypatch
-):
+def test_hit_rows_past_the_backlog_bound_are_dropped_oldest_first(user, hidden_ledger, monkeypatch):
     monkeypatch.setattr(ledger, "HIT_BACKLOG_MAX", 2)
     _queue_hit_rows(user, 5)
 
