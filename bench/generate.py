@@ -494,8 +494,8 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
 
     def cache_miss() -> None:
         k = caching.cache_key_generation(model=MODEL, messages=[{"n": uuid.uuid4().hex}], params={})
-        caching.cache_get(k)
-        caching.single_flight(k, lambda: {"text": "x" * 200, "usage": {}})
+        _, lock = caching.cache_lookup(k, lock_seconds=30)
+        caching.single_flight(k, lambda: {"text": "x" * 200, "usage": {}}, lock=lock)
 
     def full() -> None:
         body = {"prompt": f"breakdown {uuid.uuid4().hex}", "model": MODEL}
@@ -511,7 +511,7 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
             user_id=user_id, key_id=key_id, model=MODEL
         ),
         "admission + settlement + ledger INSERT": admit_settle,
-        "cache look-up + single flight + store (miss)": cache_miss,
+        "cache look-up and lock + store and release (miss)": cache_miss,
         "circuit breaker check": breaker.allow,
         "provider call (openai SDK, fake upstream)": lambda: provider.complete(request, timeout=5),
         "upstream_complete (retry wrapper + breaker + SDK)": lambda: upstream_complete(

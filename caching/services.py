@@ -74,37 +74,78 @@ def _parse(raw: bytes) -> tuple[float, float, str]:
     return float(fresh), float(stale), body.decode()
 
 
+@dataclass(frozen=True, slots=True)
+class FlightLock:
+    """The single-flight lock of a key, taken by `cache_lookup`: hand it to `single_flight`
+    (which releases it once the answer is stored) or give it back with `flight_release`."""
+
+    key: str  # the lock's Redis key
+    token: str
+
+
 def cache_get(key: str, *, now: float | None = None) -> CacheHit | None:
     """A fresh answer from memory, else from Redis (then promoted into memory), else None.
 
     `now` (epoch seconds) defaults to the current time. A Redis failure is a miss.
     """
+    return _lookup(key, now=time.time() if now is None else now, lock_ms=None)[0]
+
+
+def cache_lookup(
+    key: str, *, lock_seconds: float, now: float | None = None
+) -> tuple[CacheHit | None, FlightLock | None]:
+    """`cache_get` for a caller that computes the answer on a miss: on a miss in Redis the
+    single-flight lock (expiring after `lock_seconds`) is taken in the same round trip.
+
+    Returns (hit, None), or (None, the lock), or (None, None) when another caller holds the
+    lock or Redis is unavailable (`single_flight` then waits or computes as usual).
+    """
+    now = time.time() if now is None else now
+    return _lookup(key, now=now, lock_ms=max(1, int(lock_seconds * 1000)))
+
+
+def _lookup(
+    key: str, *, now: float, lock_ms: int | None
+) -> tuple[CacheHit | None, FlightLock | None]:
     t = tier()
     t.sync()
-    now = time.time() if now is None else now
     payload = t.memory.get(key, now=now)
     if payload is not None:
         t.count("memory_hits", "memory", "hit")
-        return CacheHit(value=json.loads(payload), layer="memory")
+        return CacheHit(value=json.loads(payload), layer="memory"), None
     t.count("memory_misses", "memory", "miss")
     if not t.available():
         t.count("redis_misses", "redis", "miss")
-        return None
+        return None, None
+    entry_key = t.entry_key(key)
+    lock = None
     try:
-        raw = t.redis.get(t.entry_key(key))
+        if lock_ms is None:
+            raw = t.redis.get(entry_key)
+        else:
+            lock = FlightLock(t.k("lock:" + key), new_token())
+            raw, locked = t.lookup_and_lock(entry_key, lock.key, lock.token, lock_ms, now)
+            lock = lock if locked else None
     except Exception:
         logger.warning("cache read failed", exc_info=True)
         t.mark_down()
         t.count("redis_misses", "redis", "error")
-        return None
+        return None, None
     if raw is not None:
         fresh_until, _, body = _parse(raw)
         if now < fresh_until:
             t.memory.put(key, body, expires_at=min(now + settings.CACHE_MEMORY_TTL, fresh_until))
             t.count("redis_hits", "redis", "hit")
-            return CacheHit(value=json.loads(body), layer="redis")
+            return CacheHit(value=json.loads(body), layer="redis"), None
     t.count("redis_misses", "redis", "miss")
-    return None
+    return None, lock
+
+
+def flight_release(lock: FlightLock | None) -> None:
+    """Give back a lock from `cache_lookup` that will not be used (the request was refused
+    or failed before computing); None is a no-op."""
+    if lock is not None:
+        _release(tier(), lock.key, lock.token)
 
 
 def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
@@ -274,6 +315,7 @@ def single_flight(
     wait_seconds: float = 30.0,
     store: bool = True,
     ttl: int | None = None,
+    lock: FlightLock | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Run `compute` once for concurrent identical misses, across threads and processes.
 
@@ -285,6 +327,9 @@ def single_flight(
     takes over). A waiter that has waited `wait_seconds` computes on its own. If the
     leader's `compute` raises, its in-process waiters get the same exception and the lock
     is released at once so that another process may try.
+
+    `lock`: the lock already taken by `cache_lookup`; its holder computes at once (a
+    thread of this process that got here first is waiting for its answer).
     """
     t = tier()
     with t._flights_lock:
@@ -292,25 +337,53 @@ def single_flight(
         leader = flight is None
         if flight is None:
             flight = t.flights[key] = Flight()
-    if not leader:
+    if not leader and lock is None:
         if flight.done.wait(wait_seconds):
             if flight.error is not None:
                 raise flight.error
             return json.loads(flight.value or "null"), False
         return _compute_and_store(key, compute, store=store, ttl=ttl), True
     try:
-        value, here = _single_flight_shared(
-            key, compute, wait_seconds=wait_seconds, store=store, ttl=ttl
-        )
-        flight.value = encode(value)
+        if lock is not None:
+            value, here = _compute_locked(key, compute, lock, store=store, ttl=ttl), True
+        else:
+            value, here = _single_flight_shared(
+                key, compute, wait_seconds=wait_seconds, store=store, ttl=ttl
+            )
+        if leader:
+            flight.value = encode(value)
         return value, here
     except BaseException as exc:
-        flight.error = exc
+        if leader:
+            flight.error = exc
         raise
     finally:
-        with t._flights_lock:
-            t.flights.pop(key, None)
-        flight.done.set()
+        if leader:
+            with t._flights_lock:
+                t.flights.pop(key, None)
+            flight.done.set()
+
+
+def _compute_locked(
+    key: str,
+    compute: Callable[[], dict[str, Any]],
+    lock: FlightLock,
+    *,
+    store: bool,
+    ttl: int | None,
+) -> dict[str, Any]:
+    """Compute under our lock; store the value and release the lock in one round trip
+    (or release it at once if `compute` raises)."""
+    try:
+        value = compute()
+    except BaseException:
+        _release(tier(), lock.key, lock.token)
+        raise
+    if store:
+        _store(key, value, ttl=ttl, lock=(lock.key, lock.token))
+    else:
+        _release(tier(), lock.key, lock.token)
+    return value
 
 
 def _compute_and_store(
@@ -357,16 +430,8 @@ def _single_flight_shared(
             if value is not None:  # stored between our miss and our lock
                 _release(t, lock_key, token)
                 return value, False
-            try:
-                value = compute()
-            except BaseException:
-                _release(t, lock_key, token)
-                raise
-            if store:  # stored and released in one round trip
-                _store(key, value, ttl=ttl, lock=(lock_key, token))
-            else:
-                _release(t, lock_key, token)
-            return value, True
+            lock = FlightLock(lock_key, token)
+            return _compute_locked(key, compute, lock, store=store, ttl=ttl), True
         if value is not None:
             return value, False
         # Someone else holds the lock: wait for its answer or for the lock to go away

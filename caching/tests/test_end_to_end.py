@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from django.db import connection
+from django_redis import get_redis_connection
 from rest_framework.test import APIClient
 
 from caching.services import cache_expire, cache_get_stale, cache_local_reset, cache_stats
@@ -109,6 +110,9 @@ def test_quota_exhausted_without_stale_copy_is_429(
     assert other.status_code == 429
     assert other.json()["error"]["code"] == "quota_exceeded"
     assert int(other["Retry-After"]) >= 1
+    # The single-flight lock its look-up took is given back: nobody waits for an answer
+    # that will not come.
+    assert not list(get_redis_connection("default").scan_iter("*lock:*"))
 
 
 @pytest.mark.django_db

@@ -13,10 +13,12 @@ from caching.services import (
     cache_key_generation,
     cache_key_topic,
     cache_local_reset,
+    cache_lookup,
     cache_namespace_drop,
     cache_set,
     cache_stats,
     cache_stats_reset,
+    flight_release,
     popularity_bump,
     popularity_top,
     single_flight,
@@ -335,3 +337,87 @@ def test_redis_outage_is_a_miss_not_an_error():
     assert cache_get("gen:a") is None
     cache_set("gen:b", {"x": 2})  # dropped from Redis, kept in this worker's memory
     assert cache_get("gen:b").layer == "memory"
+
+
+def test_lookup_on_a_miss_takes_the_single_flight_lock_in_the_same_call(redis_conn):
+    hit, lock = cache_lookup("gen:lookup-miss", lock_seconds=30)
+
+    assert hit is None
+    assert lock is not None
+    assert redis_conn.get(lock.key).decode() == lock.token
+    assert 29_000 < redis_conn.pttl(lock.key) <= 30_000
+    # A second caller finds it held: no lock for it; it will wait in single_flight.
+    assert cache_lookup("gen:lookup-miss", lock_seconds=30) == (None, None)
+
+
+def test_lookup_lock_is_released_by_single_flight_once_the_answer_is_stored(redis_conn):
+    _, lock = cache_lookup("gen:lookup-lead", lock_seconds=30)
+    calls = []
+
+    value, here = single_flight(
+        "gen:lookup-lead", lambda: calls.append(1) or {"text": "led"}, lock=lock
+    )
+
+    assert (value, here, calls) == ({"text": "led"}, True, [1])
+    assert redis_conn.exists(lock.key) == 0
+    cache_local_reset()
+    assert cache_get("gen:lookup-lead").value == {"text": "led"}  # stored in Redis
+
+
+def test_lookup_lock_is_released_when_the_computation_fails(redis_conn):
+    _, lock = cache_lookup("gen:lookup-fail", lock_seconds=30)
+
+    def boom() -> dict:
+        raise RuntimeError("upstream")
+
+    with pytest.raises(RuntimeError):
+        single_flight("gen:lookup-fail", boom, lock=lock)
+
+    assert redis_conn.exists(lock.key) == 0
+
+
+def test_lookup_hit_takes_no_lock(redis_conn):
+    cache_set("gen:lookup-hit", {"text": "here"})
+    cache_local_reset()  # the answer is in Redis only
+
+    hit, lock = cache_lookup("gen:lookup-hit", lock_seconds=30)
+
+    assert hit is not None
+    assert (hit.value, hit.layer, lock) == ({"text": "here"}, "redis", None)
+    assert not list(redis_conn.scan_iter("*lock:*"))
+
+
+def test_unused_lookup_lock_is_given_back(redis_conn):
+    _, lock = cache_lookup("gen:lookup-unused", lock_seconds=30)
+
+    flight_release(lock)
+    flight_release(None)  # nothing taken: nothing to do
+
+    assert redis_conn.exists(lock.key) == 0
+
+
+def test_thread_holding_the_lookup_lock_leads_even_if_another_thread_waits_first():
+    # B misses after A took the lock, and reaches single_flight first: B waits for A's
+    # answer (polling Redis), A computes at once; neither waits out the lock.
+    _, lock = cache_lookup("gen:lookup-race", lock_seconds=30)
+    assert lock is not None
+    results: list[tuple[dict, bool]] = []
+    b_waiting = threading.Event()
+
+    def b() -> None:
+        b_waiting.set()
+        results.append(single_flight("gen:lookup-race", lambda: {"text": "B"}, wait_seconds=30))
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    b_waiting.wait()
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert single_flight("gen:lookup-race", lambda: {"text": "A"}, lock=lock) == (
+        {"text": "A"},
+        True,
+    )
+    thread.join(timeout=10)
+
+    assert results == [({"text": "A"}, False)]
+    assert time.monotonic() - started < 5

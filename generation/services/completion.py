@@ -20,10 +20,13 @@ from django.conf import settings
 
 from caching.services import (
     CacheHit,
+    FlightLock,
     cache_get,
     cache_get_stale,
     cache_key_generation,
+    cache_lookup,
     cache_set,
+    flight_release,
     single_flight,
 )
 from config.errors import InvalidRequest
@@ -158,20 +161,25 @@ def generation_run(
         messages=messages,
         params={"max_tokens": max_tokens, "temperature": temperature, "task": task},
     )
+    wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+    lock: FlightLock | None = None  # the single-flight lock, when the look-up took it
     if cache_policy == "use":
-        hit = cache_get(key)
+        if stream:  # a stream is not coalesced: nothing to lock
+            hit = cache_get(key)
+        else:
+            hit, lock = cache_lookup(key, lock_seconds=wait)
         if hit is not None:  # an answer to these very messages exists: nothing to estimate
             return _serve_hit(hit, caller=caller, policy=policy, model=model)
-    prompt_tokens = tokens_count_messages(messages)
-    if prompt_tokens + max_tokens > policy.context_window:
-        raise InvalidRequest(
-            f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this model's "
-            f"context window of {policy.context_window} tokens.",
-            fields={"messages": ["Too long for this model."]},
-        )
 
     started = time.monotonic()
     try:
+        prompt_tokens = tokens_count_messages(messages)
+        if prompt_tokens + max_tokens > policy.context_window:
+            raise InvalidRequest(
+                f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this "
+                f"model's context window of {policy.context_window} tokens.",
+                fields={"messages": ["Too long for this model."]},
+            )
         admission = admission_admit(
             user_id=caller.user_id,
             key_id=caller.key_id,
@@ -181,7 +189,10 @@ def generation_run(
             max_tokens=max_tokens,
             priority=caller.priority,
         )
-    except QuotaExceeded as exc:
+    except BaseException as exc:
+        flight_release(lock)  # others waiting for this answer take over at once
+        if not isinstance(exc, QuotaExceeded):
+            raise
         stale = _stale_for(exc, key, cache_policy)
         if stale is None:
             raise
@@ -221,8 +232,7 @@ def generation_run(
 
     try:
         if cache_policy == "use":
-            wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
-            value, computed_here = single_flight(key, upstream, wait_seconds=wait)
+            value, computed_here = single_flight(key, upstream, wait_seconds=wait, lock=lock)
         else:
             value, computed_here = upstream(), True
             if cache_policy == "refresh":
