@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -17,8 +18,9 @@ class JSONFirstNegotiation(DefaultContentNegotiation):
     `?format=` still go through DRF's full negotiation."""
 
     def select_renderer(
-        self, request: Request, renderers: list[BaseRenderer], format_suffix: Any = None
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: Any = None
     ) -> tuple[BaseRenderer, str]:
+        renderers = list(renderers)
         first = renderers[0]
         if (
             request.META.get("HTTP_ACCEPT", "") in _PLAIN

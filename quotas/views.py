@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from django.db import DatabaseError
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
-from django.db import DatabaseError
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
