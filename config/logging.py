@@ -188,7 +188,8 @@ def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate:
         environment=environment,
         release=release,
         traces_sample_rate=traces_rate,
-        send_default_pii=False,
+        # No PII: left unset, send_default_pii keeps its default, off (setting it is
+        # deprecated in favour of data_collection, which collects more unless restricted).
         max_request_body_size="never",  # bodies hold prompts
         integrations=[
             DjangoIntegration(),
