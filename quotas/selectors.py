@@ -28,6 +28,13 @@ def _day_start(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time.min, tzinfo=dt.UTC)
 
 
+def user_id_by_username(username: str) -> int | None:
+    """The id of the user with this username, or None."""
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.filter(username=username).values_list("pk", flat=True).first()
+
+
 def usage_queryset(*, user_id: int | None, start: dt.date, end: dt.date) -> QuerySet[UsageRecord]:
     """Ledger rows of one user (None: every user) created on UTC days start..end inclusive."""
     rows = UsageRecord.objects.filter(

@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from caching.http import ConditionalGetMixin
-from config.errors import PermissionDeniedError
+from config.errors import InvalidRequest, PermissionDeniedError
 from quotas import selectors, services
 from quotas.permissions import KeyScopePermission
 from quotas.serializers import (
@@ -80,14 +80,10 @@ class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
         if data.get("user"):
             if not request.user.is_staff:
                 raise PermissionDeniedError("Only staff may read another user's usage.")
-            from django.contrib.auth import get_user_model
-
-            other = get_user_model().objects.filter(username=data["user"]).first()
+            other = selectors.user_id_by_username(data["user"])
             if other is None:
-                from config.errors import InvalidRequest
-
                 raise InvalidRequest("Unknown user.", fields={"user": ["Unknown user."]})
-            user_id = other.pk
+            user_id = other
         today = timezone.now().date()
         return Response(
             selectors.usage_rows(

@@ -150,6 +150,39 @@ def test_usage_of_another_user_is_staff_only(api_client, api_key):
     )
 
 
+def test_staff_reads_another_users_usage_by_username(api_client):
+    from quotas.models import UsageRecord
+    from quotas.tests.factories import UserFactory
+
+    staff, other = UserFactory(is_staff=True), UserFactory(username="carol")
+    for user, tokens in ((staff, 1), (other, 7), (other, 5)):
+        UsageRecord.objects.create(
+            request_id=f"r-{user.pk}-{tokens}",
+            user=user,
+            model="local/demo",
+            provider="local",
+            prompt_tokens=tokens,
+        )
+    staff_key, _ = services.key_create(user=staff, name="ops")
+
+    response = api_client.get("/api/v1/usage?user=carol", **auth(staff_key))
+
+    assert response.status_code == 200, response.content
+    totals = response.json()["totals"]
+    assert (totals["requests"], totals["prompt_tokens"]) == (2, 12)
+
+
+def test_staff_asking_for_an_unknown_user_is_400(api_client):
+    from quotas.tests.factories import UserFactory
+
+    staff_key, _ = services.key_create(user=UserFactory(is_staff=True), name="ops")
+
+    err = assert_error(
+        api_client.get("/api/v1/usage?user=nobody", **auth(staff_key)), 400, "invalid_request"
+    )
+    assert err["fields"] == {"user": ["Unknown user."]}
+
+
 def test_failed_authentications_are_rate_limited_per_address(api_client, settings):
     from quotas import auth_throttle
 
