@@ -4,8 +4,8 @@
 
 Every value comes from the environment:
     WEB_CONCURRENCY           workers (default: 2 per core, at most 8)
-    GUNICORN_WORKER_CLASS     sync (default) | gthread | ...
-    GUNICORN_THREADS          threads per worker for gthread (default 1)
+    GUNICORN_WORKER_CLASS     gthread (default) | sync | ...
+    GUNICORN_THREADS          threads per worker (default 8; 1 with sync)
     GUNICORN_BIND             default 0.0.0.0:$PORT (PORT default 8000)
     GUNICORN_TIMEOUT          a worker silent this long is killed (default 60 s)
     GUNICORN_GRACEFUL_TIMEOUT in-flight requests get this long after SIGTERM (default 30 s)
@@ -13,6 +13,15 @@ Every value comes from the environment:
     GUNICORN_ACCESS_LOG ("-" for stdout; default off: the application logs each request),
     GUNICORN_LOG_LEVEL, FORWARDED_ALLOW_IPS
     PROMETHEUS_MULTIPROC_DIR  metrics of all workers (default: a temporary directory)
+
+Threads by default: a generation request waits seconds, sometimes minutes, on the model
+provider. A sync worker holds one such request at a time, and gunicorn kills it when one
+request outlasts GUNICORN_TIMEOUT (a long completion or stream is cut off, its reservation
+left to the sweep); a gthread worker keeps answering the arbiter's heartbeat while its
+threads wait, so the timeout only catches a worker that is really stuck. Each thread may
+hold a database connection: size PostgreSQL (or PgBouncer) for workers x threads x
+replicas. At zero upstream latency a sync worker costs less CPU per request
+(docs/BENCHMARKS.md); GUNICORN_WORKER_CLASS=sync brings it back.
 
 Prometheus multiprocess mode: the directory is set before any worker imports
 prometheus_client, emptied when the master starts, and a dead worker's live gauges are
@@ -41,8 +50,9 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(gunicorn_hooks.DEFAULT_DIR
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{_int('PORT', 8000)}")
 workers = _int("WEB_CONCURRENCY", min(2 * (os.cpu_count() or 1), 8))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
-threads = _int("GUNICORN_THREADS", 1)
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+# gunicorn turns a sync worker with more than one thread into gthread: sync means one.
+threads = _int("GUNICORN_THREADS", 1 if worker_class == "sync" else 8)
 timeout = _int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)

@@ -1,9 +1,10 @@
 """Cache tier: layer latencies, and cache-hit throughput through gunicorn against a bare view.
 
-    python bench/cache.py [--gets 20000] [--duration 10] [--connections 16]
+    python bench/cache.py [--gets 20000] [--duration 10] [--connections 16] [--worker-class sync]
 
 1. Memory-layer and Redis-layer `cache_get` latency (p50/p99), in this process.
-2. Two gunicorn workers (the repository's gunicorn.conf.py), loaded by wrk with `--connections`
+2. Two gunicorn workers (the repository's gunicorn.conf.py; sync unless --worker-class says
+   otherwise), loaded by wrk with `--connections`
    connections for `--duration` seconds each, in the same run:
    - a bare Django view returning a constant JSON body (the whole middleware stack), then
    - POST /api/v1/generate answered from the cache: API-key authentication, validation,
@@ -244,7 +245,7 @@ def _wrk(url: str, *, duration: int, connections: int, script: Path | None) -> d
     }
 
 
-def http_ratio(full_key: str, *, duration: int, connections: int) -> dict:
+def http_ratio(full_key: str, *, duration: int, connections: int, worker_class: str) -> dict:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
@@ -252,6 +253,7 @@ def http_ratio(full_key: str, *, duration: int, connections: int) -> dict:
         "BENCH_CACHE_WSGI": "1",
         "GUNICORN_BIND": f"127.0.0.1:{port}",
         "WEB_CONCURRENCY": "2",
+        "GUNICORN_WORKER_CLASS": worker_class,
         "GUNICORN_LOG_LEVEL": "warning",
         "DEBUG": "0",
         "SECURE_SSL_REDIRECT": "0",  # TLS ends at the proxy in front; loopback here
@@ -309,6 +311,7 @@ def main() -> None:
     parser.add_argument("--gets", type=int, default=20000)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--worker-class", default="sync", help="gunicorn worker class")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -326,7 +329,12 @@ def main() -> None:
     layers = layer_latencies(args.gets)
     for name, (p50, p99) in layers.items():
         print(f"{name:>6} layer get: p50 {p50:7.1f} us  p99 {p99:7.1f} us")
-    result = http_ratio(full_key, duration=args.duration, connections=args.connections)
+    result = http_ratio(
+        full_key,
+        duration=args.duration,
+        connections=args.connections,
+        worker_class=args.worker_class,
+    )
     for name in ("bare", "hit", "minimal-hit", "minimal-hit-uncounted"):
         r = result[name]
         print(

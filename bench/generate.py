@@ -4,7 +4,8 @@
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
 
 Starts the fake upstream (generation/tests/fake_upstream.py, its own process), then
-Tollgate under gunicorn (the repository's gunicorn.conf.py, 2 sync workers) with the
+Tollgate under gunicorn (the repository's gunicorn.conf.py, 2 workers, sync unless
+--worker-class says otherwise: at zero upstream latency the cheapest) with the
 OpenAI-compatible provider pointed at it, and drives both with wrk at each concurrency:
 
 - through Tollgate: POST /api/v1/generate, every prompt unique (always a cache miss), with
@@ -213,6 +214,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--worker-class", default="sync", help="gunicorn worker class (gthread: 8 threads each)"
+    )
     parser.add_argument("--profile", type=int, default=0, help="profile N in-process requests")
     parser.add_argument(
         "--breakdown", type=int, default=0, help="CPU of each step of the path, N times each"
@@ -230,6 +234,7 @@ def main() -> None:
         "OPENAI_API_KEY": "sk-bench",
         "GUNICORN_BIND": f"127.0.0.1:{gw_port}",
         "WEB_CONCURRENCY": "2",
+        "GUNICORN_WORKER_CLASS": args.worker_class,
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="tollgate-bench-prom-"),
         "PYTHONPATH": str(ROOT),
     }
@@ -264,7 +269,7 @@ def main() -> None:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=30)
-    table = render(results, args.duration)
+    table = render(results, args.duration, args.worker_class)
     sys.stdout.write(table + "\n")
     if args.write_docs:
         write_docs(table)
@@ -341,9 +346,10 @@ def run_all(
     return results
 
 
-def render(results: list[dict[str, float]], duration: float) -> str:
+def render(results: list[dict[str, float]], duration: float, worker_class: str) -> str:
     lines = [
-        f"wrk, {duration:g} s per point, 2 sync gunicorn workers, every request a cache miss.",
+        f"wrk, {duration:g} s per point, 2 {worker_class} gunicorn workers, every request a "
+        "cache miss.",
         "",
         "| concurrency | req/s | p50 | p99 | upstream alone p50 / p99 | overhead p50 / p99 "
         "| CPU / request | peak RSS / worker | errors |",

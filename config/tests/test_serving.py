@@ -102,7 +102,7 @@ def stack(request, tmp_path) -> Iterator[dict]:
     upstream = FakeUpstream().start()
     db = settings.DATABASES["default"]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GUNICORN_"))}
     host, db_port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
     env.update(
         DATABASE_URL=f"postgres://{db['USER']}@{host}:{db_port}/{db['NAME']}",
@@ -111,8 +111,7 @@ def stack(request, tmp_path) -> Iterator[dict]:
         CELERY_TASK_ALWAYS_EAGER="0",
         OPENAI_BASE_URL=upstream.openai_base_url,
         OPENAI_API_KEY="sk-test",
-        WEB_CONCURRENCY="2",
-        GUNICORN_WORKER_CLASS="sync",
+        WEB_CONCURRENCY="2",  # and gunicorn.conf.py's default worker class, as deployed
         GUNICORN_BIND=f"127.0.0.1:{port}",
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
         SECURE_SSL_REDIRECT="0",
