@@ -5,7 +5,7 @@
 Every value comes from the environment:
     WEB_CONCURRENCY           workers (default: 2 per core, at most 8)
     GUNICORN_WORKER_CLASS     gthread (default) | sync | ...
-    GUNICORN_THREADS          threads per worker (default 8; 1 with sync)
+    GUNICORN_THREADS          threads per worker (default 4; 1 with sync)
     GUNICORN_BIND             default 0.0.0.0:$PORT (PORT default 8000)
     GUNICORN_TIMEOUT          a worker silent this long is killed (default 60 s)
     GUNICORN_GRACEFUL_TIMEOUT in-flight requests get this long after SIGTERM (default 30 s)
@@ -52,7 +52,7 @@ bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{_int('PORT', 8000)}")
 workers = _int("WEB_CONCURRENCY", min(2 * (os.cpu_count() or 1), 8))
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 # gunicorn turns a sync worker with more than one thread into gthread: sync means one.
-threads = _int("GUNICORN_THREADS", 1 if worker_class == "sync" else 8)
+threads = _int("GUNICORN_THREADS", 1 if worker_class == "sync" else 4)
 timeout = _int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = _int("GUNICORN_GRACEFUL_TIMEOUT", 30)
 keepalive = _int("GUNICORN_KEEPALIVE", 5)

@@ -215,7 +215,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(
-        "--worker-class", default="sync", help="gunicorn worker class (gthread: 8 threads each)"
+        "--worker-class",
+        default="sync",
+        help="gunicorn worker class (gthread: GUNICORN_THREADS each, default 4)",
     )
     parser.add_argument("--profile", type=int, default=0, help="profile N in-process requests")
     parser.add_argument(

@@ -21,7 +21,7 @@ from quotas.tests.factories import UserFactory
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SLOW = 3.0  # seconds the upstream takes: more than the worker timeout below
-CALLS = 4  # fewer than the configuration's default threads per worker
+CALLS = 4  # the configuration's default threads per worker
 
 
 def test_one_worker_holds_slow_upstream_calls_at_once_past_the_worker_timeout(tmp_path):
