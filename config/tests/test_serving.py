@@ -100,33 +100,19 @@ def broker_url(kind: str) -> str:
 def stack(request, tmp_path) -> Iterator[dict]:
     broker = broker_url(request.param)
     upstream = FakeUpstream().start()
-    db = settings.DATABASES["default"]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GUNICORN_"))}
-    host, db_port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
-    env.update(
-        DATABASE_URL=f"postgres://{db['USER']}@{host}:{db_port}/{db['NAME']}",
-        REDIS_URL=settings.REDIS_URL,
+    env = web_env(
+        port=port,
+        upstream=upstream,
+        prometheus_dir=tmp_path / "prometheus",
         CELERY_BROKER_URL=broker,
         CELERY_TASK_ALWAYS_EAGER="0",
-        OPENAI_BASE_URL=upstream.openai_base_url,
-        OPENAI_API_KEY="sk-test",
         WEB_CONCURRENCY="2",  # and gunicorn.conf.py's default worker class, as deployed
-        GUNICORN_BIND=f"127.0.0.1:{port}",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
-        SECURE_SSL_REDIRECT="0",
-        DJANGO_SETTINGS_MODULE="config.settings",
     )
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
     web_log, worker_log = tmp_path / "gunicorn.log", tmp_path / "celery.log"
-    with web_log.open("w") as web_out, worker_log.open("w") as worker_out:
-        web = subprocess.Popen(
-            [str(BIN / "gunicorn"), "config.wsgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=web_out,
-            stderr=subprocess.STDOUT,
-        )
+    web = start_web(env, web_log)
+    with worker_log.open("w") as worker_out:
         worker = subprocess.Popen(
             [
                 str(BIN / "celery"),
@@ -148,7 +134,7 @@ def stack(request, tmp_path) -> Iterator[dict]:
     base = f"http://127.0.0.1:{port}"
     logs = [web_log, worker_log]
     try:
-        wait_for(lambda: _live(base), 60, "gunicorn answering /health/live", logs)
+        wait_for(lambda: live(base), 60, "gunicorn answering /health/live", logs)
         yield {"base": base, "web": web, "worker": worker, "upstream": upstream, "logs": logs}
     finally:
         stop(web)
@@ -157,7 +143,50 @@ def stack(request, tmp_path) -> Iterator[dict]:
         connection.close()
 
 
-def _live(base: str) -> bool:
+def gpt_test_model() -> ModelPrice:
+    """The OpenAI-compatible model that the fake upstream answers for."""
+    return ModelPrice.objects.create(
+        model="gpt-test",
+        provider="openai",
+        upstream_model="gpt-4o-mini",
+        input_per_million="0.150000",
+        output_per_million="0.600000",
+    )
+
+
+def web_env(*, port: int, upstream: FakeUpstream, prometheus_dir: Path, **extra: str) -> dict:
+    """The environment of a gunicorn (gunicorn.conf.py) on `port`, on this test's database
+    and Redis, with the fake upstream as its provider; none of the test's own PYTEST_ or
+    GUNICORN_ variables."""
+    db = settings.DATABASES["default"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GUNICORN_"))}
+    host, db_port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    env.update(
+        DATABASE_URL=f"postgres://{db['USER']}@{host}:{db_port}/{db['NAME']}",
+        REDIS_URL=settings.REDIS_URL,
+        OPENAI_BASE_URL=upstream.openai_base_url,
+        OPENAI_API_KEY="sk-test",
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
+        SECURE_SSL_REDIRECT="0",
+        DJANGO_SETTINGS_MODULE="config.settings",
+        **extra,
+    )
+    return env
+
+
+def start_web(env: dict, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(BIN / "gunicorn"), "config.wsgi:application"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def live(base: str) -> bool:
     try:
         return http("GET", f"{base}/health/live")[0] == 200
     except OSError:
@@ -165,13 +194,7 @@ def _live(base: str) -> bool:
 
 
 def test_two_gunicorn_workers_and_a_celery_worker_serve_a_job_end_to_end(stack):
-    ModelPrice.objects.create(
-        model="gpt-test",
-        provider="openai",
-        upstream_model="gpt-4o-mini",
-        input_per_million="0.150000",
-        output_per_million="0.600000",
-    )
+    gpt_test_model()
     user = UserFactory()
     key, _ = key_create(user=user, name="e2e")
     base = stack["base"]

@@ -4,7 +4,6 @@ loopback fake upstream that takes longer to answer than gunicorn's worker timeou
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -12,9 +11,19 @@ import pytest
 import redis
 from django.conf import settings
 
-from config.tests.test_serving import BIN, ROOT, children, free_port, http, stop, wait_for
+from config.tests.test_serving import (
+    children,
+    free_port,
+    gpt_test_model,
+    http,
+    live,
+    start_web,
+    stop,
+    wait_for,
+    web_env,
+)
 from generation.tests.fake_upstream import Behaviour, FakeUpstream
-from quotas.models import ModelPrice, UsageRecord
+from quotas.models import UsageRecord
 from quotas.services import key_create
 from quotas.tests.factories import UserFactory
 
@@ -25,48 +34,25 @@ CALLS = 4  # the configuration's default threads per worker
 
 
 def test_one_worker_holds_slow_upstream_calls_at_once_past_the_worker_timeout(tmp_path):
-    import subprocess
-
-    ModelPrice.objects.create(
-        model="gpt-test",
-        provider="openai",
-        upstream_model="gpt-4o-mini",
-        input_per_million="0.150000",
-        output_per_million="0.600000",
-    )
+    gpt_test_model()
     key, _ = key_create(user=UserFactory(), name="slow")
     upstream = FakeUpstream().start()
     upstream.default = Behaviour(kind="slow", delay=SLOW, text="late", usage=(10, 5))
-    db = settings.DATABASES["default"]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GUNICORN_"))}
-    env.update(
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:"
-        f"{db['PORT'] or 5432}/{db['NAME']}",
-        REDIS_URL=settings.REDIS_URL,
-        OPENAI_BASE_URL=upstream.openai_base_url,
-        OPENAI_API_KEY="sk-test",
+    env = web_env(
+        port=port,
+        upstream=upstream,
+        prometheus_dir=tmp_path / "prometheus",
         UPSTREAM_READ_TIMEOUT="10",
         WEB_CONCURRENCY="1",
         GUNICORN_TIMEOUT="2",
-        GUNICORN_BIND=f"127.0.0.1:{port}",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
-        SECURE_SSL_REDIRECT="0",
-        DJANGO_SETTINGS_MODULE="config.settings",
     )
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
     log = tmp_path / "gunicorn.log"
     base = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        web = subprocess.Popen(
-            [str(BIN / "gunicorn"), "config.wsgi:application"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    web = start_web(env, log)
     try:
-        wait_for(lambda: _live(base), 60, "gunicorn answering /health/live", [log])
+        wait_for(lambda: live(base), 60, "gunicorn answering /health/live", [log])
         (worker,) = children(web.pid)
         results: list[int] = []
 
@@ -96,10 +82,3 @@ def test_one_worker_holds_slow_upstream_calls_at_once_past_the_worker_timeout(tm
 
 def _body(i: int) -> dict:
     return {"prompt": f"slow question {i}", "model": "gpt-test"}
-
-
-def _live(base: str) -> bool:
-    try:
-        return http("GET", f"{base}/health/live")[0] == 200
-    except OSError:
-        return False
