@@ -10,10 +10,11 @@ from typing import Any
 
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
 from config.errors import InvalidRequest
@@ -87,90 +88,83 @@ def _replay(body: Any, outcome_headers: dict[str, str], cache: str) -> services.
     return services.Replay(status=200, body=body, headers={**outcome_headers, "X-Cache": cache})
 
 
-class GenerationCreateView(RateLimitHeadersMixin, APIView):
+class _AnswerView(RateLimitHeadersMixin, APIView):
+    """A POST answered by the generation services: the body checked by `input_serializer`,
+    then `answer` run once per Idempotency-Key (`name` is the view's part of the key's
+    fingerprint)."""
+
     permission_classes = (IsAuthenticated, KeyScopePermission)
     key_scope = "generate"
+    input_serializer: type[Serializer[Any]]
+    name: str
 
-    @extend_schema(
-        request=GenerateInputSerializer,
-        responses={200: GenerateOutputSerializer},
-        parameters=[IDEMPOTENCY_HEADER],
-    )
     def post(self, request: Request) -> Response:
-        params = GenerateInputSerializer(data=request.data)
+        params = self.input_serializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
         caller = _caller(request, data["priority"])
+        return _respond(request, self.name, lambda: self.answer(caller, data))
 
-        def run() -> services.Replay:
-            outcome = services.completion_create(
-                caller=caller,
-                model=data.get("model"),
-                messages=data["messages"],
-                max_tokens=data.get("max_tokens"),
-                temperature=data.get("temperature"),
-                cache_policy=data["cache"],
-            )
-            body = services.completion_body(outcome, request_id=caller.request_id)
-            return _replay(body, outcome.headers, outcome.cache)
-
-        return _respond(request, "generate", run)
+    def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
+        raise NotImplementedError
 
 
-class TopicSubtopicsView(RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated, KeyScopePermission)
-    key_scope = "generate"
-
-    @extend_schema(
-        request=SubtopicsInputSerializer,
-        responses={200: SubtopicsOutputSerializer},
-        parameters=[IDEMPOTENCY_HEADER],
+def _documented(request: type[Serializer[Any]], response: type[Serializer[Any]]) -> Any:
+    return extend_schema_view(
+        post=extend_schema(
+            request=request, responses={200: response}, parameters=[IDEMPOTENCY_HEADER]
+        )
     )
-    def post(self, request: Request) -> Response:
-        params = SubtopicsInputSerializer(data=request.data)
-        params.is_valid(raise_exception=True)
-        data = params.validated_data
-        caller = _caller(request, data["priority"])
-
-        def run() -> services.Replay:
-            outcome = services.topic_subtopics(
-                caller=caller, topic=data["topic"], count=data["count"], model=data.get("model")
-            )
-            body = services.subtopics_body(outcome, topic=data["topic"])
-            return _replay(body, outcome.headers, outcome.cache)
-
-        return _respond(request, "subtopics", run)
 
 
-class TopicExplanationsView(RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated, KeyScopePermission)
-    key_scope = "generate"
+@_documented(GenerateInputSerializer, GenerateOutputSerializer)
+class GenerationCreateView(_AnswerView):
+    input_serializer = GenerateInputSerializer
+    name = "generate"
 
-    @extend_schema(
-        request=ExplanationsInputSerializer,
-        responses={200: ExplanationsOutputSerializer},
-        parameters=[IDEMPOTENCY_HEADER],
-    )
-    def post(self, request: Request) -> Response:
-        params = ExplanationsInputSerializer(data=request.data)
-        params.is_valid(raise_exception=True)
-        data = params.validated_data
-        caller = _caller(request, data["priority"])
+    def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
+        outcome = services.completion_create(
+            caller=caller,
+            model=data.get("model"),
+            messages=data["messages"],
+            max_tokens=data.get("max_tokens"),
+            temperature=data.get("temperature"),
+            cache_policy=data["cache"],
+        )
+        body = services.completion_body(outcome, request_id=caller.request_id)
+        return _replay(body, outcome.headers, outcome.cache)
 
-        def run() -> services.Replay:
-            items = services.topic_explanations(
-                caller=caller,
-                topic=data["topic"],
-                subtopics=data["subtopics"],
-                model=data.get("model"),
-            )
-            every = {i.outcome.cache for i in items if i.outcome}
-            cache = every.pop() if len(every) == 1 else "MISS"
-            return _replay(
-                services.explanations_body(items), services.explanations_headers(items), cache
-            )
 
-        return _respond(request, "explanations", run)
+@_documented(SubtopicsInputSerializer, SubtopicsOutputSerializer)
+class TopicSubtopicsView(_AnswerView):
+    input_serializer = SubtopicsInputSerializer
+    name = "subtopics"
+
+    def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
+        outcome = services.topic_subtopics(
+            caller=caller, topic=data["topic"], count=data["count"], model=data.get("model")
+        )
+        body = services.subtopics_body(outcome, topic=data["topic"])
+        return _replay(body, outcome.headers, outcome.cache)
+
+
+@_documented(ExplanationsInputSerializer, ExplanationsOutputSerializer)
+class TopicExplanationsView(_AnswerView):
+    input_serializer = ExplanationsInputSerializer
+    name = "explanations"
+
+    def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
+        items = services.topic_explanations(
+            caller=caller,
+            topic=data["topic"],
+            subtopics=data["subtopics"],
+            model=data.get("model"),
+        )
+        every = {i.outcome.cache for i in items if i.outcome}
+        cache = every.pop() if len(every) == 1 else "MISS"
+        return _replay(
+            services.explanations_body(items), services.explanations_headers(items), cache
+        )
 
 
 # --- OpenAI-compatible ----------------------------------------------------------------------
