@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from generation.tokens import tokens_count, tokens_count_messages
+
 
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
@@ -34,6 +36,17 @@ class Completion:
     completion_tokens: int
     finish_reason: str = "stop"
     usage_reported: bool = True
+
+    @classmethod
+    def estimated(cls, request: CompletionRequest, text: str, finish_reason: str) -> Completion:
+        """An answer whose provider reported no usage: both counts estimated."""
+        return cls(
+            text=text,
+            prompt_tokens=tokens_count_messages(request.messages),
+            completion_tokens=tokens_count(text),
+            finish_reason=finish_reason,
+            usage_reported=False,
+        )
 
 
 class ProviderFailure(Exception):  # noqa: N818 - a family of failures, not one error

@@ -19,7 +19,6 @@ from generation.providers.base import (
     ProviderUnreachable,
     failure_for_status,
 )
-from generation.tokens import tokens_count, tokens_count_messages
 
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
 
@@ -107,13 +106,7 @@ def _with_usage(
             completion_tokens=usage.candidates_token_count or 0,
             finish_reason=finish,
         )
-    return Completion(
-        text=text,
-        prompt_tokens=tokens_count_messages(request.messages),
-        completion_tokens=tokens_count(text),
-        finish_reason=finish,
-        usage_reported=False,
-    )
+    return Completion.estimated(request, text, finish)
 
 
 @contextmanager

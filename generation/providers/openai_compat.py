@@ -20,7 +20,6 @@ from generation.providers.base import (
     ProviderUnreachable,
     failure_for_status,
 )
-from generation.tokens import tokens_count, tokens_count_messages
 
 
 class OpenAIProvider:
@@ -89,13 +88,7 @@ class OpenAIProvider:
         if usage is not None:
             yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
         else:
-            yield Completion(
-                text,
-                tokens_count_messages(request.messages),
-                tokens_count(text),
-                finish,
-                usage_reported=False,
-            )
+            yield Completion.estimated(request, text, finish)
 
 
 @contextmanager
@@ -134,10 +127,4 @@ def _completion(data: Any, request: CompletionRequest) -> Completion:
             )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise ProviderServerError(f"openai: unexpected response shape: {exc!r}") from exc
-    return Completion(
-        text=str(text),
-        prompt_tokens=tokens_count_messages(request.messages),
-        completion_tokens=tokens_count(str(text)),
-        finish_reason=str(finish),
-        usage_reported=False,
-    )
+    return Completion.estimated(request, str(text), str(finish))
