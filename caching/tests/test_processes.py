@@ -8,12 +8,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-from caching.services import cache_invalidate, cache_local_reset, cache_set, single_flight
+from caching.services import (
+    cache_invalidate,
+    cache_local_reset,
+    cache_namespace_drop,
+    cache_set,
+    single_flight,
+)
 from caching.tier import tier
 
 pytestmark = pytest.mark.slow
@@ -39,64 +46,55 @@ def _redis(redis_conn):
     return redis_conn
 
 
-def test_pattern_invalidation_reaches_another_process_memory_within_one_second():
-    python_key = "topic:python programming:subtopics:abc"
-    rust_key = "topic:rust:subtopics:abc"
-    cache_set(python_key, {"text": "python"})
-    cache_set(rust_key, {"text": "rust"})
-    worker = _spawn("read", python_key, rust_key)
+def _layers_in_another_process_after(entries: dict[str, str], change: Callable[[], object]):
+    """Store `entries`, have another process read them (into its memory layer), make
+    `change` here, wait the contract's one second, and return the layer each key now comes
+    from in the other process ("memory", "redis" or "none")."""
+    for key, text in entries.items():
+        cache_set(key, {"text": text})
+    worker = _spawn("read", *entries)
     try:
-        assert json.loads(worker.stdout.readline()) == ["memory", "memory"]
-
-        assert cache_invalidate(pattern="topic:python*") == 1
+        assert json.loads(worker.stdout.readline()) == ["memory"] * len(entries)
+        change()
         time.sleep(1.0)  # the contract's bound
         worker.stdin.write("check\n")
         worker.stdin.flush()
-
-        # The other process's memory no longer answers for python, still does for rust.
-        assert json.loads(worker.stdout.readline()) == ["none", "memory"]
+        return json.loads(worker.stdout.readline())
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_pattern_invalidation_reaches_another_process_memory_within_one_second():
+    entries = {"topic:python programming:subtopics:abc": "python", "topic:rust:subtopics:abc": "r"}
+
+    layers = _layers_in_another_process_after(
+        entries, lambda: cache_invalidate(pattern="topic:python*")
+    )
+
+    # The other process's memory no longer answers for python, still does for rust.
+    assert layers == ["none", "memory"]
 
 
 def test_namespace_drop_reaches_another_process_memory_within_one_second():
-    from caching.services import cache_namespace_drop
+    entries = {"gen:a": "a", "topic:a:subtopics:x": "b"}
 
-    cache_set("gen:a", {"text": "a"})
-    cache_set("topic:a:subtopics:x", {"text": "b"})
-    worker = _spawn("read", "gen:a", "topic:a:subtopics:x")
-    try:
-        assert json.loads(worker.stdout.readline()) == ["memory", "memory"]
+    layers = _layers_in_another_process_after(
+        entries, lambda: cache_namespace_drop(namespace="gen")
+    )
 
-        cache_namespace_drop(namespace="gen")
-        time.sleep(1.0)
-        worker.stdin.write("check\n")
-        worker.stdin.flush()
-
-        assert json.loads(worker.stdout.readline()) == ["none", "memory"]
-    finally:
-        worker.kill()
-        worker.wait()
+    assert layers == ["none", "memory"]
 
 
 def test_broadcast_set_replaces_another_process_memory_copy_within_one_second():
-    cache_set("gen:a", {"text": "old"})
-    cache_set("gen:b", {"text": "other"})
-    worker = _spawn("read", "gen:a", "gen:b")
-    try:
-        assert json.loads(worker.stdout.readline()) == ["memory", "memory"]
+    entries = {"gen:a": "old", "gen:b": "other"}
 
-        cache_set("gen:a", {"text": "new"}, broadcast=True)
-        time.sleep(1.0)
-        worker.stdin.write("check\n")
-        worker.stdin.flush()
+    layers = _layers_in_another_process_after(
+        entries, lambda: cache_set("gen:a", {"text": "new"}, broadcast=True)
+    )
 
-        # Its memory copy was dropped: the new answer comes from Redis.
-        assert json.loads(worker.stdout.readline()) == ["redis", "memory"]
-    finally:
-        worker.kill()
-        worker.wait()
+    # Its memory copy was dropped: the new answer comes from Redis.
+    assert layers == ["redis", "memory"]
 
 
 def test_single_flight_across_processes_computes_once(redis_conn):
