@@ -90,20 +90,20 @@ def _replay(body: Any, outcome_headers: dict[str, str], cache: str) -> services.
 
 class _AnswerView(RateLimitHeadersMixin, APIView):
     """A POST answered by the generation services: the body checked by `input_serializer`,
-    then `answer` run once per Idempotency-Key (`name` is the view's part of the key's
-    fingerprint)."""
+    then `answer` run once per Idempotency-Key (`fingerprint_scope` keeps one endpoint's
+    key from replaying another's answer)."""
 
     permission_classes = (IsAuthenticated, KeyScopePermission)
     key_scope = "generate"
     input_serializer: type[Serializer[Any]]
-    name: str
+    fingerprint_scope: str
 
     def post(self, request: Request) -> Response:
         params = self.input_serializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
         caller = _caller(request, data["priority"])
-        return _respond(request, self.name, lambda: self.answer(caller, data))
+        return _respond(request, self.fingerprint_scope, lambda: self.answer(caller, data))
 
     def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
         raise NotImplementedError
@@ -120,7 +120,7 @@ def _documented(request: type[Serializer[Any]], response: type[Serializer[Any]])
 @_documented(GenerateInputSerializer, GenerateOutputSerializer)
 class GenerationCreateView(_AnswerView):
     input_serializer = GenerateInputSerializer
-    name = "generate"
+    fingerprint_scope = "generate"
 
     def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
         outcome = services.completion_create(
@@ -138,7 +138,7 @@ class GenerationCreateView(_AnswerView):
 @_documented(SubtopicsInputSerializer, SubtopicsOutputSerializer)
 class TopicSubtopicsView(_AnswerView):
     input_serializer = SubtopicsInputSerializer
-    name = "subtopics"
+    fingerprint_scope = "subtopics"
 
     def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
         outcome = services.topic_subtopics(
@@ -151,7 +151,7 @@ class TopicSubtopicsView(_AnswerView):
 @_documented(ExplanationsInputSerializer, ExplanationsOutputSerializer)
 class TopicExplanationsView(_AnswerView):
     input_serializer = ExplanationsInputSerializer
-    name = "explanations"
+    fingerprint_scope = "explanations"
 
     def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
         items = services.topic_explanations(

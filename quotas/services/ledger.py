@@ -13,9 +13,16 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, models
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    models,
+)
 from django.db.models import Count, Q, Sum
-from django.utils import timezone
 
 from health import metrics
 from quotas.engine import (
@@ -117,9 +124,9 @@ def _ledger_write(
 
 
 @functools.cache
-def _ledger_columns(vendor: str) -> tuple[str, tuple[tuple[str, Any, Any], ...]]:
+def _ledger_columns(vendor: str) -> tuple[str, tuple[tuple[str, Any, bool], ...]]:
     """`INSERT INTO <ledger> (<columns>) VALUES`, and per column its attribute name, its
-    default and the field whose database preparation it needs (None: the value as it is).
+    field and whether its value needs the database's preparation (decimals, datetimes).
     Built once from the model."""
     fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
     quote = connection.ops.quote_name
@@ -127,22 +134,19 @@ def _ledger_columns(vendor: str) -> tuple[str, tuple[tuple[str, Any, Any], ...]]
     # Names from the model's meta, quoted; the values are parameters.
     head = f"INSERT INTO {quote(UsageRecord._meta.db_table)} ({columns}) VALUES "  # noqa: S608
     prep = (models.DecimalField, models.DateTimeField)
-    return head, tuple(
-        (f.attname, f.get_default(), f if isinstance(f, prep) else None) for f in fields
-    )
+    return head, tuple((f.attname, f, isinstance(f, prep)) for f in fields)
 
 
 def _row(**values: Any) -> list[Any]:
-    """The INSERT parameters of one ledger row (`created_at` now unless given), without
-    building a model instance: the hot path writes one per request."""
-    values.setdefault("created_at", timezone.now())
+    """The INSERT parameters of one ledger row (the model's defaults for what is not
+    given, `created_at` now), without building a model instance: the hot path writes one
+    per request."""
     _, columns = _ledger_columns(connection.vendor)
-    return [
-        values.get(name, default)
-        if field is None
-        else field.get_db_prep_save(values.get(name, default), connection)
-        for name, default, field in columns
-    ]
+    params = []
+    for name, field, prepared in columns:
+        value = values[name] if name in values else field.get_default()
+        params.append(field.get_db_prep_save(value, connection) if prepared else value)
+    return params
 
 
 def _ledger_sql(rows: int) -> str:
@@ -177,7 +181,7 @@ def _execute(sql: str, params: list[Any]) -> None:
 # --- cache-hit ledger rows (batched) -----------------------------------------------------
 
 HIT_BATCH_ROWS = 500  # rows per INSERT of the batched cache-hit rows
-HIT_BACKLOG_MAX = 200_000  # rows kept while the database cannot be written (~100 MB)
+HIT_BACKLOG_MAX = 200_000  # rows kept while the database cannot be written (~65 MB)
 _hit_queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
@@ -186,30 +190,57 @@ _flusher_lock = threading.Lock()
 def usage_flush() -> int:
     """Write the queued cache-hit rows now (multi-row INSERTs); the number written.
 
-    Rows that cannot be written (the database unreachable) go back to the queue for the
-    next flush, up to HIT_BACKLOG_MAX rows; past that the oldest are dropped and logged.
-    Raises the database error after re-queueing."""
+    A row the database can never take (a user or key deleted meanwhile: IntegrityError,
+    DataError) is dropped and logged, the rest of its batch written one by one. Rows that
+    cannot be written now (the database unreachable, busy, mid-migration) go back to the
+    queue for the next flush, up to HIT_BACKLOG_MAX rows (the oldest are dropped and
+    logged past that), and the error is raised."""
     rows: list[list[Any]] = []
     while True:
         try:
             rows.append(_hit_queue.get_nowait())
         except queue.Empty:
             break
+    done = 0  # rows written or dropped for good
     written = 0
     try:
         for start in range(0, len(rows), HIT_BATCH_ROWS):
             batch = rows[start : start + HIT_BATCH_ROWS]
-            _execute(_ledger_sql(len(batch)), [v for row in batch for v in row])
-            written += len(batch)
+            try:
+                _execute(_ledger_sql(len(batch)), [v for row in batch for v in row])
+                written += len(batch)
+            except _REFUSED:
+                for row in batch:
+                    written += _insert_or_drop(row)
+                    done += 1
+                continue
+            done += len(batch)
     except Exception:
-        left = rows[written:]
-        dropped = max(0, len(left) + _hit_queue.qsize() - HIT_BACKLOG_MAX)
-        if dropped:
-            logger.error("cache-hit ledger backlog full: %d rows dropped", dropped)
-        for row in left[dropped:]:
-            _hit_queue.put(row)
+        _requeue(rows[done:])
         raise
     return written
+
+
+_REFUSED = (IntegrityError, DataError)  # what a row itself makes impossible
+
+
+def _insert_or_drop(row: list[Any]) -> int:
+    """INSERT one row; 0 and an error in the log if the database refuses that row."""
+    try:
+        _ledger_insert(row)
+    except _REFUSED:
+        logger.exception("ledger row dropped: the database refuses it")
+        return 0
+    return 1
+
+
+def _requeue(rows: list[list[Any]]) -> None:
+    """Put rows back for the next flush, keeping at most HIT_BACKLOG_MAX queued."""
+    dropped = min(len(rows), max(0, len(rows) + _hit_queue.qsize() - HIT_BACKLOG_MAX))
+    if dropped:
+        logger.error("cache-hit ledger backlog full: %d rows dropped", dropped)
+    for row in rows[dropped:]:
+        _hit_queue.put(row)
 
 
 def _flush_forever(interval: float) -> None:
@@ -234,14 +265,15 @@ def _enqueue(row: list[Any]) -> None:
 
 
 def _insert_or_keep(row: list[Any]) -> None:
-    """INSERT a ledger row now; if the database refuses it, keep it for the next flush
-    rather than lose it (the request it records has been served, and charged in Redis)."""
+    """INSERT a ledger row now; if the database cannot take it now, keep it for the next
+    flush rather than lose it (the request it records has been served, and charged in
+    Redis). A row the database refuses for good is dropped and logged (`_insert_or_drop`)."""
     try:
-        _ledger_insert(row)
+        _insert_or_drop(row)
     except DatabaseError:
         if connection.in_atomic_block:
             raise
-        logger.exception("ledger row kept for a later flush: the database refused it")
+        logger.exception("ledger row kept for a later flush: the database is unavailable")
         _keep(row)
 
 

@@ -11,13 +11,15 @@ from quotas.services import ledger, usage_flush
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _queue_hit_rows(user, count: int) -> list[str]:
-    ids = [f"hit-{i}" for i in range(count)]
+def _queue_hit_rows(
+    user, count: int, *, user_id: int | None = None, prefix: str = "hit"
+) -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(count)]
     for request_id in ids:
         ledger._hit_queue.put(
             ledger._row(
                 request_id=request_id,
-                user_id=user.pk,
+                user_id=user.pk if user_id is None else user_id,
                 model="local/demo",
                 provider="local",
                 cached=True,
@@ -47,3 +49,16 @@ def test_hit_rows_past_the_backlog_bound_are_dropped_oldest_first(user, hidden_l
 
     assert usage_flush() == 2
     assert set(UsageRecord.objects.values_list("request_id", flat=True)) == {"hit-3", "hit-4"}
+
+
+def test_a_row_the_database_refuses_for_good_is_dropped_and_the_rest_written(user, caplog):
+    # Its user was deleted between the request and the flush: the foreign key refuses it
+    # now and always. It must not hold back the rows queued with it.
+    good = _queue_hit_rows(user, 3)
+    _queue_hit_rows(user, 1, user_id=user.pk + 10_000, prefix="orphan")
+
+    assert usage_flush() == 3
+
+    assert set(UsageRecord.objects.values_list("request_id", flat=True)) == set(good)
+    assert ledger._hit_queue.empty()
+    assert "ledger row dropped" in caplog.text
