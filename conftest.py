@@ -50,6 +50,29 @@ def redis_conn():
     conn.flushdb()
 
 
+class RedisRoundTrips:
+    """Counts what redis-py writes to its sockets: a command, a pipeline or a script call is
+    one write and one round trip."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import redis.connection
+
+        self.count = 0
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(conn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.count += 1
+            return original(conn, *args, **kwargs)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+
+
+@pytest.fixture
+def redis_round_trips(monkeypatch):
+    """A RedisRoundTrips counter for this test (`.count`, set it back to 0 at will)."""
+    return RedisRoundTrips(monkeypatch)
+
+
 @pytest.fixture(autouse=True)
 def _clean_process_state():
     """Each test starts with empty in-process caches (policies, keys, memory cache)."""

@@ -29,6 +29,7 @@ from caching.tier import (
     tier,
     tier_reset,
 )
+from config.redis_calls import ScriptCall, run_calls
 
 logger = logging.getLogger("tollgate.caching")
 
@@ -192,37 +193,92 @@ def _store(
     ttl: int | None = None,
     now: float | None = None,
     broadcast: bool = False,
-    lock: tuple[str, str] | None = None,
+    lock: FlightLock | None = None,
 ) -> None:
-    """`cache_set`; with `lock` (key, token), also release that single-flight lock in the
-    same round trip."""
+    """`cache_set`; with `lock`, also release that single-flight lock in the same round trip."""
+    pending = cache_store_later(key, value, lock=lock, ttl=ttl, now=now)
+    pending.finish()
+    if broadcast and pending.in_redis:
+        t = tier()
+        try:
+            t.publish("key", key)
+        except Exception:
+            logger.warning("cache invalidation publish failed", exc_info=True)
+            t.mark_down()
+
+
+@dataclass(slots=True)
+class PendingStore:
+    """An answer to store, its Redis write not sent yet (`cache_store_later`).
+
+    `calls`: that write (one script: SET the entry, release the single-flight lock if it is
+    still ours), for another service to send in its own round trip (the settlement of the
+    same request: `usage_settle(riders=...)`). Then `finish()` puts the answer in this
+    worker's memory layer. If the write never went out, `finish()` sends it; if it failed,
+    the answer stays in memory alone and the lock is released on its own (best effort).
+    """
+
+    key: str
+    body: str
+    memory_until: float
+    lock: FlightLock | None
+    call: ScriptCall | None
+    in_redis: bool = False
+    finished: bool = False
+
+    @property
+    def calls(self) -> tuple[ScriptCall, ...]:
+        return () if self.call is None else (self.call,)
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        t = tier()
+        if self.call is not None:
+            run_calls([self.call])  # nothing to do if it went out with another round trip
+            if self.call.error is None:
+                self.in_redis = True
+            else:
+                logger.warning("cache write failed", exc_info=self.call.error)
+                t.mark_down()
+        if self.lock is not None and not self.in_redis:
+            _release(t, self.lock.key, self.lock.token)
+        t.memory.put(self.key, self.body, expires_at=self.memory_until)
+        t.count("sets", "redis" if self.in_redis else "memory", "set")
+
+
+def cache_store_later(
+    key: str,
+    value: dict[str, Any],
+    *,
+    lock: FlightLock | None = None,
+    ttl: int | None = None,
+    now: float | None = None,
+) -> PendingStore:
+    """Prepare the store of an answer (as `cache_set`, releasing `lock` with it) whose Redis
+    write goes out with another round trip; see PendingStore. Call its `finish()`."""
     t = tier()
     t.sync()
     now = time.time() if now is None else now
-    fresh_ttl = settings.CACHE_REDIS_TTL if ttl is None else ttl
-    fresh_until = now + fresh_ttl
+    fresh_until = now + (settings.CACHE_REDIS_TTL if ttl is None else ttl)
     stale_until = fresh_until + settings.QUOTA_FALLBACK_CACHE_TTL
     body = encode(value)
     split_key(key)
-    layer = "memory"
+    call = None
     if t.available():
         raw = f"{fresh_until:.3f} {stale_until:.3f}\n{body}".encode()
-        try:
-            px = max(1, int((stale_until - now) * 1000))
-            if lock is None:
-                t.redis.set(t.entry_key(key), raw, px=px)
-            else:
-                t.store_and_release(t.entry_key(key), raw, px, *lock)
-            if broadcast:
-                t.publish("key", key)
-            layer = "redis"
-        except Exception:  # still kept in this worker's memory
-            logger.warning("cache write failed", exc_info=True)
-            t.mark_down()
-    if lock is not None and layer != "redis":  # not stored: release on its own (best effort)
-        _release(t, *lock)
-    t.memory.put(key, body, expires_at=min(now + settings.CACHE_MEMORY_TTL, fresh_until))
-    t.count("sets", layer, "set")
+        px = max(1, int((stale_until - now) * 1000))
+        # Without a lock of ours, an empty token: the script then releases nothing.
+        lock_key, token = (lock.key, lock.token) if lock else (t.k("lock:" + key), "")
+        call = t.store_and_release_call(t.entry_key(key), raw, px, lock_key, token)
+    return PendingStore(
+        key=key,
+        body=body,
+        memory_until=min(now + settings.CACHE_MEMORY_TTL, fresh_until),
+        lock=lock,
+        call=call,
+    )
 
 
 def cache_fresh_for(key: str, *, now: float | None = None) -> float | None:
@@ -316,6 +372,7 @@ def single_flight(
     store: bool = True,
     ttl: int | None = None,
     lock: FlightLock | None = None,
+    keep_lock: bool = False,
 ) -> tuple[dict[str, Any], bool]:
     """Run `compute` once for concurrent identical misses, across threads and processes.
 
@@ -329,7 +386,10 @@ def single_flight(
     is released at once so that another process may try.
 
     `lock`: the lock already taken by `cache_lookup`; its holder computes at once (a
-    thread of this process that got here first is waiting for its answer).
+    thread of this process that got here first is waiting for its answer). With
+    `keep_lock=True` that value is neither stored nor the lock released: the caller does
+    both with `cache_store_later(key, value, lock=lock)`, whose write can ride in another
+    round trip (the lock is still released at once if `compute` raises).
     """
     t = tier()
     with t._flights_lock:
@@ -345,7 +405,8 @@ def single_flight(
         return _compute_and_store(key, compute, store=store, ttl=ttl), True
     try:
         if lock is not None:
-            value, here = _compute_locked(key, compute, lock, store=store, ttl=ttl), True
+            kept = None if keep_lock else store
+            value, here = _compute_locked(key, compute, lock, store=kept, ttl=ttl), True
         else:
             value, here = _single_flight_shared(
                 key, compute, wait_seconds=wait_seconds, store=store, ttl=ttl
@@ -369,19 +430,20 @@ def _compute_locked(
     compute: Callable[[], dict[str, Any]],
     lock: FlightLock,
     *,
-    store: bool,
+    store: bool | None,
     ttl: int | None,
 ) -> dict[str, Any]:
     """Compute under our lock; store the value and release the lock in one round trip
-    (or release it at once if `compute` raises)."""
+    (or release it at once if `compute` raises). `store=None`: the caller stores the value
+    and releases the lock (`cache_store_later`)."""
     try:
         value = compute()
     except BaseException:
         _release(tier(), lock.key, lock.token)
         raise
     if store:
-        _store(key, value, ttl=ttl, lock=(lock.key, lock.token))
-    else:
+        _store(key, value, ttl=ttl, lock=lock)
+    elif store is not None:
         _release(tier(), lock.key, lock.token)
     return value
 

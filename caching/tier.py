@@ -49,6 +49,7 @@ from typing import Any
 from django.conf import settings
 
 from caching.memory import MemoryLayer
+from config.redis_calls import ScriptCall
 from health.metrics import CACHE_OPERATIONS
 
 logger = logging.getLogger("tollgate.caching")
@@ -327,6 +328,15 @@ class CacheTier:
         """SET the entry (PX `px`) and release our single-flight lock: one round trip."""
         self.redis  # noqa: B018 - loads the scripts
         self._scripts["store_release"](keys=[entry_key, lock_key], args=[raw, px, token])
+
+    def store_and_release_call(
+        self, entry_key: str, raw: bytes, px: int, lock_key: str, token: str
+    ) -> ScriptCall:
+        """`store_and_release` as a call to send in another service's round trip."""
+        self.redis  # noqa: B018 - loads the scripts
+        return ScriptCall(
+            self._scripts["store_release"], keys=[entry_key, lock_key], args=[raw, px, token]
+        )
 
     # --- scanning ---------------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ import math
 import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from config.redis_calls import ScriptCall, run_calls
 from quotas.engine import Decision, RebuildNeeded, StalePolicy, WindowState, seconds_left
 from quotas.errors import DuplicateRequest
 from quotas.policy import Quota
@@ -200,7 +202,18 @@ class LocalQuotaBackend:
         return used, reset, wait
 
     # --- settlement ---
-    def settle(self, *, request_id: str, tokens: int, cost: int, refund: bool) -> bool:
+    def settle(
+        self,
+        *,
+        request_id: str,
+        tokens: int,
+        cost: int,
+        refund: bool,
+        riders: Sequence[ScriptCall] = (),
+    ) -> bool:
+        """Settle in the process; `riders` (Redis calls of other services, should there be
+        a Redis for them) are sent on their own."""
+        run_calls(riders)
         with self._lock:
             res = self._reservations.pop(request_id, None)
             if res is None:

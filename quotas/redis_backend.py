@@ -27,6 +27,7 @@ ledger before its next use.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from config.redis_calls import ScriptCall, run_calls
 from quotas.engine import (
     BackendUnavailable,
     Decision,
@@ -170,15 +172,28 @@ class RedisQuotaBackend:
             admitted=False, windows=windows, denied=denied, retry_after=float(_text(reply[2]))
         )
 
-    def settle(self, *, request_id: str, tokens: int, cost: int, refund: bool) -> bool:
-        try:
-            done = self._settle(
-                keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
-                args=[request_id, "refund" if refund else "settle", tokens, cost],
-            )
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
-        return bool(done)
+    def settle(
+        self,
+        *,
+        request_id: str,
+        tokens: int,
+        cost: int,
+        refund: bool,
+        riders: Sequence[ScriptCall] = (),
+    ) -> bool:
+        """Settle (or refund) one reservation; `riders`, other services' script calls
+        (the cache store of this very answer), go in the same round trip."""
+        call = ScriptCall(
+            self._settle,
+            keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
+            args=[request_id, "refund" if refund else "settle", tokens, cost],
+        )
+        run_calls([call, *riders])
+        if isinstance(call.error, _UNAVAILABLE):
+            raise BackendUnavailable(str(call.error)) from call.error
+        if call.error is not None:
+            raise call.error
+        return bool(call.reply)
 
     def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int:
         """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present."""

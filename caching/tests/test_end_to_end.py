@@ -154,3 +154,35 @@ def test_invalidated_answer_is_generated_again(
 
     assert again["X-Cache"] == "MISS"
     assert again.json()["text"] == "v2"
+
+
+@pytest.mark.django_db
+def test_a_miss_makes_three_redis_round_trips_and_a_memory_hit_one(
+    upstream_settings, fake_upstream, openai_model, api_key, redis_round_trips
+):
+    # Look-up (taking the single-flight lock), admission, then the settlement with the
+    # answer's store and the lock's release in one round trip. The fewest of five: the
+    # invalidation poll adds one round trip per worker every 0.25 s.
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    client.post(URL, {"prompt": "warm-up", "model": "gpt-test"}, format="json")
+    misses, hits = [], []
+    for i in range(5):
+        redis_round_trips.count = 0
+        miss = client.post(URL, {"prompt": f"question {i}", "model": "gpt-test"}, format="json")
+        misses.append(redis_round_trips.count)
+        redis_round_trips.count = 0
+        hit = client.post(URL, {"prompt": f"question {i}", "model": "gpt-test"}, format="json")
+        hits.append(redis_round_trips.count)
+        assert (miss["X-Cache"], hit["X-Cache"], hit.json()["cache_layer"]) == (
+            "MISS",
+            "HIT",
+            "memory",
+        )
+
+    assert min(misses) == 3
+    assert min(hits) == 1  # the admission call that counts the request
+    cache_local_reset()
+    other_worker = client.post(URL, {"prompt": "question 0", "model": "gpt-test"}, format="json")
+    assert (other_worker["X-Cache"], other_worker.json()["cache_layer"]) == ("HIT", "redis")
+    assert not list(get_redis_connection("default").scan_iter("*lock:*"))

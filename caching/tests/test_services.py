@@ -18,6 +18,7 @@ from caching.services import (
     cache_set,
     cache_stats,
     cache_stats_reset,
+    cache_store_later,
     flight_release,
     popularity_bump,
     popularity_top,
@@ -25,6 +26,7 @@ from caching.services import (
     topic_normalise,
 )
 from caching.tier import tier
+from config.redis_calls import ScriptCall, run_calls
 
 T0 = 1_900_000_000.0  # a fixed "now" for the TTL tests
 
@@ -421,3 +423,44 @@ def test_thread_holding_the_lookup_lock_leads_even_if_another_thread_waits_first
 
     assert results == [({"text": "A"}, False)]
     assert time.monotonic() - started < 5
+
+
+def test_kept_lookup_lock_is_released_by_the_deferred_store_in_another_round_trip(redis_conn):
+    # A miss's leader keeps its lock past the computation; the store that releases it is a
+    # call sent in someone else's round trip (the settlement's), then finished here.
+    _, lock = cache_lookup("gen:later", lock_seconds=30)
+    value, here = single_flight("gen:later", lambda: {"text": "later"}, lock=lock, keep_lock=True)
+    assert (value, here) == ({"text": "later"}, True)
+    assert redis_conn.get(lock.key).decode() == lock.token  # still ours
+    assert cache_lookup("gen:later", lock_seconds=30) == (None, None)  # others wait
+
+    pending = cache_store_later("gen:later", value, lock=lock)
+    other = ScriptCall(redis_conn.register_script("return 7"), keys=[], args=[])
+    run_calls([other, *pending.calls])
+    pending.finish()
+
+    assert other.reply == 7
+    assert redis_conn.exists(lock.key) == 0
+    assert cache_get("gen:later").layer == "memory"
+    cache_local_reset()
+    assert cache_get("gen:later").value == {"text": "later"}  # in Redis for every worker
+
+
+def test_deferred_store_whose_call_never_went_out_is_sent_by_finish(redis_conn):
+    _, lock = cache_lookup("gen:unsent", lock_seconds=30)
+
+    cache_store_later("gen:unsent", {"text": "mine"}, lock=lock).finish()
+
+    assert redis_conn.exists(lock.key) == 0
+    cache_local_reset()
+    assert cache_get("gen:unsent").value == {"text": "mine"}
+
+
+def test_deferred_store_without_a_lock_leaves_anothers_lock_alone(redis_conn):
+    _, theirs = cache_lookup("gen:theirs", lock_seconds=30)
+
+    cache_store_later("gen:theirs", {"text": "mine"}).finish()
+
+    assert redis_conn.get(theirs.key).decode() == theirs.token
+    cache_local_reset()
+    assert cache_get("gen:theirs").value == {"text": "mine"}

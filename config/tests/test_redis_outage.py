@@ -136,6 +136,52 @@ def test_redis_down_fail_open_generate_is_served_and_charged_exactly(
     assert (hit_row.outcome, hit_row.cost_usd) == (Outcome.CACHED, Decimal("0"))
 
 
+@pytest.mark.django_db(transaction=True)  # the request runs in a thread
+def test_redis_gone_during_the_upstream_call_answer_served_charged_and_kept_in_memory(  # noqa: PLR0917
+    redis_server, settings, api_key, local_model, user, caplog
+):
+    """Admitted through Redis, which dies while the provider answers: the settlement and
+    the answer's store (one round trip) both fail; the answer is still served, its ledger
+    row holds the exact cost, and this worker's memory layer keeps the answer."""
+    import threading
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.LOCAL_PROVIDER_LATENCY_MS = 600
+    plan_for(user, cost_per_day=Decimal("10"))
+    full_key, _ = api_key
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    answers: list = []
+
+    def ask() -> None:
+        try:
+            answers.append(_post(client, GENERATE, {"prompt": "mid-outage", "max_tokens": 16}))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(0.3)  # admitted by now; the provider takes 600 ms
+    redis_server.stop()
+    thread.join(timeout=30)
+
+    (miss,) = answers
+    assert miss.status_code == 200, miss.content
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("settlement of" in m and "deferred" in m for m in logged)  # admitted via Redis
+    assert miss["X-Cache"] == "MISS"
+    row = UsageRecord.objects.get(request_id=miss.json()["request_id"])
+    assert row.outcome == Outcome.OK
+    assert row.cost_usd == Decimal(miss.json()["cost_usd"]) > 0
+    settings.LOCAL_PROVIDER_LATENCY_MS = 0
+    again = _post(client, GENERATE, {"prompt": "mid-outage", "max_tokens": 16})
+    assert again.status_code == 200, again.content
+    assert (again["X-Cache"], again.json()["cache_layer"]) == ("HIT", "memory")
+
+
 def test_redis_down_fail_open_idempotency_key_replays_the_first_answer(
     redis_server, settings, client_with_key, user
 ):

@@ -21,11 +21,13 @@ from django.conf import settings
 from caching.services import (
     CacheHit,
     FlightLock,
+    PendingStore,
     cache_get,
     cache_get_stale,
     cache_key_generation,
     cache_lookup,
     cache_set,
+    cache_store_later,
     flight_release,
     single_flight,
 )
@@ -163,6 +165,7 @@ def generation_run(
     )
     wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
     lock: FlightLock | None = None  # the single-flight lock, when the look-up took it
+    pending: PendingStore | None = None  # the answer's store, sent with the settlement
     if cache_policy == "use":
         if stream:  # a stream is not coalesced: nothing to lock
             hit = cache_get(key)
@@ -232,7 +235,12 @@ def generation_run(
 
     try:
         if cache_policy == "use":
-            value, computed_here = single_flight(key, upstream, wait_seconds=wait, lock=lock)
+            # Under the look-up's lock, the answer's store rides with the settlement.
+            value, computed_here = single_flight(
+                key, upstream, wait_seconds=wait, lock=lock, keep_lock=True
+            )
+            if computed_here and lock is not None:
+                pending = cache_store_later(key, value, lock=lock)
         else:
             value, computed_here = upstream(), True
             if cache_policy == "refresh":
@@ -249,7 +257,16 @@ def generation_run(
         return Outcome(value=value, model=model, cache="HIT", headers=admission.headers())
     usage = value.get("usage") or {}
     p_tokens, c_tokens = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    cost = usage_settle(admission=admission, prompt_tokens=p_tokens, completion_tokens=c_tokens)
+    try:
+        cost = usage_settle(
+            admission=admission,
+            prompt_tokens=p_tokens,
+            completion_tokens=c_tokens,
+            riders=pending.calls if pending is not None else (),
+        )
+    finally:
+        if pending is not None:
+            pending.finish()  # stores it on its own if the settlement did not carry it
     return Outcome(
         value=value,
         model=model,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
 
+from config.redis_calls import ScriptCall, run_calls
 from health import metrics
 from quotas.engine import (
     BackendUnavailable,
@@ -17,14 +19,28 @@ from quotas.services.state import _state, backend, logger
 # --- settlement --------------------------------------------------------------------------
 
 
-def _settle_counters(*, admission: Admission, tokens: int, cost: int, refund: bool) -> None:
+def _settle_counters(
+    *,
+    admission: Admission,
+    tokens: int,
+    cost: int,
+    refund: bool,
+    riders: Sequence[ScriptCall] = (),
+) -> None:
     if admission.backend == "degraded":
         _state.fallback.settle(
             request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund
         )
+        run_calls(riders)  # on their own: Redis may be back for them
         return
     try:
-        backend().settle(request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund)
+        backend().settle(
+            request_id=admission.request_id,
+            tokens=tokens,
+            cost=cost,
+            refund=refund,
+            riders=riders,
+        )
     except BackendUnavailable:
         # The reservation stays until its lease expires and the sweep refunds it; the
         # ledger is the truth the next counter epoch rebuilds from.
@@ -39,18 +55,20 @@ def usage_settle(
     latency_ms: int | None = None,
     cached: bool = False,
     fallback: bool = False,
+    riders: Sequence[ScriptCall] = (),
 ) -> Decimal:
     """Replace the reservation by the actual usage and write the ledger row; idempotent.
 
     Returns the cost in USD (Decimal, to the micro-dollar). `cached=True` with zero tokens
     settles a request answered by another one (single flight): it counts as a request and
-    costs nothing.
+    costs nothing. `riders`: other services' Redis script calls sent in the settlement's
+    round trip (the cache store of the answer); each holds its own reply or error after.
     """
     policy = admission.policy
     cost = policy.cost_of(prompt_tokens, completion_tokens)
     micros = usd_to_micros(cost)
     tokens = prompt_tokens + completion_tokens
-    _settle_counters(admission=admission, tokens=tokens, cost=micros, refund=False)
+    _settle_counters(admission=admission, tokens=tokens, cost=micros, refund=False, riders=riders)
     _ledger_write(
         admission=admission,
         prompt_tokens=prompt_tokens,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from django.conf import settings
 
+from config.redis_calls import ScriptCall
 from quotas.engine import (
     BackendUnavailable,
     Decision,
@@ -37,7 +39,15 @@ class QuotaBackend(Protocol):
         mode: str,
         now: float,
     ) -> Decision: ...
-    def settle(self, *, request_id: str, tokens: int, cost: int, refund: bool) -> bool: ...
+    def settle(
+        self,
+        *,
+        request_id: str,
+        tokens: int,
+        cost: int,
+        refund: bool,
+        riders: Sequence[ScriptCall] = (),
+    ) -> bool: ...
     def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int: ...
     def counter_key(self, quota: Quota, epoch: str, now: float) -> str: ...
     def tokens(self) -> tuple[str, str]: ...

@@ -1,0 +1,79 @@
+"""Several services' script calls in one round trip (config.redis_calls), on real Redis."""
+
+from __future__ import annotations
+
+import redis
+
+from config.redis_calls import ScriptCall, run_calls
+from config.tests.redis_server import PrivateRedis
+
+INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+GET = "return redis.call('GET', KEYS[1])"
+
+
+def test_calls_of_two_scripts_go_in_one_round_trip_each_with_its_reply(
+    redis_conn, redis_round_trips
+):
+    incr, get = redis_conn.register_script(INCR), redis_conn.register_script(GET)
+    redis_conn.script_load(INCR), redis_conn.script_load(GET)
+    calls = [ScriptCall(incr, keys=["rc:n"], args=[5]), ScriptCall(get, keys=["rc:n"], args=[])]
+    redis_round_trips.count = 0
+
+    run_calls(calls)
+
+    assert redis_round_trips.count == 1
+    assert [c.reply for c in calls] == [5, b"5"]
+    assert all(c.ran and c.error is None for c in calls)
+
+
+def test_a_call_already_sent_is_not_sent_again(redis_conn):
+    call = ScriptCall(redis_conn.register_script(INCR), keys=["rc:once"], args=[1])
+
+    run_calls([call])
+    run_calls([call])
+
+    assert call.reply == 1
+    assert redis_conn.get("rc:once") == b"1"
+
+
+def test_scripts_redis_forgot_are_loaded_and_sent_again(redis_conn):
+    incr = redis_conn.register_script(INCR)
+    redis_conn.script_load(INCR)
+    redis_conn.script_flush()  # as after a restart of Redis
+    call = ScriptCall(incr, keys=["rc:flushed"], args=[2])
+
+    run_calls([call])
+
+    assert call.error is None
+    assert call.reply == 2
+    assert redis_conn.get("rc:flushed") == b"2"  # run once, not twice
+
+
+def test_one_failing_script_does_not_hide_the_others_reply(redis_conn):
+    redis_conn.hset("rc:hash", "f", "v")
+    get, incr = redis_conn.register_script(GET), redis_conn.register_script(INCR)
+    wrong = ScriptCall(get, keys=["rc:hash"], args=[])  # GET of a hash: WRONGTYPE
+    right = ScriptCall(incr, keys=["rc:ok"], args=[3])
+
+    run_calls([wrong, right])
+
+    assert isinstance(wrong.error, redis.ResponseError)
+    assert "WRONGTYPE" in str(wrong.error)
+    assert right.reply == 3
+    assert right.error is None
+
+
+def test_redis_gone_is_every_calls_error_not_an_exception():
+    server = PrivateRedis()
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    calls = [
+        ScriptCall(client.register_script(INCR), keys=["n"], args=[1]),
+        ScriptCall(client.register_script(GET), keys=["n"], args=[]),
+    ]
+    server.stop()
+
+    run_calls(calls)
+
+    assert all(c.ran for c in calls)
+    assert all(isinstance(c.error, redis.ConnectionError) for c in calls)
