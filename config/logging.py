@@ -143,6 +143,8 @@ def structlog_configure() -> None:
     """Route structlog through the standard library so one formatter renders everything."""
     structlog.configure(
         processors=[
+            # First: an event below its logger's level is dropped before any work is done.
+            structlog.stdlib.filter_by_level,
             *SHARED_PROCESSORS,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
