@@ -490,6 +490,9 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
     breaker = Breaker("openai", "gpt-bench")
 
     def admit_settle() -> None:
+        k = caching.cache_key_generation(model=MODEL, messages=[{"n": uuid.uuid4().hex}], params={})
+        _, probe = caching.cache_probe(k, lock_seconds=30)
+        assert probe is not None
         a = quotas.admission_admit(
             user_id=user_id,
             key_id=key_id,
@@ -497,13 +500,19 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
             request_id=uuid.uuid4().hex,
             prompt_tokens=10,
             max_tokens=256,
+            gate=quotas.CacheGate(
+                entry=probe.entry_key,
+                lock=probe.lock.key,
+                token=probe.lock.token,
+                lock_ms=probe.lock_ms,
+            ),
         )
-        quotas.usage_settle(admission=a, prompt_tokens=10, completion_tokens=20)
-
-    def cache_miss() -> None:
-        k = caching.cache_key_generation(model=MODEL, messages=[{"n": uuid.uuid4().hex}], params={})
-        _, lock = caching.cache_lookup(k, lock_seconds=30)
-        caching.single_flight(k, lambda: {"text": "x" * 200, "usage": {}}, lock=lock)
+        _, lock = caching.cache_probe_found(probe, None, locked=a.locked)
+        pending = caching.cache_store_later(k, {"text": "x" * 200, "usage": {}}, lock=lock)
+        quotas.usage_settle(
+            admission=a, prompt_tokens=10, completion_tokens=20, riders=pending.calls
+        )
+        pending.finish()
 
     def full() -> None:
         body = {"prompt": f"breakdown {uuid.uuid4().hex}", "model": MODEL}
@@ -518,8 +527,8 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
         "policy_get (in-process cache)": lambda: quotas.policy_get(
             user_id=user_id, key_id=key_id, model=MODEL
         ),
-        "admission + settlement + ledger INSERT": admit_settle,
-        "cache look-up and lock + store and release (miss)": cache_miss,
+        "admission with the cache look-up and lock, settlement with the store and release, "
+        "ledger INSERT": admit_settle,
         "circuit breaker check": breaker.allow,
         "provider call (openai SDK, fake upstream)": lambda: provider.complete(request, timeout=5),
         "upstream_complete (retry wrapper + breaker + SDK)": lambda: upstream_complete(

@@ -77,8 +77,9 @@ def _parse(raw: bytes) -> tuple[float, float, str]:
 
 @dataclass(frozen=True, slots=True)
 class FlightLock:
-    """The single-flight lock of a key, taken by `cache_lookup`: hand it to `single_flight`
-    (which releases it once the answer is stored) or give it back with `flight_release`."""
+    """The single-flight lock of a key, taken by a miss's admission (`cache_probe`, then
+    quotas' CacheGate): hand it to `single_flight`, which releases it once the answer is
+    stored (or at once if computing it fails)."""
 
     key: str  # the lock's Redis key
     token: str
@@ -89,25 +90,48 @@ def cache_get(key: str, *, now: float | None = None) -> CacheHit | None:
 
     `now` (epoch seconds) defaults to the current time. A Redis failure is a miss.
     """
-    return _lookup(key, now=time.time() if now is None else now, lock_ms=None)[0]
+    return _lookup(key, now=time.time() if now is None else now)
 
 
-def cache_lookup(
+def _lookup(key: str, *, now: float) -> CacheHit | None:
+    hit, probe = _probe(key, now=now, lock_ms=1)
+    if probe is None:
+        return hit
+    t = tier()
+    try:
+        raw = t.redis.get(probe.entry_key)
+    except Exception:
+        logger.warning("cache read failed", exc_info=True)
+        t.mark_down()
+        t.count("redis_misses", "redis", "error")
+        return None
+    fresh = raw is not None and now < _parse(raw)[0]
+    return cache_probe_found(probe, raw if fresh else None, locked=False)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheProbe:
+    """A look-up that missed this worker's memory layer, its Redis part to be done by
+    another service's script in that service's round trip (the admission's CacheGate):
+    read `entry_key`; on a miss, take `lock` for `lock_ms`. Then `cache_probe_found`."""
+
+    key: str
+    entry_key: str
+    lock: FlightLock
+    lock_ms: int
+    now: float
+
+
+def cache_probe(
     key: str, *, lock_seconds: float, now: float | None = None
-) -> tuple[CacheHit | None, FlightLock | None]:
-    """`cache_get` for a caller that computes the answer on a miss: on a miss in Redis the
-    single-flight lock (expiring after `lock_seconds`) is taken in the same round trip.
-
-    Returns (hit, None), or (None, the lock), or (None, None) when another caller holds the
-    lock or Redis is unavailable (`single_flight` then waits or computes as usual).
-    """
+) -> tuple[CacheHit | None, CacheProbe | None]:
+    """The memory layer's answer, else the Redis look-up left to another script:
+    (hit, None), or (None, the probe), or (None, None) when Redis is unavailable."""
     now = time.time() if now is None else now
-    return _lookup(key, now=now, lock_ms=max(1, int(lock_seconds * 1000)))
+    return _probe(key, now=now, lock_ms=max(1, int(lock_seconds * 1000)))
 
 
-def _lookup(
-    key: str, *, now: float, lock_ms: int | None
-) -> tuple[CacheHit | None, FlightLock | None]:
+def _probe(key: str, *, now: float, lock_ms: int) -> tuple[CacheHit | None, CacheProbe | None]:
     t = tier()
     t.sync()
     payload = t.memory.get(key, now=now)
@@ -118,35 +142,30 @@ def _lookup(
     if not t.available():
         t.count("redis_misses", "redis", "miss")
         return None, None
-    entry_key = t.entry_key(key)
-    lock = None
-    try:
-        if lock_ms is None:
-            raw = t.redis.get(entry_key)
-        else:
-            lock = FlightLock(t.k("lock:" + key), new_token())
-            raw, locked = t.lookup_and_lock(entry_key, lock.key, lock.token, lock_ms, now)
-            lock = lock if locked else None
-    except Exception:
-        logger.warning("cache read failed", exc_info=True)
-        t.mark_down()
-        t.count("redis_misses", "redis", "error")
-        return None, None
-    if raw is not None:
-        fresh_until, _, body = _parse(raw)
-        if now < fresh_until:
-            t.memory.put(key, body, expires_at=min(now + settings.CACHE_MEMORY_TTL, fresh_until))
-            t.count("redis_hits", "redis", "hit")
-            return CacheHit(value=json.loads(body), layer="redis"), None
+    lock = FlightLock(t.k("lock:" + key), new_token())
+    return None, CacheProbe(key, t.entry_key(key), lock, lock_ms, now)
+
+
+def cache_probe_found(
+    probe: CacheProbe, fresh: bytes | None, *, locked: bool
+) -> tuple[CacheHit | None, FlightLock | None]:
+    """What the probe's script found: the fresh entry (a Redis hit, promoted into memory)
+    or None (a miss), and the lock if the script took it: (hit, None) or (None, lock)."""
+    t = tier()
+    if fresh is not None:
+        fresh_until, _, body = _parse(fresh)
+        expires_at = min(probe.now + settings.CACHE_MEMORY_TTL, fresh_until)
+        t.memory.put(probe.key, body, expires_at=expires_at)
+        t.count("redis_hits", "redis", "hit")
+        return CacheHit(value=json.loads(body), layer="redis"), None
     t.count("redis_misses", "redis", "miss")
-    return None, lock
+    return None, probe.lock if locked else None
 
 
-def flight_release(lock: FlightLock | None) -> None:
-    """Give back a lock from `cache_lookup` that will not be used (the request was refused
-    or failed before computing); None is a no-op."""
-    if lock is not None:
-        _release(tier(), lock.key, lock.token)
+def cache_probe_stale(probe: CacheProbe, entry: bytes | None) -> CacheHit | None:
+    """`cache_get_stale` from the entry a probe's script found (fresh or not): the answer
+    if still within its stale time, for the fallback when a quota is exhausted."""
+    return _stale_of(tier(), entry, now=time.time())
 
 
 def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
@@ -162,6 +181,10 @@ def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
         except Exception:
             logger.warning("stale cache read failed", exc_info=True)
             t.mark_down()
+    return _stale_of(t, raw, now=now)
+
+
+def _stale_of(t: Any, raw: bytes | None, *, now: float) -> CacheHit | None:
     if raw is not None:
         _, stale_until, body = _parse(raw)
         if now < stale_until:
@@ -385,8 +408,8 @@ def single_flight(
     leader's `compute` raises, its in-process waiters get the same exception and the lock
     is released at once so that another process may try.
 
-    `lock`: the lock already taken by `cache_lookup`; its holder computes at once (a
-    thread of this process that got here first is waiting for its answer). With
+    `lock`: the lock a miss's admission took (`cache_probe_found`); its holder computes at
+    once (a thread of this process that got here first is waiting for its answer). With
     `keep_lock=True` that value is neither stored nor the lock released: the caller does
     both with `cache_store_later(key, value, lock=lock)`, whose write can ride in another
     round trip (the lock is still released at once if `compute` raises).

@@ -13,8 +13,9 @@ Redis layout (P = settings.REDIS_KEY_PREFIX):
   entry ids are the counter values (``<seq>-1``), written by one Lua script so that ids
   are gap-free. Each entry is ``k`` (key|pattern|ns) and ``a`` (its argument).
 - ``P:c:stats`` hash of hit/miss counters summed over all processes; ``P:c:pop`` sorted
-  set of requests per normalised topic; ``P:c:lock:<key>`` single-flight locks (a leader
-  stores its answer and releases its lock in one script).
+  set of requests per normalised topic; ``P:c:lock:<key>`` single-flight locks (taken by
+  a miss's admission script, which also looks the entry up: quotas' CacheGate; a leader
+  stores its answer and releases its lock in one script, sent with its settlement).
 
 Why a polled log and not pub/sub: a memory hit must cost no Redis round trip, and a
 gunicorn worker has no thread of its own to listen on a subscription (a listener thread
@@ -97,19 +98,6 @@ end
 return 1
 """
 
-# KEYS: entry, lock. ARGV: now (epoch s), token, lock TTL in ms. A look-up that will be
-# followed by a computation: the entry if it is fresh; else the single-flight lock, taken
-# in the same round trip. Replies {entry or nil, 1 if the lock is now ours else 0}.
-_LOOKUP_LOCK_LUA = """
-local raw = redis.call('GET', KEYS[1])
-if raw then
-  local fresh = tonumber(string.match(raw, '^(%S+)'))
-  if fresh and tonumber(ARGV[1]) < fresh then return {raw, 0} end
-end
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {raw, 1} end
-return {raw, 0}
-"""
-
 _METRIC = {
     (layer, result): CACHE_OPERATIONS.labels(layer=layer, result=result)
     for layer in ("memory", "redis", "stale")
@@ -189,7 +177,6 @@ class CacheTier:
                 "publish": self._redis.register_script(_PUBLISH_LUA),
                 "release": self._redis.register_script(_RELEASE_LUA),
                 "store_release": self._redis.register_script(_STORE_RELEASE_LUA),
-                "lookup_lock": self._redis.register_script(_LOOKUP_LOCK_LUA),
             }
         return self._redis
 
@@ -307,16 +294,6 @@ class CacheTier:
             keys=[self.k("seq"), self.k("inv"), self.k("ns")], args=[STREAM_MAXLEN, kind, arg]
         )
         return int(version)
-
-    def lookup_and_lock(
-        self, entry_key: str, lock_key: str, token: str, lock_ms: int, now: float
-    ) -> tuple[bytes | None, bool]:
-        """The entry if fresh, else (whatever is stored, whether the lock is now ours)."""
-        self.redis  # noqa: B018 - loads the scripts
-        raw, locked = self._scripts["lookup_lock"](
-            keys=[entry_key, lock_key], args=[repr(now), token, lock_ms]
-        )
-        return raw, bool(locked)
 
     def release_lock(self, lock_key: str, token: str) -> None:
         self.redis  # noqa: B018 - loads the scripts

@@ -22,6 +22,20 @@ class WindowState:
         return max(0, self.quota.limit - self.used)
 
 
+@dataclass(frozen=True, slots=True)
+class CacheGate:
+    """A cache look-up done by the admission script itself, so that a cache miss costs one
+    round trip for both. `entry`: the Redis key of the answer (the cache tier's layout,
+    caching/tier.py); if it holds a fresh answer, the request is counted as a cache hit
+    (request windows only) instead of admitted in full. `lock`: the single-flight lock
+    that a full admission takes (SET NX, `token`, `lock_ms`)."""
+
+    entry: str
+    lock: str
+    token: str
+    lock_ms: int
+
+
 @dataclass(slots=True)
 class Decision:
     admitted: bool
@@ -29,6 +43,11 @@ class Decision:
     denied: WindowState | None = None
     retry_after: float = 0.0
     backend: str = "redis"
+    # With a CacheGate: the stored entry (fresh or stale), whether it turned the request
+    # into a hit, and whether the lock was taken.
+    entry: bytes | None = None
+    hit: bool = False
+    locked: bool = False
 
 
 class StalePolicy(Exception):  # noqa: N818 - a control-flow signal, not an error

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from config.redis_calls import ScriptCall, run_calls
-from quotas.engine import Decision, RebuildNeeded, StalePolicy, WindowState, seconds_left
+from quotas.engine import CacheGate, Decision, RebuildNeeded, StalePolicy, WindowState, seconds_left
 from quotas.errors import DuplicateRequest
 from quotas.policy import Quota
 
@@ -93,6 +93,7 @@ class LocalQuotaBackend:
         est_cost: int,
         mode: str,
         now: float,
+        gate: CacheGate | None = None,  # not looked at: no shared cache entries here
     ) -> Decision:
         with self._lock:
             if version != self._version or epoch != self._epoch:

@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config.redis_calls import ScriptCall, run_calls
 from quotas.engine import (
     BackendUnavailable,
+    CacheGate,
     Decision,
     RebuildNeeded,
     StalePolicy,
@@ -115,6 +116,7 @@ class RedisQuotaBackend:
         est_cost: int,
         mode: str,
         now: float,
+        gate: CacheGate | None = None,
     ) -> Decision:
         day_left, month_left = seconds_left(now)
         day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
@@ -143,6 +145,9 @@ class RedisQuotaBackend:
             kind, window = DIMENSION_SPECS[quota.dimension]
             keys.append(self._counter_key(quota, epoch, day))
             args += [quota.scope, quota.dimension, quota.limit, kind, _window_arg(kind, window)]
+        if gate is not None:
+            keys += [gate.entry, gate.lock]
+            args += [gate.token, gate.lock_ms]
         try:
             reply = self._admit(keys=keys, args=args)
         except _UNAVAILABLE as exc:
@@ -165,12 +170,17 @@ class RedisQuotaBackend:
             WindowState(quota, int(used), float(reset_in))
             for quota, used, reset_in in zip(quotas, states[0::2], states[1::2], strict=False)
         ]
-        if status == "ok":
-            return Decision(admitted=True, windows=windows)
-        denied = windows[int(reply[1]) - 1]
-        return Decision(
-            admitted=False, windows=windows, denied=denied, retry_after=float(_text(reply[2]))
-        )
+        decision = Decision(admitted=status == "ok", windows=windows)
+        if status != "ok":
+            decision.denied = windows[int(reply[1]) - 1]
+            decision.retry_after = float(_text(reply[2]))
+        if gate is not None:
+            entry, locked, applied = reply[-3:]
+            decision.entry, decision.locked = entry, bool(locked)
+            decision.hit = applied == b"hit"
+            if decision.hit:  # only the request windows were counted
+                decision.windows = [w for w in windows if w.quota.kind == "r"]
+        return decision
 
     def settle(
         self,

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from caching.services import (
+    FlightLock,
     cache_delete,
     cache_get,
     cache_get_stale,
@@ -13,13 +14,14 @@ from caching.services import (
     cache_key_generation,
     cache_key_topic,
     cache_local_reset,
-    cache_lookup,
     cache_namespace_drop,
+    cache_probe,
+    cache_probe_found,
+    cache_probe_stale,
     cache_set,
     cache_stats,
     cache_stats_reset,
     cache_store_later,
-    flight_release,
     popularity_bump,
     popularity_top,
     single_flight,
@@ -341,19 +343,45 @@ def test_redis_outage_is_a_miss_not_an_error():
     assert cache_get("gen:b").layer == "memory"
 
 
-def test_lookup_on_a_miss_takes_the_single_flight_lock_in_the_same_call(redis_conn):
-    hit, lock = cache_lookup("gen:lookup-miss", lock_seconds=30)
-
+def take_lock(redis_conn, key: str) -> FlightLock | None:
+    """What a miss's admission script does with the probe (quotas' CacheGate): SET the
+    lock NX for its time; the lock if it was free."""
+    hit, probe = cache_probe(key, lock_seconds=30)
     assert hit is None
-    assert lock is not None
-    assert redis_conn.get(lock.key).decode() == lock.token
-    assert 29_000 < redis_conn.pttl(lock.key) <= 30_000
-    # A second caller finds it held: no lock for it; it will wait in single_flight.
-    assert cache_lookup("gen:lookup-miss", lock_seconds=30) == (None, None)
+    assert probe is not None
+    taken = bool(redis_conn.set(probe.lock.key, probe.lock.token, nx=True, px=probe.lock_ms))
+    return cache_probe_found(probe, None, locked=taken)[1]
+
+
+def test_probe_answers_from_memory_or_leaves_the_redis_look_up_to_another_script(redis_conn):
+    cache_set("gen:probe", {"text": "here"})
+    hit, probe = cache_probe("gen:probe", lock_seconds=30)
+    assert (hit.value, hit.layer, probe) == ({"text": "here"}, "memory", None)
+
+    cache_local_reset()  # another worker: in Redis only
+    hit, probe = cache_probe("gen:probe", lock_seconds=30)
+    assert hit is None
+    assert probe.entry_key == tier().entry_key("gen:probe")
+    assert probe.lock_ms == 30_000
+    assert redis_conn.exists(probe.lock.key) == 0  # nothing taken yet
+
+    raw = redis_conn.get(probe.entry_key)  # what the admission script reads
+    hit, lock = cache_probe_found(probe, raw, locked=False)
+    assert (hit.value, hit.layer, lock) == ({"text": "here"}, "redis", None)
+    assert cache_get("gen:probe").layer == "memory"  # promoted
+    assert cache_probe_stale(probe, raw).value == {"text": "here"}
+    assert cache_probe_stale(probe, None) is None
+
+
+def test_probe_without_redis_is_a_plain_miss(redis_conn):
+    t = tier()
+    t.mark_down()
+
+    assert cache_probe("gen:down", lock_seconds=30) == (None, None)
 
 
 def test_lookup_lock_is_released_by_single_flight_once_the_answer_is_stored(redis_conn):
-    _, lock = cache_lookup("gen:lookup-lead", lock_seconds=30)
+    lock = take_lock(redis_conn, "gen:lookup-lead")
     calls = []
 
     value, here = single_flight(
@@ -367,7 +395,7 @@ def test_lookup_lock_is_released_by_single_flight_once_the_answer_is_stored(redi
 
 
 def test_lookup_lock_is_released_when_the_computation_fails(redis_conn):
-    _, lock = cache_lookup("gen:lookup-fail", lock_seconds=30)
+    lock = take_lock(redis_conn, "gen:lookup-fail")
 
     def boom() -> dict:
         raise RuntimeError("upstream")
@@ -378,30 +406,10 @@ def test_lookup_lock_is_released_when_the_computation_fails(redis_conn):
     assert redis_conn.exists(lock.key) == 0
 
 
-def test_lookup_hit_takes_no_lock(redis_conn):
-    cache_set("gen:lookup-hit", {"text": "here"})
-    cache_local_reset()  # the answer is in Redis only
-
-    hit, lock = cache_lookup("gen:lookup-hit", lock_seconds=30)
-
-    assert hit is not None
-    assert (hit.value, hit.layer, lock) == ({"text": "here"}, "redis", None)
-    assert not list(redis_conn.scan_iter("*lock:*"))
-
-
-def test_unused_lookup_lock_is_given_back(redis_conn):
-    _, lock = cache_lookup("gen:lookup-unused", lock_seconds=30)
-
-    flight_release(lock)
-    flight_release(None)  # nothing taken: nothing to do
-
-    assert redis_conn.exists(lock.key) == 0
-
-
-def test_thread_holding_the_lookup_lock_leads_even_if_another_thread_waits_first():
+def test_thread_holding_the_lookup_lock_leads_even_if_another_thread_waits_first(redis_conn):
     # B misses after A took the lock, and reaches single_flight first: B waits for A's
     # answer (polling Redis), A computes at once; neither waits out the lock.
-    _, lock = cache_lookup("gen:lookup-race", lock_seconds=30)
+    lock = take_lock(redis_conn, "gen:lookup-race")
     assert lock is not None
     results: list[tuple[dict, bool]] = []
     b_waiting = threading.Event()
@@ -428,11 +436,11 @@ def test_thread_holding_the_lookup_lock_leads_even_if_another_thread_waits_first
 def test_kept_lookup_lock_is_released_by_the_deferred_store_in_another_round_trip(redis_conn):
     # A miss's leader keeps its lock past the computation; the store that releases it is a
     # call sent in someone else's round trip (the settlement's), then finished here.
-    _, lock = cache_lookup("gen:later", lock_seconds=30)
+    lock = take_lock(redis_conn, "gen:later")
     value, here = single_flight("gen:later", lambda: {"text": "later"}, lock=lock, keep_lock=True)
     assert (value, here) == ({"text": "later"}, True)
     assert redis_conn.get(lock.key).decode() == lock.token  # still ours
-    assert cache_lookup("gen:later", lock_seconds=30) == (None, None)  # others wait
+    assert take_lock(redis_conn, "gen:later") is None  # others wait
 
     pending = cache_store_later("gen:later", value, lock=lock)
     other = ScriptCall(redis_conn.register_script("return 7"), keys=[], args=[])
@@ -447,7 +455,7 @@ def test_kept_lookup_lock_is_released_by_the_deferred_store_in_another_round_tri
 
 
 def test_deferred_store_whose_call_never_went_out_is_sent_by_finish(redis_conn):
-    _, lock = cache_lookup("gen:unsent", lock_seconds=30)
+    lock = take_lock(redis_conn, "gen:unsent")
 
     cache_store_later("gen:unsent", {"text": "mine"}, lock=lock).finish()
 
@@ -457,7 +465,7 @@ def test_deferred_store_whose_call_never_went_out_is_sent_by_finish(redis_conn):
 
 
 def test_deferred_store_without_a_lock_leaves_anothers_lock_alone(redis_conn):
-    _, theirs = cache_lookup("gen:theirs", lock_seconds=30)
+    theirs = take_lock(redis_conn, "gen:theirs")
 
     cache_store_later("gen:theirs", {"text": "mine"}).finish()
 

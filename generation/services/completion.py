@@ -4,6 +4,12 @@ cache look-up -> admission -> single flight -> upstream (retries, circuit breake
 settlement (or refund on failure) -> cache store. A cache hit only counts one request.
 A refused admission serves a stale copy when the policy allows it (`fallback: true`).
 Responses carry the rate-limit headers of the admission that let them through.
+
+Redis round trips: a hit in this worker's memory, one (the admission call that counts it).
+Past the memory layer, the admission script looks the answer up itself (quotas'
+CacheGate): a hit in Redis is one round trip; a miss is admitted and takes the
+single-flight lock in that same one, and its settlement carries the answer's store and
+the lock's release in a second. Plus the ledger INSERT.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ from django.conf import settings
 
 from caching.services import (
     CacheHit,
+    CacheProbe,
     FlightLock,
     PendingStore,
     cache_get,
     cache_get_stale,
     cache_key_generation,
-    cache_lookup,
+    cache_probe,
+    cache_probe_found,
+    cache_probe_stale,
     cache_set,
     cache_store_later,
-    flight_release,
     single_flight,
 )
 from config.errors import InvalidRequest
@@ -41,6 +49,7 @@ from quotas.errors import QuotaExceeded
 from quotas.policy import Policy
 from quotas.services import (
     Admission,
+    CacheGate,
     admission_admit,
     admission_count_hit,
     policy_get,
@@ -164,51 +173,32 @@ def generation_run(
         params={"max_tokens": max_tokens, "temperature": temperature, "task": task},
     )
     wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
-    lock: FlightLock | None = None  # the single-flight lock, when the look-up took it
+    lock: FlightLock | None = None  # the single-flight lock, when the admission took it
+    probe: CacheProbe | None = None  # the Redis look-up, done by the admission's script
     pending: PendingStore | None = None  # the answer's store, sent with the settlement
     if cache_policy == "use":
         if stream:  # a stream is not coalesced: nothing to lock
             hit = cache_get(key)
         else:
-            hit, lock = cache_lookup(key, lock_seconds=wait)
+            hit, probe = cache_probe(key, lock_seconds=wait)
         if hit is not None:  # an answer to these very messages exists: nothing to estimate
             return _serve_hit(hit, caller=caller, policy=policy, model=model)
 
-    started = time.monotonic()
-    try:
-        prompt_tokens = tokens_count_messages(messages)
-        if prompt_tokens + max_tokens > policy.context_window:
-            raise InvalidRequest(
-                f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this "
-                f"model's context window of {policy.context_window} tokens.",
-                fields={"messages": ["Too long for this model."]},
-            )
-        admission = admission_admit(
-            user_id=caller.user_id,
-            key_id=caller.key_id,
-            model=model,
-            request_id=caller.request_id,
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            priority=caller.priority,
-        )
-    except BaseException as exc:
-        flight_release(lock)  # others waiting for this answer take over at once
-        if not isinstance(exc, QuotaExceeded):
-            raise
-        stale = _stale_for(exc, key, cache_policy)
-        if stale is None:
-            raise
-        usage_record_fallback(
-            policy=policy,
-            user_id=caller.user_id,
-            key_id=caller.key_id,
-            request_id=caller.request_id,
-            latency_ms=int((time.monotonic() - started) * 1000),
-        )
-        return Outcome(
-            value=stale, model=model, cache="STALE", cache_layer="redis", headers=exc.headers
-        )
+    admitted = _admit(
+        caller=caller,
+        policy=policy,
+        model=model,
+        key=key,
+        messages=messages,
+        max_tokens=max_tokens,
+        cache_policy=cache_policy,
+        probe=probe,
+    )
+    if isinstance(admitted, Outcome):  # a hit the admission's look-up found, or a fallback
+        return admitted
+    admission, prompt_tokens = admitted
+    if probe is not None:
+        _, lock = cache_probe_found(probe, None, locked=admission.locked)
 
     request = CompletionRequest(
         model=policy.upstream_model,
@@ -276,6 +266,71 @@ def generation_run(
         cost=cost,
         headers=admission.headers(),
     )
+
+
+def _admit(
+    *,
+    caller: Caller,
+    policy: Policy,
+    model: str,
+    key: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    cache_policy: str,
+    probe: CacheProbe | None,
+) -> tuple[Admission, int] | Outcome:
+    """Admission (with the Redis look-up of `probe` in the same round trip): (the
+    admission, the prompt's tokens), or the answer itself: a fresh one the look-up found
+    (counted as a hit) or, when a quota refuses, a stale copy the policy allows."""
+    started = time.monotonic()
+    try:
+        prompt_tokens = tokens_count_messages(messages)
+        if prompt_tokens + max_tokens > policy.context_window:
+            raise InvalidRequest(
+                f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this "
+                f"model's context window of {policy.context_window} tokens.",
+                fields={"messages": ["Too long for this model."]},
+            )
+        admission = admission_admit(
+            user_id=caller.user_id,
+            key_id=caller.key_id,
+            model=model,
+            request_id=caller.request_id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            priority=caller.priority,
+            gate=_gate_of(probe),
+        )
+    except QuotaExceeded as exc:
+        if probe is not None and exc.entry is not None:  # the admission's look-up found it
+            found = cache_probe_stale(probe, exc.entry) if _fallback_allowed(exc) else None
+            stale = found.value if found is not None else None
+        else:
+            stale = _stale_for(exc, key, cache_policy)
+        if stale is None:
+            raise
+        usage_record_fallback(
+            policy=policy,
+            user_id=caller.user_id,
+            key_id=caller.key_id,
+            request_id=caller.request_id,
+            latency_ms=int((time.monotonic() - started) * 1000),
+        )
+        return Outcome(
+            value=stale, model=model, cache="STALE", cache_layer="redis", headers=exc.headers
+        )
+    if probe is not None and admission.cached:  # a fresh answer: counted as a hit
+        hit, _ = cache_probe_found(probe, admission.entry, locked=False)
+        assert hit is not None  # noqa: S101 - the script found it fresh
+        usage_record_hit(admission=admission)
+        return Outcome(
+            value=hit.value,
+            model=model,
+            cache="HIT",
+            cache_layer=hit.layer,
+            headers=admission.headers(),
+        )
+    return admission, prompt_tokens
 
 
 def _serve_hit(hit: CacheHit, *, caller: Caller, policy: Policy, model: str) -> Outcome:
@@ -422,12 +477,25 @@ def _relay(
         cache_set(key, outcome.value)
 
 
-def _stale_for(exc: QuotaExceeded, key: str, cache_policy: str) -> dict[str, Any] | None:
+def _fallback_allowed(exc: QuotaExceeded) -> bool:
     policy = getattr(exc, "policy", None)
-    if cache_policy == "bypass" or policy is None or not policy.allow_stale_fallback:
+    return policy is not None and bool(policy.allow_stale_fallback)
+
+
+def _stale_for(exc: QuotaExceeded, key: str, cache_policy: str) -> dict[str, Any] | None:
+    if cache_policy == "bypass" or not _fallback_allowed(exc):
         return None
     stale = cache_get_stale(key)
     return stale.value if stale is not None else None
+
+
+def _gate_of(probe: CacheProbe | None) -> CacheGate | None:
+    """The admission's share of a cache look-up (one round trip for both)."""
+    if probe is None:
+        return None
+    return CacheGate(
+        entry=probe.entry_key, lock=probe.lock.key, token=probe.lock.token, lock_ms=probe.lock_ms
+    )
 
 
 # --- /api/v1/generate and /v1/chat/completions ---------------------------------------------

@@ -17,10 +17,20 @@
 -- length ever holds more than the limit; the price is that a request may be refused up to
 -- one bucket (window / SUB) early.
 --
+-- Optional cache gate (a cache miss's look-up in the same round trip as its admission):
+-- KEYS[6+n] the answer's cache entry ("<fresh_until> <stale_until>\n<body>", see
+-- caching/tier.py)   KEYS[7+n] its single-flight lock
+-- ARGV[13+5n] lock token   ARGV[14+5n] lock ttl (ms)
+-- A fresh entry turns a "full" admission into a "hit": only the request windows are
+-- checked and counted. A full admission that is let through takes the lock (SET NX).
+--
 -- Replies: {"ok", n, used_1, reset_1, ...}            admitted (used includes this request)
 --          {"deny", i, retry_after, n, used_1, reset_1, ...}
 --          {"stale", version, epoch}                 the caller's policy or epoch is old
 --          {"rebuild", i, j, ...}                    calendar counters to rebuild from the ledger
+-- With a gate, "ok" and "deny" end with: the entry (fresh or stale; false if none), 1 if
+-- the lock was taken, the mode that was applied ("full" or "hit"). In "hit" mode the
+-- windows of other kinds than requests are reported as 0 and untouched.
 
 local SUB = 12
 local now = tonumber(ARGV[1])
@@ -78,8 +88,27 @@ for _, old in ipairs(expired) do
   redis.call('ZREM', KEYS[4], old)
 end
 
+local gated = #KEYS >= 7 + n
+local entry = false
+if gated then
+  entry = redis.call('GET', KEYS[6 + n])
+  if entry and mode == 'full' then
+    local fresh = tonumber(string.match(entry, '^(%S+)'))
+    if fresh and now < fresh then
+      mode = 'hit'
+      est_t, est_c = 0, 0
+    end
+  end
+end
+
 if mode == 'full' and redis.call('EXISTS', KEYS[3]) == 1 then
   return {'dup'}
+end
+
+-- In "hit" mode only the request windows count (a cached answer costs no tokens, no
+-- money and holds no concurrency lease).
+local function applies(kind)
+  return mode ~= 'hit' or kind == 'r'
 end
 
 local function amount_of(kind)
@@ -97,9 +126,11 @@ for i = 1, n do
   local limit = tonumber(ARGV[b + 3])
   local kind, window = ARGV[b + 4], ARGV[b + 5]
   local key = KEYS[5 + i]
-  local amount = amount_of(kind)
+  local amount = applies(kind) and amount_of(kind) or 0
   local u, wait, rst = 0, 0, 0
-  if window == 'day' or window == 'month' then
+  if not applies(kind) then
+    -- skipped: reported as 0, never refused
+  elseif window == 'day' or window == 'month' then
     local v = redis.call('HMGET', key, 'g', kind)
     if not v[1] then
       missing[#missing + 1] = i
@@ -169,11 +200,20 @@ local function summary(first)
   return reply
 end
 
+local function gate_tail(reply, claimed)
+  if gated then
+    reply[#reply + 1] = entry
+    reply[#reply + 1] = claimed
+    reply[#reply + 1] = mode
+  end
+  return reply
+end
+
 if worst then
   local b = 12 + (worst - 1) * 5
   redis.call('HINCRBY', KEYS[5], ARGV[b + 1] .. '|' .. ARGV[b + 2], 1)
   redis.call('EXPIRE', KEYS[5], 3 * 86400)
-  return summary({'deny', worst, tostring(worst_wait)})
+  return gate_tail(summary({'deny', worst, tostring(worst_wait)}), 0)
 end
 
 -- Reserve phase: all or nothing (nothing above wrote a counter).
@@ -184,7 +224,9 @@ for i = 1, n do
   local kind, window = ARGV[b + 4], ARGV[b + 5]
   local key = KEYS[5 + i]
   local amount = amount_of(kind)
-  if window == 'lease' then
+  if not applies(kind) then
+    amount = 0
+  elseif window == 'lease' then
     redis.call('ZADD', key, now + lease_ttl, rid)
     redis.call('EXPIRE', key, lease_ttl * 2)
     ops[#ops + 1] = {key = key, k = 'l'}
@@ -220,8 +262,13 @@ for i = 1, n do
   used[i] = used[i] + amount
 end
 
+local claimed = 0
 if mode == 'full' then
   redis.call('SET', KEYS[3], cjson.encode({t = est_t, c = est_c, ops = ops}), 'EX', lease_ttl * 2)
   redis.call('ZADD', KEYS[4], now + lease_ttl, rid)
+  if gated then
+    local b = 12 + 5 * n
+    if redis.call('SET', KEYS[7 + n], ARGV[b + 1], 'NX', 'PX', ARGV[b + 2]) then claimed = 1 end
+  end
 end
-return summary({'ok'})
+return gate_tail(summary({'ok'}), claimed)

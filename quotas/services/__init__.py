@@ -5,7 +5,9 @@ scope checked and reserved all or nothing) and `usage_settle` (one Redis round t
 ledger INSERT). Policies are cached in the process and validated by the admission script
 itself: it compares the caller's policy version with the live one and answers "stale"
 instead of admitting, so a change saved anywhere holds on the very next admission of every
-worker, at no extra round trip.
+worker, at no extra round trip. The cache tier's look-up of a miss rides in the
+admission's round trip (`CacheGate`), and its store in the settlement's
+(`usage_settle(riders=...)`).
 
 If Redis is unreachable, QUOTA_FAIL_MODE decides: `closed` refuses with 503
 quota_unavailable; `open` admits through an in-process limiter for request windows and
@@ -16,6 +18,7 @@ rotated so that day and month counters are rebuilt from the ledger, which holds 
 spent meanwhile.
 """
 
+from quotas.engine import CacheGate
 from quotas.services.admission import (
     Admission,
     admission_admit,
@@ -48,6 +51,7 @@ from quotas.services.state import (
 
 __all__ = [
     "Admission",
+    "CacheGate",
     "QuotaBackend",
     "admission_admit",
     "admission_count_hit",

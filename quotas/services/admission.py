@@ -14,6 +14,7 @@ from django.db import connection, transaction
 from health import metrics
 from quotas.engine import (
     BackendUnavailable,
+    CacheGate,
     Decision,
     RebuildNeeded,
     StalePolicy,
@@ -85,6 +86,10 @@ class Admission:
     cached: bool = False
     at: float = field(default_factory=time.time)  # admission time: the ledger row's date
     started: float = field(default_factory=time.monotonic)
+    # With a CacheGate: the entry the script found (fresh when `cached`, else a stale copy
+    # or None) and whether it took the single-flight lock.
+    entry: bytes | None = None
+    locked: bool = False
 
     def headers(self) -> dict[str, str]:
         return ratelimit_headers(self.windows)
@@ -103,6 +108,7 @@ def _refuse(decision: Decision, policy: Policy) -> QuotaExceeded:
     )
     exc.headers = ratelimit_headers(decision.windows)
     exc.policy = policy  # lets the caller serve a stale answer
+    exc.entry = decision.entry  # ... the one a CacheGate found, if any
     return exc
 
 
@@ -117,6 +123,7 @@ def _admit(
     max_tokens: int,
     mode: str,
     now: float | None,
+    gate: CacheGate | None = None,
 ) -> Admission:
     if priority not in PRIORITIES:
         priority = "high"
@@ -144,6 +151,7 @@ def _admit(
                 est_cost=est_cost,
                 mode=mode,
                 now=moment,
+                gate=gate,
             )
         except StalePolicy as exc:
             _on_stale(exc)
@@ -167,17 +175,20 @@ def _admit(
         if not decision.admitted:
             raise _refuse(decision, policy)
         metrics.QUOTA_DECISIONS.labels("admitted", "", "").inc()
+        hit = mode == "hit" or decision.hit
         return Admission(
             request_id=request_id,
             policy=policy,
             priority=priority,
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            est_tokens=est_tokens,
-            est_cost=est_cost,
+            prompt_tokens=0 if hit else prompt_tokens,
+            max_tokens=0 if hit else max_tokens,
+            est_tokens=0 if hit else est_tokens,
+            est_cost=0 if hit else est_cost,
             windows=decision.windows,
             backend=decision.backend,
-            cached=mode == "hit",
+            cached=hit,
+            entry=decision.entry,
+            locked=decision.locked,
         )
     raise QuotaUnavailable("The quota policy kept changing during admission; try again.")
 
@@ -192,12 +203,19 @@ def admission_admit(
     max_tokens: int,
     priority: str = "high",
     now: float | None = None,
+    gate: CacheGate | None = None,
 ) -> Admission:
     """Admit one generation request or refuse it, consuming nothing when refused.
 
     Reserves a request, `prompt_tokens + max_tokens` tokens, their cost at the model's
     prices (micro-USD, rounded half-up) and a concurrency lease in every scope that applies.
     Raises QuotaExceeded (429), QuotaUnavailable (503, fail-closed) and the policy errors.
+
+    `gate`: the cache look-up of this request, in the same round trip. If the script finds
+    a fresh answer, the request is only counted as a cache hit (`cached=True`, nothing
+    reserved, `entry` holds the answer; the caller writes its ledger row with
+    `usage_record_hit`); else it is admitted in full and takes the single-flight lock
+    (`locked`). Without Redis (in-process or fail-open) the gate is not looked at.
     """
     return _admit(
         user_id=user_id,
@@ -209,6 +227,7 @@ def admission_admit(
         max_tokens=max_tokens,
         mode="full",
         now=now,
+        gate=gate,
     )
 
 

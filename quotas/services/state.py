@@ -14,6 +14,7 @@ from django.conf import settings
 from config.redis_calls import ScriptCall
 from quotas.engine import (
     BackendUnavailable,
+    CacheGate,
     Decision,
     StalePolicy,
     WindowState,
@@ -38,6 +39,7 @@ class QuotaBackend(Protocol):
         est_cost: int,
         mode: str,
         now: float,
+        gate: CacheGate | None = None,
     ) -> Decision: ...
     def settle(
         self,
