@@ -45,6 +45,10 @@ _SENTENCES = (
 )
 
 
+def _capitalised(sentence: str) -> str:
+    return sentence[:1].upper() + sentence[1:]
+
+
 def _field(prompt: str, name: str) -> str:
     for line in prompt.splitlines():
         if line.startswith(f"{name}:"):
@@ -112,10 +116,10 @@ class LocalProvider:
             subtopic = _field(prompt, "Subtopic") or topic
             first = digest[0]
             picks = [_SENTENCES[(first + i) % len(_SENTENCES)] for i in range(3)]
-            return " ".join(p.format(s=subtopic, t=topic) for p in picks)
+            return " ".join(_capitalised(p.format(s=subtopic, t=topic)) for p in picks)
         last = request.messages[-1].get("content", "") if request.messages else ""
         words = last.split()
         subject = " ".join(words[:12]) or "your message"
         picks = [_SENTENCES[(digest[0] + i) % len(_SENTENCES)] for i in range(2)]
-        body = " ".join(p.format(s="This question", t="the subject") for p in picks)
+        body = " ".join(_capitalised(p.format(s="this question", t="the subject")) for p in picks)
         return f"[local offline model] You asked about: {subject}. {body}"
