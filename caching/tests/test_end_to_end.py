@@ -110,8 +110,8 @@ def test_quota_exhausted_without_stale_copy_is_429(
     assert other.status_code == 429
     assert other.json()["error"]["code"] == "quota_exceeded"
     assert int(other["Retry-After"]) >= 1
-    # The single-flight lock its look-up took is given back: nobody waits for an answer
-    # that will not come.
+    # A refused admission takes no single-flight lock: nobody waits for an answer that
+    # will not come.
     assert not list(get_redis_connection("default").scan_iter("*lock:*"))
 
 
@@ -188,3 +188,32 @@ def test_a_miss_makes_two_redis_round_trips_and_a_hit_one(
     }
     assert len(fake_upstream.requests) == 6  # the warm-up and five misses
     assert not list(get_redis_connection("default").scan_iter("*lock:*"))
+
+
+@pytest.mark.django_db
+def test_answer_in_redis_is_served_past_a_spent_token_budget_and_counted_as_a_request(
+    upstream_settings, fake_upstream, openai_model, api_key, user
+):
+    # The admission script finds the answer and counts a hit: request windows only.
+    plan = PlanFactory(requests_per_minute=3, tokens_per_minute=300, allow_stale_fallback=False)
+    UserQuotaFactory(user=user, plan=plan)
+    fake_upstream.default = Behaviour(text="the answer", usage=(10, 150))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    body = {"prompt": "cached", "model": "gpt-test", "max_tokens": 200}
+    assert client.post(URL, body, format="json").status_code == 200  # 160 of 300 tokens
+    cache_local_reset()  # another worker: the answer is in Redis only
+
+    hit = client.post(URL, body, format="json")
+    new = client.post(URL, {**body, "prompt": "new question"}, format="json")
+    third = client.post(URL, body, format="json")  # a refusal consumed nothing
+    over = client.post(URL, body, format="json")
+
+    assert (hit.status_code, hit["X-Cache"], hit.json()["cache_layer"]) == (200, "HIT", "redis")
+    assert hit["X-RateLimit-Remaining-Requests"] == "1"
+    assert new.status_code == 429
+    assert new.json()["error"]["dimension"] == "tokens_per_minute"
+    assert third.status_code == 200
+    assert over.status_code == 429  # the fourth request of the minute, hit or not
+    assert over.json()["error"]["dimension"] == "requests_per_minute"
+    assert len(fake_upstream.requests) == 1
