@@ -113,7 +113,8 @@ def _lookup(key: str, *, now: float) -> CacheHit | None:
 class CacheProbe:
     """A look-up that missed this worker's memory layer, its Redis part to be done by
     another service's script in that service's round trip (the admission's CacheGate):
-    read `entry_key`; on a miss, take `lock` for `lock_ms`. Then `cache_probe_found`."""
+    read `entry_key`; on a miss, take `lock` for `lock_ms` (0: take no lock). Then
+    `cache_probe_found`."""
 
     key: str
     entry_key: str
@@ -123,12 +124,14 @@ class CacheProbe:
 
 
 def cache_probe(
-    key: str, *, lock_seconds: float, now: float | None = None
+    key: str, *, lock_seconds: float | None, now: float | None = None
 ) -> tuple[CacheHit | None, CacheProbe | None]:
     """The memory layer's answer, else the Redis look-up left to another script:
-    (hit, None), or (None, the probe), or (None, None) when Redis is unavailable."""
+    (hit, None), or (None, the probe), or (None, None) when Redis is unavailable.
+    `lock_seconds=None`: a miss takes no single-flight lock (a stream is not coalesced)."""
     now = time.time() if now is None else now
-    return _probe(key, now=now, lock_ms=max(1, int(lock_seconds * 1000)))
+    lock_ms = 0 if lock_seconds is None else max(1, int(lock_seconds * 1000))
+    return _probe(key, now=now, lock_ms=lock_ms)
 
 
 def _probe(key: str, *, now: float, lock_ms: int) -> tuple[CacheHit | None, CacheProbe | None]:

@@ -28,7 +28,7 @@ class CacheGate:
     round trip for both. `entry`: the Redis key of the answer (the cache tier's layout,
     caching/tier.py); if it holds a fresh answer, the request is counted as a cache hit
     (request windows only) instead of admitted in full. `lock`: the single-flight lock
-    that a full admission takes (SET NX, `token`, `lock_ms`)."""
+    that a full admission takes (SET NX, `token`, `lock_ms`; none if `lock_ms` is 0)."""
 
     entry: str
     lock: str

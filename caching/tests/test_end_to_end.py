@@ -217,3 +217,32 @@ def test_answer_in_redis_is_served_past_a_spent_token_budget_and_counted_as_a_re
     assert over.status_code == 429  # the fourth request of the minute, hit or not
     assert over.json()["error"]["dimension"] == "requests_per_minute"
     assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.django_db
+def test_a_streamed_miss_makes_two_redis_round_trips_takes_no_lock_and_is_stored(
+    upstream_settings, fake_upstream, openai_model, api_key, redis_round_trips
+):
+    fake_upstream.default = Behaviour(text="streamed answer", usage=(5, 3))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    client.post(URL, {"prompt": "warm-up", "model": "gpt-test"}, format="json")
+    trips = []
+    for i in range(5):
+        body = {
+            "model": "gpt-test",
+            "messages": [{"role": "user", "content": f"stream {i}"}],
+            "stream": True,
+        }
+        redis_round_trips.count = 0
+        response = client.post("/v1/chat/completions", body, format="json")
+        events = b"".join(response.streaming_content)
+        trips.append(redis_round_trips.count)
+        assert b"data: [DONE]" in events
+
+    assert min(trips) == 2  # admission with the look-up; settlement with the store
+    assert not list(get_redis_connection("default").scan_iter("*lock:*"))
+    cache_local_reset()
+    again = client.post(URL, {"prompt": "stream 0", "model": "gpt-test"}, format="json")
+    assert (again["X-Cache"], again.json()["cache_layer"]) == ("HIT", "redis")
+    assert again.json()["text"] == "streamed answer"

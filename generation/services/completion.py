@@ -29,7 +29,6 @@ from caching.services import (
     CacheProbe,
     FlightLock,
     PendingStore,
-    cache_get,
     cache_get_stale,
     cache_key_generation,
     cache_probe,
@@ -177,10 +176,8 @@ def generation_run(
     probe: CacheProbe | None = None  # the Redis look-up, done by the admission's script
     pending: PendingStore | None = None  # the answer's store, sent with the settlement
     if cache_policy == "use":
-        if stream:  # a stream is not coalesced: nothing to lock
-            hit = cache_get(key)
-        else:
-            hit, probe = cache_probe(key, lock_seconds=wait)
+        # A stream is not coalesced by single flight: its miss takes no lock.
+        hit, probe = cache_probe(key, lock_seconds=None if stream else wait)
         if hit is not None:  # an answer to these very messages exists: nothing to estimate
             return _serve_hit(hit, caller=caller, policy=policy, model=model)
 
@@ -468,13 +465,18 @@ def _relay(
         return
     outcome.value = _completion_value(final)
     outcome.prompt_tokens, outcome.completion_tokens = final.prompt_tokens, final.completion_tokens
-    outcome.cost = usage_settle(
-        admission=admission,
-        prompt_tokens=final.prompt_tokens,
-        completion_tokens=final.completion_tokens,
-    )
-    if cache_policy != "bypass":
-        cache_set(key, outcome.value)
+    # The answer's store rides in the settlement's round trip.
+    pending = cache_store_later(key, outcome.value) if cache_policy != "bypass" else None
+    try:
+        outcome.cost = usage_settle(
+            admission=admission,
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            riders=pending.calls if pending is not None else (),
+        )
+    finally:
+        if pending is not None:
+            pending.finish()
 
 
 def _fallback_allowed(exc: QuotaExceeded) -> bool:

@@ -20,7 +20,7 @@
 -- Optional cache gate (a cache miss's look-up in the same round trip as its admission):
 -- KEYS[6+n] the answer's cache entry ("<fresh_until> <stale_until>\n<body>", see
 -- caching/tier.py)   KEYS[7+n] its single-flight lock
--- ARGV[13+5n] lock token   ARGV[14+5n] lock ttl (ms)
+-- ARGV[13+5n] lock token   ARGV[14+5n] lock ttl (ms; 0: take no lock)
 -- A fresh entry turns a "full" admission into a "hit": only the request windows are
 -- checked and counted. A full admission that is let through takes the lock (SET NX).
 --
@@ -266,8 +266,8 @@ local claimed = 0
 if mode == 'full' then
   redis.call('SET', KEYS[3], cjson.encode({t = est_t, c = est_c, ops = ops}), 'EX', lease_ttl * 2)
   redis.call('ZADD', KEYS[4], now + lease_ttl, rid)
-  if gated then
-    local b = 12 + 5 * n
+  local b = 12 + 5 * n
+  if gated and tonumber(ARGV[b + 2]) > 0 then
     if redis.call('SET', KEYS[7 + n], ARGV[b + 1], 'NX', 'PX', ARGV[b + 2]) then claimed = 1 end
   end
 end
