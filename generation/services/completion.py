@@ -319,15 +319,20 @@ def _admit(
     if probe is not None and admission.cached:  # a fresh answer: counted as a hit
         hit, _ = cache_probe_found(probe, admission.entry, locked=False)
         assert hit is not None  # noqa: S101 - the script found it fresh
-        usage_record_hit(admission=admission)
-        return Outcome(
-            value=hit.value,
-            model=model,
-            cache="HIT",
-            cache_layer=hit.layer,
-            headers=admission.headers(),
-        )
+        return _hit_counted(hit, admission=admission, model=model)
     return admission, prompt_tokens
+
+
+def _hit_counted(hit: CacheHit, *, admission: Admission, model: str) -> Outcome:
+    """A cached answer whose request was counted: its (batched) ledger row, the answer."""
+    usage_record_hit(admission=admission)
+    return Outcome(
+        value=hit.value,
+        model=model,
+        cache="HIT",
+        cache_layer=hit.layer,
+        headers=admission.headers(),
+    )
 
 
 def _serve_hit(hit: CacheHit, *, caller: Caller, policy: Policy, model: str) -> Outcome:
@@ -359,14 +364,7 @@ def _serve_hit(hit: CacheHit, *, caller: Caller, policy: Policy, model: str) -> 
             cache_layer=hit.layer,
             headers=exc.headers,
         )
-    usage_record_hit(admission=admission)
-    return Outcome(
-        value=hit.value,
-        model=model,
-        cache="HIT",
-        cache_layer=hit.layer,
-        headers=admission.headers(),
-    )
+    return _hit_counted(hit, admission=admission, model=model)
 
 
 def _start_stream(
