@@ -306,15 +306,9 @@ def _admit(
             stale = _stale_for(exc, key, cache_policy)
         if stale is None:
             raise
-        usage_record_fallback(
-            policy=policy,
-            user_id=caller.user_id,
-            key_id=caller.key_id,
-            request_id=caller.request_id,
-            latency_ms=int((time.monotonic() - started) * 1000),
-        )
-        return Outcome(
-            value=stale, model=model, cache="STALE", cache_layer="redis", headers=exc.headers
+        latency_ms = int((time.monotonic() - started) * 1000)
+        return _fallback(
+            stale, "redis", exc, caller=caller, policy=policy, model=model, latency_ms=latency_ms
         )
     if probe is not None and admission.cached:  # a fresh answer: counted as a hit
         hit, _ = cache_probe_found(probe, admission.entry, locked=False)
@@ -350,21 +344,31 @@ def _serve_hit(hit: CacheHit, *, caller: Caller, policy: Policy, model: str) -> 
         # allows stale fallbacks gets it as one.
         if not policy.allow_stale_fallback:
             raise
-        usage_record_fallback(
-            policy=policy,
-            user_id=caller.user_id,
-            key_id=caller.key_id,
-            request_id=caller.request_id,
-            latency_ms=0,
-        )
-        return Outcome(
-            value=hit.value,
-            model=model,
-            cache="STALE",
-            cache_layer=hit.layer,
-            headers=exc.headers,
+        return _fallback(
+            hit.value, hit.layer, exc, caller=caller, policy=policy, model=model, latency_ms=0
         )
     return _hit_counted(hit, admission=admission, model=model)
+
+
+def _fallback(
+    value: dict[str, Any],
+    layer: str,
+    exc: QuotaExceeded,
+    *,
+    caller: Caller,
+    policy: Policy,
+    model: str,
+    latency_ms: int,
+) -> Outcome:
+    """A stored answer served because a quota refused the request (`fallback: true`)."""
+    usage_record_fallback(
+        policy=policy,
+        user_id=caller.user_id,
+        key_id=caller.key_id,
+        request_id=caller.request_id,
+        latency_ms=latency_ms,
+    )
+    return Outcome(value=value, model=model, cache="STALE", cache_layer=layer, headers=exc.headers)
 
 
 def _start_stream(
