@@ -3,6 +3,7 @@ and live policy changes seen by another process."""
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -21,6 +22,27 @@ def test_request_limit_exact_across_processes_and_threads(worker_factory, user, 
     assert sum(r["admitted"] for r in replies) == 20
     assert sum(r["denied"] for r in replies) == 2 * 16 * 3 - 20
     assert all(set(r["errors"]) <= {"quota_exceeded"} for r in replies)
+
+
+def test_request_limit_exact_with_cache_hits_found_by_the_admission_script(
+    worker_factory, user, plan_for, redis_conn
+):
+    # One process's admissions find a fresh answer in their own script (counted as hits,
+    # no tokens), the other's are full admissions of tokens: one request window for all.
+    plan_for(user, requests_per_minute=20, tokens_per_minute=1_000_000)
+    fresh_until = time.time() + 3600
+    redis_conn.set("conc:entry", f"{fresh_until:.3f} {fresh_until + 3600:.3f}\n{{}}")
+    gated, plain = worker_factory(), worker_factory()
+    replies = [
+        gated.ask(op="admit", user_id=user.pk, threads=16, per_thread=3, gate="conc:entry"),
+        plain.ask(op="admit", user_id=user.pk, threads=16, per_thread=3, max_tokens=10),
+    ]
+    assert sum(r["admitted"] for r in replies) == 20
+    assert replies[0]["hits"] == replies[0]["admitted"]  # every gated admission was a hit
+    assert replies[1]["hits"] == 0
+    standing = services.quota_standing(user_id=user.pk)["limits"]
+    assert standing["requests_per_minute"]["used"] == 20
+    assert standing["tokens_per_minute"]["used"] == replies[1]["admitted"] * (1 + 10)
 
 
 def test_token_budget_never_exceeded_by_the_ledger(worker_factory, user, plan_for):
@@ -105,4 +127,4 @@ def test_revoked_key_refused_by_another_process(worker_factory, user, plan_for):
     assert worker.ask(op="admit", user_id=user.pk, key_id=key.pk)["admitted"] == 1
     services.key_revoke(key=key)
     reply = worker.ask(op="admit", user_id=user.pk, key_id=key.pk)
-    assert reply == {"admitted": 0, "denied": 1, "errors": {"key_revoked": 1}}
+    assert reply == {"admitted": 0, "denied": 1, "errors": {"key_revoked": 1}, "hits": 0}
