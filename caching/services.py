@@ -21,6 +21,7 @@ from django.conf import settings
 
 from caching.tier import (
     STAT_FIELDS,
+    CacheTier,
     Flight,
     count_invalidation,
     encode,
@@ -94,7 +95,7 @@ def cache_get(key: str, *, now: float | None = None) -> CacheHit | None:
 
 
 def _lookup(key: str, *, now: float) -> CacheHit | None:
-    hit, probe = _probe(key, now=now, lock_ms=1)
+    hit, probe = _probe(key, now=now, lock_ms=0)
     if probe is None:
         return hit
     t = tier()
@@ -145,7 +146,8 @@ def _probe(key: str, *, now: float, lock_ms: int) -> tuple[CacheHit | None, Cach
     if not t.available():
         t.count("redis_misses", "redis", "miss")
         return None, None
-    lock = FlightLock(t.k("lock:" + key), new_token())
+    # Without a lock to take, an empty token (the lock is then never handed out).
+    lock = FlightLock(t.k("lock:" + key), new_token() if lock_ms else "")
     return None, CacheProbe(key, t.entry_key(key), lock, lock_ms, now)
 
 
@@ -167,8 +169,9 @@ def cache_probe_found(
 
 def cache_probe_stale(probe: CacheProbe, entry: bytes | None) -> CacheHit | None:
     """`cache_get_stale` from the entry a probe's script found (fresh or not): the answer
-    if still within its stale time, for the fallback when a quota is exhausted."""
-    return _stale_of(tier(), entry, now=time.time())
+    if still within its stale time at the probe's moment, for the fallback when a quota
+    is exhausted."""
+    return _stale_of(tier(), entry, now=probe.now)
 
 
 def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
@@ -187,7 +190,7 @@ def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
     return _stale_of(t, raw, now=now)
 
 
-def _stale_of(t: Any, raw: bytes | None, *, now: float) -> CacheHit | None:
+def _stale_of(t: CacheTier, raw: bytes | None, *, now: float) -> CacheHit | None:
     if raw is not None:
         _, stale_until, body = _parse(raw)
         if now < stale_until:
@@ -431,8 +434,8 @@ def single_flight(
         return _compute_and_store(key, compute, store=store, ttl=ttl), True
     try:
         if lock is not None:
-            kept = None if keep_lock else store
-            value, here = _compute_locked(key, compute, lock, store=kept, ttl=ttl), True
+            value = _compute_locked(key, compute, lock, store=store, ttl=ttl, keep_lock=keep_lock)
+            here = True
         else:
             value, here = _single_flight_shared(
                 key, compute, wait_seconds=wait_seconds, store=store, ttl=ttl
@@ -456,20 +459,23 @@ def _compute_locked(
     compute: Callable[[], dict[str, Any]],
     lock: FlightLock,
     *,
-    store: bool | None,
+    store: bool,
     ttl: int | None,
+    keep_lock: bool = False,
 ) -> dict[str, Any]:
     """Compute under our lock; store the value and release the lock in one round trip
-    (or release it at once if `compute` raises). `store=None`: the caller stores the value
+    (or release it at once if `compute` raises). `keep_lock`: the caller stores the value
     and releases the lock (`cache_store_later`)."""
     try:
         value = compute()
     except BaseException:
         _release(tier(), lock.key, lock.token)
         raise
+    if keep_lock:
+        return value
     if store:
         _store(key, value, ttl=ttl, lock=lock)
-    elif store is not None:
+    else:
         _release(tier(), lock.key, lock.token)
     return value
 
