@@ -106,6 +106,9 @@ SHARED_PROCESSORS: list[Any] = [
 ]
 
 
+_CHATTY_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "google_genai")
+
+
 def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
     """The LOGGING dict: stdlib records and structlog events through one JSON formatter."""
     renderer: Any = (
@@ -113,6 +116,7 @@ def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
         if fmt == "console"
         else structlog.processors.JSONRenderer()
     )
+    client_level = "DEBUG" if level.upper() == "DEBUG" else "WARNING"
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -135,6 +139,11 @@ def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
             # The request middleware writes one structured line per request instead.
             "django.server": {"level": "WARNING"},
             "gunicorn.error": {"handlers": ["console"], "level": level, "propagate": False},
+            # The provider SDKs and their HTTP clients log every upstream call at INFO
+            # ("HTTP Request: POST <upstream URL> ..."), a second line per cache miss that
+            # the request line and tollgate_upstream_calls_total already tell. LOG_LEVEL=DEBUG
+            # shows them, with the rest.
+            **{name: {"level": client_level} for name in _CHATTY_CLIENT_LOGGERS},
         },
     }
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 
 import pytest
@@ -446,3 +447,20 @@ def test_blank_prompt_is_invalid_request(api_client, api_key, local_model):
     )
     assert response.status_code == 400
     assert response.json()["error"]["fields"]["prompt"] == ["The prompt is empty."]
+
+
+@pytest.mark.usefixtures("upstream_settings", "openai_model", "gemini_model")
+@pytest.mark.parametrize("model", ["gpt-test", "gemini-test"])
+def test_an_upstream_call_adds_no_log_line_of_the_http_client_at_info(
+    fake_upstream, key_client, caplog, model
+):
+    # One structured line per request is the request log's; the SDKs' HTTP clients would
+    # add an "HTTP Request: POST <upstream URL>" line of their own to every miss.
+    caplog.set_level(logging.INFO)
+
+    response = _post(key_client, {"prompt": "quiet please", "model": model})
+
+    assert response.status_code == 200, response.content
+    assert fake_upstream.requests, "the upstream was called"
+    clients = {"httpx", "httpx2", "httpcore", "httpcore2", "openai", "google_genai"}
+    assert [r.getMessage() for r in caplog.records if r.name.split(".")[0] in clients] == []

@@ -147,3 +147,11 @@ def test_log_lines_written_by_a_celery_task_carry_its_id(log_lines):
     assert line["task"] == "health.tests.log_something"
     logging.getLogger("tollgate.test").info("after the task")
     assert "task_id" not in log_lines()[-1]
+
+
+def test_http_client_loggers_are_quiet_at_info_and_speak_at_debug():
+    quiet = logging_config(level="INFO")["loggers"]
+    loud = logging_config(level="DEBUG")["loggers"]
+
+    assert quiet["httpx2"]["level"] == quiet["google_genai"]["level"] == "WARNING"
+    assert loud["httpx2"]["level"] == loud["google_genai"]["level"] == "DEBUG"
