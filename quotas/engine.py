@@ -43,8 +43,10 @@ class Decision:
     denied: WindowState | None = None
     retry_after: float = 0.0
     backend: str = "redis"
-    # With a CacheGate: the stored entry (fresh or stale), whether it turned the request
+    # With a CacheGate: whether the script looked the entry up (not in degraded mode), the
+    # stored entry (fresh or stale; None: there is none), whether it turned the request
     # into a hit, and whether the lock was taken.
+    looked_up: bool = False
     entry: bytes | None = None
     hit: bool = False
     locked: bool = False

@@ -39,7 +39,9 @@ class QuotaExceeded(ApiError):
         # that the caller may serve a stale answer if the plan allows).
         self.headers: dict[str, str] = {}
         self.policy: Any = None
-        self.entry: bytes | None = None  # the cache entry an admission's CacheGate found
+        # An admission's CacheGate: whether it looked the entry up, and the entry it found.
+        self.looked_up = False
+        self.entry: bytes | None = None
 
     def extra_headers(self) -> dict[str, str]:
         return {**self.headers, "Retry-After": str(self.retry_after)}

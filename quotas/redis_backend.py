@@ -176,7 +176,7 @@ class RedisQuotaBackend:
             decision.retry_after = float(_text(reply[2]))
         if gate is not None:
             entry, locked, applied = reply[-3:]
-            decision.entry, decision.locked = entry, bool(locked)
+            decision.looked_up, decision.entry, decision.locked = True, entry, bool(locked)
             decision.hit = applied == b"hit"
             if decision.hit:  # only the request windows were counted
                 decision.windows = [w for w in windows if w.quota.kind == "r"]

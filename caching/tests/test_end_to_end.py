@@ -246,3 +246,31 @@ def test_a_streamed_miss_makes_two_redis_round_trips_takes_no_lock_and_is_stored
     again = client.post(URL, {"prompt": "stream 0", "model": "gpt-test"}, format="json")
     assert (again["X-Cache"], again.json()["cache_layer"]) == ("HIT", "redis")
     assert again.json()["text"] == "streamed answer"
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("upstream_settings", "fake_upstream", "openai_model")
+def test_a_refusal_makes_one_redis_round_trip_with_or_without_a_stale_copy(
+    api_key, user, redis_round_trips
+):
+    # The refusing admission has looked the answer up already: a stale copy comes back in
+    # its reply, and no copy needs no second look.
+    plan = PlanFactory(requests_per_minute=1, allow_stale_fallback=True)
+    UserQuotaFactory(user=user, plan=plan)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    assert (
+        client.post(URL, {"prompt": "stored", "model": "gpt-test"}, format="json").status_code
+        == 200
+    )
+    cache_local_reset()  # as on another worker: the stored answer is in Redis only
+    tier().sync(force=True)
+    trips = {}
+    for prompt, expected in (("never asked", 429), ("stored", 200)):
+        redis_round_trips.count = 0
+        response = client.post(URL, {"prompt": prompt, "model": "gpt-test"}, format="json")
+        trips[prompt] = redis_round_trips.count
+        assert response.status_code == expected, response.content
+
+    assert response.json()["fallback"] is True
+    assert trips == {"never asked": 1, "stored": 1}

@@ -299,8 +299,10 @@ def _admit(
             gate=_gate_of(probe),
         )
     except QuotaExceeded as exc:
-        if probe is not None and exc.entry is not None:  # the admission's look-up found it
-            found = cache_probe_stale(probe, exc.entry) if _fallback_allowed(exc) else None
+        if exc.looked_up:  # the admission looked the answer up: the copy it found, if any
+            found = None
+            if probe is not None and exc.entry is not None and _fallback_allowed(exc):
+                found = cache_probe_stale(probe, exc.entry)
             stale = found.value if found is not None else None
         else:
             stale = _stale_for(exc, key, cache_policy)

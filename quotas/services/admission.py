@@ -108,7 +108,7 @@ def _refuse(decision: Decision, policy: Policy) -> QuotaExceeded:
     )
     exc.headers = ratelimit_headers(decision.windows)
     exc.policy = policy  # lets the caller serve a stale answer
-    exc.entry = decision.entry  # ... the one a CacheGate found, if any
+    exc.looked_up, exc.entry = decision.looked_up, decision.entry  # ... a CacheGate's look-up
     return exc
 
 

@@ -97,8 +97,20 @@ def test_refused_in_full_takes_no_lock_and_carries_the_stale_copy(redis_conn, us
         admit(user, token="refused")
 
     assert info.value.dimension == "tokens_per_minute"
+    assert info.value.looked_up
     assert info.value.entry.endswith(b'{"a":1}')
     assert redis_conn.exists(LOCK) == 0
+
+
+def test_refused_with_nothing_stored_says_it_looked(redis_conn, user, plan_for):
+    plan_for(user, requests_per_minute=1)
+    admit(user, token="ok")
+    redis_conn.delete(LOCK)
+
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, token="refused")
+
+    assert (info.value.looked_up, info.value.entry) == (True, None)  # no copy: no second look
 
 
 def test_a_fresh_entry_passes_a_full_token_budget_but_not_a_full_request_window(
@@ -126,6 +138,11 @@ def test_in_process_backend_does_not_look_at_the_gate(settings, redis_conn, user
 
     assert (admission.cached, admission.entry, admission.locked) == (False, None, False)
     assert admission.backend == "local"
+    for _ in range(4):
+        admit(user)
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user)
+    assert not info.value.looked_up  # the caller must look for a stale copy itself
 
 
 @pytest.mark.django_db(transaction=True)  # the requests run in threads
