@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from csp.constants import HEADER, HEADER_REPORT_ONLY
@@ -35,6 +35,9 @@ from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.urls import Resolver404, resolve
 from django.utils.functional import SimpleLazyObject, empty
+from django_prometheus.middleware import (
+    PrometheusAfterMiddleware as BasePrometheusAfterMiddleware,
+)
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
@@ -282,3 +285,26 @@ class MessageMiddleware(BaseMessageMiddleware):
         if isinstance(stored, SimpleLazyObject) and stored._wrapped is empty:
             return response
         return super().process_response(request, response)
+
+
+class PrometheusAfterMiddleware(BasePrometheusAfterMiddleware):
+    """django-prometheus's request metrics, each labelled series looked up once.
+
+    The middleware updates about eight labelled series per request, and prometheus_client
+    checks and joins the label values again for every `labels()` call. `label_metric` is
+    django-prometheus's own hook for the labels; here it keeps each series it has looked up.
+    The label values (view, method, status, transport, charset) are few, so is the dict.
+    """
+
+    _series: ClassVar[dict[tuple[Any, ...], Any]] = {}
+
+    def label_metric(
+        self, metric: Any, request: HttpRequest, response: Any = None, **labels: Any
+    ) -> Any:
+        if not labels:
+            return metric
+        key = (id(metric), *labels.items())
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(**labels)
+        return series

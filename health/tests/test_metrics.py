@@ -62,3 +62,29 @@ def test_scrape_reports_database_and_cache_metrics(client, redis_conn):
     assert _sample(text, "django_db_execute_total", alias="default", vendor="postgresql") > 0
     assert _sample(text, "django_cache_get_hits_total", backend="redis") > 0
     assert _sample(text, "django_cache_get_misses_total", backend="redis") > 0
+
+
+def test_request_metrics_keep_counting_each_series_on_its_own(client):
+    def scrape() -> str:
+        return client.get("/metrics").content.decode()
+
+    def count(text: str, status: str, method: str) -> float:
+        return (
+            _sample(
+                text,
+                "django_http_responses_total_by_status_view_method_total",
+                status=status,
+                view="health-live",
+                method=method,
+            )
+            or 0.0
+        )
+
+    before = scrape()
+    for _ in range(3):
+        assert client.get("/health/live").status_code == 200
+    assert client.post("/health/live").status_code == 405
+    after = scrape()
+
+    assert count(after, "200", "GET") - count(before, "200", "GET") == 3
+    assert count(after, "405", "POST") - count(before, "405", "POST") == 1
