@@ -132,12 +132,21 @@ def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
                 ],
             }
         },
-        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structured"}},
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "formatter": "structured"},
+            "drop": {"class": "logging.NullHandler"},
+        },
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
+            # Django's own console (plain text, with DEBUG) and mail handlers: everything
+            # goes to the root's structured handler instead, once.
+            "django": {"handlers": [], "propagate": True},
             "django.db.backends": {"level": "WARNING"},
-            # The request middleware writes one structured line per request instead.
-            "django.server": {"level": "WARNING"},
+            # The request middleware writes one structured line per request, with its
+            # status: runserver's access lines and django.request's "Unauthorized: /path"
+            # for every 4xx would say it again. A 5xx is still logged, with its traceback.
+            "django.server": {"handlers": ["drop"], "propagate": False},
+            "django.request": {"level": "ERROR"},
             "gunicorn.error": {"handlers": ["console"], "level": level, "propagate": False},
             # The provider SDKs and their HTTP clients log every upstream call at INFO
             # ("HTTP Request: POST <upstream URL> ..."), a second line per cache miss that

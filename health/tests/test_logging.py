@@ -155,3 +155,25 @@ def test_http_client_loggers_are_quiet_at_info_and_speak_at_debug():
 
     assert quiet["httpx2"]["level"] == quiet["google_genai"]["level"] == "WARNING"
     assert loud["httpx2"]["level"] == loud["google_genai"]["level"] == "DEBUG"
+
+
+def test_a_refused_request_is_logged_once_by_the_request_line(api_client, log_lines, capfd):
+    response = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION="Bearer tg_bad_key")
+    logging.getLogger("django.server").warning('"GET /api/v1/quota HTTP/1.1" 401 73')
+
+    assert response.status_code == 401
+    lines = log_lines()
+    assert [line["event"] for line in lines] == ["request"]
+    assert lines[0]["status"] == 401
+    assert capfd.readouterr().err == ""  # no plain-text copy either
+
+
+def test_a_server_error_is_still_logged_with_its_traceback(log_lines):
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("django.request").error("Internal Server Error: /x", exc_info=True)
+
+    [line] = log_lines()
+    assert line["level"] == "error"
+    assert "RuntimeError: boom" in line["exception"]
