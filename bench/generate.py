@@ -1,6 +1,7 @@
 """Cache-miss generation requests through gunicorn against the zero-latency fake upstream.
 
-    .venv/bin/python bench/generate.py [--duration 6] [--concurrency 1 8 32] [--write-docs]
+    .venv/bin/python bench/generate.py [--duration 6] [--concurrency 1 8 32] [--rounds 1]
+                                       [--write-docs]
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
 
 Starts the fake upstream (generation/tests/fake_upstream.py, its own process), then
@@ -13,7 +14,12 @@ OpenAI-compatible provider pointed at it, and drives both with wrk at each concu
   reserved) and the ledger on;
 - straight to the fake upstream: POST /v1/chat/completions with the body Tollgate sends.
 
-Overhead = (through Tollgate) - (straight to the upstream), both measured in the same run.
+Overhead = (through Tollgate) - (straight to the upstream), both measured in the same run:
+p50 - the upstream's p50, and p99 - the upstream's p50 (two p99s need not come from the
+same requests, and the fake upstream's own tail made their difference go negative).
+--rounds N runs the floor and every point N times, one after the other, and reports the
+median of each column: on a noisy machine one run of the same code differs from the next
+by up to 20%.
 CPU per request is the gunicorn workers' user+system CPU time over the run divided by the
 requests served; peak RSS is each worker's VmHWM. Own database `tollgate_bench_gen` and
 Redis db 1 (override with DATABASE_URL / REDIS_URL).
@@ -28,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -213,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=1, help="repeat, report the medians")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(
         "--worker-class",
@@ -271,7 +279,7 @@ def main() -> None:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=30)
-    table = render(results, args.duration, args.worker_class)
+    table = render(results, args.duration, args.worker_class, args.rounds)
     sys.stdout.write(table + "\n")
     if args.write_docs:
         write_docs(table)
@@ -296,7 +304,34 @@ def run_all(
     up_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
     # Warm up: imports, connection pools, policy caches, script loading in both workers.
     wrk(gw_url, body_format=gw_body, headers=gw_headers, concurrency=4, duration=2)
-    results = []
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(
+            run_round(
+                args, master, gw_port, (gw_url, gw_body, gw_headers), (up_url, up_body, up_headers)
+            )
+        )
+    # Each column's median over the rounds (errors: their sum), point by point.
+    return [
+        {
+            name: (sum if name == "errors" else statistics.median)([r[i][name] for r in rounds])
+            if name != "c"
+            else point["c"]
+            for name in point
+        }
+        for i, point in enumerate(rounds[0])
+    ]
+
+
+def run_round(
+    args: argparse.Namespace,
+    master: int,
+    gw_port: int,
+    gw: tuple[str, str, dict[str, str]],
+    up: tuple[str, str, dict[str, str]],
+) -> list[dict[str, Any]]:
+    (gw_url, gw_body, gw_headers), (up_url, up_body, up_headers) = gw, up
+    results: list[dict[str, Any]] = []
     # The floor: the same stack (gunicorn, middleware, request log, metrics) answering
     # GET /health/live, which does no work of its own.
     workers = children(master)
@@ -340,6 +375,8 @@ def run_all(
                 "up_rps": straight["rps"],
                 "up_p50": straight["p50_us"] / 1000,
                 "up_p99": straight["p99_us"] / 1000,
+                "overhead_p50": (through["p50_us"] - straight["p50_us"]) / 1000,
+                "overhead_p99": (through["p99_us"] - straight["p50_us"]) / 1000,
                 "cpu_ms": 1000 * cpu / max(1, through["requests"]),
                 "rss": max(proc_hwm_mib(p) for p in workers),
                 "errors": through["non_2xx"] + through["socket_errors"],
@@ -348,10 +385,13 @@ def run_all(
     return results
 
 
-def render(results: list[dict[str, float]], duration: float, worker_class: str) -> str:
+def render(
+    results: list[dict[str, Any]], duration: float, worker_class: str, rounds: int = 1
+) -> str:
+    medians = f", the median of {rounds} rounds" if rounds > 1 else ""
     lines = [
-        f"wrk, {duration:g} s per point, 2 {worker_class} gunicorn workers, every request a "
-        "cache miss.",
+        f"wrk, {duration:g} s per point{medians}, 2 {worker_class} gunicorn workers, every "
+        "request a cache miss. Overhead: p50 and p99 through Tollgate minus the upstream's p50.",
         "",
         "| concurrency | req/s | p50 | p99 | upstream alone p50 / p99 | overhead p50 / p99 "
         "| CPU / request | peak RSS / worker | errors |",
@@ -368,15 +408,24 @@ def render(results: list[dict[str, float]], duration: float, worker_class: str) 
         # Latency minus latency means something only while neither side queues: with more
         # connections than cores, both are mostly waiting for a CPU (read the CPU column).
         overhead = (
-            f"{r['p50'] - r['up_p50']:.2f} / {r['p99'] - r['up_p99']:.2f} ms"
-            if r["c"] == 1
-            else "queueing"
+            f"{r['overhead_p50']:.2f} / {r['overhead_p99']:.2f} ms" if r["c"] == 1 else "queueing"
         )
         lines.append(
             f"| {r['c']} | {r['rps']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms "
             f"| {r['up_p50']:.2f} / {r['up_p99']:.2f} ms | {overhead} "
             f"| {r['cpu_ms']:.2f} ms | {r['rss']:.0f} MiB | {r['errors']:.0f} |"
         )
+    floor = next((r for r in results if r["c"] == "floor"), None)
+    one = next((r for r in results if r["c"] == 1), None)
+    if floor and one and floor["cpu_ms"] and floor["p50"]:
+        # The same figures in units of this machine's own floor, which the machine changes
+        # far less than the milliseconds.
+        lines += [
+            "",
+            f"Against the floor of the same run: a miss at one connection costs "
+            f"{one['cpu_ms'] / floor['cpu_ms']:.1f} times its CPU per request, and adds "
+            f"{one['overhead_p50'] / floor['p50']:.1f} times its p50.",
+        ]
     return "\n".join(lines)
 
 
