@@ -272,9 +272,10 @@ class MessageMiddleware(BaseMessageMiddleware):
 
     Django's builds the storage (a cookie signer, a cookie and a session backend) for every
     request and writes it back on every response: over a tenth of the CPU of a bare
-    request through the whole stack, for messages that only the admin sends. Here the storage is built when
-    something first reads or adds a message, and the response of a request that never did
-    is left as it is, which is what the storage's own update would do with it.
+    request through the whole stack, for messages that only the admin sends. Here the
+    storage is built when something first reads or adds a message, and the response of a
+    request that never did is left as it is, which is what the storage's own update would
+    do with it.
     """
 
     def process_request(self, request: HttpRequest) -> None:
