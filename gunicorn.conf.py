@@ -77,3 +77,8 @@ def on_starting(server: Any) -> None:
 def child_exit(server: Any, worker: Any) -> None:
     """Master: a dead worker's live gauges no longer count."""
     gunicorn_hooks.child_exit(server, worker)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Worker, once loaded: every view imported, the startup heap frozen out of the GC."""
+    gunicorn_hooks.post_worker_init(worker)

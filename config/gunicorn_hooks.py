@@ -1,15 +1,22 @@
-"""Gunicorn server hooks for Prometheus multiprocess mode (called by gunicorn.conf.py).
+"""Gunicorn server hooks (called by gunicorn.conf.py).
 
-Under gunicorn every worker is its own process, so each keeps its metric values in files
-under PROMETHEUS_MULTIPROC_DIR and /metrics adds them up. The directory must be set before
-prometheus_client is first imported (gunicorn.conf.py sets it at import time, in the master,
-before any worker loads the application), emptied at every start so that counters of a
-previous run are not added to this one (`on_starting`), and a dead worker's live gauges
-must be dropped (`child_exit`).
+Prometheus multiprocess mode: under gunicorn every worker is its own process, so each keeps
+its metric values in files under PROMETHEUS_MULTIPROC_DIR and /metrics adds them up. The
+directory must be set before prometheus_client is first imported (gunicorn.conf.py sets it
+at import time, in the master, before any worker loads the application), emptied at every
+start so that counters of a previous run are not added to this one (`on_starting`), and a
+dead worker's live gauges must be dropped (`child_exit`).
+
+A worker ready to serve (`post_worker_init`) loads every view now rather than on its first
+request, then freezes what it has loaded out of the cyclic garbage collector's reach: a
+worker holds some 250,000 objects of Django, DRF and the provider SDKs that live as long
+as it does, and without the freeze each full collection walks them all (168 ms on the
+benchmark machine of 2026-11-30, about 9 ms with it; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -41,3 +48,13 @@ def child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def post_worker_init(worker: Any) -> None:
+    """Gunicorn hook (worker, once, after loading the application): load the URLconf, and
+    with it every view and the SDKs they import, then freeze the objects loaded so far."""
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - imports every view now
+    gc.collect()  # what startup left as garbage is freed, not frozen
+    gc.freeze()
