@@ -76,11 +76,13 @@ def _scrape(port: int) -> str:
 
 def test_metrics_count_every_request_across_two_gunicorn_workers(gunicorn_server):
     port, metrics_dir, _, warmup = gunicorn_server
-    # A known sequence. Until both workers have served probes, send more in parallel
-    # (bounded); every request sent is counted exactly once, whichever worker took it.
+    # A known sequence. Until both workers have served probes (the second may still be
+    # starting: it loads every view before it serves), send more in parallel, for at most
+    # 30 s; every request sent is counted exactly once, whichever worker took it.
     live_sent = warmup
+    deadline = time.monotonic() + 30
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for _ in range(20):
+        while time.monotonic() < deadline:
             statuses = list(
                 pool.map(lambda _: http_request(port, "GET", "/health/live")[0], range(16))
             )
