@@ -7,21 +7,25 @@ at import time, in the master, before any worker loads the application), emptied
 start so that counters of a previous run are not added to this one (`on_starting`), and a
 dead worker's live gauges must be dropped (`child_exit`).
 
-A worker ready to serve (`post_worker_init`) loads every view now rather than on its first
-request, then freezes what it has loaded out of the cyclic garbage collector's reach: a
-worker holds some 250,000 objects of Django, DRF and the provider SDKs that live as long
-as it does, and without the freeze each full collection walks them all (168 ms on the
-benchmark machine of 2026-11-30, about 9 ms with it; docs/BENCHMARKS.md).
+A worker ready to serve (`post_worker_init`) loads every view and the clients of the
+providers the catalogue uses now rather than on its first requests, then freezes what it
+has loaded out of the cyclic garbage collector's reach: a worker holds some 220,000
+objects of Django, DRF and the provider SDKs that live as long as it does, and without the
+freeze each full collection walks them all (up to 125 ms on the benchmark machine of
+2026-11-30, 15 ms with it; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "tollgate-prometheus"
 
@@ -51,10 +55,19 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Gunicorn hook (worker, once, after loading the application): load the URLconf, and
-    with it every view and the SDKs they import, then freeze the objects loaded so far."""
+    """Gunicorn hook (worker, once, after loading the application): load the URLconf (every
+    view) and the providers' clients (their SDKs), then freeze the objects loaded so far."""
+    from django.db import connections
     from django.urls import get_resolver
 
+    from generation.providers import providers_warm
+
     get_resolver().url_patterns  # noqa: B018 - imports every view now
+    try:
+        providers_warm()
+    except Exception:  # the database or a provider's settings: built on first use instead
+        logger.warning("providers not loaded at start", exc_info=True)
+    finally:
+        connections.close_all()  # the request threads open their own
     gc.collect()  # what startup left as garbage is freed, not frozen
     gc.freeze()

@@ -44,6 +44,7 @@ from quotas.services.standing import quota_global, quota_headers, quota_standing
 from quotas.services.state import (
     QuotaBackend,
     backend,
+    catalogue_providers,
     local_state_reset,
     policy_bump,
     policy_get,
@@ -67,6 +68,7 @@ __all__ = [
     "local_state_reset",
     "new_request_id",
     "policy_bump",
+    "catalogue_providers",
     "policy_get",
     "quota_global",
     "quota_headers",

@@ -107,6 +107,14 @@ def local_state_reset() -> None:
 # --- policy ------------------------------------------------------------------------------
 
 
+def catalogue_providers() -> list[str]:
+    """The providers that serve the enabled models of the catalogue."""
+    from quotas.models import ModelPrice
+
+    rows = ModelPrice.objects.filter(enabled=True).values_list("provider", flat=True)
+    return sorted(set(rows))
+
+
 def policy_get(*, user_id: int, key_id: int | None, model: str) -> Policy:
     """The effective policy, from the process cache or the database.
 
