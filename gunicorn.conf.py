@@ -80,5 +80,6 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker, once loaded: every view imported, the startup heap frozen out of the GC."""
+    """Worker, once loaded: every view and the catalogue's providers loaded, then the
+    startup heap frozen out of the cyclic GC."""
     gunicorn_hooks.post_worker_init(worker)

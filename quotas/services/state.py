@@ -20,6 +20,7 @@ from quotas.engine import (
     WindowState,
 )
 from quotas.local_backend import LocalQuotaBackend
+from quotas.models import ModelPrice
 from quotas.policy import Policy, Quota, policy_resolve
 
 logger = logging.getLogger("tollgate.quotas")
@@ -109,8 +110,6 @@ def local_state_reset() -> None:
 
 def catalogue_providers() -> list[str]:
     """The providers that serve the enabled models of the catalogue."""
-    from quotas.models import ModelPrice
-
     rows = ModelPrice.objects.filter(enabled=True).values_list("provider", flat=True)
     return sorted(set(rows))
 
