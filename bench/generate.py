@@ -477,6 +477,8 @@ def profile(count: int, key: str, env: dict[str, str]) -> None:
         for i in range(count):
             one(i)
         prof.disable()
+        if os.environ.get("BENCH_CPROFILE_OUT"):
+            prof.dump_stats(os.environ["BENCH_CPROFILE_OUT"])
         if os.environ.get("BENCH_CPROFILE_GROUP"):
             groups: dict[str, float] = {}
             for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]

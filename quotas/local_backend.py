@@ -11,7 +11,7 @@ import math
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -211,10 +211,11 @@ class LocalQuotaBackend:
         cost: int,
         refund: bool,
         riders: Sequence[ScriptCall] = (),
+        meanwhile: Callable[[], None] | None = None,
     ) -> bool:
         """Settle in the process; `riders` (Redis calls of other services, should there be
-        a Redis for them) are sent on their own."""
-        run_calls(riders)
+        a Redis for them) are sent on their own, `meanwhile` run while they are out."""
+        run_calls(riders, meanwhile)
         with self._lock:
             res = self._reservations.pop(request_id, None)
             if res is None:

@@ -27,7 +27,7 @@ ledger before its next use.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -190,15 +190,17 @@ class RedisQuotaBackend:
         cost: int,
         refund: bool,
         riders: Sequence[ScriptCall] = (),
+        meanwhile: Callable[[], None] | None = None,
     ) -> bool:
         """Settle (or refund) one reservation; `riders`, other services' script calls
-        (the cache store of this very answer), go in the same round trip."""
+        (the cache store of this very answer), go in the same round trip, and `meanwhile`
+        (the ledger INSERT) runs while Redis works on it (`run_calls`)."""
         call = ScriptCall(
             self._settle,
             keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
             args=[request_id, "refund" if refund else "settle", tokens, cost],
         )
-        run_calls([call, *riders])
+        run_calls([call, *riders], meanwhile)
         if isinstance(call.error, _UNAVAILABLE):
             raise BackendUnavailable(str(call.error)) from call.error
         if call.error is not None:

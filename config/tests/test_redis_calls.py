@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 
 from config.redis_calls import ScriptCall, run_calls
@@ -77,3 +78,67 @@ def test_redis_gone_is_every_calls_error_not_an_exception():
 
     assert all(c.ran for c in calls)
     assert all(isinstance(c.error, redis.ConnectionError) for c in calls)
+
+
+def test_meanwhile_runs_once_between_sending_the_calls_and_reading_their_replies(
+    redis_conn, redis_round_trips
+):
+    incr = redis_conn.register_script(INCR)
+    redis_conn.script_load(INCR)
+    call = ScriptCall(incr, keys=["rc:overlap"], args=[4])
+    seen = []
+    redis_round_trips.count = 0
+
+    run_calls([call], meanwhile=lambda: seen.append((redis_round_trips.count, call.ran)))
+
+    assert seen == [(1, False)]  # sent, its reply not read yet
+    assert call.reply == 4
+    assert redis_round_trips.count == 1
+
+
+def test_an_error_in_meanwhile_propagates_after_the_replies_are_read(redis_conn):
+    incr = redis_conn.register_script(INCR)
+    redis_conn.script_load(INCR)
+    call = ScriptCall(incr, keys=["rc:raise"], args=[1])
+
+    def failing() -> None:
+        raise RuntimeError("ledger down")
+
+    with pytest.raises(RuntimeError, match="ledger down"):
+        run_calls([call], meanwhile=failing)
+
+    assert call.reply == 1
+    assert call.error is None
+    # The pooled connection was not left with a reply unread: the next command gets its own.
+    assert redis_conn.get("rc:raise") == b"1"
+    again = ScriptCall(incr, keys=["rc:raise"], args=[1])
+    run_calls([again])
+    assert again.reply == 2
+
+
+def test_meanwhile_runs_once_when_scripts_are_loaded_again(redis_conn):
+    incr = redis_conn.register_script(INCR)
+    redis_conn.script_load(INCR)
+    redis_conn.script_flush()
+    call = ScriptCall(incr, keys=["rc:flushed-meanwhile"], args=[2])
+    runs = []
+
+    run_calls([call], meanwhile=lambda: runs.append(1))
+
+    assert runs == [1]
+    assert call.reply == 2
+
+
+def test_meanwhile_runs_with_nothing_to_send_and_with_redis_gone():
+    runs = []
+    run_calls([], meanwhile=lambda: runs.append("none"))
+
+    server = PrivateRedis()
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    call = ScriptCall(client.register_script(INCR), keys=["n"], args=[1])
+    server.stop()
+    run_calls([call], meanwhile=lambda: runs.append("gone"))
+
+    assert runs == ["none", "gone"]
+    assert isinstance(call.error, redis.ConnectionError)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 from config.redis_calls import ScriptCall, run_calls
@@ -26,12 +26,15 @@ def _settle_counters(
     cost: int,
     refund: bool,
     riders: Sequence[ScriptCall] = (),
+    ledger: Callable[[], None],
 ) -> None:
+    """The counters' settlement, with `ledger` (the request's ledger write) run while its
+    Redis round trip is out: the two round trips overlap (`run_calls`)."""
     if admission.backend == "degraded":
         _state.fallback.settle(
             request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund
         )
-        run_calls(riders)  # on their own: Redis may be back for them
+        run_calls(riders, ledger)  # on their own: Redis may be back for them
         return
     try:
         backend().settle(
@@ -40,6 +43,7 @@ def _settle_counters(
             cost=cost,
             refund=refund,
             riders=riders,
+            meanwhile=ledger,
         )
     except BackendUnavailable:
         # The reservation stays until its lease expires and the sweep refunds it; the
@@ -68,16 +72,23 @@ def usage_settle(
     cost = policy.cost_of(prompt_tokens, completion_tokens)
     micros = usd_to_micros(cost)
     tokens = prompt_tokens + completion_tokens
-    _settle_counters(admission=admission, tokens=tokens, cost=micros, refund=False, riders=riders)
-    _ledger_write(
+    latency = _latency(admission, latency_ms)
+    _settle_counters(
         admission=admission,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        cost=cost,
-        outcome=Outcome.CACHED if cached else Outcome.OK,
-        cached=cached,
-        fallback=fallback,
-        latency_ms=_latency(admission, latency_ms),
+        tokens=tokens,
+        cost=micros,
+        refund=False,
+        riders=riders,
+        ledger=lambda: _ledger_write(
+            admission=admission,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost=cost,
+            outcome=Outcome.CACHED if cached else Outcome.OK,
+            cached=cached,
+            fallback=fallback,
+            latency_ms=latency,
+        ),
     )
     if tokens:
         metrics.TOKENS.labels(policy.model, "prompt").inc(prompt_tokens)
@@ -89,14 +100,20 @@ def usage_settle(
 
 def usage_refund(*, admission: Admission, outcome: str, latency_ms: int | None = None) -> None:
     """A failed upstream call: everything reserved is given back; the ledger row has no cost."""
-    _settle_counters(admission=admission, tokens=0, cost=0, refund=True)
-    _ledger_write(
+    latency = _latency(admission, latency_ms)
+    _settle_counters(
         admission=admission,
-        prompt_tokens=0,
-        completion_tokens=0,
-        cost=Decimal(0),
-        outcome=outcome,
-        cached=False,
-        fallback=False,
-        latency_ms=_latency(admission, latency_ms),
+        tokens=0,
+        cost=0,
+        refund=True,
+        ledger=lambda: _ledger_write(
+            admission=admission,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cost=Decimal(0),
+            outcome=outcome,
+            cached=False,
+            fallback=False,
+            latency_ms=latency,
+        ),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -50,6 +50,7 @@ class QuotaBackend(Protocol):
         cost: int,
         refund: bool,
         riders: Sequence[ScriptCall] = (),
+        meanwhile: Callable[[], None] | None = None,
     ) -> bool: ...
     def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int: ...
     def counter_key(self, quota: Quota, epoch: str, now: float) -> str: ...
