@@ -518,8 +518,8 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
     from django.conf import settings
     from django.test import Client
 
-    from caching import services as caching
     from generation import serializers as gen_serializers
+    from generation import services as generation
     from generation.providers import provider_get
     from generation.providers.base import CompletionRequest
     from generation.resilience import Breaker, upstream_complete
@@ -540,30 +540,23 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
     provider = provider_get("openai")
     breaker = Breaker("openai", "gpt-bench")
 
+    answer = {
+        "text": "x" * 200,
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20},
+    }
+
     def admit_settle() -> None:
-        k = caching.cache_key_generation(model=MODEL, messages=[{"n": uuid.uuid4().hex}], params={})
-        _, probe = caching.cache_probe(k, lock_seconds=30)
-        assert probe is not None
-        a = quotas.admission_admit(
-            user_id=user_id,
-            key_id=key_id,
+        # The request path itself, with a constant in place of the upstream call.
+        generation.generation_run(
+            caller=generation.Caller(user_id=user_id, key_id=key_id, request_id=uuid.uuid4().hex),
             model=MODEL,
-            request_id=uuid.uuid4().hex,
-            prompt_tokens=10,
-            max_tokens=256,
-            gate=quotas.CacheGate(
-                entry=probe.entry_key,
-                lock=probe.lock.key,
-                token=probe.lock.token,
-                lock_ms=probe.lock_ms,
-            ),
+            messages=[{"role": "user", "content": f"breakdown {uuid.uuid4().hex}"}],
+            max_tokens=None,
+            temperature=None,
+            cache_policy="use",
+            compute=lambda request, provider: answer,
         )
-        _, lock = caching.cache_probe_found(probe, None, locked=a.locked)
-        pending = caching.cache_store_later(k, {"text": "x" * 200, "usage": {}}, lock=lock)
-        quotas.usage_settle(
-            admission=a, prompt_tokens=10, completion_tokens=20, riders=pending.calls
-        )
-        pending.finish()
 
     def full() -> None:
         body = {"prompt": f"breakdown {uuid.uuid4().hex}", "model": MODEL}
@@ -578,8 +571,8 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
         "policy_get (in-process cache)": lambda: quotas.policy_get(
             user_id=user_id, key_id=key_id, model=MODEL
         ),
-        "admission with the cache look-up and lock, settlement with the store and release, "
-        "ledger INSERT": admit_settle,
+        "the request path without the upstream call: admission with the cache look-up and "
+        "lock, settlement with the store and release, ledger INSERT": admit_settle,
         "circuit breaker check": breaker.allow,
         "provider call (openai SDK, fake upstream)": lambda: provider.complete(request, timeout=5),
         "upstream_complete (retry wrapper + breaker + SDK)": lambda: upstream_complete(
@@ -598,7 +591,8 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
         sys.stdout.write(f"| {name} | {cpu_ms:.3f} ms | {wall_ms:.3f} ms |\n")
     redis_trips, sql = min(round_trips(full) for _ in range(20))
     sys.stdout.write(
-        f"\nA whole miss: {redis_trips} Redis round trips, {sql} SQL statements (fewest of 20).\n"
+        f"\nA whole miss (the fewest of 20): {redis_trips} Redis round trip(s), "
+        f"{sql} SQL statement(s).\n"
     )
 
 
