@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import socket
 import sys
 
 import pytest
@@ -37,3 +39,33 @@ def test_a_ready_worker_has_its_views_and_providers_loaded_and_its_startup_heap_
     assert frozen > 100_000  # Django, DRF, the SDKs: the application as loaded
     # A full collection now walks only what was allocated since.
     assert len(gc.get_objects()) < frozen / 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_that_cannot_reach_the_database_at_start_serves_once_it_is_back(
+    fresh_start, local_model, api_key, api_client, caplog
+):
+    from django.db import connection
+
+    real = dict(connection.settings_dict)
+    connection.close()
+    with socket.socket() as closed:  # a port nothing listens on: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        connection.settings_dict.update(HOST="127.0.0.1", PORT=str(closed.getsockname()[1]))
+        try:
+            with caplog.at_level(logging.WARNING, logger="config.gunicorn_hooks"):
+                gunicorn_hooks.post_worker_init(worker=None)
+        finally:
+            connection.close()
+            connection.settings_dict.clear()
+            connection.settings_dict.update(real)
+
+    # The worker started: it said why its providers wait, and froze what it had loaded.
+    assert "providers not loaded at start" in caplog.text
+    assert providers._providers == {}
+    assert gc.get_freeze_count() > 100_000
+    # The database back, the first request builds the provider it needs.
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    response = api_client.post("/api/v1/generate", {"prompt": "hello"}, format="json")
+    assert response.status_code == 200, response.content
+    assert sorted(providers._providers) == ["local"]
