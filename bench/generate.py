@@ -1,12 +1,12 @@
 """Cache-miss generation requests through gunicorn against the zero-latency fake upstream.
 
     .venv/bin/python bench/generate.py [--duration 6] [--concurrency 1 8 32] [--rounds 1]
-                                       [--write-docs]
+                                       [--workers 2] [--worker-class sync] [--write-docs]
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
 
 Starts the fake upstream (generation/tests/fake_upstream.py, its own process), then
-Tollgate under gunicorn (the repository's gunicorn.conf.py, 2 workers, sync unless
---worker-class says otherwise: at zero upstream latency the cheapest) with the
+Tollgate under gunicorn (the repository's gunicorn.conf.py, 2 workers unless --workers says
+otherwise, sync unless --worker-class does: at zero upstream latency the cheapest) with the
 OpenAI-compatible provider pointed at it, and drives both with wrk at each concurrency:
 
 - through Tollgate: POST /api/v1/generate, every prompt unique (always a cache miss), with
@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=1, help="repeat, report the medians")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
     parser.add_argument(
         "--worker-class",
         default="sync",
@@ -243,7 +244,7 @@ def main() -> None:
         "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
         "OPENAI_API_KEY": "sk-bench",
         "GUNICORN_BIND": f"127.0.0.1:{gw_port}",
-        "WEB_CONCURRENCY": "2",
+        "WEB_CONCURRENCY": str(args.workers),
         "GUNICORN_WORKER_CLASS": args.worker_class,
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="tollgate-bench-prom-"),
         "PYTHONPATH": str(ROOT),
@@ -279,7 +280,7 @@ def main() -> None:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=30)
-    table = render(results, args.duration, args.worker_class, args.rounds)
+    table = render(results, args.duration, args.worker_class, args.rounds, args.workers)
     sys.stdout.write(table + "\n")
     if args.write_docs:
         write_docs(table)
@@ -386,11 +387,16 @@ def run_round(
 
 
 def render(
-    results: list[dict[str, Any]], duration: float, worker_class: str, rounds: int = 1
+    results: list[dict[str, Any]],
+    duration: float,
+    worker_class: str,
+    rounds: int = 1,
+    workers: int = 2,
 ) -> str:
     medians = f", the median of {rounds} rounds" if rounds > 1 else ""
     lines = [
-        f"wrk, {duration:g} s per point{medians}, 2 {worker_class} gunicorn workers, every "
+        f"wrk, {duration:g} s per point{medians}, {workers} {worker_class} gunicorn "
+        f"worker{'s' if workers != 1 else ''}, every "
         "request a cache miss. Overhead: p50 and p99 through Tollgate minus the upstream's p50.",
         "",
         "| concurrency | req/s | p50 | p99 | upstream alone p50 / p99 | overhead p50 / p99 "
