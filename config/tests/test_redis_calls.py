@@ -142,3 +142,28 @@ def test_meanwhile_runs_with_nothing_to_send_and_with_redis_gone():
 
     assert runs == ["none", "gone"]
     assert isinstance(call.error, redis.ConnectionError)
+
+
+def test_redis_gone_while_meanwhile_runs_is_every_calls_error_not_an_exception():
+    server = PrivateRedis()
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
+    # A script that takes 100 ms, so that Redis dies before it answers.
+    slow = client.register_script(
+        "local t = redis.call('TIME'); local stop = t[1] * 1e6 + t[2] + 100000; "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop; return 1"
+    )
+    client.script_load(slow.script)
+    call = ScriptCall(slow, keys=[], args=[])
+
+    def redis_dies() -> None:  # while the script runs: it never answers
+        server.proc.kill()
+        server.proc.wait(10)
+
+    try:
+        run_calls([call], meanwhile=redis_dies)
+    finally:
+        server.stop()
+
+    assert call.ran
+    assert isinstance(call.error, redis.ConnectionError)
