@@ -197,7 +197,11 @@ def sentry_before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str,
 
 
 def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate: float) -> None:
-    """Start Sentry with the Django, Celery and logging integrations (no PII sent)."""
+    """Start Sentry with the Django, Celery and logging integrations (no PII sent), and only
+    those: Sentry's auto-enabled integrations would import both provider SDKs into every
+    worker at start (about 50 MiB more per worker, over DESIGN.md's 120), wrap every Redis
+    command and upstream call on the hot path, and add tracing headers to the requests
+    Tollgate sends to model providers."""
     import sentry_sdk
     from sentry_sdk.integrations.celery import CeleryIntegration
     from sentry_sdk.integrations.django import DjangoIntegration
@@ -211,6 +215,7 @@ def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate:
         # No PII: left unset, send_default_pii keeps its default, off (setting it is
         # deprecated in favour of data_collection, which collects more unless restricted).
         max_request_body_size="never",  # bodies hold prompts
+        auto_enabling_integrations=False,
         integrations=[
             DjangoIntegration(),
             CeleryIntegration(),

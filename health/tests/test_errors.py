@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import ast
 import gzip
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -124,3 +128,25 @@ def test_unexpected_error_reaches_sentry_tagged_with_request_id(raising_client, 
     event = tagged[0]
     assert event["environment"] == "test"
     assert event["exception"]["values"][-1]["type"] == "RuntimeError"
+
+
+def test_sentry_instruments_django_celery_and_logging_and_loads_no_provider_sdk():
+    """With a DSN, a worker starts with Sentry's Django, Celery and logging integrations
+    only: the auto-enabled ones would import both provider SDKs into every worker (about
+    50 MiB), wrap each Redis command and upstream call, and add tracing headers to the
+    requests sent to model providers."""
+    script = (
+        "import sys, django, sentry_sdk\n"
+        "django.setup()\n"
+        "print(sorted(sentry_sdk.get_client().integrations))\n"
+        "print(sorted(m for m in ('openai', 'google.genai') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "SENTRY_DSN": "http://public@127.0.0.1:9/1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+
+    integrations = ast.literal_eval(out[0])
+    assert {"django", "celery", "logging"} <= set(integrations)
+    assert not {"openai", "google_genai", "redis", "httpx", "httpx2"} & set(integrations)
+    assert out[1] == "[]"  # neither SDK imported by starting the application
