@@ -217,7 +217,9 @@ def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate:
         max_request_body_size="never",  # bodies hold prompts
         auto_enabling_integrations=False,
         integrations=[
-            DjangoIntegration(),
+            # A span per middleware and per signal receiver costs every request CPU even
+            # when no trace is sampled: only with tracing on.
+            DjangoIntegration(middleware_spans=traces_rate > 0, signals_spans=traces_rate > 0),
             CeleryIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],

@@ -134,14 +134,21 @@ def test_sentry_instruments_django_celery_and_logging_and_loads_no_provider_sdk(
     """With a DSN, a worker starts with Sentry's Django, Celery and logging integrations
     only: the auto-enabled ones would import both provider SDKs into every worker (about
     50 MiB), wrap each Redis command and upstream call, and add tracing headers to the
-    requests sent to model providers."""
+    requests sent to model providers. Without tracing, no span per middleware either."""
     script = (
         "import sys, django, sentry_sdk\n"
         "django.setup()\n"
         "print(sorted(sentry_sdk.get_client().integrations))\n"
         "print(sorted(m for m in ('openai', 'google.genai') if m in sys.modules))\n"
+        "from sentry_sdk.integrations.django import DjangoIntegration\n"
+        "django_ = sentry_sdk.get_client().get_integration(DjangoIntegration)\n"
+        "print(django_.middleware_spans, django_.signals_spans)\n"
     )
-    env = {**os.environ, "SENTRY_DSN": "http://public@127.0.0.1:9/1"}
+    env = {
+        **os.environ,
+        "SENTRY_DSN": "http://public@127.0.0.1:9/1",
+        "SENTRY_TRACES_SAMPLE_RATE": "0",
+    }
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout.splitlines()
@@ -150,3 +157,5 @@ def test_sentry_instruments_django_celery_and_logging_and_loads_no_provider_sdk(
     assert {"django", "celery", "logging"} <= set(integrations)
     assert not {"openai", "google_genai", "redis", "httpx", "httpx2"} & set(integrations)
     assert out[1] == "[]"  # neither SDK imported by starting the application
+    # No trace sampled (the default): no span wrapped around each middleware and receiver.
+    assert out[2] == "False False"
