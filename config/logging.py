@@ -211,7 +211,9 @@ def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate:
         dsn=dsn,
         environment=environment,
         release=release,
-        traces_sample_rate=traces_rate,
+        # 0 is "tracing on, nothing sampled": every request and query would still build
+        # its spans. None turns tracing off.
+        traces_sample_rate=traces_rate or None,
         # No PII: left unset, send_default_pii keeps its default, off (setting it is
         # deprecated in favour of data_collection, which collects more unless restricted).
         max_request_body_size="never",  # bodies hold prompts

@@ -142,7 +142,10 @@ def test_sentry_instruments_django_celery_and_logging_and_loads_no_provider_sdk(
         "print(sorted(m for m in ('openai', 'google.genai') if m in sys.modules))\n"
         "from sentry_sdk.integrations.django import DjangoIntegration\n"
         "django_ = sentry_sdk.get_client().get_integration(DjangoIntegration)\n"
-        "print(django_.middleware_spans, django_.signals_spans)\n"
+        "from sentry_sdk.tracing_utils import has_tracing_enabled\n"
+        "client = sentry_sdk.get_client()\n"
+        "tracing = has_tracing_enabled(client.options)\n"
+        "print(django_.middleware_spans, django_.signals_spans, tracing)\n"
     )
     env = {
         **os.environ,
@@ -157,5 +160,6 @@ def test_sentry_instruments_django_celery_and_logging_and_loads_no_provider_sdk(
     assert {"django", "celery", "logging"} <= set(integrations)
     assert not {"openai", "google_genai", "redis", "httpx", "httpx2"} & set(integrations)
     assert out[1] == "[]"  # neither SDK imported by starting the application
-    # No trace sampled (the default): no span wrapped around each middleware and receiver.
-    assert out[2] == "False False"
+    # A sample rate of 0 (the default): tracing off, no span around each middleware and
+    # receiver, no tracing headers on outgoing requests.
+    assert out[2] == "False False False"
