@@ -3,6 +3,10 @@
     .venv/bin/python bench/generate.py [--duration 6] [--concurrency 1 8 32] [--rounds 1]
                                        [--workers 2] [--worker-class sync] [--write-docs]
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
+    .venv/bin/python bench/generate.py --breakdown 500    # CPU and wall of each step
+    BENCH_CPROFILE=1 .venv/bin/python bench/generate.py --profile 2000
+        # cProfile instead: BENCH_CPROFILE_GROUP=1 sums it by package, BENCH_CPROFILE_OUT=F
+        # dumps its stats to F, BENCH_CPROFILE_SORT / _LINES choose the printed table
 
 Starts the fake upstream (generation/tests/fake_upstream.py, its own process), then
 Tollgate under gunicorn (the repository's gunicorn.conf.py, 2 workers unless --workers says

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from redis.exceptions import NoScriptError, ResponseError
 
 
@@ -64,10 +65,13 @@ def run_calls(calls: Sequence[ScriptCall], meanwhile: Callable[[], None] | None 
     _exchange(client, retry, None)
 
 
-def _exchange(client: Any, calls: list[ScriptCall], meanwhile: Callable[[], None] | None) -> None:
+def _exchange(
+    client: redis.Redis, calls: list[ScriptCall], meanwhile: Callable[[], None] | None
+) -> None:
     """Write every call's EVALSHA on one pooled connection, run `meanwhile`, read the
-    replies in order. A connection that failed half-way is dropped, not returned to the
-    pool with replies unread."""
+    replies in order: redis-py's pipeline does the same but cannot be told to do something
+    between its write and its read. A connection that failed half-way is dropped, not
+    returned to the pool with replies unread."""
     pool = client.connection_pool
     connection = None
     try:
