@@ -151,6 +151,7 @@ def test_restore_verification_fails_when_target_differs_from_backup(
     backup = run(
         str(BACKUP), server_url(settings.DATABASES["default"]["NAME"]), BACKUP_DIR=str(tmp_path)
     )
+    assert backup.returncode == 0, backup.stderr
     dump = Path(backup.stdout.strip().splitlines()[-1])
     target = server_url(restore_target)
     with psycopg.connect(server_url("postgres"), autocommit=True) as conn:
