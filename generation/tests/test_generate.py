@@ -240,6 +240,23 @@ def test_generate_unknown_model_is_400(upstream_settings, key_client):
     assert response.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [{"model": "gpt-test"}, {"prompt": "hi", "model": "no-such-model"}],
+    ids=["no prompt", "unknown model"],
+)
+def test_repeated_refusals_cost_no_sql(
+    upstream_settings, openai_model, key_client, body, django_assert_num_queries
+):
+    """A client stuck on a bad request, or a flood of them, does not reach the database:
+    neither the refusal nor its rate-limit headers resolve a policy again."""
+    assert _post(key_client, body).status_code == 400
+    for _ in range(3):
+        with django_assert_num_queries(0):
+            response = _post(key_client, body)
+        assert response.status_code == 400
+
+
 def test_generate_model_not_allowed_by_plan_is_403(
     upstream_settings, openai_model, local_model, key_client, user
 ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Protocol
 
 from django.conf import settings
 
+from config.errors import ApiError, InvalidRequest
 from config.redis_calls import ScriptCall
 from quotas.engine import (
     BackendUnavailable,
@@ -19,6 +21,7 @@ from quotas.engine import (
     StalePolicy,
     WindowState,
 )
+from quotas.errors import ModelNotAllowed, UserSuspended
 from quotas.local_backend import LocalQuotaBackend
 from quotas.models import ModelPrice
 from quotas.policy import Policy, Quota, policy_resolve
@@ -72,7 +75,10 @@ class _State:
     fallback: LocalQuotaBackend = field(default_factory=LocalQuotaBackend)
     version: str = ""
     epoch: str = ""
-    policies: dict[tuple[int, int | None, str], tuple[Policy, float]] = field(default_factory=dict)
+    # A resolved policy, or the refusal a resolution ended in, and when it was resolved.
+    policies: dict[tuple[int, int | None, str], tuple[Policy | ApiError, float]] = field(
+        default_factory=dict
+    )
     degraded_since: float | None = None
     next_redis_try: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,23 +121,48 @@ def catalogue_providers() -> list[str]:
     return sorted(set(rows))
 
 
+# Refusals that only a change of governance rows can lift (the catalogue, a plan, a user's
+# quota row, a key's scopes). A refusal is remembered for at most a second: a worker learns
+# of a new policy version only from its admissions, and a refused request makes none.
+_REMEMBERED_REFUSALS = (InvalidRequest, ModelNotAllowed, UserSuspended)
+_REFUSAL_TTL = 1.0
+
+
 def policy_get(*, user_id: int, key_id: int | None, model: str) -> Policy:
     """The effective policy, from the process cache or the database.
 
-    Raises the resolution errors of `quotas.policy.policy_resolve` (400, 401, 403).
+    Raises the resolution errors of `quotas.policy.policy_resolve` (400, 401, 403). An
+    unknown model or a refused one is remembered for a second, so that a flood of such
+    requests (or of any authenticated error response, whose rate-limit headers resolve the
+    default model) does not cost a handful of SQL queries each.
     """
     cache_key = (user_id, key_id, model)
     cached = _state.policies.get(cache_key)
     now = time.monotonic()
-    # Without Redis there is no shared version to check against: a policy lives 1 s.
-    if cached is not None and (_state.degraded_since is None or now - cached[1] < 1.0):
-        return cached[0]
-    policy = policy_resolve(user_id=user_id, key_id=key_id, model=model)
+    if cached is not None:
+        found, at = cached
+        if isinstance(found, Policy):
+            # Without Redis there is no shared version to check against: a policy lives 1 s.
+            if _state.degraded_since is None or now - at < 1.0:
+                return found
+        elif now - at < _REFUSAL_TTL:
+            raise copy.copy(found)  # a fresh instance: one raised twice grows its traceback
+    try:
+        policy = policy_resolve(user_id=user_id, key_id=key_id, model=model)
+    except _REMEMBERED_REFUSALS as refusal:
+        _policy_remember(cache_key, copy.copy(refusal), now)
+        raise
+    _policy_remember(cache_key, policy, now)
+    return policy
+
+
+def _policy_remember(
+    cache_key: tuple[int, int | None, str], found: Policy | ApiError, now: float
+) -> None:
     with _state.lock:
         if len(_state.policies) > 50_000:
             _state.policies.clear()
-        _state.policies[cache_key] = (policy, now)
-    return policy
+        _state.policies[cache_key] = (found, now)
 
 
 def policy_bump() -> None:

@@ -278,6 +278,65 @@ def test_revoked_key_is_refused_at_next_admission(
         admit(user, key_id=key.pk)
 
 
+def traceback_frames(exc):
+    tb = exc.__traceback__
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def test_unknown_model_refusal_is_remembered_without_sql(
+    engine, user, plan_for, django_assert_num_queries
+):
+    from config.errors import InvalidRequest
+
+    plan_for(user)
+    with pytest.raises(InvalidRequest):
+        services.policy_get(user_id=user.pk, key_id=None, model="no-such-model")
+    for _ in range(3):
+        with django_assert_num_queries(0), pytest.raises(InvalidRequest) as refused:
+            services.policy_get(user_id=user.pk, key_id=None, model="no-such-model")
+        # A fresh error each time, with its own short traceback.
+        assert len(list(traceback_frames(refused.value))) < 5
+
+
+def test_remembered_refusal_lifts_within_a_second_without_a_bump(
+    engine, user, plan_for, monkeypatch
+):
+    """Another worker enabled the model: this one has no admission to learn the new version
+    from, so its remembered refusal must expire by itself."""
+    import time
+
+    from config.errors import InvalidRequest
+    from quotas.models import ModelPrice
+    from quotas.services import state
+
+    plan_for(user)
+    ModelPrice.objects.filter(model="local/demo").update(enabled=False)  # no signal, no bump
+    with pytest.raises(InvalidRequest):
+        services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
+    ModelPrice.objects.filter(model="local/demo").update(enabled=True)
+    with pytest.raises(InvalidRequest):
+        services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
+    clock = time.monotonic() + state._REFUSAL_TTL
+    monkeypatch.setattr(state.time, "monotonic", lambda: clock)
+
+    policy = services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
+
+    assert policy.model == "local/demo"
+
+
+def test_model_refused_by_plan_lifts_at_once_when_the_plan_changes(engine, user, plan_for, save):
+    from quotas.errors import ModelNotAllowed
+
+    plan = plan_for(user, allowed_models=["other/model"])
+    with pytest.raises(ModelNotAllowed):
+        admit(user)
+    plan.allowed_models = ["local/demo"]
+    save(plan)
+    admit(user)
+
+
 def test_money_is_counted_in_integer_micro_dollars():
     assert usd_to_micros(Decimal("0.0000015")) == 2  # half-up
     assert usd_to_micros(Decimal("5.00")) == 5_000_000
