@@ -46,6 +46,8 @@ def test_generate_openai_success_charges_exact_cost_in_ledger(
     sent = fake_upstream.requests[0]
     assert sent.body["model"] == "gpt-4o-mini"
     assert sent.headers["authorization"] == "Bearer sk-test"
+    # No SDK telemetry: the upstream learns neither our OS nor our Python.
+    assert not [h for h in sent.headers if h.startswith("x-stainless")]
 
 
 def test_generate_gemini_success_charges_exact_cost_in_ledger(

@@ -69,6 +69,7 @@ def test_openai_sdk_streams_chunks_and_usage(
     assert chunks[-1].usage.completion_tokens == 12
     assert UsageRecord.objects.get().completion_tokens == 12
     assert fake_upstream.requests[0].body["stream"] is True  # streamed upstream too
+    assert not [h for h in fake_upstream.requests[0].headers if h.startswith("x-stainless")]
 
 
 def test_openai_sdk_stream_of_a_gemini_model_is_settled_when_it_ends(
