@@ -4,6 +4,7 @@
                                        [--workers 2] [--worker-class sync] [--write-docs]
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
     .venv/bin/python bench/generate.py --breakdown 500    # CPU and wall of each step
+    .venv/bin/python bench/generate.py --instructions 250  # CPU instructions per request
     BENCH_CPROFILE=1 .venv/bin/python bench/generate.py --profile 2000
         # cProfile instead: BENCH_CPROFILE_GROUP=1 sums it by package, BENCH_CPROFILE_OUT=F
         # dumps its stats to F, BENCH_CPROFILE_SORT / _LINES choose the printed table
@@ -25,7 +26,14 @@ same requests, and the fake upstream's own tail made their difference go negativ
 median of each column: on a noisy machine one run of the same code differs from the next
 by up to 20%.
 CPU per request is the gunicorn workers' user+system CPU time over the run divided by the
-requests served; peak RSS is each worker's VmHWM. Own database `tollgate_bench_gen` and
+requests served; peak RSS is each worker's VmHWM.
+--instructions N counts the instructions one request executes in a process set up as a
+gunicorn worker is (the `post_worker_init` hook), calling the WSGI application as gunicorn
+does: valgrind's cachegrind runs the loop once with N/5 requests and once with N, and the
+difference divided by the 4N/5 extra requests leaves out start-up. Unlike seconds, the count
+does not change with what else the machine is doing, so it shows a change of a few percent
+that timings on a shared machine cannot; it leaves out waiting (Redis, PostgreSQL, the
+upstream) and gunicorn's own HTTP parsing. Own database `tollgate_bench_gen` and
 Redis db 1 (override with DATABASE_URL / REDIS_URL).
 """
 
@@ -236,8 +244,21 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", type=int, default=0, help="CPU of each step of the path, N times each"
     )
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        default=0,
+        help="instructions per request of each kind, N requests (valgrind)",
+    )
+    parser.add_argument("--loop", choices=sorted(SCENARIOS), help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not shutil.which("wrk") and not args.profile:
+    if args.loop:  # one run under valgrind, started by --instructions
+        loop(args.loop, args.count)
+        return
+    if args.instructions and not shutil.which("valgrind"):
+        sys.exit("valgrind is required (apt-get install valgrind)")
+    if not shutil.which("wrk") and not (args.profile or args.breakdown or args.instructions):
         sys.exit("wrk is required (apt-get install wrk)")
 
     key = setup_database()
@@ -268,6 +289,9 @@ def main() -> None:
             return
         if args.breakdown:
             breakdown(args.breakdown, key, env)
+            return
+        if args.instructions:
+            sys.stdout.write(instructions(args.instructions, key, env) + "\n")
             return
         gunicorn = subprocess.Popen(
             # gunicorn.conf.py is read from the working directory.
@@ -604,6 +628,117 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
         f"\nA whole miss (the fewest of 20): {redis_trips} Redis round trip(s), "
         f"{sql} SQL statement(s).\n"
     )
+
+
+SCENARIOS = {
+    "floor": "GET /health/live (the floor)",
+    "refused": "POST /api/v1/generate refused: 400, no prompt",
+    "hit": "POST /api/v1/generate, a cache hit",
+    "miss": "POST /api/v1/generate, a cache miss (openai SDK, fake upstream)",
+}
+
+
+def instructions(count: int, key: str, env: dict[str, str]) -> str:
+    """Instructions per request of each scenario, from two cachegrind runs of `loop`."""
+    small = max(1, count // 5)
+    lines = [
+        f"Instructions per request (valgrind cachegrind: a run of {count} requests minus a run "
+        f"of {small}, over the {count - small} extra requests), the WSGI application called "
+        "in-process as a gunicorn worker calls it.",
+        "",
+        "| request | instructions | against the floor |",
+        "|---|---|---|",
+    ]
+    floor = 0.0
+    for scenario, label in SCENARIOS.items():
+        totals = []
+        for n in (small, count):
+            run = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=cachegrind",
+                    "--cache-sim=no",
+                    "--cachegrind-out-file=/dev/null",
+                    sys.executable,
+                    __file__,
+                    "--loop",
+                    scenario,
+                    "--count",
+                    str(n),
+                ],
+                env={**env, "BENCH_KEY": key},
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            found = re.search(r"I\s+refs:\s+([\d,]+)", run.stderr)
+            if run.returncode or not found:
+                sys.exit(f"{scenario} under valgrind failed:\n{run.stderr[-3000:]}")
+            totals.append(int(found.group(1).replace(",", "")))
+        per_request = (totals[1] - totals[0]) / (count - small)
+        floor = floor or per_request
+        lines.append(f"| {label} | {per_request / 1e6:.2f} M | {per_request / floor:.1f} x |")
+    return "\n".join(lines)
+
+
+def loop(scenario: str, count: int) -> None:
+    """`count` requests of one scenario through the WSGI application, nothing printed."""
+    import io
+
+    from config.gunicorn_hooks import post_worker_init
+    from config.wsgi import application
+
+    post_worker_init(None)  # as in a gunicorn worker: views and SDKs loaded, the heap frozen
+    key, run = os.environ["BENCH_KEY"], os.urandom(6).hex()
+
+    def call(method: str, path: str, body: dict[str, Any] | None, expect: int) -> None:
+        data = json.dumps(body).encode() if body is not None else b""
+        environ = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": path,
+            "SCRIPT_NAME": "",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "8000",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_AUTHORIZATION": f"Bearer {key}",
+            "HTTP_X_FORWARDED_PROTO": "https",  # as behind deploy/nginx
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(data)),
+            "wsgi.input": io.BytesIO(data),
+            "wsgi.errors": sys.stderr,
+            "wsgi.url_scheme": "http",
+            "wsgi.version": (1, 0),
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+        }
+        status: list[str] = []
+        response = application(environ, lambda s, headers, exc_info=None: status.append(s))
+        try:
+            b"".join(response)
+        finally:
+            response.close()  # type: ignore[attr-defined]
+        if not status[0].startswith(str(expect)):
+            sys.exit(f"{scenario}: {status[0]}, expected {expect}")
+
+    requests = {
+        "floor": lambda i: call("GET", "/health/live", None, 200),
+        "refused": lambda i: call("POST", "/api/v1/generate", {"model": MODEL}, 400),
+        "hit": lambda i: call(
+            "POST", "/api/v1/generate", {"prompt": f"hit {run}", "model": MODEL}, 200
+        ),
+        "miss": lambda i: call(
+            "POST", "/api/v1/generate", {"prompt": f"miss {run} {i}", "model": MODEL}, 200
+        ),
+    }
+    one = requests[scenario]
+    for i in range(20):  # warm: connections, scripts, policy and key caches
+        one(-1 - i)
+    for i in range(count):
+        one(i)
 
 
 def round_trips(step: Any) -> tuple[int, int]:
