@@ -666,7 +666,8 @@ def instructions(count: int, key: str, env: dict[str, str]) -> str:
                     "--count",
                     str(n),
                 ],
-                env={**env, "BENCH_KEY": key},
+                # A fixed hash seed: the same dict and set layouts in both runs.
+                env={**env, "BENCH_KEY": key, "PYTHONHASHSEED": "0"},
                 capture_output=True,
                 text=True,
                 check=False,
