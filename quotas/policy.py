@@ -133,6 +133,18 @@ def _units(dimension: str, value: int | Decimal | None) -> int | None:
     return int(value)
 
 
+# The price of "no model" (policy_resolve with model=None): an unsaved row, never charged.
+_NO_MODEL_PRICE = ModelPrice(
+    model="",
+    provider="",
+    upstream_model="",
+    input_per_million=Decimal(0),
+    output_per_million=Decimal(0),
+    max_output_tokens=0,
+    context_window=0,
+)
+
+
 def _default_plan() -> Plan | None:
     return Plan.objects.filter(name=settings.QUOTA_DEFAULT_PLAN).first()
 
@@ -169,11 +181,16 @@ def provider_quotas(row: ProviderQuota) -> list[Quota]:
     return quotas
 
 
-def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int = 0) -> Policy:
+def policy_resolve(
+    *, user_id: int, key_id: int | None, model: str | None, version: int = 0
+) -> Policy:
     """Read the effective policy from the database (a handful of indexed queries).
 
     Raises 401 for a revoked/expired key or an inactive user, 403 for a suspended user or a
     model the plan or key does not allow, 400 for an unknown or disabled model.
+
+    `model=None`: the caller's own limits whatever model it calls (its standing, its
+    rate-limit headers), with no model's price, model checks or provider scope.
     """
     from quotas.authentication import validate_key
 
@@ -184,17 +201,18 @@ def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int
     if key_id is not None:
         key = ApiKey.objects.get(pk=key_id)
         validate_key(key, user)
-    price = model_get(model)
+    price = model_get(model) if model is not None else _NO_MODEL_PRICE
     user_quota = UserQuota.objects.select_related("plan").filter(user_id=user_id).first()
     if user_quota is not None and user_quota.suspended:
         raise UserSuspended()
     plan = user_quota.plan if user_quota is not None and user_quota.plan else _default_plan()
-    if plan is not None and plan.allowed_models and model not in plan.allowed_models:
-        raise ModelNotAllowed()
     key_models = [
         s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")
     ]
-    if key_models and model not in key_models:
+    if model is not None and (
+        (plan is not None and plan.allowed_models and model not in plan.allowed_models)
+        or (key_models and model not in key_models)
+    ):
         raise ModelNotAllowed()
 
     quotas: list[Quota] = []
@@ -220,10 +238,11 @@ def policy_resolve(*, user_id: int, key_id: int | None, model: str, version: int
 
     # A provider-wide row and a row of this very model are both enforced, each on its own
     # counter.
-    for row in ProviderQuota.objects.filter(
-        Q(provider=price.provider) & (Q(model=price.model) | Q(model=""))
-    ):
-        quotas += provider_quotas(row)
+    if model is not None:
+        for row in ProviderQuota.objects.filter(
+            Q(provider=price.provider) & (Q(model=price.model) | Q(model=""))
+        ):
+            quotas += provider_quotas(row)
 
     return Policy(
         user_id=user_id,

@@ -26,10 +26,11 @@ from quotas.services.state import _state, backend, policy_get
 
 
 def _standing_quotas(user_id: int, key_id: int | None) -> tuple[Policy | None, tuple[Quota, ...]]:
-    model = settings.TOLLGATE_DEFAULT_MODEL
+    """The caller's policy without a model, and its own scopes' quotas (key, user, plan);
+    (None, ()) for a caller whose policy cannot be resolved (inactive, suspended...)."""
     try:
-        policy = policy_get(user_id=user_id, key_id=key_id, model=model)
-    except Exception:  # noqa: BLE001 - the default model may be missing; show scopes anyway
+        policy = policy_get(user_id=user_id, key_id=key_id, model=None)
+    except Exception:  # noqa: BLE001 - a refused caller: its error response goes out as it is
         policy = None
     if policy is None:
         return None, ()

@@ -76,7 +76,7 @@ class _State:
     version: str = ""
     epoch: str = ""
     # A resolved policy, or the refusal a resolution ended in, and when it was resolved.
-    policies: dict[tuple[int, int | None, str], tuple[Policy | ApiError, float]] = field(
+    policies: dict[tuple[int, int | None, str | None], tuple[Policy | ApiError, float]] = field(
         default_factory=dict
     )
     degraded_since: float | None = None
@@ -128,13 +128,13 @@ _REMEMBERED_REFUSALS = (InvalidRequest, ModelNotAllowed, UserSuspended)
 _REFUSAL_TTL = 1.0
 
 
-def policy_get(*, user_id: int, key_id: int | None, model: str) -> Policy:
-    """The effective policy, from the process cache or the database.
+def policy_get(*, user_id: int, key_id: int | None, model: str | None) -> Policy:
+    """The effective policy, from the process cache or the database (`model=None`: the
+    caller's own limits whatever the model, see `quotas.policy.policy_resolve`).
 
     Raises the resolution errors of `quotas.policy.policy_resolve` (400, 401, 403). An
     unknown model or a refused one is remembered for a second, so that a flood of such
-    requests (or of any authenticated error response, whose rate-limit headers resolve the
-    default model) does not cost a handful of SQL queries each.
+    requests does not cost a handful of SQL queries each.
     """
     cache_key = (user_id, key_id, model)
     cached = _state.policies.get(cache_key)
@@ -157,7 +157,7 @@ def policy_get(*, user_id: int, key_id: int | None, model: str) -> Policy:
 
 
 def _policy_remember(
-    cache_key: tuple[int, int | None, str], found: Policy | ApiError, now: float
+    cache_key: tuple[int, int | None, str | None], found: Policy | ApiError, now: float
 ) -> None:
     with _state.lock:
         if len(_state.policies) > 50_000:

@@ -136,6 +136,30 @@ def test_quota_standing_shape_and_headers(api_client, api_key, plan_for, redis_c
     assert response["X-RateLimit-Limit-Tokens"] == "1000"
 
 
+@pytest.mark.usefixtures("redis_conn")
+@pytest.mark.parametrize("default_model", ["not/in-the-catalogue", "local/demo"])
+def test_standing_and_headers_do_not_hang_on_the_default_model(
+    api_client, api_key, plan_for, settings, default_model
+):
+    """A deployment whose default model is not in its catalogue, or a plan that does not
+    allow the default model, still shows the caller its limits, and every authenticated
+    response still carries its rate-limit headers (API.md)."""
+    full, key = api_key
+    plan_for(key.user, requests_per_minute=60, allowed_models=["other/model"])
+    settings.TOLLGATE_DEFAULT_MODEL = default_model
+
+    standing = api_client.get("/api/v1/quota", **auth(full))
+    refused = api_client.post(GENERATE, {"max_tokens": 8}, format="json", **auth(full))
+
+    assert standing.status_code == 200
+    assert standing.json()["plan"] == key.user.quota.plan.name
+    assert standing.json()["limits"]["requests_per_minute"]["limit"] == 60
+    assert refused.status_code == 400
+    for response in (standing, refused):
+        assert response["RateLimit-Policy"] == '"rpm";q=60;w=60'
+        assert response["X-RateLimit-Limit-Requests"] == "60"
+
+
 def test_usage_rejects_bad_dates_with_invalid_request(api_client, api_key):
     full, _ = api_key
     response = api_client.get("/api/v1/usage?start=2026-13-01", **auth(full))
