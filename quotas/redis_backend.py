@@ -85,6 +85,10 @@ class RedisQuotaBackend:
         return self.client.register_script((_LUA / "settle.lua").read_text())
 
     @cached_property
+    def _read(self) -> Any:
+        return self.client.register_script((_LUA / "read.lua").read_text())
+
+    @cached_property
     def _init_calendar(self) -> Any:
         return self.client.register_script((_LUA / "init_calendar.lua").read_text())
 
@@ -243,19 +247,23 @@ class RedisQuotaBackend:
             raise BackendUnavailable(str(exc)) from exc
 
     def read(self, *, quotas: tuple[Quota, ...], epoch: str, now: float) -> list[WindowState]:
-        """Current standing of each quota without changing anything (for GET /quota)."""
+        """Current standing of each quota without changing anything (GET /api/v1/quota, the
+        rate-limit headers): one script call, whatever the number of quotas."""
+        if not quotas:
+            return []
         day_left, month_left = seconds_left(now)
-        pipe = self.client.pipeline(transaction=False)
+        day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
+        keys, how = [], []
         for quota in quotas:
-            key = self.counter_key(quota, epoch, now)
+            keys.append(self._counter_key(quota, epoch, day))
             if quota.kind == "l":
-                pipe.zcount(key, now, "+inf")
+                how.append("lease")
             elif quota.window in ("day", "month"):
-                pipe.hget(key, quota.kind)
+                how.append(quota.kind)
             else:
-                pipe.hgetall(key)
+                how.append("sliding")
         try:
-            replies = pipe.execute()
+            replies = self._read(keys=keys, args=[now, *how])
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(str(exc)) from exc
         states = []
@@ -269,11 +277,12 @@ class RedisQuotaBackend:
                 states.append(self._sliding_state(quota, reply, now))
         return states
 
-    def _sliding_state(self, quota: Quota, buckets: dict[Any, Any], now: float) -> WindowState:
+    def _sliding_state(self, quota: Quota, buckets: list[Any], now: float) -> WindowState:
+        """A sliding window's standing from its sub-buckets (HGETALL's field/value list)."""
         window = int(quota.window)
         size = window / 12
         current = int(now // size)
-        counts = {int(_text(k)): int(v) for k, v in buckets.items()}
+        counts = {int(_text(k)): int(v) for k, v in zip(buckets[::2], buckets[1::2], strict=True)}
         used, reset = 0, 0.0
         for idx in sorted(counts):
             if idx >= current - 12:

@@ -180,6 +180,26 @@ def test_concurrency_lease_released_by_settlement(engine, user, plan_for):
     admit(user)
 
 
+def test_standing_reads_every_kind_of_window_in_one_round_trip(
+    engine, user, plan_for, redis_round_trips
+):
+    plan_for(
+        user, requests_per_minute=10, requests_per_hour=50, requests_per_day=100, concurrency=5
+    )
+    admit(user, now=NOW - 30)
+    admit(user, now=NOW)  # both still in flight: two leases
+    redis_round_trips.count = 0
+
+    limits = services.quota_standing(user_id=user.pk, now=NOW)["limits"]
+
+    assert limits["requests_per_minute"]["used"] == 2
+    assert 0 < limits["requests_per_minute"]["reset_in"] <= 35  # the older request ages out
+    assert limits["requests_per_hour"]["used"] == 2
+    assert limits["requests_per_day"]["used"] == 2
+    assert limits["concurrency"] == {"limit": 5, "used": 2, "remaining": 3}
+    assert redis_round_trips.count == (1 if engine == "redis" else 0)
+
+
 def test_abandoned_lease_expires_and_is_refunded(engine, user, plan_for, settings):
     settings.QUOTA_LEASE_TTL = 30
     plan_for(user, concurrency=1, tokens_per_day=100)
