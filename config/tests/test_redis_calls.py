@@ -50,6 +50,24 @@ def test_scripts_redis_forgot_are_loaded_and_sent_again(redis_conn):
     assert redis_conn.get("rc:flushed") == b"2"  # run once, not twice
 
 
+def test_a_pooled_connection_the_server_closed_is_replaced_before_the_calls_go(redis_conn):
+    """Redis closed the idle connection (its `timeout`, CLIENT KILL, a proxy in between): the
+    calls go on a new one, and run once. A settlement lost this way would leave its
+    reservation to be refunded by the sweep, and the counters short of what was spent."""
+    incr = redis_conn.register_script(INCR)
+    redis_conn.script_load(INCR)
+    run_calls([ScriptCall(incr, keys=["rc:killed"], args=[1])])  # the connection is pooled
+    killer = redis.Redis(host=redis_conn.connection_pool.connection_kwargs["host"])
+    assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+    call = ScriptCall(incr, keys=["rc:killed"], args=[1])
+
+    run_calls([call])
+
+    assert call.error is None
+    assert call.reply == 2
+    assert redis_conn.get("rc:killed") == b"2"
+
+
 def test_one_failing_script_does_not_hide_the_others_reply(redis_conn):
     redis_conn.hset("rc:hash", "f", "v")
     get, incr = redis_conn.register_script(GET), redis_conn.register_script(INCR)
