@@ -17,7 +17,7 @@ from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
-from config.errors import InvalidRequest
+from config.errors import ApiError, InvalidRequest
 from config.errors import exception_handler as api_exception_handler
 from generation import services
 from generation.serializers import (
@@ -29,7 +29,9 @@ from generation.serializers import (
     SubtopicsInputSerializer,
     SubtopicsOutputSerializer,
 )
+from quotas import services as quota_services
 from quotas.authentication import KeyPrincipal
+from quotas.models import ModelPrice
 from quotas.permissions import KeyScopePermission
 from quotas.views import RateLimitHeadersMixin
 
@@ -207,6 +209,49 @@ def _first_message(detail: Any) -> str:
     while isinstance(detail, dict | list) and detail:
         detail = next(iter(detail.values())) if isinstance(detail, dict) else detail[0]
     return str(detail)
+
+
+def _model_body(price: ModelPrice) -> dict[str, Any]:
+    # OpenAI's Model object; the catalogue keeps no creation date.
+    return {"id": price.model, "object": "model", "created": 0, "owned_by": price.provider}
+
+
+class _ModelsView(RateLimitHeadersMixin, APIView):
+    """OpenAI's model listing: the enabled models of the catalogue this caller may use
+    (its plan's allowed models and its key's model scopes), so that a client configured
+    with Tollgate's base URL can discover them."""
+
+    permission_classes = (IsAuthenticated, KeyScopePermission)
+    key_scope = "generate"
+
+    def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Response]:
+        return openai_exception_handler
+
+    def allowed(self, request: Request) -> list[ModelPrice]:
+        auth = request.auth
+        key_id = auth.id if isinstance(auth, KeyPrincipal) else None
+        return quota_services.models_allowed(user_id=_user_id(request), key_id=key_id)
+
+
+class ModelListView(_ModelsView):
+    @extend_schema(responses={200: OpenApiTypes.OBJECT}, summary="The models you may use")
+    def get(self, request: Request) -> Response:
+        return Response(
+            {"object": "list", "data": [_model_body(price) for price in self.allowed(request)]}
+        )
+
+
+class ModelDetailView(_ModelsView):
+    @extend_schema(responses={200: OpenApiTypes.OBJECT}, summary="One model you may use")
+    def get(self, request: Request, model: str) -> Response:
+        for price in self.allowed(request):
+            if price.model == model:
+                return Response(_model_body(price))
+        raise ApiError(
+            f"The model {model!r} does not exist or you do not have access to it.",
+            code="model_not_found",
+            status=404,
+        )
 
 
 def _chat_body(outcome: services.Outcome, completion_id: str, created: int) -> dict[str, Any]:

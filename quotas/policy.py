@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -181,6 +182,56 @@ def provider_quotas(row: ProviderQuota) -> list[Quota]:
     return quotas
 
 
+@dataclass(frozen=True, slots=True)
+class _Principal:
+    """Who is calling: the user, the key, the user's quota row and plan, and the models the
+    key's scopes restrict it to (none: any)."""
+
+    user: Any
+    key: ApiKey | None
+    user_quota: UserQuota | None
+    plan: Plan | None
+    key_models: tuple[str, ...]
+
+    def allows(self, model: str) -> bool:
+        """The plan's allowed models and the key's model scopes, where set, name `model`."""
+        plan_models = self.plan.allowed_models if self.plan is not None else None
+        return (not plan_models or model in plan_models) and (
+            not self.key_models or model in self.key_models
+        )
+
+
+def _principal(user_id: int, key_id: int | None) -> _Principal:
+    """The caller, checked: 401 for an inactive user or a revoked/expired key, 403 for a
+    suspended user."""
+    from quotas.authentication import validate_key
+
+    user = get_user_model().objects.get(pk=user_id)
+    if not user.is_active:
+        raise UserInactive()
+    key: ApiKey | None = None
+    if key_id is not None:
+        key = ApiKey.objects.get(pk=key_id)
+        validate_key(key, user)
+    user_quota = UserQuota.objects.select_related("plan").filter(user_id=user_id).first()
+    if user_quota is not None and user_quota.suspended:
+        raise UserSuspended()
+    plan = user_quota.plan if user_quota is not None and user_quota.plan else _default_plan()
+    key_models = tuple(
+        s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")
+    )
+    return _Principal(user, key, user_quota, plan, key_models)
+
+
+def models_allowed(*, user_id: int, key_id: int | None) -> list[ModelPrice]:
+    """The enabled models of the catalogue this caller may use, by name (GET /v1/models).
+
+    Raises as `policy_resolve` does for the caller itself (401, 403).
+    """
+    who = _principal(user_id, key_id)
+    return [price for price in ModelPrice.objects.filter(enabled=True) if who.allows(price.model)]
+
+
 def policy_resolve(
     *, user_id: int, key_id: int | None, model: str | None, version: int = 0
 ) -> Policy:
@@ -192,27 +243,10 @@ def policy_resolve(
     `model=None`: the caller's own limits whatever model it calls (its standing, its
     rate-limit headers), with no model's price, model checks or provider scope.
     """
-    from quotas.authentication import validate_key
-
-    user = get_user_model().objects.get(pk=user_id)
-    if not user.is_active:
-        raise UserInactive()
-    key: ApiKey | None = None
-    if key_id is not None:
-        key = ApiKey.objects.get(pk=key_id)
-        validate_key(key, user)
+    who = _principal(user_id, key_id)
+    user, key, user_quota, plan = who.user, who.key, who.user_quota, who.plan
     price = model_get(model) if model is not None else _NO_MODEL_PRICE
-    user_quota = UserQuota.objects.select_related("plan").filter(user_id=user_id).first()
-    if user_quota is not None and user_quota.suspended:
-        raise UserSuspended()
-    plan = user_quota.plan if user_quota is not None and user_quota.plan else _default_plan()
-    key_models = [
-        s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")
-    ]
-    if model is not None and (
-        (plan is not None and plan.allowed_models and model not in plan.allowed_models)
-        or (key_models and model not in key_models)
-    ):
+    if model is not None and not who.allows(model):
         raise ModelNotAllowed()
 
     quotas: list[Quota] = []

@@ -192,3 +192,54 @@ def test_openai_sdk_with_bad_key_gets_401(live_server, upstream_settings, openai
         )
 
     assert info.value.body["type"] == "authentication_error"
+
+
+@pytest.fixture
+def catalogue(openai_model, local_model):
+    """gpt-test and local/demo enabled, other/model enabled too, old/model disabled."""
+    from quotas.tests.factories import ModelPriceFactory
+
+    ModelPriceFactory(model="other/model")
+    ModelPriceFactory(model="old/model", enabled=False)
+
+
+def test_openai_sdk_lists_the_models_the_caller_may_use(catalogue, tollgate, user):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    assert sorted(m.id for m in tollgate.models.list()) == ["gpt-test", "local/demo", "other/model"]
+    UserQuotaFactory(
+        user=user,
+        plan=PlanFactory(allowed_models=["gpt-test", "local/demo"], requests_per_minute=60),
+    )
+
+    listed = tollgate.models.with_raw_response.list()
+
+    assert sorted(m.id for m in listed.parse()) == ["gpt-test", "local/demo"]
+    assert {m.owned_by for m in listed.parse()} == {"openai", "local"}
+    assert listed.headers["X-RateLimit-Limit-Requests"] == "60"  # as on every /v1/ response
+
+
+def test_openai_sdk_lists_only_the_models_of_a_keys_model_scopes(catalogue, live_server, user):
+    from quotas.services import key_create
+
+    full_key, _ = key_create(user=user, name="scoped", scopes=["model:local/demo"])
+    client = openai.OpenAI(api_key=full_key, base_url=f"{live_server.url}/v1", max_retries=0)
+
+    assert [m.id for m in client.models.list()] == ["local/demo"]
+
+
+def test_openai_sdk_retrieves_a_model_by_its_name_with_a_slash(catalogue, tollgate):
+    model = tollgate.models.retrieve("local/demo")
+
+    assert (model.id, model.object, model.owned_by) == ("local/demo", "model", "local")
+    with pytest.raises(openai.NotFoundError) as missing:
+        tollgate.models.retrieve("old/model")  # disabled
+    assert missing.value.code == "model_not_found"
+    assert missing.value.body["type"] == "not_found_error"
+
+
+def test_models_need_a_valid_key(catalogue, live_server):
+    client = openai.OpenAI(api_key="tg_nope_nope", base_url=f"{live_server.url}/v1", max_retries=0)
+
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()

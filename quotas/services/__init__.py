@@ -19,6 +19,7 @@ spent meanwhile.
 """
 
 from quotas.engine import CacheGate
+from quotas.policy import models_allowed
 from quotas.services.admission import (
     Admission,
     admission_admit,
@@ -66,6 +67,7 @@ __all__ = [
     "key_touch",
     "ledger_usage",
     "local_state_reset",
+    "models_allowed",
     "new_request_id",
     "policy_bump",
     "catalogue_providers",
