@@ -1,10 +1,11 @@
 """Key scopes: what an API key may call.
 
 A key's scopes are a list of names. Endpoint scopes: `generate` (generation, chat
-completions and the model list, topics, batch jobs) and `usage` (reading its usage and its
-jobs; any key may read its own quota standing). `model:<name>` entries restrict the models
-a key may use (enforced by admission, and shown by /v1/models). A key with no endpoint scope may call every endpoint; DRF
-tokens and sessions are not scoped. A view declares the scope it needs in `key_scope`.
+completions and the model list, topics, batch jobs) and `usage` (reading its usage and
+its jobs; any key may read its own quota standing). `model:<name>` entries restrict the
+models a key may use (enforced by admission, and shown by /v1/models). A key with no
+endpoint scope may call every endpoint; DRF tokens and sessions are not scoped. A view
+declares the scope it needs in `key_scope`.
 """
 
 from __future__ import annotations
