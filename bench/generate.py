@@ -5,6 +5,8 @@
     .venv/bin/python bench/generate.py --profile 300      # pyinstrument of the hot path
     .venv/bin/python bench/generate.py --breakdown 500    # CPU and wall of each step
     .venv/bin/python bench/generate.py --instructions 250  # CPU instructions per request
+    .venv/bin/python bench/generate.py --upstream-port 18778 --reference \
+        http://127.0.0.1:4000/v1/chat/completions --reference-key KEY --reference-pid PID
     BENCH_CPROFILE=1 .venv/bin/python bench/generate.py --profile 2000
         # cProfile instead: BENCH_CPROFILE_GROUP=1 sums it by package, BENCH_CPROFILE_OUT=F
         # dumps its stats to F, BENCH_CPROFILE_SORT / _LINES choose the printed table
@@ -27,6 +29,10 @@ median of each column: on a noisy machine one run of the same code differs from 
 by up to 20%.
 CPU per request is the gunicorn workers' user+system CPU time over the run divided by the
 requests served; peak RSS is each worker's VmHWM.
+--reference URL measures another OpenAI-compatible gateway instead of Tollgate, with the
+same fake upstream (at --upstream-port, where that gateway was told to send model
+--reference-model), wrk script and points: its chat completions URL, its key, and the
+process whose descendants serve it (CPU and peak RSS are theirs). There is no floor row.
 --instructions N counts the instructions one request executes in a process set up as a
 gunicorn worker is (the `post_worker_init` hook), calling the WSGI application as gunicorn
 does: valgrind's cachegrind runs the loop once with N/5 requests and once with N, and the
@@ -250,6 +256,11 @@ def main() -> None:
         default=0,
         help="instructions per request of each kind, N requests (valgrind)",
     )
+    parser.add_argument("--upstream-port", type=int, default=0, help="the fake upstream's port")
+    parser.add_argument("--reference", default="", help="another gateway's chat completions URL")
+    parser.add_argument("--reference-key", default="", help="its API key")
+    parser.add_argument("--reference-model", default=MODEL, help="its name for the fake model")
+    parser.add_argument("--reference-pid", type=int, default=0, help="its serving process")
     parser.add_argument("--loop", choices=sorted(SCENARIOS), help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -260,9 +271,11 @@ def main() -> None:
         sys.exit("valgrind is required (apt-get install valgrind)")
     if not shutil.which("wrk") and not (args.profile or args.breakdown or args.instructions):
         sys.exit("wrk is required (apt-get install wrk)")
+    if args.reference and not args.reference_pid:
+        sys.exit("--reference needs --reference-pid (the process that serves it)")
 
     key = setup_database()
-    up_port, gw_port = free_port(), free_port()
+    up_port, gw_port = args.upstream_port or free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     env = {
         **os.environ,
@@ -292,6 +305,11 @@ def main() -> None:
             return
         if args.instructions:
             sys.stdout.write(instructions(args.instructions, key, env) + "\n")
+            return
+        if args.reference:
+            results = run_all(args, key, up_port, gw_port, args.reference_pid)
+            table = render(results, args.duration, "", args.rounds, reference=args.reference)
+            sys.stdout.write(table + "\n")
             return
         gunicorn = subprocess.Popen(
             # gunicorn.conf.py is read from the working directory.
@@ -331,13 +349,25 @@ def run_all(
     up_headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
     gw_url = f"http://127.0.0.1:{gw_port}/api/v1/generate"
     up_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
+    floor_url: str | None = f"http://127.0.0.1:{gw_port}/health/live"
+    if args.reference:  # the same chat request, to the other gateway
+        gw_url, floor_url = args.reference, None
+        gw_body = up_body.replace('"gpt-bench"', json.dumps(args.reference_model))
+        gw_headers = {
+            "Authorization": f"Bearer {args.reference_key}",
+            "Content-Type": "application/json",
+        }
     # Warm up: imports, connection pools, policy caches, script loading in both workers.
     wrk(gw_url, body_format=gw_body, headers=gw_headers, concurrency=4, duration=2)
     rounds = []
     for _ in range(args.rounds):
         rounds.append(
             run_round(
-                args, master, gw_port, (gw_url, gw_body, gw_headers), (up_url, up_body, up_headers)
+                args,
+                master,
+                floor_url,
+                (gw_url, gw_body, gw_headers),
+                (up_url, up_body, up_headers),
             )
         )
     # Each column's median over the rounds (errors: their sum), point by point.
@@ -352,41 +382,56 @@ def run_all(
     ]
 
 
+def serving(master: int, reference: bool) -> list[int]:
+    """The processes that serve: gunicorn's workers, or the other gateway's process and
+    all its descendants."""
+    if not reference:
+        return children(master)
+    found, todo = [], [master]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children(pid)
+    return found
+
+
 def run_round(
     args: argparse.Namespace,
     master: int,
-    gw_port: int,
+    floor_url: str | None,
     gw: tuple[str, str, dict[str, str]],
     up: tuple[str, str, dict[str, str]],
 ) -> list[dict[str, Any]]:
     (gw_url, gw_body, gw_headers), (up_url, up_body, up_headers) = gw, up
     results: list[dict[str, Any]] = []
-    # The floor: the same stack (gunicorn, middleware, request log, metrics) answering
-    # GET /health/live, which does no work of its own.
-    workers = children(master)
-    cpu_before = sum(proc_cpu(p) for p in workers)
-    floor = wrk(
-        f"http://127.0.0.1:{gw_port}/health/live",
-        body_format="",
-        headers={"X-Forwarded-Proto": "https"},
-        concurrency=1,
-        duration=args.duration,
-        method="GET",
-    )
-    floor_cpu = sum(proc_cpu(p) for p in workers) - cpu_before
-    results.append(
-        {
-            "c": "floor",
-            "rps": floor["rps"],
-            "p50": floor["p50_us"] / 1000,
-            "p99": floor["p99_us"] / 1000,
-            "cpu_ms": 1000 * floor_cpu / max(1, floor["requests"]),
-            "rss": max(proc_hwm_mib(p) for p in workers),
-            "errors": floor["non_2xx"],
-        }
-    )
+    reference = bool(args.reference)
+    if floor_url is not None:
+        # The floor: the same stack (gunicorn, middleware, request log, metrics) answering
+        # GET /health/live, which does no work of its own.
+        workers = serving(master, reference)
+        cpu_before = sum(proc_cpu(p) for p in workers)
+        floor = wrk(
+            floor_url,
+            body_format="",
+            headers={"X-Forwarded-Proto": "https"},
+            concurrency=1,
+            duration=args.duration,
+            method="GET",
+        )
+        floor_cpu = sum(proc_cpu(p) for p in workers) - cpu_before
+        results.append(
+            {
+                "c": "floor",
+                "rps": floor["rps"],
+                "p50": floor["p50_us"] / 1000,
+                "p99": floor["p99_us"] / 1000,
+                "cpu_ms": 1000 * floor_cpu / max(1, floor["requests"]),
+                "rss": max(proc_hwm_mib(p) for p in workers),
+                "errors": floor["non_2xx"],
+            }
+        )
     for c in args.concurrency:
-        workers = children(master)
+        workers = serving(master, reference)
         cpu_before = sum(proc_cpu(p) for p in workers)
         through = wrk(
             gw_url, body_format=gw_body, headers=gw_headers, concurrency=c, duration=args.duration
@@ -420,12 +465,20 @@ def render(
     worker_class: str,
     rounds: int = 1,
     workers: int = 2,
+    *,
+    reference: str = "",
 ) -> str:
     medians = f", the median of {rounds} rounds" if rounds > 1 else ""
+    served = (
+        f"the gateway at {reference} (CPU and RSS: its serving processes), every prompt unique"
+        if reference
+        else f"{workers} {worker_class} gunicorn worker{'s' if workers != 1 else ''}, every "
+        "request a cache miss"
+    )
+    through = "that gateway" if reference else "Tollgate"
     lines = [
-        f"wrk, {duration:g} s per point{medians}, {workers} {worker_class} gunicorn "
-        f"worker{'s' if workers != 1 else ''}, every "
-        "request a cache miss. Overhead: p50 and p99 through Tollgate minus the upstream's p50.",
+        f"wrk, {duration:g} s per point{medians}, {served}. Overhead: p50 and p99 through "
+        f"{through} minus the upstream's p50.",
         "",
         "| concurrency | req/s | p50 | p99 | upstream alone p50 / p99 | overhead p50 / p99 "
         "| CPU / request | peak RSS / worker | errors |",
