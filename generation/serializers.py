@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import inline_serializer
+from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 
 from config.serializers import InputSerializer
@@ -47,6 +47,22 @@ class GenerateInputSerializer(InputSerializer):
         return attrs
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string"},
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                    "required": ["type", "text"],
+                },
+            },
+        ],
+        "nullable": True,
+    }
+)
 class ChatContentField(serializers.Field):
     """OpenAI message content: a string, or a list of parts of which the text ones count."""
 

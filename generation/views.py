@@ -234,7 +234,11 @@ class _ModelsView(RateLimitHeadersMixin, APIView):
 
 
 class ModelListView(_ModelsView):
-    @extend_schema(responses={200: OpenApiTypes.OBJECT}, summary="The models you may use")
+    @extend_schema(
+        responses={200: OpenApiTypes.OBJECT},
+        summary="The models you may use",
+        operation_id="v1_models_list",
+    )
     def get(self, request: Request) -> Response:
         return Response(
             {"object": "list", "data": [_model_body(price) for price in self.allowed(request)]}
@@ -242,7 +246,11 @@ class ModelListView(_ModelsView):
 
 
 class ModelDetailView(_ModelsView):
-    @extend_schema(responses={200: OpenApiTypes.OBJECT}, summary="One model you may use")
+    @extend_schema(
+        responses={200: OpenApiTypes.OBJECT},
+        summary="One model you may use",
+        operation_id="v1_models_retrieve",
+    )
     def get(self, request: Request, model: str) -> Response:
         for price in self.allowed(request):
             if price.model == model:

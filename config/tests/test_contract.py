@@ -366,6 +366,8 @@ def test_schema_is_openapi_3_and_lists_the_public_paths(api_client, db):
         "/api/v1/quota",
         "/api/v1/usage",
         "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{model}",
     ):
         assert path in schema["paths"], path
 
