@@ -33,7 +33,7 @@ from quotas import services as quota_services
 from quotas.authentication import KeyPrincipal
 from quotas.models import ModelPrice
 from quotas.permissions import KeyScopePermission
-from quotas.views import RateLimitHeadersMixin
+from quotas.views import RateLimitHeadersMixin, principal_of
 
 MAX_IDEMPOTENCY_KEY = 255
 IDEMPOTENCY_HEADER = OpenApiParameter(
@@ -228,9 +228,8 @@ class _ModelsView(RateLimitHeadersMixin, APIView):
         return openai_exception_handler
 
     def allowed(self, request: Request) -> list[ModelPrice]:
-        auth = request.auth
-        key_id = auth.id if isinstance(auth, KeyPrincipal) else None
-        return quota_services.models_allowed(user_id=_user_id(request), key_id=key_id)
+        user_id, key_id = principal_of(request)
+        return quota_services.models_allowed(user_id=user_id, key_id=key_id)
 
 
 class ModelListView(_ModelsView):

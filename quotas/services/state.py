@@ -125,7 +125,9 @@ def catalogue_providers() -> list[str]:
 # quota row, a key's scopes). A refusal is remembered for at most a second: a worker learns
 # of a new policy version only from its admissions, and a refused request makes none.
 _REMEMBERED_REFUSALS = (InvalidRequest, ModelNotAllowed, UserSuspended)
-_REFUSAL_TTL = 1.0
+# How long a cache entry lives without a version to check it against: a refusal always, a
+# policy while Redis is unreachable. "Within a second" is the promise of a live change.
+_UNCHECKED_TTL = 1.0
 
 
 def policy_get(*, user_id: int, key_id: int | None, model: str | None) -> Policy:
@@ -142,10 +144,10 @@ def policy_get(*, user_id: int, key_id: int | None, model: str | None) -> Policy
     if cached is not None:
         found, at = cached
         if isinstance(found, Policy):
-            # Without Redis there is no shared version to check against: a policy lives 1 s.
-            if _state.degraded_since is None or now - at < 1.0:
+            # Without Redis there is no shared version to check against.
+            if _state.degraded_since is None or now - at < _UNCHECKED_TTL:
                 return found
-        elif now - at < _REFUSAL_TTL:
+        elif now - at < _UNCHECKED_TTL:
             raise copy.copy(found)  # a fresh instance: one raised twice grows its traceback
     try:
         policy = policy_resolve(user_id=user_id, key_id=key_id, model=model)

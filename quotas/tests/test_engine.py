@@ -320,13 +320,9 @@ def test_unknown_model_refusal_is_remembered_without_sql(
         assert len(list(traceback_frames(refused.value))) < 5
 
 
-def test_remembered_refusal_lifts_within_a_second_without_a_bump(
-    engine, user, plan_for, monkeypatch
-):
+def test_remembered_refusal_lifts_within_a_second_without_a_bump(engine, user, plan_for):
     """Another worker enabled the model: this one has no admission to learn the new version
     from, so its remembered refusal must expire by itself."""
-    import time
-
     from config.errors import InvalidRequest
     from quotas.models import ModelPrice
     from quotas.services import state
@@ -336,10 +332,14 @@ def test_remembered_refusal_lifts_within_a_second_without_a_bump(
     with pytest.raises(InvalidRequest):
         services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
     ModelPrice.objects.filter(model="local/demo").update(enabled=True)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidRequest):  # remembered
         services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
-    clock = time.monotonic() + state._REFUSAL_TTL
-    monkeypatch.setattr(state.time, "monotonic", lambda: clock)
+    at = state._state.policies[(user.pk, None, "local/demo")][1]
+    # A second later (the entry's age, not the test's clock, is what expires it).
+    state._state.policies[(user.pk, None, "local/demo")] = (
+        state._state.policies[(user.pk, None, "local/demo")][0],
+        at - state._UNCHECKED_TTL,
+    )
 
     policy = services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
 
