@@ -253,7 +253,8 @@ class RedisQuotaBackend:
             return []
         day_left, month_left = seconds_left(now)
         day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
-        keys, how = [], []
+        keys: list[str] = []
+        how: list[int | str] = []
         for quota in quotas:
             keys.append(self._counter_key(quota, epoch, day))
             if quota.kind == "l":
@@ -261,7 +262,7 @@ class RedisQuotaBackend:
             elif quota.window in ("day", "month"):
                 how.append(quota.kind)
             else:
-                how.append("sliding")
+                how.append(quota.window)
         try:
             replies = self._read(keys=keys, args=[now, *how])
         except _UNAVAILABLE as exc:
@@ -273,23 +274,13 @@ class RedisQuotaBackend:
             elif quota.window in ("day", "month"):
                 left = day_left if quota.window == "day" else month_left
                 states.append(WindowState(quota, int(reply or 0), left))
-            else:
-                states.append(self._sliding_state(quota, reply, now))
+            else:  # the sum of its sub-buckets, and the oldest that holds anything
+                used, first = reply
+                size = int(quota.window) / 12
+                states.append(
+                    WindowState(quota, int(used), (first + 13) * size - now if first else 0.0)
+                )
         return states
-
-    def _sliding_state(self, quota: Quota, buckets: list[Any], now: float) -> WindowState:
-        """A sliding window's standing from its sub-buckets (HGETALL's field/value list)."""
-        window = int(quota.window)
-        size = window / 12
-        current = int(now // size)
-        counts = {int(_text(k)): int(v) for k, v in zip(buckets[::2], buckets[1::2], strict=True)}
-        used, reset = 0, 0.0
-        for idx in sorted(counts):
-            if idx >= current - 12:
-                used += counts[idx]
-                if counts[idx] > 0 and not reset:
-                    reset = (idx + 13) * size - now
-        return WindowState(quota, used, reset)
 
     def reset_counters(self, *, counter: str) -> int:
         """Delete every counter of one principal (sliding, calendar, leases)."""

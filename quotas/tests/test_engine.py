@@ -186,17 +186,21 @@ def test_standing_reads_every_kind_of_window_in_one_round_trip(
     plan_for(
         user, requests_per_minute=10, requests_per_hour=50, requests_per_day=100, concurrency=5
     )
+    admit(user, now=NOW - 90)  # out of the minute's window, in the hour's
     admit(user, now=NOW - 30)
-    admit(user, now=NOW)  # both still in flight: two leases
+    admit(user, now=NOW)  # all three still in flight: three leases
+    services.quota_standing(user_id=user.pk, now=NOW)  # a new server loads the script once
     redis_round_trips.count = 0
 
     limits = services.quota_standing(user_id=user.pk, now=NOW)["limits"]
 
     assert limits["requests_per_minute"]["used"] == 2
-    assert 0 < limits["requests_per_minute"]["reset_in"] <= 35  # the older request ages out
-    assert limits["requests_per_hour"]["used"] == 2
-    assert limits["requests_per_day"]["used"] == 2
-    assert limits["concurrency"] == {"limit": 5, "used": 2, "remaining": 3}
+    # The minute's sub-buckets are 5 s long: the request of NOW - 30 leaves the window with
+    # its sub-bucket, 13 sub-buckets after the one it is in, 35 s from now.
+    assert limits["requests_per_minute"]["reset_in"] == 35
+    assert limits["requests_per_hour"]["used"] == 3
+    assert limits["requests_per_day"]["used"] == 3
+    assert limits["concurrency"] == {"limit": 5, "used": 3, "remaining": 2}
     assert redis_round_trips.count == (1 if engine == "redis" else 0)
 
 
