@@ -6,6 +6,7 @@ from typing import Any
 
 from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
+from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
 from config.serializers import InputSerializer
 
@@ -33,11 +34,13 @@ class GenerateInputSerializer(InputSerializer):
     cache = serializers.ChoiceField(choices=("use", "refresh", "bypass"), default="use")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        has_prompt, has_messages = "prompt" in attrs, bool(attrs.get("messages"))
+        has_prompt, has_messages = "prompt" in attrs, "messages" in attrs
         if has_prompt == has_messages:
             raise serializers.ValidationError(
                 {"prompt": ["Give exactly one of prompt and messages."]}
             )
+        if has_messages and not attrs["messages"]:
+            raise serializers.ValidationError({"messages": ["No messages."]})
         if has_prompt:
             if not attrs["prompt"].strip():
                 raise serializers.ValidationError({"prompt": ["The prompt is empty."]})
@@ -66,6 +69,8 @@ class GenerateInputSerializer(InputSerializer):
 class ChatContentField(serializers.Field):
     """OpenAI message content: a string, or a list of parts of which the text ones count."""
 
+    default_validators = [ProhibitSurrogateCharactersValidator()]
+
     def to_internal_value(self, data: Any) -> str:
         if isinstance(data, str):
             text = data
@@ -74,7 +79,9 @@ class ChatContentField(serializers.Field):
             for part in data:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise serializers.ValidationError("Only text content parts are supported.")
-                texts.append(str(part.get("text", "")))
+                if not isinstance(part.get("text"), str):
+                    raise serializers.ValidationError("A text part's text must be a string.")
+                texts.append(part["text"])
             text = "".join(texts)
         elif data is None:
             text = ""

@@ -56,3 +56,36 @@ def test_chat_completions_invalid_field_message_names_the_problem(key_client):
     assert error["param"] == "messages"
     assert error["message"].startswith("The request body is invalid. messages: ")
     assert len(error["message"]) > len("The request body is invalid. messages: ")
+
+
+@pytest.mark.parametrize(
+    "content", ['"\\ud800 alone"', '[{"type": "text", "text": "x \\udfff"}]', '[{"type": "text"}]']
+)
+def test_chat_completions_content_that_is_no_text_is_400_in_openai_shape(key_client, content):
+    # JSON may escape a lone surrogate, which no text contains and UTF-8 cannot encode.
+    body = '{"model": "local/demo", "messages": [{"role": "user", "content": ' + content + "}]}"
+
+    response = key_client.post("/v1/chat/completions", body, content_type="application/json")
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"prompt": "\\ud800"}',
+        '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+        '{"prompt": "a", "messages": []}',
+        '{"messages": []}',
+    ],
+)
+def test_generate_body_that_is_no_prompt_is_400_with_its_field(key_client, body):
+    response = key_client.post("/api/v1/generate", body, content_type="application/json")
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert set(error["fields"]) & {"prompt", "messages"}
