@@ -61,8 +61,15 @@ class ApiError(drf.APIException):
 
 
 class InvalidRequest(ApiError):
+    """400 invalid_request; its details always hold `fields` ({field: [messages]}), empty
+    when no one field is at fault."""
+
     status_code = 400
     code = "invalid_request"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        details.setdefault("fields", {})
+        super().__init__(message, **details)
 
 
 class PermissionDeniedError(ApiError):
@@ -93,7 +100,8 @@ def _drf_to_api_error(exc: drf.APIException) -> ApiError:  # noqa: PLR0911 - a l
     if isinstance(exc, drf.ValidationError):
         return InvalidRequest("The request body is invalid.", fields=_fields(exc.detail))
     if isinstance(exc, drf.ParseError):
-        return InvalidRequest(f"Malformed request body: {exc.detail}")
+        message = f"Malformed request body: {exc.detail}"
+        return InvalidRequest(message, fields={"body": [message]})
     if isinstance(exc, drf.UnsupportedMediaType):
         return ApiError(str(exc.detail), code="unsupported_media_type", status=415)
     if isinstance(exc, drf.AuthenticationFailed | drf.NotAuthenticated):

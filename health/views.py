@@ -113,14 +113,20 @@ def metrics(request: HttpRequest) -> HttpResponse:
 
 
 def _api_error(
-    request: HttpRequest, *, status: int, code: str, message: str, openai_type: str
+    request: HttpRequest,
+    *,
+    status: int,
+    code: str,
+    message: str,
+    openai_type: str,
+    **details: Any,
 ) -> JsonResponse | None:
     """The contract's error body under /api/ (OpenAI's under /v1/); None elsewhere."""
     request_id = getattr(request, "request_id", None) or request_id_var.get()
     if request.path.startswith("/v1/"):
         body: dict[str, Any] = {"error": {"message": message, "type": openai_type, "code": code}}
     elif request.path.startswith("/api/"):
-        body = {"error": {"code": code, "message": message}}
+        body = {"error": {"code": code, "message": message, **details}}
     else:
         return None
     if status >= 500 and request_id:
@@ -136,6 +142,7 @@ def bad_request(request: HttpRequest, exception: Exception | None = None) -> Htt
         code="invalid_request",
         message="The request is malformed.",
         openai_type="invalid_request_error",
+        fields={},
     )
     return response or defaults.bad_request(request, exception or Exception("bad request"))
 

@@ -129,6 +129,10 @@ def test_invalidate_malformed_json_is_400(staff_client):
     )
 
     assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["fields"]["body"] == [error["message"]]
+    assert error["message"].startswith("Malformed request body: JSON parse error")
 
 
 def test_invalidate_refused_to_non_staff(user_client):

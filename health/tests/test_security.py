@@ -200,7 +200,11 @@ def test_unknown_api_url_is_404_in_contract_shape(client):
 def test_disallowed_host_under_api_is_400_in_contract_shape(client):
     response = client.get("/api/v1/quota", HTTP_HOST="evil.example.net")
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"] == {
+        "code": "invalid_request",
+        "message": "The request is malformed.",
+        "fields": {},
+    }
 
 
 def test_unknown_api_url_is_json_404_even_in_debug(client, settings):
