@@ -11,6 +11,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -133,6 +134,11 @@ class Provider(models.TextChoices):
     GEMINI = "gemini", "Google Gemini"
 
 
+# The catalogue names of the offline provider's models, and only those, start with this, so
+# that no one takes a canned answer for a real model's (API.md, DESIGN.md).
+LOCAL_MODEL_PREFIX = "local/"
+
+
 class ModelPrice(models.Model):
     model = models.CharField(max_length=100, unique=True, help_text="The name clients send.")
     provider = models.CharField(max_length=20, choices=Provider.choices)
@@ -149,6 +155,30 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return self.model
+
+    def clean(self) -> None:
+        """A `local` entry is named `local/<name>` and a `local/` name is served by `local`.
+
+        Raises ValidationError on the field to change: the name when the provider is
+        `local`, the provider when the name starts with `local/`. Run by the admin's form
+        (a model's `save()` does not call it).
+        """
+        super().clean()
+        if not self.model or not self.provider:
+            return  # the empty or invalid field has its own error
+        local_name = self.model.startswith(LOCAL_MODEL_PREFIX)
+        if self.provider == Provider.LOCAL and not local_name:
+            message = (
+                f"A model of the offline local provider is named “{LOCAL_MODEL_PREFIX}<name>”, "
+                "so that no one takes its answers for a real model's."
+            )
+            raise ValidationError({"model": ValidationError(message, code="local_model_name")})
+        if local_name and self.provider != Provider.LOCAL:
+            message = (
+                f"Names starting with “{LOCAL_MODEL_PREFIX}” are reserved for the offline "
+                "local provider: choose it, or rename the model."
+            )
+            raise ValidationError({"provider": ValidationError(message, code="local_provider")})
 
 
 def _default_safety_margin() -> Decimal:

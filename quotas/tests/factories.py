@@ -4,7 +4,7 @@ import factory
 from django.contrib.auth import get_user_model
 from factory.django import DjangoModelFactory
 
-from quotas.models import ModelPrice, Plan, UserQuota
+from quotas.models import LOCAL_MODEL_PREFIX, ModelPrice, Plan, Provider, UserQuota
 
 
 class UserFactory(DjangoModelFactory):
@@ -37,7 +37,10 @@ class ModelPriceFactory(DjangoModelFactory):
         django_get_or_create = ("model",)
 
     model = "local/demo"
-    provider = "local"
+    # The naming rule of ModelPrice.clean(): `local/` names and only those are `local`.
+    provider = factory.LazyAttribute(
+        lambda o: Provider.LOCAL if o.model.startswith(LOCAL_MODEL_PREFIX) else Provider.OPENAI
+    )
     upstream_model = "demo"
     input_per_million = "1.50"
     output_per_million = "2.00"

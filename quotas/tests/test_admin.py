@@ -538,6 +538,77 @@ def test_global_limits_share_outside_zero_to_one_is_refused(admin_client):
     assert "low_share" in response.context["adminform"].form.errors
 
 
+# --- The model catalogue ---
+
+
+def _price_add(client, **fields: str):
+    data = {
+        "model": "local/echo",
+        "provider": "local",
+        "upstream_model": "echo",
+        "input_per_million": "0",
+        "output_per_million": "0",
+        "context_window": "8192",
+        "max_output_tokens": "1024",
+        "enabled": "on",
+        **fields,
+    }
+    return client.post(_url(ModelPrice, "add"), data)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "field", "message"),
+    [
+        ("echo", "local", "model", "A model of the offline local provider is named “local/<name>”"),
+        ("local/gpt", "openai", "provider", "Names starting with “local/” are reserved"),
+        ("local/gem", "gemini", "provider", "Names starting with “local/” are reserved"),
+    ],
+    ids=["local-provider-other-name", "local-name-openai", "local-name-gemini"],
+)
+def test_model_price_add_refuses_local_provider_and_local_name_apart_on_the_right_field(
+    admin_client, model, provider, field, message
+):
+    response = _price_add(admin_client, model=model, provider=provider)
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == [field]
+    assert message in errors[field][0]
+    assert escape(message) in response.content.decode()
+    assert not ModelPrice.objects.filter(model=model).exists()
+
+
+def test_model_price_add_saves_local_names_with_local_and_other_names_upstream(admin_client):
+    local = _price_add(admin_client, model="local/echo", provider="local")
+    upstream = _price_add(
+        admin_client, model="gpt-4o-mini", provider="openai", upstream_model="gpt-4o-mini"
+    )
+
+    assert local.status_code == upstream.status_code == 302
+    saved = dict(ModelPrice.objects.values_list("model", "provider"))
+    assert saved == {"local/echo": "local", "gpt-4o-mini": "openai"}
+
+
+def test_model_price_change_to_an_upstream_provider_keeps_a_local_name_local(
+    admin_client, local_model
+):
+    response = _edit(admin_client, ModelPrice, local_model.pk, provider="openai")
+
+    assert response.status_code == 200
+    assert "provider" in response.context["adminform"].form.errors
+    local_model.refresh_from_db()
+    assert local_model.provider == "local"
+
+
+def test_seed_demo_entry_and_factory_rows_follow_the_local_naming_rule():
+    from quotas.management.commands.seed_demo import DEMO_MODEL, DEMO_PRICE
+    from quotas.tests.factories import ModelPriceFactory
+
+    ModelPrice(model=DEMO_MODEL, **DEMO_PRICE).full_clean()
+    for name in ("local/demo", "other/model"):
+        ModelPriceFactory.build(model=name).full_clean()
+
+
 # --- Read-only records ---
 
 
