@@ -425,6 +425,12 @@ class _Attempts:
         if self.state != "closed" or self.failures:
             self.breaker.record_success()
 
+    def abandoned(self) -> None:
+        """The attempt ended neither way (its stream closed early, or an error of ours):
+        a half-open circuit's probe is given back for the next request to take."""
+        if self.state == "half_open":
+            self.breaker.release_probe()
+
 
 def upstream_complete(*, provider: str, request: CompletionRequest) -> Completion:
     """Complete `request` on `provider` with timeouts, retries and the circuit breaker.
@@ -442,6 +448,9 @@ def upstream_complete(*, provider: str, request: CompletionRequest) -> Completio
             result = client.complete(request, timeout=timeout)
         except ProviderFailure as exc:
             attempts.failed(exc)
+            raise
+        except BaseException:
+            attempts.abandoned()
             raise
         attempts.succeeded()
         return result
@@ -481,13 +490,47 @@ def upstream_stream(*, provider: str, request: CompletionRequest) -> Iterator[st
     except (CircuitOpen, ProviderFailure) as exc:
         raise _api_error(exc) from exc
 
-    def rest() -> Iterator[str | Completion]:
-        yield first
-        try:
-            yield from pieces
-        except ProviderFailure as exc:
-            attempts.failed(exc)
-            raise _api_error(exc) from exc
-        attempts.succeeded()
+    return _StartedStream(first, pieces, attempts)
 
-    return rest()
+
+class _StartedStream(Iterator[str | Completion]):
+    """A stream whose first piece has arrived: that piece, then the rest. Its end is the
+    attempt's outcome for the breaker; `close()` before the end (the client went away)
+    closes the provider's stream and gives a half-open circuit's probe back, even when
+    nothing was read from it yet."""
+
+    def __init__(
+        self, first: str | Completion, pieces: Iterator[str | Completion], attempts: _Attempts
+    ) -> None:
+        self._first: list[str | Completion] = [first]
+        self._pieces = pieces
+        self._attempts = attempts
+        self._over = False
+
+    def __next__(self) -> str | Completion:
+        if self._first:
+            return self._first.pop()
+        if self._over:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            self._over = True
+            self._attempts.succeeded()
+            raise
+        except ProviderFailure as exc:
+            self._over = True
+            self._attempts.failed(exc)
+            raise _api_error(exc) from exc
+
+    def close(self) -> None:
+        if self._over:
+            return
+        self._over = True
+        self._first.clear()
+        try:
+            close = getattr(self._pieces, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._attempts.abandoned()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from django.http import StreamingHttpResponse
@@ -282,7 +282,7 @@ def _chat_body(outcome: services.Outcome, completion_id: str, created: int) -> d
 
 def _chat_stream(
     outcome: services.Outcome, completion_id: str, created: int, include_usage: bool
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {
             "id": completion_id,
@@ -310,6 +310,26 @@ def _chat_stream(
     if include_usage:
         yield chunk([], usage=outcome.usage())
     yield b"data: [DONE]\n\n"
+
+
+class _StreamBody:
+    """A stream's response body: its events, then, when the server closes the response
+    (it always does, whether the client read to the end or went away, even before the
+    first event), the outcome's close, which settles a stream cut short."""
+
+    def __init__(self, events: Generator[bytes, None, None], outcome: services.Outcome) -> None:
+        self.events = events
+        self.outcome = outcome
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.events
+
+    def close(self) -> None:
+        try:
+            self.events.close()
+        finally:
+            if self.outcome.close is not None:
+                self.outcome.close()
 
 
 def _pieces(value: dict[str, Any]) -> Iterator[str]:
@@ -357,7 +377,7 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
             outcome = run(stream=True)
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             response = StreamingHttpResponse(
-                _chat_stream(outcome, completion_id, created, include_usage),
+                _StreamBody(_chat_stream(outcome, completion_id, created, include_usage), outcome),
                 content_type="text/event-stream",
             )
             response["Cache-Control"] = "no-cache"

@@ -97,17 +97,18 @@ class OpenAIProvider:
                 extra_headers=_UNSENT_HEADERS,
                 **kwargs,
             )
-            for chunk in chunks:
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if not chunk.choices:
-                    continue
-                choice = chunk.choices[0]
-                if choice.finish_reason:
-                    finish = choice.finish_reason
-                if choice.delta and choice.delta.content:
-                    parts.append(choice.delta.content)
-                    yield choice.delta.content
+            with chunks:  # closed even when our caller stops reading (the client left)
+                for chunk in chunks:
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if not chunk.choices:
+                        continue
+                    choice = chunk.choices[0]
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+                    if choice.delta and choice.delta.content:
+                        parts.append(choice.delta.content)
+                        yield choice.delta.content
         text = "".join(parts)
         if usage is not None:
             yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)

@@ -14,10 +14,11 @@ the lock's release in a second. Plus the ledger INSERT.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -95,6 +96,9 @@ class Outcome:
     # the error that cut it short.
     pieces: Iterator[str] | None = None
     error: GenerationError | None = None
+    # Streams only: to be called when the response ends, read to its end or not (see
+    # `_start_stream`). Settles a stream the client left, exactly once.
+    close: Callable[[], None] | None = None
 
     @property
     def cached(self) -> bool:
@@ -396,7 +400,7 @@ def _start_stream(
         cache="MISS" if cache_policy != "bypass" else "BYPASS",
         headers=admission.headers(),
     )
-    outcome.pieces = _relay(
+    relay = _relay(
         pieces,
         outcome=outcome,
         admission=admission,
@@ -404,7 +408,27 @@ def _start_stream(
         cache_policy=cache_policy,
         prompt_tokens=prompt_tokens,
     )
+
+    def close() -> None:
+        if inspect.getgeneratorstate(relay) != inspect.GEN_CREATED:
+            relay.close()  # a relay cut short settles what it sent; one at its end: nothing
+            return
+        # The client left before the first piece was relayed: it was sent nothing, but
+        # the provider has read the prompt.
+        relay.close()
+        try:
+            _close_iterator(pieces)
+        finally:
+            usage_settle(admission=admission, prompt_tokens=prompt_tokens, completion_tokens=0)
+
+    outcome.pieces, outcome.close = relay, close
     return outcome
+
+
+def _close_iterator(pieces: Iterator[Any]) -> None:
+    close = getattr(pieces, "close", None)
+    if close is not None:
+        close()
 
 
 def _upstream_failed(
@@ -435,7 +459,7 @@ def _relay(
     key: str,
     cache_policy: str,
     prompt_tokens: int,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Pass a stream's text on, then settle it and store the whole answer. A failure
     mid-stream is refunded and left in `outcome.error`. A client that goes away mid-stream
     pays the estimate of what it was sent (the provider has produced and billed it)."""
@@ -460,9 +484,7 @@ def _relay(
         )
         raise
     finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
+        _close_iterator(pieces)
     if final is None:
         usage_refund(admission=admission, outcome="upstream_error")
         outcome.error = UpstreamError("The model provider's stream ended without an answer.")

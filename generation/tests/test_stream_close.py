@@ -1,0 +1,100 @@
+"""A stream the client leaves is settled when the server closes its response: whatever it
+was sent is charged, its concurrency lease is released and a half-open circuit's probe is
+given back, at once, whether the client read part of it or nothing at all."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from generation.resilience import upstream_complete
+from generation.tests.fake_upstream import Behaviour
+from generation.tokens import tokens_count
+from quotas.models import Plan, UsageRecord, UserQuota
+
+pytestmark = pytest.mark.django_db(transaction=True)  # a response's close ends its request
+
+CHAT = "/v1/chat/completions"
+ASK = {"model": "gpt-test", "messages": [{"role": "user", "content": "tell me a long story"}]}
+LONG = " ".join(f"word{i}" for i in range(300))
+
+
+@pytest.fixture
+def one_at_a_time(api_key):
+    """The key's user may have one request in flight."""
+    plan = Plan.objects.create(name="one-at-a-time", concurrency=1)
+    UserQuota.objects.update_or_create(user=api_key[1].user, defaults={"plan": plan})
+
+
+def _stream(key_client):
+    response = key_client.post(CHAT, {**ASK, "stream": True}, format="json")
+    assert response.status_code == 200, response.content
+    return response
+
+
+def _text_of(event: bytes) -> str:
+    body = json.loads(event.decode().removeprefix("data: "))
+    return body["choices"][0]["delta"]["content"]
+
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_stream_left_after_its_first_piece_is_charged_for_it_and_frees_its_lease(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text=LONG, usage=(9, 300))
+    response = _stream(key_client)
+    events = iter(response.streaming_content)
+    next(events)  # the assistant's role
+    first = _text_of(next(events))
+
+    response.close()  # the server's part when the client has gone away
+
+    row = UsageRecord.objects.get()
+    assert row.completion_tokens == tokens_count(first) > 0
+    assert row.completion_tokens < 300  # not the whole answer it never saw
+    assert row.prompt_tokens > 0
+    again = key_client.post(CHAT, ASK, format="json")  # concurrency 1: the lease is free
+    assert again.status_code == 200, again.content
+
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_stream_left_before_its_first_event_pays_its_prompt_and_frees_its_lease(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text=LONG, usage=(9, 300))
+    response = _stream(key_client)
+
+    response.close()
+
+    row = UsageRecord.objects.get()
+    assert row.completion_tokens == 0
+    assert row.prompt_tokens > 0
+    assert key_client.post(CHAT, ASK, format="json").status_code == 200
+
+
+def test_stream_left_while_it_probes_a_half_open_circuit_gives_the_probe_back(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    upstream_settings.CIRCUIT_RESET_SECONDS = 0.3
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    with pytest.raises(Exception, match="provider returned an error"):
+        upstream_complete(provider="openai", request=_request())
+    time.sleep(0.4)  # the circuit is half-open: the next call is its probe
+    fake_upstream.default = Behaviour(text=LONG)
+
+    _stream(key_client).close()
+
+    again = key_client.post(CHAT, ASK, format="json")
+    assert again.status_code == 200, again.content  # not 503: the probe was given back
+
+
+def _request():
+    from generation.providers.base import CompletionRequest
+
+    return CompletionRequest(
+        model="gpt-4o-mini", messages=({"role": "user", "content": "x"},), max_tokens=5
+    )
