@@ -8,6 +8,7 @@ described in caching/tier.py.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -429,7 +430,9 @@ def single_flight(
     if not leader and lock is None:
         if flight.done.wait(wait_seconds):
             if flight.error is not None:
-                raise flight.error
+                # Each waiter raises an error of its own, which its request may annotate
+                # (its own rate-limit headers) without touching the others'.
+                raise copy.copy(flight.error) from flight.error
             return json.loads(flight.value or "null"), False
         return _compute_and_store(key, compute, store=store, ttl=ttl), True
     try:

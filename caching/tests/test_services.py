@@ -286,6 +286,8 @@ def test_single_flight_leader_failure_reaches_waiters_and_releases_lock(redis_co
 
     assert calls == 1
     assert len(errors) == 5
+    assert {str(exc) for exc in errors} == {"upstream down"}
+    assert len({id(exc) for exc in errors}) == 5  # each request may annotate its own
     assert redis_conn.exists(tier().k("lock:gen:fail")) == 0
     assert cache_get("gen:fail") is None
 
