@@ -400,6 +400,43 @@ def test_readme_lists_every_environment_variable_of_the_contract():
     assert not missing
 
 
+# How the code reads a variable: env("X" / env.int("X" ... in the settings, os.environ[...] /
+# .get / .setdefault and gunicorn.conf.py's _int("X" anywhere, ${X:-...} in the entry point.
+ENV_READS = (
+    re.compile(r"""\benv(?:\.[a-z]+)?\(\s*["']([A-Z][A-Z0-9_]*)["']"""),
+    re.compile(r"""\bos\.environ(?:\.(?:get|setdefault))?[\[(]\s*["']([A-Z][A-Z0-9_]*)["']"""),
+    re.compile(r"""\b_int\(\s*["']([A-Z][A-Z0-9_]*)["']"""),
+    re.compile(r"\$\{([A-Z][A-Z0-9_]*):-"),
+)
+TEST_SUITE_ONLY = {"TOLLGATE_TESTING", "TEST_DATABASE_NAME"}
+
+
+def _variables_read(path: Path) -> set[str]:
+    text = path.read_text()
+    return {name for pattern in ENV_READS for name in pattern.findall(text)}
+
+
+def test_readme_configuration_lists_every_variable_the_code_reads():
+    settings_vars = _variables_read(ROOT / "config" / "settings.py")
+    gunicorn_vars = _variables_read(ROOT / "gunicorn.conf.py")
+    entrypoint_vars = _variables_read(ROOT / "deploy" / "docker-entrypoint.sh")
+    # The patterns still match how the files read their variables.
+    assert {"SECRET_KEY", "DATABASE_URL", "CELERY_JOBS_PURGE_SECONDS"} <= settings_vars
+    assert settings_vars >= TEST_SUITE_ONLY
+    assert {"GUNICORN_BIND", "PORT", "WEB_CONCURRENCY"} <= gunicorn_vars
+    assert {"DJANGO_MIGRATE_ON_START", "PROMETHEUS_MULTIPROC_DIR"} <= entrypoint_vars
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Configuration\n") :]
+    section = section[: section.index("\n## ", 1)]
+    # A variable counts as listed when the first column of a row names it.
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]*)`", " ".join(first_cells)))
+
+    operator = (settings_vars | gunicorn_vars | entrypoint_vars) - TEST_SUITE_ONLY
+    assert sorted(operator - documented) == []
+    assert all(f"`{name}`" in section for name in TEST_SUITE_ONLY)
+
+
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
