@@ -14,7 +14,7 @@ from quotas.models import Outcome
 from quotas.policy import usd_to_micros
 from quotas.services.admission import Admission
 from quotas.services.ledger import _latency, _ledger_write
-from quotas.services.state import _state, backend, logger
+from quotas.services.state import _state, backend, logger, settlement_defer
 
 # --- settlement --------------------------------------------------------------------------
 
@@ -46,9 +46,11 @@ def _settle_counters(
             meanwhile=ledger,
         )
     except BackendUnavailable:
-        # The reservation stays until its lease expires and the sweep refunds it; the
-        # ledger is the truth the next counter epoch rebuilds from.
+        # Sent again before this worker's next admission that reaches Redis: its lease is
+        # freed and its actual usage counted then. Should the worker stop first, the sweep
+        # refunds the reservation when its lease expires; the ledger row holds the cost.
         logger.warning("settlement of %s deferred: quota backend unavailable", admission.request_id)
+        settlement_defer(request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund)
 
 
 def usage_settle(

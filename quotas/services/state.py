@@ -6,6 +6,7 @@ import copy
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
@@ -82,7 +83,17 @@ class _State:
     degraded_since: float | None = None
     next_redis_try: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Settlements Redis could not take: (request id, tokens, micro-USD, refund), sent again
+    # before the next admission that reaches it.
+    deferred: deque[tuple[str, int, int, bool]] = field(
+        default_factory=lambda: deque(maxlen=_DEFERRED_MAX)
+    )
+    deferred_lock: threading.Lock = field(default_factory=threading.Lock)
 
+
+# Beyond this many, the oldest deferred settlement is left to the sweep (which refunds its
+# reservation when its lease expires; its ledger row already holds the cost).
+_DEFERRED_MAX = 10_000
 
 _state = _State()
 
@@ -110,6 +121,34 @@ def local_state_reset() -> None:
     for item in fields(_State):
         setattr(_state, item.name, getattr(fresh, item.name))
     _last_touch.clear()
+
+
+def settlement_defer(*, request_id: str, tokens: int, cost: int, refund: bool) -> None:
+    """Keep a settlement Redis did not take, to send it again (`deferred_settle`)."""
+    _state.deferred.append((request_id, tokens, cost, refund))
+
+
+def deferred_settle() -> None:
+    """Send the deferred settlements again, oldest first, until Redis fails again (raises
+    BackendUnavailable; the rest wait for the next try). settle.lua is idempotent: a
+    reservation already settled, refunded by the sweep, or lost with a restarted Redis
+    (whose counters are rebuilt from the ledger) makes it a no-op. One thread at a time."""
+    if not _state.deferred_lock.acquire(blocking=False):
+        return
+    try:
+        while _state.deferred:
+            request_id, tokens, cost, refund = _state.deferred[0]
+            try:
+                backend().settle(request_id=request_id, tokens=tokens, cost=cost, refund=refund)
+            except BackendUnavailable:
+                raise
+            except Exception:  # a reply Redis will not change its mind about: let it go
+                logger.exception("deferred settlement of %s dropped", request_id)
+            else:
+                logger.info("deferred settlement of %s done", request_id)
+            _state.deferred.popleft()
+    finally:
+        _state.deferred_lock.release()
 
 
 # --- policy ------------------------------------------------------------------------------
