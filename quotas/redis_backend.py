@@ -34,8 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.redis_calls import ScriptCall, run_calls
@@ -52,7 +58,18 @@ from quotas.errors import DuplicateRequest
 from quotas.policy import DIMENSION_SPECS, Quota
 
 _LUA = Path(__file__).with_name("lua")
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis unreachable, or answering that it cannot serve now: loading its data set
+# (BusyLoadingError is a ConnectionError), out of memory, read-only (a master demoted by a
+# failover), a replica whose master is down, a cluster slot moving.
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ClusterDownError,
+    TryAgainError,
+)
 
 
 def _window_arg(kind: str, window: int | str) -> str:
@@ -157,7 +174,7 @@ class RedisQuotaBackend:
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(str(exc)) from exc
         except RedisError as exc:
-            if "LOADING" in str(exc) or "MASTERDOWN" in str(exc):
+            if str(exc).startswith("BUSY"):  # another client's script holds the server
                 raise BackendUnavailable(str(exc)) from exc
             raise
         status = _text(reply[0])

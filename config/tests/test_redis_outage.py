@@ -591,3 +591,75 @@ def test_redis_down_before_the_first_request_of_a_worker(  # noqa: PLR0917
     if mode == "closed":
         _assert_quota_unavailable(generate)
     assert quota.status_code == 200, quota.content
+
+
+@pytest.mark.django_db(transaction=True)  # the request runs in a thread
+def test_redis_blip_during_settlement_is_settled_when_it_answers_again(  # noqa: PLR0917
+    redis_server, settings, api_key, local_model, user, caplog
+):
+    """Redis freezes while the provider answers and thaws with its data: the settlement it
+    missed is sent again before the next admission, so the lease is free at once (not after
+    the sweep, minutes later) and the day's tokens hold the actual usage, not the estimate."""
+    import threading
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    settings.LOCAL_PROVIDER_LATENCY_MS = 600
+    plan_for(user, concurrency=1, tokens_per_day=100_000)
+    full_key, _ = api_key
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    answers: list = []
+
+    def ask() -> None:
+        try:
+            answers.append(_post(client, GENERATE, {"prompt": "blip", "max_tokens": 500}))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(0.3)  # admitted by now; the provider takes 600 ms
+    redis_server.pause()
+    thread.join(timeout=30)
+    redis_server.resume()
+    settings.LOCAL_PROVIDER_LATENCY_MS = 0
+
+    (first,) = answers
+    assert first.status_code == 200, first.content
+    assert any("deferred" in r.getMessage() for r in caplog.records)
+    second = _post(client, GENERATE, {"prompt": "after the blip", "max_tokens": 500})
+    assert second.status_code == 200, second.content  # concurrency 1: the lease was freed
+    spent = sum(r.prompt_tokens + r.completion_tokens for r in UsageRecord.objects.all())
+    standing = _get(client, "/api/v1/quota").json()["limits"]["tokens_per_day"]
+    assert standing["used"] == spent  # the first's 500-token estimate was replaced
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        ("CONFIG", "SET", "maxmemory", "1"),  # out of memory: OOM on every write
+        ("REPLICAOF", "127.0.0.1", "1"),  # demoted by a failover: READONLY on every write
+    ],
+    ids=["out-of-memory", "read-only"],
+)
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_redis_answering_it_cannot_write_is_an_outage_not_a_500(  # noqa: PLR0917
+    redis_server, settings, client_with_key, user, refusal, mode
+):
+    import redis
+
+    settings.QUOTA_FAIL_MODE = mode
+    plan_for(user, requests_per_minute=100)
+    _warm_up(client_with_key)
+    redis.Redis.from_url(redis_server.url).execute_command(*refusal)
+
+    response = _post(client_with_key, GENERATE, {"prompt": "cannot write", "cache": "bypass"})
+
+    if mode == "open":
+        assert response.status_code == 200, response.content
+        assert UsageRecord.objects.get(request_id=response.json()["request_id"]).cost_usd > 0
+    else:
+        assert response.status_code == 503, response.content
+        assert response.json()["error"]["code"] == "quota_unavailable"

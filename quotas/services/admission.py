@@ -3,6 +3,7 @@ refuses consuming nothing; and its fail-open path when Redis is unreachable."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable
@@ -26,7 +27,14 @@ from quotas.models import Outcome, UsageRecord
 from quotas.policy import PRIORITIES, Policy, Quota, micros_to_usd, usd_to_micros
 from quotas.services.counters import counters_rebuild
 from quotas.services.ledger import _window_start, ledger_usage
-from quotas.services.state import _on_stale, _state, backend, logger, policy_get
+from quotas.services.state import (
+    _on_stale,
+    _state,
+    backend,
+    deferred_settle,
+    logger,
+    policy_get,
+)
 
 # --- admission ---------------------------------------------------------------------------
 
@@ -142,6 +150,8 @@ def _admit(
                 if time.monotonic() < _state.next_redis_try:
                     raise BackendUnavailable("still in fail-open mode")
                 _recover()
+            if _state.deferred:
+                deferred_settle()
             decision = backend().admit(
                 quotas=quotas,
                 request_id=request_id,
@@ -157,7 +167,8 @@ def _admit(
             _on_stale(exc)
             continue
         except RebuildNeeded as exc:
-            counters_rebuild(quotas=exc.quotas, now=moment)
+            with contextlib.suppress(BackendUnavailable):  # if so, the next pass degrades
+                counters_rebuild(quotas=exc.quotas, now=moment)
             continue
         except BackendUnavailable as exc:
             decision = _admit_degraded(
