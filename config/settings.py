@@ -152,7 +152,11 @@ QUOTA_DEFAULT_PLAN = env("QUOTA_DEFAULT_PLAN", default="free")
 # considered abandoned by a crashed worker and is refunded.
 QUOTA_LEASE_TTL = env.int("QUOTA_LEASE_TTL", default=300)
 # The fail-open in-process limiter divides request limits by this number of workers.
-QUOTA_WORKER_COUNT = env.int("QUOTA_WORKER_COUNT", default=env.int("WEB_CONCURRENCY", default=2))
+# gunicorn.conf.py's number of workers when WEB_CONCURRENCY is unset.
+QUOTA_WORKER_COUNT = env.int(
+    "QUOTA_WORKER_COUNT",
+    default=env.int("WEB_CONCURRENCY", default=min(2 * (os.cpu_count() or 1), 8)),
+)
 AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30)
 # Proxies whose X-Forwarded-For is believed (the variable gunicorn reads too; "*": any).
 FORWARDED_ALLOW_IPS = env.list("FORWARDED_ALLOW_IPS", default=["127.0.0.1"])

@@ -230,6 +230,23 @@ def test_redis_down_fail_open_request_limit_is_split_between_workers(
     assert int(refused["Retry-After"]) >= 1
 
 
+def test_redis_down_fail_open_limit_below_the_worker_count_still_admits_a_share(
+    redis_server, settings, client_with_key, user
+):
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 6
+    plan_for(user, requests_per_minute=4, concurrency=2)
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    statuses = [
+        _post(client_with_key, GENERATE, {"prompt": f"q{i}", "cache": "bypass"}).status_code
+        for i in range(2)
+    ]
+
+    assert statuses == [200, 429]  # a share of 4 / 6 rounded up: one, not none
+
+
 @pytest.mark.django_db(transaction=True)  # explanations run in a pool of threads
 def test_redis_down_fail_open_every_endpoint_answers(redis_server, settings, client_with_key, user):
     settings.QUOTA_FAIL_MODE = "open"

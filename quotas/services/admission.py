@@ -291,9 +291,12 @@ def _admit_degraded(
     if settings.QUOTA_FAIL_MODE == "closed":
         raise QuotaUnavailable()
 
+    # Each worker holds its share of a request or concurrency limit, rounded up: a limit
+    # smaller than the number of workers still lets each one through, at the price of
+    # admitting up to QUOTA_WORKER_COUNT - 1 more than the limit across them (0 stays 0).
     workers = max(1, settings.QUOTA_WORKER_COUNT)
     local = tuple(
-        Quota(q.scope, q.dimension, q.limit // workers, q.counter)
+        Quota(q.scope, q.dimension, -(-q.limit // workers), q.counter)
         for q in quotas
         if q.window not in ("day", "month") and q.kind in ("r", "l")
     )
