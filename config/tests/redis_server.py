@@ -7,10 +7,13 @@ Django cache at it, and stops and starts it at will.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import weakref
 from typing import Any
 
 
@@ -23,10 +26,13 @@ def free_port() -> int:
 
 class PrivateRedis:
     """A redis-server process without persistence; `start()` again after `stop()` gives an
-    empty server on the same port, as a restarted Redis without persistence would be."""
+    empty server on the same port, as a restarted Redis without persistence would be (and
+    after `stop_keeping_data()`, the data it had)."""
 
     def __init__(self) -> None:
         self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="tollgate-redis-")
+        weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +51,8 @@ class PrivateRedis:
                 "",
                 "--appendonly",
                 "no",
+                "--dir",
+                self.dir,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -65,6 +73,16 @@ class PrivateRedis:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+    def stop_keeping_data(self) -> None:
+        """Stop the server after it saved its data set, which `start()` loads again: a
+        Redis that went away for a while, or a network partition, and came back whole."""
+        assert self.proc is not None
+        with socket.create_connection(("127.0.0.1", self.port), 1) as conn:
+            conn.sendall(b"SHUTDOWN SAVE\r\n")
+            conn.recv(64)  # the server closes the connection once saved
+        self.proc.wait(10)
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None:

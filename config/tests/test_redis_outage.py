@@ -680,3 +680,31 @@ def test_redis_answering_it_cannot_write_is_an_outage_not_a_500(  # noqa: PLR091
     else:
         assert response.status_code == 503, response.content
         assert response.json()["error"]["code"] == "quota_unavailable"
+
+
+@pytest.mark.django_db(transaction=True)  # the change is announced when it commits
+def test_limit_changed_while_redis_is_away_reaches_the_other_workers_when_it_is_back(
+    redis_server, settings, client_with_key, user
+):
+    """Redis is out of reach for a moment (it comes back with its data) while an operator
+    lowers a limit: the version bump that tells every worker is sent again once Redis
+    answers. "Another worker" is this process with the policy cache and version it had
+    before the change."""
+    from quotas.services.state import _state
+
+    settings.QUOTA_FAIL_MODE = "open"
+    plan = plan_for(user, requests_per_minute=100)
+    _warm_up(client_with_key)
+    elsewhere = (dict(_state.policies), _state.version)  # another worker's view
+
+    redis_server.stop_keeping_data()
+    plan.requests_per_minute = 1
+    plan.save()  # its bump finds no Redis
+    redis_server.start()
+    _post(client_with_key, GENERATE, {"prompt": "thawed", "cache": "bypass"})
+    _state.policies, _state.version = dict(elsewhere[0]), elsewhere[1]
+    _state.degraded_since = None
+
+    response = _post(client_with_key, GENERATE, {"prompt": "elsewhere", "cache": "bypass"})
+
+    assert response["X-RateLimit-Limit-Requests"] == "1"

@@ -33,6 +33,7 @@ from quotas.services.state import (
     backend,
     deferred_settle,
     logger,
+    policy_bump,
     policy_get,
 )
 
@@ -150,6 +151,8 @@ def _admit(
                 if time.monotonic() < _state.next_redis_try:
                     raise BackendUnavailable("still in fail-open mode")
                 _recover()
+            if _state.bump_pending:
+                policy_bump()  # stays pending if Redis still does not take it
             if _state.deferred:
                 deferred_settle()
             decision = backend().admit(
@@ -344,7 +347,9 @@ def _recover() -> None:
     """
     _state.next_redis_try = time.monotonic() + 1.0
     backend().rotate_epoch()
-    logger.warning("quota backend reachable again: counter epoch rotated")
+    # Governance may have changed while workers could not hear of it through Redis.
+    backend().bump_version()
+    logger.warning("quota backend reachable again: counter epoch rotated, policies reloaded")
     _state.degraded_since = None
 
 

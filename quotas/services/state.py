@@ -89,6 +89,9 @@ class _State:
         default_factory=lambda: deque(maxlen=_DEFERRED_MAX)
     )
     deferred_lock: threading.Lock = field(default_factory=threading.Lock)
+    # A governance change whose version bump Redis did not take: bumped again before the
+    # next admission that reaches it, so that the other workers hear of the change.
+    bump_pending: bool = False
 
 
 # Beyond this many, the oldest deferred settlement is left to the sweep (which refunds its
@@ -216,7 +219,10 @@ def policy_bump() -> None:
     try:
         backend().bump_version()
     except BackendUnavailable:
-        logger.warning("policy version not bumped: quota backend unavailable")
+        logger.warning("policy version not bumped yet: quota backend unavailable")
+        _state.bump_pending = True
+    else:
+        _state.bump_pending = False
 
 
 def _on_stale(exc: StalePolicy) -> None:
