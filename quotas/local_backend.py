@@ -109,11 +109,14 @@ class LocalQuotaBackend:
             worst_wait = -1.0
             for quota in quotas:
                 key = self.counter_key(quota, epoch, now)
-                amount = amounts[quota.kind]
+                # A hit counts as a request; its other windows are only read (headers).
+                applies = mode != "hit" or quota.kind == "r"
+                amount = amounts[quota.kind] if applies else 0
                 if quota.window in ("day", "month"):
                     cal = self._calendar.get(key)
                     if cal is None or cal.expires <= now:
-                        missing.append(quota)
+                        if applies:
+                            missing.append(quota)
                         used = 0
                     else:
                         used = cal.get(quota.kind)
@@ -132,7 +135,7 @@ class LocalQuotaBackend:
                     )
                 state = WindowState(quota, used, reset)
                 states.append(state)
-                if used + amount > quota.limit and wait > worst_wait:
+                if applies and used + amount > quota.limit and wait > worst_wait:
                     worst, worst_wait = state, wait
             if missing:
                 raise RebuildNeeded(missing)
@@ -147,6 +150,9 @@ class LocalQuotaBackend:
                 quota = state.quota
                 key = self.counter_key(quota, epoch, now)
                 amount = amounts[quota.kind]
+                if mode == "hit" and quota.kind != "r":
+                    after.append(state)
+                    continue
                 if quota.kind == "l":
                     self._leases[key][request_id] = now + _lease_ttl()
                     reservation.ops.append((key, "l", "", None))

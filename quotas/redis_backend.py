@@ -199,8 +199,8 @@ class RedisQuotaBackend:
             entry, locked, applied = reply[-3:]
             decision.looked_up, decision.entry, decision.locked = True, entry, bool(locked)
             decision.hit = applied == b"hit"
-            if decision.hit:  # only the request windows were counted
-                decision.windows = [w for w in windows if w.quota.kind == "r"]
+            if decision.hit:  # only the request windows were counted, the token ones read
+                decision.windows = [w for w in windows if w.quota.kind in ("r", "t")]
         return decision
 
     def settle(

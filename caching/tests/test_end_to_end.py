@@ -211,12 +211,37 @@ def test_answer_in_redis_is_served_past_a_spent_token_budget_and_counted_as_a_re
 
     assert (hit.status_code, hit["X-Cache"], hit.json()["cache_layer"]) == (200, "HIT", "redis")
     assert hit["X-RateLimit-Remaining-Requests"] == "1"
+    # Every authenticated response carries the token headers; a hit's are read, not spent.
+    assert (hit["X-RateLimit-Limit-Tokens"], hit["X-RateLimit-Remaining-Tokens"]) == ("300", "140")
     assert new.status_code == 429
     assert new.json()["error"]["dimension"] == "tokens_per_minute"
     assert third.status_code == 200
+    assert third.json()["cache_layer"] == "memory"
+    assert third["X-RateLimit-Remaining-Tokens"] == "140"
     assert over.status_code == 429  # the fourth request of the minute, hit or not
     assert over.json()["error"]["dimension"] == "requests_per_minute"
     assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("layer", ["memory", "redis"])
+def test_a_hit_is_served_when_the_tokens_spent_are_over_the_limit(
+    upstream_settings, fake_upstream, openai_model, api_key, user, layer
+):
+    # The provider reported more than the estimate reserved: the window is over its limit.
+    UserQuotaFactory(user=user, plan=PlanFactory(tokens_per_minute=300))
+    fake_upstream.default = Behaviour(text="long answer", usage=(10, 400))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    body = {"prompt": "over", "model": "gpt-test", "max_tokens": 200}
+    assert client.post(URL, body, format="json").status_code == 200
+    if layer == "redis":
+        cache_local_reset()
+
+    hit = client.post(URL, body, format="json")
+
+    assert (hit.status_code, hit.json()["cache_layer"]) == (200, layer), hit.content
+    assert (hit["X-RateLimit-Limit-Tokens"], hit["X-RateLimit-Remaining-Tokens"]) == ("300", "0")
 
 
 @pytest.mark.django_db

@@ -30,7 +30,8 @@
 --          {"rebuild", i, j, ...}                    calendar counters to rebuild from the ledger
 -- With a gate, "ok" and "deny" end with: the entry (fresh or stale; false if none), 1 if
 -- the lock was taken, the mode that was applied ("full" or "hit"). In "hit" mode the
--- windows of other kinds than requests are reported as 0 and untouched.
+-- token windows are read for the reply (the response's headers) but neither checked nor
+-- counted; the other windows are reported as 0 and untouched.
 
 local SUB = 12
 local now = tonumber(ARGV[1])
@@ -106,9 +107,13 @@ if mode == 'full' and redis.call('EXISTS', KEYS[3]) == 1 then
 end
 
 -- In "hit" mode only the request windows count (a cached answer costs no tokens, no
--- money and holds no concurrency lease).
+-- money and holds no concurrency lease); the token windows are only read.
 local function applies(kind)
   return mode ~= 'hit' or kind == 'r'
+end
+
+local function read(kind)
+  return applies(kind) or kind == 't'
 end
 
 local function amount_of(kind)
@@ -128,12 +133,12 @@ for i = 1, n do
   local key = KEYS[5 + i]
   local amount = applies(kind) and amount_of(kind) or 0
   local u, wait, rst = 0, 0, 0
-  if not applies(kind) then
+  if not read(kind) then
     -- skipped: reported as 0, never refused
   elseif window == 'day' or window == 'month' then
     local v = redis.call('HMGET', key, 'g', kind)
     if not v[1] then
-      missing[#missing + 1] = i
+      if applies(kind) then missing[#missing + 1] = i end
     else
       u = tonumber(v[2] or '0')
     end
@@ -179,7 +184,7 @@ for i = 1, n do
   end
   used[i] = u
   reset[i] = rst
-  if #missing == 0 and u + amount > limit and wait > worst_wait then
+  if #missing == 0 and applies(kind) and u + amount > limit and wait > worst_wait then
     worst, worst_wait = i, wait
   end
 end

@@ -140,8 +140,8 @@ def _admit(
     for _ in range(5):
         policy = policy_get(user_id=user_id, key_id=key_id, model=model)
         quotas = policy.quotas_for(priority)
-        if mode == "hit":
-            quotas = tuple(q for q in quotas if q.kind == "r")
+        if mode == "hit":  # counted as a request; its token windows only read (headers)
+            quotas = tuple(q for q in quotas if q.kind in ("r", "t"))
             est_tokens, est_cost = 0, 0
         else:
             est_tokens = prompt_tokens + max_tokens
@@ -293,6 +293,8 @@ def _admit_degraded(
     metrics.QUOTA_BACKEND_FALLBACKS.labels(settings.QUOTA_FAIL_MODE).inc()
     if settings.QUOTA_FAIL_MODE == "closed":
         raise QuotaUnavailable()
+    if mode == "hit":  # a hit's token windows are only read, and there is no Redis to read
+        quotas = tuple(q for q in quotas if q.kind == "r")
 
     # Each worker holds its share of a request or concurrency limit, rounded up: a limit
     # smaller than the number of workers still lets each one through, at the price of

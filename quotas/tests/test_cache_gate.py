@@ -58,8 +58,9 @@ def test_fresh_entry_counts_a_hit_requests_only_and_takes_no_lock(redis_conn, us
     assert used(user, "requests_per_minute") == 1
     assert used(user, "tokens_per_minute") == 0
     assert used(user, "concurrency") == 0  # a hit holds no lease
-    assert {w.quota.kind for w in admission.windows} == {"r"}
+    assert {w.quota.kind for w in admission.windows} == {"r", "t"}  # tokens read, not spent
     assert admission.headers()["X-RateLimit-Remaining-Requests"] == "4"
+    assert admission.headers()["X-RateLimit-Remaining-Tokens"] == "1000"
 
 
 def test_no_entry_admits_in_full_and_takes_the_lock_once(redis_conn, user, plan_for):
