@@ -104,6 +104,9 @@ class Policy:
     quotas: tuple[Quota, ...]
     shares: dict[str, float] = field(default_factory=dict)
     version: int = 0
+    # Only a standing's policy (model None) may belong to a suspended user: any other
+    # resolution refuses one.
+    suspended: bool = False
     # quotas_for's answers: the policy itself is cached, so each priority's is built once.
     _by_priority: dict[str, tuple[Quota, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -192,6 +195,7 @@ class _Principal:
     user_quota: UserQuota | None
     plan: Plan | None
     key_models: tuple[str, ...]
+    suspended: bool = False
 
     def allows(self, model: str) -> bool:
         """The plan's allowed models and the key's model scopes, where set, name `model`."""
@@ -201,9 +205,9 @@ class _Principal:
         )
 
 
-def _principal(user_id: int, key_id: int | None) -> _Principal:
+def _principal(user_id: int, key_id: int | None, *, suspended_ok: bool = False) -> _Principal:
     """The caller, checked: 401 for an inactive user or a revoked/expired key, 403 for a
-    suspended user."""
+    suspended user (unless `suspended_ok`: then it says so)."""
     from quotas.authentication import validate_key
 
     user = get_user_model().objects.get(pk=user_id)
@@ -214,13 +218,14 @@ def _principal(user_id: int, key_id: int | None) -> _Principal:
         key = ApiKey.objects.get(pk=key_id)
         validate_key(key, user)
     user_quota = UserQuota.objects.select_related("plan").filter(user_id=user_id).first()
-    if user_quota is not None and user_quota.suspended:
+    suspended = user_quota is not None and user_quota.suspended
+    if suspended and not suspended_ok:
         raise UserSuspended()
     plan = user_quota.plan if user_quota is not None and user_quota.plan else _default_plan()
     key_models = tuple(
         s.removeprefix("model:") for s in (key.scopes if key else []) if s.startswith("model:")
     )
-    return _Principal(user, key, user_quota, plan, key_models)
+    return _Principal(user, key, user_quota, plan, key_models, suspended)
 
 
 def models_allowed(*, user_id: int, key_id: int | None) -> list[ModelPrice]:
@@ -241,9 +246,10 @@ def policy_resolve(
     model the plan or key does not allow, 400 for an unknown or disabled model.
 
     `model=None`: the caller's own limits whatever model it calls (its standing, its
-    rate-limit headers), with no model's price, model checks or provider scope.
+    rate-limit headers), with no model's price, model checks or provider scope; a
+    suspended user gets its limits too, marked `suspended`.
     """
-    who = _principal(user_id, key_id)
+    who = _principal(user_id, key_id, suspended_ok=model is None)
     user, key, user_quota, plan = who.user, who.key, who.user_quota, who.plan
     price = model_get(model) if model is not None else _NO_MODEL_PRICE
     if model is not None and not who.allows(model):
@@ -295,4 +301,5 @@ def policy_resolve(
         quotas=tuple(quotas),
         shares=shares,
         version=version,
+        suspended=who.suspended,
     )

@@ -31,6 +31,7 @@ class QuotaStandingOutputSerializer(serializers.Serializer):
     user = serializers.CharField()
     key = serializers.CharField(allow_null=True)
     plan = serializers.CharField(allow_null=True)
+    suspended = serializers.BooleanField(help_text="The user's access is suspended (403).")
     limits = serializers.DictField(child=LimitStandingSerializer())
 
 

@@ -74,7 +74,8 @@ def _read_degraded(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
     states: dict[int, WindowState] = {}
     for i, q in enumerate(quotas):
         if q.window not in ("day", "month") and q.kind in ("r", "l"):
-            local.append(Quota(q.scope, q.dimension, q.limit // workers, q.counter))
+            # Each worker's share, rounded up, as the fail-open limiter holds it.
+            local.append(Quota(q.scope, q.dimension, -(-q.limit // workers), q.counter))
             continue
         spot = (q.counter, q.window)
         if spot not in ledger:
@@ -143,6 +144,7 @@ def quota_standing(
         "user": username,
         "key": f"tg_{prefix}" if prefix else None,
         "plan": policy.plan if policy else None,
+        "suspended": bool(policy and policy.suspended),
         "limits": limits,
     }
 

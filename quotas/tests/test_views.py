@@ -9,6 +9,7 @@ from django.db import connection
 from django.utils import timezone
 
 from quotas import services
+from quotas.models import UserQuota
 
 pytestmark = pytest.mark.django_db
 
@@ -134,6 +135,29 @@ def test_quota_standing_shape_and_headers(api_client, api_key, plan_for, redis_c
     assert response["RateLimit-Policy"] == '"rpm";q=60;w=60'
     assert response["X-RateLimit-Remaining-Requests"] == "59"
     assert response["X-RateLimit-Limit-Tokens"] == "1000"
+
+
+def test_suspended_user_is_refused_with_its_headers_and_sees_its_real_standing(
+    api_client, api_key, plan_for, redis_conn, django_capture_on_commit_callbacks
+):
+    full, key = api_key
+    plan_for(key.user, requests_per_minute=60, tokens_per_day=1000)
+    assert generate(api_client, full, cache="bypass").status_code == 200
+    quota = UserQuota.objects.get(user=key.user)
+    quota.suspended = True
+    with django_capture_on_commit_callbacks(execute=True):  # as the admin's save commits
+        quota.save()
+
+    refused = generate(api_client, full, prompt="again")
+    standing = api_client.get("/api/v1/quota", **auth(full))
+
+    assert_error(refused, 403, "permission_denied")
+    assert refused["X-RateLimit-Remaining-Requests"] == "59"
+    body = standing.json()
+    assert body["suspended"] is True
+    assert body["limits"]["requests_per_minute"]["limit"] == 60  # not "unlimited"
+    assert body["limits"]["requests_per_minute"]["used"] == 1
+    assert body["limits"]["tokens_per_day"]["limit"] == 1000
 
 
 @pytest.mark.usefixtures("redis_conn")
