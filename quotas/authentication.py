@@ -132,15 +132,19 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             raw = value.strip()
         from quotas import auth_throttle
 
+        # An address past its failures gets 429 for anything but a valid key: the clients
+        # behind one proxy or NAT address are not locked out by another's bad keys.
         retry = auth_throttle.blocked_for(_client_address(request))
-        if retry:
-            raise TooManyAuthFailures(retry)
         parsed = keys.key_parse(raw)
         if parsed is None:
+            if retry:
+                raise TooManyAuthFailures(retry)
             raise _failure(request, exceptions.AuthenticationFailed("Malformed API key."))
         prefix, secret = parsed
         entry = _load_key(prefix)
         if entry is None or not keys.secret_matches(secret, entry.key.secret_hash):
+            if retry:
+                raise TooManyAuthFailures(retry)
             raise _failure(request, exceptions.AuthenticationFailed("Unknown API key."))
         validate_key(entry.key, entry.user)
         key = entry.key

@@ -243,6 +243,27 @@ def test_failed_authentications_are_rate_limited_per_address(api_client, setting
     auth_throttle.reset()
 
 
+def test_a_valid_key_from_a_blocked_address_still_gets_through(api_client, api_key, settings):
+    # Many clients share one address behind a NAT or a proxy: one's bad keys must not lock
+    # the others out.
+    from quotas import auth_throttle
+
+    settings.AUTH_FAILURES_PER_MINUTE = 2
+    auth_throttle.reset()
+    bad = "tg_abcdefgh_" + "x" * 43
+    for _ in range(3):
+        api_client.get("/api/v1/quota", **auth(bad))
+
+    blocked = api_client.get("/api/v1/quota", **auth(bad))
+    malformed = api_client.get("/api/v1/quota", **auth("nonsense"))
+    valid = api_client.get("/api/v1/quota", **auth(api_key[0]))
+
+    assert_error(blocked, 429, "too_many_authentication_failures")
+    assert_error(malformed, 429, "too_many_authentication_failures")
+    assert valid.status_code == 200, valid.content
+    auth_throttle.reset()
+
+
 def test_database_holds_no_api_key_secret(api_key):
     full, _ = api_key
     secret = full.split("_", 2)[2]
