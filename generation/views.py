@@ -64,7 +64,12 @@ def _caller(request: Request, priority: str = "high") -> services.Caller:
     )
 
 
-def _respond(request: Request, view_name: str, run: Callable[[], services.Replay]) -> Response:
+def _respond(
+    request: Request,
+    view_name: str,
+    run: Callable[[], services.Replay],
+    upstream_calls: int = 1,
+) -> Response:
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidRequest(
@@ -77,6 +82,7 @@ def _respond(request: Request, view_name: str, run: Callable[[], services.Replay
         # Only a request with a key is ever compared with another.
         fingerprint=services.request_fingerprint(view_name, request.data) if key else "",
         run=run,
+        upstream_calls=upstream_calls,
     )
     response = Response(answer.body, status=answer.status)
     for name, value in answer.headers.items():
@@ -105,10 +111,19 @@ class _AnswerView(RateLimitHeadersMixin, APIView):
         params.is_valid(raise_exception=True)
         data = params.validated_data
         caller = _caller(request, data["priority"])
-        return _respond(request, self.fingerprint_scope, lambda: self.answer(caller, data))
+        return _respond(
+            request,
+            self.fingerprint_scope,
+            lambda: self.answer(caller, data),
+            upstream_calls=self.upstream_calls(data),
+        )
 
     def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
         raise NotImplementedError
+
+    def upstream_calls(self, data: dict[str, Any]) -> int:
+        """How many upstream calls `answer` may make one after another."""
+        return 1
 
 
 def _documented(request: type[Serializer[Any]], response: type[Serializer[Any]]) -> Any:
@@ -149,6 +164,9 @@ class TopicSubtopicsView(_AnswerView):
         body = services.subtopics_body(outcome, topic=data["topic"])
         return _replay(body, outcome.headers, outcome.cache)
 
+    def upstream_calls(self, data: dict[str, Any]) -> int:
+        return 2  # a malformed answer is asked for again once
+
 
 @_documented(ExplanationsInputSerializer, ExplanationsOutputSerializer)
 class TopicExplanationsView(_AnswerView):
@@ -167,6 +185,9 @@ class TopicExplanationsView(_AnswerView):
         return _replay(
             services.explanations_body(items), services.explanations_headers(items), cache
         )
+
+    def upstream_calls(self, data: dict[str, Any]) -> int:
+        return services.explanations_rounds(len(data["subtopics"]))
 
 
 # --- OpenAI-compatible ----------------------------------------------------------------------

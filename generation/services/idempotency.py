@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,13 +53,26 @@ def _idempotency_slot(user_id: int, key: str) -> str:
     return "idem:" + hashlib.sha256(f"{user_id}\x00{key}".encode()).hexdigest()
 
 
-def idempotency_begin(*, user_id: int, key: str, fingerprint: str) -> Replay | None:
+def idempotency_claim_seconds(upstream_calls: int = 1) -> int:
+    """How long a claimed key stays in flight: the longest a request making `upstream_calls`
+    upstream calls one after another can take. Each call may first wait for an identical one
+    another request makes (single flight), then be made, retried, within its retry budget
+    and one read: twice (UPSTREAM_MAX_RETRY_SECONDS + UPSTREAM_READ_TIMEOUT) a call, and a
+    margin. A claim that lapsed before its request ended would let a retry run, and be
+    charged, a second time."""
+    call = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+    return math.ceil(max(1, upstream_calls) * 2 * call + 30)
+
+
+def idempotency_begin(
+    *, user_id: int, key: str, fingerprint: str, upstream_calls: int = 1
+) -> Replay | None:
     """Claim an Idempotency-Key for this user: None when the request should run, the stored
     answer when a first one exists. Raises IdempotencyConflict (409) when the same key is in
     flight or was used for a different request body."""
     slot = _idempotency_slot(user_id, key)
     pending = {"state": "pending", "fingerprint": fingerprint}
-    budget = int(settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT + 30)
+    budget = idempotency_claim_seconds(upstream_calls)
     if _store(lambda c: c.add(slot, pending, timeout=budget)):
         return None
     stored = _store(lambda c: c.get(slot))
@@ -97,14 +111,22 @@ def request_fingerprint(path: str, data: Any) -> str:
 
 
 def idempotent_run(
-    *, user_id: int, key: str | None, fingerprint: str, run: Callable[[], Replay]
+    *,
+    user_id: int,
+    key: str | None,
+    fingerprint: str,
+    run: Callable[[], Replay],
+    upstream_calls: int = 1,
 ) -> tuple[Replay, bool]:
     """Run `run` once per (user, Idempotency-Key): (answer, replayed). Without a key it just
     runs. A failed run releases the key so that the client's retry runs again (failures are
-    refunded, so nothing is charged twice either way)."""
+    refunded, so nothing is charged twice either way). `upstream_calls`: how many calls
+    `run` may make one after another (`idempotency_claim_seconds`)."""
     if not key:
         return run(), False
-    replay = idempotency_begin(user_id=user_id, key=key, fingerprint=fingerprint)
+    replay = idempotency_begin(
+        user_id=user_id, key=key, fingerprint=fingerprint, upstream_calls=upstream_calls
+    )
     if replay is not None:
         return replay, True
     try:

@@ -4,6 +4,7 @@ answer going through the request path of generation.services.completion."""
 from __future__ import annotations
 
 import contextvars
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,6 +122,16 @@ def _explain_in_pool(*, caller: Caller, topic: str, subtopic: str, model: str) -
         connections.close_all()
 
 
+def _explanation_workers(count: int) -> int:
+    return max(1, min(settings.EXPLANATIONS_MAX_WORKERS, count))
+
+
+def explanations_rounds(count: int) -> int:
+    """The upstream calls `topic_explanations` of `count` subtopics makes one after
+    another: its pool takes them a batch of workers at a time."""
+    return math.ceil(count / _explanation_workers(count))
+
+
 def topic_explanations(
     *, caller: Caller, topic: str, subtopics: list[str], model: str | None
 ) -> list[ExplanationItem]:
@@ -130,7 +141,7 @@ def topic_explanations(
     first item's error when every item failed."""
     model = model or settings.TOLLGATE_DEFAULT_MODEL
     popularity_bump(topic)
-    workers = max(1, min(settings.EXPLANATIONS_MAX_WORKERS, len(subtopics)))
+    workers = _explanation_workers(len(subtopics))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explain") as pool:
         futures = [
             pool.submit(

@@ -196,3 +196,49 @@ def test_explanations_more_than_twenty_subtopics_is_400(upstream_settings, key_c
     )
 
     assert response.status_code == 400
+
+
+@pytest.mark.django_db(transaction=True)  # the request runs in a thread
+def test_explanations_idempotency_key_stays_claimed_for_every_round_of_the_pool(
+    upstream_settings, fake_upstream, openai_model, api_key, redis_conn
+):
+    """A claim that lapsed before its request ended would let the client's retry run, and
+    be charged, again: 8 subtopics on 2 workers are 4 rounds of calls, each of which may
+    wait on another request's identical call, then be retried up to its budget."""
+    import threading
+    import time
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    upstream_settings.EXPLANATIONS_MAX_WORKERS = 2
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 30  # the defaults
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 60
+    fake_upstream.default = Behaviour(kind="slow", delay=0.3, text="An explanation.")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    body = {"topic": "Rust", "subtopics": [f"Part {i}" for i in range(8)], "model": "gpt-test"}
+    done: list = []
+
+    def ask() -> None:
+        try:
+            done.append(client.post(EXPLANATIONS, body, format="json", HTTP_IDEMPOTENCY_KEY="k1"))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    claims: list = []
+    for _ in range(100):  # the request claims its key before its first round
+        claims = list(redis_conn.scan_iter("*idem:*"))
+        if claims:
+            break
+        time.sleep(0.02)
+    claimed_for = redis_conn.ttl(claims[0])
+    thread.join(timeout=30)
+
+    per_call = (
+        upstream_settings.UPSTREAM_MAX_RETRY_SECONDS + upstream_settings.UPSTREAM_READ_TIMEOUT
+    )
+    assert claimed_for >= 4 * 2 * per_call
+    assert done[0].status_code == 200
