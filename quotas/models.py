@@ -271,6 +271,12 @@ class UsageRecord(models.Model):
             models.Index(fields=("api_key", "created_at"), name="usage_key_day"),
             models.Index(fields=("provider", "model", "created_at"), name="usage_provider_day"),
             models.Index(fields=("created_at",), name="usage_day"),
+            # The few rows admitted in fail-open and not settled yet (the sweep's look-up).
+            models.Index(
+                fields=("created_at",),
+                name="usage_pending",
+                condition=models.Q(outcome="pending"),
+            ),
         ]
 
     def __str__(self) -> str:

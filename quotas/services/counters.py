@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import date
+from datetime import UTC, date, datetime
+from decimal import Decimal
 
+from django.conf import settings
 from django.utils import timezone
 
 from quotas.engine import (
     calendar_bounds,
 )
-from quotas.models import ApiKey, DenialCount
+from quotas.models import ApiKey, DenialCount, Outcome, UsageRecord
 from quotas.policy import Quota
 from quotas.services.ledger import _window_start, ledger_usage
 from quotas.services.state import _state, backend, logger
@@ -55,9 +57,26 @@ def counters_rebuild_all() -> None:
 
 
 def reservations_sweep(*, now: float | None = None) -> int:
-    """Refund reservations abandoned by crashed workers (their lease expired)."""
+    """Refund reservations abandoned by crashed workers (their lease expired), and mark
+    abandoned the ledger rows such workers left pending (`pending_rows_abandon`)."""
     moment = time.time() if now is None else now
-    return backend().sweep(now=moment)
+    return pending_rows_abandon(now=moment) + backend().sweep(now=moment)
+
+
+def pending_rows_abandon(*, now: float | None = None) -> int:
+    """A request admitted in fail-open writes its ledger row at once, pending, with its
+    estimate, which its settlement replaces. A row still pending twice the lease's life
+    later lost its worker: it becomes `abandoned`, with nothing charged, and stops counting
+    against any budget. A settlement that comes later still (a worker only very slow)
+    writes the actual usage over it."""
+    moment = time.time() if now is None else now
+    cutoff = datetime.fromtimestamp(moment - 2 * settings.QUOTA_LEASE_TTL, tz=UTC)
+    abandoned = UsageRecord.objects.filter(outcome=Outcome.PENDING, created_at__lt=cutoff).update(
+        outcome=Outcome.ABANDONED, prompt_tokens=0, completion_tokens=0, cost_usd=Decimal(0)
+    )
+    if abandoned:
+        logger.warning("%d pending ledger rows abandoned by their workers", abandoned)
+    return abandoned
 
 
 def quota_reset_windows(*, user_id: int) -> int:

@@ -404,3 +404,39 @@ def test_same_request_id_in_flight_is_a_409_and_reserves_nothing(engine, user, p
     assert (
         services.quota_standing(user_id=user.pk, now=NOW)["limits"]["tokens_per_day"]["used"] == 200
     )
+
+
+def test_sweep_abandons_pending_rows_whose_worker_never_settled(user, settings):
+    """Fail-open writes a pending row with the estimate; its worker died before settling.
+    Twice the lease's life later the sweep stops it counting and charging; a newer pending
+    row (its request may still be running) is left alone."""
+    from datetime import UTC, datetime, timedelta
+
+    from quotas.services.ledger import ledger_usage
+
+    settings.QUOTA_LEASE_TTL = 300
+    at = datetime.fromtimestamp(NOW, tz=UTC)
+
+    def pending(request_id: str, age: timedelta) -> UsageRecord:
+        return UsageRecord.objects.create(
+            request_id=request_id,
+            user=user,
+            model="local/demo",
+            provider="local",
+            prompt_tokens=100,
+            completion_tokens=200,
+            cost_usd=Decimal("0.000500"),
+            outcome=Outcome.PENDING,
+            created_at=at - age,
+        )
+
+    lost, running = pending("lost", timedelta(minutes=11)), pending("running", timedelta(minutes=2))
+
+    assert services.reservations_sweep(now=NOW) >= 1
+
+    lost.refresh_from_db()
+    running.refresh_from_db()
+    assert (lost.outcome, lost.cost_usd, lost.prompt_tokens) == (Outcome.ABANDONED, 0, 0)
+    assert running.outcome == Outcome.PENDING
+    requests, tokens, micros = ledger_usage(counter=f"u:{user.pk}", since=at - timedelta(days=1))
+    assert (requests, tokens, micros) == (1, 300, 500)  # the running one only
