@@ -67,10 +67,12 @@ def _window_start(quota: Quota, now: float) -> datetime:
 
 
 def ledger_usage(*, counter: str, since: datetime) -> tuple[int, int, int]:
-    """(requests, tokens, micro-USD) the ledger holds for a principal since `since`."""
+    """(requests, tokens, micro-USD) the ledger holds for a principal since `since`, as the
+    counters count them: a stale copy served because a quota refused is not a request
+    there (the refusal consumed nothing), so it is not one here either."""
     row = (
         UsageRecord.objects.filter(_ledger_filter(counter), created_at__gte=since)
-        .filter(outcome__in=COUNTED_OUTCOMES)
+        .filter(outcome__in=COUNTED_OUTCOMES, fallback=False)
         .aggregate(
             requests=Count("id"),
             prompt=Sum("prompt_tokens"),

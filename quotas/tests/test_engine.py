@@ -409,7 +409,8 @@ def test_same_request_id_in_flight_is_a_409_and_reserves_nothing(engine, user, p
 def test_sweep_abandons_pending_rows_whose_worker_never_settled(user, settings):
     """Fail-open writes a pending row with the estimate; its worker died before settling.
     Twice the lease's life later the sweep stops it counting and charging; a newer pending
-    row (its request may still be running) is left alone."""
+    row (its request may still be running) is left alone. What the counters rebuild from
+    is the rest, without the stale copies served past a full quota."""
     from datetime import UTC, datetime, timedelta
 
     from quotas.services.ledger import ledger_usage
@@ -431,6 +432,16 @@ def test_sweep_abandons_pending_rows_whose_worker_never_settled(user, settings):
         )
 
     lost, running = pending("lost", timedelta(minutes=11)), pending("running", timedelta(minutes=2))
+    UsageRecord.objects.create(  # a stale copy served past a full quota: no request there
+        request_id="stale",
+        user=user,
+        model="local/demo",
+        provider="local",
+        cached=True,
+        fallback=True,
+        outcome=Outcome.CACHED,
+        created_at=at,
+    )
 
     assert services.reservations_sweep(now=NOW) >= 1
 
