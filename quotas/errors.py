@@ -56,7 +56,7 @@ class DuplicateRequest(ApiError):
 
 
 class QuotaUnavailable(ApiError):
-    """503: Redis is unreachable and QUOTA_FAIL_MODE=closed."""
+    """503: Redis is unreachable and QUOTA_FAIL_MODE=closed, or fail-open's ledger is too."""
 
     status_code = 503
     code = "quota_unavailable"

@@ -708,3 +708,24 @@ def test_limit_changed_while_redis_is_away_reaches_the_other_workers_when_it_is_
     response = _post(client_with_key, GENERATE, {"prompt": "elsewhere", "cache": "bypass"})
 
     assert response["X-RateLimit-Limit-Requests"] == "1"
+
+
+@pytest.mark.django_db(transaction=True)  # the ledger table is renamed
+def test_redis_down_and_the_ledger_refusing_frees_the_lease_it_took(
+    redis_server, settings, client_with_key, user, hidden_ledger
+):
+    """Fail-open admits in this worker, then writes the pending row; when PostgreSQL refuses
+    it, the request is not admitted after all, and gives back the lease it took."""
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 1
+    plan_for(user, concurrency=1, tokens_per_day=100_000)
+    _warm_up(client_with_key)
+    redis_server.stop()
+
+    with hidden_ledger:
+        refused = _post(client_with_key, GENERATE, {"prompt": "no ledger", "cache": "bypass"})
+    after = _post(client_with_key, GENERATE, {"prompt": "ledger back", "cache": "bypass"})
+
+    assert refused.status_code == 503, refused.content
+    assert refused.json()["error"]["code"] == "quota_unavailable"
+    assert after.status_code == 200, after.content  # concurrency 1: the lease was given back

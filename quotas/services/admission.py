@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 from health import metrics
 from quotas.engine import (
@@ -321,17 +321,23 @@ def _admit_degraded(
     decision.backend = "degraded"
     if not decision.admitted:
         return decision
-    ledger_decision = _ledger_admit(
-        policy=policy,
-        quotas=ledgered,
-        request_id=request_id,
-        prompt_tokens=prompt_tokens,
-        max_tokens=max_tokens,
-        est_tokens=est_tokens,
-        est_cost=est_cost,
-        mode=mode,
-        now=now,
-    )
+    try:
+        ledger_decision = _ledger_admit(
+            policy=policy,
+            quotas=ledgered,
+            request_id=request_id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            est_tokens=est_tokens,
+            est_cost=est_cost,
+            mode=mode,
+            now=now,
+        )
+    except BaseException as exc:  # the request is not admitted after all
+        fallback.settle(request_id=request_id, tokens=0, cost=0, refund=True)
+        if isinstance(exc, DatabaseError):  # neither Redis nor the ledger can count it
+            raise QuotaUnavailable() from exc
+        raise
     if not ledger_decision.admitted:
         fallback.settle(request_id=request_id, tokens=0, cost=0, refund=True)
         ledger_decision.windows = decision.windows + ledger_decision.windows
