@@ -133,9 +133,10 @@ def settlement_defer(*, request_id: str, tokens: int, cost: int, refund: bool) -
 
 def deferred_settle() -> None:
     """Send the deferred settlements again, oldest first, until Redis fails again (raises
-    BackendUnavailable; the rest wait for the next try). settle.lua is idempotent: a
-    reservation already settled, refunded by the sweep, or lost with a restarted Redis
-    (whose counters are rebuilt from the ledger) makes it a no-op. One thread at a time."""
+    BackendUnavailable; the rest wait for the next try). settle.lua takes each as it would
+    have then: a reservation the sweep refunded meanwhile is charged its actual usage, as
+    any late settlement; one already settled, or lost with a restarted Redis (whose
+    counters are rebuilt from the ledger), is left as it is. One thread at a time."""
     if not _state.deferred_lock.acquire(blocking=False):
         return
     try:
