@@ -224,9 +224,10 @@ def test_answer_in_redis_is_served_past_a_spent_token_budget_and_counted_as_a_re
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
 @pytest.mark.parametrize("layer", ["memory", "redis"])
 def test_a_hit_is_served_when_the_tokens_spent_are_over_the_limit(
-    upstream_settings, fake_upstream, openai_model, api_key, user, layer
+    fake_upstream, api_key, user, layer
 ):
     # The provider reported more than the estimate reserved: the window is over its limit.
     UserQuotaFactory(user=user, plan=PlanFactory(tokens_per_minute=300))
