@@ -104,6 +104,36 @@ def _assert_quota_unavailable(response) -> None:
     assert error["message"]
 
 
+def _generate_while(settings, api_key, body, meanwhile):
+    """(the response, its client) of a generation whose provider takes 600 ms, with
+    `meanwhile` run 300 ms in, once the request is admitted; the request runs in a thread
+    (the test must be transactional)."""
+    import threading
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    settings.LOCAL_PROVIDER_LATENCY_MS = 600
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    answers: list = []
+
+    def ask() -> None:
+        try:
+            answers.append(_post(client, GENERATE, body))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(0.3)
+    meanwhile()
+    thread.join(timeout=30)
+    settings.LOCAL_PROVIDER_LATENCY_MS = 0
+    (response,) = answers
+    return response, client
+
+
 def test_redis_down_fail_open_generate_is_served_and_charged_exactly(
     redis_server, settings, client_with_key, user
 ):
@@ -143,32 +173,13 @@ def test_redis_gone_during_the_upstream_call_answer_served_charged_and_kept_in_m
     """Admitted through Redis, which dies while the provider answers: the settlement and
     the answer's store (one round trip) both fail; the answer is still served, its ledger
     row holds the exact cost, and this worker's memory layer keeps the answer."""
-    import threading
-
-    from django.db import connection
-    from rest_framework.test import APIClient
-
     settings.QUOTA_FAIL_MODE = "open"
-    settings.LOCAL_PROVIDER_LATENCY_MS = 600
     plan_for(user, cost_per_day=Decimal("10"))
-    full_key, _ = api_key
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
-    answers: list = []
 
-    def ask() -> None:
-        try:
-            answers.append(_post(client, GENERATE, {"prompt": "mid-outage", "max_tokens": 16}))
-        finally:
-            connection.close()
+    miss, client = _generate_while(
+        settings, api_key, {"prompt": "mid-outage", "max_tokens": 16}, redis_server.stop
+    )
 
-    thread = threading.Thread(target=ask)
-    thread.start()
-    time.sleep(0.3)  # admitted by now; the provider takes 600 ms
-    redis_server.stop()
-    thread.join(timeout=30)
-
-    (miss,) = answers
     assert miss.status_code == 200, miss.content
     logged = [r.getMessage() for r in caplog.records]
     assert any("settlement of" in m and "deferred" in m for m in logged)  # admitted via Redis
@@ -176,7 +187,6 @@ def test_redis_gone_during_the_upstream_call_answer_served_charged_and_kept_in_m
     row = UsageRecord.objects.get(request_id=miss.json()["request_id"])
     assert row.outcome == Outcome.OK
     assert row.cost_usd == Decimal(miss.json()["cost_usd"]) > 0
-    settings.LOCAL_PROVIDER_LATENCY_MS = 0
     again = _post(client, GENERATE, {"prompt": "mid-outage", "max_tokens": 16})
     assert again.status_code == 200, again.content
     assert (again["X-Cache"], again.json()["cache_layer"]) == ("HIT", "memory")
@@ -617,33 +627,13 @@ def test_redis_blip_during_settlement_is_settled_when_it_answers_again(  # noqa:
     """Redis freezes while the provider answers and thaws with its data: the settlement it
     missed is sent again before the next admission, so the lease is free at once (not after
     the sweep, minutes later) and the day's tokens hold the actual usage, not the estimate."""
-    import threading
-
-    from django.db import connection
-    from rest_framework.test import APIClient
-
-    settings.LOCAL_PROVIDER_LATENCY_MS = 600
     plan_for(user, concurrency=1, tokens_per_day=100_000)
-    full_key, _ = api_key
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
-    answers: list = []
 
-    def ask() -> None:
-        try:
-            answers.append(_post(client, GENERATE, {"prompt": "blip", "max_tokens": 500}))
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=ask)
-    thread.start()
-    time.sleep(0.3)  # admitted by now; the provider takes 600 ms
-    redis_server.pause()
-    thread.join(timeout=30)
+    first, client = _generate_while(
+        settings, api_key, {"prompt": "blip", "max_tokens": 500}, redis_server.pause
+    )
     redis_server.resume()
-    settings.LOCAL_PROVIDER_LATENCY_MS = 0
 
-    (first,) = answers
     assert first.status_code == 200, first.content
     assert any("deferred" in r.getMessage() for r in caplog.records)
     second = _post(client, GENERATE, {"prompt": "after the blip", "max_tokens": 500})
