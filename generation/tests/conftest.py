@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from generation.tests.fake_upstream import FakeUpstream
+from generation.tests.fake_upstream import Behaviour, FakeUpstream
 
 
 @pytest.fixture
@@ -75,3 +77,22 @@ def key_client(api_client, api_key):
     full_key, _ = api_key
     api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
     return api_client
+
+
+@pytest.fixture
+def half_open_circuit(upstream_settings, fake_upstream):
+    """The circuit of openai's gpt-4o-mini opened by one failure, then half-open: the next
+    call to it is the probe. The fake upstream still answers 500 until told otherwise."""
+    from generation.providers.base import CompletionRequest
+    from generation.resilience import upstream_complete
+
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    upstream_settings.CIRCUIT_RESET_SECONDS = 0.3
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    request = CompletionRequest(
+        model="gpt-4o-mini", messages=({"role": "user", "content": "x"},), max_tokens=5
+    )
+    with pytest.raises(Exception, match="provider returned an error"):
+        upstream_complete(provider="openai", request=request)
+    time.sleep(0.4)  # the open period ends

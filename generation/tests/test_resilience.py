@@ -123,15 +123,8 @@ def test_circuit_half_open_lets_one_probe_through_and_recovers(upstream_settings
     assert _other_process_view() == {"allowed": True, "state": "closed"}
 
 
-def test_circuit_half_open_failed_probe_opens_again(upstream_settings, fake_upstream):
-    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
-    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
-    upstream_settings.CIRCUIT_RESET_SECONDS = 0.3
-    fake_upstream.default = Behaviour(kind="status", status=500)
-    with pytest.raises(Exception, match="provider returned an error"):
-        upstream_complete(provider="openai", request=_request())
-    time.sleep(0.4)
-
+@pytest.mark.usefixtures("half_open_circuit")
+def test_circuit_half_open_failed_probe_opens_again(fake_upstream):
     with pytest.raises(Exception, match="provider returned an error"):
         upstream_complete(provider="openai", request=_request())  # the probe fails
 

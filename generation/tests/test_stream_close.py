@@ -5,11 +5,9 @@ given back, at once, whether the client read part of it or nothing at all."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from generation.resilience import upstream_complete
 from generation.tests.fake_upstream import Behaviour
 from generation.tokens import tokens_count
 from quotas.models import Plan, UsageRecord, UserQuota
@@ -74,27 +72,13 @@ def test_stream_left_before_its_first_event_pays_its_prompt_and_frees_its_lease(
     assert key_client.post(CHAT, ASK, format="json").status_code == 200
 
 
+@pytest.mark.usefixtures("half_open_circuit", "openai_model")
 def test_stream_left_while_it_probes_a_half_open_circuit_gives_the_probe_back(
-    upstream_settings, fake_upstream, openai_model, key_client
+    fake_upstream, key_client
 ):
-    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
-    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
-    upstream_settings.CIRCUIT_RESET_SECONDS = 0.3
-    fake_upstream.default = Behaviour(kind="status", status=500)
-    with pytest.raises(Exception, match="provider returned an error"):
-        upstream_complete(provider="openai", request=_request())
-    time.sleep(0.4)  # the circuit is half-open: the next call is its probe
     fake_upstream.default = Behaviour(text=LONG)
 
-    _stream(key_client).close()
+    _stream(key_client).close()  # the probe
 
     again = key_client.post(CHAT, ASK, format="json")
     assert again.status_code == 200, again.content  # not 503: the probe was given back
-
-
-def _request():
-    from generation.providers.base import CompletionRequest
-
-    return CompletionRequest(
-        model="gpt-4o-mini", messages=({"role": "user", "content": "x"},), max_tokens=5
-    )
