@@ -229,6 +229,18 @@ class LocalQuotaBackend:
             self._apply(request_id, res, tokens, cost, refund)
             return True
 
+    def renew(self, *, request_id: str, now: float) -> bool:
+        """Keep a running request's reservation and leases for another lease's life."""
+        with self._lock:
+            res = self._reservations.get(request_id)
+            if res is None or res.swept:
+                return False
+            res.deadline = now + _lease_ttl()
+            for key, kind, _, _ in res.ops:
+                if kind == "l" and request_id in self._leases[key]:
+                    self._leases[key][request_id] = res.deadline
+            return True
+
     def _apply(self, rid: str, res: _Reservation, tokens: int, cost: int, refund: bool) -> None:
         act = {"r": 0 if refund else 1, "t": 0 if refund else tokens, "c": 0 if refund else cost}
         reserved = {"r": 1, "t": res.tokens, "c": res.cost}

@@ -106,6 +106,10 @@ class RedisQuotaBackend:
         return self.client.register_script((_LUA / "read.lua").read_text())
 
     @cached_property
+    def _renew(self) -> Any:
+        return self.client.register_script((_LUA / "renew.lua").read_text())
+
+    @cached_property
     def _init_calendar(self) -> Any:
         return self.client.register_script((_LUA / "init_calendar.lua").read_text())
 
@@ -227,6 +231,18 @@ class RedisQuotaBackend:
         if call.error is not None:
             raise call.error
         return bool(call.reply)
+
+    def renew(self, *, request_id: str, now: float) -> bool:
+        """Keep a running request's reservation and leases for another lease's life."""
+        try:
+            return bool(
+                self._renew(
+                    keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
+                    args=[request_id, repr(now), settings.QUOTA_LEASE_TTL],
+                )
+            )
+        except _UNAVAILABLE as exc:
+            raise BackendUnavailable(str(exc)) from exc
 
     def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int:
         """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present."""

@@ -56,6 +56,7 @@ from quotas.services import (
     usage_record_fallback,
     usage_record_hit,
     usage_refund,
+    usage_renew,
     usage_settle,
 )
 
@@ -462,9 +463,13 @@ def _relay(
 ) -> Generator[str, None, None]:
     """Pass a stream's text on, then settle it and store the whole answer. A failure
     mid-stream is refunded and left in `outcome.error`. A client that goes away mid-stream
-    pays the estimate of what it was sent (the provider has produced and billed it)."""
+    pays the estimate of what it was sent (the provider has produced and billed it). A
+    stream that outlasts a third of QUOTA_LEASE_TTL renews its reservation and lease, so
+    that the sweep never takes a running stream for a dead worker's."""
     sent: list[str] = []
     final: Completion | None = None
+    renew_every = settings.QUOTA_LEASE_TTL / 3
+    renew_at = time.monotonic() + renew_every
     try:
         for item in pieces:
             if isinstance(item, Completion):
@@ -472,6 +477,9 @@ def _relay(
             else:
                 sent.append(item)
                 yield item
+            if time.monotonic() >= renew_at:
+                usage_renew(admission=admission)
+                renew_at = time.monotonic() + renew_every
     except GenerationError as err:
         usage_refund(admission=admission, outcome=err.outcome)
         outcome.error = err

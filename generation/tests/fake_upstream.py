@@ -3,7 +3,8 @@ and the Gemini generateContent wire formats, told how to answer by the test.
 
 Behaviours (`Behaviour.kind`): "ok", "slow" (answers after `delay` seconds), "status" (an
 error status, optionally with Retry-After), "malformed" (200 with a body that is not JSON),
-"hang" (never answers until the server stops), "cut" (a stream that breaks off half-way).
+"hang" (never answers until the server stops), "cut" (a stream that breaks off half-way),
+"paced" (a stream whose events come `delay` seconds apart).
 Streaming requests (OpenAI `stream: true`, Gemini `streamGenerateContent?alt=sse`) are
 answered as server-sent events, a few words per event. A test scripts the next answers with
 `script(...)` (consumed in order), sets a `default`, or adds `rules` that apply to requests
@@ -200,7 +201,8 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             if flavour == "openai" and body.get("stream"):
                 usage = (body.get("stream_options") or {}).get("include_usage")
                 events = _openai_events(body.get("model", "?"), text, p_tokens, c_tokens, usage)
-                self._send_events(events, cut=behaviour.kind == "cut")
+                pace = behaviour.delay if behaviour.kind == "paced" else 0.0
+                self._send_events(events, cut=behaviour.kind == "cut", pace=pace)
                 return
             if gemini and gemini.group("method") == "streamGenerateContent":
                 events = _gemini_events(gemini.group("model"), text, p_tokens, c_tokens)
@@ -213,12 +215,18 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens)
             self._send(200, json.dumps(payload).encode())
 
-        def _send_events(self, events: list[str], *, cut: bool) -> None:
+        def _send_events(self, events: list[str], *, cut: bool, pace: float = 0.0) -> None:
             data = "".join(f"data: {event}\n\n" for event in events).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            if pace:  # one event at a time, `pace` seconds apart
+                for event in events:
+                    self.wfile.write(f"data: {event}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(pace)
+                return
             if cut:
                 # Half the events, then the connection drops before the declared length.
                 self.wfile.write(data[: len(data) // 2])

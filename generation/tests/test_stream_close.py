@@ -5,6 +5,7 @@ given back, at once, whether the client read part of it or nothing at all."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ from quotas.models import Plan, UsageRecord, UserQuota
 pytestmark = pytest.mark.django_db(transaction=True)  # a response's close ends its request
 
 CHAT = "/v1/chat/completions"
+GENERATE = "/api/v1/generate"
 ASK = {"model": "gpt-test", "messages": [{"role": "user", "content": "tell me a long story"}]}
 LONG = " ".join(f"word{i}" for i in range(300))
 
@@ -82,3 +84,33 @@ def test_stream_left_while_it_probes_a_half_open_circuit_gives_the_probe_back(
 
     again = key_client.post(CHAT, ASK, format="json")
     assert again.status_code == 200, again.content  # not 503: the probe was given back
+
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_a_stream_outlasting_the_lease_keeps_it_until_it_ends(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    """The sweep refunds reservations whose lease ran out, taking their worker for dead; a
+    long stream renews its own, so concurrency stays exact while it runs."""
+    from quotas.services import reservations_sweep
+
+    upstream_settings.QUOTA_LEASE_TTL = 1
+    text = " ".join(f"word{i}" for i in range(75))  # some 25 events: 2.5 s
+    fake_upstream.default = Behaviour(kind="paced", delay=0.1, text=text, usage=(9, 75))
+    response = _stream(key_client)
+    events = iter(response.streaming_content)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.6:  # past the lease's life
+        next(events)
+
+    reservations_sweep()
+    meanwhile = key_client.post(GENERATE, {"prompt": "now", "model": "gpt-test"}, format="json")
+    rest = b"".join(events)
+    response.close()
+    after = key_client.post(CHAT, ASK, format="json")
+
+    assert meanwhile.status_code == 429, meanwhile.content
+    assert meanwhile.json()["error"]["dimension"] == "concurrency"
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert UsageRecord.objects.get(completion_tokens=75).prompt_tokens == 9
+    assert after.status_code == 200, after.content

@@ -40,7 +40,7 @@ from quotas.services.ledger import (
     usage_record_fallback,
     usage_record_hit,
 )
-from quotas.services.settlement import usage_refund, usage_settle
+from quotas.services.settlement import usage_refund, usage_renew, usage_settle
 from quotas.services.standing import quota_global, quota_headers, quota_standing
 from quotas.services.state import (
     QuotaBackend,
@@ -82,5 +82,6 @@ __all__ = [
     "usage_record_fallback",
     "usage_record_hit",
     "usage_refund",
+    "usage_renew",
     "usage_settle",
 ]

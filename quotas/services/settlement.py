@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 
@@ -51,6 +52,17 @@ def _settle_counters(
         # refunds the reservation when its lease expires; the ledger row holds the cost.
         logger.warning("settlement of %s deferred: quota backend unavailable", admission.request_id)
         settlement_defer(request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund)
+
+
+def usage_renew(*, admission: Admission) -> None:
+    """A request still running (a long stream) keeps what it reserved, its concurrency
+    lease included, for another QUOTA_LEASE_TTL: the sweep refunds only what a dead worker
+    left. Redis unreachable: left as it is (the settlement charges exactly all the same)."""
+    be = _state.fallback if admission.backend == "degraded" else backend()
+    try:
+        be.renew(request_id=admission.request_id, now=time.time())
+    except BackendUnavailable:
+        logger.warning("lease of %s not renewed: quota backend unavailable", admission.request_id)
 
 
 def usage_settle(

@@ -216,6 +216,21 @@ def test_abandoned_lease_expires_and_is_refunded(engine, user, plan_for, setting
     admit(user, now=NOW + 31, prompt=40, max_tokens=40)
 
 
+def test_a_renewed_reservation_outlives_its_first_lease(engine, user, plan_for, settings):
+    from quotas.services.state import backend
+
+    settings.QUOTA_LEASE_TTL = 30
+    plan_for(user, concurrency=1, tokens_per_day=100)
+    running = admit(user, prompt=40, max_tokens=40)  # a long stream, still running
+
+    assert backend().renew(request_id=running.request_id, now=NOW + 20) is True
+    assert services.reservations_sweep(now=NOW + 31) == 0
+    with pytest.raises(QuotaExceeded):
+        admit(user, now=NOW + 31)  # its lease is still held
+    assert services.reservations_sweep(now=NOW + 51) == 1  # not renewed again: refunded
+    assert backend().renew(request_id=running.request_id, now=NOW + 52) is False
+
+
 def test_late_settlement_after_sweep_still_charges_actual_usage(engine, user, plan_for, settings):
     settings.QUOTA_LEASE_TTL = 30
     plan_for(user, tokens_per_day=1000)
