@@ -529,8 +529,7 @@ class _StartedStream(Iterator[str | Completion]):
         self._over = True
         self._first.clear()
         try:
-            close = getattr(self._pieces, "close", None)
-            if close is not None:
-                close()
+            if hasattr(self._pieces, "close"):  # a provider's generator
+                self._pieces.close()
         finally:
             self._attempts.abandoned()

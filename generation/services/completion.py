@@ -411,16 +411,13 @@ def _start_stream(
     )
 
     def close() -> None:
-        if inspect.getgeneratorstate(relay) != inspect.GEN_CREATED:
-            relay.close()  # a relay cut short settles what it sent; one at its end: nothing
-            return
-        # The client left before the first piece was relayed: it was sent nothing, but
-        # the provider has read the prompt.
-        relay.close()
-        try:
-            _close_iterator(pieces)
-        finally:
-            usage_settle(admission=admission, prompt_tokens=prompt_tokens, completion_tokens=0)
+        unstarted = inspect.getgeneratorstate(relay) == inspect.GEN_CREATED
+        relay.close()  # a relay cut short settles what it sent; one at its end: nothing
+        if unstarted:  # the client left before the first piece: it was sent nothing, but
+            try:  # the provider has read the prompt
+                _close_iterator(pieces)
+            finally:
+                usage_settle(admission=admission, prompt_tokens=prompt_tokens, completion_tokens=0)
 
     outcome.pieces, outcome.close = relay, close
     return outcome
