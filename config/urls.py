@@ -2,6 +2,7 @@ from csp.decorators import csp_update
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from health import dashboard
@@ -26,8 +27,9 @@ urlpatterns = [
         name="swagger-ui",
     ),
     # Unknown API URLs answer in the contract's shape even with DEBUG on (Django's debug
-    # 404 page would answer HTML).
-    re_path(r"^(?:api|v1)/", health_views.page_not_found),
+    # 404 page would answer HTML), whatever the method: a POST with no CSRF token would
+    # otherwise get Django's HTML CSRF page (a 403) before the 404.
+    re_path(r"^(?:api|v1)/", csrf_exempt(health_views.page_not_found)),
 ]
 
 handler400 = "health.views.bad_request"

@@ -4,7 +4,7 @@ import io
 
 import pytest
 from django.http import HttpResponse
-from django.test import RequestFactory
+from django.test import Client, RequestFactory
 
 from config.middleware import RequestIdMiddleware
 
@@ -212,3 +212,27 @@ def test_unknown_api_url_is_json_404_even_in_debug(client, settings):
     response = client.get("/api/v1/nothing-here", secure=True)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "shape"),
+    [
+        ("post", "/api/v1/nothing-here", "api"),
+        ("delete", "/api/v1/nothing-here", "api"),
+        ("post", "/api/v1/generate/", "api"),  # a trailing slash is another URL
+        ("post", "/v1/completions", "openai"),
+        ("put", "/v1/chat/completions/", "openai"),
+    ],
+)
+def test_unknown_api_url_is_json_404_whatever_the_method(api_key, method, path, shape):
+    # As a client sends it: no CSRF token, and a client that checks CSRF like a browser's.
+    client = Client(enforce_csrf_checks=True)
+
+    response = getattr(client, method)(
+        path, "{}", content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {api_key[0]}"
+    )
+
+    assert response.status_code == 404, response.content
+    error = response.json()["error"]
+    assert error["code"] == "not_found"
+    assert ("type" in error) == (shape == "openai")
