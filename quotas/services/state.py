@@ -170,7 +170,8 @@ def catalogue_providers() -> list[str]:
 # of a new policy version only from its admissions, and a refused request makes none.
 _REMEMBERED_REFUSALS = (InvalidRequest, ModelNotAllowed, UserSuspended)
 # How long a cache entry lives without a version to check it against: a refusal always, a
-# policy while Redis is unreachable. "Within a second" is the promise of a live change.
+# policy while Redis is unreachable or absent. "Within a second" is the promise of a live
+# change.
 _UNCHECKED_TTL = 1.0
 
 
@@ -188,8 +189,11 @@ def policy_get(*, user_id: int, key_id: int | None, model: str | None) -> Policy
     if cached is not None:
         found, at = cached
         if isinstance(found, Policy):
-            # Without Redis there is no shared version to check against.
-            if _state.degraded_since is None or now - at < _UNCHECKED_TTL:
+            # Redis's shared version tells of a change. Without it (Redis unreachable, or the
+            # embedded default, whose database a shell or a command may change from another
+            # process) a policy lives a second.
+            shared = _state.degraded_since is None and backend().name == "redis"
+            if shared or now - at < _UNCHECKED_TTL:
                 return found
         elif now - at < _UNCHECKED_TTL:
             raise copy.copy(found)  # a fresh instance: one raised twice grows its traceback

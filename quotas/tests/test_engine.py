@@ -365,6 +365,28 @@ def test_remembered_refusal_lifts_within_a_second_without_a_bump(engine, user, p
     assert policy.model == "local/demo"
 
 
+@pytest.mark.parametrize("engine", ["local"], indirect=True)
+def test_embedded_default_sees_a_limit_changed_by_another_process_within_a_second(
+    engine, user, plan_for
+):
+    """Without Redis there is no shared version: a shell or a command that changes a plan
+    (here an UPDATE, which no signal announces) is seen once the cached policy is a second
+    old."""
+    from quotas.models import Plan
+    from quotas.services import state
+
+    plan = plan_for(user, requests_per_minute=60)
+    assert services.policy_get(user_id=user.pk, key_id=None, model="local/demo").quotas
+    Plan.objects.filter(pk=plan.pk).update(requests_per_minute=2)
+    cache_key = (user.pk, None, "local/demo")
+    found, at = state._state.policies[cache_key]
+    state._state.policies[cache_key] = (found, at - state._UNCHECKED_TTL)  # a second later
+
+    policy = services.policy_get(user_id=user.pk, key_id=None, model="local/demo")
+
+    assert {q.limit for q in policy.quotas if q.dimension == "requests_per_minute"} == {2}
+
+
 def test_model_refused_by_plan_lifts_at_once_when_the_plan_changes(engine, user, plan_for, save):
     from quotas.errors import ModelNotAllowed
 
