@@ -133,3 +133,14 @@ def test_refresh_keeps_stale_copy_when_recompute_fails(operator, settings):
     stale = cache_get_stale(topic_key(topic="python"))
     assert stale is not None
     assert stale.value == old
+
+
+def test_warm_cache_without_a_shared_cache_refuses_to_run(tmp_path, operator, settings):
+    # The embedded default: the server's cache is in its own process, out of this one's reach.
+    settings.REDIS_URL = ""
+    topics = tmp_path / "topics.txt"
+    topics.write_text("Python programming\n")
+
+    with pytest.raises(CommandError, match="REDIS_URL is not set"):
+        _warm("--topics-file", str(topics))
+    assert not UsageRecord.objects.exists()  # nothing computed, nothing charged

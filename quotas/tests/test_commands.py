@@ -295,3 +295,10 @@ def test_usage_report_empty_day_says_so(db):
 def test_usage_report_bad_input_is_a_command_error(db, args, message):
     with pytest.raises(CommandError, match=message):
         _run("usage_report", *args)
+
+
+def test_rebuild_counters_without_redis_says_it_cannot_reach_the_servers_counters(settings):
+    settings.REDIS_URL = ""
+
+    with pytest.raises(CommandError, match="REDIS_URL is not set"):
+        call_command("rebuild_counters", stdout=io.StringIO())

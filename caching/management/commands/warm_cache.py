@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
@@ -30,6 +31,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.REDIS_URL:
+            raise CommandError(
+                "REDIS_URL is not set: each process has a cache of its own, so the server "
+                "would see nothing this command computes (and its calls would still be "
+                "charged)."
+            )
         top, path = options["top"], options["topics_file"]
         if top is None and path is None:
             raise CommandError("Give --top N and/or --topics-file F.")

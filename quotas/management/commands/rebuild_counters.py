@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from quotas import services
@@ -17,6 +18,11 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if not settings.REDIS_URL:
+            raise CommandError(
+                "REDIS_URL is not set: the counters live in the server's own process, which "
+                "builds them from the ledger itself; this command cannot reach them."
+            )
         try:
             services.counters_rebuild_all()
         except BackendUnavailable as exc:
