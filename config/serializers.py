@@ -37,3 +37,15 @@ class InputSerializer(serializers.Serializer):
         for field in fields.values():
             field.parent = self
         return fields
+
+
+class TextField(serializers.CharField):
+    """A CharField that takes a JSON string only: DRF's would read 123 as "123", where a
+    client that sent a number for a text has made a mistake it should hear of."""
+
+    default_error_messages = {"invalid": "Must be a string."}
+
+    def to_internal_value(self, data: object) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))

@@ -8,7 +8,7 @@ from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
-from config.serializers import InputSerializer
+from config.serializers import InputSerializer, TextField
 
 MAX_PROMPT_CHARS = 100_000
 MAX_MESSAGES = 200
@@ -17,17 +17,15 @@ PRIORITIES = ("critical", "high", "medium", "low")
 
 class MessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=("system", "user", "assistant"))
-    content = serializers.CharField(max_length=MAX_PROMPT_CHARS, trim_whitespace=False)
+    content = TextField(max_length=MAX_PROMPT_CHARS, trim_whitespace=False)
 
 
 class GenerateInputSerializer(InputSerializer):
-    prompt = serializers.CharField(
-        max_length=MAX_PROMPT_CHARS, required=False, trim_whitespace=False
-    )
+    prompt = TextField(max_length=MAX_PROMPT_CHARS, required=False, trim_whitespace=False)
     messages = serializers.ListField(
         child=MessageSerializer(), required=False, max_length=MAX_MESSAGES
     )
-    model = serializers.CharField(max_length=100, required=False)
+    model = TextField(max_length=100, required=False)
     max_tokens = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False)
     temperature = serializers.FloatField(min_value=0.0, max_value=2.0, required=False)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
@@ -106,7 +104,7 @@ class ChatMessageSerializer(serializers.Serializer):
 
 
 class ChatCompletionInputSerializer(InputSerializer):
-    model = serializers.CharField(max_length=100)
+    model = TextField(max_length=100)
     messages = serializers.ListField(
         child=ChatMessageSerializer(), min_length=1, max_length=MAX_MESSAGES
     )
@@ -126,18 +124,16 @@ class ChatCompletionInputSerializer(InputSerializer):
 
 
 class SubtopicsInputSerializer(InputSerializer):
-    topic = serializers.CharField(max_length=200)
+    topic = TextField(max_length=200)
     count = serializers.IntegerField(min_value=3, max_value=12, default=6)
-    model = serializers.CharField(max_length=100, required=False)
+    model = TextField(max_length=100, required=False)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
 
 
 class ExplanationsInputSerializer(InputSerializer):
-    topic = serializers.CharField(max_length=200)
-    subtopics = serializers.ListField(
-        child=serializers.CharField(max_length=200), min_length=1, max_length=20
-    )
-    model = serializers.CharField(max_length=100, required=False)
+    topic = TextField(max_length=200)
+    subtopics = serializers.ListField(child=TextField(max_length=200), min_length=1, max_length=20)
+    model = TextField(max_length=100, required=False)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
 
 

@@ -288,6 +288,9 @@ def test_generate_max_tokens_over_model_limit_is_400(upstream_settings, openai_m
         {"messages": [{"role": "wizard", "content": "b"}]},
         {"prompt": "a", "priority": "urgent"},
         {"prompt": ["not", "a", "string"]},
+        {"prompt": 123},
+        {"messages": [{"role": "user", "content": 7}]},
+        {"prompt": "a", "model": 5},
     ],
 )
 def test_generate_bad_body_is_400_invalid_request(upstream_settings, key_client, body):

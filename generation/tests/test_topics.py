@@ -115,6 +115,21 @@ def test_subtopics_count_out_of_range_is_400(upstream_settings, key_client, coun
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        (SUBTOPICS, {"topic": 123, "count": 5}, "topic"),
+        (EXPLANATIONS, {"topic": "Go", "subtopics": ["Channels", 42]}, "subtopics"),
+    ],
+)
+def test_topic_text_that_is_not_a_string_is_400(upstream_settings, key_client, url, body, field):
+    response = key_client.post(url, body, format="json")
+
+    assert response.status_code == 400, response.content
+    assert field in response.json()["error"]["fields"]
+
+
+@pytest.mark.django_db
 def test_subtopics_local_provider_answers_offline(upstream_settings, local_model, key_client):
     response = key_client.post(SUBTOPICS, {"topic": "Rust", "count": 5}, format="json")
 
