@@ -237,3 +237,60 @@ def test_two_gunicorn_workers_and_a_celery_worker_serve_a_job_end_to_end(stack):
     assert len(children(stack["web"].pid)) == 2
     stack["web"].send_signal(signal.SIGTERM)
     assert stack["web"].wait(timeout=40) == 0
+
+
+def test_a_client_hanging_up_mid_stream_under_gunicorn_is_settled_and_frees_its_lease(
+    tmp_path,
+):
+    """gunicorn closes the response of a client that went away (its next write fails):
+    the stream is settled then, for what the client was sent, and its concurrency lease is
+    free for the next request at once."""
+    from generation.tests.fake_upstream import Behaviour
+    from quotas.models import Plan, UserQuota
+
+    gpt_test_model()
+    user = UserFactory()
+    UserQuota.objects.create(user=user, plan=Plan.objects.create(name="one", concurrency=1))
+    key, _ = key_create(user=user, name="e2e")
+    upstream = FakeUpstream().start()
+    text = " ".join(f"word{i}" for i in range(600))  # some 200 events, 0.05 s apart
+    upstream.default = Behaviour(kind="paced", delay=0.05, text=text, usage=(12, 600))
+    port = free_port()
+    env = web_env(port=port, upstream=upstream, prometheus_dir=tmp_path / "prometheus")
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    log = tmp_path / "gunicorn.log"
+    web = start_web(env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: live(base), 60, "gunicorn answering /health/live", [log])
+        body = json.dumps(
+            {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                + f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            received = b""
+            while received.count(b"data: ") < 3:  # the role and two pieces of text
+                received += client.recv(4096)
+        # The client has hung up, some 190 events before the end.
+
+        row = wait_for(
+            lambda: UsageRecord.objects.filter(user=user).first(), 15, "the ledger row", [log]
+        )
+        status, _, answer = http(
+            "POST",
+            f"{base}/api/v1/generate",
+            {"prompt": "next", "model": "gpt-test", "cache": "bypass"},
+            key,
+        )
+    finally:
+        stop(web)
+        upstream.close()
+        connection.close()
+
+    assert 0 < row.completion_tokens < 600  # what it was sent, not the whole answer
+    assert status == 200, answer  # concurrency 1: the lease was freed
