@@ -150,12 +150,15 @@ def generation_run(
     task: str = "chat",
     compute: Callable[[CompletionRequest, str], dict[str, Any]] | None = None,
     stream: bool = False,
+    upstream_calls: int = 1,
 ) -> Outcome:
     """Answer one generation request along the request path; see the module docstring.
 
     `cache_policy`: "use" (look up, then store), "refresh" (skip the look-up, store) or
     "bypass" (neither). `compute(request, provider)` turns the upstream call into the value
     to cache (default: the completion's text, finish reason and usage).
+    `upstream_calls`: how many calls `compute` may make (a re-ask: 2); the admission
+    reserves for all of them, so that no budget ends up past its limit.
     `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
     relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
     stale copies come back whole, as without `stream`.
@@ -195,6 +198,7 @@ def generation_run(
         max_tokens=max_tokens,
         cache_policy=cache_policy,
         probe=probe,
+        upstream_calls=upstream_calls,
     )
     if isinstance(admitted, Outcome):  # a hit the admission's look-up found, or a fallback
         return admitted
@@ -280,6 +284,7 @@ def _admit(
     max_tokens: int,
     cache_policy: str,
     probe: CacheProbe | None,
+    upstream_calls: int = 1,
 ) -> tuple[Admission, int] | Outcome:
     """Admission (with the Redis look-up of `probe` in the same round trip): (the
     admission, the prompt's tokens), or the answer itself: a fresh one the look-up found
@@ -293,13 +298,15 @@ def _admit(
                 f"model's context window of {policy.context_window} tokens.",
                 fields={"messages": ["Too long for this model."]},
             )
+        # Each further call's prompt holds the answer before it: at most max_tokens more.
+        extra = upstream_calls - 1
         admission = admission_admit(
             user_id=caller.user_id,
             key_id=caller.key_id,
             model=model,
             request_id=caller.request_id,
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
+            prompt_tokens=prompt_tokens * upstream_calls + max_tokens * extra,
+            max_tokens=max_tokens * upstream_calls,
             priority=caller.priority,
             gate=_gate_of(probe),
         )

@@ -71,6 +71,7 @@ def topic_subtopics(*, caller: Caller, topic: str, count: int, model: str | None
         cache_key=cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count)),
         task="subtopics",
         compute=_subtopics_compute(topic=topic, count=count, messages=messages),
+        upstream_calls=2,  # a malformed answer is asked for again once
     )
 
 

@@ -257,3 +257,40 @@ def test_explanations_idempotency_key_stays_claimed_for_every_round_of_the_pool(
     )
     assert claimed_for >= 4 * 2 * per_call
     assert done[0].status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
+@pytest.mark.parametrize(("room", "status"), [("one call", 429), ("two calls", 200)])
+def test_subtopics_reserves_for_its_re_ask_so_no_budget_ends_past_its_limit(
+    fake_upstream, api_key, key_client, room, status
+):
+    # A malformed first answer makes a second call, charged too: a budget with room for one
+    # call's estimate only would end past its limit, so the request is refused up front.
+    from generation import topics
+    from generation.services.completion import DEFAULT_MAX_TOKENS
+    from generation.tokens import tokens_count_messages
+    from quotas.models import Plan, UserQuota
+
+    prompt = tokens_count_messages(topics.subtopics_messages(topic="Elixir", count=3))
+    one, two = prompt + DEFAULT_MAX_TOKENS, 2 * prompt + 3 * DEFAULT_MAX_TOKENS
+    budget = one + 10 if room == "one call" else two
+    plan = Plan.objects.create(name="tight", tokens_per_day=budget)
+    UserQuota.objects.update_or_create(user=api_key[1].user, defaults={"plan": plan})
+    fake_upstream.script(
+        Behaviour(text="not a list at all", usage=(prompt, 20)),
+        Behaviour(text=json.dumps({"subtopics": ["A", "B", "C"]}), usage=(prompt + 30, 20)),
+    )
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Elixir", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == status, response.content
+    if status == 429:
+        assert response.json()["error"]["dimension"] == "tokens_per_day"
+        assert not fake_upstream.requests
+    else:
+        assert len(fake_upstream.requests) == 2  # the re-ask
+        row = UsageRecord.objects.get()
+        assert row.prompt_tokens + row.completion_tokens <= budget
