@@ -165,7 +165,7 @@ class TopicSubtopicsView(_AnswerView):
         return _replay(body, outcome.headers, outcome.cache)
 
     def upstream_calls(self, data: dict[str, Any]) -> int:
-        return 2  # a malformed answer is asked for again once
+        return services.SUBTOPICS_UPSTREAM_CALLS
 
 
 @_documented(ExplanationsInputSerializer, ExplanationsOutputSerializer)

@@ -136,16 +136,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         # behind one proxy or NAT address are not locked out by another's bad keys.
         retry = auth_throttle.blocked_for(_client_address(request))
         parsed = keys.key_parse(raw)
-        if parsed is None:
-            if retry:
-                raise TooManyAuthFailures(retry)
-            raise _failure(request, exceptions.AuthenticationFailed("Malformed API key."))
-        prefix, secret = parsed
-        entry = _load_key(prefix)
+        prefix, secret = parsed or ("", "")
+        entry = _load_key(prefix) if parsed is not None else None
         if entry is None or not keys.secret_matches(secret, entry.key.secret_hash):
             if retry:
                 raise TooManyAuthFailures(retry)
-            raise _failure(request, exceptions.AuthenticationFailed("Unknown API key."))
+            problem = "Malformed API key." if parsed is None else "Unknown API key."
+            raise _failure(request, exceptions.AuthenticationFailed(problem))
         validate_key(entry.key, entry.user)
         key = entry.key
         principal = KeyPrincipal(

@@ -14,12 +14,12 @@ from generation.services.completion import (
 from generation.services.idempotency import (
     Replay,
     idempotency_begin,
-    idempotency_claim_seconds,
     idempotency_finish,
     idempotent_run,
     request_fingerprint,
 )
 from generation.services.topic_answers import (
+    SUBTOPICS_UPSTREAM_CALLS,
     ExplanationItem,
     _explain_one,
     explanations_body,
@@ -33,6 +33,7 @@ from generation.services.topic_answers import (
 __all__ = [
     "ZERO",
     "Caller",
+    "SUBTOPICS_UPSTREAM_CALLS",
     "ExplanationItem",
     "Outcome",
     "Replay",
@@ -44,7 +45,6 @@ __all__ = [
     "explanations_headers",
     "generation_run",
     "idempotency_begin",
-    "idempotency_claim_seconds",
     "idempotency_finish",
     "idempotent_run",
     "money",

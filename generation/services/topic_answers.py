@@ -21,6 +21,9 @@ from generation.providers.base import CompletionRequest
 from generation.resilience import upstream_complete
 from generation.services.completion import ZERO, Caller, Outcome, generation_run, money
 
+# The upstream calls a subtopics request may make: a malformed answer is asked for again.
+SUBTOPICS_UPSTREAM_CALLS = 2
+
 
 def _subtopics_compute(
     *, topic: str, count: int, messages: list[dict[str, str]]
@@ -71,7 +74,7 @@ def topic_subtopics(*, caller: Caller, topic: str, count: int, model: str | None
         cache_key=cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count)),
         task="subtopics",
         compute=_subtopics_compute(topic=topic, count=count, messages=messages),
-        upstream_calls=2,  # a malformed answer is asked for again once
+        upstream_calls=SUBTOPICS_UPSTREAM_CALLS,
     )
 
 

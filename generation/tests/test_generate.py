@@ -288,9 +288,6 @@ def test_generate_max_tokens_over_model_limit_is_400(upstream_settings, openai_m
         {"messages": [{"role": "wizard", "content": "b"}]},
         {"prompt": "a", "priority": "urgent"},
         {"prompt": ["not", "a", "string"]},
-        {"prompt": 123},
-        {"messages": [{"role": "user", "content": 7}]},
-        {"prompt": "a", "model": 5},
     ],
 )
 def test_generate_bad_body_is_400_invalid_request(upstream_settings, key_client, body):
@@ -298,6 +295,26 @@ def test_generate_bad_body_is_400_invalid_request(upstream_settings, key_client,
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": 123, "model": "gpt-test"}, "prompt"),
+        ({"messages": [{"role": "user", "content": 7}], "model": "gpt-test"}, "messages"),
+        ({"prompt": "a", "model": 5}, "model"),
+    ],
+)
+def test_generate_text_that_is_not_a_string_is_400_naming_it(
+    upstream_settings, openai_model, key_client, body, field
+):
+    # DRF's CharField would read 123 as "123" and answer it.
+    response = _post(key_client, body)
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert list(error["fields"]) == [field]
+    assert "string" in str(error["fields"][field])
 
 
 def test_generate_without_credentials_is_401(api_client):
