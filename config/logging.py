@@ -106,7 +106,15 @@ SHARED_PROCESSORS: list[Any] = [
 ]
 
 
-_CHATTY_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "google_genai")
+_CHATTY_CLIENT_LOGGERS = (
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "httpcore2",
+    "urllib3",
+    "openai",
+    "google_genai",
+)
 
 
 def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:

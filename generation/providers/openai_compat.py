@@ -1,16 +1,26 @@
-"""Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, Groq...) through the official
-`openai` SDK. The SDK's own retries are off: generation.resilience retries every provider
-the same way."""
+"""Any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, Groq...).
+
+The official `openai` SDK is the client: it resolves the base URL, the key, the organisation
+and project (from its arguments or its environment variables), the headers it sends, and it
+streams. A non-streamed completion, the cache miss of every generation endpoint, is one POST
+of the same body with the SDK's own URL and headers over a urllib3 connection pool: the SDK's
+request building and its httpx2 stack cost about 0.9 ms of CPU per call (a fifth of a cache
+miss; docs/BENCHMARKS.md), for a JSON body this module reads itself anyway. Neither retries:
+generation.resilience retries every provider the same way.
+"""
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
+import urllib3
 
 from generation.providers.base import (
     Completion,
@@ -55,6 +65,11 @@ class OpenAIProvider:
             default_headers=_UNSENT_HEADERS,
         )
         self.connect_timeout = connect_timeout
+        self.url = f"{self.client.base_url}chat/completions"  # the SDK's base URL ends in /
+        headers = {**self.client.default_headers, **self.client.auth_headers}
+        self.headers = {k: v for k, v in headers.items() if isinstance(v, str)}
+        self.headers["Accept-Encoding"] = "gzip, deflate"
+        self.pool = _pool_for(self.url)
 
     def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
         body: dict[str, Any] = {
@@ -64,20 +79,33 @@ class OpenAIProvider:
         }
         if request.temperature is not None:
             body["temperature"] = request.temperature
-        # The SDK's generic request method: its auth, base URL, timeouts and error mapping,
-        # without the typed-parameter transform and model construction of
-        # chat.completions.create (about half of the SDK's CPU time per call).
-        with _mapped_errors(timeout):
-            response = self.client.post(
-                "/chat/completions",
-                cast_to=httpx2.Response,
-                body=body,
-                options={
-                    "timeout": httpx2.Timeout(timeout, connect=self.connect_timeout),
-                    "headers": _UNSENT_HEADERS,
-                },
+        try:
+            response = self.pool.request(
+                "POST",
+                self.url,
+                body=json.dumps(body).encode(),
+                headers=self.headers,
+                timeout=urllib3.Timeout(connect=self.connect_timeout, read=timeout),
+                retries=False,
+                redirect=False,
             )
-            data = json.loads(response.content)
+        except urllib3.exceptions.NewConnectionError as exc:  # a ConnectTimeoutError by class
+            raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
+        except urllib3.exceptions.TimeoutError as exc:
+            raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
+        if response.status >= 300:
+            raise failure_for_status(
+                "openai",
+                response.status,
+                message=_error_message(response.data),
+                retry_after_header=response.headers.get("retry-after"),
+            )
+        try:
+            data = json.loads(response.data)
+        except ValueError as exc:
+            raise ProviderServerError(f"openai: malformed response: {exc}") from exc
         return _completion(data, request)
 
     def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
@@ -114,6 +142,32 @@ class OpenAIProvider:
             yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
         else:
             yield Completion.estimated(request, text, finish)
+
+
+def _pool_for(url: str) -> urllib3.PoolManager:
+    """Keep-alive connections to the upstream, through the proxy the environment names for
+    it (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), as the SDK's httpx2 client would. Sized for the
+    explanations pool's threads, so that none of their connections is thrown away."""
+    from django.conf import settings
+
+    size = max(10, settings.EXPLANATIONS_MAX_WORKERS)
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return urllib3.ProxyManager(proxy, maxsize=size)
+    return urllib3.PoolManager(maxsize=size)
+
+
+def _error_message(body: bytes) -> str:
+    """The upstream's own words for a refusal: `error.message` of an OpenAI error body, else
+    the start of the body."""
+    try:
+        data = json.loads(body)
+        message = data["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
+    return str(message)
 
 
 @contextmanager
