@@ -140,7 +140,12 @@ def payload_too_large(request: HttpRequest, limit: int) -> HttpResponse:
         }
     else:
         body = {"error": {"code": "payload_too_large", "message": message}}
-    return HttpResponse(json.dumps(body), status=413, content_type="application/json")
+    response = HttpResponse(json.dumps(body), status=413, content_type="application/json")
+    from quotas.views import caller_headers  # the body is never read: only its credentials
+
+    for name, value in caller_headers(request).items():
+        response[name] = value
+    return response
 
 
 def _body_too_large(request: HttpRequest, limit: int) -> bool:

@@ -25,6 +25,7 @@ from prometheus_client import (
 from config.middleware import request_id_var
 from health import probes
 from health.metrics import CIRCUIT_STATE
+from quotas.views import caller_headers
 
 logger = logging.getLogger(__name__)
 CIRCUIT_CODES = {"closed": 0, "half_open": 1, "open": 2}
@@ -156,7 +157,11 @@ def page_not_found(request: HttpRequest, exception: Exception | None = None) -> 
         message=f"No endpoint at {request.path}.",
         openai_type="invalid_request_error",
     )
-    return response or defaults.page_not_found(request, exception)
+    if response is None:
+        return defaults.page_not_found(request, exception)
+    for name, value in caller_headers(request).items():
+        response[name] = value
+    return response
 
 
 def server_error(request: HttpRequest) -> HttpResponse:

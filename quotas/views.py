@@ -6,11 +6,14 @@ import datetime as dt
 from typing import Any
 
 from django.db import DatabaseError
+from django.http import HttpRequest
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema
+from rest_framework.exceptions import APIException
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from caching.http import ConditionalGetMixin
@@ -32,6 +35,22 @@ def principal_of(request: Request) -> tuple[int, int | None]:
     auth = request.auth
     key_id = auth.id if isinstance(auth, KeyPrincipal) else None
     return int(request.user.pk or 0), key_id
+
+
+def caller_headers(request: HttpRequest) -> dict[str, str]:
+    """The rate-limit headers of the caller whose credentials a request carries, for the
+    responses no API view makes: an unknown URL's 404, a body's 413. Missing or bad
+    credentials get none; such a response does not refuse them for it."""
+    api_request = Request(
+        request, authenticators=[auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    )
+    try:
+        if not api_request.user.is_authenticated:
+            return {}
+    except (APIException, DatabaseError):  # bad, revoked or throttled credentials; no DB
+        return {}
+    user_id, key_id = principal_of(api_request)
+    return services.quota_headers(user_id=user_id, key_id=key_id)
 
 
 class RateLimitHeadersMixin:

@@ -550,3 +550,46 @@ def test_quota_exceeded_on_a_money_dimension_gives_the_limit_as_a_decimal_string
     assert error["limit"] == "0.000001"
     assert error["retry_after"] >= 1
     assert int(response["Retry-After"]) == error["retry_after"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/api/v1/no-such-endpoint"),
+        ("post", "/api/v1/generate/"),  # a trailing slash is another URL
+        ("post", "/v1/completions"),
+    ],
+)
+def test_unknown_url_of_a_known_caller_carries_its_rate_limit_headers(
+    client_with_key, method, path
+):
+    response = getattr(client_with_key, method)(path, {}, format="json")
+
+    assert response.status_code == 404
+    assert [h for h in RATE_LIMIT_HEADERS if h not in response] == []
+    assert response["X-RateLimit-Limit-Requests"] == "60"
+    assert response["X-RateLimit-Remaining-Requests"] == "60"  # read, not counted
+
+
+def test_body_over_limit_of_a_known_caller_carries_its_rate_limit_headers(
+    client_with_key, settings
+):
+    settings.API_MAX_BODY_BYTES = 1024
+
+    response = client_with_key.post("/api/v1/generate", {"prompt": "x" * 2000}, format="json")
+
+    assert response.status_code == 413
+    assert [h for h in RATE_LIMIT_HEADERS if h not in response] == []
+    assert response["X-RateLimit-Remaining-Requests"] == "60"
+
+
+@pytest.mark.parametrize("credentials", ["Bearer tg_abcdefgh_" + "x" * 40, "Token nope", ""])
+def test_unknown_url_without_a_valid_key_is_a_plain_404(api_client, db, credentials):
+    if credentials:
+        api_client.credentials(HTTP_AUTHORIZATION=credentials)
+
+    response = api_client.post("/api/v1/no-such-endpoint", {}, format="json")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert "RateLimit" not in response
