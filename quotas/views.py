@@ -13,7 +13,6 @@ from rest_framework.exceptions import APIException
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from caching.http import ConditionalGetMixin
@@ -41,9 +40,7 @@ def caller_headers(request: HttpRequest) -> dict[str, str]:
     """The rate-limit headers of the caller whose credentials a request carries, for the
     responses no API view makes: an unknown URL's 404, a body's 413. Missing or bad
     credentials get none; such a response does not refuse them for it."""
-    api_request = Request(
-        request, authenticators=[auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
-    )
+    api_request = Request(request, authenticators=[a() for a in APIView.authentication_classes])
     try:
         if not api_request.user.is_authenticated:
             return {}

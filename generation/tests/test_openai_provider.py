@@ -41,7 +41,11 @@ def test_sends_the_sdks_headers_and_its_organisation_and_project(fake_upstream, 
     )
     sent = fake_upstream.requests[0]
     assert sent.path == "/v1/chat/completions"
-    assert sent.body == {"model": "gpt-4o-mini", "messages": [REQUEST.messages[0]], "max_tokens": 20}
+    assert sent.body == {
+        "model": "gpt-4o-mini",
+        "messages": [REQUEST.messages[0]],
+        "max_tokens": 20,
+    }
     assert sent.headers["authorization"] == "Bearer sk-test"
     assert sent.headers["content-type"] == "application/json"
     assert sent.headers["user-agent"].startswith("OpenAI/Python ")
