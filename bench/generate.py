@@ -661,8 +661,8 @@ def breakdown(count: int, key: str, env: dict[str, str]) -> None:
         "the request path without the upstream call: admission with the cache look-up and "
         "lock, settlement with the store and release, ledger INSERT": admit_settle,
         "circuit breaker check": breaker.allow,
-        "provider call (openai SDK, fake upstream)": lambda: provider.complete(request, timeout=5),
-        "upstream_complete (retry wrapper + breaker + SDK)": lambda: upstream_complete(
+        "provider call (openai, fake upstream)": lambda: provider.complete(request, timeout=5),
+        "upstream_complete (retry wrapper + breaker + provider call)": lambda: upstream_complete(
             provider="openai", request=request
         ),
     }
@@ -687,7 +687,7 @@ SCENARIOS = {
     "floor": "GET /health/live (the floor)",
     "refused": "POST /api/v1/generate refused: 400, no prompt",
     "hit": "POST /api/v1/generate, a cache hit",
-    "miss": "POST /api/v1/generate, a cache miss (openai SDK, fake upstream)",
+    "miss": "POST /api/v1/generate, a cache miss (openai provider, fake upstream)",
 }
 
 

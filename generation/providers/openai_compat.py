@@ -147,11 +147,10 @@ class OpenAIProvider:
 
 def _pool_for(url: str) -> urllib3.PoolManager:
     """Keep-alive connections to the upstream, through the proxy the environment names for
-    it (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), as the SDK's httpx2 client would. Sized for the
-    explanations pool's threads, so that none of their connections is thrown away."""
-    from django.conf import settings
-
-    size = max(10, settings.EXPLANATIONS_MAX_WORKERS)
+    it (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), as the SDK's httpx2 client would. It keeps as
+    many idle connections as the SDK does (each opened only when concurrent calls need it),
+    so that no thread of a worker or of the explanations pool has one thrown away."""
+    size = openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections or 100
     parts = urlsplit(url)
     proxies = urllib.request.getproxies()
     proxy = proxies.get(parts.scheme) or proxies.get("all")
