@@ -43,8 +43,10 @@ class GenerateInputSerializer(InputSerializer):
             if not attrs["prompt"].strip():
                 raise serializers.ValidationError({"prompt": ["The prompt is empty."]})
             attrs["messages"] = [{"role": "user", "content": attrs.pop("prompt")}]
+            attrs["prompt_field"] = "prompt"
         else:
             attrs["messages"] = [dict(m) for m in attrs["messages"]]
+            attrs["prompt_field"] = "messages"
         return attrs
 
 

@@ -147,6 +147,7 @@ class GenerationCreateView(_AnswerView):
             max_tokens=data.get("max_tokens"),
             temperature=data.get("temperature"),
             cache_policy=data["cache"],
+            prompt_field=data["prompt_field"],
         )
         body = services.completion_body(outcome, request_id=caller.request_id)
         return _replay(body, outcome.headers, outcome.cache)

@@ -151,6 +151,7 @@ def generation_run(
     compute: Callable[[CompletionRequest, str], dict[str, Any]] | None = None,
     stream: bool = False,
     upstream_calls: int = 1,
+    prompt_field: str = "messages",
 ) -> Outcome:
     """Answer one generation request along the request path; see the module docstring.
 
@@ -159,6 +160,7 @@ def generation_run(
     to cache (default: the completion's text, finish reason and usage).
     `upstream_calls`: how many calls `compute` may make (a re-ask: 2); the admission
     reserves for all of them, so that no budget ends up past its limit.
+    `prompt_field`: the request's field a prompt too long for the model is blamed on.
     `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
     relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
     stale copies come back whole, as without `stream`.
@@ -198,6 +200,7 @@ def generation_run(
         max_tokens=max_tokens,
         cache_policy=cache_policy,
         probe=probe,
+        prompt_field=prompt_field,
         upstream_calls=upstream_calls,
     )
     if isinstance(admitted, Outcome):  # a hit the admission's look-up found, or a fallback
@@ -285,6 +288,7 @@ def _admit(
     cache_policy: str,
     probe: CacheProbe | None,
     upstream_calls: int = 1,
+    prompt_field: str = "messages",
 ) -> tuple[Admission, int] | Outcome:
     """Admission (with the Redis look-up of `probe` in the same round trip): (the
     admission, the prompt's tokens), or the answer itself: a fresh one the look-up found
@@ -296,7 +300,7 @@ def _admit(
             raise InvalidRequest(
                 f"The prompt (about {prompt_tokens} tokens) plus max_tokens exceeds this "
                 f"model's context window of {policy.context_window} tokens.",
-                fields={"messages": ["Too long for this model."]},
+                fields={prompt_field: ["Too long for this model."]},
             )
         # Each further call's prompt holds the answer before it: at most max_tokens more.
         extra = upstream_calls - 1
@@ -550,8 +554,10 @@ def completion_create(
     temperature: float | None,
     cache_policy: str = "use",
     stream: bool = False,
+    prompt_field: str = "messages",
 ) -> Outcome:
-    """A chat completion (`prompt` requests arrive here as one user message)."""
+    """A chat completion (`prompt` requests arrive here as one user message, and name
+    `prompt` as their `prompt_field`)."""
     return generation_run(
         caller=caller,
         model=model or settings.TOLLGATE_DEFAULT_MODEL,
@@ -560,6 +566,7 @@ def completion_create(
         temperature=temperature,
         cache_policy=cache_policy,
         stream=stream,
+        prompt_field=prompt_field,
     )
 
 

@@ -75,6 +75,7 @@ def topic_subtopics(*, caller: Caller, topic: str, count: int, model: str | None
         task="subtopics",
         compute=_subtopics_compute(topic=topic, count=count, messages=messages),
         upstream_calls=SUBTOPICS_UPSTREAM_CALLS,
+        prompt_field="topic",
     )
 
 
@@ -112,6 +113,7 @@ def _explain_one(*, caller: Caller, topic: str, subtopic: str, model: str) -> Ex
                 kind="explanation", topic=topic, model=model, extra=topic_normalise(subtopic)
             ),
             task="explanation",
+            prompt_field="subtopics",
         )
         return ExplanationItem(subtopic=subtopic, outcome=outcome)
     except ApiError as exc:

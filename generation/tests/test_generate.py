@@ -503,3 +503,32 @@ def test_an_upstream_call_adds_no_log_line_of_the_http_client_at_info(
     assert fake_upstream.requests, "the upstream was called"
     clients = {"httpx", "httpx2", "httpcore", "httpcore2", "openai", "google_genai"}
     assert [r.getMessage() for r in caplog.records if r.name.split(".")[0] in clients] == []
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        (URL, {"prompt": "word " * 80, "max_tokens": 16}, "prompt"),
+        (
+            URL,
+            {"messages": [{"role": "user", "content": "word " * 80}], "max_tokens": 16},
+            "messages",
+        ),
+        ("/api/v1/topics/subtopics", {"topic": "word " * 30}, "topic"),
+    ],
+)
+def test_prompt_over_the_context_window_is_a_400_naming_the_field_sent(
+    key_client, redis_conn, url, body, field
+):
+    from quotas.tests.factories import ModelPriceFactory
+
+    ModelPriceFactory(model="local/tiny", context_window=64, max_output_tokens=32)
+
+    response = key_client.post(url, {**body, "model": "local/tiny"}, format="json")
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert list(error["fields"]) == [field]
+    assert "context window of 64 tokens" in error["message"]
+    assert not UsageRecord.objects.exists()
