@@ -308,6 +308,8 @@ def _admit_degraded(
     ledgered = tuple(q for q in quotas if q.window in ("day", "month") or q.kind == "t")
     fallback = _state.fallback
     version, epoch = fallback.tokens()
+    # A hit is admitted here as a reservation of nothing but its request, so that a refusal
+    # by the ledger below can give its count back; it is settled as soon as both agree.
     decision = fallback.admit(
         quotas=local,
         request_id=request_id,
@@ -315,7 +317,7 @@ def _admit_degraded(
         epoch=epoch,
         est_tokens=est_tokens,
         est_cost=est_cost,
-        mode=mode,
+        mode="full",
         now=now,
     )
     decision.backend = "degraded"
@@ -343,6 +345,8 @@ def _admit_degraded(
         ledger_decision.windows = decision.windows + ledger_decision.windows
         ledger_decision.backend = "degraded"
         return ledger_decision
+    if mode == "hit":  # counted for good: a hit has nothing else to settle
+        fallback.settle(request_id=request_id, tokens=0, cost=0, refund=False)
     decision.windows += ledger_decision.windows
     return decision
 

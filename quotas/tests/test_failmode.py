@@ -103,3 +103,29 @@ def test_fail_closed_answers_quota_unavailable(private_redis, settings, user, pl
     assert info.value.status_code == 503
     assert info.value.code == "quota_unavailable"
     assert not UsageRecord.objects.filter(user=user).exists()
+
+
+def test_fail_open_hit_refused_by_the_ledger_gives_its_request_count_back(
+    private_redis, settings, user, plan_for
+):
+    from quotas.services import key_create
+
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 1
+    plan_for(user, requests_per_minute=3)  # the user's minute window, in this worker
+    _, key = key_create(user=user, name="one a day")
+    key.requests_per_day = 1  # the key's day window, in the ledger while Redis is away
+    key.save()
+    private_redis.stop()
+    services.admission_count_hit(
+        user_id=user.pk, key_id=key.pk, model="local/demo", request_id=uuid.uuid4().hex
+    )
+    for _ in range(4):  # the key's day is spent: each is refused by the ledger
+        with pytest.raises(QuotaExceeded) as info:
+            services.admission_count_hit(
+                user_id=user.pk, key_id=key.pk, model="local/demo", request_id=uuid.uuid4().hex
+            )
+        assert info.value.dimension == "requests_per_day"
+
+    # Only the hit that was served holds a place in the user's minute window.
+    assert count_admitted(user, 3) == 2
