@@ -222,7 +222,7 @@ class RedisQuotaBackend:
         (the ledger INSERT) runs while Redis works on it (`run_calls`)."""
         call = ScriptCall(
             self._settle,
-            keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
+            keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx", f"{self.prefix}:epoch"],
             args=[request_id, "refund" if refund else "settle", tokens, cost],
         )
         run_calls([call, *riders], meanwhile)

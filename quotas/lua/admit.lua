@@ -269,7 +269,8 @@ end
 
 local claimed = 0
 if mode == 'full' then
-  redis.call('SET', KEYS[3], cjson.encode({t = est_t, c = est_c, ops = ops}), 'EX', lease_ttl * 2)
+  local res = {t = est_t, c = est_c, e = epoch, ops = ops}
+  redis.call('SET', KEYS[3], cjson.encode(res), 'EX', lease_ttl * 2)
   redis.call('ZADD', KEYS[4], now + lease_ttl, rid)
   local b = 12 + 5 * n
   if gated and tonumber(ARGV[b + 2]) > 0 then

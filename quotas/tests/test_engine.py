@@ -488,3 +488,50 @@ def test_sweep_abandons_pending_rows_whose_worker_never_settled(user, settings):
     assert running.outcome == Outcome.PENDING
     requests, tokens, micros = ledger_usage(counter=f"u:{user.pk}", since=at - timedelta(days=1))
     assert (requests, tokens, micros) == (1, 300, 500)  # the running one only
+
+
+def test_request_in_flight_across_an_epoch_rotation_counts_in_the_new_day(
+    redis_conn, user, plan_for
+):
+    import io
+    import time
+
+    from django.core.management import call_command
+
+    now = time.time()  # the day the ledger rows are written in
+    plan_for(user, tokens_per_day=1000, requests_per_day=100)
+    services.local_state_reset()
+    in_flight = admit(user, now=now, prompt=100, max_tokens=100)
+    call_command("rebuild_counters", stdout=io.StringIO())  # a new epoch: day rebuilt from
+    after = admit(user, now=now, prompt=10, max_tokens=10)  # the ledger, which lacks it yet
+
+    services.usage_settle(admission=in_flight, prompt_tokens=100, completion_tokens=50)
+
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert limits["tokens_per_day"]["used"] == 150 + 20  # its actual usage, the other's estimate
+    assert limits["requests_per_day"]["used"] == 2
+    services.usage_settle(admission=after, prompt_tokens=10, completion_tokens=10)
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert limits["tokens_per_day"]["used"] == 170
+    assert UsageRecord.objects.filter(user=user).count() == 2
+
+
+def test_request_refunded_across_an_epoch_rotation_leaves_the_new_day_alone(
+    redis_conn, user, plan_for
+):
+    import io
+    import time
+
+    from django.core.management import call_command
+
+    now = time.time()
+    plan_for(user, tokens_per_day=1000, requests_per_day=100)
+    services.local_state_reset()
+    in_flight = admit(user, now=now, prompt=100, max_tokens=100)
+    call_command("rebuild_counters", stdout=io.StringIO())
+    admit(user, now=now, prompt=10, max_tokens=10)
+
+    services.usage_refund(admission=in_flight, outcome="upstream_error")
+
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert (limits["tokens_per_day"]["used"], limits["requests_per_day"]["used"]) == (20, 1)
