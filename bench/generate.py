@@ -719,7 +719,10 @@ def instructions(count: int, key: str, env: dict[str, str]) -> str:
                     "--count",
                     str(n),
                 ],
-                # A fixed hash seed: the same dict and set layouts in both runs.
+                # A fixed hash seed: the same dict and set layouts in both runs. The
+                # repository's own root as the working directory: a checkout measured from
+                # another one's directory would otherwise import some of that one's code.
+                cwd=ROOT,
                 env={**env, "BENCH_KEY": key, "PYTHONHASHSEED": "0"},
                 capture_output=True,
                 text=True,
