@@ -721,8 +721,8 @@ def instructions(count: int, key: str, env: dict[str, str]) -> str:
                 ],
                 # A fixed hash seed: the same dict and set layouts in both runs. The
                 # repository's root as the working directory, as gunicorn runs it: an older
-                # checkout counted from another checkout's directory came out 1.6 M lower
-                # per miss than from its own (cause not found), and the same from its own.
+                # checkout's miss counted from another checkout's directory came out 1.6 M
+                # lower than from its own root (the cause was not found).
                 cwd=ROOT,
                 env={**env, "BENCH_KEY": key, "PYTHONHASHSEED": "0"},
                 capture_output=True,
