@@ -13,6 +13,7 @@ def test_input_serializer_reused_fields_validate_each_body_on_its_own():
     assert good.is_valid(), good.errors
     assert good.validated_data == {
         "messages": [{"role": "user", "content": "hi"}],
+        "prompt_field": "prompt",
         "model": "m",
         "max_tokens": 5,
         "priority": "high",
