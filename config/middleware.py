@@ -141,7 +141,9 @@ def payload_too_large(request: HttpRequest, limit: int) -> HttpResponse:
     else:
         body = {"error": {"code": "payload_too_large", "message": message}}
     response = HttpResponse(json.dumps(body), status=413, content_type="application/json")
-    from quotas.views import caller_headers  # the body is never read: only its credentials
+    # Imported here: config.logging loads this module before the apps are ready. The
+    # caller's credentials are read, never the body.
+    from quotas.views import caller_headers
 
     for name, value in caller_headers(request).items():
         response[name] = value

@@ -44,10 +44,10 @@ def caller_headers(request: HttpRequest) -> dict[str, str]:
     try:
         if not api_request.user.is_authenticated:
             return {}
-    except (APIException, DatabaseError):  # bad, revoked or throttled credentials; no DB
-        return {}
-    user_id, key_id = principal_of(api_request)
-    return services.quota_headers(user_id=user_id, key_id=key_id)
+        user_id, key_id = principal_of(api_request)
+        return services.quota_headers(user_id=user_id, key_id=key_id)
+    except (APIException, DatabaseError):  # bad, revoked or throttled credentials; no DB:
+        return {}  # the response goes out as it is
 
 
 class RateLimitHeadersMixin:
