@@ -4,8 +4,8 @@ The official `openai` SDK is the client: it resolves the base URL, the key, the 
 and project (from its arguments or its environment variables), the headers it sends, and it
 streams. A non-streamed completion, the cache miss of every generation endpoint, is one POST
 of the same body with the SDK's own URL and headers over a urllib3 connection pool: the SDK's
-request building and its httpx2 stack cost about 0.9 ms of CPU per call (a fifth of a cache
-miss; docs/BENCHMARKS.md), for a JSON body this module reads itself anyway. Neither retries:
+request building and its httpx2 stack cost 1.7 M instructions per call, a fifth of a cache
+miss's (docs/BENCHMARKS.md), for a JSON body this module reads itself anyway. Neither retries:
 generation.resilience retries every provider the same way.
 """
 
