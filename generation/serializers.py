@@ -32,6 +32,8 @@ class GenerateInputSerializer(InputSerializer):
     cache = serializers.ChoiceField(choices=("use", "refresh", "bypass"), default="use")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """A prompt becomes one user message; `prompt_field` keeps which field the client
+        sent, for the errors that concern the prompt (too long for the model)."""
         has_prompt, has_messages = "prompt" in attrs, "messages" in attrs
         if has_prompt == has_messages:
             raise serializers.ValidationError(

@@ -36,18 +36,24 @@ def principal_of(request: Request) -> tuple[int, int | None]:
     return int(request.user.pk or 0), key_id
 
 
-def caller_headers(request: HttpRequest) -> dict[str, str]:
-    """The rate-limit headers of the caller whose credentials a request carries, for the
-    responses no API view makes: an unknown URL's 404, a body's 413. Missing or bad
-    credentials get none; such a response does not refuse them for it."""
-    api_request = Request(request, authenticators=[a() for a in APIView.authentication_classes])
+def _standing_headers(request: Request) -> dict[str, str]:
+    """The rate-limit headers of the request's caller, read and never counted; none for no
+    caller, for bad, revoked or throttled credentials, or when the database cannot say (the
+    response then goes out as it is)."""
     try:
-        if not api_request.user.is_authenticated:
+        if not request.user.is_authenticated:
             return {}
-        user_id, key_id = principal_of(api_request)
+        user_id, key_id = principal_of(request)
         return services.quota_headers(user_id=user_id, key_id=key_id)
-    except (APIException, DatabaseError):  # bad, revoked or throttled credentials; no DB:
-        return {}  # the response goes out as it is
+    except (APIException, DatabaseError):
+        return {}
+
+
+def caller_headers(request: HttpRequest) -> dict[str, str]:
+    """`_standing_headers` for the responses no API view makes (an unknown URL's 404, a
+    body's 413): the request's credentials are checked here, and only for this."""
+    authenticators = [auth() for auth in APIView.authentication_classes]
+    return _standing_headers(Request(request, authenticators=authenticators))
 
 
 class RateLimitHeadersMixin:
@@ -57,13 +63,8 @@ class RateLimitHeadersMixin:
         self, request: Request, response: Response, *args: Any, **kwargs: Any
     ) -> Response:
         response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
-        try:
-            user = getattr(request, "user", None)
-        except DatabaseError:  # authentication itself failed: the 503 goes out as it is
-            return response
-        if user is not None and user.is_authenticated and "RateLimit" not in response:
-            user_id, key_id = principal_of(request)
-            for name, value in services.quota_headers(user_id=user_id, key_id=key_id).items():
+        if "RateLimit" not in response:
+            for name, value in _standing_headers(request).items():
                 response[name] = value
         return response
 
