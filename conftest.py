@@ -74,15 +74,19 @@ def redis_round_trips(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _clean_process_state():
-    """Each test starts with empty in-process caches (policies, keys, memory cache)."""
+def _clean_process_state(tmp_path):
+    """Each test starts with empty in-process caches (policies, keys, memory cache) and a
+    ledger spool of its own."""
     from caching.services import cache_local_reset
     from quotas.authentication import key_cache_clear
     from quotas.services import local_state_reset
+    from quotas.services.spool import spool_forget
 
     key_cache_clear()
     local_state_reset()
     cache_local_reset()
+    spool_forget()
+    settings.LEDGER_SPOOL_DIR = str(tmp_path / "ledger-spool")
 
 
 @pytest.fixture

@@ -56,13 +56,16 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """Gunicorn hook (worker, once, after loading the application): load the URLconf (every
-    view) and the providers' clients (their SDKs), then freeze the objects loaded so far."""
+    view) and the providers' clients (their SDKs), start writing the ledger rows a killed
+    worker left in the spool, then freeze the objects loaded so far."""
     from django.db import connections
     from django.urls import get_resolver
 
     from generation.providers import providers_warm
+    from quotas.services.ledger import ledger_spool_adopt
 
     get_resolver().url_patterns  # noqa: B018 - imports every view now
+    ledger_spool_adopt()  # ledger rows a killed worker left in the spool
     try:
         providers_warm()
     except Exception:  # the database or a provider's settings: built on first use instead

@@ -8,6 +8,7 @@ that `make run` works on a bare machine. Production and the test suite set both.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import environ
@@ -162,6 +163,11 @@ AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30)
 FORWARDED_ALLOW_IPS = env.list("FORWARDED_ALLOW_IPS", default=["127.0.0.1"])
 # Ledger rows of cache hits are written in batches at most this many seconds late (0: at once).
 USAGE_HIT_BATCH_SECONDS = env.float("USAGE_HIT_BATCH_SECONDS", default=1.0)
+# Ledger rows the database cannot take yet wait here, on local disk, so that a worker killed
+# meanwhile loses none (quotas/services/spool.py). Shared by the workers of one host.
+LEDGER_SPOOL_DIR = env(
+    "LEDGER_SPOOL_DIR", default=os.path.join(tempfile.gettempdir(), "tollgate-ledger-spool")
+)
 
 # --- GENERATION ---
 TOLLGATE_DEFAULT_MODEL = env("TOLLGATE_DEFAULT_MODEL", default="local/demo")

@@ -30,6 +30,7 @@ from quotas.engine import (
 )
 from quotas.models import Outcome, UsageRecord
 from quotas.policy import Policy, Quota, usd_to_micros
+from quotas.services.spool import spool_append, spool_pending, spool_replay
 from quotas.services.state import logger
 
 if TYPE_CHECKING:
@@ -183,44 +184,50 @@ def _execute(sql: str, params: list[Any]) -> None:
 # --- cache-hit ledger rows (batched) -----------------------------------------------------
 
 HIT_BATCH_ROWS = 500  # rows per INSERT of the batched cache-hit rows
-HIT_BACKLOG_MAX = 200_000  # rows kept while the database cannot be written (~65 MB)
+HIT_BACKLOG_MAX = 200_000  # rows kept in memory if the spool cannot be written (~65 MB)
 _hit_queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
 
 
 def usage_flush() -> int:
-    """Write the queued cache-hit rows now (multi-row INSERTs); the number written.
+    """Write the queued cache-hit rows now (multi-row INSERTs), then the rows of the spool
+    (`quotas.services.spool`); the number written.
 
     A row the database can never take (a user or key deleted meanwhile: IntegrityError,
-    DataError) is dropped and logged, the rest of its batch written one by one. Rows that
-    cannot be written now (the database unreachable, busy, mid-migration) go back to the
-    queue for the next flush, up to HIT_BACKLOG_MAX rows (the oldest are dropped and
-    logged past that), and the error is raised."""
+    DataError) is dropped and logged, the rest of its batch written one by one. Queued rows
+    that cannot be written now (the database unreachable, busy, mid-migration) go to the
+    spool for the next flush, and the error is raised."""
     rows: list[list[Any]] = []
     while True:
         try:
             rows.append(_hit_queue.get_nowait())
         except queue.Empty:
             break
-    done = 0  # rows written or dropped for good
     written = 0
+    for start in range(0, len(rows), HIT_BATCH_ROWS):
+        try:
+            written += _write_rows(rows[start : start + HIT_BATCH_ROWS])
+        except Exception:
+            _keep_for_later(rows[start:])
+            raise
+    spooled = [0]
+
+    def write(batch: list[dict[str, Any]]) -> None:
+        spooled[0] += _write_rows([_row_from_spool(values) for values in batch])
+
+    spool_replay(write)
+    return written + spooled[0]
+
+
+def _write_rows(rows: list[list[Any]]) -> int:
+    """One multi-row INSERT of `rows`, or one by one if the database refuses a row of them
+    for good (those are dropped and logged); the number written."""
     try:
-        for start in range(0, len(rows), HIT_BATCH_ROWS):
-            batch = rows[start : start + HIT_BATCH_ROWS]
-            try:
-                _execute(_ledger_sql(len(batch)), [v for row in batch for v in row])
-                written += len(batch)
-            except _REFUSED:
-                for row in batch:
-                    written += _insert_or_drop(row)
-                    done += 1
-                continue
-            done += len(batch)
-    except Exception:
-        _requeue(rows[done:])
-        raise
-    return written
+        _execute(_ledger_sql(len(rows)), [v for row in rows for v in row])
+    except _REFUSED:
+        return sum(_insert_or_drop(row) for row in rows)
+    return len(rows)
 
 
 _REFUSED = (IntegrityError, DataError)  # what a row itself makes impossible
@@ -236,13 +243,35 @@ def _insert_or_drop(row: list[Any]) -> int:
     return 1
 
 
-def _requeue(rows: list[list[Any]]) -> None:
-    """Put rows back for the next flush, keeping at most HIT_BACKLOG_MAX queued."""
+def _keep_for_later(rows: list[list[Any]]) -> None:
+    """Rows the database cannot take now: to the spool, where a killed worker does not lose
+    them; to the queue, keeping at most HIT_BACKLOG_MAX, if the spool cannot be written."""
+    _flusher_ensure()
+    rows = rows[spool_append([_row_to_spool(row) for row in rows]) :]
     dropped = min(len(rows), max(0, len(rows) + _hit_queue.qsize() - HIT_BACKLOG_MAX))
     if dropped:
         logger.error("cache-hit ledger backlog full: %d rows dropped", dropped)
     for row in rows[dropped:]:
         _hit_queue.put(row)
+
+
+def _row_to_spool(row: list[Any]) -> dict[str, Any]:
+    _, columns = _ledger_columns(connection.vendor)
+    return {name: value for (name, _, _), value in zip(columns, row, strict=True)}
+
+
+def _row_from_spool(values: dict[str, Any]) -> list[Any]:
+    """The INSERT parameters of a spooled row; a column added since it was spooled takes
+    its default."""
+    _, columns = _ledger_columns(connection.vendor)
+    params = []
+    for name, field, prepared in columns:
+        if name in values:
+            params.append(values[name])
+        else:
+            default = field.get_default()
+            params.append(field.get_db_prep_save(default, connection) if prepared else default)
+    return params
 
 
 def _flush_forever(interval: float) -> None:
@@ -267,7 +296,7 @@ def _enqueue(row: list[Any]) -> None:
 
 
 def _insert_or_keep(row: list[Any]) -> None:
-    """INSERT a ledger row now; if the database cannot take it now, keep it for the next
+    """INSERT a ledger row now; if the database cannot take it now, keep it for a later
     flush rather than lose it (the request it records has been served, and charged in
     Redis). A row the database refuses for good is dropped and logged (`_insert_or_drop`)."""
     try:
@@ -276,15 +305,21 @@ def _insert_or_keep(row: list[Any]) -> None:
         if connection.in_atomic_block:
             raise
         logger.exception("ledger row kept for a later flush: the database is unavailable")
-        _keep(row)
+        _keep_for_later([row])
 
 
 def _keep(row: list[Any]) -> None:
-    global _flusher  # noqa: PLW0603
     _hit_queue.put(row)
+    _flusher_ensure()
+
+
+def _flusher_ensure() -> None:
+    """Start this process's flusher thread unless it runs (none with
+    USAGE_HIT_BATCH_SECONDS=0, as in tests: the next usage_flush() writes the rows)."""
+    global _flusher  # noqa: PLW0603
     interval = float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0))
     if interval <= 0:
-        return  # no background flusher (tests): the next usage_flush() writes it
+        return
     if _flusher is None or not _flusher.is_alive():
         with _flusher_lock:
             if _flusher is None or not _flusher.is_alive():
@@ -292,6 +327,13 @@ def _keep(row: list[Any]) -> None:
                     target=_flush_forever, args=(interval,), name="usage-flush", daemon=True
                 )
                 _flusher.start()
+
+
+def ledger_spool_adopt() -> None:
+    """At a worker's start: if the spool holds rows (of a worker killed before it could
+    write them), start the flusher that writes them."""
+    if spool_pending():
+        _flusher_ensure()
 
 
 atexit.register(lambda: usage_flush() if not _hit_queue.empty() else None)

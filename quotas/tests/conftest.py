@@ -64,6 +64,7 @@ def worker_factory(transactional_db, redis_conn):
         "REDIS_URL": settings.REDIS_URL,
         "SECRET_KEY": "test-only-secret-key-not-for-production",
         "USAGE_HIT_BATCH_SECONDS": "0",
+        "LEDGER_SPOOL_DIR": settings.LEDGER_SPOOL_DIR,
         "PYTHONPATH": str(ROOT),
     }
     env.pop("TEST_DATABASE_NAME", None)

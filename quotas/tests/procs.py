@@ -7,6 +7,8 @@ database and Redis, driven by JSON commands on stdin (one per line, one reply pe
 
 With "gate": "<redis key>", each admission looks that cache entry up in its own script
 (quotas' CacheGate); "hits" counts the admissions that found it fresh.
+
+    {"op": "flush"} -> {"written": 3}   (usage_flush(); {"error": "<class>"} if it fails)
 """
 
 from __future__ import annotations
@@ -87,6 +89,17 @@ def _admit_many(cmd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _flush() -> dict[str, Any]:
+    from django.db import DatabaseError
+
+    from quotas.services import usage_flush
+
+    try:
+        return {"written": usage_flush()}
+    except DatabaseError as exc:
+        return {"error": type(exc).__name__}
+
+
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
@@ -97,6 +110,8 @@ def main() -> None:
         cmd = json.loads(line)
         if cmd["op"] == "admit":
             reply = _admit_many(cmd)
+        elif cmd["op"] == "flush":
+            reply = _flush()
         elif cmd["op"] == "exit":
             break
         else:

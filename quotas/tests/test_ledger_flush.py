@@ -40,7 +40,12 @@ def test_hit_rows_the_database_refused_are_written_by_the_next_flush(user, hidde
     assert set(UsageRecord.objects.values_list("request_id", flat=True)) == set(ids)
 
 
-def test_hit_rows_past_the_backlog_bound_are_dropped_oldest_first(user, hidden_ledger, monkeypatch):
+def test_hit_rows_past_the_backlog_bound_are_dropped_oldest_first(
+    user, hidden_ledger, monkeypatch, settings, tmp_path
+):
+    # The bound holds in memory, where rows stay when the spool cannot be written.
+    (tmp_path / "a-file").write_text("")
+    settings.LEDGER_SPOOL_DIR = str(tmp_path / "a-file")
     monkeypatch.setattr(ledger, "HIT_BACKLOG_MAX", 2)
     _queue_hit_rows(user, 5)
 
