@@ -38,6 +38,11 @@ UPSTREAM_LATENCY = Histogram(
     ["provider", "model"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+LEDGER_SPOOL_ROWS = Counter(
+    "tollgate_ledger_spool_rows_total",
+    "Ledger rows PostgreSQL could not take, by event: kept (put in the spool) or written.",
+    ["event"],
+)
 TOKENS = Counter("tollgate_tokens_total", "Tokens charged by model and kind.", ["model", "kind"])
 COST_USD = Counter("tollgate_cost_usd_total", "USD charged by model.", ["model"])
 # Under gunicorn each worker sets these from what it last saw; the most recent value of a

@@ -214,7 +214,9 @@ def usage_flush() -> int:
     spooled = [0]
 
     def write(batch: list[dict[str, Any]]) -> None:
-        spooled[0] += _write_rows([_row_from_spool(values) for values in batch])
+        done = _write_rows([_row_from_spool(values) for values in batch])
+        metrics.LEDGER_SPOOL_ROWS.labels("written").inc(done)
+        spooled[0] += done
 
     spool_replay(write)
     return written + spooled[0]
@@ -247,7 +249,9 @@ def _keep_for_later(rows: list[list[Any]]) -> None:
     """Rows the database cannot take now: to the spool, where a killed worker does not lose
     them; to the queue, keeping at most HIT_BACKLOG_MAX, if the spool cannot be written."""
     _flusher_ensure()
-    rows = rows[spool_append([_row_to_spool(row) for row in rows]) :]
+    spooled = spool_append([_row_to_spool(row) for row in rows])
+    metrics.LEDGER_SPOOL_ROWS.labels("kept").inc(spooled)
+    rows = rows[spooled:]
     dropped = min(len(rows), max(0, len(rows) + _hit_queue.qsize() - HIT_BACKLOG_MAX))
     if dropped:
         logger.error("cache-hit ledger backlog full: %d rows dropped", dropped)
@@ -281,8 +285,10 @@ def _flush_forever(interval: float) -> None:
         time.sleep(interval)
         try:
             usage_flush()
+        except DatabaseError as exc:  # an outage: one line a second, not a traceback
+            logger.warning("ledger flush failed, rows wait in the spool: %s", exc)
         except Exception:
-            logger.exception("cache-hit ledger flush failed")
+            logger.exception("ledger flush failed")
         finally:
             close_old_connections()
 
@@ -301,10 +307,10 @@ def _insert_or_keep(row: list[Any]) -> None:
     Redis). A row the database refuses for good is dropped and logged (`_insert_or_drop`)."""
     try:
         _insert_or_drop(row)
-    except DatabaseError:
+    except DatabaseError as exc:
         if connection.in_atomic_block:
             raise
-        logger.exception("ledger row kept for a later flush: the database is unavailable")
+        logger.warning("ledger row kept for a later flush, the database is unavailable: %s", exc)
         _keep_for_later([row])
 
 

@@ -69,7 +69,14 @@ def test_a_worker_writes_its_own_kept_rows_once_the_database_is_back(
     assert _segments() == []
 
 
+def _spool_metric(event: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("tollgate_ledger_spool_rows_total", {"event": event}) or 0.0
+
+
 def test_queued_hit_rows_a_failed_flush_could_not_write_go_to_the_spool(user, hidden_ledger):
+    kept, written = _spool_metric("kept"), _spool_metric("written")
     ledger._hit_queue.put(
         ledger._row(
             request_id="hit-1",
@@ -85,8 +92,10 @@ def test_queued_hit_rows_a_failed_flush_could_not_write_go_to_the_spool(user, hi
 
     assert ledger._hit_queue.empty()
     assert len(_segments()) == 1
+    assert _spool_metric("kept") == kept + 1
     assert usage_flush() == 1
     assert UsageRecord.objects.get(request_id="hit-1").cached
+    assert _spool_metric("written") == written + 1
 
 
 def test_an_incomplete_last_line_is_skipped_and_the_rest_written(user, caplog):
