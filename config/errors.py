@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
 from django.http import Http404
@@ -182,6 +183,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         exc = drf.PermissionDenied()
     elif isinstance(exc, DjangoValidationError):
         exc = drf.ValidationError(as_serializer_error(exc))
+    elif isinstance(exc, SuspiciousOperation):  # too many query fields, a bad Host...
+        logger.warning("suspicious request: %s", exc, extra={"request_id": request_id})
+        exc = InvalidRequest(f"The request is malformed: {exc}")
 
     if isinstance(exc, ApiError):
         err = exc
@@ -193,6 +197,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         err = ServiceUnavailable("The database is unreachable; try again shortly.")
     elif isinstance(exc, drf.APIException):
         err = _drf_to_api_error(exc)
+        if isinstance(exc, drf.ValidationError) and request is not None and request.method == "GET":
+            err.message = "The query parameters are invalid."
         wait = getattr(exc, "wait", None)
         if isinstance(exc, drf.Throttled) and wait:
             response = render_error(err, request_id)

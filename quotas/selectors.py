@@ -37,10 +37,9 @@ def user_id_by_username(username: str) -> int | None:
 
 def usage_queryset(*, user_id: int | None, start: dt.date, end: dt.date) -> QuerySet[UsageRecord]:
     """Ledger rows of one user (None: every user) created on UTC days start..end inclusive."""
-    rows = UsageRecord.objects.filter(
-        created_at__gte=_day_start(start),
-        created_at__lt=_day_start(end + dt.timedelta(days=1)),
-    )
+    rows = UsageRecord.objects.filter(created_at__gte=_day_start(start))
+    if end < dt.date.max:  # the last day there is has no day after it
+        rows = rows.filter(created_at__lt=_day_start(end + dt.timedelta(days=1)))
     if user_id is not None:
         rows = rows.filter(user_id=user_id)
     return rows

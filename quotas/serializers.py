@@ -1,23 +1,45 @@
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Any
 
+from django.utils import timezone
 from rest_framework import serializers
 
 
+class IsoDateField(serializers.DateField):
+    """A date written YYYY-MM-DD, and no other way."""
+
+    def to_internal_value(self, value: Any) -> dt.date:
+        if not isinstance(value, str) or not _ISO_DATE.fullmatch(value):
+            self.fail("invalid", format="YYYY-MM-DD")
+        return super().to_internal_value(value)  # type: ignore[no-any-return]
+
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+USAGE_MAX_DAYS = 366
+USAGE_DEFAULT_DAYS = 30
+
+
 class UsageQueryInputSerializer(serializers.Serializer):
-    start = serializers.DateField(required=False)
-    end = serializers.DateField(required=False)
+    start = IsoDateField(required=False, help_text=f"default: {USAGE_DEFAULT_DAYS} days before end")
+    end = IsoDateField(required=False, help_text="default: today (UTC)")
     group_by = serializers.ChoiceField(choices=("day", "model", "key"), required=False)
     user = serializers.CharField(required=False, max_length=150)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        start, end = attrs.get("start"), attrs.get("end")
-        if start and end and start > end:
+        """Fills in the defaults; the range, given or not, is at most USAGE_MAX_DAYS."""
+        end = attrs.get("end") or timezone.now().date()
+        start = attrs.get("start") or max(dt.date.min, end - dt.timedelta(days=USAGE_DEFAULT_DAYS))
+        if start > end:
             raise serializers.ValidationError({"start": ["start must not be after end."]})
-        if start and end and (end - start).days > 366:
-            raise serializers.ValidationError({"end": ["At most 366 days at a time."]})
-        return attrs
+        if (end - start).days > USAGE_MAX_DAYS:
+            field = "end" if "end" in attrs else "start"
+            raise serializers.ValidationError(
+                {field: [f"At most {USAGE_MAX_DAYS} days at a time."]}
+            )
+        return {**attrs, "start": start, "end": end, "group_by": attrs.get("group_by") or "day"}
 
 
 class LimitStandingSerializer(serializers.Serializer):

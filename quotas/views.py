@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from django.db import DatabaseError
 from django.http import HttpRequest
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework.exceptions import APIException
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
@@ -101,13 +99,9 @@ class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
             if other is None:
                 raise InvalidRequest("Unknown user.", fields={"user": ["Unknown user."]})
             user_id = other
-        today = timezone.now().date()
         return Response(
             selectors.usage_rows(
-                user_id=user_id,
-                start=data.get("start") or today - dt.timedelta(days=30),
-                end=data.get("end") or today,
-                group_by=data.get("group_by") or "day",
+                user_id=user_id, start=data["start"], end=data["end"], group_by=data["group_by"]
             )
         )
 

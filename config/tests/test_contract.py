@@ -322,6 +322,32 @@ def test_usage_bad_group_by_is_invalid_request(client_with_key):
     assert "group_by" in response.json()["error"]["fields"]
 
 
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"start": "2026-1-1"}, "start"),  # YYYY-MM-DD and no other way
+        ({"start": "20261130"}, "start"),
+        ({"start": "1900-01-01"}, "start"),  # past 366 days before the default end, today
+        ({"start": "2025-01-01", "end": "2026-06-01"}, "end"),
+        ({"start": "2026-06-02", "end": "2026-06-01"}, "start"),
+    ],
+)
+def test_usage_bad_date_range_is_invalid_request_naming_the_field(client_with_key, query, field):
+    response = client_with_key.get("/api/v1/usage", query)
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert list(error["fields"]) == [field]
+    assert error["message"] == "The query parameters are invalid."
+
+
+def test_usage_up_to_the_last_day_there_is_answers_empty(client_with_key):
+    response = client_with_key.get("/api/v1/usage", {"start": "9999-12-30", "end": "9999-12-31"})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["rows"] == []
+
+
 def test_quota_lists_every_dimension_with_money_as_strings(client_with_key):
     response = client_with_key.get("/api/v1/quota")
 
@@ -593,3 +619,11 @@ def test_unknown_url_without_a_valid_key_is_a_plain_404(api_client, db, credenti
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert "RateLimit" not in response
+
+
+@pytest.mark.parametrize("path", ["/api/v1/quota", "/v1/chat/completions"])
+def test_a_query_string_of_too_many_fields_is_a_400_not_a_500(client_with_key, path):
+    response = client_with_key.get(f"{path}?{'a&' * 1001}")
+
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] in ("invalid_request", "invalid_request_error")
