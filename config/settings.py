@@ -11,12 +11,13 @@ import os
 import tempfile
 from pathlib import Path
 
-import environ
 from django.core.exceptions import ImproperlyConfigured
+
+from config.env import StrictEnv
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
+env = StrictEnv()
 if env.bool("DJANGO_READ_DOT_ENV_FILE", default=False):
     # Real environment variables win over the file.
     env.read_env(str(BASE_DIR / ".env"), overwrite=False)
@@ -90,7 +91,9 @@ TEMPLATES = [
 
 # --- DATABASE ---
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+DATABASES["default"].setdefault(
+    "CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60, minimum=0)
+)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
@@ -102,7 +105,9 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 
 # --- REDIS AND CACHE ---
 REDIS_URL = env("REDIS_URL", default="")
-REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured("REDIS_URL must be a redis://, rediss:// or unix:// URL.")
+REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5, minimum=0.001)
 # Every key Tollgate writes in Redis starts with this prefix.
 REDIS_KEY_PREFIX = env("REDIS_KEY_PREFIX", default="tg")
 if REDIS_URL:
@@ -128,14 +133,14 @@ else:
     }
 
 # --- CACHE TIER ---
-CACHE_MEMORY_MAX_SIZE = env.int("CACHE_MEMORY_MAX_SIZE", default=1000)
-CACHE_MEMORY_TTL = env.int("CACHE_MEMORY_TTL", default=600)
-CACHE_REDIS_TTL = env.int("CACHE_REDIS_TTL", default=3600)
-CACHE_BROWSER_TTL = env.int("CACHE_BROWSER_TTL", default=300)
-CACHE_CDN_TTL = env.int("CACHE_CDN_TTL", default=1800)
+CACHE_MEMORY_MAX_SIZE = env.int("CACHE_MEMORY_MAX_SIZE", default=1000, minimum=0)
+CACHE_MEMORY_TTL = env.int("CACHE_MEMORY_TTL", default=600, minimum=0)
+CACHE_REDIS_TTL = env.int("CACHE_REDIS_TTL", default=3600, minimum=1)
+CACHE_BROWSER_TTL = env.int("CACHE_BROWSER_TTL", default=300, minimum=0)
+CACHE_CDN_TTL = env.int("CACHE_CDN_TTL", default=1800, minimum=0)
 CACHE_CDN_ENABLED = env.bool("CACHE_CDN_ENABLED", default=False)
-CACHE_POPULAR_THRESHOLD = env.int("CACHE_POPULAR_THRESHOLD", default=10)
-QUOTA_FALLBACK_CACHE_TTL = env.int("QUOTA_FALLBACK_CACHE_TTL", default=3600)
+CACHE_POPULAR_THRESHOLD = env.int("CACHE_POPULAR_THRESHOLD", default=10, minimum=1)
+QUOTA_FALLBACK_CACHE_TTL = env.int("QUOTA_FALLBACK_CACHE_TTL", default=3600, minimum=0)
 # The account whose quotas pay for warming and refreshing popular topics (username; empty:
 # the first active superuser).
 CACHE_WARM_USER = env("CACHE_WARM_USER", default="")
@@ -151,18 +156,19 @@ if not 0 <= QUOTA_SAFETY_MARGIN <= 1:
 QUOTA_DEFAULT_PLAN = env("QUOTA_DEFAULT_PLAN", default="free")
 # A concurrency lease (and its reservation) not settled within this many seconds is
 # considered abandoned by a crashed worker and is refunded.
-QUOTA_LEASE_TTL = env.int("QUOTA_LEASE_TTL", default=300)
+QUOTA_LEASE_TTL = env.int("QUOTA_LEASE_TTL", default=300, minimum=1)
 # The fail-open in-process limiter divides request limits by this number of workers.
 # gunicorn.conf.py's number of workers when WEB_CONCURRENCY is unset.
 QUOTA_WORKER_COUNT = env.int(
     "QUOTA_WORKER_COUNT",
-    default=env.int("WEB_CONCURRENCY", default=min(2 * (os.cpu_count() or 1), 8)),
+    default=env.int("WEB_CONCURRENCY", default=min(2 * (os.cpu_count() or 1), 8), minimum=1),
+    minimum=1,
 )
-AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30)
+AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30, minimum=1)
 # Proxies whose X-Forwarded-For is believed (the variable gunicorn reads too; "*": any).
 FORWARDED_ALLOW_IPS = env.list("FORWARDED_ALLOW_IPS", default=["127.0.0.1"])
 # Ledger rows of cache hits are written in batches at most this many seconds late (0: at once).
-USAGE_HIT_BATCH_SECONDS = env.float("USAGE_HIT_BATCH_SECONDS", default=1.0)
+USAGE_HIT_BATCH_SECONDS = env.float("USAGE_HIT_BATCH_SECONDS", default=1.0, minimum=0)
 # Ledger rows the database cannot take yet wait here, on local disk, so that a worker killed
 # meanwhile loses none (quotas/services/spool.py). Shared by the workers of one host.
 LEDGER_SPOOL_DIR = env(
@@ -170,31 +176,35 @@ LEDGER_SPOOL_DIR = env(
 )
 
 # --- GENERATION ---
-TOLLGATE_DEFAULT_MODEL = env("TOLLGATE_DEFAULT_MODEL", default="local/demo")
+TOLLGATE_DEFAULT_MODEL = env("TOLLGATE_DEFAULT_MODEL", default="") or "local/demo"
 OPENAI_API_KEY = env("OPENAI_API_KEY", default="")
 OPENAI_BASE_URL = env("OPENAI_BASE_URL", default="")
 GEMINI_API_KEY = env("GEMINI_API_KEY", default="")
 GEMINI_BASE_URL = env("GEMINI_BASE_URL", default="")
-LOCAL_PROVIDER_LATENCY_MS = env.int("LOCAL_PROVIDER_LATENCY_MS", default=0)
-UPSTREAM_CONNECT_TIMEOUT = env.float("UPSTREAM_CONNECT_TIMEOUT", default=5.0)
-UPSTREAM_READ_TIMEOUT = env.float("UPSTREAM_READ_TIMEOUT", default=60.0)
-UPSTREAM_MAX_ATTEMPTS = env.int("UPSTREAM_MAX_ATTEMPTS", default=3)
-UPSTREAM_MAX_RETRY_SECONDS = env.float("UPSTREAM_MAX_RETRY_SECONDS", default=30.0)
-CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
-CIRCUIT_RESET_SECONDS = env.float("CIRCUIT_RESET_SECONDS", default=30.0)
+LOCAL_PROVIDER_LATENCY_MS = env.int("LOCAL_PROVIDER_LATENCY_MS", default=0, minimum=0)
+UPSTREAM_CONNECT_TIMEOUT = env.float("UPSTREAM_CONNECT_TIMEOUT", default=5.0, minimum=0.001)
+UPSTREAM_READ_TIMEOUT = env.float("UPSTREAM_READ_TIMEOUT", default=60.0, minimum=0.001)
+UPSTREAM_MAX_ATTEMPTS = env.int("UPSTREAM_MAX_ATTEMPTS", default=3, minimum=1)
+UPSTREAM_MAX_RETRY_SECONDS = env.float("UPSTREAM_MAX_RETRY_SECONDS", default=30.0, minimum=0)
+CIRCUIT_FAILURE_THRESHOLD = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5, minimum=1)
+CIRCUIT_RESET_SECONDS = env.float("CIRCUIT_RESET_SECONDS", default=30.0, minimum=0)
 # A worker that found a circuit closed without failures trusts that for this long before
 # asking Redis again: a circuit opened by another worker is seen within this bound.
-CIRCUIT_CLOSED_CACHE_SECONDS = env.float("CIRCUIT_CLOSED_CACHE_SECONDS", default=0.25)
+CIRCUIT_CLOSED_CACHE_SECONDS = env.float("CIRCUIT_CLOSED_CACHE_SECONDS", default=0.25, minimum=0)
 # Full-jitter exponential backoff between attempts: random(0, min(max, base * 2**n)).
-UPSTREAM_BACKOFF_BASE = env.float("UPSTREAM_BACKOFF_BASE", default=0.5)
-UPSTREAM_BACKOFF_MAX = env.float("UPSTREAM_BACKOFF_MAX", default=8.0)
+UPSTREAM_BACKOFF_BASE = env.float("UPSTREAM_BACKOFF_BASE", default=0.5, minimum=0)
+UPSTREAM_BACKOFF_MAX = env.float("UPSTREAM_BACKOFF_MAX", default=8.0, minimum=0)
 # The offline provider's simulated failures (fractions of calls, 0..1).
-LOCAL_PROVIDER_FAILURE_RATE = env.float("LOCAL_PROVIDER_FAILURE_RATE", default=0.0)
-LOCAL_PROVIDER_TIMEOUT_RATE = env.float("LOCAL_PROVIDER_TIMEOUT_RATE", default=0.0)
-GENERATION_IDEMPOTENCY_TTL = env.int("GENERATION_IDEMPOTENCY_TTL", default=24 * 3600)
+LOCAL_PROVIDER_FAILURE_RATE = env.float(
+    "LOCAL_PROVIDER_FAILURE_RATE", default=0.0, minimum=0, maximum=1
+)
+LOCAL_PROVIDER_TIMEOUT_RATE = env.float(
+    "LOCAL_PROVIDER_TIMEOUT_RATE", default=0.0, minimum=0, maximum=1
+)
+GENERATION_IDEMPOTENCY_TTL = env.int("GENERATION_IDEMPOTENCY_TTL", default=24 * 3600, minimum=1)
 # Parallel upstream calls of one /topics/explanations request.
-EXPLANATIONS_MAX_WORKERS = env.int("EXPLANATIONS_MAX_WORKERS", default=4)
-API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024)
+EXPLANATIONS_MAX_WORKERS = env.int("EXPLANATIONS_MAX_WORKERS", default=4, minimum=1)
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=256 * 1024, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 
 # --- CELERY ---
@@ -217,8 +227,8 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=300)
-CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=240)
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=300, minimum=1)
+CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=240, minimum=1)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
@@ -230,42 +240,42 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A job refused for quota waits at most this long before it asks again (a day window may
 # reset hours later; a shorter wait keeps countdown messages well inside the visibility
 # timeout below, after which Redis would deliver an unacknowledged message again).
-JOB_RETRY_MAX_COUNTDOWN = env.int("JOB_RETRY_MAX_COUNTDOWN", default=900)
-JOB_MAX_QUOTA_RETRIES = env.int("JOB_MAX_QUOTA_RETRIES", default=200)
+JOB_RETRY_MAX_COUNTDOWN = env.int("JOB_RETRY_MAX_COUNTDOWN", default=900, minimum=1)
+JOB_MAX_QUOTA_RETRIES = env.int("JOB_MAX_QUOTA_RETRIES", default=200, minimum=0)
 JOB_MAX_SUBTOPICS = 20
 # Finished jobs (and their results) are deleted this many days after they finished; 0 keeps them.
-JOB_RETENTION_DAYS = env.int("JOB_RETENTION_DAYS", default=30)
+JOB_RETENTION_DAYS = env.int("JOB_RETENTION_DAYS", default=30, minimum=1)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 4 * JOB_RETRY_MAX_COUNTDOWN)}
 CELERY_BEAT_SCHEDULE = {
     # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.
     "cache-popular-refresh": {
         "task": "caching.popular_refresh",
-        "schedule": env.float("CELERY_POPULAR_REFRESH_SECONDS", default=3600.0),
+        "schedule": env.float("CELERY_POPULAR_REFRESH_SECONDS", default=3600.0, minimum=1),
     },
     # The ledger rolled up into daily aggregates (today and yesterday, idempotent).
     "usage-rollup": {
         "task": "quotas.tasks.usage_rollup",
-        "schedule": env.float("CELERY_USAGE_ROLLUP_SECONDS", default=300.0),
+        "schedule": env.float("CELERY_USAGE_ROLLUP_SECONDS", default=300.0, minimum=1),
     },
     # 80% / 100% of a day or month budget: one alert per threshold per period.
     "budget-alerts": {
         "task": "quotas.tasks.budget_alerts_check",
-        "schedule": env.float("CELERY_BUDGET_ALERTS_SECONDS", default=60.0),
+        "schedule": env.float("CELERY_BUDGET_ALERTS_SECONDS", default=60.0, minimum=1),
     },
     # Leases and reservations left by crashed workers are refunded.
     "quota-sweep": {
         "task": "quotas.tasks.quota_sweep",
-        "schedule": env.float("CELERY_QUOTA_SWEEP_SECONDS", default=60.0),
+        "schedule": env.float("CELERY_QUOTA_SWEEP_SECONDS", default=60.0, minimum=1),
     },
     # Finished batch jobs past JOB_RETENTION_DAYS are deleted.
     "jobs-purge": {
         "task": "generation.tasks.jobs_purge",
-        "schedule": env.float("CELERY_JOBS_PURGE_SECONDS", default=86400.0),
+        "schedule": env.float("CELERY_JOBS_PURGE_SECONDS", default=86400.0, minimum=1),
     },
     # Live refusal counts copied to the database (the dashboard's denials by reason).
     "denials-persist": {
         "task": "quotas.tasks.denials_persist",
-        "schedule": env.float("CELERY_DENIALS_PERSIST_SECONDS", default=300.0),
+        "schedule": env.float("CELERY_DENIALS_PERSIST_SECONDS", default=300.0, minimum=1),
     },
 }
 
@@ -277,14 +287,14 @@ BUDGET_ALERT_EMAILS = env.list("BUDGET_ALERT_EMAILS", default=[])
 BUDGET_ALERT_EMAIL_USER = env.bool("BUDGET_ALERT_EMAIL_USER", default=True)
 # A JSON POST per alert; empty: no webhook.
 BUDGET_ALERT_WEBHOOK_URL = env("BUDGET_ALERT_WEBHOOK_URL", default="")
-BUDGET_ALERT_WEBHOOK_TIMEOUT = env.float("BUDGET_ALERT_WEBHOOK_TIMEOUT", default=5.0)
+BUDGET_ALERT_WEBHOOK_TIMEOUT = env.float("BUDGET_ALERT_WEBHOOK_TIMEOUT", default=5.0, minimum=0.001)
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
 EMAIL_HOST = env("EMAIL_HOST", default="localhost")
-EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_PORT = env.int("EMAIL_PORT", default=25, minimum=1, maximum=65535)
 EMAIL_HOST_USER = env("EMAIL_HOST_USER", default="")
 EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD", default="")
 EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
-EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10, minimum=1)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="tollgate@localhost")
 
 # --- API ---

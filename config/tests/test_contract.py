@@ -560,6 +560,38 @@ def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, st
         assert "QUOTA_SAFETY_MARGIN" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("QUOTA_SAFETY_MARGIN", "0.5abc", "must be a number"),  # not 0.5
+        ("QUOTA_SAFETY_MARGIN", "nan", "must be a number"),
+        ("CACHE_MEMORY_MAX_SIZE", "abc", "must be a whole number"),
+        ("CACHE_REDIS_TTL", "-5", "must be at least 1"),
+        ("LOCAL_PROVIDER_LATENCY_MS", "-100", "must be at least 0"),
+        ("LOCAL_PROVIDER_FAILURE_RATE", "1.5", "must be at most 1"),
+        ("DEBUG", "maybe", "must be a yes or a no"),
+        ("REDIS_URL", "notaurl", "redis://"),
+    ],
+)
+def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variable, value, says):
+    env = {**os.environ, "DEBUG": "1", variable: value, "DJANGO_SETTINGS_MODULE": "config.settings"}
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("django.core.exceptions.ImproperlyConfigured"), result.stderr
+    assert variable in last
+    assert says in last
+
+
 def test_quota_exceeded_on_a_money_dimension_gives_the_limit_as_a_decimal_string(
     api_client, api_key, local_model, redis_conn
 ):
