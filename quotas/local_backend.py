@@ -290,10 +290,15 @@ class LocalQuotaBackend:
                     created += 1
         return created
 
-    def read(self, *, quotas: tuple[Quota, ...], epoch: str, now: float) -> list[WindowState]:
+    def read(
+        self, *, quotas: tuple[Quota, ...], version: str, epoch: str, now: float
+    ) -> list[WindowState]:
         day_left, month_left = seconds_left(now)
         states = []
+        missing: list[Quota] = []
         with self._lock:
+            if version != self._version or epoch != self._epoch:
+                raise StalePolicy(self._version, self._epoch)
             for quota in quotas:
                 key = self.counter_key(quota, epoch, now)
                 if quota.kind == "l":
@@ -301,11 +306,15 @@ class LocalQuotaBackend:
                     states.append(WindowState(quota, used, 0))
                 elif quota.window in ("day", "month"):
                     cal = self._calendar.get(key)
+                    if cal is None or cal.expires <= now:
+                        missing.append(quota)
                     left = day_left if quota.window == "day" else month_left
                     states.append(WindowState(quota, cal.get(quota.kind) if cal else 0, left))
                 else:
                     used, reset, _ = self._sliding_read(key, int(quota.window), 0, quota.limit, now)
                     states.append(WindowState(quota, used, reset))
+        if missing:
+            raise RebuildNeeded(missing)
         return states
 
     def reset_counters(self, *, counter: str) -> int:

@@ -279,14 +279,18 @@ class RedisQuotaBackend:
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(str(exc)) from exc
 
-    def read(self, *, quotas: tuple[Quota, ...], epoch: str, now: float) -> list[WindowState]:
+    def read(
+        self, *, quotas: tuple[Quota, ...], version: str, epoch: str, now: float
+    ) -> list[WindowState]:
         """Current standing of each quota without changing anything (GET /api/v1/quota, the
-        rate-limit headers): one script call, whatever the number of quotas."""
+        rate-limit headers): one script call, whatever the number of quotas. Raises
+        StalePolicy and RebuildNeeded as `admit` does, so that a reader never shows the
+        limits of an old policy or the empty counters of a new epoch."""
         if not quotas:
             return []
         day_left, month_left = seconds_left(now)
         day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
-        keys: list[str] = []
+        keys: list[str] = [f"{self.prefix}:ver", f"{self.prefix}:epoch"]
         how: list[int | str] = []
         for quota in quotas:
             keys.append(self._counter_key(quota, epoch, day))
@@ -297,18 +301,23 @@ class RedisQuotaBackend:
             else:
                 how.append(quota.window)
         try:
-            replies = self._read(keys=keys, args=[now, *how])
+            reply = self._read(keys=keys, args=[now, version, epoch, *how])
         except _UNAVAILABLE as exc:
             raise BackendUnavailable(str(exc)) from exc
+        status = _text(reply[0])
+        if status == "stale":
+            raise StalePolicy(_text(reply[1]), _text(reply[2]))
+        if status == "rebuild":
+            raise RebuildNeeded([quotas[int(i) - 1] for i in reply[1:]])
         states = []
-        for quota, reply in zip(quotas, replies, strict=True):
+        for quota, value in zip(quotas, reply[1:], strict=True):
             if quota.kind == "l":
-                states.append(WindowState(quota, int(reply), 0))
+                states.append(WindowState(quota, int(value), 0))
             elif quota.window in ("day", "month"):
                 left = day_left if quota.window == "day" else month_left
-                states.append(WindowState(quota, int(reply or 0), left))
+                states.append(WindowState(quota, int(value or 0), left))
             else:  # the sum of its sub-buckets, and the oldest that holds anything
-                used, first = reply
+                used, first = value
                 size = int(quota.window) / 12
                 states.append(
                     WindowState(quota, int(used), (first + 13) * size - now if first else 0.0)

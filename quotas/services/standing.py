@@ -13,14 +13,17 @@ from django.conf import settings
 from health import metrics
 from quotas.engine import (
     BackendUnavailable,
+    RebuildNeeded,
+    StalePolicy,
     WindowState,
     seconds_left,
 )
 from quotas.models import DIMENSIONS, ApiKey
 from quotas.policy import Policy, Quota, micros_to_usd
 from quotas.services.admission import ratelimit_headers
+from quotas.services.counters import counters_rebuild
 from quotas.services.ledger import _window_start, ledger_usage
-from quotas.services.state import _state, backend, policy_get
+from quotas.services.state import _on_stale, _state, backend, policy_get
 
 # --- standing --------------------------------------------------------------------------------
 
@@ -39,15 +42,26 @@ def _standing_quotas(user_id: int, key_id: int | None) -> tuple[Policy | None, t
 
 
 def _read_live(quotas: tuple[Quota, ...], now: float) -> list[WindowState] | None:
-    """The windows' standing from the backend, or None when it is unreachable."""
+    """The windows' standing from the backend, or None when it is unreachable. Calendar
+    counters of a new epoch are rebuilt from the ledger first, as an admission would.
+    Raises StalePolicy (this process's state already brought up to date) when the policy
+    version or the epoch moved: the caller's quotas may have changed, resolve them again."""
     if not quotas:
         return []
     be = backend()
     try:
         if not _state.epoch:
             _state.version, _state.epoch = be.tokens()
-        return be.read(quotas=quotas, epoch=_state.epoch, now=now)
-    except BackendUnavailable:
+        for _ in range(2):
+            try:
+                return be.read(quotas=quotas, version=_state.version, epoch=_state.epoch, now=now)
+            except StalePolicy as exc:
+                _on_stale(exc)
+                raise
+            except RebuildNeeded as exc:
+                counters_rebuild(quotas=exc.quotas, now=now)
+        return be.read(quotas=quotas, version=_state.version, epoch=_state.epoch, now=now)
+    except (BackendUnavailable, RebuildNeeded):
         return None
 
 
@@ -60,6 +74,23 @@ def _read(quotas: tuple[Quota, ...], now: float, *, from_ledger: bool = False) -
     if from_ledger:
         return _read_degraded(quotas, now)
     return [WindowState(q, 0, 0) for q in quotas]
+
+
+def _standing(
+    user_id: int, key_id: int | None, now: float, *, from_ledger: bool = False
+) -> tuple[Policy | None, list[WindowState]]:
+    """The caller's policy and its own windows' standing, under the current policy version
+    (a limit an operator just changed shows at once, on every worker)."""
+    for _ in range(3):
+        policy, quotas = _standing_quotas(user_id, key_id)
+        try:
+            return policy, _read(quotas, now, from_ledger=from_ledger)
+        except StalePolicy:
+            continue
+    # Policies changing faster than they can be read: what fail-open would enforce.
+    return policy, _read_degraded(quotas, now) if from_ledger else [
+        WindowState(q, 0, 0) for q in quotas
+    ]
 
 
 def _read_degraded(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
@@ -85,14 +116,15 @@ def _read_degraded(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
         reset = day_left if q.window == "day" else month_left if q.window == "month" else 0
         states[i] = WindowState(q, used, reset)
     fallback = _state.fallback
-    local_states = iter(fallback.read(quotas=tuple(local), epoch=fallback.tokens()[1], now=now))
+    version, epoch = fallback.tokens()
+    local_states = iter(fallback.read(quotas=tuple(local), version=version, epoch=epoch, now=now))
     return [states[i] if i in states else next(local_states) for i in range(len(quotas))]
 
 
 def quota_headers(*, user_id: int, key_id: int | None, now: float | None = None) -> dict[str, str]:
     """Rate-limit headers of the caller's current standing; consumes nothing."""
-    _, quotas = _standing_quotas(user_id, key_id)
-    return ratelimit_headers(_read(quotas, time.time() if now is None else now))
+    _, states = _standing(user_id, key_id, time.time() if now is None else now)
+    return ratelimit_headers(states)
 
 
 def _money(micros: int) -> str:
@@ -109,8 +141,7 @@ def quota_standing(
 ) -> dict[str, Any]:
     """API.md's GET /api/v1/quota body: each dimension's tightest limit, use and reset."""
     moment = time.time() if now is None else now
-    policy, quotas = _standing_quotas(user_id, key_id)
-    states = _read(quotas, moment, from_ledger=True)
+    policy, states = _standing(user_id, key_id, moment, from_ledger=True)
     limits: dict[str, dict[str, Any]] = {}
     for dim in DIMENSIONS:
         dim_states = [s for s in states if s.quota.dimension == dim]
@@ -160,7 +191,14 @@ def quota_global(*, now: float | None = None) -> dict[str, Any]:
     quotas = global_quotas(glob)
     for row in ProviderQuota.objects.all():
         quotas += provider_quotas(row)
-    live = _read_live(tuple(quotas), moment)
+    for _ in range(3):
+        try:
+            live = _read_live(tuple(quotas), moment)
+            break
+        except StalePolicy:  # only the epoch matters here: these quotas come from the rows
+            continue
+    else:
+        live = None
     states = live if live is not None else _read_degraded(tuple(quotas), moment)
 
     def entry(state: WindowState) -> dict[str, Any]:

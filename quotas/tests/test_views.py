@@ -318,3 +318,36 @@ def test_key_scopes_limit_the_endpoints_a_key_may_call(api_client, user, local_m
     # Model scopes alone restrict models, not endpoints.
     assert generate(api_client, models_only).status_code == 200
     assert api_client.get("/api/v1/quota", **auth(models_only)).status_code == 200
+
+
+def test_a_limit_another_worker_changed_shows_in_the_standing_at_once(
+    api_client, api_key, user, plan_for, redis_conn
+):
+    key, _ = api_key
+    plan = plan_for(user, requests_per_minute=10)
+    first = api_client.get("/api/v1/quota", **auth(key))
+    assert first.json()["limits"]["requests_per_minute"]["limit"] == 10
+
+    # Another worker saves the plan: the row changes, and it announces a new policy version
+    # in Redis; this process's cached policy is left as it was.
+    type(plan).objects.filter(pk=plan.pk).update(requests_per_minute=11)
+    services.backend().bump_version()
+
+    response = api_client.get("/api/v1/quota", **auth(key))
+    assert response.json()["limits"]["requests_per_minute"]["limit"] == 11
+    assert response["RateLimit-Policy"] == '"rpm";q=11;w=60'
+
+
+def test_a_new_worker_after_rebuild_counters_shows_the_days_use_from_the_ledger(
+    api_client, api_key, user, plan_for, redis_conn
+):
+    key, _ = api_key
+    plan_for(user, requests_per_day=100, cost_per_day="5.00")
+    assert generate(api_client, key, prompt="counted", cache="bypass").status_code == 200
+
+    services.counters_rebuild_all()  # manage.py rebuild_counters: a new counter epoch
+    services.local_state_reset()  # a worker started since: it knows nothing yet
+
+    limits = api_client.get("/api/v1/quota", **auth(key)).json()["limits"]
+    assert limits["requests_per_day"]["used"] == 1
+    assert limits["cost_per_day"]["used"] != "0.00"
