@@ -99,9 +99,22 @@ class Admission:
     # or None) and whether it took the single-flight lock.
     entry: bytes | None = None
     locked: bool = False
+    # Once settled (or refunded): the tokens it used, which replaced the reservation.
+    settled_tokens: int | None = None
 
     def headers(self) -> dict[str, str]:
-        return ratelimit_headers(self.windows)
+        """The rate-limit headers as the admission left the windows; once settled, its
+        token windows hold the tokens used instead of the reservation."""
+        windows = self.windows
+        if self.settled_tokens is not None and self.est_tokens:
+            given_back = self.est_tokens - self.settled_tokens
+            windows = [
+                WindowState(w.quota, max(0, w.used - given_back), w.reset_in)
+                if w.quota.kind == "t"
+                else w
+                for w in windows
+            ]
+        return ratelimit_headers(windows)
 
 
 def _refuse(decision: Decision, policy: Policy) -> QuotaExceeded:

@@ -104,6 +104,7 @@ def usage_settle(
             latency_ms=latency,
         ),
     )
+    admission.settled_tokens = tokens
     if tokens:
         metrics.TOKENS.labels(policy.model, "prompt").inc(prompt_tokens)
         metrics.TOKENS.labels(policy.model, "completion").inc(completion_tokens)
@@ -131,3 +132,4 @@ def usage_refund(*, admission: Admission, outcome: str, latency_ms: int | None =
             latency_ms=latency,
         ),
     )
+    admission.settled_tokens = 0

@@ -351,3 +351,18 @@ def test_a_new_worker_after_rebuild_counters_shows_the_days_use_from_the_ledger(
     limits = api_client.get("/api/v1/quota", **auth(key)).json()["limits"]
     assert limits["requests_per_day"]["used"] == 1
     assert limits["cost_per_day"]["used"] != "0.00"
+
+
+def test_remaining_tokens_of_an_answer_count_the_tokens_used_not_the_reservation(
+    api_client, api_key, user, plan_for, redis_conn
+):
+    key, _ = api_key
+    plan_for(user, requests_per_minute=100, tokens_per_minute=10_000)
+    response = generate(api_client, key, prompt="a short one", max_tokens=500, cache="bypass")
+    assert response.status_code == 200, response.content
+    used = response.json()["usage"]["total_tokens"]
+    assert used < 500  # the reservation held all of max_tokens
+
+    standing = api_client.get("/api/v1/quota", **auth(key)).json()["limits"]
+    assert standing["tokens_per_minute"]["used"] == used
+    assert response["X-RateLimit-Remaining-Tokens"] == str(10_000 - used)
