@@ -92,11 +92,12 @@ def test_startup_all_migrations_applied_is_ok(client):
     assert response.json() == {"status": "ok"}
 
 
-def test_startup_unapplied_migration_is_503(client):
+@pytest.mark.parametrize("which", ["-name", "name"], ids=["last", "first"])
+def test_startup_unapplied_migration_is_503(client, which):
     recorder = MigrationRecorder.Migration.objects
-    latest = recorder.filter(app="quotas").order_by("-applied").first()
-    assert latest is not None
-    latest.delete()  # as if this migration had not been applied yet (rolled back after)
+    record = recorder.filter(app="quotas").order_by(which).first()
+    assert record is not None
+    record.delete()  # as if this migration had not been applied yet (rolled back after)
     response = client.get("/health/startup")
     assert response.status_code == 503
     assert response.json()["status"] == "fail"
