@@ -155,6 +155,8 @@ def job_get(*, job_id: uuid.UUID | str, user: AbstractBaseUser | AnonymousUser) 
 
 def job_result(*, job: Job) -> dict[str, Any] | None:
     """The explanations response of a finished job (API.md shape), else None."""
+    from generation.services import money
+
     if job.status != JobStatus.DONE:
         return None
     prompt = completion = 0
@@ -181,7 +183,7 @@ def job_result(*, job: Job) -> dict[str, Any] | None:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         },
-        "cost_usd": str(cost),
+        "cost_usd": money(cost),
     }
 
 

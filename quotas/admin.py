@@ -38,6 +38,7 @@ from quotas.models import (
     UsageRecord,
     UserQuota,
 )
+from quotas.policy import usd_text
 
 logger = logging.getLogger("tollgate.admin")
 User = get_user_model()
@@ -581,7 +582,7 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "provider",
         "prompt_tokens",
         "completion_tokens",
-        "cost_usd",
+        "cost",
         "cached",
         "fallback",
         "outcome",
@@ -592,6 +593,10 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     search_fields = ("=request_id", "user__username")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
+
+    @admin.display(description="cost (USD)", ordering="cost_usd")
+    def cost(self, obj: UsageRecord) -> str:
+        return usd_text(obj.cost_usd)
 
 
 @admin.register(DenialCount)

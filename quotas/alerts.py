@@ -25,6 +25,7 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from quotas.models import Plan, UsageRecord, UserQuota
+from quotas.policy import usd_text
 from quotas.rollups import BudgetAlert, BudgetPeriod, DailyUsage
 
 logger = logging.getLogger("tollgate.alerts")
@@ -170,8 +171,8 @@ def alert_payload(*, alert: BudgetAlert) -> dict[str, Any]:
         "period": alert.period,
         "period_start": alert.period_start.isoformat(),
         "threshold_percent": alert.threshold,
-        "budget_usd": str(alert.budget_usd),
-        "spent_usd": str(alert.spent_usd),
+        "budget_usd": usd_text(alert.budget_usd),
+        "spent_usd": usd_text(alert.spent_usd),
         "created_at": alert.created_at.isoformat(),
     }
 

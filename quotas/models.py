@@ -257,7 +257,8 @@ class UsageRecord(models.Model):
     provider = models.CharField(max_length=20)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
-    cost_usd = models.DecimalField(max_digits=14, decimal_places=6, default=Decimal(0))
+    # Exact: tokens times a price per million with six decimals has at most twelve.
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=12, default=Decimal(0))
     cached = models.BooleanField(default=False)
     fallback = models.BooleanField(default=False)
     outcome = models.CharField(max_length=24, choices=Outcome.choices, default=Outcome.OK)

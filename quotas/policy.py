@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from django.conf import settings
@@ -52,11 +52,24 @@ SHARED_SCOPES = ("global", "provider")
 
 
 def usd_to_micros(value: Decimal) -> int:
-    return int((value * MICROS).to_integral_value(rounding=ROUND_HALF_UP))
+    """Micro-dollars, rounded up: a cost is counted at least at its exact value, so the
+    ledger's exact total never passes a budget the counters held (limits have six decimals,
+    which this keeps exactly)."""
+    return int((value * MICROS).to_integral_value(rounding=ROUND_CEILING))
 
 
 def micros_to_usd(value: int) -> Decimal:
     return (Decimal(value) / MICROS).quantize(Decimal("0.000001"))
+
+
+def usd_text(value: Decimal) -> str:
+    """USD as the contract writes it: at least six decimals ("0.000150"), and every further
+    digit an exact cost has ("0.0005253": 1,234 tokens at 0.15 and 567 at 0.60 a million)."""
+    exact = value.normalize()
+    exponent = exact.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -6:
+        return f"{exact:f}"
+    return f"{value.quantize(Decimal('0.000001'))}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +134,12 @@ class Policy:
         return quotas
 
     def cost_of(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """Exact cost in USD, rounded half-up to the micro-dollar."""
-        raw = (
+        """Exact cost in USD: prices per million have six decimals, so a cost has at most
+        twelve, which the ledger keeps (the quota counters count it to the micro-dollar)."""
+        return (
             Decimal(prompt_tokens) * self.input_per_million
             + Decimal(completion_tokens) * self.output_per_million
         ) / MICROS
-        return raw.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
 
 
 def _units(dimension: str, value: int | Decimal | None) -> int | None:

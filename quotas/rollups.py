@@ -35,7 +35,7 @@ class DailyUsage(models.Model):
     errors = models.PositiveIntegerField(default=0, help_text="Upstream failures (refunded).")
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
-    cost_usd = models.DecimalField(max_digits=16, decimal_places=6, default=ZERO)
+    cost_usd = models.DecimalField(max_digits=22, decimal_places=12, default=ZERO)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -74,7 +74,7 @@ class BudgetAlert(models.Model):
     period_start = models.DateField(help_text="The UTC day, or the first day of the month.")
     threshold = models.PositiveSmallIntegerField(help_text="Percent of the budget.")
     budget_usd = models.DecimalField(max_digits=14, decimal_places=6)
-    spent_usd = models.DecimalField(max_digits=16, decimal_places=6)
+    spent_usd = models.DecimalField(max_digits=22, decimal_places=12)
     created_at = models.DateTimeField(auto_now_add=True)
     emailed_to = models.JSONField(default=list, blank=True)
     email_sent = models.BooleanField(default=False)

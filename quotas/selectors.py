@@ -12,16 +12,16 @@ from django.db.models.functions import Coalesce, TruncDate
 
 from config.errors import InvalidRequest
 from quotas.models import UsageRecord
+from quotas.policy import usd_text
 
 # group_by -> the expression a ledger row is grouped by. "user" is for operators' reports;
 # the API offers day, model and key.
 USAGE_GROUPS = ("day", "model", "key", "user")
-_MICRO = Decimal("0.000001")
 
 
 def money(value: Decimal | None) -> str:
-    """A USD amount as the contract's decimal string, to the micro-dollar ("0.000150")."""
-    return str((value or Decimal(0)).quantize(_MICRO))
+    """A USD amount as the contract's decimal string ("0.000150"; `usd_text`)."""
+    return usd_text(value or Decimal(0))
 
 
 def _day_start(day: dt.date) -> dt.datetime:

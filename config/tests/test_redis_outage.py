@@ -12,7 +12,7 @@ was spent during the outage still counts.
 from __future__ import annotations
 
 import time
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 import pytest
 from django.db.models import Sum
@@ -20,6 +20,7 @@ from django.db.models import Sum
 from config.tests.redis_server import PrivateRedis, point_settings_at
 from generation.tests.fake_upstream import Behaviour, FakeUpstream
 from quotas.models import Outcome, UsageRecord
+from quotas.policy import micros_to_usd, usd_to_micros
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
@@ -161,7 +162,7 @@ def test_redis_down_fail_open_generate_is_served_and_charged_exactly(
         exact = (
             Decimal("1.50") * usage["prompt_tokens"] + Decimal("2.00") * usage["completion_tokens"]
         ) / 10**6
-        assert row.cost_usd == exact.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+        assert row.cost_usd == exact
     hit_row = UsageRecord.objects.get(request_id=hit.json()["request_id"])
     assert (hit_row.outcome, hit_row.cost_usd) == (Outcome.CACHED, Decimal("0"))
 
@@ -367,8 +368,10 @@ def test_redis_back_counters_rebuilt_so_outage_spending_still_counts(
     spent = UsageRecord.objects.filter(user=user).aggregate(t=Sum("cost_usd"))["t"]
     assert spent <= Decimal("0.0002")
     during = _get(client_with_key, "/api/v1/quota").json()["limits"]["cost_per_day"]
-    assert Decimal(during["used"]) == spent  # from the ledger, not "nothing spent"
-    assert Decimal(during["remaining"]) == Decimal("0.0002") - spent
+    # From the ledger, not "nothing spent"; counted, as every budget is, to the micro-dollar.
+    counted = micros_to_usd(usd_to_micros(spent))
+    assert Decimal(during["used"]) == counted
+    assert Decimal(during["remaining"]) == Decimal("0.0002") - counted
 
     redis_server.start()  # back, and empty
     time.sleep(1.1)  # fail-open tries Redis again at most once a second
@@ -378,7 +381,7 @@ def test_redis_back_counters_rebuilt_so_outage_spending_still_counts(
     assert after.status_code == 429, after.content
     assert after.json()["error"]["dimension"] == "cost_per_day"
     assert quota.status_code == 200
-    assert Decimal(quota.json()["limits"]["cost_per_day"]["used"]) == spent
+    assert Decimal(quota.json()["limits"]["cost_per_day"]["used"]) == counted
     # Small requests still fit: Redis serves again, and counts from the ledger's total.
     small = _post(client_with_key, GENERATE, {"prompt": "s", "max_tokens": 1, "cache": "bypass"})
     assert small.status_code in (200, 429)

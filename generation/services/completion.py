@@ -46,7 +46,7 @@ from generation.providers.base import Completion, CompletionRequest
 from generation.resilience import upstream_complete, upstream_stream
 from generation.tokens import tokens_count, tokens_count_messages
 from quotas.errors import QuotaExceeded
-from quotas.policy import Policy
+from quotas.policy import Policy, usd_text
 from quotas.services import (
     Admission,
     CacheGate,
@@ -123,8 +123,8 @@ def circuit_states() -> list[dict[str, Any]]:
 
 
 def money(value: Decimal) -> str:
-    """USD as API.md writes it: "0" for nothing, else six decimals."""
-    return "0" if not value else f"{value.quantize(Decimal('0.000001'))}"
+    """USD as API.md writes it: "0" for nothing, else at least six decimals (`usd_text`)."""
+    return "0" if not value else usd_text(value)
 
 
 def _completion_value(completion: Completion) -> dict[str, Any]:

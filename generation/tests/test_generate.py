@@ -29,8 +29,8 @@ def test_generate_openai_success_charges_exact_cost_in_ledger(
 
     assert response.status_code == 200, response.content
     body = response.json()
-    # 1234 x 0.15 / 1e6 + 567 x 0.60 / 1e6 = 0.0001851 + 0.0003402
-    assert body["cost_usd"] == "0.000525"
+    # 1234 x 0.15 / 1e6 + 567 x 0.60 / 1e6 = 0.0001851 + 0.0003402, to the last digit
+    assert body["cost_usd"] == "0.0005253"
     assert body["text"] == "Paris."
     assert body["usage"] == {"prompt_tokens": 1234, "completion_tokens": 567, "total_tokens": 1801}
     assert body["cached"] is False
@@ -40,7 +40,7 @@ def test_generate_openai_success_charges_exact_cost_in_ledger(
     assert response["X-RateLimit-Remaining-Requests"] == "59"
     row = UsageRecord.objects.get(request_id=body["request_id"])
     assert (row.prompt_tokens, row.completion_tokens) == (1234, 567)
-    assert row.cost_usd == Decimal("0.000525")
+    assert row.cost_usd == Decimal("0.0005253")
     assert row.outcome == "ok"
     assert row.api_key_id == api_key[1].pk
     sent = fake_upstream.requests[0]

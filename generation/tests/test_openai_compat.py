@@ -91,7 +91,7 @@ def test_openai_sdk_stream_of_a_gemini_model_is_settled_when_it_ends(
     assert "streamGenerateContent" in fake_upstream.requests[0].path
     row = UsageRecord.objects.get()
     assert (row.prompt_tokens, row.completion_tokens) == (8, 5)
-    assert row.cost_usd == Decimal("0.000003")  # (8 x 0.10 + 5 x 0.40) / 1e6, rounded
+    assert row.cost_usd == Decimal("0.0000028")  # (8 x 0.10 + 5 x 0.40) / 1e6, exact
 
 
 def test_openai_sdk_stream_cut_upstream_raises_and_is_refunded(

@@ -34,7 +34,7 @@ def test_subtopics_returns_graph_rooted_at_topic(
     ]
     assert all(e["source"] == "root" for e in body["edges"])
     assert len(body["edges"]) == 3
-    assert body["cost_usd"] == "0.000032"  # 90 x 0.15 / 1e6 + 30 x 0.60 / 1e6 = 0.0000315
+    assert body["cost_usd"] == "0.0000315"  # 90 x 0.15 / 1e6 + 30 x 0.60 / 1e6, exact
     prompt = fake_upstream.requests[0].body["messages"][-1]["content"]
     assert "Topic: Python programming" in prompt
     assert "JSON" in prompt
@@ -165,8 +165,8 @@ def test_explanations_one_failing_item_does_not_fail_the_others(
     )
     body = response.json()
     assert body["usage"]["prompt_tokens"] == 4 * 30
-    # Each item costs (30 x 0.15 + 10 x 0.60) / 1e6 = 0.0000105, rounded half-up on its own.
-    assert body["cost_usd"] == "0.000044"
+    # Each item costs (30 x 0.15 + 10 x 0.60) / 1e6 = 0.0000105, exactly (four of them).
+    assert body["cost_usd"] == "0.000042"
     rows = UsageRecord.objects.order_by("request_id")
     assert [r.outcome for r in rows].count("ok") == 4
     assert [r.outcome for r in rows].count("upstream_error") == 1

@@ -655,6 +655,18 @@ def test_ledger_filters_search_and_date_hierarchy(admin_client, governance):
     assert listed(model="local/demo", provider="local") == ["req-admin-1", "req-admin-hit"]
 
 
+def test_ledger_lists_each_cost_exactly(admin_client, governance):
+    usage = governance[UsageRecord]
+    UsageRecord.objects.create(
+        request_id="req-admin-hit", user=usage.user, model="local/demo", cached=True
+    )
+    usage.cost_usd = Decimal("0.0000315")  # 90 tokens at 0.15 and 30 at 0.60 a million
+    usage.save()
+    page = admin_client.get(_url(UsageRecord, "changelist")).content.decode()
+    assert ">0.0000315<" in page
+    assert ">0.000000<" in page  # the cache hit: six decimals, not twelve
+
+
 # --- Resetting windows ---
 
 

@@ -399,7 +399,8 @@ def test_model_refused_by_plan_lifts_at_once_when_the_plan_changes(engine, user,
 
 
 def test_money_is_counted_in_integer_micro_dollars():
-    assert usd_to_micros(Decimal("0.0000015")) == 2  # half-up
+    assert usd_to_micros(Decimal("0.0000011")) == 2  # a cost is counted rounded up
+    assert usd_to_micros(Decimal("0.000002")) == 2
     assert usd_to_micros(Decimal("5.00")) == 5_000_000
 
 
