@@ -16,6 +16,8 @@ from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from quotas.authentication import KeyPrincipal
+from quotas.errors import UserSuspended
+from quotas.models import UserQuota
 
 ENDPOINT_SCOPES = ("generate", "usage")
 
@@ -34,3 +36,18 @@ class KeyScopePermission(BasePermission):
             return True
         granted = [s for s in auth.scopes if not s.startswith("model:")]
         return not granted or needed in granted
+
+
+class NotSuspended(BasePermission):
+    """403 for a suspended user, on the views no admission guards (usage, jobs): only
+    `GET /api/v1/quota` answers a suspended user. One indexed query, read each time, so a
+    suspension holds at once on every worker."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        user_id = getattr(request.user, "pk", None)
+        if (
+            user_id is not None
+            and UserQuota.objects.filter(user_id=user_id, suspended=True).exists()
+        ):
+            raise UserSuspended()
+        return True

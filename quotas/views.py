@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from caching.http import ConditionalGetMixin
 from config.errors import InvalidRequest, PermissionDeniedError
 from quotas import selectors, services
-from quotas.permissions import KeyScopePermission
+from quotas.permissions import KeyScopePermission, NotSuspended
 from quotas.serializers import (
     QuotaGlobalOutputSerializer,
     QuotaStandingOutputSerializer,
@@ -79,7 +79,7 @@ class QuotaStandingView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
 
 
 class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAuthenticated, KeyScopePermission)
+    permission_classes = (IsAuthenticated, KeyScopePermission, NotSuspended)
     key_scope = "usage"
 
     @extend_schema(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import pytest
 from django.db import connection
@@ -158,6 +159,13 @@ def test_suspended_user_is_refused_with_its_headers_and_sees_its_real_standing(
     assert body["limits"]["requests_per_minute"]["limit"] == 60  # not "unlimited"
     assert body["limits"]["requests_per_minute"]["used"] == 1
     assert body["limits"]["tokens_per_day"]["limit"] == 1000
+    # Its other requests, the ledger and jobs included, are refused as well.
+    for path in ("/api/v1/usage", "/v1/models", f"/api/v1/jobs/{uuid.uuid4()}"):
+        assert_error(api_client.get(path, **auth(full)), 403, "permission_denied")
+    quota.suspended = False
+    with django_capture_on_commit_callbacks(execute=True):
+        quota.save()
+    assert api_client.get("/api/v1/usage", **auth(full)).status_code == 200
 
 
 @pytest.mark.usefixtures("redis_conn")
