@@ -101,10 +101,54 @@ class ChatMessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=("system", "developer", "user", "assistant"))
     content = ChatContentField()
 
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ("tool_calls", "function_call"):
+                if data.get(name):
+                    raise serializers.ValidationError({name: "Not supported by this gateway."})
+        return super().to_internal_value(data)
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs["role"] == "developer":  # OpenAI's newer name for the system role
             attrs["role"] = "system"
         return attrs
+
+
+# OpenAI chat-completions fields that change the answer and that Tollgate does not carry to
+# a provider: refused unless their value is the one that changes nothing, since answering
+# without them would be another answer (and cached as the answer to the request with them).
+_UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "stop": (None, []),
+    "seed": (None,),
+    "top_p": (None, 1),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+# Accepted and ignored: they do not change the answer.
+_IGNORED = frozenset(
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier"}
+)
+
+
+def _neutral(value: Any, neutrals: tuple[Any, ...]) -> bool:
+    """`value` is one of `neutrals` (True is not 1 here, nor False 0)."""
+    return any(
+        value is n or (not isinstance(value, bool) and not isinstance(n, bool) and value == n)
+        for n in neutrals
+    )
 
 
 class ChatCompletionInputSerializer(InputSerializer):
@@ -125,6 +169,19 @@ class ChatCompletionInputSerializer(InputSerializer):
     stream = serializers.BooleanField(required=False, default=False, allow_null=True)
     stream_options = serializers.DictField(required=False, allow_null=True)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """A field this gateway would drop is refused by name, as OpenAI refuses an
+        unrecognised argument, rather than answered as if it had not been sent."""
+        for name, value in self.initial_data.items():
+            if name in self.fields or name in _IGNORED:
+                continue
+            if name in _UNSUPPORTED_UNLESS:
+                if not _neutral(value, _UNSUPPORTED_UNLESS[name]):
+                    raise serializers.ValidationError({name: "Not supported by this gateway."})
+                continue
+            raise serializers.ValidationError({name: "Unrecognized request argument."})
+        return attrs
 
 
 class SubtopicsInputSerializer(InputSerializer):

@@ -163,6 +163,59 @@ def test_openai_sdk_sees_unknown_model_as_openai_shaped_400(upstream_settings, t
     assert error["message"]
 
 
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("response_format", {"type": "json_object"}),
+        ("stop", ["\n"]),
+        ("seed", 7),
+        ("top_p", 0.5),
+        ("logprobs", True),
+    ],
+)
+def test_openai_sdk_sees_a_parameter_the_gateway_would_drop_refused_by_name(
+    upstream_settings, local_model, tollgate, param, value
+):
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo", messages=[{"role": "user", "content": "Hi"}], **{param: value}
+        )
+
+    error = info.value.body
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_request",
+        param,
+    )
+    assert "Not supported" in error["message"]
+    assert not UsageRecord.objects.exists()
+
+
+def test_openai_sdk_parameters_that_change_nothing_are_accepted(
+    upstream_settings, local_model, tollgate
+):
+    completion = tollgate.chat.completions.create(
+        model="local/demo",
+        messages=[{"role": "user", "content": "Hi"}],
+        top_p=1,
+        presence_penalty=0,
+        response_format={"type": "text"},
+        user="end-user-7",
+        metadata={"team": "docs"},
+        extra_body={"store": False},
+    )
+    assert completion.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo",
+            messages=[{"role": "user", "content": "Hi"}],
+            extra_body={"temprature": 0.2},
+        )
+    assert info.value.body["param"] == "temprature"
+    assert "Unrecognized" in info.value.body["message"]
+
+
 def test_openai_sdk_sees_upstream_timeout_as_504_and_is_not_charged(
     upstream_settings, fake_upstream, openai_model, tollgate
 ):
