@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from django.template.loader import render_to_string
@@ -28,13 +29,11 @@ def subtopics_messages(*, topic: str, count: int) -> list[dict[str, str]]:
 
 
 def subtopics_retry_messages(
-    *, topic: str, count: int, previous: list[dict[str, str]], answer: str
+    *, topic: str, count: int, previous: list[dict[str, str]], answer: str, found: int = 0
 ) -> list[dict[str, str]]:
-    return [
-        *previous,
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": prompt_render("subtopics_retry", topic=topic, count=count)},
-    ]
+    """Ask again, showing the model its answer: unreadable (`found` 0) or short of `count`."""
+    again = prompt_render("subtopics_retry", topic=topic, count=count, found=found)
+    return [*previous, {"role": "assistant", "content": answer}, {"role": "user", "content": again}]
 
 
 def explanation_messages(*, topic: str, subtopic: str) -> list[dict[str, str]]:
@@ -74,11 +73,14 @@ def _label(item: Any) -> str:
     return item if isinstance(item, str) else ""
 
 
-def subtopics_parse(text: str, *, count: int) -> list[str]:
+def subtopics_parse(
+    text: str, *, count: int, topic: str = "", known: Sequence[str] = ()
+) -> list[str]:
     """The subtopic labels of a model's answer: JSON (`{"subtopics": [...]}` or a bare
     list, possibly fenced or surrounded by prose, with common syntax slips repaired), else
-    a bulleted or numbered list. Deduplicated case-insensitively, at most `count`; empty
-    when nothing usable was found."""
+    a bulleted or numbered list. Deduplicated case-insensitively, never the topic itself,
+    after the `known` labels (which it starts with), at most `count`; empty when nothing
+    usable was found."""
     body = _FENCE.sub("", text.strip())
     data = _loads_lenient(body)
     items: list[Any] = []
@@ -89,12 +91,12 @@ def subtopics_parse(text: str, *, count: int) -> list[str]:
         items = data
     if not items:
         items = [m.group("item") for m in map(_BULLET.match, body.splitlines()) if m]
-    labels: list[str] = []
-    seen: set[str] = set()
+    labels: list[str] = list(known)
+    seen = {label.casefold() for label in known} | {" ".join(topic.split()).casefold()}
     for item in items:
         label = " ".join(_label(item).split()).strip(" \"'")[:MAX_LABEL]
-        if label and label.lower() not in seen:
-            seen.add(label.lower())
+        if label and label.casefold() not in seen:
+            seen.add(label.casefold())
             labels.append(label)
     return labels[:count]
 

@@ -30,15 +30,21 @@ def _subtopics_compute(
 ) -> Callable[[CompletionRequest, str], dict[str, Any]]:
     def compute(request: CompletionRequest, provider: str) -> dict[str, Any]:
         completion = upstream_complete(provider=provider, request=request)
-        labels = topics.subtopics_parse(completion.text, count=count)
+        labels = topics.subtopics_parse(completion.text, count=count, topic=topic)
         p_tokens, c_tokens = completion.prompt_tokens, completion.completion_tokens
-        if not labels:
-            # Re-ask once, showing the model its unusable answer; both calls are charged.
+        if len(labels) < count:
+            # Re-ask once, showing the model its unreadable or short answer (repeats, the
+            # topic itself); both calls are charged. Fewer than `count` only if it is short
+            # twice.
             retry = CompletionRequest(
                 model=request.model,
                 messages=tuple(
                     topics.subtopics_retry_messages(
-                        topic=topic, count=count, previous=messages, answer=completion.text
+                        topic=topic,
+                        count=count,
+                        previous=messages,
+                        answer=completion.text,
+                        found=len(labels),
                     )
                 ),
                 max_tokens=request.max_tokens,
@@ -46,7 +52,7 @@ def _subtopics_compute(
                 task=request.task,
             )
             again = upstream_complete(provider=provider, request=retry)
-            labels = topics.subtopics_parse(again.text, count=count)
+            labels = topics.subtopics_parse(again.text, count=count, topic=topic, known=labels)
             p_tokens += again.prompt_tokens
             c_tokens += again.completion_tokens
         if not labels:

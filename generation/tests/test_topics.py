@@ -91,6 +91,43 @@ def test_subtopics_unreadable_answer_is_asked_again_once_and_both_calls_charged(
 
 
 @pytest.mark.django_db
+def test_subtopics_short_answer_is_asked_again_once_and_completed(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.script(
+        Behaviour(text='{"subtopics": ["Vowels", "vowels", "Letters"]}', usage=(100, 10)),
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants", "Digraphs"]}', usage=(150, 20)),
+    )
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert [n["label"] for n in body["nodes"][1:]] == ["Vowels", "Consonants", "Digraphs"]
+    assert body["usage"]["prompt_tokens"] == 250
+    assert len(fake_upstream.requests) == 2
+    asked = fake_upstream.requests[1].body["messages"][-1]["content"]
+    assert "gave 1 usable subtopic of the 3 asked for" in asked
+
+
+@pytest.mark.django_db
+def test_subtopics_short_twice_answers_what_it_has(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text='{"subtopics": ["Vowels", "Consonants"]}')
+
+    response = key_client.post(
+        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    assert [n["label"] for n in response.json()["nodes"][1:]] == ["Vowels", "Consonants"]
+    assert len(fake_upstream.requests) == 2
+
+
+@pytest.mark.django_db
 def test_subtopics_still_unreadable_after_asking_again_is_502_refunded(
     upstream_settings, fake_upstream, openai_model, key_client
 ):

@@ -26,6 +26,12 @@ def test_subtopics_parse_garbage_yields_nothing():
     assert subtopics_parse('{"subtopics": [ oops', count=6) == []
 
 
+def test_subtopics_parse_drops_repeats_and_the_topic_itself_after_the_known_labels():
+    text = '{"subtopics": ["Python", "syntax", "Typing", "  PYTHON ", "Testing"]}'
+    labels = subtopics_parse(text, count=4, topic="python", known=["Syntax"])
+    assert labels == ["Syntax", "Typing", "Testing"]
+
+
 def test_topic_graph_links_every_subtopic_to_the_root():
     graph = topic_graph(topic="Python", subtopics=["Syntax", "Types"])
     assert graph["nodes"][0] == {"id": "root", "label": "Python"}
