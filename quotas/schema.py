@@ -8,15 +8,28 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
-    target_class = "quotas.authentication.ApiKeyAuthentication"
-    name = "apiKey"
+    """A Tollgate key, in either header: two schemes, either of which will do."""
 
-    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
-        return {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "`Authorization: Bearer tg_<prefix>_<secret>` (or `X-API-Key: ...`).",
-        }
+    target_class = "quotas.authentication.ApiKeyAuthentication"
+    name = ["apiKey", "apiKeyHeader"]
+
+    def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
+        return [{name: []} for name in self.name]
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "`Authorization: Bearer tg_<prefix>_<secret>`.",
+            },
+            {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-API-Key",
+                "description": "`X-API-Key: tg_<prefix>_<secret>`.",
+            },
+        ]
 
 
 class TokenScheme(OpenApiAuthenticationExtension):

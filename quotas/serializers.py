@@ -73,9 +73,12 @@ class UsageReportOutputSerializer(serializers.Serializer):
 
 class QuotaGlobalOutputSerializer(serializers.Serializer):
     # The body is described in API.md; its scopes are keyed by dimension and provider.
-    global_ = serializers.DictField(source="global")
+    # `global` is a keyword, so that field is added by name in get_fields.
     providers = serializers.DictField()
     denials_today = serializers.ListField(child=serializers.DictField())
     priority_shares = serializers.DictField()
     circuits = serializers.ListField(child=serializers.DictField())
     backend = serializers.DictField()
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        return {"global": serializers.DictField(), **super().get_fields()}

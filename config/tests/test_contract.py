@@ -396,6 +396,16 @@ def test_schema_is_openapi_3_and_lists_the_public_paths(api_client, db):
         "/v1/models/{model}",
     ):
         assert path in schema["paths"], path
+    # The body's keys as they are sent, and a key accepted in either header.
+    assert "global" in schema["components"]["schemas"]["QuotaGlobalOutput"]["properties"]
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["apiKeyHeader"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "`X-API-Key: tg_<prefix>_<secret>`.",
+    }
+    assert {"apiKeyHeader": []} in schema["paths"]["/api/v1/generate"]["post"]["security"]
 
 
 def test_docs_serves_swagger_ui(client, db):
