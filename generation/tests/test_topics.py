@@ -11,6 +11,13 @@ SUBTOPICS = "/api/v1/topics/subtopics"
 EXPLANATIONS = "/api/v1/topics/explanations"
 
 
+def _letters(key_client):
+    """Three subtopics of "Letters" from the fake upstream's model."""
+    return key_client.post(
+        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
+    )
+
+
 @pytest.mark.django_db
 def test_subtopics_returns_graph_rooted_at_topic(
     upstream_settings, fake_upstream, openai_model, key_client
@@ -61,9 +68,7 @@ def test_subtopics_malformed_answer_is_repaired_without_asking_again(
 ):
     fake_upstream.default = Behaviour(text='```json\n{"subtopics": ["A", "B", "C",]}\n```')
 
-    response = key_client.post(
-        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
-    )
+    response = _letters(key_client)
 
     assert response.status_code == 200
     assert [n["label"] for n in response.json()["nodes"][1:]] == ["A", "B", "C"]
@@ -79,9 +84,7 @@ def test_subtopics_unreadable_answer_is_asked_again_once_and_both_calls_charged(
         Behaviour(text='{"subtopics": ["X", "Y", "Z"]}', usage=(150, 20)),
     )
 
-    response = key_client.post(
-        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
-    )
+    response = _letters(key_client)
 
     assert response.status_code == 200
     assert response.json()["usage"]["prompt_tokens"] == 250
@@ -99,9 +102,7 @@ def test_subtopics_short_answer_is_asked_again_once_and_completed(
         Behaviour(text='{"subtopics": ["Vowels", "Consonants", "Digraphs"]}', usage=(150, 20)),
     )
 
-    response = key_client.post(
-        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
-    )
+    response = _letters(key_client)
 
     assert response.status_code == 200, response.content
     body = response.json()
@@ -118,9 +119,7 @@ def test_subtopics_short_twice_answers_what_it_has(
 ):
     fake_upstream.default = Behaviour(text='{"subtopics": ["Vowels", "Consonants"]}')
 
-    response = key_client.post(
-        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
-    )
+    response = _letters(key_client)
 
     assert response.status_code == 200, response.content
     assert [n["label"] for n in response.json()["nodes"][1:]] == ["Vowels", "Consonants"]
@@ -133,9 +132,7 @@ def test_subtopics_still_unreadable_after_asking_again_is_502_refunded(
 ):
     fake_upstream.default = Behaviour(text="no")
 
-    response = key_client.post(
-        SUBTOPICS, {"topic": "Letters", "count": 3, "model": "gpt-test"}, format="json"
-    )
+    response = _letters(key_client)
 
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
