@@ -3,8 +3,8 @@ from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from config.schema_views import SchemaView, SwaggerView
 from health import dashboard
 from health import views as health_views
 
@@ -18,12 +18,10 @@ urlpatterns = [
     path("v1/", include("generation.openai_urls")),
     path("health/", include("health.urls")),
     path("metrics", health_views.metrics, name="metrics"),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
     path(
         "api/docs/",
-        csp_update(settings.CSP_SWAGGER_DIRECTIVES)(
-            SpectacularSwaggerView.as_view(url_name="schema")
-        ),
+        csp_update(settings.CSP_SWAGGER_DIRECTIVES)(SwaggerView.as_view(url_name="schema")),
         name="swagger-ui",
     ),
     # Unknown API URLs answer in the contract's shape even with DEBUG on (Django's debug

@@ -408,11 +408,77 @@ def test_schema_is_openapi_3_and_lists_the_public_paths(api_client, db):
     assert {"apiKeyHeader": []} in schema["paths"]["/api/v1/generate"]["post"]["security"]
 
 
+def test_schema_is_yaml_unless_json_is_asked_for(client, db):
+    response = client.get("/api/schema/")
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("application/vnd.oai.openapi;")
+    assert response.content.startswith(b"openapi: 3.")
+
+
 def test_docs_serves_swagger_ui(client, db):
     response = client.get("/api/docs/")
 
     assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/html")
     assert b"swagger" in response.content.lower()
+
+
+BAD_CREDENTIALS = [
+    {"HTTP_AUTHORIZATION": "Bearer tg_abcdefgh_" + "x" * 40},
+    {"HTTP_X_API_KEY": "not-a-key"},
+    {"HTTP_AUTHORIZATION": "Token nope"},
+]
+
+
+@pytest.mark.usefixtures("redis_conn")  # no earlier test's failures count against this one
+@pytest.mark.parametrize("credentials", BAD_CREDENTIALS)
+@pytest.mark.parametrize(
+    ("path", "accept"),
+    [
+        ("/api/schema/", "*/*"),
+        ("/api/schema/", "application/vnd.oai.openapi"),
+        ("/api/schema/", "application/vnd.oai.openapi+json"),
+        ("/api/schema/?format=json", "*/*"),
+        ("/api/docs/", "*/*"),
+        ("/api/docs/", "text/html,application/xhtml+xml,*/*;q=0.8"),
+    ],
+)
+def test_schema_and_docs_refuse_bad_credentials_as_a_json_error(
+    client, db, path, accept, credentials
+):
+    """The schema and the docs need no key, but a key that is sent must be valid; the 401
+    is the contract's JSON whatever the page itself is rendered as (YAML, HTML)."""
+    response = client.get(path, HTTP_ACCEPT=accept, **credentials)
+
+    assert response.status_code == 401
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "authentication_failed"
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.usefixtures("redis_conn")
+@pytest.mark.parametrize("credentials", [{}, *BAD_CREDENTIALS])
+@pytest.mark.parametrize(
+    ("path", "accept"), [("/api/schema/", "text/html"), ("/api/docs/", "application/json")]
+)
+def test_schema_and_docs_in_a_format_they_do_not_have_is_a_json_406(
+    client, db, path, accept, credentials
+):
+    response = client.get(path, HTTP_ACCEPT=accept, **credentials)
+
+    assert response.status_code == 406
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "not_acceptable"
+
+
+@pytest.mark.parametrize("path", ["/api/schema/", "/api/docs/"])
+def test_schema_and_docs_wrong_method_is_a_json_405(client, db, path):
+    response = client.post(path, {}, content_type="application/json")
+
+    assert response.status_code == 405
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_metrics_is_prometheus_text(client, db, redis_conn):

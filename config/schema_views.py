@@ -1,0 +1,39 @@
+"""The views of the OpenAPI schema (/api/schema/) and of its Swagger UI page (/api/docs/).
+
+In a module of their own: drf-spectacular's views import DRF's APIView, whose settings
+import config.schema's schema class (a circular import from config.schema).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+
+class JSONErrorsMixin(APIView):
+    """An error of the view is the contract's JSON (`{"error": {...}}`, application/json),
+    whatever renders its success. DRF would render it with the renderer negotiated for the
+    page: YAML for the schema; for the docs a template renderer, which answers a bare status
+    line, or a 500 when it reads the user of a request whose credentials it refused."""
+
+    def finalize_response(
+        self, request: Request, response: Response, *args: Any, **kwargs: Any
+    ) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if getattr(response, "exception", False):
+            response.accepted_renderer = JSONRenderer()
+            response.accepted_media_type = JSONRenderer.media_type
+        return response
+
+
+class SchemaView(JSONErrorsMixin, SpectacularAPIView):
+    """The OpenAPI 3 document: YAML, or JSON when asked for (`Accept` or `?format=json`)."""
+
+
+class SwaggerView(JSONErrorsMixin, SpectacularSwaggerView):
+    """Swagger UI over the schema."""
