@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files (static files only)
     "corsheaders",
     "quotas",
     "caching",
@@ -324,6 +325,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Quota-governed, cached access to LLM providers.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI (and Redoc) from drf-spectacular-sidecar's static files, served by the app
+    # like any other static file, instead of an unpinned CDN copy.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 CORS_ALLOWED_ORIGINS = env.list("CORS_ALLOWED_ORIGINS", default=[])
 CORS_URLS_REGEX = r"^/(api|v1)/.*$"
@@ -418,11 +424,10 @@ CONTENT_SECURITY_POLICY = {
 }
 if env("CSP_REPORT_URI", default=""):
     CONTENT_SECURITY_POLICY["DIRECTIVES"]["report-uri"] = [env("CSP_REPORT_URI")]
-# Swagger UI (/api/docs/) loads its bundle from a CDN and configures itself inline.
+# Swagger UI (/api/docs/) configures itself inline; its files are the app's static files.
 CSP_SWAGGER_DIRECTIVES = {
-    "script-src": ["'self'", "https://cdn.jsdelivr.net", "'unsafe-inline'"],
-    "style-src": ["'self'", "https://cdn.jsdelivr.net", "'unsafe-inline'"],
-    "img-src": ["'self'", "data:", "https://cdn.jsdelivr.net"],
+    "script-src": ["'self'", "'unsafe-inline'"],
+    "style-src": ["'self'", "'unsafe-inline'"],
 }
 # CORS (django-cors-headers): origins from CORS_ALLOWED_ORIGINS above, /api/ and /v1/ only.
 CORS_ALLOW_HEADERS = (
