@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -35,5 +35,9 @@ class SchemaView(JSONErrorsMixin, SpectacularAPIView):
     """The OpenAPI 3 document: YAML, or JSON when asked for (`Accept` or `?format=json`)."""
 
 
-class SwaggerView(JSONErrorsMixin, SpectacularSwaggerView):
-    """Swagger UI over the schema."""
+class SwaggerView(JSONErrorsMixin, SpectacularSwaggerSplitView):
+    """Swagger UI over the schema, within the app's Content-Security-Policy: its files are
+    the app's own static files (drf-spectacular-sidecar), its start-up script is this URL
+    with `?script` (drf-spectacular's split view) and its page has no inline style."""
+
+    template_name = "docs/swagger_ui.html"

@@ -442,6 +442,7 @@ BAD_CREDENTIALS = [
         ("/api/schema/?format=json", "*/*"),
         ("/api/docs/", "*/*"),
         ("/api/docs/", "text/html,application/xhtml+xml,*/*;q=0.8"),
+        ("/api/docs/?script", "*/*"),
     ],
 )
 def test_schema_and_docs_refuse_bad_credentials_as_a_json_error(
