@@ -50,14 +50,21 @@ def _user_id(request: Request) -> int:
     return int(pk)
 
 
+def _request_id(request: Request) -> str:
+    """The request's id as its client sees it: X-Request-ID, the log lines' request_id and
+    the `request_id` of its bodies (set by config.middleware.RequestIdMiddleware)."""
+    return str(getattr(request, "request_id", None) or "")
+
+
 def _caller(request: Request, priority: str = "high") -> services.Caller:
     auth = request.auth
     key_id = auth.id if isinstance(auth, KeyPrincipal) else None
-    request_id = getattr(request, "request_id", None) or uuid.uuid4().hex
+    request_id = _request_id(request) or uuid.uuid4().hex
     if request.headers.get("X-Request-ID") == request_id:
         # The client chose this id, and may send it again (a retry, a proxy that copies
         # it): the ledger needs an id of its own per request, or a reused one would lose
-        # the second request's row. The client's id stays its prefix, for searching.
+        # the second request's row. The client's id stays its prefix, for searching; the
+        # responses and log lines carry the client's id as it sent it.
         request_id = f"{request_id[:40]}.{uuid.uuid4().hex[:12]}"
     return services.Caller(
         user_id=_user_id(request), key_id=key_id, request_id=request_id, priority=priority
@@ -149,7 +156,9 @@ class GenerationCreateView(_AnswerView):
             cache_policy=data["cache"],
             prompt_field=data["prompt_field"],
         )
-        body = services.completion_body(outcome, request_id=caller.request_id)
+        body = services.completion_body(
+            outcome, request_id=_request_id(self.request) or caller.request_id
+        )
         return _replay(body, outcome.headers, outcome.cache)
 
 
@@ -215,14 +224,15 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
         # OpenAI's shape has no room for every field: name the first problem.
         param = next(iter(fields))
         message = f"{message} {param}: {_first_message(fields[param])}"
-    response.data = {
-        "error": {
-            "message": message,
-            "type": _OPENAI_TYPES.get(response.status_code, "api_error"),
-            "param": next(iter(fields), None),
-            "code": error.get("code"),
-        }
+    body = {
+        "message": message,
+        "type": _OPENAI_TYPES.get(response.status_code, "api_error"),
+        "param": next(iter(fields), None),
+        "code": error.get("code"),
     }
+    if "request_id" in error:  # a server-side failure: the id to quote, as under /api/
+        body["request_id"] = error["request_id"]
+    response.data = {"error": body}
     return response
 
 
@@ -303,7 +313,11 @@ def _chat_body(outcome: services.Outcome, completion_id: str, created: int) -> d
 
 
 def _chat_stream(
-    outcome: services.Outcome, completion_id: str, created: int, include_usage: bool
+    outcome: services.Outcome,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+    request_id: str,
 ) -> Generator[bytes, None, None]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {
@@ -323,7 +337,12 @@ def _chat_stream(
         yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
     if outcome.error is not None:
         # Cut short upstream (and refunded): OpenAI SDKs raise on an event carrying "error".
-        error = {"message": outcome.error.message, "type": "api_error", "code": outcome.error.code}
+        error = {
+            "message": outcome.error.message,
+            "type": "api_error",
+            "code": outcome.error.code,
+            "request_id": request_id,
+        }
         yield f"data: {json.dumps({'error': error})}\n\n".encode()
         yield b"data: [DONE]\n\n"
         return
@@ -399,7 +418,12 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
             outcome = run(stream=True)
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             response = StreamingHttpResponse(
-                _StreamBody(_chat_stream(outcome, completion_id, created, include_usage), outcome),
+                _StreamBody(
+                    _chat_stream(
+                        outcome, completion_id, created, include_usage, _request_id(request)
+                    ),
+                    outcome,
+                ),
                 content_type="text/event-stream",
             )
             response["Cache-Control"] = "no-cache"

@@ -590,7 +590,8 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     )
     list_filter = ("cached", "fallback", "outcome", "provider", "model")
     list_select_related = ("user", "api_key")
-    search_fields = ("=request_id", "user__username")
+    # By its start: a client's own X-Request-ID finds its rows (each has a unique suffix).
+    search_fields = ("^request_id", "user__username")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
 

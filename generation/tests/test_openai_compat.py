@@ -109,10 +109,11 @@ def test_openai_sdk_stream_cut_upstream_raises_and_is_refunded(
     def drain() -> None:
         received.extend(c.choices[0].delta.content or "" for c in stream if c.choices)
 
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError) as info:
         drain()
 
     assert "".join(received).startswith("w0 w1 w2")
+    assert info.value.body["request_id"] == stream.response.headers["X-Request-ID"]
     row = UsageRecord.objects.get()
     assert row.outcome == "upstream_unavailable"
     assert row.cost_usd == 0
@@ -132,6 +133,26 @@ def test_openai_sdk_stream_failing_before_first_piece_gets_a_json_error(
     assert info.value.status_code == 502
     assert info.value.body["code"] == "upstream_error"
     assert UsageRecord.objects.get().cost_usd == 0
+
+
+@pytest.mark.parametrize("sent", [None, "client-chosen-id"])
+def test_openai_sdk_upstream_failure_body_quotes_the_request_id_of_its_header(
+    upstream_settings, fake_upstream, openai_model, tollgate, sent
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+
+    with pytest.raises(openai.APIStatusError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers={"X-Request-ID": sent} if sent else None,
+        )
+
+    assert info.value.status_code == 502
+    header = info.value.response.headers["X-Request-ID"]
+    assert header == (sent or header)
+    assert info.value.body["request_id"] == header
 
 
 def test_openai_sdk_second_stream_is_served_from_cache(

@@ -646,6 +646,7 @@ def test_ledger_filters_search_and_date_hierarchy(admin_client, governance):
     assert listed(cached__exact="1") == ["req-admin-hit"]
     assert listed(outcome__exact="ok") == ["req-admin-1"]
     assert listed(q="req-admin-1") == ["req-admin-1"]
+    assert listed(q="req-admin") == ["req-admin-1", "req-admin-hit"]
     assert listed(q="carol") == ["req-admin-1", "req-admin-hit"]
     today = timezone.now()
     assert listed(created_at__year=str(today.year), created_at__month=str(today.month)) == [
