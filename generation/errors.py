@@ -24,7 +24,8 @@ class GenerationError(ApiError):
 
 
 class UpstreamError(GenerationError):
-    """502: the provider answered with an error or with something unusable."""
+    """502: the provider answered with an error or with something unusable, or its answer
+    broke off (the connection dropped mid-body or mid-stream)."""
 
     status_code = 502
     code = "upstream_error"

@@ -48,6 +48,7 @@ from generation.providers import provider_get
 from generation.providers.base import (
     Completion,
     CompletionRequest,
+    ProviderBrokeOff,
     ProviderFailure,
     ProviderRateLimited,
     ProviderServerError,
@@ -387,6 +388,8 @@ def _api_error(exc: Exception) -> GenerationError:
         return UpstreamTimeout()
     if isinstance(exc, ProviderRateLimited | ProviderUnreachable):
         return UpstreamUnavailable(retry_after=exc.retry_after)
+    if isinstance(exc, ProviderBrokeOff):
+        return UpstreamError("The model provider's answer broke off.")
     return UpstreamError()
 
 
@@ -467,7 +470,8 @@ def upstream_stream(*, provider: str, request: CompletionRequest) -> Iterator[st
     Attempts are retried, as in upstream_complete, until the first piece arrives; this
     function returns only then, so a failure to start raises the same 502/503/504 errors.
     A failure after that is raised by the iterator as one of those errors (never retried:
-    part of the answer is already out).
+    part of the answer is already out): a dropped connection is then UpstreamError (502, the
+    answer broke off), never UpstreamUnavailable.
     """
     client = provider_get(provider)
     attempts = _Attempts(provider, request.model)
@@ -520,8 +524,13 @@ class _StartedStream(Iterator[str | Completion]):
             raise
         except ProviderFailure as exc:
             self._over = True
-            self._attempts.failed(exc)
-            raise _api_error(exc) from exc
+            failure: ProviderFailure = exc
+            if isinstance(exc, ProviderUnreachable):
+                # Part of the answer came: the provider was reached, and the connection it
+                # dropped is an answer broken off (502), not a provider down (503).
+                failure = ProviderBrokeOff(f"{exc} (after the stream began)")
+            self._attempts.failed(failure)
+            raise _api_error(failure) from exc
 
     def close(self) -> None:
         if self._over:

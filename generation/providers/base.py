@@ -83,6 +83,11 @@ class ProviderServerError(ProviderFailure):
     """5xx, or a 200 whose body is unusable (malformed JSON, no choices)."""
 
 
+class ProviderBrokeOff(ProviderServerError):
+    """The provider answered, then its answer broke off (the connection dropped mid-body or
+    mid-stream): it was reached, so this is a bad answer, not an unreachable provider."""
+
+
 class ProviderRejected(ProviderFailure):
     """4xx other than 429: retrying the same request cannot help."""
 

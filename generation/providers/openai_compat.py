@@ -25,6 +25,7 @@ import urllib3
 from generation.providers.base import (
     Completion,
     CompletionRequest,
+    ProviderBrokeOff,
     ProviderServerError,
     ProviderTimeout,
     ProviderUnreachable,
@@ -89,6 +90,7 @@ class OpenAIProvider:
                 timeout=urllib3.Timeout(connect=self.connect_timeout, read=timeout),
                 retries=False,
                 redirect=False,
+                preload_content=False,  # read below: a body that breaks off is not unreachable
             )
         except urllib3.exceptions.NewConnectionError as exc:  # a ConnectTimeoutError by class
             raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
@@ -96,15 +98,23 @@ class OpenAIProvider:
             raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
+        try:
+            raw = response.data
+        except urllib3.exceptions.TimeoutError as exc:
+            raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ProviderBrokeOff(f"openai: the answer broke off: {exc}") from exc
+        finally:
+            response.release_conn()
         if response.status >= 300:
             raise failure_for_status(
                 "openai",
                 response.status,
-                message=_error_message(response.data),
+                message=_error_message(raw),
                 retry_after_header=response.headers.get("retry-after"),
             )
         try:
-            data = json.loads(response.data)
+            data = json.loads(raw)
         except ValueError as exc:
             raise ProviderServerError(f"openai: malformed response: {exc}") from exc
         return _completion(data, request)
@@ -126,18 +136,20 @@ class OpenAIProvider:
                 extra_headers=_UNSENT_HEADERS,
                 **kwargs,
             )
-            with chunks:  # closed even when our caller stops reading (the client left)
-                for chunk in chunks:
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    if not chunk.choices:
-                        continue
-                    choice = chunk.choices[0]
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-                    if choice.delta and choice.delta.content:
-                        parts.append(choice.delta.content)
-                        yield choice.delta.content
+        # Closed even when our caller stops reading (the client left). The provider has
+        # answered: a connection it drops from here on breaks its answer off.
+        with chunks, _mapped_errors(timeout, answered=True):
+            for chunk in chunks:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+                if choice.delta and choice.delta.content:
+                    parts.append(choice.delta.content)
+                    yield choice.delta.content
         text = "".join(parts)
         if usage is not None:
             yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
@@ -171,13 +183,16 @@ def _error_message(body: bytes) -> str:
 
 
 @contextmanager
-def _mapped_errors(timeout: float) -> Iterator[None]:
-    """SDK and transport errors as ProviderFailure subclasses."""
+def _mapped_errors(timeout: float, *, answered: bool = False) -> Iterator[None]:
+    """SDK and transport errors as ProviderFailure subclasses; a connection error once the
+    provider has `answered` is its answer broken off."""
     try:
         yield
     except openai.APITimeoutError as exc:
         raise ProviderTimeout(f"openai: timed out after {timeout}s") from exc
     except openai.APIConnectionError as exc:
+        if answered:
+            raise ProviderBrokeOff(f"openai: the answer broke off: {exc}") from exc
         raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
     except openai.APIStatusError as exc:
         raise failure_for_status(

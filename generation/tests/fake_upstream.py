@@ -3,8 +3,9 @@ and the Gemini generateContent wire formats, told how to answer by the test.
 
 Behaviours (`Behaviour.kind`): "ok", "slow" (answers after `delay` seconds), "status" (an
 error status, optionally with Retry-After), "malformed" (200 with a body that is not JSON),
-"hang" (never answers until the server stops), "cut" (a stream that breaks off half-way),
-"paced" (a stream whose events come `delay` seconds apart).
+"hang" (never answers until the server stops), "cut" (an answer, streamed or not, that
+breaks off half-way: the connection drops before the declared length), "paced" (a stream
+whose events come `delay` seconds apart).
 Streaming requests (OpenAI `stream: true`, Gemini `streamGenerateContent?alt=sse`) are
 answered as server-sent events, a few words per event. A test scripts the next answers with
 `script(...)` (consumed in order), sets a `default`, or adds `rules` that apply to requests
@@ -141,14 +142,31 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             # and delayed ACKs add 40 ms to every answer.
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes,
+            headers: dict[str, str] | None = None,
+            *,
+            cut: bool = False,
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
+            if cut:
+                self._cut(body)
+                return
             self.wfile.write(body)
+
+        def _cut(self, data: bytes) -> None:
+            """Half of `data`, then the connection drops before the declared length."""
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -213,7 +231,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             else:
                 assert gemini is not None
                 payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens)
-            self._send(200, json.dumps(payload).encode())
+            self._send(200, json.dumps(payload).encode(), cut=behaviour.kind == "cut")
 
         def _send_events(self, events: list[str], *, cut: bool, pace: float = 0.0) -> None:
             data = "".join(f"data: {event}\n\n" for event in events).encode()
@@ -228,11 +246,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                     time.sleep(pace)
                 return
             if cut:
-                # Half the events, then the connection drops before the declared length.
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
+                self._cut(data)  # half the events
                 return
             self.wfile.write(data)
 

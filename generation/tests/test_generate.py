@@ -402,6 +402,23 @@ def test_generate_openai_malformed_json_is_retried_then_502_refunded(
     assert row.cost_usd == 0
 
 
+def test_generate_openai_answer_broken_off_is_retried_then_502_refunded(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    # The provider was reached and began its answer: a bad gateway, not one unavailable.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="cut", text="a long answer " * 20)
+
+    response = _post(key_client, {"prompt": "broken", "model": "gpt-test"})
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert row.outcome == "upstream_error"
+    assert row.cost_usd == 0
+
+
 def test_generate_gemini_hang_times_out_as_504(
     upstream_settings, fake_upstream, gemini_model, key_client
 ):

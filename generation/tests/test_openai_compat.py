@@ -94,15 +94,17 @@ def test_openai_sdk_stream_of_a_gemini_model_is_settled_when_it_ends(
     assert row.cost_usd == Decimal("0.0000028")  # (8 x 0.10 + 5 x 0.40) / 1e6, exact
 
 
-def test_openai_sdk_stream_cut_upstream_raises_and_is_refunded(
-    upstream_settings, fake_upstream, openai_model, tollgate
+@pytest.mark.usefixtures("upstream_settings", "openai_model", "gemini_model")
+@pytest.mark.parametrize("model", ["gpt-test", "gemini-test"])
+def test_openai_sdk_stream_cut_upstream_ends_in_a_502_error_event_and_is_refunded(
+    fake_upstream, tollgate, api_client, api_key, model
 ):
     fake_upstream.default = Behaviour(
         kind="cut", text=" ".join(f"w{i}" for i in range(40)), usage=(5, 40)
     )
 
     stream = tollgate.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "long"}], stream=True
+        model=model, messages=[{"role": "user", "content": "long"}], stream=True
     )
     received: list[str] = []
 
@@ -113,10 +115,17 @@ def test_openai_sdk_stream_cut_upstream_raises_and_is_refunded(
         drain()
 
     assert "".join(received).startswith("w0 w1 w2")
+    # The provider answered, then broke off: a bad gateway, not a provider unavailable.
+    assert info.value.body["code"] == "upstream_error"
     assert info.value.body["request_id"] == stream.response.headers["X-Request-ID"]
     row = UsageRecord.objects.get()
-    assert row.outcome == "upstream_unavailable"
+    assert row.outcome == "upstream_error"
     assert row.cost_usd == 0
+    quota = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    standing = quota.json()["limits"]
+    assert standing["tokens_per_minute"]["used"] == 0
+    assert standing["concurrency"]["used"] == 0
+    assert Decimal(standing["cost_per_day"]["used"]) == 0
 
 
 def test_openai_sdk_stream_failing_before_first_piece_gets_a_json_error(
