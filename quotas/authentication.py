@@ -4,8 +4,9 @@ Keys are looked up by prefix in a per-process cache that lives at most one secon
 compared in constant time against the stored hash. A revoked key is therefore refused
 within a second on every worker even on endpoints that do not reach admission; admission
 itself re-validates the key against the live policy version at no extra round trip.
-Failed authentications are counted per client address and refused past
-AUTH_FAILURES_PER_MINUTE.
+Failed authentications, a bad API key or a bad DRF token alike, are counted per client
+address against one throttle (quotas.auth_throttle); past AUTH_FAILURES_PER_MINUTE the
+address's bad credentials get 429 `too_many_authentication_failures`.
 """
 
 from __future__ import annotations
@@ -100,10 +101,16 @@ def _client_address(request: Request) -> str:
     return remote
 
 
-def _failure(request: Request, exc: exceptions.APIException | Exception) -> Exception:
+def _refusal(request: Request, exc: exceptions.AuthenticationFailed) -> Exception:
+    """What to raise for credentials that did not authenticate: 429 while the client's
+    address is blocked (not counted again), else `exc` counted as one failure, or the 429
+    once that failure passes the limit. Valid credentials never come here, so a valid key
+    or token from a blocked address still gets through (the clients behind one proxy or NAT
+    address are not locked out by another's bad credentials) at no cost to the hot path."""
     from quotas import auth_throttle
 
-    retry = auth_throttle.record_failure(_client_address(request))
+    address = _client_address(request)
+    retry = auth_throttle.blocked_for(address) or auth_throttle.record_failure(address)
     if retry:
         return TooManyAuthFailures(retry)
     return exc
@@ -130,19 +137,12 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             if scheme.lower() != "bearer" or not value:
                 return None
             raw = value.strip()
-        from quotas import auth_throttle
-
-        # An address past its failures gets 429 for anything but a valid key: the clients
-        # behind one proxy or NAT address are not locked out by another's bad keys.
-        retry = auth_throttle.blocked_for(_client_address(request))
         parsed = keys.key_parse(raw)
         prefix, secret = parsed or ("", "")
         entry = _load_key(prefix) if parsed is not None else None
         if entry is None or not keys.secret_matches(secret, entry.key.secret_hash):
-            if retry:
-                raise TooManyAuthFailures(retry)
             problem = "Malformed API key." if parsed is None else "Unknown API key."
-            raise _failure(request, exceptions.AuthenticationFailed(problem))
+            raise _refusal(request, exceptions.AuthenticationFailed(problem))
         validate_key(entry.key, entry.user)
         key = entry.key
         principal = KeyPrincipal(
@@ -158,9 +158,16 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
 
 class BearerTokenAuthentication(authentication.TokenAuthentication):
-    """DRF token: `Authorization: Token <token>`; refuses inactive users with user_inactive."""
+    """DRF token: `Authorization: Token <token>`; refuses inactive users with user_inactive.
+    A malformed or unknown token counts against the same throttle as a bad API key."""
 
     keyword = "Token"
+
+    def authenticate(self, request: Request) -> tuple[Any, Any] | None:
+        try:
+            return super().authenticate(request)
+        except exceptions.AuthenticationFailed as exc:
+            raise _refusal(request, exc) from None
 
     def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
         from rest_framework.authtoken.models import Token

@@ -272,6 +272,39 @@ def test_a_valid_key_from_a_blocked_address_still_gets_through(api_client, api_k
     auth_throttle.reset()
 
 
+def test_failed_token_authentications_count_against_the_same_throttle_as_bad_keys(
+    api_client, api_key, user, settings, redis_conn
+):
+    from rest_framework.authtoken.models import Token
+
+    from quotas import auth_throttle
+
+    settings.AUTH_FAILURES_PER_MINUTE = 3
+    auth_throttle.reset()
+    token = Token.objects.create(user=user)
+    bad_key = auth("tg_abcdefgh_" + "x" * 43)
+    unknown_token = {"HTTP_AUTHORIZATION": "Token " + "0" * 40}
+    malformed_token = {"HTTP_AUTHORIZATION": "Token two words"}
+
+    counted = [
+        api_client.get("/api/v1/quota", **credentials)
+        for credentials in (bad_key, unknown_token, malformed_token)
+    ]
+    past_the_limit = api_client.get("/api/v1/quota", **unknown_token)
+    blocked_key = api_client.get("/api/v1/quota", **bad_key)
+    valid_token = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Token {token.key}")
+    valid_key = api_client.get("/api/v1/quota", **auth(api_key[0]))
+
+    assert [r.json()["error"]["code"] for r in counted] == ["authentication_failed"] * 3
+    for refused in (past_the_limit, blocked_key):
+        assert_error(refused, 429, "too_many_authentication_failures")
+        assert 1 <= int(refused["Retry-After"]) <= 60
+        assert refused.json()["error"]["retry_after"] == int(refused["Retry-After"])
+    assert valid_token.status_code == 200, valid_token.content
+    assert valid_key.status_code == 200, valid_key.content
+    auth_throttle.reset()
+
+
 def test_database_holds_no_api_key_secret(api_key):
     full, _ = api_key
     secret = full.split("_", 2)[2]
