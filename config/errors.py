@@ -6,7 +6,8 @@ shape of API.md. Anything unexpected is logged, reported to Sentry and answered 
 generic 500 `internal_error` carrying the request id and no traceback. Redis unreachable
 where a view did not degrade on its own (staff cache statistics, invalidation) is a 503
 `service_unavailable`, not a 500: the client may retry, and the service is not at fault;
-so is a database that cannot be reached.
+so is a database that cannot be reached, or one whose migrations have not been applied
+(a table or column the code asks for does not exist yet).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
@@ -173,6 +174,22 @@ def _is_redis_unreachable(exc: Exception) -> bool:
     return isinstance(exc, ConnectionInterrupted | RedisConnectionError | RedisTimeoutError)
 
 
+# PostgreSQL's undefined_table and undefined_column: the schema is behind the code.
+_NOT_MIGRATED_SQLSTATES = frozenset({"42P01", "42703"})
+
+
+def _is_database_not_migrated(exc: Exception) -> bool:
+    """A query for a table or column the database does not have yet: `migrate` has not run
+    (PostgreSQL's error codes; SQLite's "no such table/column" message)."""
+    if not isinstance(exc, DatabaseError):
+        return False
+    if getattr(exc.__cause__, "sqlstate", None) in _NOT_MIGRATED_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError) and str(exc).startswith(
+        ("no such table", "no such column")
+    )
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """DRF EXCEPTION_HANDLER: every error in the API.md shape."""
     request = context.get("request")
@@ -192,6 +209,16 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     elif _is_redis_unreachable(exc):
         logger.warning("redis unreachable", exc_info=exc, extra={"request_id": request_id})
         err = ServiceUnavailable("A backing service (Redis) is unreachable; try again shortly.")
+    elif _is_database_not_migrated(exc):
+        # One line (the missing table or column), not a traceback per request.
+        logger.error(
+            "database not migrated: %s",
+            str(exc).split("\n", 1)[0],
+            extra={"request_id": request_id},
+        )
+        err = ServiceUnavailable(
+            "The database is not ready: its migrations have not been applied. Try again shortly."
+        )
     elif isinstance(exc, OperationalError | InterfaceError):
         logger.error("database unreachable", exc_info=exc, extra={"request_id": request_id})
         err = ServiceUnavailable("The database is unreachable; try again shortly.")

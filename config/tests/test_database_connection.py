@@ -1,7 +1,8 @@
 """A persistent database connection the server drops: what callers see (config/db/base.py).
 
 The server side of the connection is really terminated with pg_terminate_backend, as a
-PostgreSQL restart or an idle-connection reaper would.
+PostgreSQL restart or an idle-connection reaper would. A database not migrated yet is a
+real, empty PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 from django.conf import settings
 from django.db import close_old_connections, connection
+from psycopg import sql
 
 from quotas.models import UsageRecord
 from quotas.services import usage_flush
@@ -24,10 +26,14 @@ def _drop_server_side() -> None:
     _terminate(connection.connection.info.backend_pid)
 
 
-def _terminate(pid: int) -> None:
+def _dsn() -> str:
+    """A libpq connection string to the test database, for a connection of the test's own."""
     db = settings.DATABASES["default"]
-    dsn = f"host={db['HOST']} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
-    with psycopg.connect(dsn, autocommit=True) as other:
+    return f"host={db['HOST']} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
+
+
+def _terminate(pid: int) -> None:
+    with psycopg.connect(_dsn(), autocommit=True) as other:
         # Wait for the backend to be gone: pg_terminate_backend only signals it.
         other.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
 
@@ -137,3 +143,73 @@ def test_a_miss_served_while_the_ledger_refuses_writes_keeps_its_row(
     assert usage_flush() == 1  # what the flusher does a second later
     row = UsageRecord.objects.get(request_id=request_id)
     assert row.prompt_tokens == response.json()["usage"]["prompt_tokens"]
+
+
+@pytest.fixture
+def unmigrated_database(api_key):
+    """This thread's connection pointed at a new, empty PostgreSQL database (what a server
+    finds before `migrate` has run); the test database again afterwards."""
+    test_db = connection.settings_dict["NAME"]
+    empty = sql.Identifier(f"{test_db}_unmigrated")
+    with psycopg.connect(_dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(empty))
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(empty))
+    connection.close()
+    connection.settings_dict["NAME"] = f"{test_db}_unmigrated"
+    try:
+        yield
+    finally:
+        connection.close()
+        connection.settings_dict["NAME"] = test_db
+        with psycopg.connect(_dsn(), autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(empty))
+
+
+@pytest.mark.usefixtures("unmigrated_database")
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("get", "/api/v1/quota", None),
+        ("get", "/api/v1/usage", None),
+        ("post", "/api/v1/generate", {"prompt": "hello"}),
+        ("post", "/v1/chat/completions", {"model": "local/demo", "messages": []}),
+    ],
+    ids=lambda call: f"{call[0]} {call[1]}",
+)
+@pytest.mark.parametrize("scheme", ["Bearer", "Token"])
+def test_a_database_not_migrated_is_a_503_with_the_request_id_not_a_500(
+    api_client, api_key, caplog, call, scheme
+):
+    credentials = api_key[0] if scheme == "Bearer" else "0" * 40
+    api_client.credentials(HTTP_AUTHORIZATION=f"{scheme} {credentials}")
+    method, path, body = call
+
+    response = getattr(api_client, method)(path, body, format="json")
+
+    assert response.status_code == 503, response.content
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable"
+    assert "migrat" in error["message"]
+    assert error["request_id"] == response["X-Request-ID"]
+    assert "Traceback" not in response.content.decode()
+    assert "does not exist" not in response.content.decode()  # no SQL detail for a client
+    logged = [r for r in caplog.records if r.name == "tollgate.errors"]
+    assert [r.levelname for r in logged] == ["ERROR"]
+    assert "does not exist" in logged[0].getMessage()  # the operator's log names the table
+
+
+def test_a_database_a_migration_behind_the_code_is_a_503_not_a_500(key_client):
+    # A column the code reads is not there yet: the code was deployed before `migrate`.
+    def rename(old: str, new: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(f'ALTER TABLE quotas_apikey RENAME COLUMN "{old}" TO "{new}"')
+
+    rename("scopes", "scopes_not_yet")
+    try:
+        response = key_client.get("/api/v1/quota")
+    finally:
+        rename("scopes_not_yet", "scopes")
+
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert key_client.get("/api/v1/quota").status_code == 200
