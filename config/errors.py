@@ -240,4 +240,17 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
         except Exception:  # noqa: BLE001, S110 - reporting must never mask the error
             pass
         err = ApiError("An unexpected error occurred.", code="internal_error", status=500)
-    return render_error(err, request_id)
+    response = render_error(err, request_id)
+    if response.status_code == 401:
+        # RFC 9110: a 401 names the scheme it wants. DRF's own handler would add this for
+        # its exceptions only; the contract's 401s (key_revoked...) are ours.
+        response["WWW-Authenticate"] = _authenticate_header(context)
+    return response
+
+
+def _authenticate_header(context: dict[str, Any]) -> str:
+    view, request = context.get("view"), context.get("request")
+    header = None
+    if view is not None and request is not None and hasattr(view, "get_authenticate_header"):
+        header = view.get_authenticate_header(request)
+    return header or 'Bearer realm="api"'

@@ -35,6 +35,8 @@ def assert_error(response, status, code):
     assert isinstance(body["error"]["message"], str)
     assert body["error"]["message"]
     assert response["X-Request-ID"]
+    if status == 401:  # RFC 9110: a 401 names the scheme to authenticate with
+        assert response["WWW-Authenticate"] == 'Bearer realm="api"'
     return body["error"]
 
 
@@ -58,6 +60,17 @@ def test_revoked_key_is_401_key_revoked(api_client, api_key):
 def test_expired_key_is_401_key_expired(api_client, user):
     full, _ = services.key_create(user=user, expires_at=timezone.now() - dt.timedelta(seconds=1))
     assert_error(api_client.get("/api/v1/quota", HTTP_X_API_KEY=full), 401, "key_expired")
+
+
+def test_a_401_names_the_bearer_scheme_on_the_openai_compatible_endpoint_too(api_client):
+    response = api_client.post(
+        "/v1/chat/completions",
+        {"model": "local/test", "messages": [{"role": "user", "content": "hi"}]},
+        format="json",
+        HTTP_AUTHORIZATION="Bearer tg_nope",
+    )
+    assert response.status_code == 401, response.content
+    assert response["WWW-Authenticate"] == 'Bearer realm="api"'
 
 
 def test_inactive_user_is_401_user_inactive(api_client, api_key):
