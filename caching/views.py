@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema
-from rest_framework.permissions import IsAdminUser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -13,11 +12,12 @@ from caching.serializers import (
     CacheStatsOutputSerializer,
 )
 from caching.services import cache_invalidate, cache_stats
+from quotas.permissions import IsStaff
 from quotas.views import RateLimitHeadersMixin
 
 
 class CacheStatsView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsStaff]
     cache_max_age = 0  # live numbers: always revalidate, a 304 when nothing changed
 
     @extend_schema(responses=CacheStatsOutputSerializer)
@@ -26,7 +26,7 @@ class CacheStatsView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
 
 
 class CacheInvalidateView(RateLimitHeadersMixin, APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsStaff]
 
     @extend_schema(
         request=CacheInvalidateInputSerializer, responses=CacheInvalidateOutputSerializer

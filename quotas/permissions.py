@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rest_framework.permissions import BasePermission
+from rest_framework.permissions import BasePermission, IsAdminUser
 from rest_framework.request import Request
 
 from quotas.authentication import KeyPrincipal
@@ -36,6 +36,12 @@ class KeyScopePermission(BasePermission):
             return True
         granted = [s for s in auth.scopes if not s.startswith("model:")]
         return not granted or needed in granted
+
+
+class IsStaff(IsAdminUser):
+    """Operators' endpoints (global quotas, the cache's statistics and invalidation)."""
+
+    message = "This endpoint is for staff only."
 
 
 class NotSuspended(BasePermission):

@@ -8,7 +8,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest
 from drf_spectacular.utils import extend_schema
 from rest_framework.exceptions import APIException
-from rest_framework.permissions import IsAdminUser, IsAuthenticated
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from caching.http import ConditionalGetMixin
 from config.errors import InvalidRequest, PermissionDeniedError
 from quotas import selectors, services
-from quotas.permissions import KeyScopePermission, NotSuspended
+from quotas.permissions import IsStaff, KeyScopePermission, NotSuspended
 from quotas.serializers import (
     QuotaGlobalOutputSerializer,
     QuotaStandingOutputSerializer,
@@ -107,7 +107,7 @@ class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
 
 
 class QuotaGlobalView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
-    permission_classes = (IsAdminUser,)
+    permission_classes = (IsStaff,)
     cache_max_age = 0
 
     @extend_schema(responses=QuotaGlobalOutputSerializer, summary="Global and provider scopes")

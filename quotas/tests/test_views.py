@@ -91,7 +91,8 @@ def test_drf_token_authenticates(api_client, user, local_model):
 
 def test_staff_endpoint_is_403_permission_denied_for_others(api_client, api_key):
     full, _ = api_key
-    assert_error(api_client.get("/api/v1/quota/global", **auth(full)), 403, "permission_denied")
+    error = assert_error(api_client.get("/api/v1/quota/global", **auth(full)), 403, "permission_denied")
+    assert error["message"] == "This endpoint is for staff only."
 
 
 def test_model_not_allowed_for_plan_is_403(api_client, api_key, plan_for):
