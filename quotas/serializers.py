@@ -46,7 +46,11 @@ class LimitStandingSerializer(serializers.Serializer):
     limit = serializers.JSONField(help_text="null: unlimited; USD as a decimal string for cost")
     used = serializers.JSONField()
     remaining = serializers.JSONField(help_text="null: unlimited")
-    reset_in = serializers.IntegerField(required=False, help_text="seconds")
+    reset_in = serializers.IntegerField(
+        required=False,
+        help_text="Whole seconds until the window's use frees up (0 for an unlimited "
+        "dimension). Absent for concurrency: requests in flight have no window.",
+    )
 
 
 class QuotaStandingOutputSerializer(serializers.Serializer):
@@ -74,11 +78,17 @@ class UsageReportOutputSerializer(serializers.Serializer):
 class QuotaGlobalOutputSerializer(serializers.Serializer):
     # The body is described in API.md; its scopes are keyed by dimension and provider.
     # `global` is a keyword, so that field is added by name in get_fields.
-    providers = serializers.DictField()
+    providers = serializers.DictField(
+        child=serializers.DictField(child=LimitStandingSerializer()),
+        help_text="provider:model (model * for all its models) -> dimension -> standing",
+    )
     denials_today = serializers.ListField(child=serializers.DictField())
     priority_shares = serializers.DictField()
     circuits = serializers.ListField(child=serializers.DictField())
     backend = serializers.DictField()
 
     def get_fields(self) -> dict[str, serializers.Field]:
-        return {"global": serializers.DictField(), **super().get_fields()}
+        limits = serializers.DictField(
+            child=LimitStandingSerializer(), help_text="dimension -> standing"
+        )
+        return {"global": limits, **super().get_fields()}

@@ -136,6 +136,21 @@ def _money(micros: int) -> str:
     return f"{value:f}"
 
 
+def _limit_entry(state: WindowState) -> dict[str, Any]:
+    """One limited dimension as API.md writes it: `limit`, `used` and `remaining` (USD as
+    decimal strings for cost) and `reset_in`, whole seconds until the window frees up.
+    Concurrency counts requests in flight and has no window: it has no `reset_in`."""
+    limit, used, remaining = state.quota.limit, state.used, state.remaining
+    entry: dict[str, Any] = (
+        {"limit": _money(limit), "used": _money(used), "remaining": _money(remaining)}
+        if state.quota.kind == "c"
+        else {"limit": limit, "used": used, "remaining": remaining}
+    )
+    if state.quota.kind != "l":
+        entry["reset_in"] = math.ceil(state.reset_in)
+    return entry
+
+
 def quota_standing(
     *, user_id: int, key_id: int | None = None, now: float | None = None
 ) -> dict[str, Any]:
@@ -146,19 +161,16 @@ def quota_standing(
     for dim in DIMENSIONS:
         dim_states = [s for s in states if s.quota.dimension == dim]
         tight = min(dim_states, key=lambda s: s.remaining) if dim_states else None
-        money = dim.startswith("cost")
-        if tight is None:
-            entry: dict[str, Any] = {"limit": None, "used": "0" if money else 0, "remaining": None}
-        elif money:
-            entry = {
-                "limit": _money(tight.quota.limit),
-                "used": _money(tight.used),
-                "remaining": _money(tight.remaining),
-            }
-        else:
-            entry = {"limit": tight.quota.limit, "used": tight.used, "remaining": tight.remaining}
+        if tight is not None:
+            limits[dim] = _limit_entry(tight)
+            continue
+        entry: dict[str, Any] = {
+            "limit": None,
+            "used": "0" if dim.startswith("cost") else 0,
+            "remaining": None,
+        }
         if dim != "concurrency":
-            entry["reset_in"] = math.ceil(tight.reset_in) if tight else 0
+            entry["reset_in"] = 0
         limits[dim] = entry
     username = policy.username if policy else ""
     if policy is None:
@@ -202,18 +214,11 @@ def quota_global(*, now: float | None = None) -> dict[str, Any]:
     states = live if live is not None else _read_degraded(tuple(quotas), moment)
 
     def entry(state: WindowState) -> dict[str, Any]:
-        money = state.quota.kind == "c"
-        fmt = _money if money else (lambda v: v)
         if live is not None:  # the gauges show live counters only
             metrics.QUOTA_REMAINING.labels(state.quota.scope, state.quota.dimension).set(
                 state.remaining
             )
-        return {
-            "limit": fmt(state.quota.limit),
-            "used": fmt(state.used),
-            "remaining": fmt(state.remaining),
-            "reset_in": math.ceil(state.reset_in),
-        }
+        return _limit_entry(state)
 
     providers: dict[str, dict[str, Any]] = {}
     for state in states:

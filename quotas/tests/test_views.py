@@ -10,7 +10,7 @@ from django.db import connection
 from django.utils import timezone
 
 from quotas import services
-from quotas.models import UserQuota
+from quotas.models import GlobalLimits, UserQuota
 
 pytestmark = pytest.mark.django_db
 
@@ -150,6 +150,44 @@ def test_quota_standing_shape_and_headers(api_client, api_key, plan_for, redis_c
     assert response["RateLimit-Policy"] == '"rpm";q=60;w=60'
     assert response["X-RateLimit-Remaining-Requests"] == "59"
     assert response["X-RateLimit-Limit-Tokens"] == "1000"
+
+
+def test_global_standing_gives_concurrency_no_reset_in_as_the_callers_standing_does(
+    api_client, api_key, plan_for, redis_conn
+):
+    full, key = api_key
+    plan_for(key.user, concurrency=4)
+    GlobalLimits.objects.update_or_create(
+        pk=1, defaults={"concurrency": 10, "requests_per_hour": 100}
+    )
+    staff = type(key.user).objects.create_user("ops", is_staff=True)
+    assert generate(api_client, full, cache="bypass").status_code == 200
+    own = api_client.get("/api/v1/quota", **auth(full)).json()["limits"]
+    api_client.force_authenticate(staff)
+
+    shared = api_client.get("/api/v1/quota/global").json()["global"]
+
+    # A count of requests in flight has no window to reset: no reset_in, in either body.
+    assert own["concurrency"] == {"limit": 4, "used": 0, "remaining": 4}
+    assert shared["concurrency"] == {"limit": 10, "used": 0, "remaining": 10}
+    assert shared["requests_per_hour"]["used"] == 1
+    assert 0 < shared["requests_per_hour"]["reset_in"] <= 3600 + 300  # a bucket late at most
+
+
+def test_schema_describes_each_global_and_provider_limit_with_reset_in_optional(api_client):
+    schema = api_client.get("/api/schema/", HTTP_ACCEPT="application/json").json()
+    schemas = schema["components"]["schemas"]
+
+    standing = schemas["LimitStanding"]
+    glob = schemas["QuotaGlobalOutput"]["properties"]
+    own = schemas["QuotaStandingOutput"]["properties"]["limits"]
+    assert "reset_in" in standing["properties"]
+    assert "reset_in" not in standing["required"]
+    assert "concurrency" in standing["properties"]["reset_in"]["description"]
+    ref = {"$ref": "#/components/schemas/LimitStanding"}
+    assert own["additionalProperties"] == ref
+    assert glob["global"]["additionalProperties"] == ref
+    assert glob["providers"]["additionalProperties"]["additionalProperties"] == ref
 
 
 def test_suspended_user_is_refused_with_its_headers_and_sees_its_real_standing(
