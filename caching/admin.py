@@ -14,14 +14,25 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, URLResolver, path
 
+from caching.patterns import PatternError, pattern_compile
 from caching.services import cache_invalidate, cache_namespace_drop, cache_stats
 
 
 class InvalidateForm(forms.Form):
     pattern = forms.CharField(
         max_length=512,
-        help_text="A glob over cache keys: topic:python* , gen:* , topic:*:subtopics:*",
+        help_text="A glob over cache keys, case ignored: topic:python* , gen:* , "
+        "topic:*:subtopics:* ; [abc] [a-z] [^abc] for one of a set or outside it, \\* for "
+        "a star itself.",
     )
+
+    def clean_pattern(self) -> str:
+        pattern: str = self.cleaned_data["pattern"]
+        try:
+            pattern_compile(pattern)
+        except PatternError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return pattern
 
 
 class NamespaceDropForm(forms.Form):

@@ -7,11 +7,10 @@ times are wall-clock seconds (`time.time()`) so tests can pass `now` instead of 
 
 from __future__ import annotations
 
-import fnmatch
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -66,10 +65,11 @@ class MemoryLayer:
                     removed += 1
         return removed
 
-    def delete_matching(self, pattern: str) -> int:
-        """Remove every key matching a glob pattern (`*`, `?`, `[...]`), case-sensitive."""
+    def delete_matching(self, matches: Callable[[str], bool]) -> int:
+        """Remove every key for which `matches` is true (an invalidation pattern's
+        `KeyPattern.matches`); returns how many were removed."""
         with self._lock:
-            doomed = [k for k in self._data if fnmatch.fnmatchcase(k, pattern)]
+            doomed = [k for k in self._data if matches(k)]
             for key in doomed:
                 del self._data[key]
         return len(doomed)

@@ -4,6 +4,8 @@ from typing import Any
 
 from rest_framework import serializers
 
+from caching.patterns import PatternError, pattern_compile
+
 
 class _StrictCharField(serializers.CharField):
     """A CharField that refuses numbers and booleans instead of turning them into text."""
@@ -16,8 +18,19 @@ class _StrictCharField(serializers.CharField):
 
 class CacheInvalidateInputSerializer(serializers.Serializer):
     pattern = _StrictCharField(
-        max_length=512, help_text="A glob over cache keys, e.g. topic:python*"
+        max_length=512,
+        help_text="A glob over cache keys, case ignored: * any run of characters, ? one, "
+        "[abc] [a-z] one of a set, [^abc] or [!abc] one outside it, \\x the character x "
+        "itself; e.g. topic:python*, topic:*:subtopics:*, gen:*. One that does not parse "
+        "(topic:[ ) is a 400.",
     )
+
+    def validate_pattern(self, value: str) -> str:
+        try:
+            pattern_compile(value)
+        except PatternError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        return value
 
 
 class CacheInvalidateOutputSerializer(serializers.Serializer):

@@ -20,6 +20,7 @@ from typing import Any
 
 from django.conf import settings
 
+from caching.patterns import pattern_compile
 from caching.tier import (
     STAT_FIELDS,
     CacheTier,
@@ -364,16 +365,21 @@ def cache_delete(*, keys: Iterable[str]) -> int:
 
 
 def cache_invalidate(*, pattern: str) -> int:
-    """Invalidate every key matching a glob pattern (`topic:python*`), fresh and stale copies,
-    in Redis (SCAN, never KEYS) and in every worker's memory layer within a second.
-    Returns how many entries were dropped (from Redis; from memory without Redis)."""
+    """Invalidate every key matching a glob pattern (`topic:python*`; case ignored, the
+    language is in caching/patterns.py), fresh and stale copies, in Redis (SCAN, never
+    KEYS) and in every worker's memory layer within a second. Returns how many entries
+    were dropped (from Redis; from memory without Redis).
+
+    Raises PatternError (a ValueError) for a pattern that does not parse.
+    """
+    compiled = pattern_compile(pattern)
     t = tier()
     t.sync(force=True)
-    removed = t.memory.delete_matching(pattern)
+    removed = t.memory.delete_matching(compiled.matches)
     if t.redis is None:
         return removed
     removed = 0
-    for batch in t.scan_matching(pattern):
+    for batch in t.scan_matching(compiled):
         removed += int(t.redis.unlink(*batch))
     t.publish("pattern", pattern)
     count_invalidation()

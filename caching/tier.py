@@ -35,7 +35,6 @@ Without REDIS_URL (the embedded default) the tier is the memory layer alone.
 from __future__ import annotations
 
 import atexit
-import fnmatch
 import json
 import logging
 import os
@@ -43,13 +42,14 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
 
 from caching.memory import MemoryLayer
+from caching.patterns import KeyPattern, PatternError, pattern_compile
 from config.redis_calls import ScriptCall
 from health.metrics import CACHE_OPERATIONS
 
@@ -283,7 +283,10 @@ class CacheTier:
         if kind == "key":
             self.memory.delete(arg.split("\x00"))
         elif kind == "pattern":
-            self.memory.delete_matching(arg)
+            try:
+                self.memory.delete_matching(pattern_compile(arg).matches)
+            except PatternError:  # from a release with another language: forget everything
+                self.memory.clear()
         elif kind == "ns":
             self.memory.delete_prefix(arg + ":")
 
@@ -317,32 +320,35 @@ class CacheTier:
 
     # --- scanning ---------------------------------------------------------------------------
 
-    def scan_matching(self, pattern: str) -> Iterator[list[str]]:
-        """Batches of current-version Redis entry keys whose logical key matches `pattern`.
+    def scan_matching(self, pattern: KeyPattern | str) -> Iterator[list[str]]:
+        """Batches of current-version Redis entry keys whose logical key matches `pattern`
+        (compiled here if given as text; PatternError if it does not parse).
 
-        A pattern with a literal namespace (`topic:python*`) is one SCAN MATCH over that
-        namespace's current version; any other pattern scans all entries and filters here.
+        A pattern with a namespace written out (`topic:python*`) is one SCAN over that
+        namespace's current version, narrowed by MATCH to the pattern's literal start in
+        any case; any other pattern scans all entries. Each key is then checked here.
         SCAN, never KEYS: the server is never blocked for the whole key space.
         """
-        ns, sep, rest = pattern.partition(":")
-        literal_ns = bool(sep and ns) and not (_GLOB_CHARS & set(ns))
-        if literal_ns:
-            match = f"{_glob_escape(self.prefix)}e:{ns}:{self.versions.get(ns, 0)}:{rest}"
-            check: Callable[[str], bool] | None = None
+        compiled = pattern_compile(pattern) if isinstance(pattern, str) else pattern
+        head = len(self.prefix) + 2  # past "<prefix>e:"
+        if compiled.namespace is not None:
+            ns = compiled.namespace
+            version = str(self.versions.get(ns, 0))
+            match = f"{_glob_escape(self.prefix)}e:{_glob_escape(ns)}:{version}:"
         else:
-            match = f"{_glob_escape(self.prefix)}e:*"
-            head = len(self.prefix) + 2
+            version = None
+            match = f"{_glob_escape(self.prefix)}e:"
+        match += compiled.scan_prefix + "*"
 
-            def check(raw: str) -> bool:
-                ens, ver, erest = raw[head:].split(":", 2)
-                return str(self.versions.get(ens, 0)) == ver and fnmatch.fnmatchcase(
-                    f"{ens}:{erest}", pattern
-                )
+        def check(raw: str) -> bool:
+            ens, ver, erest = raw[head:].split(":", 2)
+            current = str(self.versions.get(ens, 0)) if version is None else version
+            return ver == current and compiled.matches(f"{ens}:{erest}")
 
         batch: list[str] = []
         for raw_key in self.redis.scan_iter(match=match, count=SCAN_COUNT):
             name = raw_key.decode()
-            if check is None or check(name):
+            if check(name):
                 batch.append(name)
             if len(batch) >= SCAN_COUNT:
                 yield batch

@@ -183,6 +183,20 @@ def test_invalidate_pattern_without_literal_namespace_scans_every_namespace():
     assert cache_get("topic:xyz:subtopics:1") is not None
 
 
+def test_invalidate_pattern_ignores_case_past_ascii_and_without_a_namespace():
+    cafe = cache_key_topic(kind="subtopics", topic="Café au lait", model="m")
+    tea = cache_key_topic(kind="subtopics", topic="Tea", model="m")
+    cache_set(cafe, {"x": 1})
+    cache_set(tea, {"x": 2})
+    cache_set("gen:abc", {"x": 3})
+
+    assert cache_invalidate(pattern="topic:CAFÉ AU*") == 1
+    assert cache_invalidate(pattern="*:TEA:*") == 1
+    assert cache_invalidate(pattern="GEN:ABC") == 1
+
+    assert [cache_get(key) for key in (cafe, tea, "gen:abc")] == [None, None, None]
+
+
 def test_invalidate_pattern_scans_past_one_batch():
     for i in range(1200):
         cache_set(f"topic:bulk{i}:subtopics:x", {"i": i})

@@ -115,6 +115,56 @@ def test_invalidate_by_pattern_returns_count(staff_client):
     assert cache_get(rust) is not None
 
 
+def test_invalidate_matches_whatever_the_case_of_the_pattern(staff_client):
+    python = cache_key_topic(kind="subtopics", topic="Python", model="m")
+    rust = cache_key_topic(kind="subtopics", topic="Rust", model="m")
+    cache_set(python, {"x": 1})
+    cache_set(rust, {"x": 2})
+
+    response = staff_client.post(
+        "/api/v1/cache/invalidate", {"pattern": "Topic:PYTHON*"}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {"invalidated": 1}
+    assert cache_get(python) is None
+    assert cache_get(rust) is not None
+
+
+def test_invalidate_set_means_the_same_in_memory_as_in_redis(staff_client):
+    python = cache_key_topic(kind="subtopics", topic="Python", model="m")
+    rust = cache_key_topic(kind="subtopics", topic="Rust", model="m")
+    cache_set(python, {"x": 1})
+    cache_set(rust, {"x": 2})
+
+    response = staff_client.post(
+        "/api/v1/cache/invalidate", {"pattern": "topic:[^p]*"}, format="json"
+    )
+
+    assert response.json() == {"invalidated": 1}
+    assert cache_get(rust) is None  # gone from this worker's memory too
+    assert cache_get(python).layer == "memory"  # untouched in either layer
+
+
+@pytest.mark.parametrize(
+    "pattern", ["[", "topic:[python*", "topic:python\\", "topic:[]*", "topic:[z-a]*"]
+)
+def test_invalidate_malformed_pattern_is_400_naming_the_field_and_drops_nothing(
+    staff_client, pattern
+):
+    key = cache_key_topic(kind="subtopics", topic="Python", model="m")
+    cache_set(key, {"x": 1})
+
+    response = staff_client.post("/api/v1/cache/invalidate", {"pattern": pattern}, format="json")
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert list(error["fields"]) == ["pattern"]
+    assert error["fields"]["pattern"][0]
+    assert cache_get(key) is not None
+
+
 @pytest.mark.parametrize("body", [{}, {"pattern": ""}, {"pattern": "x" * 600}, {"pattern": 5}])
 def test_invalidate_bad_body_is_400(staff_client, body):
     response = staff_client.post("/api/v1/cache/invalidate", body, format="json")
@@ -159,6 +209,17 @@ def test_admin_page_invalidates_by_pattern(client):
     assert response.status_code == 200
     assert b"Invalidated 1 cached entries" in response.content
     assert cache_get("topic:python:subtopics:1") is None
+
+
+def test_admin_page_says_why_a_malformed_pattern_is_refused(client):
+    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
+    cache_set("topic:python:subtopics:1", {"x": 1})
+
+    response = client.post("/admin/cache/", {"pattern": "topic:[python"})
+
+    assert response.status_code == 200
+    assert b"never closed" in response.content
+    assert cache_get("topic:python:subtopics:1") is not None
 
 
 def test_admin_page_drops_a_namespace(client):
