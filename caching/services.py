@@ -409,17 +409,23 @@ def single_flight(
     ttl: int | None = None,
     lock: FlightLock | None = None,
     keep_lock: bool = False,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[dict[str, Any], str | None]:
     """Run `compute` once for concurrent identical misses, across threads and processes.
 
-    Returns (value, computed_here). The first caller takes a Redis lock (expiring after
-    `wait_seconds`), computes, stores the value with `cache_set` (unless `store=False`:
-    then it must be stored by the caller for other processes to see it) and releases the
-    lock. Other threads of the same process wait for the leader in-process; other
-    processes poll the cache until the value appears or the lock is gone (then one of them
-    takes over). A waiter that has waited `wait_seconds` computes on its own. If the
-    leader's `compute` raises, its in-process waiters get the same exception and the lock
-    is released at once so that another process may try.
+    Returns (value, layer): `layer` is None if the value was computed here, else the
+    cache layer it was taken from, as a hit names it: "memory" for a value another thread
+    of this process computed or fetched (handed over in memory), the hit's own layer for
+    one another process stored (read from Redis, or from memory if a thread here promoted
+    it first).
+
+    The first caller takes a Redis lock (expiring after `wait_seconds`), computes, stores
+    the value with `cache_set` (unless `store=False`: then it must be stored by the caller
+    for other processes to see it) and releases the lock. Other threads of the same
+    process wait for the leader in-process; other processes poll the cache until the
+    value appears or the lock is gone (then one of them takes over). A waiter that has
+    waited `wait_seconds` computes on its own. If the leader's `compute` raises, its
+    in-process waiters get the same exception and the lock is released at once so that
+    another process may try.
 
     `lock`: the lock a miss's admission took (`cache_probe_found`); its holder computes at
     once (a thread of this process that got here first is waiting for its answer). With
@@ -439,19 +445,19 @@ def single_flight(
                 # Each waiter raises an error of its own, which its request may annotate
                 # (its own rate-limit headers) without touching the others'.
                 raise copy.copy(flight.error) from flight.error
-            return json.loads(flight.value or "null"), False
-        return _compute_and_store(key, compute, store=store, ttl=ttl), True
+            return json.loads(flight.value or "null"), "memory"
+        return _compute_and_store(key, compute, store=store, ttl=ttl), None
     try:
+        layer: str | None = None
         if lock is not None:
             value = _compute_locked(key, compute, lock, store=store, ttl=ttl, keep_lock=keep_lock)
-            here = True
         else:
-            value, here = _single_flight_shared(
+            value, layer = _single_flight_shared(
                 key, compute, wait_seconds=wait_seconds, store=store, ttl=ttl
             )
         if leader:
             flight.value = encode(value)
-        return value, here
+        return value, layer
     except BaseException as exc:
         if leader:
             flight.error = exc
@@ -498,12 +504,11 @@ def _compute_and_store(
     return value
 
 
-def _fresh_value(key: str, raw: bytes | None) -> dict[str, Any] | None:
+def _fresh_hit(key: str, raw: bytes | None) -> CacheHit | None:
     """The answer another caller just stored (counted as a hit, promoted), else None."""
     if raw is None or time.time() >= _parse(raw)[0]:
         return None
-    hit = cache_get(key)
-    return None if hit is None else hit.value
+    return cache_get(key)
 
 
 def _single_flight_shared(
@@ -513,11 +518,11 @@ def _single_flight_shared(
     wait_seconds: float,
     store: bool,
     ttl: int | None,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[dict[str, Any], str | None]:
     t = tier()
     t.sync()
     if not t.available():
-        return _compute_and_store(key, compute, store=store, ttl=ttl), True
+        return _compute_and_store(key, compute, store=store, ttl=ttl), None
     lock_key = t.k("lock:" + key)
     entry_key = t.entry_key(key)
     token = new_token()
@@ -528,15 +533,15 @@ def _single_flight_shared(
         if replies is None:
             break  # Redis failed: no coordination possible, compute on our own
         acquired, raw = replies
-        value = _fresh_value(key, raw)
+        hit = _fresh_hit(key, raw)
         if acquired:
-            if value is not None:  # stored between our miss and our lock
+            if hit is not None:  # stored between our miss and our lock
                 _release(t, lock_key, token)
-                return value, False
+                return hit.value, hit.layer
             lock = FlightLock(lock_key, token)
-            return _compute_locked(key, compute, lock, store=store, ttl=ttl), True
-        if value is not None:
-            return value, False
+            return _compute_locked(key, compute, lock, store=store, ttl=ttl), None
+        if hit is not None:
+            return hit.value, hit.layer
         # Someone else holds the lock: wait for its answer or for the lock to go away
         # (then loop to take it over).
         delay = 0.005
@@ -547,14 +552,14 @@ def _single_flight_shared(
             if replies is None:
                 break
             held, raw = replies
-            value = _fresh_value(key, raw)
-            if value is not None:
-                return value, False
+            hit = _fresh_hit(key, raw)
+            if hit is not None:
+                return hit.value, hit.layer
             if not held:
                 break
         if replies is None:
             break
-    return _compute_and_store(key, compute, store=store, ttl=ttl), True
+    return _compute_and_store(key, compute, store=store, ttl=ttl), None
 
 
 def _pipe(t: Any, commands: list[tuple[Any, ...]]) -> list[Any] | None:

@@ -215,7 +215,13 @@ class GenerateOutputSerializer(serializers.Serializer):
     usage = UsageOutputSerializer()
     cost_usd = serializers.CharField(help_text="USD as a decimal string.")
     cached = serializers.BooleanField()
-    cache_layer = serializers.ChoiceField(choices=("memory", "redis"), allow_null=True)
+    cache_layer = serializers.ChoiceField(
+        choices=("memory", "redis"),
+        allow_null=True,
+        help_text="The cache layer a cached answer was taken from: memory (this worker's) or "
+        "redis (shared), also for a request answered by an identical one's upstream call in "
+        "flight at the same moment; null for an answer made for this request.",
+    )
     fallback = serializers.BooleanField()
 
 

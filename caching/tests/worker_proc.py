@@ -4,7 +4,8 @@
 process's memory layer), prints the layers, then on every `check` line on stdin reads them
 again and prints the layers ("none" for a miss).
 `python -m caching.tests.worker_proc flight KEY THREADS`: once the Redis key `test:go`
-exists, THREADS threads call single_flight(KEY); prints how many computed here.
+exists, THREADS threads call single_flight(KEY); prints how many computed here and the
+layers the others took the answer from.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ def flight(key: str, threads: int) -> None:
         time.sleep(0.3)
         return {"text": "shared answer"}
 
-    results: list[bool] = []
+    results: list[str | None] = []
 
     def worker() -> None:
-        value, here = single_flight(key, compute, wait_seconds=10)
+        value, layer = single_flight(key, compute, wait_seconds=10)
         assert value == {"text": "shared answer"}  # noqa: S101
-        results.append(here)
+        results.append(layer)
 
     _say("ready")
     while not redis.exists("test:go"):
@@ -69,7 +70,9 @@ def flight(key: str, threads: int) -> None:
         thread.start()
     for thread in pool:
         thread.join()
-    _say(json.dumps({"done": len(results), "computed_here": sum(results)}))
+    computed = results.count(None)
+    layers = sorted({layer for layer in results if layer is not None})
+    _say(json.dumps({"done": len(results), "computed_here": computed, "layers": layers}))
 
 
 if __name__ == "__main__":

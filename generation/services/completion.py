@@ -235,13 +235,14 @@ def generation_run(
     try:
         if cache_policy == "use":
             # Under the look-up's lock, the answer's store rides with the settlement.
-            value, computed_here = single_flight(
+            # `layer`: where a request that rode on another's upstream call took its answer.
+            value, layer = single_flight(
                 key, upstream, wait_seconds=wait, lock=lock, keep_lock=True
             )
-            if computed_here and lock is not None:
+            if layer is None and lock is not None:
                 pending = cache_store_later(key, value, lock=lock)
         else:
-            value, computed_here = upstream(), True
+            value, layer = upstream(), None
             if cache_policy == "refresh":
                 cache_set(key, value, broadcast=True)
     except GenerationError as err:
@@ -250,10 +251,13 @@ def generation_run(
         usage_refund(admission=admission, outcome="upstream_error")
         raise
 
-    if not computed_here:
-        # Another request made the same call at the same moment: this one rode along.
+    if layer is not None:
+        # Another request made the same call at the same moment: this one rode along, and
+        # is answered as a hit from the layer it took the answer from.
         usage_settle(admission=admission, prompt_tokens=0, completion_tokens=0, cached=True)
-        return Outcome(value=value, model=model, cache="HIT", headers=admission.headers())
+        return Outcome(
+            value=value, model=model, cache="HIT", cache_layer=layer, headers=admission.headers()
+        )
     usage = value.get("usage") or {}
     p_tokens, c_tokens = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
     try:

@@ -13,14 +13,12 @@ from quotas.services import usage_flush
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_concurrent_identical_misses_call_upstream_once_and_are_charged_once(
-    upstream_settings, fake_upstream, openai_model, api_key
-):
+def _ask_at_once(full_key: str, count: int) -> list[tuple[int, dict, str]]:
+    """`count` identical requests sent at the same moment from as many threads:
+    (status, body, X-Cache) of each."""
     from rest_framework.test import APIClient
 
-    full_key, _ = api_key
-    fake_upstream.default = Behaviour(kind="slow", delay=0.5, text="shared", usage=(100, 50))
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(count)
     results: list[tuple[int, dict, str]] = []
     lock = threading.Lock()
 
@@ -37,11 +35,21 @@ def test_concurrent_identical_misses_call_upstream_once_and_are_charged_once(
         finally:
             connections.close_all()
 
-    threads = [threading.Thread(target=ask) for _ in range(4)]
+    threads = [threading.Thread(target=ask) for _ in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_concurrent_identical_misses_call_upstream_once_and_are_charged_once(
+    upstream_settings, fake_upstream, openai_model, api_key
+):
+    full_key, _ = api_key
+    fake_upstream.default = Behaviour(kind="slow", delay=0.5, text="shared", usage=(100, 50))
+
+    results = _ask_at_once(full_key, 4)
 
     assert [status for status, _, _ in results] == [200] * 4
     assert {body["text"] for _, body, _ in results} == {"shared"}
@@ -54,3 +62,25 @@ def test_concurrent_identical_misses_call_upstream_once_and_are_charged_once(
     assert rows.count() == 4  # every request counted once
     assert sum(r.cost_usd for r in rows) == Decimal(charged[0]["cost_usd"])
     assert [r.cached for r in rows].count(False) == 1
+
+
+def test_requests_riding_on_another_upstream_call_name_the_layer_they_were_answered_from(
+    upstream_settings, fake_upstream, openai_model, api_key
+):
+    full_key, _ = api_key
+    # Slow enough that every other request arrives while the first one's call is out.
+    fake_upstream.default = Behaviour(kind="slow", delay=0.5, text="shared", usage=(100, 50))
+
+    results = _ask_at_once(full_key, 4)
+
+    assert len(fake_upstream.requests) == 1
+    [miss] = [body for _, body, cache in results if cache == "MISS"]
+    riders = [body for _, body, cache in results if cache == "HIT"]
+    assert (miss["cached"], miss["cache_layer"]) == (False, None)
+    assert len(riders) == 3
+    for body in riders:
+        # Answered as any cache hit is: cached, free, and from a layer of the cache.
+        assert body["cached"] is True
+        assert body["cost_usd"] == "0"
+        assert body["usage"]["total_tokens"] == 0
+        assert body["cache_layer"] in ("memory", "redis")
