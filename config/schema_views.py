@@ -14,6 +14,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from quotas.views import RateLimitHeadersMixin
+
 
 class JSONErrorsMixin(APIView):
     """An error of the view is the contract's JSON (`{"error": {...}}`, application/json),
@@ -31,11 +33,11 @@ class JSONErrorsMixin(APIView):
         return response
 
 
-class SchemaView(JSONErrorsMixin, SpectacularAPIView):
+class SchemaView(JSONErrorsMixin, RateLimitHeadersMixin, SpectacularAPIView):
     """The OpenAPI 3 document: YAML, or JSON when asked for (`Accept` or `?format=json`)."""
 
 
-class SwaggerView(JSONErrorsMixin, SpectacularSwaggerSplitView):
+class SwaggerView(JSONErrorsMixin, RateLimitHeadersMixin, SpectacularSwaggerSplitView):
     """Swagger UI over the schema, within the app's Content-Security-Policy: its files are
     the app's own static files (drf-spectacular-sidecar), its start-up script is this URL
     with `?script` (drf-spectacular's split view) and its page has no inline style."""

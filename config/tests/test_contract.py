@@ -706,6 +706,15 @@ def test_unknown_url_of_a_known_caller_carries_its_rate_limit_headers(
     assert response["X-RateLimit-Remaining-Requests"] == "60"  # read, not counted
 
 
+@pytest.mark.parametrize("path", ["/api/schema/", "/api/docs/"])
+def test_schema_and_docs_of_a_known_caller_carry_its_rate_limit_headers(client_with_key, path):
+    response = client_with_key.get(path)
+
+    assert response.status_code == 200
+    assert [h for h in RATE_LIMIT_HEADERS if h not in response] == []
+    assert response["X-RateLimit-Remaining-Requests"] == "60"  # read, not counted
+
+
 def test_body_over_limit_of_a_known_caller_carries_its_rate_limit_headers(
     client_with_key, settings
 ):
