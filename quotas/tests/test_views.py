@@ -91,7 +91,8 @@ def test_drf_token_authenticates(api_client, user, local_model):
 
 def test_staff_endpoint_is_403_permission_denied_for_others(api_client, api_key):
     full, _ = api_key
-    error = assert_error(api_client.get("/api/v1/quota/global", **auth(full)), 403, "permission_denied")
+    response = api_client.get("/api/v1/quota/global", **auth(full))
+    error = assert_error(response, 403, "permission_denied")
     assert error["message"] == "This endpoint is for staff only."
 
 
