@@ -135,7 +135,8 @@ class LocalQuotaBackend:
                     )
                 state = WindowState(quota, used, reset)
                 states.append(state)
-                if applies and used + amount > quota.limit and wait > worst_wait:
+                over = used + amount > quota.limit or quota.limit <= 0  # 0 refuses all
+                if applies and over and wait > worst_wait:
                     worst, worst_wait = state, wait
             if missing:
                 raise RebuildNeeded(missing)

@@ -184,7 +184,10 @@ for i = 1, n do
   end
   used[i] = u
   reset[i] = rst
-  if #missing == 0 and applies(kind) and u + amount > limit and wait > worst_wait then
+  -- A limit of 0 refuses everything, a request that would add nothing (a free model's
+  -- cost) included.
+  local over = u + amount > limit or limit <= 0
+  if #missing == 0 and applies(kind) and over and wait > worst_wait then
     worst, worst_wait = i, wait
   end
 end

@@ -409,7 +409,8 @@ def _ledger_admit(
             )
             state = WindowState(quota, value, end - now)
             states.append(state)
-            if value + amounts[quota.kind] > quota.limit and state.reset_in > worst_wait:
+            over = value + amounts[quota.kind] > quota.limit or quota.limit <= 0
+            if over and state.reset_in > worst_wait:
                 worst, worst_wait = state, state.reset_in
         if worst is not None:
             return Decision(False, states, worst, worst_wait, backend="degraded")

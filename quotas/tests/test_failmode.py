@@ -36,7 +36,7 @@ def admit(user, **kwargs):
     return services.admission_admit(
         user_id=user.pk,
         key_id=None,
-        model="local/demo",
+        model=kwargs.pop("model", "local/demo"),
         request_id=uuid.uuid4().hex,
         prompt_tokens=kwargs.pop("prompt", 1),
         max_tokens=kwargs.pop("max_tokens", 1),
@@ -129,3 +129,24 @@ def test_fail_open_hit_refused_by_the_ledger_gives_its_request_count_back(
 
     # Only the hit that was served holds a place in the user's minute window.
     assert count_admitted(user, 3) == 2
+
+
+def test_fail_open_cost_limit_of_zero_refuses_a_free_model_too(
+    private_redis, settings, user, plan_for
+):
+    from quotas.models import ModelPrice
+
+    settings.QUOTA_FAIL_MODE = "open"
+    ModelPrice.objects.create(
+        model="local/free",
+        provider="local",
+        upstream_model="free",
+        input_per_million=0,
+        output_per_million=0,
+    )
+    plan_for(user, cost_per_day=Decimal(0))
+    private_redis.stop()
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, model="local/free")
+    assert info.value.dimension == "cost_per_day"
+    assert not UsageRecord.objects.filter(user=user).exists()

@@ -1,0 +1,123 @@
+"""Edges of the enforcement engine against the real Redis and PostgreSQL: limits of 0,
+limits changed mid-window, estimates against budgets, overruns, leases, calendar
+boundaries and the waits a refusal names."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from quotas import services
+from quotas.errors import QuotaExceeded
+from quotas.models import ModelPrice
+
+pytestmark = pytest.mark.django_db
+
+NOW = 1_795_000_002.0  # 2026-11-18 (2 s into a 5 s sub-bucket of the minute)
+DAY_END = datetime(2026, 11, 19, tzinfo=UTC).timestamp()
+MONTH_END = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+
+
+def admit(user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id=None):
+    return services.admission_admit(
+        user_id=user.pk,
+        key_id=key_id,
+        model=model,
+        request_id=uuid.uuid4().hex,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens,
+        now=now,
+    )
+
+
+def refusal(user, **kwargs) -> QuotaExceeded:
+    with pytest.raises(QuotaExceeded) as info:
+        admit(user, **kwargs)
+    return info.value
+
+
+def settle(admission, prompt, completion):
+    return services.usage_settle(
+        admission=admission, prompt_tokens=prompt, completion_tokens=completion, latency_ms=1
+    )
+
+
+@pytest.fixture(params=["redis", "local"])
+def engine(request, settings, redis_conn):
+    if request.param == "local":
+        settings.REDIS_URL = ""
+    services.local_state_reset()
+    yield request.param
+    services.local_state_reset()
+
+
+@pytest.fixture
+def save(django_capture_on_commit_callbacks):
+    def run(obj):
+        with django_capture_on_commit_callbacks(execute=True):
+            obj.save()
+
+    return run
+
+
+def limits(user, now=NOW):
+    return services.quota_standing(user_id=user.pk, now=now)["limits"]
+
+
+# --- limits of 0, and no limit ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("requests_per_minute", 0, 0, 60),
+        ("requests_per_hour", 0, 0, 3600),
+        ("requests_per_day", 0, 0, DAY_END - NOW),
+        ("tokens_per_minute", 0, 0, 60),
+        ("tokens_per_day", 0, 0, DAY_END - NOW),
+        ("cost_per_day", Decimal(0), "0.000000", DAY_END - NOW),
+        ("cost_per_month", Decimal(0), "0.000000", MONTH_END - NOW),
+        ("concurrency", 0, 0, 1),
+    ],
+)
+def test_a_limit_of_zero_refuses_the_first_request_naming_it(engine, user, plan_for, case):
+    dimension, value, shown, wait = case
+    plan_for(user, **{dimension: value})
+    err = refusal(user)
+    assert (err.scope, err.dimension, err.limit) == ("plan", dimension, shown)
+    assert err.retry_after == int(wait)
+    assert err.extra_headers()["Retry-After"] == str(int(wait))
+    assert err.as_dict()["error"]["retry_after"] == int(wait)
+    entry = limits(user)[dimension]
+    assert entry["used"] in (0, "0.00")
+    assert entry["remaining"] in (0, "0.00")
+
+
+def test_a_cost_limit_of_zero_refuses_a_free_model_too(engine, user, plan_for):
+    ModelPrice.objects.create(
+        model="local/free",
+        provider="local",
+        upstream_model="free",
+        input_per_million=0,
+        output_per_million=0,
+    )
+    plan_for(user, cost_per_day=Decimal(0))
+    err = refusal(user, model="local/free")
+    assert (err.dimension, err.limit) == ("cost_per_day", "0.000000")
+
+
+def test_an_unset_limit_is_unlimited(engine, user, plan_for):
+    plan_for(user, requests_per_minute=None, tokens_per_day=None, cost_per_day=None)
+    for _ in range(50):
+        admit(user, prompt=10_000, max_tokens=10_000)
+    standing = limits(user)
+    assert standing["requests_per_minute"] == {
+        "limit": None,
+        "used": 0,
+        "remaining": None,
+        "reset_in": 0,
+    }
+    assert standing["cost_per_day"]["limit"] is None
