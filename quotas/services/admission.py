@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
@@ -93,7 +94,10 @@ class Admission:
     windows: list[WindowState]
     backend: str
     cached: bool = False
-    at: float = field(default_factory=time.time)  # admission time: the ledger row's date
+    # Admission time (the engine's `now`): the ledger row's date, so that a request counts
+    # in the ledger in the very day and month its reservation counted in, however late it
+    # settles (a request admitted at 23:59:59 and settled after midnight is yesterday's).
+    at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     # With a CacheGate: the entry the script found (fresh when `cached`, else a stale copy
     # or None) and whether it took the single-flight lock.
@@ -214,6 +218,7 @@ def _admit(
             windows=decision.windows,
             backend=decision.backend,
             cached=hit,
+            at=moment,
             entry=decision.entry,
             locked=decision.locked,
         )
@@ -425,6 +430,7 @@ def _ledger_admit(
             cost_usd=micros_to_usd(est_cost),
             cached=mode == "hit",
             outcome=Outcome.CACHED if mode == "hit" else Outcome.PENDING,
+            created_at=datetime.fromtimestamp(now, tz=UTC),
         )
     return Decision(
         True,

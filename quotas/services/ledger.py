@@ -122,6 +122,7 @@ def _ledger_write(
             fallback=fallback,
             outcome=outcome,
             latency_ms=latency_ms,
+            created_at=datetime.fromtimestamp(admission.at, tz=UTC),
         )
     )
 
@@ -142,7 +143,7 @@ def _ledger_columns(vendor: str) -> tuple[str, tuple[tuple[str, Any, bool], ...]
 
 def _row(**values: Any) -> list[Any]:
     """The INSERT parameters of one ledger row (the model's defaults for what is not
-    given, `created_at` now), without building a model instance: the hot path writes one
+    given), without building a model instance: the hot path writes one
     per request."""
     _, columns = _ledger_columns(connection.vendor)
     params = []
@@ -366,6 +367,7 @@ def usage_record_hit(
             fallback=fallback,
             outcome=Outcome.CACHED,
             latency_ms=_latency(admission, latency_ms),
+            created_at=datetime.fromtimestamp(admission.at, tz=UTC),
         )
     )
 

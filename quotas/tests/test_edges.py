@@ -12,7 +12,7 @@ import pytest
 
 from quotas import services
 from quotas.errors import QuotaExceeded
-from quotas.models import ModelPrice
+from quotas.models import ModelPrice, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -121,3 +121,44 @@ def test_an_unset_limit_is_unlimited(engine, user, plan_for):
         "reset_in": 0,
     }
     assert standing["cost_per_day"]["limit"] is None
+
+
+# --- calendar boundaries ---------------------------------------------------------------------
+
+
+def test_day_window_ends_at_utc_midnight(engine, user, plan_for):
+    plan_for(user, requests_per_day=2)
+    admit(user, now=DAY_END - 10)
+    admit(user, now=DAY_END - 5)
+    err = refusal(user, now=DAY_END - 0.5)
+    assert (err.dimension, err.retry_after) == ("requests_per_day", 1)
+    admit(user, now=DAY_END)  # a new UTC day
+    admit(user, now=DAY_END + 1)
+    assert refusal(user, now=DAY_END + 2).retry_after == 86400 - 2
+
+
+def test_month_window_ends_at_the_first_of_the_next_month_utc(engine, user, plan_for):
+    # 10 + 10 tokens at 1.50 and 2.00 a million: 0.000035 each.
+    plan_for(user, cost_per_month=Decimal("0.000070"))
+    settle(admit(user, now=MONTH_END - 86400 * 20), 10, 10)
+    settle(admit(user, now=MONTH_END - 1), 10, 10)
+    err = refusal(user, now=MONTH_END - 0.25)
+    assert (err.dimension, err.retry_after) == ("cost_per_month", 1)
+    admit(user, now=MONTH_END)  # December
+    assert limits(user, now=MONTH_END)["cost_per_month"]["used"] == "0.000035"
+
+
+def test_request_settled_after_midnight_counts_in_the_day_it_was_admitted(
+    redis_conn, user, plan_for
+):
+    # Admitted at 23:59:59 and settled after midnight: it is in the day it reserved in, in
+    # Redis and in the ledger alike, so the next day rebuilt from the ledger starts empty.
+    plan_for(user, tokens_per_day=100)
+    late = admit(user, now=DAY_END - 1, prompt=40, max_tokens=40)
+    settle(late, 40, 40)
+    row = UsageRecord.objects.get(request_id=late.request_id)
+    assert row.created_at == datetime.fromtimestamp(DAY_END - 1, tz=UTC)
+    redis_conn.flushdb()  # the next day is rebuilt from the ledger
+    admit(user, now=DAY_END + 1, prompt=40, max_tokens=40)
+    assert limits(user, now=DAY_END + 1)["tokens_per_day"]["used"] == 80
+    assert limits(user, now=DAY_END - 1)["tokens_per_day"]["used"] == 80
