@@ -162,3 +162,124 @@ def test_request_settled_after_midnight_counts_in_the_day_it_was_admitted(
     admit(user, now=DAY_END + 1, prompt=40, max_tokens=40)
     assert limits(user, now=DAY_END + 1)["tokens_per_day"]["used"] == 80
     assert limits(user, now=DAY_END - 1)["tokens_per_day"]["used"] == 80
+
+
+# --- limits changed mid-window ---------------------------------------------------------------
+
+
+def test_limit_lowered_below_use_refuses_and_shows_nothing_negative(engine, user, plan_for, save):
+    plan = plan_for(user, requests_per_minute=10, tokens_per_day=1000, cost_per_day=Decimal("1.00"))
+    for _ in range(4):
+        settle(admit(user, prompt=100, max_tokens=100), 100, 100)
+    plan.requests_per_minute = 2
+    plan.tokens_per_day = 500
+    plan.cost_per_day = Decimal("0.000100")
+    save(plan)
+    err = refusal(user, now=NOW + 1)
+    assert 1 <= err.retry_after <= DAY_END - NOW
+    assert err.headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert err.headers["X-RateLimit-Remaining-Tokens"] == "0"
+    assert "r=0;" in err.headers["RateLimit"]
+    standing = limits(user, now=NOW + 1)
+    assert standing["requests_per_minute"]["remaining"] == 0
+    assert standing["requests_per_minute"]["used"] == 4
+    assert standing["tokens_per_day"]["remaining"] == 0
+    assert standing["cost_per_day"]["remaining"] == "0.00"
+    headers = services.quota_headers(user_id=user.pk, key_id=None, now=NOW + 1)
+    assert headers["X-RateLimit-Remaining-Requests"] == "0"
+    assert headers["X-RateLimit-Remaining-Tokens"] == "0"
+
+
+def test_limit_raised_mid_day_admits_at_once(engine, user, plan_for, save):
+    plan = plan_for(user, tokens_per_day=200)
+    admit(user, prompt=100, max_tokens=100)
+    refusal(user, prompt=1, max_tokens=1)
+    plan.tokens_per_day = 202
+    save(plan)
+    admit(user, prompt=1, max_tokens=1)
+
+
+# --- estimates, and usage beyond them --------------------------------------------------------
+
+
+def test_reservation_beyond_the_token_budget_is_refused_on_the_estimate(engine, user, plan_for):
+    # The contract reserves prompt + max_tokens: a request that might not fit is refused
+    # whole (consuming nothing), even if its answer would have been short.
+    plan_for(user, tokens_per_day=100)
+    settle(admit(user, prompt=30, max_tokens=30), 30, 30)  # 40 left
+    err = refusal(user, prompt=20, max_tokens=30)
+    assert err.dimension == "tokens_per_day"
+    assert limits(user)["tokens_per_day"]["used"] == 60
+    admit(user, prompt=20, max_tokens=20)  # a smaller max_tokens fits
+
+
+def test_usage_beyond_the_reservation_is_counted_in_full(engine, user, plan_for):
+    plan_for(user, tokens_per_minute=10_000, tokens_per_day=10_000, cost_per_day=Decimal("0.01"))
+    a = admit(user, prompt=10, max_tokens=10)
+    # The provider counted far more than estimated: 2000 + 3000 tokens, 0.009 USD.
+    assert settle(a, 2000, 3000) == Decimal("0.009")
+    standing = limits(user)
+    assert standing["tokens_per_minute"]["used"] == 5000
+    assert standing["tokens_per_day"]["used"] == 5000
+    assert standing["cost_per_day"]["used"] == "0.009"
+    b = admit(user, prompt=100, max_tokens=100)  # 0.00035 more fits: 0.00935
+    settle(b, 1000, 1000)  # but it used 0.0035: the budget is overrun, and says so
+    standing = limits(user)
+    assert (standing["cost_per_day"]["used"], standing["cost_per_day"]["remaining"]) == (
+        "0.0125",
+        "0.00",
+    )
+    err = refusal(user, prompt=1, max_tokens=1)
+    assert err.dimension == "cost_per_day"
+    assert err.retry_after == int(DAY_END - NOW)
+
+
+# --- concurrency leases ----------------------------------------------------------------------
+
+
+def test_a_settled_requests_lease_is_free_at_once(engine, user, plan_for):
+    plan_for(user, concurrency=1)
+    a = admit(user)
+    refusal(user)
+    settle(a, 10, 10)
+    assert limits(user)["concurrency"]["used"] == 0
+    admit(user)
+
+
+# --- waits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("requests_per_minute", 1, 60),
+        ("requests_per_hour", 1, 3600),
+        ("requests_per_day", 1, DAY_END - NOW),
+        ("tokens_per_minute", 20, 60),
+        ("tokens_per_day", 20, DAY_END - NOW),
+        ("cost_per_day", Decimal("0.000035"), DAY_END - NOW),
+        ("cost_per_month", Decimal("0.000035"), MONTH_END - NOW),
+    ],
+)
+def test_refusal_waits_and_resets_stay_within_the_window(engine, user, plan_for, case):
+    dimension, value, window = case
+    plan_for(user, **{dimension: value})
+    settle(admit(user), 10, 10)
+    err = refusal(user, now=NOW + 1)
+    assert err.dimension == dimension
+    # A sliding window frees its oldest sub-bucket at most window + window / 12 from now.
+    longest = window + window / 12 if window in (60, 3600) else window
+    assert 1 <= err.retry_after <= longest
+    reset_in = limits(user, now=NOW + 1)[dimension]["reset_in"]
+    assert 1 <= reset_in <= longest
+    if window in (60, 3600):  # the request leaves the window when its sub-bucket does
+        assert err.retry_after == reset_in
+        assert services.admission_admit(
+            user_id=user.pk,
+            key_id=None,
+            model="local/demo",
+            request_id=uuid.uuid4().hex,
+            prompt_tokens=10,
+            max_tokens=10,
+            now=NOW + 1 + err.retry_after,
+        )
