@@ -25,7 +25,8 @@ for i = 1, #KEYS - 2 do
   local key = KEYS[2 + i]
   local how = ARGV[3 + i]
   if how == 'lease' then
-    out[i + 1] = redis.call('ZCOUNT', key, ARGV[1], '+inf')
+    -- Exclusive, as admit.lua drops a lease whose expiry has come (ZREMRANGEBYSCORE -inf now).
+    out[i + 1] = redis.call('ZCOUNT', key, '(' .. ARGV[1], '+inf')
   elseif how == 'r' or how == 't' or how == 'c' then
     local v = redis.call('HMGET', key, 'g', how)
     if not v[1] then missing[#missing + 1] = i end

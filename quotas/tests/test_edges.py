@@ -237,6 +237,20 @@ def test_usage_beyond_the_reservation_is_counted_in_full(engine, user, plan_for)
 # --- concurrency leases ----------------------------------------------------------------------
 
 
+def test_a_crashed_requests_lease_is_held_until_its_ttl_and_not_a_moment_longer(
+    engine, user, plan_for, settings
+):
+    settings.QUOTA_LEASE_TTL = 30
+    plan_for(user, concurrency=1, tokens_per_day=100)
+    admit(user, prompt=40, max_tokens=40)  # its worker dies: never settled
+    assert services.reservations_sweep(now=NOW + 29) == 0
+    err = refusal(user, now=NOW + 29.5, prompt=1, max_tokens=1)
+    assert (err.dimension, err.retry_after) == ("concurrency", 1)
+    assert limits(user, now=NOW + 29.5)["concurrency"]["used"] == 1
+    assert limits(user, now=NOW + 30)["concurrency"]["used"] == 0
+    admit(user, now=NOW + 30, prompt=40, max_tokens=40)  # its tokens were given back too
+
+
 def test_a_settled_requests_lease_is_free_at_once(engine, user, plan_for):
     plan_for(user, concurrency=1)
     a = admit(user)
