@@ -128,3 +128,33 @@ def test_revoked_key_refused_by_another_process(worker_factory, user, plan_for):
     services.key_revoke(key=key)
     reply = worker.ask(op="admit", user_id=user.pk, key_id=key.pk)
     assert reply == {"admitted": 0, "denied": 1, "errors": {"key_revoked": 1}, "hits": 0}
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"tokens_per_minute": 1_000},
+        {"tokens_per_day": 1_000},
+        # 50 x 1.50 + 50 x 2.00 per million = 0.000175 USD reserved by each.
+        {"cost_per_day": Decimal("0.001750")},
+        {"cost_per_month": Decimal("0.001750")},
+    ],
+)
+def test_token_and_cost_budgets_admit_exactly_what_fits_across_processes(
+    worker_factory, user, plan_for, limits
+):
+    plan_for(user, **limits)
+    workers = [worker_factory(), worker_factory()]
+    # 64 requests race, each reserving 50 + 50 tokens (not settled: held while in flight).
+    replies = [
+        w.ask(
+            op="admit", user_id=user.pk, threads=16, per_thread=2, prompt_tokens=50, max_tokens=50
+        )
+        for w in workers
+    ]
+    assert sum(r["admitted"] for r in replies) == 10
+    assert sum(r["denied"] for r in replies) == 64 - 10
+    assert all(set(r["errors"]) <= {"quota_exceeded"} for r in replies)
+    (dimension,) = limits
+    standing = services.quota_standing(user_id=user.pk)["limits"][dimension]
+    assert standing["remaining"] in (0, "0.00")
