@@ -72,6 +72,16 @@ def usd_text(value: Decimal) -> str:
     return f"{value.quantize(Decimal('0.000001'))}"
 
 
+def micros_text(micros: int) -> str:
+    """A limit or a counter in USD as the standing writes it, with at least cents and no
+    trailing zeros past them: "5.00", "0.1234", "0.000055"."""
+    value = micros_to_usd(micros).normalize()
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        value = value.quantize(Decimal("0.01"))
+    return f"{value:f}"
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     scope: str  # key | user | plan | global | provider
@@ -94,7 +104,7 @@ class Quota:
         return Quota(self.scope, self.dimension, math.floor(self.limit * share), self.counter)
 
     def display_limit(self) -> int | str:
-        return str(micros_to_usd(self.limit)) if self.kind == "c" else self.limit
+        return micros_text(self.limit) if self.kind == "c" else self.limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -19,7 +18,7 @@ from quotas.engine import (
     seconds_left,
 )
 from quotas.models import DIMENSIONS, ApiKey
-from quotas.policy import Policy, Quota, micros_to_usd
+from quotas.policy import Policy, Quota, micros_text
 from quotas.services.admission import ratelimit_headers
 from quotas.services.counters import counters_rebuild
 from quotas.services.ledger import _window_start, ledger_usage
@@ -127,22 +126,17 @@ def quota_headers(*, user_id: int, key_id: int | None, now: float | None = None)
     return ratelimit_headers(states)
 
 
-def _money(micros: int) -> str:
-    """USD as a decimal string with at least cents: "5.00", "0.1234", "0.000055"."""
-    value = micros_to_usd(micros).normalize()
-    exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and exponent > -2:
-        value = value.quantize(Decimal("0.01"))
-    return f"{value:f}"
-
-
 def _limit_entry(state: WindowState) -> dict[str, Any]:
     """One limited dimension as API.md writes it: `limit`, `used` and `remaining` (USD as
     decimal strings for cost) and `reset_in`, whole seconds until the window frees up.
     Concurrency counts requests in flight and has no window: it has no `reset_in`."""
     limit, used, remaining = state.quota.limit, state.used, state.remaining
     entry: dict[str, Any] = (
-        {"limit": _money(limit), "used": _money(used), "remaining": _money(remaining)}
+        {
+            "limit": micros_text(limit),
+            "used": micros_text(used),
+            "remaining": micros_text(remaining),
+        }
         if state.quota.kind == "c"
         else {"limit": limit, "used": used, "remaining": remaining}
     )

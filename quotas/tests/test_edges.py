@@ -78,8 +78,8 @@ def limits(user, now=NOW):
         ("requests_per_day", 0, 0, DAY_END - NOW),
         ("tokens_per_minute", 0, 0, 60),
         ("tokens_per_day", 0, 0, DAY_END - NOW),
-        ("cost_per_day", Decimal(0), "0.000000", DAY_END - NOW),
-        ("cost_per_month", Decimal(0), "0.000000", MONTH_END - NOW),
+        ("cost_per_day", Decimal(0), "0.00", DAY_END - NOW),
+        ("cost_per_month", Decimal(0), "0.00", MONTH_END - NOW),
         ("concurrency", 0, 0, 1),
     ],
 )
@@ -106,7 +106,7 @@ def test_a_cost_limit_of_zero_refuses_a_free_model_too(engine, user, plan_for):
     )
     plan_for(user, cost_per_day=Decimal(0))
     err = refusal(user, model="local/free")
-    assert (err.dimension, err.limit) == ("cost_per_day", "0.000000")
+    assert (err.dimension, err.limit) == ("cost_per_day", "0.00")
 
 
 def test_an_unset_limit_is_unlimited(engine, user, plan_for):
