@@ -181,6 +181,14 @@ class ChatCompletionInputSerializer(InputSerializer):
                     raise serializers.ValidationError({name: "Not supported by this gateway."})
                 continue
             raise serializers.ValidationError({name: "Unrecognized request argument."})
+        if attrs.get("max_tokens") is not None and attrs.get("max_completion_tokens") is not None:
+            # OpenAI refuses the pair too: max_tokens is the older name of the same bound.
+            raise serializers.ValidationError(
+                {
+                    "max_tokens": "Setting max_tokens and max_completion_tokens at the same "
+                    "time is not supported."
+                }
+            )
         return attrs
 
 

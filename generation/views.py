@@ -398,7 +398,11 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
         params.is_valid(raise_exception=True)
         data = params.validated_data
         caller = _caller(request, data["priority"])
-        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        # max_completion_tokens is OpenAI's newer name for max_tokens (never both).
+        max_tokens_field = (
+            "max_completion_tokens" if data.get("max_completion_tokens") else "max_tokens"
+        )
+        max_tokens = data.get(max_tokens_field)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
@@ -410,6 +414,7 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
                 max_tokens=max_tokens,
                 temperature=data.get("temperature"),
                 stream=stream,
+                max_tokens_field=max_tokens_field,
             )
 
         if data.get("stream"):

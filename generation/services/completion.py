@@ -152,6 +152,7 @@ def generation_run(
     stream: bool = False,
     upstream_calls: int = 1,
     prompt_field: str = "messages",
+    max_tokens_field: str = "max_tokens",
 ) -> Outcome:
     """Answer one generation request along the request path; see the module docstring.
 
@@ -160,7 +161,8 @@ def generation_run(
     to cache (default: the completion's text, finish reason and usage).
     `upstream_calls`: how many calls `compute` may make (a re-ask: 2); the admission
     reserves for all of them, so that no budget ends up past its limit.
-    `prompt_field`: the request's field a prompt too long for the model is blamed on.
+    `prompt_field`: the request's field a prompt too long for the model is blamed on, and
+    `max_tokens_field` the one a `max_tokens` over the model's limit is.
     `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
     relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
     stale copies come back whole, as without `stream`.
@@ -173,8 +175,8 @@ def generation_run(
         max_tokens = min(DEFAULT_MAX_TOKENS, policy.max_output_tokens)
     if max_tokens > policy.max_output_tokens:
         raise InvalidRequest(
-            f"max_tokens is over this model's limit of {policy.max_output_tokens}.",
-            fields={"max_tokens": [f"At most {policy.max_output_tokens}."]},
+            f"{max_tokens_field} is over this model's limit of {policy.max_output_tokens}.",
+            fields={max_tokens_field: [f"At most {policy.max_output_tokens}."]},
         )
     key = cache_key or cache_key_generation(
         model=model,
@@ -559,9 +561,11 @@ def completion_create(
     cache_policy: str = "use",
     stream: bool = False,
     prompt_field: str = "messages",
+    max_tokens_field: str = "max_tokens",
 ) -> Outcome:
     """A chat completion (`prompt` requests arrive here as one user message, and name
-    `prompt` as their `prompt_field`)."""
+    `prompt` as their `prompt_field`; `max_tokens_field` is the field the client bounded
+    the answer with)."""
     return generation_run(
         caller=caller,
         model=model or settings.TOLLGATE_DEFAULT_MODEL,
@@ -571,6 +575,7 @@ def completion_create(
         cache_policy=cache_policy,
         stream=stream,
         prompt_field=prompt_field,
+        max_tokens_field=max_tokens_field,
     )
 
 

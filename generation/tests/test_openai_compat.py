@@ -326,3 +326,34 @@ def test_models_need_a_valid_key(catalogue, live_server):
 
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
+
+
+def test_openai_sdk_max_completion_tokens_bounds_the_answer_like_max_tokens(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="short", usage=(4, 1))
+
+    completion = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=7
+    )
+
+    assert completion.choices[0].message.content == "short"
+    assert fake_upstream.requests[0].body["max_tokens"] == 7
+    with pytest.raises(openai.BadRequestError) as over:
+        tollgate.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_completion_tokens=10**6,
+        )
+    assert over.value.body["param"] == "max_completion_tokens"
+    assert over.value.body["message"].startswith("max_completion_tokens is over")
+    with pytest.raises(openai.BadRequestError) as both:
+        tollgate.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=5,
+            max_completion_tokens=7,
+        )
+    assert both.value.body["param"] == "max_tokens"
+    assert "at the same time" in both.value.body["message"]
+    assert len(fake_upstream.requests) == 1
