@@ -181,6 +181,11 @@ class ChatCompletionInputSerializer(InputSerializer):
                     raise serializers.ValidationError({name: "Not supported by this gateway."})
                 continue
             raise serializers.ValidationError({name: "Unrecognized request argument."})
+        if attrs.get("stream_options") is not None and not attrs.get("stream"):
+            # As OpenAI: options of a stream on a request that is not one are a mistake.
+            raise serializers.ValidationError(
+                {"stream_options": "Only allowed when stream is true."}
+            )
         if attrs.get("max_tokens") is not None and attrs.get("max_completion_tokens") is not None:
             # OpenAI refuses the pair too: max_tokens is the older name of the same bound.
             raise serializers.ValidationError(

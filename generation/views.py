@@ -319,6 +319,9 @@ def _chat_stream(
     include_usage: bool,
     request_id: str,
 ) -> Generator[bytes, None, None]:
+    # Asked for usage, every chunk carries the field, null until the last one (OpenAI's).
+    no_usage = {"usage": None} if include_usage else {}
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {
             "id": completion_id,
@@ -326,6 +329,7 @@ def _chat_stream(
             "created": created,
             "model": outcome.model,
             "choices": choices,
+            **no_usage,
             **extra,
         }
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()

@@ -357,3 +357,41 @@ def test_openai_sdk_max_completion_tokens_bounds_the_answer_like_max_tokens(
     assert both.value.body["param"] == "max_tokens"
     assert "at the same time" in both.value.body["message"]
     assert len(fake_upstream.requests) == 1
+
+
+def test_openai_sdk_stream_without_include_usage_has_no_usage_chunk(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="a b c d e f g h i j", usage=(3, 10))
+    ask = {"model": "gpt-test", "messages": [{"role": "user", "content": "letters"}]}
+
+    plain = list(tollgate.chat.completions.create(**ask, stream=True))
+    counted = list(
+        tollgate.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    )
+
+    assert all(c.choices and c.usage is None for c in plain)
+    assert all("usage" not in c.model_dump(exclude_unset=True) for c in plain)
+    assert plain[0].object == "chat.completion.chunk"
+    assert plain[0].choices[0].delta.role == "assistant"
+    *pieces, last = counted
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    # Every other chunk carries the field, null, as OpenAI's do.
+    assert all(c.choices and "usage" in c.model_fields_set and c.usage is None for c in pieces)
+
+
+def test_openai_sdk_stream_options_without_stream_is_refused_by_name(
+    upstream_settings, local_model, tollgate
+):
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream_options={"include_usage": True},
+        )
+
+    assert info.value.body["param"] == "stream_options"
+    assert "stream" in info.value.body["message"]
+    assert not UsageRecord.objects.exists()
