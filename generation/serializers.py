@@ -78,11 +78,19 @@ class ChatContentField(serializers.Field):
             text = data
         elif isinstance(data, list):
             texts = []
-            for part in data:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise serializers.ValidationError("Only text content parts are supported.")
+            for index, part in enumerate(data):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    # An image, audio or file would be dropped: the answer would be another.
+                    named = f"of type {kind[:40]}" if isinstance(kind, str) else "without a type"
+                    raise serializers.ValidationError(
+                        f"Content part {index} is {named}: only text parts are supported "
+                        "by this gateway."
+                    )
                 if not isinstance(part.get("text"), str):
-                    raise serializers.ValidationError("A text part's text must be a string.")
+                    raise serializers.ValidationError(
+                        f"Content part {index}: a text part's text must be a string."
+                    )
                 texts.append(part["text"])
             text = "".join(texts)
         elif data is None:
@@ -103,6 +111,13 @@ class ChatMessageSerializer(serializers.Serializer):
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
+            if data.get("role") in ("tool", "function"):
+                raise serializers.ValidationError(
+                    {
+                        "role": f"The {data['role']} role is not supported by this gateway "
+                        "(it carries no tool calls)."
+                    }
+                )
             for name in ("tool_calls", "function_call"):
                 if data.get(name):
                     raise serializers.ValidationError({name: "Not supported by this gateway."})

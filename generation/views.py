@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -227,13 +228,30 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
     body = {
         "message": message,
         "type": _OPENAI_TYPES.get(response.status_code, "api_error"),
-        "param": next(iter(fields), None),
+        "param": _param(fields),
         "code": error.get("code"),
     }
     if "request_id" in error:  # a server-side failure: the id to quote, as under /api/
         body["request_id"] = error["request_id"]
     response.data = {"error": body}
     return response
+
+
+# The path a nested error's message starts with ("0.content: ..." under messages).
+_NESTED_PATH = re.compile(r"^(\d+(?:\.\w+)*|\w+(?:\.\w+)+): ")
+
+
+def _param(fields: dict[str, Any]) -> str | None:
+    """The first field in error, in OpenAI's notation for a nested one
+    (`messages.[1].content`), or None."""
+    name = next(iter(fields), None)
+    if name is None:
+        return None
+    found = _NESTED_PATH.match(_first_message(fields[name]))
+    if found is None:
+        return name
+    steps = (f"[{step}]" if step.isdigit() else step for step in found.group(1).split("."))
+    return ".".join((name, *steps))
 
 
 def _first_message(detail: Any) -> str:

@@ -53,7 +53,7 @@ def test_chat_completions_invalid_field_message_names_the_problem(key_client):
 
     assert response.status_code == 400, response.content
     error = response.json()["error"]
-    assert error["param"] == "messages"
+    assert error["param"] == "messages.[0].content"
     assert error["message"].startswith("The request body is invalid. messages: ")
     assert len(error["message"]) > len("The request body is invalid. messages: ")
 
@@ -70,7 +70,7 @@ def test_chat_completions_content_that_is_no_text_is_400_in_openai_shape(key_cli
     assert response.status_code == 400, response.content
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
-    assert error["param"] == "messages"
+    assert error["param"] == "messages.[0].content"
 
 
 @pytest.mark.parametrize(

@@ -395,3 +395,72 @@ def test_openai_sdk_stream_options_without_stream_is_refused_by_name(
     assert info.value.body["param"] == "stream_options"
     assert "stream" in info.value.body["message"]
     assert not UsageRecord.objects.exists()
+
+
+def test_openai_sdk_text_content_parts_are_joined_and_roles_mapped(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="ok", usage=(6, 1))
+
+    completion = tollgate.chat.completions.create(
+        model="gpt-test",
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "you"}],
+            },
+        ],
+    )
+
+    assert completion.choices[0].message.content == "ok"
+    assert fake_upstream.requests[0].body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello, you"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("part", "kind"),
+    [
+        ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, "image_url"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "input_audio"),
+        ({"type": "file", "file": {"file_id": "file-1"}}, "file"),
+    ],
+)
+def test_openai_sdk_non_text_content_part_is_refused_naming_it(
+    upstream_settings, local_model, tollgate, part, kind
+):
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo",
+            messages=[
+                {"role": "user", "content": "Hi"},
+                {"role": "user", "content": [{"type": "text", "text": "What is it?"}, part]},
+            ],
+        )
+
+    error = info.value.body
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
+    assert error["param"] == "messages.[1].content"
+    assert f"Content part 1 is of type {kind}: only text parts" in error["message"]
+    assert not UsageRecord.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+        {"role": "function", "content": "42", "name": "answer"},
+    ],
+)
+def test_openai_sdk_tool_and_function_roles_are_refused_naming_the_role(
+    upstream_settings, local_model, tollgate, message
+):
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo", messages=[{"role": "user", "content": "Hi"}, message]
+        )
+
+    assert info.value.body["param"] == "messages.[1].role"
+    assert f"The {message['role']} role is not supported" in info.value.body["message"]
