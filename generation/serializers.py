@@ -151,10 +151,23 @@ _UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prediction": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
+    "verbosity": (None,),
+    "moderation": (None,),
 }
-# Accepted and ignored: they do not change the answer.
+# Accepted and ignored: they do not change the answer (the prompt_cache_* ones steer
+# OpenAI's own prompt cache, which no answer depends on).
 _IGNORED = frozenset(
-    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier"}
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "parallel_tool_calls",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+    }
 )
 
 

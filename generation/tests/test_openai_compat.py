@@ -202,6 +202,7 @@ def test_openai_sdk_sees_unknown_model_as_openai_shaped_400(upstream_settings, t
         ("seed", 7),
         ("top_p", 0.5),
         ("logprobs", True),
+        ("verbosity", "low"),
     ],
 )
 def test_openai_sdk_sees_a_parameter_the_gateway_would_drop_refused_by_name(
@@ -233,6 +234,12 @@ def test_openai_sdk_parameters_that_change_nothing_are_accepted(
         response_format={"type": "text"},
         user="end-user-7",
         metadata={"team": "docs"},
+        n=1,
+        temperature=2,
+        frequency_penalty=0,
+        prompt_cache_key="docs-bot",
+        prompt_cache_retention="24h",
+        safety_identifier="user-hash-7",
         extra_body={"store": False},
     )
     assert completion.choices[0].message.content
