@@ -193,7 +193,13 @@ class ChatCompletionInputSerializer(InputSerializer):
     temperature = serializers.FloatField(
         min_value=0.0, max_value=2.0, required=False, allow_null=True
     )
-    n = serializers.IntegerField(min_value=1, max_value=1, required=False, allow_null=True)
+    n = serializers.IntegerField(
+        min_value=1,
+        max_value=1,
+        required=False,
+        allow_null=True,
+        error_messages={"max_value": "Not supported by this gateway: one choice per request."},
+    )
     stream = serializers.BooleanField(required=False, default=False, allow_null=True)
     stream_options = serializers.DictField(required=False, allow_null=True)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")

@@ -203,6 +203,7 @@ def test_openai_sdk_sees_unknown_model_as_openai_shaped_400(upstream_settings, t
         ("top_p", 0.5),
         ("logprobs", True),
         ("verbosity", "low"),
+        ("n", 2),
     ],
 )
 def test_openai_sdk_sees_a_parameter_the_gateway_would_drop_refused_by_name(
