@@ -125,7 +125,9 @@ def _api_error(
     """The contract's error body under /api/ (OpenAI's under /v1/); None elsewhere."""
     request_id = getattr(request, "request_id", None) or request_id_var.get()
     if request.path.startswith("/v1/"):
-        body: dict[str, Any] = {"error": {"message": message, "type": openai_type, "code": code}}
+        body: dict[str, Any] = {
+            "error": {"message": message, "type": openai_type, "param": None, "code": code}
+        }
     elif request.path.startswith("/api/"):
         body = {"error": {"code": code, "message": message, **details}}
     else:

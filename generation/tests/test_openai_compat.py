@@ -472,3 +472,50 @@ def test_openai_sdk_tool_and_function_roles_are_refused_naming_the_role(
 
     assert info.value.body["param"] == "messages.[1].role"
     assert f"The {message['role']} role is not supported" in info.value.body["message"]
+
+
+@pytest.mark.usefixtures("upstream_settings", "openai_model", "local_model")
+def test_openai_sdk_raises_the_exception_class_of_each_status(tollgate, user):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    UserQuotaFactory(
+        user=user,
+        plan=PlanFactory(
+            allowed_models=["local/demo"], requests_per_minute=1, allow_stale_fallback=False
+        ),
+    )
+    hi = [{"role": "user", "content": "Hi"}]
+
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        tollgate.chat.completions.create(model="gpt-test", messages=hi)
+    tollgate.chat.completions.create(model="local/demo", messages=hi)
+    with pytest.raises(openai.RateLimitError) as limited:
+        tollgate.chat.completions.create(model="local/demo", messages=hi)
+    with pytest.raises(openai.NotFoundError) as missing:
+        tollgate.embeddings.create(model="local/demo", input="Hi")
+
+    for error, kind in [
+        (denied, "permission_error"),
+        (limited, "rate_limit_error"),
+        (missing, "invalid_request_error"),
+    ]:
+        assert set(error.value.body) >= {"message", "type", "param", "code"}
+        assert error.value.body["type"] == kind
+    assert limited.value.code == "quota_exceeded"
+    assert int(limited.value.response.headers["Retry-After"]) >= 1
+
+
+def test_openai_sdk_sees_an_upstream_failure_as_an_internal_server_error(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+
+    with pytest.raises(openai.InternalServerError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Hi"}]
+        )
+
+    assert info.value.status_code == 502
+    assert (info.value.body["type"], info.value.code) == ("api_error", "upstream_error")
+    assert info.value.body["param"] is None
