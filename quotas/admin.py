@@ -222,7 +222,7 @@ class ApiKeyInline(admin.TabularInline):
         return False
 
 
-@admin.action(description="Reset current quota windows")
+@admin.action(description="Reset current quota windows", permissions=["change"])
 def reset_user_windows(
     admin_: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Any]
 ) -> None:
@@ -284,7 +284,7 @@ class UserQuotaAdmin(AuditedAdmin):
     def live_usage(self, obj: UserQuota) -> SafeString | str:
         return live_usage_html(obj.user_id) if obj.pk else "-"
 
-    @admin.action(description="Reset current quota windows")
+    @admin.action(description="Reset current quota windows", permissions=["change"])
     def reset_windows(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
         _reset_windows(self, request, [quota.user for quota in queryset.select_related("user")])
 
@@ -296,12 +296,12 @@ class UserQuotaAdmin(AuditedAdmin):
             changed += 1
         return changed
 
-    @admin.action(description="Suspend the selected users")
+    @admin.action(description="Suspend the selected users", permissions=["change"])
     def suspend(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
         count = self._set_suspended(queryset, True)
         self.message_user(request, f"{count} user(s) suspended.")
 
-    @admin.action(description="Lift the suspension of the selected users")
+    @admin.action(description="Lift the suspension of the selected users", permissions=["change"])
     def unsuspend(self, request: HttpRequest, queryset: QuerySet[UserQuota]) -> None:
         count = self._set_suspended(queryset, False)
         self.message_user(request, f"{count} suspension(s) lifted.")
@@ -455,7 +455,7 @@ class ApiKeyAdmin(AuditedAdmin):
         add_never_cache_headers(response)
         return response
 
-    @admin.action(description="Revoke the selected keys")
+    @admin.action(description="Revoke the selected keys", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         from quotas.services import key_revoke
 
@@ -465,7 +465,9 @@ class ApiKeyAdmin(AuditedAdmin):
             revoked += 1
         self.message_user(request, f"{revoked} key(s) revoked; they are refused from now on.")
 
-    @admin.action(description="Extend the expiry of the selected keys by 30 days")
+    @admin.action(
+        description="Extend the expiry of the selected keys by 30 days", permissions=["change"]
+    )
     def extend_expiry(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         from quotas.services import key_extend
 

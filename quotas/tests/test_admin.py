@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from django import forms
+from django.contrib.admin.models import LogEntry
 from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
@@ -737,3 +738,68 @@ def test_suspend_action_suspends_and_records_the_actor(admin_client, admin_user,
     assert quota.suspended is True
     entry = AuditEntry.objects.get(object_type="userquota", field="suspended")
     assert entry.actor == admin_user
+
+
+# --- Permissions of staff users ---
+
+
+def _staff_client(client, *codenames: str):
+    from django.contrib.auth.models import Permission
+
+    staff = UserFactory(username="viewer", is_staff=True)
+    staff.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    client.force_login(staff)
+    return client
+
+
+@pytest.mark.parametrize(
+    ("model", "action", "codename"),
+    [
+        (ApiKey, "revoke", "view_apikey"),
+        (ApiKey, "extend_expiry", "view_apikey"),
+        (UserQuota, "suspend", "view_userquota"),
+        (UserQuota, "reset_windows", "view_userquota"),
+    ],
+)
+def test_view_only_staff_is_offered_no_writing_action_and_cannot_post_one(
+    client, governance, model, action, codename
+):
+    obj = governance[model]
+    ApiKey.objects.filter(pk=governance[ApiKey].pk).update(
+        expires_at=timezone.now() + dt.timedelta(days=5)
+    )
+    before = model.objects.filter(pk=obj.pk).values().get()
+    staff = _staff_client(client, codename)
+
+    listing = staff.get(_url(model, "changelist"))
+    assert listing.status_code == 200
+    assert f'value="{action}"' not in listing.content.decode()
+    assert _action(staff, model, action, [obj.pk]).status_code in (200, 302)
+    assert model.objects.filter(pk=obj.pk).values().get() == before
+    assert not LogEntry.objects.filter(user__username="viewer").exists()
+    assert not AuditEntry.objects.filter(actor__username="viewer").exists()
+
+
+def test_view_only_staff_is_offered_no_reset_on_the_user_list(client, governance):
+    staff = _staff_client(client, "view_user")
+    user = governance[UserQuota].user
+
+    listing = staff.get(reverse("admin:auth_user_changelist"))
+    assert listing.status_code == 200
+    assert 'value="reset_user_windows"' not in listing.content.decode()
+    staff.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "reset_user_windows", "_selected_action": [str(user.pk)]},
+    )
+    assert not LogEntry.objects.filter(user__username="viewer").exists()
+
+
+def test_staff_with_change_permission_may_revoke_a_key(client, governance):
+    staff = _staff_client(client, "view_apikey", "change_apikey")
+    key = governance[ApiKey]
+
+    assert 'value="revoke"' in staff.get(_url(ApiKey, "changelist")).content.decode()
+    _action(staff, ApiKey, "revoke", [key.pk])
+
+    key.refresh_from_db()
+    assert key.revoked_at is not None
