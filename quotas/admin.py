@@ -8,6 +8,7 @@ by quotas.signals names the operator. Changes go through model saves (never
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 from typing import Any
@@ -34,6 +35,7 @@ from quotas.models import (
     GlobalLimits,
     ModelPrice,
     Plan,
+    Provider,
     ProviderQuota,
     UsageRecord,
     UserQuota,
@@ -573,6 +575,70 @@ class GlobalLimitsAdmin(AuditedAdmin):
 # --- Read-only records ---
 
 
+def _period_start(moment: dt.datetime, kind: str) -> dt.datetime:
+    moment = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind == "day":
+        return moment
+    return moment.replace(day=1, month=1 if kind == "year" else moment.month)
+
+
+def _period_next(start: dt.datetime, kind: str) -> dt.datetime:
+    if kind == "day":
+        return start + dt.timedelta(days=1)
+    if kind == "year" or start.month == 12:
+        return start.replace(year=start.year + 1, month=1 if kind == "month" else start.month)
+    return start.replace(month=start.month + 1)
+
+
+class LedgerQuerySet(QuerySet[UsageRecord]):
+    """The ledger as the admin lists it: `datetimes()` (the date hierarchy's years, months
+    or days) without a DISTINCT over every row of the table. It walks the index instead:
+    the first row, then the first row past that row's period, and so on, one LIMIT 1 look-up
+    per period that has rows (at most 12 months or 31 days), so the cost follows the span of
+    dates, not the size of the ledger."""
+
+    def datetimes(  # type: ignore[override]
+        self, field_name: str, kind: str, order: str = "ASC", tzinfo: Any = None
+    ) -> list[dt.datetime]:
+        zone = tzinfo or timezone.get_current_timezone()
+        moments = self.order_by(field_name).values_list(field_name, flat=True)
+        periods = []
+        found = moments.first()
+        while found is not None:
+            start = _period_start(timezone.localtime(found, zone), kind)
+            periods.append(start)
+            found = moments.filter(**{f"{field_name}__gte": _period_next(start, kind)}).first()
+        return periods if order == "ASC" else periods[::-1]
+
+
+class LedgerProviderFilter(admin.SimpleListFilter):
+    """The providers Tollgate knows (a DISTINCT over the ledger would read all of it)."""
+
+    title = "provider"
+    parameter_name = "provider"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(Provider.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(provider=self.value()) if self.value() else queryset
+
+
+class LedgerModelFilter(admin.SimpleListFilter):
+    """The catalogue's models (a DISTINCT over the ledger would read all of it); a model
+    since removed from the catalogue is still found with ?model=<name>."""
+
+    title = "model"
+    parameter_name = "model"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = ModelPrice.objects.order_by("model").values_list("model", flat=True)
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return queryset.filter(model=self.value()) if self.value() else queryset
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(ReadOnlyAdmin):
     list_display = (
@@ -590,12 +656,25 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "outcome",
         "latency_ms",
     )
-    list_filter = ("cached", "fallback", "outcome", "provider", "model")
+    list_filter = ("cached", "fallback", "outcome", LedgerProviderFilter, LedgerModelFilter)
     list_select_related = ("user", "api_key")
     # By its start: a client's own X-Request-ID finds its rows (each has a unique suffix).
     search_fields = ("^request_id", "user__username")
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
+        queryset = super().get_queryset(request)
+        return LedgerQuerySet(model=queryset.model, query=queryset.query, using=queryset.db)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[UsageRecord], search_term: str
+    ) -> tuple[QuerySet[UsageRecord], bool]:
+        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        if search_term:
+            # The rows a search finds are few: a DISTINCT over them beats walking the index.
+            queryset = QuerySet(model=queryset.model, query=queryset.query, using=queryset.db)
+        return queryset, may_have_duplicates
 
     @admin.display(description="cost (USD)", ordering="cost_usd")
     def cost(self, obj: UsageRecord) -> str:

@@ -9,6 +9,7 @@ import pytest
 from django import forms
 from django.contrib.admin.models import LogEntry
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
@@ -803,3 +804,60 @@ def test_staff_with_change_permission_may_revoke_a_key(client, governance):
 
     key.refresh_from_db()
     assert key.revoked_at is not None
+
+
+def _ledger_rows(user, count: int, start: int = 0) -> None:
+    # Spread over three days in two months, as a real ledger's rows are over its span.
+    days = [dt.datetime(2026, 2, 27, 12, tzinfo=dt.UTC), dt.datetime(2026, 3, 2, tzinfo=dt.UTC)]
+    days.append(days[1] + dt.timedelta(days=3))
+    UsageRecord.objects.bulk_create(
+        UsageRecord(
+            request_id=f"req-span-{i}",
+            user=user,
+            model="local/demo",
+            provider="local",
+            created_at=days[i % 3] + dt.timedelta(minutes=i),
+        )
+        for i in range(start, start + count)
+    )
+
+
+def test_ledger_list_queries_do_not_grow_with_rows_nor_scan_for_distinct_values(
+    admin_client, user, local_model
+):
+    url = _url(UsageRecord, "changelist")
+    _ledger_rows(user, 5)
+    with CaptureQueriesContext(connection) as few:
+        assert admin_client.get(url).status_code == 200
+    _ledger_rows(user, 45, start=5)
+    with CaptureQueriesContext(connection) as many:
+        page = admin_client.get(url)
+
+    assert len(many.captured_queries) == len(few.captured_queries)
+    assert not [q["sql"] for q in many.captured_queries if "DISTINCT" in q["sql"]]
+    content = page.content.decode()
+    assert "created_at__month=2" in content
+    assert "created_at__month=3" in content
+    filters = {spec.title: spec for spec in page.context_data["cl"].filter_specs}
+    assert [v for v, _ in filters["model"].lookup_choices] == ["local/demo"]
+    assert "openai" in [v for v, _ in filters["provider"].lookup_choices]
+
+
+def test_ledger_date_hierarchy_lists_the_days_that_have_rows(admin_client, user):
+    _ledger_rows(user, 6)
+    url = _url(UsageRecord, "changelist")
+
+    march = admin_client.get(url, {"created_at__year": "2026", "created_at__month": "3"})
+    assert march.status_code == 200
+    content = march.content.decode()
+    assert "created_at__day=2" in content
+    assert "created_at__day=5" in content
+    assert "created_at__day=3" not in content
+    assert len(march.context_data["cl"].result_list) == 4
+    years = admin_client.get(url, {"created_at__year": "2026"}).content.decode()
+    assert years.count("created_at__month=") == 2
+    searched = admin_client.get(
+        url, {"created_at__year": "2026", "created_at__month": "2", "q": "req-span-0"}
+    )
+    assert [r.request_id for r in searched.context_data["cl"].result_list] == ["req-span-0"]
+    assert "created_at__day=27" in searched.content.decode()
