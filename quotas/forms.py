@@ -103,6 +103,18 @@ class ApiKeyForm(GovernanceForm):
     def clean_scopes(self) -> list[str]:
         return scopes_validate(self.cleaned_data["scopes"])
 
+    def clean_expires_at(self) -> Any:
+        """A new expiry lies in the future (revoke a key to stop it now); an expiry left as
+        it was may be past, so that an expired key's name or limits can still be edited."""
+        expires_at = self.cleaned_data.get("expires_at")
+        changed = "expires_at" in self.changed_data
+        if changed and expires_at is not None and expires_at <= timezone.now():
+            raise ValidationError(
+                "The expiry must be in the future; to stop a key now, revoke it.",
+                code="expiry_past",
+            )
+        return expires_at
+
 
 class ApiKeyCreateForm(ApiKeyForm):
     """The add form: the key itself (prefix and hash) is generated on save."""

@@ -341,6 +341,31 @@ def test_key_add_refuses_past_expiry_bad_scope_and_inactive_user(admin_client, u
     assert ApiKey.objects.count() == 0
 
 
+def test_key_change_refuses_a_new_expiry_in_the_past_but_keeps_an_old_one(admin_client, api_key):
+    full_key, key = api_key
+
+    past = _edit(admin_client, ApiKey, key.pk, expires_at_0="2020-01-01", expires_at_1="00:00")
+
+    assert past.status_code == 200
+    assert "The expiry must be in the future" in past.content.decode()
+    key.refresh_from_db()
+    assert key.expires_at is None
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() - dt.timedelta(days=1))
+    renamed = _edit(admin_client, ApiKey, key.pk, name="renamed while expired")
+    assert renamed.status_code == 302
+    key.refresh_from_db()
+    assert key.name == "renamed while expired"
+    later = timezone.now() + dt.timedelta(days=10)
+    extended = _edit(
+        admin_client,
+        ApiKey,
+        key.pk,
+        expires_at_0=later.strftime("%Y-%m-%d"),
+        expires_at_1=later.strftime("%H:%M:%S"),
+    )
+    assert extended.status_code == 302
+
+
 def test_key_change_form_keeps_credentials_read_only(admin_client, api_key):
     full_key, key = api_key
     stored = (key.prefix, key.secret_hash, key.user_id)
