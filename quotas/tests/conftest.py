@@ -11,6 +11,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from quotas import services
 from quotas.models import Plan, UserQuota
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,3 +91,25 @@ def plan_for(local_model):
         return plan
 
     return make
+
+
+@pytest.fixture(params=["redis", "local"])
+def engine(request, settings, redis_conn):
+    """Both backends: Redis, and the in-process one of the embedded default, which must
+    have the same semantics for one process."""
+    if request.param == "local":
+        settings.REDIS_URL = ""
+    services.local_state_reset()
+    yield request.param
+    services.local_state_reset()
+
+
+@pytest.fixture
+def save(django_capture_on_commit_callbacks):
+    """Save a governance row and run its on-commit hooks (the live policy bump)."""
+
+    def run(obj):
+        with django_capture_on_commit_callbacks(execute=True):
+            obj.save()
+
+    return run

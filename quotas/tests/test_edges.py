@@ -45,24 +45,6 @@ def settle(admission, prompt, completion):
     )
 
 
-@pytest.fixture(params=["redis", "local"])
-def engine(request, settings, redis_conn):
-    if request.param == "local":
-        settings.REDIS_URL = ""
-    services.local_state_reset()
-    yield request.param
-    services.local_state_reset()
-
-
-@pytest.fixture
-def save(django_capture_on_commit_callbacks):
-    def run(obj):
-        with django_capture_on_commit_callbacks(execute=True):
-            obj.save()
-
-    return run
-
-
 def limits(user, now=NOW):
     return services.quota_standing(user_id=user.pk, now=now)["limits"]
 

@@ -30,28 +30,6 @@ def admit(user, *, key_id=None, now=NOW, prompt=10, max_tokens=10, priority="hig
     )
 
 
-@pytest.fixture(params=["redis", "local"])
-def engine(request, settings, redis_conn):
-    """Both backends: Redis, and the in-process one of the embedded default, which must
-    have the same semantics for one process."""
-    if request.param == "local":
-        settings.REDIS_URL = ""
-    services.local_state_reset()
-    yield request.param
-    services.local_state_reset()
-
-
-@pytest.fixture
-def save(django_capture_on_commit_callbacks):
-    """Save a governance row and run its on-commit hooks (the live policy bump)."""
-
-    def run(obj):
-        with django_capture_on_commit_callbacks(execute=True):
-            obj.save()
-
-    return run
-
-
 def admitted(user, n, **kwargs):
     count = 0
     for _ in range(n):
