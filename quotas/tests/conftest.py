@@ -113,3 +113,18 @@ def save(django_capture_on_commit_callbacks):
             obj.save()
 
     return run
+
+
+@pytest.fixture
+def free_model(db):
+    """A local model that costs nothing: its requests add nothing to a cost budget."""
+    from quotas.models import ModelPrice
+
+    ModelPrice.objects.create(
+        model="local/free",
+        provider="local",
+        upstream_model="free",
+        input_per_million=0,
+        output_per_million=0,
+    )
+    return "local/free"

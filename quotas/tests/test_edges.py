@@ -12,7 +12,7 @@ import pytest
 
 from quotas import services
 from quotas.errors import QuotaExceeded
-from quotas.models import ModelPrice, UsageRecord
+from quotas.models import UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -78,16 +78,9 @@ def test_a_limit_of_zero_refuses_the_first_request_naming_it(engine, user, plan_
     assert entry["remaining"] in (0, "0.00")
 
 
-def test_a_cost_limit_of_zero_refuses_a_free_model_too(engine, user, plan_for):
-    ModelPrice.objects.create(
-        model="local/free",
-        provider="local",
-        upstream_model="free",
-        input_per_million=0,
-        output_per_million=0,
-    )
+def test_a_cost_limit_of_zero_refuses_a_free_model_too(engine, user, plan_for, free_model):
     plan_for(user, cost_per_day=Decimal(0))
-    err = refusal(user, model="local/free")
+    err = refusal(user, model=free_model)
     assert (err.dimension, err.limit) == ("cost_per_day", "0.00")
 
 

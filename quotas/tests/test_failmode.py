@@ -132,21 +132,12 @@ def test_fail_open_hit_refused_by_the_ledger_gives_its_request_count_back(
 
 
 def test_fail_open_cost_limit_of_zero_refuses_a_free_model_too(
-    private_redis, settings, user, plan_for
+    private_redis, settings, user, plan_for, free_model
 ):
-    from quotas.models import ModelPrice
-
     settings.QUOTA_FAIL_MODE = "open"
-    ModelPrice.objects.create(
-        model="local/free",
-        provider="local",
-        upstream_model="free",
-        input_per_million=0,
-        output_per_million=0,
-    )
     plan_for(user, cost_per_day=Decimal(0))
     private_redis.stop()
     with pytest.raises(QuotaExceeded) as info:
-        admit(user, model="local/free")
+        admit(user, model=free_model)
     assert info.value.dimension == "cost_per_day"
     assert not UsageRecord.objects.filter(user=user).exists()
