@@ -180,6 +180,15 @@ LEDGER_SPOOL_DIR = env(
 TOLLGATE_DEFAULT_MODEL = env("TOLLGATE_DEFAULT_MODEL", default="") or "local/demo"
 OPENAI_API_KEY = env("OPENAI_API_KEY", default="")
 OPENAI_BASE_URL = env("OPENAI_BASE_URL", default="")
+# The request field that bounds an answer's length upstream. OpenAI's own API takes
+# max_completion_tokens for every chat model and refuses max_tokens for its reasoning
+# models; other OpenAI-compatible servers (vLLM, Ollama...) know max_tokens for certain.
+# Empty: max_completion_tokens for OpenAI's API, max_tokens for any other base URL.
+OPENAI_MAX_TOKENS_PARAM = env("OPENAI_MAX_TOKENS_PARAM", default="")
+if OPENAI_MAX_TOKENS_PARAM not in ("", "max_tokens", "max_completion_tokens"):
+    raise ImproperlyConfigured(
+        "OPENAI_MAX_TOKENS_PARAM must be 'max_tokens' or 'max_completion_tokens' (or empty)."
+    )
 GEMINI_API_KEY = env("GEMINI_API_KEY", default="")
 GEMINI_BASE_URL = env("GEMINI_BASE_URL", default="")
 LOCAL_PROVIDER_LATENCY_MS = env.int("LOCAL_PROVIDER_LATENCY_MS", default=0, minimum=0)

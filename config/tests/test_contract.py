@@ -648,6 +648,7 @@ def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, st
         ("LOCAL_PROVIDER_FAILURE_RATE", "1.5", "must be at most 1"),
         ("DEBUG", "maybe", "must be a yes or a no"),
         ("REDIS_URL", "notaurl", "redis://"),
+        ("OPENAI_MAX_TOKENS_PARAM", "max_length", "max_completion_tokens"),
     ],
 )
 def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variable, value, says):

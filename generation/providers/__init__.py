@@ -56,6 +56,7 @@ def _build(name: str) -> Provider:
             api_key=settings.OPENAI_API_KEY,
             base_url=settings.OPENAI_BASE_URL,
             connect_timeout=settings.UPSTREAM_CONNECT_TIMEOUT,
+            max_tokens_param=settings.OPENAI_MAX_TOKENS_PARAM,
         )
     if name == "gemini":
         from generation.providers.gemini import GeminiProvider

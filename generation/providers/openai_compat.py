@@ -52,13 +52,23 @@ _UNSENT_HEADERS: dict[str, Any] = dict.fromkeys(
 )
 
 
+_OPENAI_HOST = "api.openai.com"
+
+
 class OpenAIProvider:
     """Chat completions of an OpenAI-compatible endpoint at a configurable base URL: the
     SDK streams, a pooled POST with the SDK's URL and headers completes."""
 
     name = "openai"
 
-    def __init__(self, *, api_key: str, base_url: str | None, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None,
+        connect_timeout: float,
+        max_tokens_param: str = "",
+    ) -> None:
         self.client = openai.OpenAI(
             api_key=api_key or "unset",
             base_url=base_url or None,
@@ -72,12 +82,16 @@ class OpenAIProvider:
         self.headers = {k: v for k, v in headers.items() if isinstance(v, str)}
         self.headers["Accept-Encoding"] = "gzip, deflate"
         self.pool = _pool_for(self.url)
+        # The field bounding the answer (OPENAI_MAX_TOKENS_PARAM; empty: by the base URL).
+        self.max_tokens_param = max_tokens_param or (
+            "max_completion_tokens" if self.client.base_url.host == _OPENAI_HOST else "max_tokens"
+        )
 
     def complete(self, request: CompletionRequest, *, timeout: float) -> Completion:
         body: dict[str, Any] = {
             "model": request.model,
             "messages": list(request.messages),
-            "max_tokens": request.max_tokens,
+            self.max_tokens_param: request.max_tokens,
         }
         if request.temperature is not None:
             body["temperature"] = request.temperature
@@ -120,7 +134,7 @@ class OpenAIProvider:
         return _completion(data, request)
 
     def stream(self, request: CompletionRequest, *, timeout: float) -> Iterator[str | Completion]:
-        kwargs: dict[str, Any] = {"max_tokens": request.max_tokens}
+        kwargs: dict[str, Any] = {self.max_tokens_param: request.max_tokens}
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         parts: list[str] = []

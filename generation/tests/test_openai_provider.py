@@ -81,3 +81,34 @@ def test_a_refusal_carries_the_upstreams_own_message(fake_upstream, no_proxy_env
         _provider(fake_upstream.openai_base_url).complete(REQUEST, timeout=2.0)
 
     assert str(refused.value) == "openai: HTTP 400: fake 400"  # its error.message
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_bounds_the_answer_with_the_field_the_upstream_takes(fake_upstream, no_proxy_env, param):
+    # OpenAI's reasoning models refuse max_tokens; some compatible servers know only it.
+    provider = OpenAIProvider(
+        api_key="sk-test",
+        base_url=fake_upstream.openai_base_url,
+        connect_timeout=1.0,
+        max_tokens_param=param,
+    )
+
+    provider.complete(REQUEST, timeout=2.0)
+    streamed = list(provider.stream(REQUEST, timeout=2.0))
+
+    assert streamed
+    for sent in fake_upstream.requests:
+        other = "max_tokens" if param == "max_completion_tokens" else "max_completion_tokens"
+        assert sent.body[param] == 20
+        assert other not in sent.body
+    assert len(fake_upstream.requests) == 2
+
+
+def test_by_default_openais_own_api_gets_max_completion_tokens_and_others_max_tokens(
+    no_proxy_env,
+):
+    no_proxy_env.delenv("OPENAI_BASE_URL", raising=False)
+
+    assert _provider("").max_tokens_param == "max_completion_tokens"
+    assert _provider("https://api.openai.com/v1").max_tokens_param == "max_completion_tokens"
+    assert _provider("http://vllm.internal:8000/v1").max_tokens_param == "max_tokens"
