@@ -227,7 +227,9 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
         message = f"{message} {param}: {_first_message(fields[param])}"
     body = {
         "message": message,
-        "type": _OPENAI_TYPES.get(response.status_code, "api_error"),
+        "type": _OPENAI_TYPES.get(
+            response.status_code, "server_error" if response.status_code >= 500 else "api_error"
+        ),
         "param": _param(fields),
         "code": error.get("code"),
     }
@@ -361,7 +363,7 @@ def _chat_stream(
         # Cut short upstream (and refunded): OpenAI SDKs raise on an event carrying "error".
         error = {
             "message": outcome.error.message,
-            "type": "api_error",
+            "type": "server_error",
             "code": outcome.error.code,
             "request_id": request_id,
         }

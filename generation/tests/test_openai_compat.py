@@ -117,6 +117,7 @@ def test_openai_sdk_stream_cut_upstream_ends_in_a_502_error_event_and_is_refunde
     assert "".join(received).startswith("w0 w1 w2")
     # The provider answered, then broke off: a bad gateway, not a provider unavailable.
     assert info.value.body["code"] == "upstream_error"
+    assert info.value.body["type"] == "server_error"
     assert info.value.body["request_id"] == stream.response.headers["X-Request-ID"]
     row = UsageRecord.objects.get()
     assert row.outcome == "upstream_error"
@@ -268,7 +269,7 @@ def test_openai_sdk_sees_upstream_timeout_as_504_and_is_not_charged(
 
     assert info.value.status_code == 504
     assert info.value.body["code"] == "upstream_timeout"
-    assert info.value.body["type"] == "api_error"
+    assert info.value.body["type"] == "server_error"
     assert UsageRecord.objects.get().cost_usd == 0
 
 
@@ -517,5 +518,5 @@ def test_openai_sdk_sees_an_upstream_failure_as_an_internal_server_error(
         )
 
     assert info.value.status_code == 502
-    assert (info.value.body["type"], info.value.code) == ("api_error", "upstream_error")
+    assert (info.value.body["type"], info.value.code) == ("server_error", "upstream_error")
     assert info.value.body["param"] is None
