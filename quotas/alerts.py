@@ -6,7 +6,8 @@ user. Spending comes from the ledger: today's rows directly, the month's earlier
 the DailyUsage roll-up. "Once per threshold per period" is the unique constraint of
 `BudgetAlert`: of any number of concurrent checks, exactly one creates the row, and only
 the one that created it delivers it (email through Django's mail, and/or a JSON webhook).
-A failed delivery is kept on the row and tried again by the next checks, a few times.
+A failed delivery is kept on the row and tried again by the next checks, a few times; so is
+an alert whose check died between creating and delivering it (a crash, a time limit).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import httpx
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
-from django.db.models import Sum
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from quotas.models import Plan, UsageRecord, UserQuota
@@ -31,6 +32,10 @@ from quotas.rollups import BudgetAlert, BudgetPeriod, DailyUsage
 logger = logging.getLogger("tollgate.alerts")
 
 MAX_DELIVERY_ATTEMPTS = 3
+# An alert never tried this long after its creation was left by a check that died before
+# delivering it: longer than the check task's hard time limit (120 s), so the check that
+# created it is done or dead and a later one never sends it twice.
+UNDELIVERED_GRACE = dt.timedelta(seconds=180)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +158,13 @@ def _alert_create_once(
 
 
 def _retry_failed_deliveries(*, exclude: set[int]) -> None:
+    # created_at is the wall clock's (auto_now_add), whatever `now` a check is given.
+    abandoned = Q(delivery_attempts=0, created_at__lt=timezone.now() - UNDELIVERED_GRACE)
     pending = (
-        BudgetAlert.objects.exclude(delivery_error="")
+        BudgetAlert.objects.filter(~Q(delivery_error="") | abandoned)
         .filter(delivery_attempts__lt=MAX_DELIVERY_ATTEMPTS)
         .exclude(pk__in=exclude)
+        .order_by("created_at")
     )
     for alert in pending[:100]:
         alert_deliver(alert=alert)

@@ -235,3 +235,45 @@ def test_budget_alert_failed_webhook_is_recorded_then_delivered_once(webhook):
     budget_alerts_check(now=NOW)
     assert len(webhook.bodies) == 2  # the failed attempt, then the delivery; nothing after
     assert len(mail.outbox) == 0
+
+
+def test_budget_alert_left_undelivered_by_a_dead_check_is_delivered_by_a_later_one(
+    webhook, settings
+):
+    settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
+    user = UserFactory(email="")
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "0.800000")
+    # A check created this alert, then died (killed, time limit) before delivering it.
+    left = BudgetAlert.objects.create(
+        user=user,
+        period="day",
+        period_start=NOW.date(),
+        threshold=80,
+        budget_usd=Decimal("1.00"),
+        spent_usd=Decimal("0.800000"),
+    )
+    BudgetAlert.objects.filter(pk=left.pk).update(
+        created_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    )
+    # One another check has just created and is still delivering: not sent twice.
+    other = UserFactory(email="")
+    in_flight = BudgetAlert.objects.create(
+        user=other,
+        period="day",
+        period_start=NOW.date(),
+        threshold=80,
+        budget_usd=Decimal("1.00"),
+        spent_usd=Decimal("0.900000"),
+    )
+
+    assert budget_alerts_check(now=NOW) == []
+
+    left.refresh_from_db()
+    assert (left.webhook_sent, left.email_sent, left.delivery_attempts) == (True, True, 1)
+    assert [b["user"] for b in webhook.bodies] == [user.username]
+    assert len(mail.outbox) == 1
+    in_flight.refresh_from_db()
+    assert in_flight.delivery_attempts == 0
+    budget_alerts_check(now=NOW)
+    assert len(webhook.bodies) == 1
