@@ -254,7 +254,7 @@ JOB_RETRY_MAX_COUNTDOWN = env.int("JOB_RETRY_MAX_COUNTDOWN", default=900, minimu
 JOB_MAX_QUOTA_RETRIES = env.int("JOB_MAX_QUOTA_RETRIES", default=200, minimum=0)
 JOB_MAX_SUBTOPICS = 20
 # Finished jobs (and their results) are deleted this many days after they finished; 0 keeps them.
-JOB_RETENTION_DAYS = env.int("JOB_RETENTION_DAYS", default=30, minimum=1)
+JOB_RETENTION_DAYS = env.int("JOB_RETENTION_DAYS", default=30, minimum=0)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 4 * JOB_RETRY_MAX_COUNTDOWN)}
 CELERY_BEAT_SCHEDULE = {
     # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.

@@ -308,3 +308,31 @@ def test_job_create_with_broker_down_is_503_and_the_job_is_not_left_queued(user)
     job = Job.objects.get()
     assert job.status == JobStatus.FAILED
     assert job.error["code"] == "service_unavailable"
+
+
+def test_job_retention_days_0_is_accepted_and_keeps_finished_jobs_for_ever(user, settings):
+    import datetime as dt
+    import os
+    import subprocess
+    import sys
+
+    from generation.tasks import jobs_purge
+
+    script = "import django; django.setup()\nfrom django.conf import settings\n"
+    script += "print(settings.JOB_RETENTION_DAYS)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JOB_RETENTION_DAYS": "0"},
+        cwd=settings.BASE_DIR,
+        check=False,
+    )
+    assert out.stdout.strip() == "0", out.stderr[-2000:]
+
+    settings.JOB_RETENTION_DAYS = 0
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=3650)
+    Job.objects.create(user=user, request={"topic": "t"}, status=JobStatus.DONE, finished_at=old)
+    assert jobs_purge() == 0
+    assert Job.objects.count() == 1
