@@ -53,11 +53,13 @@ class JobLocked(Exception):  # noqa: N818 - a state, not an error
 class JobQuotaWait(Exception):  # noqa: N818 - a wait, not an error
     """An item was refused for quota; run the job again in `retry_after` seconds."""
 
-    def __init__(self, retry_after: int, scope: str, dimension: str) -> None:
+    def __init__(self, retry_after: int, scope: str, dimension: str, waits: int = 0) -> None:
         super().__init__(f"quota wait of {retry_after}s ({scope}.{dimension})")
         self.retry_after = retry_after
         self.scope = scope
         self.dimension = dimension
+        # How many times the job has now been refused for quota (its `quota_retries`).
+        self.waits = waits
 
 
 def explanation_item_generate(
@@ -300,14 +302,16 @@ def _job_wait(job: Job, wait: JobQuotaWait) -> JobQuotaWait:
     }
     job.save(update_fields=["status", "quota_retries", "retry_at", "error", "updated_at"])
     logger.info("job %s waits %ss for %s.%s", job.id, countdown, wait.scope, wait.dimension)
-    return JobQuotaWait(countdown, wait.scope, wait.dimension)
+    return JobQuotaWait(countdown, wait.scope, wait.dimension, waits=job.quota_retries)
 
 
-def job_fail(*, job_id: uuid.UUID | str, code: str, message: str) -> None:
-    """Mark a job failed (a task that gave up, or an unexpected error)."""
+def job_fail(*, job_id: uuid.UUID | str, code: str, message: str, **details: Any) -> None:
+    """Mark a job failed (a task that gave up, or an unexpected error); `details` join
+    `code` and `message` in its error. It will not run again, so it has no `retry_at`."""
     Job.objects.filter(pk=job_id).exclude(status__in=FINISHED).update(
         status=JobStatus.FAILED,
-        error={"code": code, "message": message},
+        error={"code": code, "message": message, **details},
+        retry_at=None,
         finished_at=timezone.now(),
         updated_at=timezone.now(),
     )

@@ -44,11 +44,15 @@ def job_run(self: Task, job_id: str) -> str:
     try:
         return jobs.job_run(job_id=job_id)
     except jobs.JobQuotaWait as wait:
-        if self.request.retries >= settings.JOB_MAX_QUOTA_RETRIES:
+        # The job's own count of quota refusals: the task's retries also count the runs
+        # put off because another worker held the job, or cut by the soft time limit.
+        if wait.waits > settings.JOB_MAX_QUOTA_RETRIES:
             jobs.job_fail(
                 job_id=job_id,
                 code="quota_exceeded",
                 message="The job was refused for quota too many times.",
+                scope=wait.scope,
+                dimension=wait.dimension,
             )
             return "failed"
         raise self.retry(countdown=wait.retry_after, max_retries=None) from wait

@@ -336,3 +336,32 @@ def test_job_retention_days_0_is_accepted_and_keeps_finished_jobs_for_ever(user,
     Job.objects.create(user=user, request={"topic": "t"}, status=JobStatus.DONE, finished_at=old)
     assert jobs_purge() == 0
     assert Job.objects.count() == 1
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings")
+def test_job_refused_for_quota_more_than_the_retries_fails_with_a_clear_state(
+    user, settings, django_capture_on_commit_callbacks, monkeypatch
+):
+    from config.celery import app
+    from generation.tasks import job_run
+
+    # Retries of an eager task run again at once, in place, instead of raising Retry.
+    monkeypatch.setitem(app.conf, "task_eager_propagates", False)
+    settings.JOB_MAX_QUOTA_RETRIES = 3
+    UserQuota.objects.create(user=user, requests_per_minute=1)
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+
+    # Delivered for the sixth time (five runs put off while another worker held the job):
+    # those retries are not quota refusals. Eager retries run again at once.
+    assert job_run.apply(args=(str(job.id),), retries=5).get() == "failed"
+
+    job.refresh_from_db()
+    assert job.quota_retries == settings.JOB_MAX_QUOTA_RETRIES + 1
+    assert job.status == JobStatus.FAILED
+    assert job.error["code"] == "quota_exceeded"
+    assert job.error["dimension"] == "requests_per_minute"
+    assert job.error["scope"] == "user"
+    assert job.retry_at is None
+    assert job.finished_at is not None
+    assert job.done_items == 1
+    assert UsageRecord.objects.filter(request_id__startswith=f"job-{job.id.hex}").count() == 1
