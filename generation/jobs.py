@@ -155,17 +155,24 @@ def job_get(*, job_id: uuid.UUID | str, user: AbstractBaseUser | AnonymousUser) 
     return job
 
 
+NOT_RUN = {"code": "not_run", "message": "The job stopped before this item was generated."}
+
+
 def job_result(*, job: Job) -> dict[str, Any] | None:
-    """The explanations response of a finished job (API.md shape), else None."""
+    """The explanations response (API.md shape) of a finished job, done or failed, else None.
+
+    A failed job's items finished before it stopped are there, as they were charged; the
+    others have `explanation` null and the error `not_run`.
+    """
     from generation.services import money
 
-    if job.status != JobStatus.DONE:
+    if job.status not in FINISHED:
         return None
     prompt = completion = 0
     cost = Decimal(0)
     items = []
-    for stored in job.items:
-        item = stored or {}
+    for index, stored in enumerate(job.items):
+        item = stored or {"subtopic": job.request["subtopics"][index], "error": NOT_RUN}
         usage = item.get("usage") or {}
         prompt += int(usage.get("prompt_tokens", 0))
         completion += int(usage.get("completion_tokens", 0))

@@ -42,7 +42,7 @@ class JobDetailView(RateLimitHeadersMixin, APIView):
 
     @extend_schema(
         responses={200: JobOutputSerializer},
-        summary="A job's status, progress and, once done, its result (owner or staff)",
+        summary="A job's status, progress and, once finished, its result (owner or staff)",
     )
     def get(self, request: Request, job_id: uuid.UUID) -> Response:
         job = jobs.job_get(job_id=job_id, user=request.user)

@@ -365,3 +365,54 @@ def test_job_refused_for_quota_more_than_the_retries_fails_with_a_clear_state(
     assert job.finished_at is not None
     assert job.done_items == 1
     assert UsageRecord.objects.filter(request_id__startswith=f"job-{job.id.hex}").count() == 1
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings")
+def test_job_failed_for_quota_shows_the_items_it_charged_and_those_not_run(
+    user, owner_client, settings, django_capture_on_commit_callbacks
+):
+    from generation.tasks import job_run
+
+    settings.JOB_MAX_QUOTA_RETRIES = 0
+    UserQuota.objects.create(user=user, requests_per_minute=1)
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+    assert job_run.apply(args=(str(job.id),)).get() == "failed"
+
+    body = owner_client.get(f"/api/v1/jobs/{job.id}").json()
+
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "quota_exceeded"
+    one, two = body["result"]["items"]
+    assert one["subtopic"] == "One"
+    assert one["explanation"]
+    assert one["error"] is None
+    assert two == {
+        "subtopic": "Two",
+        "explanation": None,
+        "cached": False,
+        "error": {"code": "not_run", "message": "The job stopped before this item was generated."},
+    }
+    row = UsageRecord.objects.get(request_id__startswith=f"job-{job.id.hex}")
+    assert Decimal(body["result"]["cost_usd"]) == row.cost_usd > 0
+    assert body["result"]["usage"]["total_tokens"] == row.prompt_tokens + row.completion_tokens
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_whose_every_item_failed_shows_each_items_error(
+    user, owner_client, upstream_settings, fake_upstream, django_capture_on_commit_callbacks
+):
+    from generation.tests.fake_upstream import Behaviour
+
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    job = queued_job(user, ["A", "B"], django_capture_on_commit_callbacks)
+    assert jobs.job_run(job_id=job.id) == "failed"
+
+    body = owner_client.get(f"/api/v1/jobs/{job.id}").json()
+
+    assert body["error"]["code"] == "all_items_failed"
+    assert [i["error"]["code"] for i in body["result"]["items"]] == ["upstream_error"] * 2
+    assert body["result"]["cost_usd"] == "0"
+    assert not UsageRecord.objects.filter(
+        request_id__startswith=f"job-{job.id.hex}", cost_usd__gt=0
+    ).exists()
