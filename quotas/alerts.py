@@ -217,7 +217,8 @@ def alert_deliver(*, alert: BudgetAlert) -> None:
             )
             response.raise_for_status()
             alert.webhook_sent = True
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # InvalidURL (a malformed BUDGET_ALERT_WEBHOOK_URL) is not an HTTPError.
             errors.append(f"webhook: {exc}")
     alert.delivery_attempts += 1
     alert.delivery_error = "; ".join(errors)[:2000]

@@ -277,3 +277,50 @@ def test_budget_alert_left_undelivered_by_a_dead_check_is_delivered_by_a_later_o
     assert in_flight.delivery_attempts == 0
     budget_alerts_check(now=NOW)
     assert len(webhook.bodies) == 1
+
+
+def test_budget_alert_malformed_webhook_url_is_recorded_and_the_email_sent_once(settings):
+    settings.BUDGET_ALERT_WEBHOOK_URL = "http://[::1/hooks/budget"
+    alice = UserFactory(email="alice@example.com")
+    bob = UserFactory(email="bob@example.com")
+    for user in (alice, bob):
+        UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+        ledger(user, "0.800000")
+
+    created = budget_alerts_check(now=NOW)
+
+    assert len(created) == 2
+    for alert in BudgetAlert.objects.all():
+        assert alert.email_sent
+        assert not alert.webhook_sent
+        assert alert.delivery_attempts == 1
+        assert alert.delivery_error.startswith("webhook: ")
+    assert sorted(m.to[0] for m in mail.outbox) == ["alice@example.com", "bob@example.com"]
+    for _ in range(4):
+        budget_alerts_check(now=NOW)
+    assert len(mail.outbox) == 2
+    assert set(BudgetAlert.objects.values_list("delivery_attempts", flat=True)) == {3}
+
+
+def test_budget_alert_webhook_that_times_out_is_recorded_not_raised(settings):
+    import socket
+
+    # Accepts the connection and never answers.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    settings.BUDGET_ALERT_WEBHOOK_URL = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+    settings.BUDGET_ALERT_WEBHOOK_TIMEOUT = 0.2
+    user = UserFactory(email="")
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "1.000000")
+    try:
+        created = budget_alerts_check(now=NOW)
+    finally:
+        silent.close()
+
+    assert sorted(a.threshold for a in created) == [80, 100]
+    for alert in BudgetAlert.objects.all():
+        assert not alert.webhook_sent
+        assert "webhook" in alert.delivery_error
+        assert alert.delivery_attempts == 1
