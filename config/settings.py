@@ -256,6 +256,13 @@ JOB_MAX_SUBTOPICS = 20
 # Finished jobs (and their results) are deleted this many days after they finished; 0 keeps them.
 JOB_RETENTION_DAYS = env.int("JOB_RETENTION_DAYS", default=30, minimum=0)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 4 * JOB_RETRY_MAX_COUNTDOWN)}
+# An unfinished job untouched this long, and held by no worker, has lost its message (Redis
+# gives an unacknowledged one back after the visibility timeout): the sweep sends it again.
+JOB_STALE_SECONDS = env.int(
+    "JOB_STALE_SECONDS",
+    default=2 * CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"],
+    minimum=60,
+)
 CELERY_BEAT_SCHEDULE = {
     # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.
     "cache-popular-refresh": {
@@ -281,6 +288,11 @@ CELERY_BEAT_SCHEDULE = {
     "jobs-purge": {
         "task": "generation.tasks.jobs_purge",
         "schedule": env.float("CELERY_JOBS_PURGE_SECONDS", default=86400.0, minimum=1),
+    },
+    # Unfinished batch jobs whose message was lost are sent again.
+    "jobs-sweep": {
+        "task": "generation.tasks.jobs_sweep",
+        "schedule": env.float("CELERY_JOBS_SWEEP_SECONDS", default=600.0, minimum=1),
     },
     # Live refusal counts copied to the database (the dashboard's denials by reason).
     "denials-persist": {

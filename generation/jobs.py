@@ -324,6 +324,27 @@ def job_fail(*, job_id: uuid.UUID | str, code: str, message: str, **details: Any
     )
 
 
+def job_sweep(*, stale_after: float, now: dt.datetime | None = None) -> int:
+    """Send again the unfinished jobs nothing has touched for `stale_after` seconds and that
+    no worker holds: their message was lost (a broker that forgot it, a run that hit the
+    hard time limit, whose message is acknowledged without the job being failed). Returns
+    how many were sent. A job sent twice is safe: a finished job is left alone, a held one
+    waits, and every finished item is kept and charged once.
+    """
+    cutoff = (now or timezone.now()) - dt.timedelta(seconds=stale_after)
+    stale = Job.objects.filter(updated_at__lt=cutoff).exclude(status__in=FINISHED)
+    sent = 0
+    for job_id in stale.values_list("pk", flat=True)[:1000]:
+        if cache.get(f"job-run:{job_id}") is not None:
+            continue
+        # Touched, so that the next sweep leaves it to the message sent now.
+        Job.objects.filter(pk=job_id).update(updated_at=timezone.now())
+        logger.warning("job %s was left unfinished and untouched; sending it again", job_id)
+        job_enqueue(job_id=job_id)
+        sent += 1
+    return sent
+
+
 def job_purge(*, older_than_days: int, now: dt.datetime | None = None) -> int:
     """Delete finished jobs that finished more than `older_than_days` ago; returns how many.
     Unfinished jobs are kept whatever their age. 0 keeps everything."""

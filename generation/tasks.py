@@ -69,3 +69,9 @@ def job_run(self: Task, job_id: str) -> str:
 def jobs_purge() -> int:
     """Delete jobs finished more than JOB_RETENTION_DAYS ago; returns how many."""
     return jobs.job_purge(older_than_days=settings.JOB_RETENTION_DAYS)
+
+
+@shared_task(name="generation.tasks.jobs_sweep", time_limit=600, soft_time_limit=540)
+def jobs_sweep() -> int:
+    """Send again the unfinished jobs whose message was lost; returns how many."""
+    return jobs.job_sweep(stale_after=settings.JOB_STALE_SECONDS)

@@ -416,3 +416,38 @@ def test_job_whose_every_item_failed_shows_each_items_error(
     assert not UsageRecord.objects.filter(
         request_id__startswith=f"job-{job.id.hex}", cost_usd__gt=0
     ).exists()
+
+
+@pytest.mark.usefixtures("celery_worker", "openai_model", "upstream_settings")
+def test_job_left_running_by_a_lost_message_is_sent_again_by_the_sweep(user, settings):
+    import datetime as dt
+
+    from django.core.cache import cache
+
+    from generation.tasks import jobs_sweep
+
+    request = {"topic": unique_topic(), "subtopics": ["One"], "model": "gpt-test"}
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)
+
+    def job(**fields) -> Job:
+        made = Job.objects.create(user=user, request=request, total_items=1, items=[None], **fields)
+        Job.objects.filter(pk=made.pk).update(updated_at=fields.get("updated_at", long_ago))
+        return made
+
+    # Its worker was killed and its message is gone: running, untouched for three hours.
+    lost = job(status=JobStatus.RUNNING, attempts=1, started_at=long_ago)
+    held = job(status=JobStatus.RUNNING)
+    cache.add(f"job-run:{held.id}", "another-worker", jobs.JOB_LOCK_TTL)
+    recent = job(status=JobStatus.QUEUED, updated_at=dt.datetime.now(dt.UTC))
+    finished = job(status=JobStatus.DONE, finished_at=long_ago)
+
+    assert jobs_sweep() == 1
+
+    done = wait_until(lambda: (j := job_status(lost.id)).status == JobStatus.DONE and j)
+    assert done.attempts == 2
+    assert done.items[0]["explanation"]
+    assert jobs_sweep() == 0
+    assert job_status(held.id).status == JobStatus.RUNNING
+    assert job_status(recent.id).status == JobStatus.QUEUED
+    assert job_status(finished.id).attempts == 0
+    cache.delete(f"job-run:{held.id}")
