@@ -9,8 +9,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from generation import jobs
+from generation import jobs, services
 from generation.jobs_serializers import JobCreateInputSerializer, JobOutputSerializer
+from generation.views import IDEMPOTENCY_HEADER, _respond
 from quotas.views import RateLimitHeadersMixin, principal_of
 
 
@@ -20,21 +21,27 @@ class JobCreateView(RateLimitHeadersMixin, APIView):
     @extend_schema(
         request=JobCreateInputSerializer,
         responses={202: JobOutputSerializer},
+        parameters=[IDEMPOTENCY_HEADER],
         summary="Queue an explanations batch (generated in the background at low priority)",
     )
     def post(self, request: Request) -> Response:
         data = JobCreateInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         user_id, key_id = principal_of(request)
-        job = jobs.job_create(
-            user_id=user_id,
-            key_id=key_id,
-            topic=data.validated_data["topic"],
-            subtopics=data.validated_data["subtopics"],
-            model=data.validated_data.get("model"),
-        )
-        body = JobOutputSerializer(job).data
-        return Response(body, status=202, headers={"Location": body["url"]})
+
+        def create() -> services.Replay:
+            job = jobs.job_create(
+                user_id=user_id,
+                key_id=key_id,
+                topic=data.validated_data["topic"],
+                subtopics=data.validated_data["subtopics"],
+                model=data.validated_data.get("model"),
+            )
+            body = JobOutputSerializer(job).data
+            return services.Replay(status=202, body=body, headers={"Location": body["url"]})
+
+        # A retry with the same Idempotency-Key answers the first job, not a second one.
+        return _respond(request, "jobs", create)
 
 
 class JobDetailView(RateLimitHeadersMixin, APIView):

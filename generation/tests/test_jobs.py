@@ -451,3 +451,25 @@ def test_job_left_running_by_a_lost_message_is_sent_again_by_the_sweep(user, set
     assert job_status(recent.id).status == JobStatus.QUEUED
     assert job_status(finished.id).attempts == 0
     cache.delete(f"job-run:{held.id}")
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_create_retried_with_the_same_idempotency_key_answers_the_first_job(owner_client):
+    body = {"topic": unique_topic(), "subtopics": ["One", "Two"], "model": "gpt-test"}
+    key = {"HTTP_IDEMPOTENCY_KEY": f"batch-{uuid.uuid4().hex}"}
+
+    first = owner_client.post("/api/v1/jobs", body, format="json", **key)
+    retry = owner_client.post("/api/v1/jobs", body, format="json", **key)
+    other = owner_client.post(
+        "/api/v1/jobs", {**body, "subtopics": ["Three"]}, format="json", **key
+    )
+    unkeyed = owner_client.post("/api/v1/jobs", body, format="json")
+
+    assert first.status_code == retry.status_code == 202
+    assert retry.json()["id"] == first.json()["id"]
+    assert retry["Location"] == first["Location"]
+    assert retry["Idempotent-Replayed"] == "true"
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_conflict"
+    assert unkeyed.status_code == 202
+    assert Job.objects.count() == 2
