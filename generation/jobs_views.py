@@ -45,7 +45,8 @@ class JobCreateView(RateLimitHeadersMixin, APIView):
 
 
 class JobDetailView(RateLimitHeadersMixin, APIView):
-    key_scope = "usage"
+    # The key that created the job may follow its Location, as may one that reads usage.
+    key_scope = ("generate", "usage")
 
     @extend_schema(
         responses={200: JobOutputSerializer},

@@ -5,7 +5,8 @@ completions and the model list, topics, batch jobs) and `usage` (reading its usa
 its jobs; any key may read its own quota standing). `model:<name>` entries restrict the
 models a key may use (enforced by admission, and shown by /v1/models). A key with no
 endpoint scope may call every endpoint; DRF tokens and sessions are not scoped. A view
-declares the scope it needs in `key_scope`.
+declares the scope it needs in `key_scope`, or a tuple of scopes any one of which will do
+(a job is read with the `generate` scope that created it as well as with `usage`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class KeyScopePermission(BasePermission):
         if needed is None or not isinstance(auth, KeyPrincipal):
             return True
         granted = [s for s in auth.scopes if not s.startswith("model:")]
-        return not granted or needed in granted
+        any_of = (needed,) if isinstance(needed, str) else tuple(needed)
+        return not granted or any(scope in granted for scope in any_of)
 
 
 class IsStaff(IsAdminUser):

@@ -473,3 +473,33 @@ def test_job_create_retried_with_the_same_idempotency_key_answers_the_first_job(
     assert other.json()["error"]["code"] == "idempotency_conflict"
     assert unkeyed.status_code == 202
     assert Job.objects.count() == 2
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_created_with_a_generate_only_key_can_be_read_with_it(api_client, user):
+    from rest_framework.test import APIClient
+
+    generate_only, _ = key_create(user=user, name="batch", scopes=["generate"])
+    usage_only, _ = key_create(user=user, name="reader", scopes=["usage"])
+    models_only, _ = key_create(user=user, name="models", scopes=["model:gpt-test"])
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {generate_only}")
+    created = api_client.post(
+        "/api/v1/jobs",
+        {"topic": unique_topic(), "subtopics": ["One"], "model": "gpt-test"},
+        format="json",
+    )
+    assert created.status_code == 202
+
+    for key in (generate_only, usage_only, models_only):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+        read = client.get(created["Location"])
+        assert read.status_code == 200, (key[:11], read.content)
+        assert read.json()["id"] == created.json()["id"]
+    reader = APIClient()
+    reader.credentials(HTTP_AUTHORIZATION=f"Bearer {usage_only}")
+    refused = reader.post(
+        "/api/v1/jobs", {"topic": "t", "subtopics": ["a"], "model": "gpt-test"}, format="json"
+    )
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "permission_denied"
