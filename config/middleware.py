@@ -222,6 +222,25 @@ class RequestIdMiddleware:
         )
 
 
+class ProbeMiddleware:
+    """The probes and /metrics answer whatever the Host header says.
+
+    The kubelet's probes, Docker's HEALTHCHECK and Prometheus address a replica by its IP
+    (`Host: 10.1.2.3:8000`), which is no name of ALLOWED_HOSTS: through Django's host
+    check every probe would be a 400 and a pod would never start. For these four paths
+    (whose views read no host) the host is taken as sent; the request goes through every
+    other middleware as before, and every other path is still checked.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path_info in _UNLOGGED_PATHS:
+            request.get_host = request._get_raw_host  # type: ignore[method-assign]
+        return self.get_response(request)
+
+
 # Set by django-csp's view decorators (csp_update & co.) to change one response's policy.
 _CSP_OVERRIDES = tuple(
     f"_csp_{kind}{ro}" for kind in ("config", "update", "replace") for ro in ("", "_ro")

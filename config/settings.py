@@ -58,6 +58,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "config.middleware.RequestIdMiddleware",
+    "config.middleware.ProbeMiddleware",  # probes and /metrics whatever the Host
     "django.middleware.security.SecurityMiddleware",
     "config.middleware.CSPMiddleware",  # django-csp's, with the policy built once
     "whitenoise.middleware.WhiteNoiseMiddleware",

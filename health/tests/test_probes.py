@@ -132,3 +132,17 @@ def test_probes_with_database_unreachable(tmp_path):
         status, body = http_request(port, "GET", "/health/startup")
         assert status == 503
         assert json.loads(body)["status"] == "fail"
+
+
+def test_probes_and_metrics_answer_a_host_that_is_not_allowed(client, settings):
+    # The kubelet and Prometheus address a pod by its IP, never in ALLOWED_HOSTS.
+    settings.ALLOWED_HOSTS = ["tollgate.example.com"]
+    settings.METRICS_TOKEN = ""
+    for path in ("/health/live", "/health/ready", "/health/startup", "/metrics"):
+        response = client.get(path, HTTP_HOST="10.1.2.3:8000")
+        assert response.status_code == 200, (path, response.content[:200])
+        assert response["X-Request-ID"]
+    assert client.post("/health/live", HTTP_HOST="10.1.2.3:8000").status_code == 405
+    # Every other path still checks the host.
+    assert client.get("/health/live/", HTTP_HOST="10.1.2.3:8000").status_code == 400
+    assert client.get("/api/v1/quota", HTTP_HOST="10.1.2.3:8000").status_code == 400
