@@ -456,6 +456,9 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
                 content_type="text/event-stream",
             )
             response["Cache-Control"] = "no-cache"
+            # nginx (the compose proxy, ingress-nginx) passes each event on as it comes
+            # instead of buffering the stream, whatever its proxy_buffering.
+            response["X-Accel-Buffering"] = "no"
             response["X-Cache"] = outcome.cache
             for name, value in outcome.headers.items():
                 response[name] = value

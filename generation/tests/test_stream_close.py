@@ -31,6 +31,8 @@ def one_at_a_time(api_key):
 def _stream(key_client):
     response = key_client.post(CHAT, {**ASK, "stream": True}, format="json")
     assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/event-stream")
+    assert response["X-Accel-Buffering"] == "no"  # nginx passes each event on at once
     return response
 
 
