@@ -192,3 +192,230 @@ def test_check_metrics_rejects_a_metric_the_service_does_not_export(tmp_path):
     assert "tollgate_request_total is not exported" in result.stderr
     assert "django_http_requests_total_by_view_typo is not exported" in result.stderr
     assert "tollgate_upstream_latency_seconds_bucket" not in result.stderr
+
+
+# --- Consistency between the artifacts and the code -------------------------------------
+
+MIB_PER_WORKER = 120  # DESIGN.md: a web or Celery worker process stays under 120 MiB
+MASTER_MIB = 64  # gunicorn's arbiter, or Celery's main process
+
+
+def k8s_docs() -> dict[tuple[str, str], dict]:
+    docs = {}
+    for path in K8S:
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def container_of(docs: dict, kind: str, name: str) -> dict:
+    spec = docs[(kind, name)]["spec"]["template"]["spec"]
+    return spec["containers"][0]
+
+
+def mib(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "K": 1e3 / 2**20, "M": 1e6 / 2**20}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return float(quantity[: -len(unit)]) * factor
+    return float(quantity) / 2**20
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
+
+
+def read_by_the_code() -> str:
+    """Every Python source, the entry point and the backup scripts: a variable the
+    artifacts set must be named in them as a quoted string."""
+    sources = [
+        p
+        for p in ROOT.glob("**/*.py")
+        if not {".venv", "tests", "bench", "node_modules"} & set(p.relative_to(ROOT).parts)
+    ]
+    sources += [ROOT / "deploy/docker-entrypoint.sh", *ROOT.glob("deploy/backup/*.sh")]
+    return "\n".join(p.read_text() for p in sources)
+
+
+def test_every_variable_the_artifacts_set_is_one_the_code_reads():
+    code = read_by_the_code()
+    entrypoint = (ROOT / "deploy/docker-entrypoint.sh").read_text()
+    file_vars = entrypoint.split("for var in", 1)[1].split(";", 1)[0].replace("\\", " ").split()
+    docs = k8s_docs()
+    names = set(docs[("ConfigMap", "tollgate")]["data"]) | set(
+        docs[("Secret", "tollgate")]["stringData"]
+    )
+    for service in compose()["services"].values():
+        names |= set(service.get("environment") or {})
+    for line in (ROOT / "deploy/env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            names.add(line.split("=", 1)[0])
+    unread = []
+    for name in sorted(names):
+        if name.startswith(("POSTGRES_", "GF_")):  # the postgres and grafana images'
+            continue
+        base = name.removesuffix("_FILE")
+        if name.endswith("_FILE"):
+            assert base in file_vars, f"{name}: the entry point reads no such file variable"
+        if f'"{base}"' not in code and f"{base}:-" not in code and f"{base}=" not in code:
+            unread.append(name)
+    assert not unread, f"set by the deployment but read by no code: {unread}"
+
+
+def test_secrets_reach_the_containers_only_through_the_secret_or_files():
+    entrypoint = (ROOT / "deploy/docker-entrypoint.sh").read_text()
+    secret_names = set(
+        entrypoint.split("for var in", 1)[1].split(";", 1)[0].replace("\\", " ").split()
+    )
+    assert {"SECRET_KEY", "DATABASE_URL", "METRICS_TOKEN", "OPENAI_API_KEY"} <= secret_names
+    docs = k8s_docs()
+    assert not secret_names & set(docs[("ConfigMap", "tollgate")]["data"])
+    assert secret_names >= set(docs[("Secret", "tollgate")]["stringData"]) - {
+        "REDIS_URL",
+        "CELERY_BROKER_URL",
+    }
+    for name, service in compose()["services"].items():
+        plain = secret_names & set(service.get("environment") or {})
+        assert not plain, f"compose {name} sets {plain} in plain text (use *_FILE)"
+    readme = (ROOT / "README.md").read_text()
+    for name in secret_names:
+        assert f"`{name}_FILE`" in readme
+
+
+def test_every_probe_path_exists():
+    from django.urls import resolve
+
+    docs = k8s_docs()
+    web = container_of(docs, "Deployment", "tollgate-web")
+    paths = {
+        web[probe]["httpGet"]["path"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert paths == {"/health/startup", "/health/live", "/health/ready"}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    paths.add(dockerfile.split("http://127.0.0.1:8000", 1)[1].split('"', 1)[0])
+    annotations = docs[("Deployment", "tollgate-web")]["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    paths.add(annotations["prometheus.io/path"])
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    paths.add(prometheus["scrape_configs"][0]["metrics_path"])
+    for path in paths:
+        resolve(path)  # Resolver404 otherwise
+
+
+def test_ports_agree_between_gunicorn_image_service_ingress_nginx_and_compose():
+    port = 8000  # gunicorn.conf.py: 0.0.0.0:$PORT, PORT 8000
+    assert "_int('PORT', 8000)" in (ROOT / "gunicorn.conf.py").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"PORT={port}" in dockerfile
+    assert f"EXPOSE {port}" in dockerfile
+    assert f"http://127.0.0.1:{port}/" in dockerfile
+    docs = k8s_docs()
+    web = container_of(docs, "Deployment", "tollgate-web")
+    (container_port,) = web["ports"]
+    assert (container_port["name"], container_port["containerPort"]) == ("http", port)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert web[probe]["httpGet"]["port"] in ("http", port)
+    template = docs[("Deployment", "tollgate-web")]["spec"]["template"]["metadata"]
+    assert template["annotations"]["prometheus.io/port"] == str(port)
+    (service_port,) = docs[("Service", "tollgate-web")]["spec"]["ports"]
+    assert service_port["targetPort"] in ("http", port)
+    backend = docs[("Ingress", "tollgate")]["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+    assert backend["service"]["name"] == "tollgate-web"
+    assert backend["service"]["port"] in (
+        {"name": service_port["name"]},
+        {"number": service_port["port"]},
+    )
+    web_policy = docs[("NetworkPolicy", "tollgate-web-ingress")]["spec"]["ingress"][0]
+    assert [p["port"] for p in web_policy["ports"]] == [port]
+    nginx = (ROOT / "deploy/nginx/nginx.conf").read_text()
+    assert f"server web:{port}" in nginx
+    services = compose()["services"]
+    assert services["web"]["expose"] == [str(port)]
+    assert services["nginx"]["ports"] == ["${HTTP_PORT:-8080}:8080"]
+    assert "listen 8080;" in nginx
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["dns_sd_configs"][0]["port"] == port
+
+
+def test_migrations_run_before_the_web_serves():
+    services = compose()["services"]
+    assert services["migrate"]["command"] == ["python", "manage.py", "migrate", "--noinput"]
+    assert services["web"]["depends_on"]["migrate"] == {
+        "condition": "service_completed_successfully"
+    }
+    docs = k8s_docs()
+    job = container_of(docs, "Job", "tollgate-migrate")
+    assert job["args"] == ["python", "manage.py", "migrate", "--noinput"]
+    # A web pod started before the Job has finished is not started until it has.
+    web = container_of(docs, "Deployment", "tollgate-web")
+    assert web["startupProbe"]["httpGet"]["path"] == "/health/startup"
+
+
+def test_beat_is_one_replica_never_scaled():
+    docs = k8s_docs()
+    beat = docs[("Deployment", "tollgate-beat")]["spec"]
+    assert beat["replicas"] == 1
+    assert beat["strategy"]["type"] == "Recreate"  # never two during a rollout
+    targets = {
+        doc["spec"]["scaleTargetRef"]["name"]
+        for (kind, _), doc in docs.items()
+        if kind == "HorizontalPodAutoscaler"
+    }
+    assert targets == {"tollgate-web"}
+    assert "deploy" not in compose()["services"]["beat"]  # no replicas to scale
+
+
+def test_memory_requests_and_limits_fit_the_workers():
+    docs = k8s_docs()
+    config = docs[("ConfigMap", "tollgate")]["data"]
+    web_pod = docs[("Deployment", "tollgate-web")]["spec"]["template"]["spec"]
+    shm = sum(
+        mib(v["emptyDir"]["sizeLimit"])
+        for v in web_pod["volumes"]
+        if v.get("emptyDir", {}).get("medium") == "Memory"
+    )
+    processes = {
+        ("Deployment", "tollgate-web"): int(config["WEB_CONCURRENCY"]),
+        ("Deployment", "tollgate-beat"): 0,
+        ("Job", "tollgate-migrate"): 0,
+    }
+    worker = container_of(docs, "Deployment", "tollgate-worker")
+    concurrency = [a for a in worker["args"] if a.startswith("--concurrency=")]
+    processes[("Deployment", "tollgate-worker")] = int(concurrency[0].split("=")[1])
+    for key, children in processes.items():
+        resources = container_of(docs, *key)["resources"]
+        # Children at their documented peak, plus the main process (the only one of beat
+        # and of a migration, which is a whole Django process).
+        needed = children * MIB_PER_WORKER + (MASTER_MIB if children else MIB_PER_WORKER)
+        assert mib(resources["requests"]["memory"]) >= needed, key
+        extra = shm if key[1] == "tollgate-web" else 0  # a memory emptyDir counts too
+        assert mib(resources["limits"]["memory"]) >= needed + extra, key
+
+
+def test_nginx_forwards_the_client_and_streams_and_bounds_bodies_like_the_app():
+    nginx = (ROOT / "deploy/nginx/nginx.conf").read_text()
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in nginx
+    assert "proxy_set_header X-Forwarded-Proto $scheme;" in nginx
+    assert "proxy_buffering off;" in nginx
+    body = nginx.split("client_max_body_size", 1)[1].split(";", 1)[0].strip()
+    assert mib(body.replace("k", "Ki").replace("m", "Mi")) * 2**20 == settings.API_MAX_BODY_BYTES
+    ingress = k8s_docs()[("Ingress", "tollgate")]["metadata"]["annotations"]
+    size = ingress["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert mib(size.replace("k", "Ki").replace("m", "Mi")) * 2**20 == settings.API_MAX_BODY_BYTES
+    assert ingress["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+
+
+def test_network_policy_opens_what_the_web_needs():
+    docs = k8s_docs()
+    egress = docs[("NetworkPolicy", "tollgate-egress")]["spec"]
+    assert egress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "tollgate"}
+    ports = {p["port"] for rule in egress["egress"] for p in rule.get("ports", [])}
+    assert {53, 5432, 6379, 443} <= ports
+    ingress = docs[("NetworkPolicy", "tollgate-web-ingress")]["spec"]["ingress"][0]
+    sources = {
+        s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for s in ingress["from"]
+    }
+    assert {"ingress-nginx", "monitoring"} <= sources  # the controller, and Prometheus
