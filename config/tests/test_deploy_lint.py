@@ -419,3 +419,24 @@ def test_network_policy_opens_what_the_web_needs():
         for s in ingress["from"]
     }
     assert {"ingress-nginx", "monitoring"} <= sources  # the controller, and Prometheus
+
+
+def test_the_documented_release_applies_the_migration_job_with_its_configmap():
+    readme = (ROOT / "deploy/README.md").read_text()
+    steps = [line for line in readme.splitlines() if line.startswith("kubectl ")]
+    delete = steps.index("kubectl -n tollgate delete job tollgate-migrate --ignore-not-found")
+    first = next(i for i, s in enumerate(steps) if s.startswith("kubectl apply -k") and " -l " in s)
+    wait = next(i for i, s in enumerate(steps) if "wait --for=condition=complete" in s)
+    rest = steps.index("kubectl apply -k deploy/k8s/base")
+    assert delete < first < wait < rest
+    selected = steps[first].split("in (", 1)[1].split(")", 1)[0].split(",")
+    docs = k8s_docs()
+    job = docs[("Job", "tollgate-migrate")]
+    components = {job["metadata"]["labels"]["app.kubernetes.io/component"]}
+    for source in container_of(docs, "Job", "tollgate-migrate")["envFrom"]:
+        if "configMapRef" in source:
+            config = docs[("ConfigMap", source["configMapRef"]["name"])]
+            components.add(config["metadata"]["labels"]["app.kubernetes.io/component"])
+    assert components == set(selected)
+    timeout = int(steps[wait].rsplit("--timeout=", 1)[1].removesuffix("m")) * 60
+    assert timeout >= job["spec"]["activeDeadlineSeconds"]
