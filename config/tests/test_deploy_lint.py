@@ -440,3 +440,20 @@ def test_the_documented_release_applies_the_migration_job_with_its_configmap():
     assert components == set(selected)
     timeout = int(steps[wait].rsplit("--timeout=", 1)[1].removesuffix("m")) * 60
     assert timeout >= job["spec"]["activeDeadlineSeconds"]
+
+
+def test_alerts_measure_the_api_and_tollgates_own_latency():
+    from django.urls import resolve
+
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    rules = {rule["alert"]: rule["expr"] for group in alerts["groups"] for rule in group["rules"]}
+    errors = rules["TollgateHighErrorRate"]
+    assert errors.count('endpoint=~"/(api|v1)/.*"') == 2  # numerator and denominator
+    for probe in ("/health/ready", "/metrics", "/api/v1/quota", "/v1/chat/completions"):
+        endpoint = "/" + resolve(probe).route
+        assert endpoint.startswith(("/api/", "/v1/")) is probe.startswith(("/api/", "/v1/"))
+    latency = rules["TollgateHighLatencyP95"]
+    excluded = latency.split('view!~"', 1)[1].split('"', 1)[0].split("|")
+    waiting = {"/v1/chat/completions", "/api/v1/generate", "/api/v1/topics/subtopics"}
+    waiting.add("/api/v1/topics/explanations")
+    assert {resolve(path).view_name for path in waiting} == set(excluded)
