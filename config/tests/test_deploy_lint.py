@@ -457,3 +457,11 @@ def test_alerts_measure_the_api_and_tollgates_own_latency():
     waiting = {"/v1/chat/completions", "/api/v1/generate", "/api/v1/topics/subtopics"}
     waiting.add("/api/v1/topics/explanations")
     assert {resolve(path).view_name for path in waiting} == set(excluded)
+
+
+def test_the_smtp_port_is_one_the_network_policy_opens():
+    docs = k8s_docs()
+    config = docs[("ConfigMap", "tollgate")]["data"]
+    egress = docs[("NetworkPolicy", "tollgate-egress")]["spec"]["egress"]
+    ports = {p["port"] for rule in egress for p in rule.get("ports", [])}
+    assert int(config.get("EMAIL_PORT", settings.EMAIL_PORT)) in ports
