@@ -398,6 +398,8 @@ def test_nginx_forwards_the_client_and_streams_and_bounds_bodies_like_the_app():
     nginx = (ROOT / "deploy/nginx/nginx.conf").read_text()
     assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in nginx
     assert "proxy_set_header X-Forwarded-Proto $scheme;" in nginx
+    # The port stays in Host, or an admin form posted to :8080 fails Django's Origin check.
+    assert "proxy_set_header Host $http_host;" in nginx
     assert "proxy_buffering off;" in nginx
     body = nginx.split("client_max_body_size", 1)[1].split(";", 1)[0].strip()
     assert mib(body.replace("k", "Ki").replace("m", "Mi")) * 2**20 == settings.API_MAX_BODY_BYTES
