@@ -467,3 +467,11 @@ def test_the_smtp_port_is_one_the_network_policy_opens():
     egress = docs[("NetworkPolicy", "tollgate-egress")]["spec"]["egress"]
     ports = {p["port"] for rule in egress for p in rule.get("ports", [])}
     assert int(config.get("EMAIL_PORT", settings.EMAIL_PORT)) in ports
+
+
+def test_the_down_alert_names_the_scrape_job_of_compose_and_of_the_docs():
+    alerts = (ROOT / "deploy/prometheus/alerts.yml").read_text()
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    job = prometheus["scrape_configs"][0]["job_name"]
+    assert f'up{{job="{job}"}}' in alerts
+    assert f"in a job named `{job}`" in (ROOT / "deploy/README.md").read_text()
