@@ -277,6 +277,11 @@ def test_secrets_reach_the_containers_only_through_the_secret_or_files():
     for name, service in compose()["services"].items():
         plain = secret_names & set(service.get("environment") or {})
         assert not plain, f"compose {name} sets {plain} in plain text (use *_FILE)"
+    example = (ROOT / "deploy/env.example").read_text().splitlines()
+    in_example = {line.split("=", 1)[0] for line in example if "=" in line and line[0] != "#"}
+    assert not secret_names & in_example, "deploy/.env would hold a credential"
+    for name in ("OPENAI_API_KEY", "GEMINI_API_KEY"):  # the providers' keys, as files
+        assert name + "_FILE" in compose()["services"]["web"]["environment"]
     readme = (ROOT / "README.md").read_text()
     for name in secret_names:
         assert f"`{name}_FILE`" in readme
