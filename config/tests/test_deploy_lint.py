@@ -480,3 +480,20 @@ def test_the_down_alert_names_the_scrape_job_of_compose_and_of_the_docs():
     job = prometheus["scrape_configs"][0]["job_name"]
     assert f'up{{job="{job}"}}' in alerts
     assert f"in a job named `{job}`" in (ROOT / "deploy/README.md").read_text()
+
+
+def test_the_images_collectstatic_gathers_swagger_uis_files():
+    from django.contrib.staticfiles import finders
+
+    final = (ROOT / "Dockerfile").read_text().split("\nFROM ")[-1]
+    install = final.index("pip install --no-index")
+    copy = final.index("COPY --chown=tollgate:tollgate . .")
+    collect = final.index("manage.py collectstatic --noinput")
+    assert install < collect
+    assert copy < collect
+    prod = (ROOT / "requirements/prod.txt").read_text()
+    assert "-r base.txt" in prod
+    assert "drf-spectacular-sidecar==" in (ROOT / "requirements/base.txt").read_text()
+    assert "drf_spectacular_sidecar" in settings.INSTALLED_APPS
+    assert finders.find("drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js")
+    assert "staticfiles" in (ROOT / ".dockerignore").read_text().split()  # built, not copied
