@@ -237,7 +237,7 @@ class ProbeMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path_info in _UNLOGGED_PATHS:
-            request.get_host = request._get_raw_host  # type: ignore[method-assign]
+            request.get_host = request._get_raw_host  # type: ignore[method-assign,attr-defined]
         return self.get_response(request)
 
 
