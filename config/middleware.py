@@ -237,7 +237,9 @@ class ProbeMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path_info in _UNLOGGED_PATHS:
-            request.get_host = request._get_raw_host  # type: ignore[method-assign,attr-defined]
+            # The Host as sent (no ALLOWED_HOSTS check): these views read no host.
+            host = request.META.get("HTTP_HOST") or request.META.get("SERVER_NAME", "")
+            request.get_host = lambda: host  # type: ignore[method-assign]
         return self.get_response(request)
 
 

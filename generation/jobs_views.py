@@ -11,7 +11,7 @@ from rest_framework.views import APIView
 
 from generation import jobs, services
 from generation.jobs_serializers import JobCreateInputSerializer, JobOutputSerializer
-from generation.views import IDEMPOTENCY_HEADER, _respond
+from generation.views import IDEMPOTENCY_HEADER, idempotent_response
 from quotas.views import RateLimitHeadersMixin, principal_of
 
 
@@ -41,7 +41,7 @@ class JobCreateView(RateLimitHeadersMixin, APIView):
             return services.Replay(status=202, body=body, headers={"Location": body["url"]})
 
         # A retry with the same Idempotency-Key answers the first job, not a second one.
-        return _respond(request, "jobs", create)
+        return idempotent_response(request, "jobs", create)
 
 
 class JobDetailView(RateLimitHeadersMixin, APIView):

@@ -72,12 +72,14 @@ def _caller(request: Request, priority: str = "high") -> services.Caller:
     )
 
 
-def _respond(
+def idempotent_response(
     request: Request,
     view_name: str,
     run: Callable[[], services.Replay],
     upstream_calls: int = 1,
 ) -> Response:
+    """The answer of `run`, once per Idempotency-Key of the caller: a retry with the key
+    replays the first answer (charged once); the key in flight or with another body is a 409."""
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidRequest(
@@ -119,7 +121,7 @@ class _AnswerView(RateLimitHeadersMixin, APIView):
         params.is_valid(raise_exception=True)
         data = params.validated_data
         caller = _caller(request, data["priority"])
-        return _respond(
+        return idempotent_response(
             request,
             self.fingerprint_scope,
             lambda: self.answer(caller, data),
@@ -470,4 +472,4 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
                 _chat_body(outcome, completion_id, created), outcome.headers, outcome.cache
             )
 
-        return _respond(request, "chat.completions", replay)
+        return idempotent_response(request, "chat.completions", replay)
