@@ -134,6 +134,23 @@ def _fields(detail: Any) -> dict[str, list[str]]:
     return {"non_field_errors": _flatten(detail)}
 
 
+def error_path(detail: Any) -> tuple[str, ...]:
+    """The path to the first message of a DRF error detail: ("messages", "1", "content") for
+    {"messages": {1: {"content": ["..."]}}}; a list of item errors ([{}, {"role": [...]}]) is
+    entered at its first item in error. () for a detail that names no field."""
+    path: list[str] = []
+    while True:
+        if isinstance(detail, dict) and detail:
+            key, detail = next(iter(detail.items()))
+            path.append(str(key))
+        elif isinstance(detail, list) and any(isinstance(v, dict | list) and v for v in detail):
+            index = next(i for i, v in enumerate(detail) if isinstance(v, dict | list) and v)
+            path.append(str(index))
+            detail = detail[index]
+        else:
+            return tuple(path)
+
+
 def _flatten(value: Any, path: str = "") -> list[str]:
     prefix = f"{path}: " if path else ""
     if isinstance(value, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -12,13 +11,14 @@ from typing import Any
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
-from config.errors import ApiError, InvalidRequest
+from config.errors import ApiError, InvalidRequest, error_path
 from config.errors import exception_handler as api_exception_handler
 from generation import services
 from generation.serializers import (
@@ -219,20 +219,23 @@ _OPENAI_TYPES = {
 def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     """Errors of /v1/ in OpenAI's shape {"error": {"message", "type", "param", "code"}},
     with the same status codes and headers as the rest of the API."""
+    # The path of a nested error (`messages.[1].content`), read off DRF's detail before the
+    # contract's `fields` flatten it.
+    path = error_path(exc.detail) if isinstance(exc, ValidationError) else ()
     response = api_exception_handler(exc, context)
     error = (response.data or {}).get("error", {})
     fields = error.get("fields") or {}
     message = error.get("message", "")
     if fields and message == "The request body is invalid.":
         # OpenAI's shape has no room for every field: name the first problem.
-        param = next(iter(fields))
-        message = f"{message} {param}: {_first_message(fields[param])}"
+        name = next(iter(fields))
+        message = f"{message} {name}: {_first_message(fields[name])}"
     body = {
         "message": message,
         "type": _OPENAI_TYPES.get(
             response.status_code, "server_error" if response.status_code >= 500 else "api_error"
         ),
-        "param": _param(fields),
+        "param": _openai_param(path) if path else next(iter(fields), None),
         "code": error.get("code"),
     }
     if "request_id" in error:  # a server-side failure: the id to quote, as under /api/
@@ -241,28 +244,14 @@ def openai_exception_handler(exc: Exception, context: dict[str, Any]) -> Respons
     return response
 
 
-# The path a nested error's message starts with ("0.content: ..." under messages).
-_NESTED_PATH = re.compile(r"^(\d+(?:\.\w+)*|\w+(?:\.\w+)+): ")
+def _openai_param(path: tuple[str, ...]) -> str:
+    """A field's path in OpenAI's notation: ("messages", "1", "content") is
+    `messages.[1].content`."""
+    return ".".join(f"[{step}]" if step.isdigit() else step for step in path)
 
 
-def _param(fields: dict[str, Any]) -> str | None:
-    """The first field in error, in OpenAI's notation for a nested one
-    (`messages.[1].content`), or None."""
-    name = next(iter(fields), None)
-    if name is None:
-        return None
-    found = _NESTED_PATH.match(_first_message(fields[name]))
-    if found is None:
-        return name
-    steps = (f"[{step}]" if step.isdigit() else step for step in found.group(1).split("."))
-    return ".".join((name, *steps))
-
-
-def _first_message(detail: Any) -> str:
-    """The first message in a nested DRF error detail ({"0": {"content": ["..."]}})."""
-    while isinstance(detail, dict | list) and detail:
-        detail = next(iter(detail.values())) if isinstance(detail, dict) else detail[0]
-    return str(detail)
+def _first_message(messages: list[str]) -> str:
+    return str(messages[0]) if messages else ""
 
 
 def _model_body(price: ModelPrice) -> dict[str, Any]:
