@@ -108,6 +108,9 @@ class ChatContentField(serializers.Field):
 class ChatMessageSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=("system", "developer", "user", "assistant"))
     content = ChatContentField()
+    # The participant's name (multi-agent conversations name each speaker): carried to an
+    # OpenAI-compatible upstream, and part of the cache key since it changes the answer.
+    name = TextField(max_length=64, required=False)
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):

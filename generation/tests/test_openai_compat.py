@@ -429,6 +429,37 @@ def test_openai_sdk_text_content_parts_are_joined_and_roles_mapped(
     ]
 
 
+def test_openai_sdk_message_names_reach_the_upstream_and_key_the_cache(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(text="ok", usage=(6, 1))
+
+    def ask(name: str) -> None:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Hi", "name": name}]
+        )
+
+    ask("alice")
+    ask("bob")  # another speaker: another answer, not alice's from the cache
+
+    assert [r.body["messages"] for r in fake_upstream.requests] == [
+        [{"role": "user", "content": "Hi", "name": "alice"}],
+        [{"role": "user", "content": "Hi", "name": "bob"}],
+    ]
+
+
+def test_openai_sdk_overlong_message_name_is_refused_naming_it(
+    upstream_settings, openai_model, tollgate
+):
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Hi", "name": "n" * 65}]
+        )
+
+    assert info.value.body["param"] == "messages.[0].name"
+    assert not UsageRecord.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("part", "kind"),
     [
