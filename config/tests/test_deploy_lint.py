@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,17 +277,61 @@ def test_secrets_reach_the_containers_only_through_the_secret_or_files():
         "REDIS_URL",
         "CELERY_BROKER_URL",
     }
-    for name, service in compose()["services"].items():
-        plain = secret_names & set(service.get("environment") or {})
+    stack = compose()
+    for name, service in stack["services"].items():
+        environment = service.get("environment") or {}
+        plain = secret_names & set(environment)
         assert not plain, f"compose {name} sets {plain} in plain text (use *_FILE)"
+        looks_secret = {var for var, value in environment.items() if is_credential(var, value)}
+        assert not looks_secret, f"compose {name} sets {looks_secret} in plain text"
     example = (ROOT / "deploy/env.example").read_text().splitlines()
-    in_example = {line.split("=", 1)[0] for line in example if "=" in line and line[0] != "#"}
-    assert not secret_names & in_example, "deploy/.env would hold a credential"
-    for name in ("OPENAI_API_KEY", "GEMINI_API_KEY"):  # the providers' keys, as files
-        assert name + "_FILE" in compose()["services"]["web"]["environment"]
+    in_example = dict(line.split("=", 1) for line in example if "=" in line and line[0] != "#")
+    assert not secret_names & set(in_example), "deploy/.env would hold a credential"
+    assert not [var for var, value in in_example.items() if is_credential(var, value)]
+    # Every secret the entry point reads is a compose secret file in every container of the
+    # image, so that none is left for deploy/.env (SENTRY_DSN, EMAIL_HOST_PASSWORD...).
+    setup = (ROOT / "deploy/README.md").read_text()
+    header = (ROOT / "deploy/docker-compose.yml").read_text().split("\nname:", 1)[0]
+    for service_name, service in stack["services"].items():
+        if service.get("image") != "tollgate:latest":
+            continue
+        for name in secret_names:
+            path = service["environment"].get(name + "_FILE", "")
+            assert path.startswith("/run/secrets/"), f"{service_name}: no {name}_FILE"
+            secret = path.removeprefix("/run/secrets/")
+            assert secret in service["secrets"], f"{service_name} does not mount {secret}"
+            assert stack["secrets"][secret] == {"file": f"./secrets/{secret}"}
+    for secret in stack["secrets"]:  # the documented setup creates every file
+        assert f"> deploy/secrets/{secret}" in setup, secret
+        assert f"> deploy/secrets/{secret}" in header, secret
     readme = (ROOT / "README.md").read_text()
     for name in secret_names:
         assert f"`{name}_FILE`" in readme
+
+
+CREDENTIAL_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|DSN|API_KEY|WEBHOOK|CREDENTIAL")
+
+
+def is_credential(name: str, value: object) -> bool:
+    """A variable that carries a credential by its name, or a URL with a password in it
+    (`scheme://user:password@host`); a `*_FILE` path to a secret carries none."""
+    if name.endswith("_FILE"):
+        return False
+    return bool(CREDENTIAL_NAME.search(name) or re.search(r"://[^/@\s]*:[^/@\s]+@", str(value)))
+
+
+def test_the_credential_check_catches_what_it_is_for():
+    assert is_credential("SENTRY_DSN", "")
+    assert is_credential("EMAIL_HOST_PASSWORD", "x")
+    assert is_credential("BUDGET_ALERT_WEBHOOK_URL", "https://hooks.example/T0/abc")
+    assert is_credential("POSTGRES_PASSWORD", "x")
+    assert is_credential("GF_SECURITY_ADMIN_PASSWORD", "x")
+    assert is_credential("REDIS_URL", "redis://:hunter2@redis:6379/0")
+    assert is_credential("CELERY_BROKER_URL", "amqp://tollgate:hunter2@rabbit:5672//")
+    assert not is_credential("SENTRY_DSN_FILE", "/run/secrets/sentry_dsn")
+    assert not is_credential("GF_SECURITY_ADMIN_PASSWORD__FILE", "/run/secrets/grafana")
+    assert not is_credential("REDIS_URL", "redis://redis:6379/0")
+    assert not is_credential("ALLOWED_HOSTS", "localhost,127.0.0.1,web")
 
 
 def test_every_probe_path_exists():
