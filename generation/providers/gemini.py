@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import httpx2
 from google import genai
@@ -14,6 +15,7 @@ from google.genai import types
 from generation.providers.base import (
     Completion,
     CompletionRequest,
+    ProviderBrokeOff,
     ProviderServerError,
     ProviderTimeout,
     ProviderUnreachable,
@@ -21,6 +23,16 @@ from generation.providers.base import (
 )
 
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
+
+# Whether the call in progress (in this thread) has had its response's headers: the SDK
+# reads the body itself, and a connection dropped after them breaks an answer off (502)
+# where one dropped before is an unreachable provider (503). Set by the HTTP client's
+# response hook, which runs in the calling thread as the headers arrive.
+_answered: ContextVar[bool] = ContextVar("gemini_answered", default=False)
+
+
+def _headers_received(response: httpx2.Response) -> None:
+    _answered.set(True)
 
 
 class GeminiProvider:
@@ -30,7 +42,11 @@ class GeminiProvider:
 
     def __init__(self, *, api_key: str, base_url: str | None) -> None:
         self.client = genai.Client(
-            api_key=api_key or "unset", http_options=types.HttpOptions(base_url=base_url or None)
+            api_key=api_key or "unset",
+            http_options=types.HttpOptions(
+                base_url=base_url or None,
+                client_args={"event_hooks": {"response": [_headers_received]}},
+            ),
         )
 
     def _arguments(
@@ -111,12 +127,16 @@ def _with_usage(
 
 @contextmanager
 def _mapped_errors(timeout: float) -> Iterator[None]:
-    """SDK and transport errors as ProviderFailure subclasses."""
+    """SDK and transport errors as ProviderFailure subclasses; a connection lost once the
+    provider has begun its answer breaks that answer off."""
+    _answered.set(False)
     try:
         yield
     except httpx2.TimeoutException as exc:
         raise ProviderTimeout(f"gemini: timed out after {timeout}s") from exc
     except httpx2.TransportError as exc:
+        if _answered.get():
+            raise ProviderBrokeOff(f"gemini: the answer broke off: {exc}") from exc
         raise ProviderUnreachable(f"gemini: cannot connect: {exc}") from exc
     except genai_errors.APIError as exc:
         headers = getattr(exc.response, "headers", None) or {}

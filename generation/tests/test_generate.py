@@ -419,6 +419,39 @@ def test_generate_openai_answer_broken_off_is_retried_then_502_refunded(
     assert row.cost_usd == 0
 
 
+def test_generate_gemini_answer_broken_off_is_502_and_refunded(
+    upstream_settings, fake_upstream, gemini_model, key_client
+):
+    # google-genai reads the body itself: the headers had come, so the answer broke off.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="cut", text="a long answer " * 20)
+
+    response = _post(key_client, {"prompt": "broken", "model": "gemini-test"})
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
+def test_generate_gemini_unreachable_stays_503_after_a_broken_answer(
+    upstream_settings, fake_upstream, gemini_model, key_client
+):
+    # The mark of a begun answer is the call's own: a later call that cannot connect is
+    # an unavailable provider again.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="cut", text="a long answer " * 20)
+    assert _post(key_client, {"prompt": "one", "model": "gemini-test"}).status_code == 502
+    fake_upstream.server.shutdown()
+    fake_upstream.server.server_close()
+
+    response = _post(key_client, {"prompt": "two", "model": "gemini-test"})
+
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
 def test_generate_gemini_hang_times_out_as_504(
     upstream_settings, fake_upstream, gemini_model, key_client
 ):
