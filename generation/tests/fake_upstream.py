@@ -3,7 +3,8 @@ and the Gemini generateContent wire formats, told how to answer by the test.
 
 Behaviours (`Behaviour.kind`): "ok", "slow" (answers after `delay` seconds), "status" (an
 error status, optionally with Retry-After), "malformed" (200 with a body that is not JSON),
-"hang" (never answers until the server stops), "cut" (an answer, streamed or not, that
+"hang" (never answers until the server stops), "held" (answers as "ok" once the test sets
+the behaviour's `gate`, or gives up when the server stops), "cut" (an answer, streamed or not, that
 breaks off half-way: the connection drops before the declared length), "paced" (a stream
 whose events come `delay` seconds apart).
 Streaming requests (OpenAI `stream: true`, Gemini `streamGenerateContent?alt=sse`) are
@@ -39,6 +40,7 @@ class Behaviour:
     delay: float = 0.0
     text: str | None = None
     usage: tuple[int, int] | None = None  # (prompt, completion); None: counted by length
+    gate: threading.Event = field(default_factory=threading.Event)  # opens a "held" answer
 
 
 @dataclass
@@ -168,6 +170,16 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
+        def _opened(self, behaviour: Behaviour) -> bool:
+            """Wait for a "held" answer's gate (True) or the server's stop (False)."""
+            if behaviour.kind == "hang":
+                fake.stop.wait(60)
+                return False
+            while not behaviour.gate.wait(0.05):
+                if fake.stop.is_set():
+                    return False
+            return True
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
@@ -202,8 +214,7 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                     )
                 )
             behaviour = fake._choose(prompt)
-            if behaviour.kind == "hang":
-                fake.stop.wait(60)
+            if behaviour.kind in ("hang", "held") and not self._opened(behaviour):
                 return
             if behaviour.kind == "slow" and behaviour.delay:
                 time.sleep(behaviour.delay)
