@@ -264,6 +264,10 @@ JOB_STALE_SECONDS = env.int(
     default=2 * CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"],
     minimum=60,
 )
+# A running job's lock lives this long and its run renews it every third of it: a job whose
+# worker died (SIGKILL, OOM, a lost node) is run again by the sweep this long plus a sweep
+# period later, while a live run, however long, keeps its job to itself.
+JOB_LOCK_SECONDS = env.int("JOB_LOCK_SECONDS", default=60, minimum=3)
 CELERY_BEAT_SCHEDULE = {
     # Popular topics (past CACHE_POPULAR_THRESHOLD requests) kept warm.
     "cache-popular-refresh": {
@@ -290,10 +294,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "generation.tasks.jobs_purge",
         "schedule": env.float("CELERY_JOBS_PURGE_SECONDS", default=86400.0, minimum=1),
     },
-    # Unfinished batch jobs whose message was lost are sent again.
+    # Unfinished batch jobs whose worker died or whose message was lost are sent again.
     "jobs-sweep": {
         "task": "generation.tasks.jobs_sweep",
-        "schedule": env.float("CELERY_JOBS_SWEEP_SECONDS", default=600.0, minimum=1),
+        "schedule": env.float("CELERY_JOBS_SWEEP_SECONDS", default=60.0, minimum=1),
     },
     # Live refusal counts copied to the database (the dashboard's denials by reason).
     "denials-persist": {

@@ -10,6 +10,10 @@ once (202) and generated in the background by `generation.tasks.job_run`:
 - an item refused for quota (`QuotaExceeded`) stops the run with `JobQuotaWait`; the task
   retries after the window's `retry_after` and the job shows status "waiting" meanwhile.
   Other per-item failures are recorded on the item, as in the synchronous endpoint.
+
+A run holds the job's lock (`generation.job_lock`), short-lived and renewed while the run
+is alive, so a job is never run twice at once, and one whose worker died is run again by
+the sweep about `JOB_LOCK_SECONDS` plus a sweep period later.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from config.errors import ApiError, ServiceUnavailable
-from generation.models import FINISHED, Job, JobStatus
-from quotas.errors import QuotaExceeded
+from generation.job_lock import JobLock, job_lock_held
+from generation.models import FINISHED, UNFINISHED, Job, JobStatus
+from quotas.errors import DuplicateRequest, QuotaExceeded
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -35,9 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tollgate.jobs")
 
 JOB_PRIORITY = "low"
-# One run at a time per job. The lock outlives the task's hard time limit (1800 s), so a
-# worker killed outright frees the job at the latest this long after it took it.
-JOB_LOCK_TTL = 1860
 
 
 class JobNotFound(ApiError):
@@ -62,6 +64,16 @@ class JobQuotaWait(Exception):  # noqa: N818 - a wait, not an error
         self.waits = waits
 
 
+class JobItemsInFlight(Exception):  # noqa: N818 - a wait, not an error
+    """Items that an earlier run started and never finished (its worker died mid-call) still
+    hold their request ids in admission; run the job again in `retry_after` seconds."""
+
+    def __init__(self, retry_after: int, items: int) -> None:
+        super().__init__(f"{items} item(s) of an earlier run in flight; again in {retry_after}s")
+        self.retry_after = retry_after
+        self.items = items
+
+
 def explanation_item_generate(
     *,
     user_id: int,
@@ -73,14 +85,15 @@ def explanation_item_generate(
     priority: str,
 ) -> dict[str, Any]:
     """One explanation through the generation service's per-item path (cache, admission,
-    upstream, settlement), as a job item. Raises QuotaExceeded when refused for quota; any
-    other failure is returned as the item's `error`."""
+    upstream, settlement), as a job item. Raises QuotaExceeded when refused for quota and
+    DuplicateRequest when the item's request id is in flight already; any other failure is
+    returned as the item's `error`."""
     from generation.services import Caller, _explain_one, money
 
     caller = Caller(user_id=user_id, key_id=key_id, request_id=request_id, priority=priority)
     item = _explain_one(caller=caller, topic=topic, subtopic=subtopic, model=model)
     if item.error is not None:
-        if isinstance(item.error, QuotaExceeded):
+        if isinstance(item.error, (QuotaExceeded, DuplicateRequest)):
             raise item.error
         return {"error": {"code": item.error.code, "message": item.error.message}}
     outcome = item.outcome
@@ -231,22 +244,22 @@ def _item_record(
 def job_run(*, job_id: uuid.UUID | str) -> str:
     """Generate the job's unfinished items in order; returns the job's status afterwards.
 
-    Raises JobQuotaWait when an item is refused for quota (the finished items are kept) and
-    JobLocked when another worker holds the job. A finished job is left alone.
+    Raises JobQuotaWait when an item is refused for quota (the finished items are kept),
+    JobItemsInFlight when items of an earlier run are still in flight (the others are run
+    first), and JobLocked when another worker holds the job, or took it over because this
+    run's lock expired (checked before every item). A finished job is left alone.
     """
-    lock = f"job-run:{job_id}"
-    token = uuid.uuid4().hex
-    if not cache.add(lock, token, JOB_LOCK_TTL):
+    lock = JobLock(job_id)
+    if not lock.acquire():
         logger.info("job %s is being run by another worker", job_id)
         raise JobLocked(str(job_id))
     try:
-        return _job_run_locked(job_id=job_id)
+        return _job_run_locked(job_id=job_id, lock=lock)
     finally:
-        if cache.get(lock) == token:
-            cache.delete(lock)
+        lock.release()
 
 
-def _job_run_locked(*, job_id: uuid.UUID | str) -> str:
+def _job_run_locked(*, job_id: uuid.UUID | str, lock: JobLock) -> str:
     job = Job.objects.filter(pk=job_id).first()
     if job is None:
         logger.warning("job %s does not exist", job_id)
@@ -262,9 +275,13 @@ def _job_run_locked(*, job_id: uuid.UUID | str) -> str:
 
     topic: str = job.request["topic"]
     model: str = job.request["model"]
+    in_flight = 0
     for index, subtopic in enumerate(job.request["subtopics"]):
         if job.items[index] is not None:
             continue
+        if not lock.renew():
+            # Our lock expired and perhaps another run has the job: leave it to that run.
+            raise JobLocked(str(job_id))
         try:
             outcome = explanation_item_generate(
                 user_id=job.user_id,
@@ -277,6 +294,11 @@ def _job_run_locked(*, job_id: uuid.UUID | str) -> str:
             )
         except QuotaExceeded as exc:
             raise _job_wait(job, JobQuotaWait(exc.retry_after, exc.scope, exc.dimension)) from exc
+        except DuplicateRequest:
+            # A run that died calling this item left its reservation, which holds the item's
+            # request id until the quota sweep frees it: calling again now could pay twice.
+            in_flight += 1
+            continue
         except ApiError as exc:
             _item_record(job, index, subtopic, None, {"code": exc.code, "message": exc.message})
             continue
@@ -284,6 +306,8 @@ def _job_run_locked(*, job_id: uuid.UUID | str) -> str:
         if wait is not None:
             raise _job_wait(job, wait)
         _item_record(job, index, subtopic, outcome, None)
+    if in_flight:
+        raise _job_wait_in_flight(job, in_flight)
 
     failed = all((item or {}).get("error") for item in job.items) and job.total_items > 0
     job.status = JobStatus.FAILED if failed else JobStatus.DONE
@@ -312,6 +336,20 @@ def _job_wait(job: Job, wait: JobQuotaWait) -> JobQuotaWait:
     return JobQuotaWait(countdown, wait.scope, wait.dimension, waits=job.quota_retries)
 
 
+def _job_wait_in_flight(job: Job, items: int) -> JobItemsInFlight:
+    countdown = settings.JOB_LOCK_SECONDS
+    job.status = JobStatus.WAITING
+    job.retry_at = timezone.now() + dt.timedelta(seconds=countdown)
+    job.error = {
+        "code": DuplicateRequest.code,
+        "message": "Waiting for items of a stopped run to be released.",
+        "items": items,
+    }
+    job.save(update_fields=["status", "retry_at", "error", "updated_at"])
+    logger.info("job %s waits %ss for %s item(s) of an earlier run", job.id, countdown, items)
+    return JobItemsInFlight(countdown, items)
+
+
 def job_fail(*, job_id: uuid.UUID | str, code: str, message: str, **details: Any) -> None:
     """Mark a job failed (a task that gave up, or an unexpected error); `details` join
     `code` and `message` in its error. It will not run again, so it has no `retry_at`."""
@@ -324,21 +362,40 @@ def job_fail(*, job_id: uuid.UUID | str, code: str, message: str, **details: Any
     )
 
 
-def job_sweep(*, stale_after: float, now: dt.datetime | None = None) -> int:
-    """Send again the unfinished jobs nothing has touched for `stale_after` seconds and that
-    no worker holds: their message was lost (a broker that forgot it, a run that hit the
-    hard time limit, whose message is acknowledged without the job being failed). Returns
-    how many were sent. A job sent twice is safe: a finished job is left alone, a held one
-    waits, and every finished item is kept and charged once.
+def job_sweep(
+    *, stale_after: float, dead_after: float | None = None, now: dt.datetime | None = None
+) -> int:
+    """Send again the unfinished jobs whose run or message is gone; returns how many were
+    sent. No worker may hold such a job, and:
+
+    - `running` and untouched for `dead_after` seconds (None: not looked for): its worker
+      died (a live run renews its lock; a dead one's expires `JOB_LOCK_SECONDS` after its
+      last renewal). It goes back to `queued` with the message sent now;
+    - or untouched for `stale_after` seconds, whatever its status: its message was lost (a
+      broker that forgot it).
+
+    A job sent twice is safe: a finished job is left alone, a held one waits, and every
+    finished item is kept and charged once. A job that a run takes while it is looked at is
+    left to that run.
     """
-    cutoff = (now or timezone.now()) - dt.timedelta(seconds=stale_after)
-    stale = Job.objects.filter(updated_at__lt=cutoff).exclude(status__in=FINISHED)
+    now = now or timezone.now()
+    lost = Q(updated_at__lt=now - dt.timedelta(seconds=stale_after))
+    if dead_after is not None:
+        dead = now - dt.timedelta(seconds=dead_after)
+        lost |= Q(status=JobStatus.RUNNING, updated_at__lt=dead)
+    # A positive status list, so that the status index serves a sweep run every minute.
+    stale = Job.objects.filter(lost, status__in=UNFINISHED).order_by()
     sent = 0
-    for job_id in stale.values_list("pk", flat=True)[:1000]:
-        if cache.get(f"job-run:{job_id}") is not None:
+    for job_id, status, updated_at in stale.values_list("pk", "status", "updated_at")[:1000]:
+        if job_lock_held(job_id=job_id):
             continue
-        # Touched, so that the next sweep leaves it to the message sent now.
-        Job.objects.filter(pk=job_id).update(updated_at=timezone.now())
+        # Touched, so that the next sweep leaves it to the message sent now; unless a run
+        # touched it first, since it was read.
+        requeued = JobStatus.QUEUED if status == JobStatus.RUNNING else status
+        if not Job.objects.filter(pk=job_id, updated_at=updated_at).update(
+            status=requeued, updated_at=timezone.now()
+        ):
+            continue
         logger.warning("job %s was left unfinished and untouched; sending it again", job_id)
         job_enqueue(job_id=job_id)
         sent += 1

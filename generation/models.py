@@ -26,6 +26,7 @@ class JobStatus(models.TextChoices):
 
 
 FINISHED = (JobStatus.DONE, JobStatus.FAILED)
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.WAITING)
 
 
 class Job(models.Model):

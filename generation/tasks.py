@@ -56,9 +56,13 @@ def job_run(self: Task, job_id: str) -> str:
             )
             return "failed"
         raise self.retry(countdown=wait.retry_after, max_retries=None) from wait
+    except jobs.JobItemsInFlight as wait:
+        # Not a quota refusal: it does not count against JOB_MAX_QUOTA_RETRIES.
+        raise self.retry(countdown=wait.retry_after, max_retries=None) from wait
     except jobs.JobLocked as exc:
-        # Delivered twice, or the previous holder died: look again once the lock may be free.
-        raise self.retry(countdown=60, max_retries=None) from exc
+        # Delivered twice, or the previous holder died: look again once its lock would have
+        # expired, were it dead (a live holder keeps renewing it, and this waits again).
+        raise self.retry(countdown=settings.JOB_LOCK_SECONDS, max_retries=None) from exc
     except SoftTimeLimitExceeded as exc:
         # Finished items are kept; the rest continues in a fresh run.
         logger.warning("job %s hit the soft time limit; continuing in a new run", job_id)
@@ -73,5 +77,8 @@ def jobs_purge() -> int:
 
 @shared_task(name="generation.tasks.jobs_sweep", time_limit=600, soft_time_limit=540)
 def jobs_sweep() -> int:
-    """Send again the unfinished jobs whose message was lost; returns how many."""
-    return jobs.job_sweep(stale_after=settings.JOB_STALE_SECONDS)
+    """Send again the unfinished jobs whose worker died or whose message was lost; returns
+    how many."""
+    return jobs.job_sweep(
+        stale_after=settings.JOB_STALE_SECONDS, dead_after=settings.JOB_LOCK_SECONDS
+    )

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -258,7 +261,8 @@ def test_job_held_by_another_worker_is_not_run_twice(user, django_capture_on_com
     from django.core.cache import cache
 
     job = queued_job(user, ["Only"], django_capture_on_commit_callbacks)
-    cache.add(f"job-run:{job.id}", "another-worker", jobs.JOB_LOCK_TTL)
+    # Held as a worker of the previous release held it (a rolling deploy): plain cache.add.
+    cache.add(f"job-run:{job.id}", "another-worker", 1860)
 
     with pytest.raises(jobs.JobLocked):
         jobs.job_run(job_id=job.id)
@@ -422,8 +426,7 @@ def test_job_whose_every_item_failed_shows_each_items_error(
 def test_job_left_running_by_a_lost_message_is_sent_again_by_the_sweep(user, settings):
     import datetime as dt
 
-    from django.core.cache import cache
-
+    from generation.job_lock import JobLock
     from generation.tasks import jobs_sweep
 
     request = {"topic": unique_topic(), "subtopics": ["One"], "model": "gpt-test"}
@@ -437,7 +440,8 @@ def test_job_left_running_by_a_lost_message_is_sent_again_by_the_sweep(user, set
     # Its worker was killed and its message is gone: running, untouched for three hours.
     lost = job(status=JobStatus.RUNNING, attempts=1, started_at=long_ago)
     held = job(status=JobStatus.RUNNING)
-    cache.add(f"job-run:{held.id}", "another-worker", jobs.JOB_LOCK_TTL)
+    holder = JobLock(held.id)
+    assert holder.acquire()
     recent = job(status=JobStatus.QUEUED, updated_at=dt.datetime.now(dt.UTC))
     finished = job(status=JobStatus.DONE, finished_at=long_ago)
 
@@ -450,7 +454,230 @@ def test_job_left_running_by_a_lost_message_is_sent_again_by_the_sweep(user, set
     assert job_status(held.id).status == JobStatus.RUNNING
     assert job_status(recent.id).status == JobStatus.QUEUED
     assert job_status(finished.id).attempts == 0
-    cache.delete(f"job-run:{held.id}")
+    holder.release()
+
+
+def run_in_thread(job_id: uuid.UUID) -> tuple[threading.Thread, dict[str, Any]]:
+    """`jobs.job_run` in a thread of its own (a worker's run); `outcome` gets its "status"
+    or its "error" once it ends."""
+    from django.db import connection
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["status"] = jobs.job_run(job_id=job_id)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_run_alive_past_its_lock_ttl_keeps_the_job_and_no_second_run_starts(
+    user, upstream_settings, fake_upstream, django_capture_on_commit_callbacks
+):
+    from generation.job_lock import job_lock_held
+    from generation.tests.fake_upstream import Behaviour
+
+    upstream_settings.JOB_LOCK_SECONDS = 1
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 60.0
+    first = Behaviour(kind="held")
+    fake_upstream.script(first)
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+    thread, outcome = run_in_thread(job.id)
+    # The first item waits on its provider for three lives of the lock.
+    wait_until(lambda: len(fake_upstream.requests) == 1)
+    time.sleep(3 * upstream_settings.JOB_LOCK_SECONDS)
+
+    assert job_lock_held(job_id=job.id)
+    with pytest.raises(jobs.JobLocked):
+        jobs.job_run(job_id=job.id)
+    assert jobs.job_sweep(stale_after=3600, dead_after=1) == 0
+    assert job_status(job.id).status == JobStatus.RUNNING
+    first.gate.set()
+    thread.join(timeout=60)
+
+    assert outcome == {"status": "done"}
+    job.refresh_from_db()
+    assert (job.status, job.attempts) == (JobStatus.DONE, 1)
+    assert len(fake_upstream.requests) == 2  # one call per item: nothing was paid twice
+    assert UsageRecord.objects.filter(request_id__startswith=f"job-{job.id.hex}").count() == 2
+    assert not job_lock_held(job_id=job.id)
+
+
+@pytest.mark.usefixtures("celery_worker", "openai_model")
+def test_job_whose_worker_was_killed_is_run_again_by_the_sweep_once_its_lock_expires(
+    user, upstream_settings, fake_upstream, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from generation.job_lock import job_lock_held
+    from generation.tasks import jobs_sweep
+    from generation.tests.fake_upstream import Behaviour
+
+    upstream_settings.JOB_LOCK_SECONDS = 1
+    held = Behaviour(kind="held")
+    fake_upstream.script(held)
+    # Not sent to the broker: the worker process below is the one that takes it.
+    job = Job.objects.create(
+        user=user,
+        request={"topic": unique_topic(), "subtopics": ["One", "Two"], "model": "gpt-test"},
+        total_items=2,
+        items=[None, None],
+    )
+    db = settings.DATABASES["default"]
+    script = (
+        "import django; django.setup()\n"
+        "from django.conf import settings\n"
+        "settings.JOB_LOCK_SECONDS = 1\n"
+        f"settings.OPENAI_BASE_URL = {fake_upstream.openai_base_url!r}\n"
+        "settings.OPENAI_API_KEY = 'sk-test'\n"
+        "settings.UPSTREAM_READ_TIMEOUT = 60.0\n"
+        # Its reservation of the item it dies in outlives it only briefly, so the next run
+        # need not wait the usual minutes for the item.
+        "settings.QUOTA_LEASE_TTL = 2\n"
+        "from generation import jobs\n"
+        f"jobs.job_run(job_id={str(job.id)!r})\n"
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+    }
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(  # noqa: S603 - this interpreter, a fixed script
+            [sys.executable, "-c", script], env=env, cwd=settings.BASE_DIR, stdout=out, stderr=out
+        )
+
+    def taken() -> bool:
+        assert worker.poll() is None, log.read_text()[-2000:]
+        return bool(fake_upstream.requests) and job_status(job.id).status == JobStatus.RUNNING
+
+    try:
+        # Its worker took the job and waits on the provider for the first item...
+        wait_until(taken)
+        assert job_lock_held(job_id=job.id)
+    finally:
+        worker.kill()  # ...and is killed outright: no `finally` of its own runs
+        worker.wait()
+    held.gate.set()  # the fake provider answers a worker that is no longer there
+
+    # Nothing renews its lock now: it expires and the sweep sends the job again.
+    wait_until(lambda: jobs_sweep() == 1, timeout=30)
+    done = wait_until(lambda: (j := job_status(job.id)).status == JobStatus.DONE and j)
+
+    assert done.attempts >= 2  # and more if it waited for the item it was killed in
+    assert all(item["explanation"] and item["error"] is None for item in done.items)
+    assert UsageRecord.objects.filter(request_id__startswith=f"job-{job.id.hex}").count() == 2
+    assert not job_lock_held(job_id=job.id)
+
+
+@pytest.mark.usefixtures("openai_model")
+def test_job_run_that_lost_its_lock_to_another_run_stops_before_its_next_item(
+    user, upstream_settings, fake_upstream, redis_conn, django_capture_on_commit_callbacks
+):
+    from generation.job_lock import JobLock, job_lock_key
+    from generation.tests.fake_upstream import Behaviour
+
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 60.0
+    first = Behaviour(kind="held")
+    fake_upstream.script(first)
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+    thread, outcome = run_in_thread(job.id)
+    wait_until(lambda: len(fake_upstream.requests) == 1)
+    # Redis forgot the lock (a failover) and another run took the job meanwhile.
+    redis_conn.delete(job_lock_key(job.id))
+    other = JobLock(job.id)
+    assert other.acquire(renew=False)
+    token = redis_conn.get(job_lock_key(job.id))
+
+    first.gate.set()
+    thread.join(timeout=60)
+
+    assert isinstance(outcome.get("error"), jobs.JobLocked)
+    assert len(fake_upstream.requests) == 1  # the second item was left to the other run
+    job.refresh_from_db()
+    assert job.done_items == 1
+    assert redis_conn.get(job_lock_key(job.id)) == token
+    other.release()
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings")
+def test_job_item_an_earlier_run_left_in_flight_waits_and_the_other_items_go_on(
+    user, settings, django_capture_on_commit_callbacks
+):
+    from generation.tasks import job_run
+    from quotas.services import admission_admit, usage_refund
+
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+    # A run that died calling the first item: its reservation holds the item's request id.
+    left = admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="gpt-test",
+        request_id=job.item_request_id(0),
+        prompt_tokens=10,
+        max_tokens=10,
+        priority="low",
+    )
+
+    with pytest.raises(jobs.JobItemsInFlight):
+        jobs.job_run(job_id=job.id)
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.WAITING
+    assert job.error["code"] == "duplicate_request"
+    assert job.retry_at is not None
+    assert job.items[0] is None  # not recorded as failed: it runs once its id is free
+    assert job.items[1]["explanation"]
+    assert job.quota_retries == 0
+    usage_refund(admission=left, outcome="error")  # what the quota sweep does for a dead run
+
+    assert job_run.apply(args=(str(job.id),)).get() == "done"
+    job.refresh_from_db()
+    assert (job.status, job.error) == (JobStatus.DONE, None)
+    assert all(item["explanation"] and item["error"] is None for item in job.items)
+
+
+@pytest.mark.django_db  # in a transaction, so that the message is captured, not sent
+@pytest.mark.usefixtures("openai_model")
+def test_job_sweep_puts_a_dead_running_job_back_in_the_queue_and_sends_it_once(
+    user, settings, django_capture_on_commit_callbacks
+):
+    import datetime as dt
+
+    from generation.tasks import jobs_sweep
+
+    settings.JOB_LOCK_SECONDS = 60
+    now = dt.datetime.now(dt.UTC)
+    dead = Job.objects.create(
+        user=user,
+        request={"topic": "t", "subtopics": ["One"], "model": "gpt-test"},
+        total_items=1,
+        items=[None],
+        status=JobStatus.RUNNING,
+        attempts=1,
+    )
+    Job.objects.filter(pk=dead.pk).update(updated_at=now - dt.timedelta(seconds=90))
+
+    with django_capture_on_commit_callbacks(execute=False) as sent:
+        assert jobs_sweep() == 1
+        # Its message may wait in a long queue: later sweeps do not send it again (until it
+        # is untouched for the stale period, a lost message).
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
+        assert jobs.job_sweep(stale_after=3600, dead_after=60, now=later) == 0
+
+    assert len(sent) == 1
+    assert job_status(dead.id).status == JobStatus.QUEUED
 
 
 @pytest.mark.usefixtures("openai_model")
