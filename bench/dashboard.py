@@ -78,8 +78,10 @@ def _fill(rows: int, users: int) -> None:
     print(f"filled {rows:,} ledger rows in {time.perf_counter() - started:.1f} s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ledger_setup(description: str) -> argparse.Namespace:
+    """The command line of a ledger benchmark (`--rows`, `--users`, `--repeat`), and Django
+    set up on its own database with the ledger filled (once) to `--rows` rows."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
@@ -94,11 +96,19 @@ def main() -> None:
     import django
 
     django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    _fill(args.rows, args.users)
+    return args
+
+
+def main() -> None:
+    args = ledger_setup(__doc__.splitlines()[0])
     import datetime as dt
 
     from django.conf import settings
     from django.contrib.auth import get_user_model
-    from django.core.management import call_command
     from django.db import connection
     from django.test import Client
     from django.utils import timezone
@@ -106,8 +116,6 @@ def main() -> None:
     from health import selectors
     from quotas.rollups import usage_rollup
 
-    call_command("migrate", verbosity=0)
-    _fill(args.rows, args.users)
     today = timezone.now().date()
 
     from quotas.models import DailyUsage
