@@ -177,6 +177,44 @@ _scripts: dict[str, Any] = {}
 _reported: dict[tuple[str, str], int] = {}
 # Breaker key -> time.monotonic() until which a closed circuit without failures is trusted.
 _closed_until: dict[str, float] = {}
+# After Redis fails the breaker, calls go through as if the circuit were closed and Redis is
+# asked again only this long later, as the quota engine and the cache tier do: a Redis that
+# hangs would otherwise cost every call a socket timeout, twice (before and after it).
+REDIS_RETRY_SECONDS = 1.0
+
+
+class _RedisAway:
+    """When the breaker last found Redis down, told once per outage in the log."""
+
+    def __init__(self) -> None:
+        self.until = 0.0  # time.monotonic() before which Redis is not asked
+        self.since: float | None = None  # the outage's start, while there is one
+
+    def now(self) -> bool:
+        return time.monotonic() < self.until
+
+    def failed(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            logger.warning(
+                "circuit state unavailable (Redis down): calls go through as if closed; "
+                "Redis is asked again every %.0f s",
+                REDIS_RETRY_SECONDS,
+            )
+        self.until = time.monotonic() + REDIS_RETRY_SECONDS
+
+    def answered(self) -> None:
+        if self.since is not None:
+            logger.warning(
+                "circuit state available again after %.1f s", time.monotonic() - self.since
+            )
+            self.since = None
+
+    def reset(self) -> None:
+        self.until, self.since = 0.0, None
+
+
+_redis_away = _RedisAway()
 
 
 def _report(provider: str, model: str, state: str) -> None:
@@ -230,7 +268,7 @@ class Breaker:
             reply = _local.allow(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms
             )
-        elif _closed_until.get(self.key, 0.0) > time.monotonic():
+        elif _closed_until.get(self.key, 0.0) > time.monotonic() or _redis_away.now():
             return "closed", 0
         else:
             try:
@@ -239,8 +277,9 @@ class Breaker:
                     args=[_now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms],
                 )
             except _REDIS_DOWN:
-                logger.warning("circuit state unavailable (Redis down): letting the call through")
+                _redis_away.failed()
                 return "closed", 0
+            _redis_away.answered()
         allowed, state, failures, wait = reply
         state = state.decode() if isinstance(state, bytes) else str(state)
         _report(self.provider, self.model, state)
@@ -258,6 +297,8 @@ class Breaker:
             state = _local.failure(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_FAILURE_THRESHOLD
             )
+        elif _redis_away.now():
+            return "closed"
         else:
             try:
                 state = _script("failure", _FAILURE)(
@@ -265,6 +306,7 @@ class Breaker:
                     args=[_now(now), settings.CIRCUIT_FAILURE_THRESHOLD, remember],
                 )
             except _REDIS_DOWN:
+                _redis_away.failed()
                 return "closed"
         state = state.decode() if isinstance(state, bytes) else str(state)
         if state == "open":
@@ -277,19 +319,25 @@ class Breaker:
         if not settings.REDIS_URL:
             _local.release(self.probe_key)
             return
+        if _redis_away.now():
+            return  # the lease expires by itself
         try:
             get_redis_connection("default").delete(self.probe_key)
         except _REDIS_DOWN:
+            _redis_away.failed()
             logger.warning("probe lease not released (Redis down); it expires by itself")
 
     def record_success(self) -> None:
         """Close a half-open circuit / forget earlier failures."""
         if not settings.REDIS_URL:
             _local.success(self.key, self.probe_key)
+        elif _redis_away.now():
+            return
         else:
             try:
                 _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
             except _REDIS_DOWN:
+                _redis_away.failed()
                 return
         _report(self.provider, self.model, "closed")
 

@@ -33,7 +33,7 @@ EXPLANATIONS = "/api/v1/topics/explanations"
 def _reset_process_state() -> None:
     from caching.services import cache_local_reset
     from generation.providers import providers_reset
-    from generation.resilience import _scripts
+    from generation.resilience import _redis_away, _scripts
     from quotas.authentication import key_cache_clear
     from quotas.services import local_state_reset
 
@@ -42,6 +42,7 @@ def _reset_process_state() -> None:
     key_cache_clear()
     providers_reset()
     _scripts.clear()
+    _redis_away.reset()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def upstream_settings(settings, fake_upstream, redis_conn):
     """Providers pointed at the fake upstream, with short timeouts and backoff so that the
     tests run quickly, and a clean Redis (breakers, counters, cache)."""
     from generation.providers import providers_reset
-    from generation.resilience import _closed_until, _scripts
+    from generation.resilience import _closed_until, _redis_away, _scripts
 
     settings.OPENAI_BASE_URL = fake_upstream.openai_base_url
     settings.OPENAI_API_KEY = "sk-test"
@@ -37,6 +37,7 @@ def upstream_settings(settings, fake_upstream, redis_conn):
     providers_reset()
     _scripts.clear()
     _closed_until.clear()
+    _redis_away.reset()
     yield settings
     providers_reset()
 
