@@ -723,3 +723,30 @@ def test_redis_down_and_the_ledger_refusing_frees_the_lease_it_took(
     assert refused.status_code == 503, refused.content
     assert refused.json()["error"]["code"] == "quota_unavailable"
     assert after.status_code == 200, after.content  # concurrency 1: the lease was given back
+
+
+def test_redis_back_under_steady_traffic_is_used_again_within_seconds(
+    redis_server, settings, client_with_key, user
+):
+    """Requests keep coming, closer together than the second between two tries of Redis:
+    once Redis answers again, the worker goes back to it (its exact shared limits, not
+    this worker's share), instead of staying in fail-open for as long as the traffic lasts."""
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 4
+    plan_for(user, requests_per_minute=1000)
+    _warm_up(client_with_key)
+    redis_server.stop()
+    for i in range(3):
+        assert _post(client_with_key, GENERATE, {"prompt": f"away {i}"}).status_code == 200
+    redis_server.start()
+
+    limits = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # a request every 100 ms, for 3 s
+        response = _post(client_with_key, GENERATE, {"prompt": f"back {time.monotonic()}"})
+        assert response.status_code == 200, response.content
+        limits.append(response["X-RateLimit-Limit-Requests"])
+        time.sleep(0.1)
+
+    assert limits[0] == "250"  # this worker's share while it has not tried Redis again
+    assert limits[-1] == "1000"  # Redis's: the shared limit

@@ -302,12 +302,14 @@ def _admit_degraded(
     now: float,
     reason: str,
 ) -> Decision:
-    if _state.degraded_since is None:
+    if _state.degraded_since is None:  # Redis has just failed: tried again in a second
         logger.warning(
             "quota backend unavailable (%s): QUOTA_FAIL_MODE=%s", reason, settings.QUOTA_FAIL_MODE
         )
-    _state.degraded_since = _state.degraded_since or time.monotonic()
-    _state.next_redis_try = time.monotonic() + 1.0
+        _state.degraded_since = time.monotonic()
+        _state.next_redis_try = time.monotonic() + 1.0
+    # Otherwise the next try stays where `_recover` put it: pushed back by every request
+    # served meanwhile, it would never come while requests are a second apart or less.
     metrics.QUOTA_BACKEND_FALLBACKS.labels(settings.QUOTA_FAIL_MODE).inc()
     if settings.QUOTA_FAIL_MODE == "closed":
         raise QuotaUnavailable()
