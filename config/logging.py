@@ -117,6 +117,16 @@ _CHATTY_CLIENT_LOGGERS = (
 )
 
 
+class UnexpectedServerErrors(logging.Filter):
+    """Lets through django.request's records of 500s only. Its "Service Unavailable: /path"
+    for a 502, 503 or 504 is an answer the API chose (an upstream failure, a service away),
+    which the request line and the metrics already record with its code: during a provider
+    outage it would be a second line per refused request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "status_code", 500) == 500
+
+
 def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
     """The LOGGING dict: stdlib records and structlog events through one JSON formatter."""
     renderer: Any = (
@@ -140,6 +150,7 @@ def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
                 ],
             }
         },
+        "filters": {"unexpected_server_errors": {"()": UnexpectedServerErrors}},
         "handlers": {
             "console": {"class": "logging.StreamHandler", "formatter": "structured"},
             "drop": {"class": "logging.NullHandler"},
@@ -152,9 +163,10 @@ def logging_config(*, level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
             "django.db.backends": {"level": "WARNING"},
             # The request middleware writes one structured line per request, with its
             # status: runserver's access lines and django.request's "Unauthorized: /path"
-            # for every 4xx would say it again. A 5xx is still logged, with its traceback.
+            # for every 4xx, or "Service Unavailable: /path" for every 503, would say it
+            # again. A 500 is still logged, with its traceback.
             "django.server": {"handlers": ["drop"], "propagate": False},
-            "django.request": {"level": "ERROR"},
+            "django.request": {"level": "ERROR", "filters": ["unexpected_server_errors"]},
             "gunicorn.error": {"handlers": ["console"], "level": level, "propagate": False},
             # The provider SDKs and their HTTP clients log every upstream call at INFO
             # ("HTTP Request: POST <upstream URL> ..."), a second line per cache miss that

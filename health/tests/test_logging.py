@@ -6,6 +6,8 @@ import logging
 
 import pytest
 import structlog
+from django.http import HttpResponse
+from django.utils.log import log_response
 
 from config.logging import logging_config
 
@@ -177,3 +179,33 @@ def test_a_server_error_is_still_logged_with_its_traceback(log_lines):
     [line] = log_lines()
     assert line["level"] == "error"
     assert "RuntimeError: boom" in line["exception"]
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_an_answered_upstream_or_service_failure_is_logged_once_by_the_request_line(
+    log_lines, rf, status
+):
+    # What Django's handler does with every response of 400 or more.
+    log_response(
+        "%s: %s",
+        "Service Unavailable",
+        "/api/v1/generate",
+        response=HttpResponse(status=status),
+        request=rf.post("/api/v1/generate"),
+    )
+
+    assert log_lines() == []
+
+
+def test_a_500_response_is_still_logged_by_django(log_lines, rf):
+    log_response(
+        "%s: %s",
+        "Internal Server Error",
+        "/x",
+        response=HttpResponse(status=500),
+        request=rf.get("/x"),
+    )
+
+    [line] = log_lines()
+    assert line["level"] == "error"
+    assert line["event"] == "Internal Server Error: /x"
