@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from config.errors import ApiError, ServiceUnavailable
 from generation.job_lock import JobLock, job_lock_held
@@ -49,7 +50,8 @@ class JobNotFound(ApiError):
 
 
 class JobLocked(Exception):  # noqa: N818 - a state, not an error
-    """Another worker is running this job (or one died holding the lock); try again later."""
+    """Another worker is running this job (or one died holding the lock, or Redis cannot
+    tell); try again later."""
 
 
 class JobQuotaWait(Exception):  # noqa: N818 - a wait, not an error
@@ -250,7 +252,14 @@ def job_run(*, job_id: uuid.UUID | str) -> str:
     run's lock expired (checked before every item). A finished job is left alone.
     """
     lock = JobLock(job_id)
-    if not lock.acquire():
+    try:
+        acquired = lock.acquire()
+    except RedisError as exc:
+        # Whether another worker runs the job cannot be known: wait, as for a held job,
+        # rather than fail it for good or risk two runs.
+        logger.warning("job %s waits: its lock cannot be taken (Redis: %s)", job_id, exc)
+        raise JobLocked(str(job_id)) from exc
+    if not acquired:
         logger.info("job %s is being run by another worker", job_id)
         raise JobLocked(str(job_id))
     try:

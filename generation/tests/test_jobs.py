@@ -273,6 +273,29 @@ def test_job_held_by_another_worker_is_not_run_twice(user, django_capture_on_com
     assert jobs.job_run(job_id=job.id) == "done"
 
 
+@pytest.mark.usefixtures("openai_model", "upstream_settings")
+def test_job_whose_lock_redis_cannot_give_waits_instead_of_failing(
+    user, settings, django_capture_on_commit_callbacks
+):
+    # With a RabbitMQ broker a job is delivered while Redis is away: it is put off, as a
+    # held job is (the task retries it), not failed for good nor run unlocked.
+    job = queued_job(user, ["Only"], django_capture_on_commit_callbacks)
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    settings.CACHES = {
+        "default": {
+            **settings.CACHES["default"],
+            "LOCATION": settings.REDIS_URL,
+            "OPTIONS": {**settings.CACHES["default"]["OPTIONS"], "SOCKET_CONNECT_TIMEOUT": 0.2},
+        }
+    }
+
+    with pytest.raises(jobs.JobLocked):
+        jobs.job_run(job_id=job.id)
+
+    job.refresh_from_db()
+    assert (job.status, job.attempts, job.error) == (JobStatus.QUEUED, 0, None)
+
+
 @pytest.mark.usefixtures("openai_model")
 def test_job_create_with_broker_down_is_503_and_the_job_is_not_left_queued(user):
     import os
