@@ -69,13 +69,18 @@ lint: install-dev
 	$(MAKE) lint-deploy
 
 # Deployment artifacts: Dockerfile, shell scripts, every YAML file, the Kubernetes
-# manifests, and the metrics named by the alert rules and the dashboard.
+# manifests, the alert rules (checked and unit-tested by promtool), and the metrics named
+# by the alert rules and the dashboard.
 K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/k8s/*/*.yaml))
+PROMETHEUS_RULES := deploy/prometheus/alerts.yml
+PROMETHEUS_RULE_TESTS := $(wildcard deploy/prometheus/tests/*.yml)
 lint-deploy: install-dev
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/shellcheck deploy/backup/*.sh deploy/docker-entrypoint.sh
 	$(BIN)/yamllint --strict -c .yamllint.yml .
 	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
+	$(BIN)/promtool check rules $(PROMETHEUS_RULES)
+	$(BIN)/promtool test rules $(PROMETHEUS_RULE_TESTS)
 	SECRET_KEY=$${SECRET_KEY:-lint-only} $(BIN)/python deploy/check_metrics.py
 
 format: install-dev

@@ -22,7 +22,8 @@ K8S = sorted(p for p in (ROOT / "deploy/k8s").glob("*/*.yaml") if p.name != "kus
 def tool(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     path = BIN / name
     if not path.exists():
-        pytest.fail(f"{name} is not installed (requirements/dev.txt)")
+        # Never a skip: a linter that is missing would pass its artifacts unchecked.
+        pytest.fail(f"{name} is not installed in {BIN}: run `make install-dev`")
     return subprocess.run(
         [str(path), *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False
     )
@@ -31,9 +32,20 @@ def tool(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess
 def test_make_lint_runs_the_deployment_linters():
     makefile = (ROOT / "Makefile").read_text()
     target = makefile.split("\nlint-deploy:", 1)[1].split("\n\n", 1)[0]
-    for command in ("hadolint", "shellcheck", "yamllint", "kubernetes-validate", "check_metrics"):
+    for command in (
+        "hadolint",
+        "shellcheck",
+        "yamllint",
+        "kubernetes-validate",
+        "promtool check rules",
+        "promtool test rules",
+        "check_metrics",
+    ):
         assert command in target
     assert "$(MAKE) lint-deploy" in makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    # `make test` and `make lint` get promtool, which requirements/dev.txt cannot provide.
+    install_dev = makefile.split("\ninstall-dev:", 1)[1].split("\n", 1)[0]
+    assert "$(BIN)/promtool" in install_dev
     workflow = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
     assert {"lint", "test", "image"} <= set(workflow["jobs"])
     steps = " ".join(str(s.get("run", "")) for s in workflow["jobs"]["lint"]["steps"])
@@ -117,6 +129,80 @@ def test_web_deployment_is_hardened_and_scaled_as_specified():
         v == "" or v.startswith(("<", "postgres://tollgate:<", "redis://<"))
         for v in secret["stringData"].values()
     )
+
+
+# --- The alert rules, evaluated by Prometheus's own promtool ------------------------------
+
+RULES = ROOT / "deploy/prometheus/alerts.yml"
+RULE_TESTS = sorted((ROOT / "deploy/prometheus/tests").glob("*.yml"))
+
+
+def alert_names() -> set[str]:
+    alerts = yaml.safe_load(RULES.read_text())
+    return {rule["alert"] for group in alerts["groups"] for rule in group["rules"]}
+
+
+def test_alert_rules_pass_promtool_check_and_a_broken_rule_does_not(tmp_path):
+    ok = tool("promtool", "check", "rules", str(RULES))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = tmp_path / "alerts.yml"
+    bad.write_text(RULES.read_text().replace("histogram_quantile(0.95,", "histogram_quantile(", 1))
+    refused = tool("promtool", "check", "rules", str(bad))
+    assert refused.returncode != 0
+
+
+def test_alert_rules_pass_their_promtool_unit_tests():
+    assert RULE_TESTS, "no rule tests under deploy/prometheus/tests"
+    result = tool("promtool", "test", "rules", *map(str, RULE_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_that_do_not():
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for path in RULE_TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
+    assert alert_names() - fired == set(), "never shown to fire"
+    assert alert_names() - quiet == set(), "never shown to stay quiet"
+
+
+# Each rule without what it is there for (a filter, `== 1`, the new-series arm): its unit
+# tests must fail, and only its own.
+@pytest.mark.parametrize(
+    ("alert", "kept", "dropped"),
+    [
+        ("TollgateAbsent", 'absent(up{job="tollgate"} == 1)', 'absent(up{job="tollgate"})'),
+        ("TollgateHighErrorRate", 'endpoint=~"/(api|v1)/.*",', ""),
+        ("TollgateHighErrorRate", '{endpoint=~"/(api|v1)/.*"}', ""),
+        ("TollgateHighLatencyP95", 'view!~"chat-completions|generate|', 'view!~"'),
+        (  # x unless x: the arm for a series the window has not seen yet never answers
+            "TollgateRedisDown",
+            "unless tollgate_quota_backend_fallbacks_total offset 5m",
+            "unless tollgate_quota_backend_fallbacks_total",
+        ),
+    ],
+)
+def test_rule_unit_tests_fail_when_a_rule_loses_what_it_is_there_for(
+    tmp_path, alert, kept, dropped
+):
+    text = RULES.read_text()
+    assert kept in text
+    (tmp_path / "alerts.yml").write_text(text.replace(kept, dropped))
+    (tmp_path / "tests").mkdir()
+    for path in RULE_TESTS:  # they name their rules as ../alerts.yml
+        (tmp_path / "tests" / path.name).write_text(path.read_text())
+
+    result = tool(
+        "promtool", "test", "rules", *(f"tests/{p.name}" for p in RULE_TESTS), cwd=tmp_path
+    )
+
+    assert result.returncode != 0
+    failed = re.findall(r"alertname: (\w+)", result.stdout + result.stderr)
+    assert failed
+    assert set(failed) == {alert}
 
 
 def run_check_metrics(*args: str) -> subprocess.CompletedProcess:
