@@ -13,6 +13,8 @@ so is a database that cannot be reached, or one whose migrations have not been a
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
@@ -181,6 +183,38 @@ def render_error(err: ApiError, request_id: str | None = None) -> Response:
     return response
 
 
+class _OutageLog:
+    """How often a backing service's outage goes to the log: the first request it fails,
+    with its traceback, then at most one line every `every` seconds, counting the requests
+    answered 503 meanwhile, rather than a traceback per request (a 7-second PostgreSQL
+    outage under load wrote 1,267 of them: bench/outage.py). Per process."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: float | None = None  # when a line was last written
+        self._failed = 0  # requests failed since then
+
+    def due(self) -> int | None:
+        """Count one failed request; the number to report now (this one included), or None
+        while the last line is recent."""
+        now = time.monotonic()
+        with self._lock:
+            self._failed += 1
+            if self._last is not None and now - self._last < self.every:
+                return None
+            self._last, failed, self._failed = now, self._failed, 0
+            return failed
+
+    def reset(self) -> None:
+        with self._lock:
+            self._last, self._failed = None, 0
+
+
+_redis_away = _OutageLog()
+_database_away = _OutageLog()
+
+
 def _is_redis_unreachable(exc: Exception) -> bool:
     try:
         from django_redis.exceptions import ConnectionInterrupted
@@ -224,7 +258,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, ApiError):
         err = exc
     elif _is_redis_unreachable(exc):
-        logger.warning("redis unreachable", exc_info=exc, extra={"request_id": request_id})
+        failed = _redis_away.due()
+        if failed is not None:
+            logger.warning(
+                "redis unreachable: %d requests answered 503 since the last such line",
+                failed,
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
         err = ServiceUnavailable("A backing service (Redis) is unreachable; try again shortly.")
     elif _is_database_not_migrated(exc):
         # One line (the missing table or column), not a traceback per request.
@@ -237,7 +278,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
             "The database is not ready: its migrations have not been applied. Try again shortly."
         )
     elif isinstance(exc, OperationalError | InterfaceError):
-        logger.error("database unreachable", exc_info=exc, extra={"request_id": request_id})
+        failed = _database_away.due()
+        if failed is not None:
+            logger.error(
+                "database unreachable: %d requests answered 503 since the last such line",
+                failed,
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
         err = ServiceUnavailable("The database is unreachable; try again shortly.")
     elif isinstance(exc, drf.APIException):
         err = _drf_to_api_error(exc)

@@ -213,3 +213,42 @@ def test_a_database_a_migration_behind_the_code_is_a_503_not_a_500(key_client):
     assert response.status_code == 503, response.content
     assert response.json()["error"]["code"] == "service_unavailable"
     assert key_client.get("/api/v1/quota").status_code == 200
+
+
+@pytest.fixture
+def unreachable_database(api_key):
+    """This thread's connection pointed at a loopback port where no PostgreSQL listens (a
+    server stopped, as bench/outage.py's postgres-stop drill does); back afterwards."""
+    from config.errors import _database_away
+    from config.tests.redis_server import free_port
+
+    port = connection.settings_dict["PORT"]
+    connection.close()
+    connection.settings_dict["PORT"] = str(free_port())
+    _database_away.reset()
+    try:
+        yield
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = port
+        _database_away.reset()
+
+
+@pytest.mark.usefixtures("unreachable_database")
+def test_database_unreachable_is_logged_with_a_traceback_once_not_per_request(key_client, caplog):
+    from config.errors import _database_away
+
+    statuses = []
+    for _ in range(5):
+        statuses.append(key_client.get("/api/v1/usage").status_code)
+        close_old_connections()  # what Django does at the end of every request
+    _database_away._last -= _database_away.every  # the next report is due
+    statuses.append(key_client.get("/api/v1/usage").status_code)
+
+    assert statuses == [503] * 6
+    logged = [r for r in caplog.records if r.name == "tollgate.errors"]
+    assert [r.getMessage() for r in logged] == [
+        "database unreachable: 1 requests answered 503 since the last such line",
+        "database unreachable: 5 requests answered 503 since the last such line",
+    ]
+    assert all(r.exc_info for r in logged)
