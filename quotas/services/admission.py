@@ -191,18 +191,21 @@ def _admit(
                 counters_rebuild(quotas=exc.quotas, now=moment)
             continue
         except BackendUnavailable as exc:
-            decision = _admit_degraded(
-                policy=policy,
-                quotas=quotas,
-                request_id=request_id,
-                est_tokens=est_tokens,
-                est_cost=est_cost,
-                prompt_tokens=prompt_tokens,
-                max_tokens=max_tokens,
-                mode=mode,
-                now=moment,
-                reason=str(exc),
-            )
+            try:
+                decision = _admit_degraded(
+                    policy=policy,
+                    quotas=quotas,
+                    request_id=request_id,
+                    est_tokens=est_tokens,
+                    est_cost=est_cost,
+                    prompt_tokens=prompt_tokens,
+                    max_tokens=max_tokens,
+                    mode=mode,
+                    now=moment,
+                    reason=str(exc),
+                )
+            except _RedisBack:
+                continue  # admitted through Redis instead
         if not decision.admitted:
             raise _refuse(decision, policy)
         metrics.QUOTA_DECISIONS.labels("admitted", "", "").inc()
@@ -371,6 +374,12 @@ def _admit_degraded(
     return decision
 
 
+class _RedisBack(Exception):  # noqa: N818 - a signal, not an error
+    """This worker found Redis again while a fail-open admission waited for its ledger
+    locks: the counters may have been rebuilt from the ledger meanwhile, without the row it
+    would write, so it goes through Redis instead."""
+
+
 def _recover() -> None:
     """Try Redis again after a fail-open period; raises BackendUnavailable if still down.
 
@@ -404,6 +413,8 @@ def _ledger_admit(
             with connection.cursor() as cursor:
                 for counter in sorted({q.counter for q in quotas}):
                     cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tg:{counter}"])
+        if _state.degraded_since is None:
+            raise _RedisBack()
         states: list[WindowState] = []
         worst: WindowState | None = None
         worst_wait = -1.0

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import connection, transaction
 from django.utils import timezone
 
 from quotas.engine import (
@@ -29,23 +30,32 @@ def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> in
     """
     moment = time.time() if now is None else now
     _, day_end, _, month_end = calendar_bounds(moment)
-    entries: dict[str, tuple[str, int, int, int, int]] = {}
-    be = backend()
-    for quota in quotas:
-        if quota.window not in ("day", "month"):
-            continue
-        key = be.counter_key(quota, _state.epoch, moment)
-        if key in entries:
-            continue
-        requests, tokens, micros = ledger_usage(
-            counter=quota.counter, since=_window_start(quota, moment)
-        )
-        end = day_end if quota.window == "day" else month_end
-        ttl = int(end.timestamp() - moment) + 3600
-        entries[key] = (key, requests, tokens, micros, ttl)
-    if not entries:
+    calendar = [q for q in quotas if q.window in ("day", "month")]
+    if not calendar:
         return 0
-    created = be.init_calendar(list(entries.values()))
+    be = backend()
+    # Under the principals' ledger locks, those a fail-open admission holds from its read of
+    # the ledger to the commit of its pending row (`_ledger_admit`): a row still being
+    # written when Redis came back is waited for, so that it is counted here; one that
+    # would come after sees its worker back on Redis and is admitted there instead. The
+    # counters are created before the locks are let go.
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                for counter in sorted({q.counter for q in calendar}):
+                    cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tg:{counter}"])
+        entries: dict[str, tuple[str, int, int, int, int]] = {}
+        for quota in calendar:
+            key = be.counter_key(quota, _state.epoch, moment)
+            if key in entries:
+                continue
+            requests, tokens, micros = ledger_usage(
+                counter=quota.counter, since=_window_start(quota, moment)
+            )
+            end = day_end if quota.window == "day" else month_end
+            ttl = int(end.timestamp() - moment) + 3600
+            entries[key] = (key, requests, tokens, micros, ttl)
+        created = be.init_calendar(list(entries.values()))
     if created:
         logger.info("rebuilt %d calendar counters from the ledger", created)
     return created
