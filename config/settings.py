@@ -167,6 +167,9 @@ QUOTA_WORKER_COUNT = env.int(
     minimum=1,
 )
 AUTH_FAILURES_PER_MINUTE = env.int("AUTH_FAILURES_PER_MINUTE", default=30, minimum=1)
+# While PostgreSQL is unreachable, an API key a worker read from it less than this long ago
+# is still accepted (its ledger rows are spooled); 0: every request gets the 503.
+AUTH_DB_OUTAGE_GRACE_SECONDS = env.float("AUTH_DB_OUTAGE_GRACE_SECONDS", default=300.0, minimum=0)
 # Proxies whose X-Forwarded-For is believed (the variable gunicorn reads too; "*": any).
 FORWARDED_ALLOW_IPS = env.list("FORWARDED_ALLOW_IPS", default=["127.0.0.1"])
 # Ledger rows of cache hits are written in batches at most this many seconds late (0: at once).

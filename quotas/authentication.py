@@ -11,12 +11,15 @@ address's bad credentials get 429 `too_many_authentication_failures`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.db import InterfaceError, OperationalError
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
@@ -25,6 +28,7 @@ from quotas.errors import KeyExpired, KeyRevoked, TooManyAuthFailures, UserInact
 from quotas.models import ApiKey
 
 _CACHE_TTL = 1.0
+logger = logging.getLogger("tollgate.quotas")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,21 @@ def _load_key(prefix: str) -> _CachedKey | None:
     cached = _key_cache.get(prefix)
     if cached is not None and now - cached.fetched_at < _CACHE_TTL:
         return cached
-    key = ApiKey.objects.select_related("user").filter(prefix=prefix).first()
+    graced = cached is not None and now - cached.fetched_at < settings.AUTH_DB_OUTAGE_GRACE_SECONDS
+    if graced and now < _outage.retry_at:
+        return cached
+    try:
+        key = ApiKey.objects.select_related("user").filter(prefix=prefix).first()
+    except (OperationalError, InterfaceError):
+        # PostgreSQL unreachable: a key this worker read from it a moment ago is still
+        # taken, as it was then (no one can revoke it meanwhile: the admin needs the
+        # database too), so that generation goes on with its ledger rows spooled; a key
+        # not seen lately gets the 503. The database is asked again a second later.
+        if not graced:
+            raise
+        _outage.noticed(now)
+        return cached
+    _outage.over()
     if key is None:
         with _key_lock:
             _key_cache.pop(prefix, None)
@@ -74,6 +92,35 @@ def _load_key(prefix: str) -> _CachedKey | None:
     with _key_lock:
         _key_cache[prefix] = entry
     return entry
+
+
+class _DatabaseAway:
+    """While PostgreSQL is unreachable, keys are served from the cache and the database is
+    asked again once a second; its going and coming back are logged once each."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.retry_at = 0.0
+
+    def noticed(self, now: float) -> None:
+        self.retry_at = now + 1.0
+        if self.since is None:
+            self.since = now
+            logger.warning(
+                "database unreachable: API keys read in the last %.0f s are still accepted",
+                settings.AUTH_DB_OUTAGE_GRACE_SECONDS,
+            )
+
+    def over(self) -> None:
+        if self.since is not None:
+            logger.warning(
+                "database reachable again after %.1f s: API keys are read from it again",
+                time.monotonic() - self.since,
+            )
+            self.since, self.retry_at = None, 0.0
+
+
+_outage = _DatabaseAway()
 
 
 def _client_address(request: Request) -> str:
@@ -85,8 +132,6 @@ def _client_address(request: Request) -> str:
     the right-most X-Forwarded-For entry that is not itself a trusted proxy. Entries further
     left are whatever the client sent, and are never used.
     """
-    from django.conf import settings
-
     remote = str(request.META.get("REMOTE_ADDR") or "unknown")
     trusted = set(settings.FORWARDED_ALLOW_IPS)
     forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")

@@ -7,7 +7,10 @@ real, empty PostgreSQL database.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -215,8 +218,8 @@ def test_a_database_a_migration_behind_the_code_is_a_503_not_a_500(key_client):
     assert key_client.get("/api/v1/quota").status_code == 200
 
 
-@pytest.fixture
-def unreachable_database(api_key):
+@contextlib.contextmanager
+def database_unreachable() -> Iterator[None]:
     """This thread's connection pointed at a loopback port where no PostgreSQL listens (a
     server stopped, as bench/outage.py's postgres-stop drill does); back afterwards."""
     from config.errors import _database_away
@@ -232,6 +235,12 @@ def unreachable_database(api_key):
         connection.close()
         connection.settings_dict["PORT"] = port
         _database_away.reset()
+
+
+@pytest.fixture
+def unreachable_database(api_key):
+    with database_unreachable():
+        yield
 
 
 @pytest.mark.usefixtures("unreachable_database")
@@ -252,3 +261,67 @@ def test_database_unreachable_is_logged_with_a_traceback_once_not_per_request(ke
         "database unreachable: 5 requests answered 503 since the last such line",
     ]
     assert all(r.exc_info for r in logged)
+
+
+@contextlib.contextmanager
+def database_refusing_connections() -> Iterator[None]:
+    """The test database closed to every new connection and this thread's connection
+    dropped, as during a PostgreSQL restart; the settings (and so the ledger spool's
+    directory, which they name) stay as they are."""
+    admin_dsn = _dsn().replace(f"dbname={connection.settings_dict['NAME']}", "dbname=postgres")
+    name = sql.Identifier(connection.settings_dict["NAME"])
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+        try:
+            connection.ensure_connection()
+            pid = connection.connection.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            connection.close()
+            yield
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(name))
+            connection.close()
+
+
+def test_a_key_read_before_the_database_went_away_still_generates_its_row_kept(
+    key_client, local_model, caplog
+):
+    # A busy worker has read the key (and its policy) a moment before PostgreSQL stops
+    # (the first request of the process meets a new policy version, which empties the key
+    # cache: the second reads the key again).
+    for prompt in ("warm", "warmer"):
+        assert _generate(key_client, prompt, local_model.model).status_code == 200
+    time.sleep(1.1)  # past the second a key is read for: the outage meets a key to re-read
+
+    with database_refusing_connections():
+        answered = [_generate(key_client, f"away {i}", local_model.model) for i in range(3)]
+        refused = key_client.get("/api/v1/usage")  # the ledger itself: nothing to serve
+
+    assert [r.status_code for r in answered] == [200] * 3, answered[0].content
+    assert refused.status_code == 503
+    ids = [r.json()["request_id"] for r in answered]
+    assert not UsageRecord.objects.filter(request_id__in=ids).exists()
+    assert usage_flush() == 3  # the spool, written once the database is back
+    assert UsageRecord.objects.filter(request_id__in=ids, outcome="ok").count() == 3
+    kept = [r for r in caplog.records if r.getMessage().startswith("ledger rows kept")]
+    assert len(kept) == 1  # the outage's start, not a line per row
+    told = [r.getMessage() for r in caplog.records if "API keys" in r.getMessage()]
+    assert told == [
+        f"database unreachable: API keys read in the last "
+        f"{settings.AUTH_DB_OUTAGE_GRACE_SECONDS:.0f} s are still accepted"
+    ]
+
+
+def test_a_key_not_read_lately_gets_503_while_the_database_is_away(
+    key_client, local_model, settings
+):
+    for prompt in ("warm", "warmer"):
+        assert _generate(key_client, prompt, local_model.model).status_code == 200
+    settings.AUTH_DB_OUTAGE_GRACE_SECONDS = 0  # as if read longer ago than the grace
+    time.sleep(1.1)  # past the second a key is read for
+
+    with database_refusing_connections():
+        response = _generate(key_client, "away", local_model.model)
+
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "service_unavailable"
