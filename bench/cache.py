@@ -43,7 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import ensure_database  # noqa: E402
+from bench.common import LOCAL_MODEL, ensure_database, unlimited_principal  # noqa: E402
 
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/tollgate_bench_cache"
 APP = "bench.cache:application"
@@ -187,42 +187,12 @@ def layer_latencies(gets: int) -> dict[str, tuple[float, float]]:
 
 def setup_account() -> str:
     """Migrate the bench database; a model, a plan without practical limits, a user, a key."""
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-
-    from quotas.models import ApiKey, GlobalLimits, ModelPrice, Plan, UserQuota
+    from quotas.models import ApiKey
     from quotas.services import key_create
 
-    call_command("migrate", verbosity=0)
-    ModelPrice.objects.update_or_create(
-        model="local/demo",
-        defaults={
-            "provider": "local",
-            "upstream_model": "demo",
-            "input_per_million": "1.5",
-            "output_per_million": "2",
-            "enabled": True,
-        },
+    user = unlimited_principal(
+        username="bench-cache", plan="bench", model="local/demo", model_fields=LOCAL_MODEL
     )
-    big = 10**9
-    plan, _ = Plan.objects.update_or_create(
-        name="bench",
-        defaults={
-            "requests_per_minute": big,
-            "requests_per_hour": big,
-            "requests_per_day": big,
-            "tokens_per_minute": big,
-            "tokens_per_day": big,
-            "cost_per_day": "1000000",
-            "cost_per_month": "1000000",
-            "concurrency": 10_000,
-        },
-    )
-    GlobalLimits.objects.update_or_create(
-        pk=1, defaults={"requests_per_hour": big, "cost_per_day": "1000000", "concurrency": 10_000}
-    )
-    user, _ = get_user_model().objects.get_or_create(username="bench-cache")
-    UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
     ApiKey.objects.filter(user=user).delete()
     full_key, _ = key_create(user=user, name="bench")
     return full_key

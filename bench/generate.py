@@ -63,7 +63,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import ensure_database  # noqa: E402
+from bench.common import BIG, ensure_database, unlimited_principal  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/tollgate_bench_gen")
@@ -135,16 +135,13 @@ def setup_database() -> str:
     import django
 
     django.setup()
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-
     from quotas import services
-    from quotas.models import GlobalLimits, ModelPrice, Plan, UserQuota
 
-    call_command("migrate", verbosity=0)
-    ModelPrice.objects.update_or_create(
+    user = unlimited_principal(
+        username="bench-generate",
+        plan="bench-generate",
         model=MODEL,
-        defaults={
+        model_fields={
             "provider": "openai",
             "upstream_model": "gpt-bench",
             "input_per_million": "0.15",
@@ -153,27 +150,8 @@ def setup_database() -> str:
             "max_output_tokens": 4096,
         },
     )
-    big = 10**9
-    plan, _ = Plan.objects.update_or_create(
-        name="bench-generate",
-        defaults={
-            "requests_per_minute": big,
-            "requests_per_hour": big,
-            "requests_per_day": big,
-            "tokens_per_minute": big * 1000,
-            "tokens_per_day": big * 1000,
-            "cost_per_day": "1000000",
-            "cost_per_month": "1000000",
-            "concurrency": 10_000,
-        },
-    )
-    user, _ = get_user_model().objects.get_or_create(username="bench-generate")
-    UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
-    GlobalLimits.objects.update_or_create(
-        pk=1, defaults={"requests_per_hour": big, "cost_per_day": "1000000", "concurrency": 10_000}
-    )
     full_key, _ = services.key_create(
-        user=user, name="bench", requests_per_minute=big, tokens_per_minute=big * 1000
+        user=user, name="bench", requests_per_minute=BIG, tokens_per_minute=BIG * 1000
     )
     from django_redis import get_redis_connection
 

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import ensure_database  # noqa: E402
+from bench.common import BIG, LOCAL_MODEL, ensure_database, unlimited_principal  # noqa: E402
 from config.tests.redis_server import PrivateRedis, free_port  # noqa: E402
 
 MODEL = "local/demo"
@@ -105,46 +105,16 @@ def setup_database() -> tuple[str, int]:
     import django
 
     django.setup()
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-
     from quotas import services
-    from quotas.models import ApiKey, GlobalLimits, ModelPrice, Plan, UsageRecord, UserQuota
+    from quotas.models import ApiKey, UsageRecord
 
-    call_command("migrate", verbosity=0)
-    ModelPrice.objects.update_or_create(
-        model=MODEL,
-        defaults={
-            "provider": "local",
-            "upstream_model": "demo",
-            "input_per_million": "1.5",
-            "output_per_million": "2",
-            "enabled": True,
-        },
+    user = unlimited_principal(
+        username=USERNAME, plan=USERNAME, model=MODEL, model_fields=LOCAL_MODEL
     )
-    big = 10**9
-    plan, _ = Plan.objects.update_or_create(
-        name=USERNAME,
-        defaults={
-            "requests_per_minute": big,
-            "requests_per_hour": big,
-            "requests_per_day": big,
-            "tokens_per_minute": big * 1000,
-            "tokens_per_day": big * 1000,
-            "cost_per_day": "1000000",
-            "cost_per_month": "1000000",
-            "concurrency": 10_000,
-        },
-    )
-    GlobalLimits.objects.update_or_create(
-        pk=1, defaults={"requests_per_hour": big, "cost_per_day": "1000000", "concurrency": 10_000}
-    )
-    user, _ = get_user_model().objects.get_or_create(username=USERNAME)
-    UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
     UsageRecord.objects.filter(user=user).delete()
     ApiKey.objects.filter(user=user).delete()
     full_key, _ = services.key_create(
-        user=user, name="outage", requests_per_minute=big, tokens_per_minute=big * 1000
+        user=user, name="outage", requests_per_minute=BIG, tokens_per_minute=BIG * 1000
     )
     return full_key, int(user.pk)
 
