@@ -189,8 +189,8 @@ class _OutageLog:
     answered 503 meanwhile, rather than a traceback per request (a 7-second PostgreSQL
     outage under load wrote 1,267 of them: bench/outage.py). Per process."""
 
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
+    def __init__(self, service: str, level: int, every: float = 10.0) -> None:
+        self.service, self.level, self.every = service, level, every
         self._lock = threading.Lock()
         self._last: float | None = None  # when a line was last written
         self._failed = 0  # requests failed since then
@@ -210,9 +210,22 @@ class _OutageLog:
         with self._lock:
             self._last, self._failed = None, 0
 
+    def report(self, exc: Exception, request_id: str | None) -> None:
+        """Count the request `exc` failed; log it if a line is due."""
+        failed = self.due()
+        if failed is not None:
+            logger.log(
+                self.level,
+                "%s unreachable: %d requests answered 503 since the last such line",
+                self.service,
+                failed,
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
 
-_redis_away = _OutageLog()
-_database_away = _OutageLog()
+
+_redis_away = _OutageLog("redis", logging.WARNING)
+_database_away = _OutageLog("database", logging.ERROR)
 
 
 def _is_redis_unreachable(exc: Exception) -> bool:
@@ -258,14 +271,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, ApiError):
         err = exc
     elif _is_redis_unreachable(exc):
-        failed = _redis_away.due()
-        if failed is not None:
-            logger.warning(
-                "redis unreachable: %d requests answered 503 since the last such line",
-                failed,
-                exc_info=exc,
-                extra={"request_id": request_id},
-            )
+        _redis_away.report(exc, request_id)
         err = ServiceUnavailable("A backing service (Redis) is unreachable; try again shortly.")
     elif _is_database_not_migrated(exc):
         # One line (the missing table or column), not a traceback per request.
@@ -278,14 +284,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
             "The database is not ready: its migrations have not been applied. Try again shortly."
         )
     elif isinstance(exc, OperationalError | InterfaceError):
-        failed = _database_away.due()
-        if failed is not None:
-            logger.error(
-                "database unreachable: %d requests answered 503 since the last such line",
-                failed,
-                exc_info=exc,
-                extra={"request_id": request_id},
-            )
+        _database_away.report(exc, request_id)
         err = ServiceUnavailable("The database is unreachable; try again shortly.")
     elif isinstance(exc, drf.APIException):
         err = _drf_to_api_error(exc)
