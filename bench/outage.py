@@ -6,7 +6,9 @@
 
 Kinds: `redis-stop` (the server shut down, then started again empty, as a Redis without
 persistence), `redis-freeze` (SIGSTOP, then SIGCONT: a hung Redis, every call running into
-its socket timeout), `postgres-stop` (`pg_ctl stop -m fast`, then `pg_ctl start`).
+its socket timeout), `postgres-stop` (`pg_ctl stop -m fast`, then `pg_ctl start`),
+`postgres-freeze` (every process of the cluster stopped with SIGSTOP, then SIGCONT: a
+database behind a dead link).
 
 Nothing shared is touched: the drill starts its own redis-server on a free port
 (config/tests/redis_server.py) and, for `postgres-stop`, its own PostgreSQL 15 cluster
@@ -90,6 +92,24 @@ class PrivatePostgres:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.data))
+
+    def _processes(self) -> list[int]:
+        """The postmaster and every process it started (backends, checkpointer...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> None:
+        """Every process of the cluster stopped (SIGSTOP): connections are accepted by the
+        kernel and nothing answers, as behind a dead link or a frozen host."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
 
     def remove(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):  # not running
@@ -197,6 +217,9 @@ def outage_start(kind: str, redis: PrivateRedis, pg: PrivatePostgres | None) -> 
         redis.stop()
     elif kind == "redis-freeze":
         redis.pause()
+    elif kind == "postgres-freeze":
+        assert pg is not None  # noqa: S101
+        pg.pause()
     else:
         assert pg is not None  # noqa: S101
         pg.stop("fast")
@@ -207,6 +230,9 @@ def outage_end(kind: str, redis: PrivateRedis, pg: PrivatePostgres | None) -> No
         redis.start()  # empty: no persistence
     elif kind == "redis-freeze":
         redis.resume()
+    elif kind == "postgres-freeze":
+        assert pg is not None  # noqa: S101
+        pg.resume()
     else:
         assert pg is not None  # noqa: S101
         pg.start()
@@ -353,7 +379,9 @@ def log_report(path: Path, requests: int) -> list[str]:
 
 def main() -> int:  # noqa: PLR0915
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--kind", choices=("redis-stop", "redis-freeze", "postgres-stop"))
+    parser.add_argument(
+        "--kind", choices=("redis-stop", "redis-freeze", "postgres-stop", "postgres-freeze")
+    )
     parser.add_argument("--fail-mode", choices=("open", "closed"), default="open")
     parser.add_argument("--before", type=float, default=5.0)
     parser.add_argument("--outage", type=float, default=7.0)
@@ -372,7 +400,7 @@ def main() -> int:  # noqa: PLR0915
     gunicorn: subprocess.Popen[bytes] | None = None
     try:
         redis.start()
-        if args.kind == "postgres-stop":
+        if args.kind.startswith("postgres-"):
             pg = PrivatePostgres()
             pg.start()
             os.environ["DATABASE_URL"] = pg.url
