@@ -402,8 +402,21 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     DATABASES["default"]["ENGINE"] = "config.db"
 # An unreachable database fails a readiness probe (and a request) in seconds, not minutes.
 if DATABASES["default"]["ENGINE"] == "config.db":
-    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
-        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3)
+    _DB_OPTIONS = DATABASES["default"].setdefault("OPTIONS", {})
+    _DB_OPTIONS.setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3))
+    # A statement waits at most this long for a lock (a migration's ALTER on the ledger, a
+    # LOCK TABLE), then fails: the ledger INSERT goes to the spool instead of holding its
+    # request, and a migration stuck behind a long query fails instead of queueing every
+    # INSERT behind it. 0: wait for ever.
+    _LOCK_TIMEOUT_MS = env.int("DATABASE_LOCK_TIMEOUT_MS", default=3000, minimum=0)
+    if _LOCK_TIMEOUT_MS:
+        _DB_OPTIONS["options"] = (
+            f"{_DB_OPTIONS.get('options', '')} -c lock_timeout={_LOCK_TIMEOUT_MS}".strip()
+        )
+    # Data the server does not acknowledge (a dead link, a host gone) fails the connection
+    # after this long, instead of after the kernel's quarter of an hour of retransmissions.
+    _DB_OPTIONS.setdefault(
+        "tcp_user_timeout", env.int("DATABASE_TCP_USER_TIMEOUT_MS", default=10000, minimum=0)
     )
 from config.logging import logging_config, sentry_init, structlog_configure  # noqa: E402
 

@@ -150,7 +150,10 @@ def usage_rollup(*, day: dt.date) -> int:
     with transaction.atomic():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
-                # Serialises concurrent roll-ups of the same day (released at commit).
+                # Serialises concurrent roll-ups of the same day (released at commit): the
+                # second waits for the first however long it takes (DATABASE_LOCK_TIMEOUT_MS
+                # is for the request path).
+                cursor.execute("SET LOCAL lock_timeout = 0")
                 cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [7001, day.toordinal()])
         DailyUsage.objects.filter(day=day).delete()
         DailyUsage.objects.bulk_create(rows)

@@ -325,3 +325,39 @@ def test_a_key_not_read_lately_gets_503_while_the_database_is_away(
 
     assert response.status_code == 503, response.content
     assert response.json()["error"]["code"] == "service_unavailable"
+
+
+def test_connections_wait_for_a_lock_at_most_database_lock_timeout_ms():
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW lock_timeout")
+        assert cursor.fetchone() == ("3s",)  # DATABASE_LOCK_TIMEOUT_MS's default
+
+
+def test_a_lock_held_on_the_ledger_does_not_hold_generation(key_client, local_model):
+    # A migration's ALTER TABLE (or anyone's LOCK TABLE) on the ledger: the INSERT of a
+    # served request gives up after DATABASE_LOCK_TIMEOUT_MS and its row waits in the spool,
+    # instead of the request waiting for the lock.
+    options = connection.settings_dict["OPTIONS"]
+    saved = options.get("options")
+    options["options"] = "-c lock_timeout=200"
+    connection.close()
+    try:
+        for prompt in ("warm", "warmer"):  # the key and its policy read, as on a busy worker
+            assert _generate(key_client, prompt, local_model.model).status_code == 200
+        with psycopg.connect(_dsn()) as other:  # in a transaction until the block ends
+            other.execute("LOCK TABLE quotas_usagerecord IN ACCESS EXCLUSIVE MODE")
+            released = threading.Timer(10, other.rollback)  # a bound, should the test fail
+            released.start()
+            response = _generate(key_client, "while the ledger is locked", local_model.model)
+            answered_while_locked = released.is_alive()
+            released.cancel()
+    finally:
+        options["options"] = saved
+        connection.close()
+
+    assert response.status_code == 200, response.content
+    assert answered_while_locked  # not after the lock was let go
+    request_id = response.json()["request_id"]
+    assert not UsageRecord.objects.filter(request_id=request_id).exists()
+    assert usage_flush() == 1
+    assert UsageRecord.objects.filter(request_id=request_id, outcome="ok").exists()
