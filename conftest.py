@@ -75,9 +75,10 @@ def redis_round_trips(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _clean_process_state(tmp_path):
-    """Each test starts with empty in-process caches (policies, keys, memory cache) and a
-    ledger spool of its own."""
+    """Each test starts with empty in-process caches (policies, keys, memory cache), a
+    ledger spool of its own and no outage remembered."""
     from caching.services import cache_local_reset
+    from config.outages import outages_reset
     from quotas.authentication import key_cache_clear
     from quotas.services import local_state_reset
     from quotas.services.spool import spool_forget
@@ -86,6 +87,7 @@ def _clean_process_state(tmp_path):
     local_state_reset()
     cache_local_reset()
     spool_forget()
+    outages_reset()
     settings.LEDGER_SPOOL_DIR = str(tmp_path / "ledger-spool")
 
 

@@ -38,6 +38,7 @@ from django_redis import get_redis_connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from config.outages import Outage
 from generation.errors import (
     GenerationError,
     UpstreamError,
@@ -178,43 +179,14 @@ _reported: dict[tuple[str, str], int] = {}
 # Breaker key -> time.monotonic() until which a closed circuit without failures is trusted.
 _closed_until: dict[str, float] = {}
 # After Redis fails the breaker, calls go through as if the circuit were closed and Redis is
-# asked again only this long later, as the quota engine and the cache tier do: a Redis that
-# hangs would otherwise cost every call a socket timeout, twice (before and after it).
-REDIS_RETRY_SECONDS = 1.0
-
-
-class _RedisAway:
-    """When the breaker last found Redis down, told once per outage in the log."""
-
-    def __init__(self) -> None:
-        self.until = 0.0  # time.monotonic() before which Redis is not asked
-        self.since: float | None = None  # the outage's start, while there is one
-
-    def now(self) -> bool:
-        return time.monotonic() < self.until
-
-    def failed(self) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            logger.warning(
-                "circuit state unavailable (Redis down): calls go through as if closed; "
-                "Redis is asked again every %.0f s",
-                REDIS_RETRY_SECONDS,
-            )
-        self.until = time.monotonic() + REDIS_RETRY_SECONDS
-
-    def answered(self) -> None:
-        if self.since is not None:
-            logger.warning(
-                "circuit state available again after %.1f s", time.monotonic() - self.since
-            )
-            self.since = None
-
-    def reset(self) -> None:
-        self.until, self.since = 0.0, None
-
-
-_redis_away = _RedisAway()
+# asked again a second later, as the quota engine and the cache tier do: a Redis that hangs
+# would otherwise cost every call a socket timeout, twice (before and after it).
+_redis_away = Outage(
+    logger,
+    began="circuit state unavailable (Redis down): calls go through as if closed, and Redis "
+    "is asked again each second",
+    ended="circuit state available again after %.1f s",
+)
 
 
 def _report(provider: str, model: str, state: str) -> None:
@@ -268,7 +240,7 @@ class Breaker:
             reply = _local.allow(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms
             )
-        elif _closed_until.get(self.key, 0.0) > time.monotonic() or _redis_away.now():
+        elif _closed_until.get(self.key, 0.0) > time.monotonic() or _redis_away.away():
             return "closed", 0
         else:
             try:
@@ -297,7 +269,7 @@ class Breaker:
             state = _local.failure(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_FAILURE_THRESHOLD
             )
-        elif _redis_away.now():
+        elif _redis_away.away():
             return "closed"
         else:
             try:
@@ -319,7 +291,7 @@ class Breaker:
         if not settings.REDIS_URL:
             _local.release(self.probe_key)
             return
-        if _redis_away.now():
+        if _redis_away.away():
             return  # the lease expires by itself
         try:
             get_redis_connection("default").delete(self.probe_key)
@@ -331,7 +303,7 @@ class Breaker:
         """Close a half-open circuit / forget earlier failures."""
         if not settings.REDIS_URL:
             _local.success(self.key, self.probe_key)
-        elif _redis_away.now():
+        elif _redis_away.away():
             return
         else:
             try:

@@ -23,6 +23,7 @@ from django.db import InterfaceError, OperationalError
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
+from config.outages import Outage
 from quotas import keys
 from quotas.errors import KeyExpired, KeyRevoked, TooManyAuthFailures, UserInactive
 from quotas.models import ApiKey
@@ -70,7 +71,7 @@ def _load_key(prefix: str) -> _CachedKey | None:
     if cached is not None and now - cached.fetched_at < _CACHE_TTL:
         return cached
     graced = cached is not None and now - cached.fetched_at < settings.AUTH_DB_OUTAGE_GRACE_SECONDS
-    if graced and now < _outage.retry_at:
+    if graced and _outage.away():
         return cached
     try:
         key = ApiKey.objects.select_related("user").filter(prefix=prefix).first()
@@ -81,9 +82,9 @@ def _load_key(prefix: str) -> _CachedKey | None:
         # not seen lately gets the 503. The database is asked again a second later.
         if not graced:
             raise
-        _outage.noticed(now)
+        _outage.failed(settings.AUTH_DB_OUTAGE_GRACE_SECONDS)
         return cached
-    _outage.over()
+    _outage.answered()
     if key is None:
         with _key_lock:
             _key_cache.pop(prefix, None)
@@ -94,33 +95,13 @@ def _load_key(prefix: str) -> _CachedKey | None:
     return entry
 
 
-class _DatabaseAway:
-    """While PostgreSQL is unreachable, keys are served from the cache and the database is
-    asked again once a second; its going and coming back are logged once each."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.retry_at = 0.0
-
-    def noticed(self, now: float) -> None:
-        self.retry_at = now + 1.0
-        if self.since is None:
-            self.since = now
-            logger.warning(
-                "database unreachable: API keys read in the last %.0f s are still accepted",
-                settings.AUTH_DB_OUTAGE_GRACE_SECONDS,
-            )
-
-    def over(self) -> None:
-        if self.since is not None:
-            logger.warning(
-                "database reachable again after %.1f s: API keys are read from it again",
-                time.monotonic() - self.since,
-            )
-            self.since, self.retry_at = None, 0.0
-
-
-_outage = _DatabaseAway()
+# While PostgreSQL is unreachable, keys are served from the cache and the database is asked
+# again once a second.
+_outage = Outage(
+    logger,
+    began="database unreachable: API keys read in the last %.0f s are still accepted",
+    ended="database reachable again after %.1f s: API keys are read from it again",
+)
 
 
 def _client_address(request: Request) -> str:

@@ -113,7 +113,7 @@ def hung_redis(settings, monkeypatch):
             },
         }
     }
-    monkeypatch.setattr(resilience, "REDIS_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(resilience._redis_away, "retry_seconds", 0.3)
     resilience._scripts.clear()
     resilience._redis_away.reset()
     yield server

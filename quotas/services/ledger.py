@@ -24,6 +24,7 @@ from django.db import (
 )
 from django.db.models import Count, Q, Sum
 
+from config.outages import Outage
 from health import metrics
 from quotas.engine import (
     calendar_bounds,
@@ -302,45 +303,20 @@ def _enqueue(row: list[Any]) -> None:
     _keep(row)
 
 
-class _DatabaseAway:
-    """After an INSERT the database could not take, rows go straight to the spool for a
-    second before the database is asked again (a database that hangs would otherwise cost
-    every request its connect timeout, twice); the outage is logged when it starts and when
-    it ends, not for every row."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.retry_at = 0.0
-
-    def now(self) -> bool:
-        return time.monotonic() < self.retry_at
-
-    def failed(self, exc: Exception) -> None:
-        now = time.monotonic()
-        self.retry_at = now + 1.0
-        if self.since is None:
-            self.since = now
-            logger.warning(
-                "ledger rows kept for a later flush, the database is unavailable: %s", exc
-            )
-
-    def answered(self) -> None:
-        if self.since is not None:
-            logger.warning(
-                "ledger rows written to the database again after %.1f s",
-                time.monotonic() - self.since,
-            )
-            self.since, self.retry_at = None, 0.0
-
-
-_database_away = _DatabaseAway()
+# After an INSERT the database could not take, rows go straight to the spool for a second
+# before the database is asked again.
+_database_away = Outage(
+    logger,
+    began="ledger rows kept for a later flush, the database is unavailable: %s",
+    ended="ledger rows written to the database again after %.1f s",
+)
 
 
 def _insert_or_keep(row: list[Any]) -> None:
     """INSERT a ledger row now; if the database cannot take it now, keep it for a later
     flush rather than lose it (the request it records has been served, and charged in
     Redis). A row the database refuses for good is dropped and logged (`_insert_or_drop`)."""
-    if _database_away.now() and not connection.in_atomic_block:
+    if _database_away.away() and not connection.in_atomic_block:
         _keep_for_later([row])
         return
     try:
