@@ -92,9 +92,10 @@ class PrivateRedis:
             self.proc = None
 
 
-def point_settings_at(settings: Any, server: PrivateRedis) -> None:
-    """Point REDIS_URL and the default Django cache (pytest-django `settings`) at `server`,
-    with short socket timeouts so that a stopped server is noticed quickly."""
+def point_settings_at(settings: Any, server: Any) -> None:
+    """Point REDIS_URL and the default Django cache (pytest-django `settings`) at `server`
+    (a PrivateRedis, or anything with the `url` of a Redis), with short socket timeouts so
+    that a stopped or hung server is noticed quickly."""
     settings.REDIS_URL = server.url
     settings.CACHES = {
         **settings.CACHES,

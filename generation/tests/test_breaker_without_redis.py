@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from config.tests.redis_server import point_settings_at
 from generation import resilience
 from generation.resilience import Breaker, CircuitOpen
 
@@ -101,18 +102,7 @@ def hung_redis(settings, monkeypatch):
         resilience._scripts.clear()
 
     server.cured = cured  # type: ignore[attr-defined]
-    settings.REDIS_URL = server.url
-    settings.CACHES = {
-        "default": {
-            **settings.CACHES["default"],
-            "LOCATION": server.url,
-            "OPTIONS": {
-                **settings.CACHES["default"]["OPTIONS"],
-                "SOCKET_CONNECT_TIMEOUT": 0.1,
-                "SOCKET_TIMEOUT": 0.1,
-            },
-        }
-    }
+    point_settings_at(settings, server)
     monkeypatch.setattr(resilience._redis_away, "retry_seconds", 0.3)
     resilience._scripts.clear()
     resilience._redis_away.reset()
