@@ -20,34 +20,9 @@ $(VENV)/.installed-dev: requirements/base.txt requirements/dev.txt | $(BIN)/pyth
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
-# promtool checks and unit-tests the alert rules. It is the one file taken from Debian's
-# `prometheus` package: installing the package would set up and start a Prometheus service.
-# `apt-get download` needs no root but needs the package lists; on a fresh machine (no
-# lists, or lists older than the mirror's package) root refreshes them once and retries.
-# The binary is checked to run before it is moved into place, so a failure leaves nothing
-# behind and the next `make` tries again.
-$(BIN)/promtool: | $(BIN)/python
-	@set -eu; \
-	command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || { \
-	  echo "promtool: needs apt-get and dpkg-deb (Debian, Ubuntu); or put promtool 2.x at $@" >&2; \
-	  exit 1; }; \
-	tmp=$$(mktemp -d "$(VENV)/.promtool.XXXXXX"); trap 'rm -rf "$$tmp"' EXIT; \
-	download() { (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User="$$(id -un)" prometheus); }; \
-	if ! download; then \
-	  if [ "$$(id -u)" -ne 0 ]; then \
-	    echo "promtool: apt-get download prometheus failed: run 'sudo apt-get update', then make" >&2; \
-	    exit 1; \
-	  fi; \
-	  echo "promtool: apt-get update, then downloading again"; \
-	  apt-get update -qq && download || { \
-	    echo "promtool: apt-get download prometheus failed after an update (mirror unreachable?)" >&2; \
-	    exit 1; }; \
-	fi; \
-	dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb | tar -x -C "$$tmp" ./usr/bin/promtool; \
-	version=$$("$$tmp/usr/bin/promtool" --version 2>&1) || { \
-	  echo "promtool: the extracted binary does not run: $$version" >&2; exit 1; }; \
-	mv "$$tmp/usr/bin/promtool" $@; \
-	echo "$$version" | head -n 1
+# promtool checks and unit-tests the alert rules (taken from Debian's package: see the script).
+$(BIN)/promtool: deploy/install-promtool.sh | $(BIN)/python
+	deploy/install-promtool.sh $@
 
 install: $(VENV)/.installed-prod
 install-dev: $(VENV)/.installed-dev $(BIN)/promtool
@@ -76,7 +51,7 @@ PROMETHEUS_RULES := deploy/prometheus/alerts.yml
 PROMETHEUS_RULE_TESTS := $(wildcard deploy/prometheus/tests/*.yml)
 lint-deploy: install-dev
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/shellcheck deploy/backup/*.sh deploy/docker-entrypoint.sh
+	$(BIN)/shellcheck deploy/backup/*.sh deploy/docker-entrypoint.sh deploy/install-promtool.sh
 	$(BIN)/yamllint --strict -c .yamllint.yml .
 	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
 	$(BIN)/promtool check rules $(PROMETHEUS_RULES)

@@ -78,7 +78,11 @@ def test_dockerfile_final_stage_is_slim_non_root_without_compilers_with_healthch
 
 
 def test_shell_scripts_pass_shellcheck():
-    scripts = [*sorted((ROOT / "deploy/backup").glob("*.sh")), ROOT / "deploy/docker-entrypoint.sh"]
+    scripts = [
+        *sorted((ROOT / "deploy/backup").glob("*.sh")),
+        ROOT / "deploy/docker-entrypoint.sh",
+        ROOT / "deploy/install-promtool.sh",
+    ]
     result = tool("shellcheck", *map(str, scripts))
     assert result.returncode == 0, result.stdout
 
