@@ -27,7 +27,7 @@ from quotas.errors import QuotaExceeded, QuotaUnavailable
 from quotas.models import Outcome, UsageRecord
 from quotas.policy import PRIORITIES, Policy, Quota, micros_to_usd, usd_to_micros
 from quotas.services.counters import counters_rebuild
-from quotas.services.ledger import _window_start, ledger_usage
+from quotas.services.ledger import _window_start, ledger_usages
 from quotas.services.state import (
     _on_stale,
     _state,
@@ -418,10 +418,12 @@ def _ledger_admit(
         states: list[WindowState] = []
         worst: WindowState | None = None
         worst_wait = -1.0
-        for quota in quotas:
-            used = ledger_usage(counter=quota.counter, since=_window_start(quota, now))
+        spots = [(quota.counter, _window_start(quota, now)) for quota in quotas]
+        usages = ledger_usages(spots)
+        _, day_end, _, month_end = calendar_bounds(now)
+        for quota, spot in zip(quotas, spots, strict=True):
+            used = usages[spot]
             value = {"r": used[0], "t": used[1], "c": used[2]}[quota.kind]
-            _, day_end, _, month_end = calendar_bounds(now)
             end = {"day": day_end.timestamp(), "month": month_end.timestamp()}.get(
                 str(quota.window), now + 1
             )

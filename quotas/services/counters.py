@@ -17,7 +17,7 @@ from quotas.engine import (
 )
 from quotas.models import ApiKey, DenialCount, Outcome, UsageRecord
 from quotas.policy import Quota
-from quotas.services.ledger import _window_start, ledger_usage
+from quotas.services.ledger import _window_start, ledger_usages
 from quotas.services.state import _state, backend, logger
 
 # --- counters ------------------------------------------------------------------------------
@@ -45,13 +45,13 @@ def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> in
                 for counter in sorted({q.counter for q in calendar}):
                     cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tg:{counter}"])
         entries: dict[str, tuple[str, int, int, int, int]] = {}
+        spots = {quota: (quota.counter, _window_start(quota, moment)) for quota in calendar}
+        usages = ledger_usages(spots.values())
         for quota in calendar:
             key = be.counter_key(quota, _state.epoch, moment)
             if key in entries:
                 continue
-            requests, tokens, micros = ledger_usage(
-                counter=quota.counter, since=_window_start(quota, moment)
-            )
+            requests, tokens, micros = usages[spots[quota]]
             end = day_end if quota.window == "day" else month_end
             ttl = int(end.timestamp() - moment) + 3600
             entries[key] = (key, requests, tokens, micros, ttl)

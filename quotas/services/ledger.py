@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import operator
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -72,18 +74,42 @@ def ledger_usage(*, counter: str, since: datetime) -> tuple[int, int, int]:
     """(requests, tokens, micro-USD) the ledger holds for a principal since `since`, as the
     counters count them: a stale copy served because a quota refused is not a request
     there (the refusal consumed nothing), so it is not one here either."""
+    return ledger_usages([(counter, since)])[(counter, since)]
+
+
+def ledger_usages(
+    spots: Iterable[tuple[str, datetime]],
+) -> dict[tuple[str, datetime], tuple[int, int, int]]:
+    """`ledger_usage` of several (counter, since) pairs in one statement: the rows since the
+    earliest `since` of any of their principals, summed once per pair (a fail-open
+    admission holds its principals' ledger locks while it reads, so one scan of the month
+    instead of one per window and dimension is what every other admission waits for)."""
+    wanted = list(dict.fromkeys(spots))
+    if not wanted:
+        return {}
+    sums: dict[str, Any] = {}
+    principals = [_ledger_filter(counter) for counter, _ in wanted]
+    # The global scope's filter is empty: it sums every row, and so does the scan.
+    every = functools.reduce(operator.or_, principals) if all(principals) else Q()
+    for i, (principal, (_, since)) in enumerate(zip(principals, wanted, strict=True)):
+        mine = principal & Q(created_at__gte=since)
+        sums[f"r{i}"] = Count("id", filter=mine)
+        sums[f"p{i}"] = Sum("prompt_tokens", filter=mine)
+        sums[f"c{i}"] = Sum("completion_tokens", filter=mine)
+        sums[f"u{i}"] = Sum("cost_usd", filter=mine)
     row = (
-        UsageRecord.objects.filter(_ledger_filter(counter), created_at__gte=since)
+        UsageRecord.objects.filter(every, created_at__gte=min(since for _, since in wanted))
         .filter(outcome__in=COUNTED_OUTCOMES, fallback=False)
-        .aggregate(
-            requests=Count("id"),
-            prompt=Sum("prompt_tokens"),
-            completion=Sum("completion_tokens"),
-            cost=Sum("cost_usd"),
-        )
+        .aggregate(**sums)
     )
-    tokens = int(row["prompt"] or 0) + int(row["completion"] or 0)
-    return int(row["requests"]), tokens, usd_to_micros(row["cost"] or Decimal(0))
+    return {
+        spot: (
+            int(row[f"r{i}"]),
+            int(row[f"p{i}"] or 0) + int(row[f"c{i}"] or 0),
+            usd_to_micros(row[f"u{i}"] or Decimal(0)),
+        )
+        for i, spot in enumerate(wanted)
+    }
 
 
 def _ledger_write(

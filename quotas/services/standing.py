@@ -21,7 +21,7 @@ from quotas.models import DIMENSIONS, ApiKey
 from quotas.policy import Policy, Quota, micros_text
 from quotas.services.admission import ratelimit_headers
 from quotas.services.counters import counters_rebuild
-from quotas.services.ledger import _window_start, ledger_usage
+from quotas.services.ledger import _window_start, ledger_usages
 from quotas.services.state import _on_stale, _state, backend, policy_get
 
 # --- standing --------------------------------------------------------------------------------
@@ -94,22 +94,23 @@ def _standing(
 
 def _read_degraded(quotas: tuple[Quota, ...], now: float) -> list[WindowState]:
     """Redis unreachable: the standing fail-open enforces. Token and cost budgets and the
-    calendar request windows come from the ledger (one aggregate per principal and window,
+    calendar request windows come from the ledger (one statement for every principal and window,
     so a GET /api/v1/quota during an outage never claims an untouched budget); minute and
     hour request windows and concurrency from this worker's limiter, at its share."""
     workers = max(1, settings.QUOTA_WORKER_COUNT)
     day_left, month_left = seconds_left(now)
-    ledger: dict[tuple[str, str | int], tuple[int, int, int]] = {}
     local: list[Quota] = []
-    states: dict[int, WindowState] = {}
+    ledgered: dict[int, tuple[str, datetime]] = {}
     for i, q in enumerate(quotas):
         if q.window not in ("day", "month") and q.kind in ("r", "l"):
             # Each worker's share, rounded up, as the fail-open limiter holds it.
             local.append(Quota(q.scope, q.dimension, -(-q.limit // workers), q.counter))
-            continue
-        spot = (q.counter, q.window)
-        if spot not in ledger:
-            ledger[spot] = ledger_usage(counter=q.counter, since=_window_start(q, now))
+        else:
+            ledgered[i] = (q.counter, _window_start(q, now))
+    ledger = ledger_usages(ledgered.values())
+    states: dict[int, WindowState] = {}
+    for i, spot in ledgered.items():
+        q = quotas[i]
         requests, tokens, micros = ledger[spot]
         used = {"r": requests, "t": tokens, "c": micros}[q.kind]
         reset = day_left if q.window == "day" else month_left if q.window == "month" else 0

@@ -514,3 +514,69 @@ def test_request_refunded_across_an_epoch_rotation_leaves_the_new_day_alone(
 
     limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
     assert (limits["tokens_per_day"]["used"], limits["requests_per_day"]["used"]) == (20, 1)
+
+
+def test_ledger_sums_of_several_principals_and_windows_come_from_one_statement(user, api_key):
+    """What a fail-open admission reads under its principals' locks: each (counter, since)
+    summed as `ledger_usage` sums it alone (the global scope over everyone, the provider's
+    over its model, a refused stale copy and an older row left out), in one statement."""
+    from datetime import UTC, datetime, timedelta
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from quotas.services.ledger import ledger_usage, ledger_usages
+    from quotas.tests.factories import UserFactory
+
+    at = datetime.fromtimestamp(NOW, tz=UTC)
+    other = UserFactory()
+    _, key = api_key
+
+    def row(owner, *, age=timedelta(0), key=None, model="local/demo", **fields):
+        return UsageRecord.objects.create(
+            request_id=f"r{UsageRecord.objects.count()}",
+            user=owner,
+            api_key=key,
+            model=model,
+            provider="local",
+            prompt_tokens=fields.pop("prompt", 10),
+            completion_tokens=fields.pop("completion", 20),
+            cost_usd=fields.pop("cost", Decimal("0.000100")),
+            outcome=fields.pop("outcome", Outcome.OK),
+            created_at=at - age,
+            **fields,
+        )
+
+    row(user, key=key)
+    row(user, age=timedelta(hours=30), prompt=1000)  # outside the day, inside the month
+    row(user, model="local/other", cost=Decimal("0.000250"))
+    row(other, prompt=7, completion=0, cost=Decimal("0.000007"))
+    row(other, cached=True, fallback=True, outcome=Outcome.CACHED)  # a refused stale copy
+    row(other, outcome=Outcome.UPSTREAM_ERROR, cost=Decimal(0))  # refunded: not counted
+
+    day, month = at - timedelta(hours=1), at - timedelta(days=3)
+    spots = [
+        (f"u:{user.pk}", day),
+        (f"u:{user.pk}", month),
+        (f"k:{key.pk}", day),
+        (f"u:{other.pk}", day),
+        ("g", day),
+        ("g", month),
+        ("p:local:local/demo", day),
+        ("p:local:*", month),
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        together = ledger_usages(spots + spots[:2])  # a pair asked twice is summed once
+    assert len(queries) == 1
+    assert together == {
+        (f"u:{user.pk}", day): (2, 60, 350),
+        (f"u:{user.pk}", month): (3, 1080, 450),
+        (f"k:{key.pk}", day): (1, 30, 100),
+        (f"u:{other.pk}", day): (1, 7, 7),
+        ("g", day): (3, 67, 357),
+        ("g", month): (4, 1087, 457),
+        ("p:local:local/demo", day): (2, 37, 107),
+        ("p:local:*", month): (4, 1087, 457),
+    }
+    assert together == {spot: ledger_usage(counter=spot[0], since=spot[1]) for spot in spots}
+    assert ledger_usages([]) == {}
