@@ -12,7 +12,8 @@ answered as server-sent events, a few words per event. A test scripts the next a
 `script(...)` (consumed in order), sets a `default`, or adds `rules` that apply to requests
 whose prompt contains a given text. Every request is recorded in `requests`.
 
-Also runnable as a process for the benchmark: `python -m generation.tests.fake_upstream PORT`.
+Also runnable as a process for the benchmarks: `python -m generation.tests.fake_upstream PORT
+[DELAY]` (every answer DELAY seconds late).
 """
 
 from __future__ import annotations
@@ -386,7 +387,10 @@ def _gemini_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[st
 
 
 if __name__ == "__main__":
-    server = FakeUpstream().start(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    # PORT [DELAY]: every answer after DELAY seconds (a provider's own time), default none.
+    delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    default = Behaviour("slow", delay=delay) if delay else Behaviour()
+    server = FakeUpstream(default=default).start(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     sys.stdout.write(server.url + "\n")
     sys.stdout.flush()
     threading.Event().wait()
