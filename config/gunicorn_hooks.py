@@ -62,9 +62,12 @@ def post_worker_init(worker: Any) -> None:
     from django.urls import get_resolver
 
     from generation.providers import providers_warm
+    from health.metrics import REQUEST_SLOTS
     from quotas.services.ledger import ledger_spool_adopt
 
     get_resolver().url_patterns  # noqa: B018 - imports every view now
+    if worker is not None:  # the requests this worker can hold at once (1 with sync)
+        REQUEST_SLOTS.set(max(1, int(worker.cfg.threads)))
     ledger_spool_adopt()  # ledger rows a killed worker left in the spool
     try:
         providers_warm()

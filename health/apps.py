@@ -10,9 +10,26 @@ class HealthConfig(AppConfig):
 
     def ready(self) -> None:
         from celery.signals import task_postrun, task_prerun
+        from django.core.signals import request_finished, request_started
 
         task_prerun.connect(_bind_task, weak=False, dispatch_uid="tollgate-log-task-bind")
         task_postrun.connect(_unbind_task, weak=False, dispatch_uid="tollgate-log-task-unbind")
+        # Django sends request_finished when the server closes the response: after the
+        # last event of a stream, or once a client that left is noticed.
+        request_started.connect(_request_in, weak=False, dispatch_uid="tollgate-in-flight-in")
+        request_finished.connect(_request_out, weak=False, dispatch_uid="tollgate-in-flight-out")
+
+
+def _request_in(**_: Any) -> None:
+    from health.metrics import REQUESTS_IN_FLIGHT
+
+    REQUESTS_IN_FLIGHT.inc()
+
+
+def _request_out(**_: Any) -> None:
+    from health.metrics import REQUESTS_IN_FLIGHT
+
+    REQUESTS_IN_FLIGHT.dec()
 
 
 def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:

@@ -59,3 +59,16 @@ QUOTA_REMAINING = Gauge(
     ["scope", "dimension"],
     multiprocess_mode="livemostrecent",
 )
+# Saturation: a gthread worker holds as many requests as it has threads (gunicorn.conf.py),
+# and with a provider answering in seconds that, not the CPU, is what runs out first. A
+# stream is held until its last event. Summed over the live workers.
+REQUESTS_IN_FLIGHT = Gauge(
+    "tollgate_http_requests_in_flight",
+    "Requests being served (a stream until its end).",
+    multiprocess_mode="livesum",
+)
+REQUEST_SLOTS = Gauge(
+    "tollgate_http_request_slots",
+    "Requests the serving workers can hold at once (their threads).",
+    multiprocess_mode="livesum",
+)

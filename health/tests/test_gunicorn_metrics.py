@@ -219,3 +219,37 @@ def test_generation_metrics_across_workers_after_miss_hit_fallback_and_refusal(g
         )
         == 2
     )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("redis_conn", "local_model")
+def test_requests_held_and_the_threads_to_hold_them_are_summed_over_the_workers(tmp_path):
+    """Saturation: while three completions wait on a slow provider, the scrape counts them
+    (and itself) in flight, against the 2 workers x 4 threads of the default configuration;
+    once answered, they no longer count."""
+    from django.db import connection
+
+    from quotas.services import key_create
+    from quotas.tests.factories import UserFactory
+
+    full_key, _ = key_create(user=UserFactory(), name="saturation")
+    with gunicorn(
+        tmp_path,
+        database_url=database_url_of(connection.settings_dict),
+        env={"METRICS_TOKEN": TOKEN, "LOCAL_PROVIDER_LATENCY_MS": "5000"},
+    ) as (port, _, _, _):
+        deadline = time.monotonic() + 30  # the second worker may still be starting
+        while _sample(_scrape(port), "tollgate_http_request_slots") < 8:
+            assert time.monotonic() < deadline, "the workers' threads were never counted"
+            time.sleep(0.2)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            held = [pool.submit(_generate, port, full_key, f"slow {i}") for i in range(3)]
+            deadline = time.monotonic() + 4
+            while _sample(_scrape(port), "tollgate_http_requests_in_flight") < 4:
+                assert time.monotonic() < deadline, "the held requests were never counted"
+                time.sleep(0.05)
+            text = _scrape(port)
+            assert _sample(text, "tollgate_http_requests_in_flight") == 4  # with the scrape
+            assert _sample(text, "tollgate_http_request_slots") == 8
+            assert [f.result(timeout=30) for f in held] == [200] * 3
+        assert _sample(_scrape(port), "tollgate_http_requests_in_flight") == 1
