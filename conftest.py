@@ -76,8 +76,9 @@ def redis_round_trips(monkeypatch):
 @pytest.fixture(autouse=True)
 def _clean_process_state(tmp_path):
     """Each test starts with empty in-process caches (policies, keys, memory cache), a
-    ledger spool of its own and no outage remembered."""
+    ledger spool of its own and no outage (nor hung database) remembered."""
     from caching.services import cache_local_reset
+    from config.db.deadline import holds_reset
     from config.outages import outages_reset
     from quotas.authentication import key_cache_clear
     from quotas.services import local_state_reset
@@ -88,6 +89,7 @@ def _clean_process_state(tmp_path):
     cache_local_reset()
     spool_forget()
     outages_reset()
+    holds_reset()
     settings.LEDGER_SPOOL_DIR = str(tmp_path / "ledger-spool")
 
 

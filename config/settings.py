@@ -97,6 +97,11 @@ DATABASES["default"].setdefault(
     "CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60, minimum=0)
 )
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# PostgreSQL: a query on the request path that gets no answer within this many seconds
+# fails (config/db/deadline.py), as if the server were stopped: a hung server does not hold
+# every request thread. Above DATABASE_LOCK_TIMEOUT_MS, so that a lock wait fails first,
+# as itself. Commands, migrations and Celery tasks have no deadline. 0: none.
+DATABASE_READ_TIMEOUT = env.int("DATABASE_READ_TIMEOUT_MS", default=5000, minimum=0) / 1000
 if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

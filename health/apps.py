@@ -12,8 +12,19 @@ class HealthConfig(AppConfig):
         from celery.signals import task_postrun, task_prerun
         from django.core.signals import request_finished, request_started
 
+        from config.db import deadline
+
         task_prerun.connect(_bind_task, weak=False, dispatch_uid="tollgate-log-task-bind")
         task_postrun.connect(_unbind_task, weak=False, dispatch_uid="tollgate-log-task-unbind")
+        # A request's queries get DATABASE_READ_TIMEOUT; connected here rather than where
+        # the database engine is loaded (its first connection), which may come after the
+        # first request has started.
+        request_started.connect(
+            deadline.request_started, weak=False, dispatch_uid="tollgate-db-deadline-start"
+        )
+        request_finished.connect(
+            deadline.request_finished, weak=False, dispatch_uid="tollgate-db-deadline-end"
+        )
         # Django sends request_finished when the server closes the response: after the
         # last event of a stream, or once a client that left is noticed.
         request_started.connect(_request_in, weak=False, dispatch_uid="tollgate-in-flight-in")

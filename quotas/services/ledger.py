@@ -26,6 +26,7 @@ from django.db import (
 )
 from django.db.models import Count, Q, Sum
 
+from config.db.deadline import DatabaseNotAnswering
 from config.outages import Outage
 from health import metrics
 from quotas.engine import (
@@ -196,10 +197,13 @@ def _ledger_insert(params: list[Any]) -> None:
 def _execute(sql: str, params: list[Any]) -> None:
     """Run one ledger INSERT; on a connection the server dropped (a restart since the
     request's health check, config/db/base.py), once more on a new one. ON CONFLICT DO
-    NOTHING makes the retry harmless if the first attempt did land."""
+    NOTHING makes the retry harmless if the first attempt did land. Not after a server that
+    did not answer (config/db/deadline.py): a new connection would not be answered either."""
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
+    except DatabaseNotAnswering:
+        raise
     except (OperationalError, InterfaceError):
         if connection.in_atomic_block:
             raise

@@ -1,0 +1,288 @@
+"""A read deadline for PostgreSQL queries on the request path.
+
+A server that hangs behind a live kernel (its processes stopped, a host stalled in swap, a
+VM paused) accepts connections and acknowledges data, and answers nothing. A query sent on
+an open connection then waits as long as the hang lasts: libpq has no read timeout,
+`tcp_user_timeout` needs data the peer's kernel does not acknowledge, `lock_timeout` and
+`statement_timeout` need a server that runs. Every request thread of a worker ends up
+waiting on it and nothing is served, though the keys read a moment ago and the ledger spool
+would let generation go on, as they do while the server is stopped.
+
+So a query run on the request path (a commit, a rollback and a new connection's setup too)
+gets `settings.DATABASE_READ_TIMEOUT` seconds. One watchdog thread per process looks at
+the queries under way every tenth of a second; it shuts down (`shutdown(2)`) the socket of
+one past its deadline, through a duplicate of psycopg's file descriptor so that the
+descriptor stays psycopg's to close. psycopg's wait returns, the query fails with
+`DatabaseNotAnswering` (an OperationalError), the connection is closed, and what handles a
+stopped server takes over: keys read lately are still accepted, ledger rows are spooled,
+anything else is a 503.
+
+A stopped server refuses at once; a hung one would cost each query its whole deadline. So
+once a deadline has passed, the process holds the database for a second: queries with a
+deadline, and new connections, fail at once with DatabaseNotAnswering. Then one query asks
+the server again while the others still fail; its answer ends the hold, its deadline
+renews it. A new connection's startup is bounded by libpq's connect_timeout (the kernel
+completes the handshake of a hung server, the startup packet gets no answer), and its
+timeout holds the database too.
+
+Where a deadline applies: from Django's request_started to its request_finished on the
+request's thread (a streamed answer included), and within `read_deadline(seconds)`
+anywhere. Management commands, migrations, Celery tasks and the shell have none: their
+long queries (roll-ups, reports) are theirs to wait for. A view whose queries legitimately
+take longer lifts it with `read_deadline(None)`.
+
+Cost: off the request path, one ContextVar read per query; on it, about a microsecond or
+two (a small object, a set's add and a locked discard, a clock read; bench/db_deadline.py,
+docs/BENCHMARKS.md), against a round trip of a hundred. No thread is started per query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import OperationalError
+from psycopg.errors import ConnectionTimeout
+
+T = TypeVar("T")
+
+# The watchdog's period: a query fails between its deadline and this much later.
+TICK_SECONDS = 0.1
+
+# Seconds a query may wait for the database's answer in this context; 0: no deadline.
+_seconds: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "tollgate_database_read_deadline", default=0.0
+)
+
+
+class DatabaseNotAnswering(OperationalError):
+    """The database did not answer a query within its read deadline (the connection it was
+    sent on is closed), or did not lately and is not asked again yet."""
+
+
+class _Armed:
+    """A query under way with a deadline: the socket it waits on, and whether the watchdog
+    shut it down."""
+
+    __slots__ = ("deadline", "fd", "fired", "inode")
+
+    def __init__(self, deadline: float, fd: int, inode: int) -> None:
+        self.deadline, self.fd, self.inode, self.fired = deadline, fd, inode, False
+
+
+_armed: set[_Armed] = set()
+# Held while a query is disarmed and while the watchdog looks for queries past their
+# deadline: once its query is disarmed, the watchdog never shuts the socket down (it may
+# be idle and healthy, or closed and its number given to another file).
+_lock = threading.Lock()
+_watchdog: threading.Thread | None = None
+
+# While a database is taken for hung (a query of this process got no answer within its
+# deadline), the queries with a deadline fail at once for HOLD_SECONDS, as they would
+# against a stopped server, instead of each waiting out its own deadline; then one query
+# asks the server again while the others keep failing, until its answer, or its deadline,
+# decides. Queries without a deadline are not held.
+HOLD_SECONDS = 1.0
+_hung: dict[str, float] = {}  # alias: time.monotonic() before which its queries fail at once
+
+
+@contextlib.contextmanager
+def read_deadline(seconds: float | None) -> Iterator[None]:
+    """Give each query run inside the block `seconds` to be answered (None or 0: no
+    deadline, e.g. for a view whose queries are known to take long)."""
+    token = _seconds.set(seconds or 0.0)
+    try:
+        yield
+    finally:
+        _seconds.reset(token)
+
+
+def request_started(**_: Any) -> None:
+    """Django's request_started: the request's queries get DATABASE_READ_TIMEOUT."""
+    _seconds.set(settings.DATABASE_READ_TIMEOUT)
+
+
+def request_finished(**_: Any) -> None:
+    """Django's request_finished: the thread's next queries (outside a request) get none."""
+    _seconds.set(0.0)
+
+
+def execute_with_deadline(
+    execute: Callable[..., T], sql: Any, params: Any, many: bool, context: dict[str, Any]
+) -> T:
+    """Django execute wrapper (connection.execute_wrappers) of every PostgreSQL connection."""
+    seconds = _seconds.get()
+    if not seconds:
+        return execute(sql, params, many, context)
+    return _run(seconds, context["connection"], execute, sql, params, many, context)
+
+
+def guarded(db: Any, call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, a round trip on `db`'s connection (a Django DatabaseWrapper), failed
+    with DatabaseNotAnswering if no answer comes within the context's deadline."""
+    seconds = _seconds.get()
+    if not seconds:
+        return call(*args)
+    return _run(seconds, db, call, *args)
+
+
+def _run(seconds: float, db: Any, call: Callable[..., T], *args: Any) -> T:
+    if _hung:
+        _admit(db.alias, seconds)
+    sock = db.deadline_socket
+    if sock is None or db.connection is None:
+        return call(*args)
+    armed = _Armed(time.monotonic() + seconds, *sock)
+    _armed.add(armed)  # atomic; only taking it out needs the lock
+    if _watchdog is None:
+        _watchdog_start()
+    try:
+        result = call(*args)
+    except Exception as exc:
+        if armed.fired:
+            _hold(db.alias)
+            # libpq has closed the socket; Django lets the connection go now rather than at
+            # the end of the request, so that a later query meets the hold, not a closed
+            # connection (which the ledger would retry).
+            with contextlib.suppress(Exception):
+                db.close()
+            raise DatabaseNotAnswering(
+                f"the database did not answer within {seconds:g} s (DATABASE_READ_TIMEOUT_MS)"
+            ) from exc
+        if _hung:
+            _hung.pop(db.alias, None)  # an error, but an answer: the server runs
+        raise
+    finally:
+        with _lock:
+            _armed.discard(armed)
+    if armed.fired:
+        # The answer came as the watchdog shut the socket down: the result stands, the
+        # connection is dead, and Django closes it at the end of the request.
+        db.errors_occurred = True
+    elif _hung:
+        _hung.pop(db.alias, None)
+    return result
+
+
+def connecting(db: Any, connect: Callable[..., T], *args: Any) -> T:
+    """`connect(*args)`, a new connection for `db`: within a deadline's context, refused at
+    once while the database is taken for hung, and a connection timeout (the kernel
+    completed the handshake, the server never answered the startup packet: the same hang)
+    makes it taken for hung."""
+    seconds = _seconds.get()
+    if not seconds:
+        return connect(*args)
+    if _hung:
+        _admit(db.alias, seconds)
+    try:
+        connection = connect(*args)
+    except ConnectionTimeout as exc:
+        _hold(db.alias)
+        raise DatabaseNotAnswering(
+            "the database did not answer a new connection within its connect_timeout"
+        ) from exc
+    except Exception:
+        _hung.pop(db.alias, None)  # refused, or an answer: not hung
+        raise
+    _hung.pop(db.alias, None)
+    return connection
+
+
+def _hold(alias: str) -> None:
+    _hung[alias] = time.monotonic() + HOLD_SECONDS
+
+
+def holds_reset() -> None:
+    """Forget that a database did not answer (a test's fresh start)."""
+    _hung.clear()
+
+
+def _admit(alias: str, seconds: float) -> None:
+    """Raise DatabaseNotAnswering while `alias` is held; past the hold, let this caller
+    ask the server (the others are held for as long as its deadline)."""
+    now = time.monotonic()
+    with _lock:
+        until = _hung.get(alias)
+        if until is None:
+            return
+        if now < until:
+            raise DatabaseNotAnswering(
+                f"the database did not answer lately (DATABASE_READ_TIMEOUT_MS): not asked"
+                f" again for {until - now:.1f} s"
+            )
+        _hung[alias] = now + seconds
+
+
+def socket_identity(connection: Any) -> tuple[int, int] | None:
+    """(file descriptor, inode) of a new psycopg connection's socket, read once per
+    connection: the watchdog shuts a descriptor down only while it still names that
+    socket (libpq closes it itself when it finds the connection lost, and the kernel may
+    give the number to the next file opened)."""
+    try:
+        fd = connection.pgconn.socket
+        return fd, os.fstat(fd).st_ino
+    except Exception:  # noqa: BLE001 - no socket: such a connection gets no deadline
+        return None
+
+
+def _watchdog_start() -> None:
+    global _watchdog  # noqa: PLW0603
+    with _lock:
+        if _watchdog is None:
+            _watchdog = threading.Thread(target=_watch, name="db-read-deadline", daemon=True)
+            _watchdog.start()
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(TICK_SECONDS)
+        now = time.monotonic()
+        with _lock:
+            for armed in tuple(_armed):  # a copy: queries are armed without the lock
+                if not armed.fired and armed.deadline <= now:
+                    armed.fired = True
+                    _shut_down(armed.fd, armed.inode)
+
+
+def _shut_down(fd: int, inode: int) -> None:
+    """Shut down the socket behind psycopg's descriptor `fd` if it is still the socket
+    `inode`: its blocked read returns at once. The descriptor itself is left to psycopg
+    (libpq closes it on the error): a duplicate is shut down and closed, which acts on the
+    same socket."""
+    try:
+        dup = os.dup(fd)
+    except OSError:  # closed meanwhile
+        return
+    try:
+        if os.fstat(dup).st_ino != inode:  # closed, and the number given to another file
+            os.close(dup)
+            return
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already shut down, or not connected any more
+        pass
+    finally:
+        sock.close()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a gunicorn worker of a preloaded master) has no watchdog thread, and
+    the lock may have been held by a thread that does not exist in it."""
+    global _watchdog, _lock  # noqa: PLW0603
+    _watchdog, _lock = None, threading.Lock()
+    _armed.clear()
+    _hung.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

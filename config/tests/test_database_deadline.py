@@ -1,0 +1,219 @@
+"""A PostgreSQL server that hangs: the read deadline of the request path (config/db/deadline.py).
+
+The hung server is the test database behind a loopback proxy that stops forwarding
+(config/tests/freezable_proxy.py): the kernel still accepts connections and data, nothing
+answers, as in bench/outage.py's postgres-freeze drill. Each test that freezes it also
+thaws it from a timer, well past any deadline, so that a deadline that does not work fails
+the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from django.db import OperationalError, close_old_connections, connection, transaction
+
+from config.db import deadline
+from config.db.deadline import DatabaseNotAnswering, read_deadline
+from config.tests.freezable_proxy import FreezableProxy
+from quotas.models import UsageRecord
+from quotas.services import usage_flush
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SAFETY_SECONDS = 20  # the proxy thaws by itself after this long, whatever the test does
+
+
+class HungDatabase:
+    """This thread's connection, through a proxy that can stop answering."""
+
+    def __init__(self, proxy: FreezableProxy) -> None:
+        self.proxy = proxy
+        self._thaw: threading.Timer | None = None
+
+    def freeze(self) -> None:
+        self.proxy.freeze()
+        self._thaw = threading.Timer(SAFETY_SECONDS, self.proxy.thaw)
+        self._thaw.start()
+
+    def thaw(self) -> None:
+        if self._thaw is not None:
+            self._thaw.cancel()
+        self.proxy.thaw()
+
+    @property
+    def still_frozen(self) -> bool:
+        """True until the safety timer has thawed the proxy: what was answered meanwhile
+        was answered by the deadline, not by the server coming back."""
+        return self.proxy.frozen.is_set()
+
+
+@pytest.fixture
+def hung_database(settings) -> Iterator[HungDatabase]:
+    """The connection pointed at the proxy, with a half-second deadline on the request path
+    and libpq's shortest connect_timeout (2 s); the test database directly afterwards."""
+    saved = dict(connection.settings_dict)
+    options = dict(saved.get("OPTIONS") or {})
+    proxy = FreezableProxy((saved["HOST"] or "127.0.0.1", int(saved["PORT"] or 5432)))
+    settings.DATABASE_READ_TIMEOUT = 0.5
+    connection.close()
+    connection.settings_dict.update(
+        {"HOST": "127.0.0.1", "PORT": str(proxy.port), "OPTIONS": {**options, "connect_timeout": 2}}
+    )
+    hung = HungDatabase(proxy)
+    try:
+        yield hung
+    finally:
+        hung.thaw()
+        connection.close()
+        connection.settings_dict.update(
+            {"HOST": saved["HOST"], "PORT": saved["PORT"], "OPTIONS": saved["OPTIONS"]}
+        )
+        proxy.close()
+        deadline.holds_reset()
+
+
+def _select_one() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+def test_a_query_with_a_deadline_to_a_hung_server_fails_with_operational_error(hung_database):
+    _select_one()  # connected while the server answers
+    hung_database.freeze()
+
+    with read_deadline(0.5), pytest.raises(DatabaseNotAnswering) as failed:
+        _select_one()
+
+    assert hung_database.still_frozen  # the deadline answered, not the server
+    assert isinstance(failed.value, OperationalError)
+    assert "did not answer within 0.5 s" in str(failed.value)
+    assert connection.connection is None  # let go at once; the next query connects again
+
+
+def test_after_a_deadline_queries_fail_at_once_then_one_asks_again(hung_database, monkeypatch):
+    monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.3)
+    _select_one()
+    hung_database.freeze()
+    with read_deadline(0.5):
+        with pytest.raises(DatabaseNotAnswering):
+            _select_one()
+
+        with pytest.raises(DatabaseNotAnswering) as held:
+            _select_one()  # neither a new connection nor a query is sent meanwhile
+        assert "not asked again" in str(held.value)
+
+        hung_database.thaw()
+        time.sleep(0.35)  # past the hold
+        _select_one()  # asks the server again, which answers
+        _select_one()  # and the hold is over
+
+    assert not deadline._hung
+
+
+def test_a_commit_to_a_hung_server_fails_within_its_deadline(hung_database):
+    _select_one()
+
+    with read_deadline(0.5), pytest.raises(DatabaseNotAnswering), transaction.atomic():  # noqa: PT012
+        _select_one()
+        hung_database.freeze()  # the COMMIT gets no answer
+
+    assert hung_database.still_frozen
+
+
+def test_connecting_to_a_hung_server_is_bounded_by_connect_timeout(hung_database):
+    # The kernel completes the handshake (the listen backlog), the startup packet gets no
+    # answer: libpq's connect_timeout ends the wait.
+    hung_database.freeze()
+
+    with pytest.raises(OperationalError) as off_request_path:
+        connection.ensure_connection()
+    with read_deadline(0.5), pytest.raises(DatabaseNotAnswering):
+        connection.ensure_connection()
+
+    assert hung_database.still_frozen
+    assert "connection timeout expired" in str(off_request_path.value)
+
+
+def test_a_slow_query_on_the_request_path_is_cut_and_the_next_runs_on_a_new_connection():
+    # A server that runs but does not answer in time is met as a hung one.
+    connection.ensure_connection()
+    before = connection.connection.info.backend_pid
+
+    with (
+        read_deadline(0.3),
+        pytest.raises(DatabaseNotAnswering),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("SELECT pg_sleep(5)")
+    deadline.holds_reset()  # as a second later
+    close_old_connections()  # what Django does at the end of every request
+
+    with read_deadline(0.3):
+        _select_one()
+    assert connection.connection.info.backend_pid != before
+
+
+def test_a_long_query_off_the_request_path_is_not_cut(settings, api_client):
+    settings.DATABASE_READ_TIMEOUT = 0.2
+    api_client.get("/health/live")  # a request began and ended on this thread
+
+    with connection.cursor() as cursor:  # as in a command, a migration, a Celery task
+        cursor.execute("SELECT pg_sleep(0.5), 1")
+        assert cursor.fetchone() == ("", 1)
+    with read_deadline(0.2), read_deadline(None), connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(0.5), 2")  # a view that lifts the deadline
+        assert cursor.fetchone() == ("", 2)
+
+
+def test_the_watchdog_shuts_the_socket_down_and_leaves_the_descriptor_open():
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        fd = ours.fileno()
+        deadline._shut_down(fd, os.fstat(fd).st_ino + 1)  # another file under that number
+        peer.sendall(b"x")
+        assert ours.recv(1) == b"x"  # left alone
+
+        deadline._shut_down(fd, os.fstat(fd).st_ino)
+
+        assert ours.recv(1) == b""  # a blocked read would return
+        assert os.fstat(fd)  # still open: psycopg closes it, not the watchdog
+
+
+@pytest.fixture
+def key_client(api_client, api_key, redis_conn):
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    return api_client
+
+
+def _generate(client, prompt: str, model: str):
+    return client.post("/api/v1/generate", {"prompt": prompt, "model": model}, format="json")
+
+
+def test_generation_goes_on_while_the_database_hangs_and_its_rows_are_written_after(
+    hung_database, key_client, local_model, caplog
+):
+    # A busy worker has read the key and its policy; past the second a key is read for,
+    # the next request reads it again, from a server that has just hung.
+    for prompt in ("warm", "warmer"):
+        assert _generate(key_client, prompt, local_model.model).status_code == 200
+    time.sleep(1.1)
+    hung_database.freeze()
+
+    answered = [_generate(key_client, f"hung {i}", local_model.model) for i in range(3)]
+    still_frozen = hung_database.still_frozen
+    hung_database.thaw()
+
+    assert still_frozen  # every answer came while the server hung
+    assert [r.status_code for r in answered] == [200] * 3, answered[0].content
+    ids = [r.json()["request_id"] for r in answered]
+    assert not UsageRecord.objects.filter(request_id__in=ids).exists()  # in the spool
+    assert usage_flush() == 3  # the flush once the database answers again
+    assert UsageRecord.objects.filter(request_id__in=ids, outcome="ok").count() == 3
+    assert not [r for r in caplog.records if "retried" in r.getMessage()]
