@@ -20,6 +20,8 @@ import redis
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
+from config.db.deadline import read_deadline
+
 CHECKS = ("database", "redis", "broker")
 
 
@@ -53,9 +55,15 @@ def _timed(check: Callable[[float], str]) -> Callable[[float], CheckResult]:
 
 @_timed
 def check_database(timeout: float) -> str:
-    """SELECT 1 on the default database, bounded by a statement timeout on PostgreSQL."""
+    """SELECT 1 on the default database, bounded by a statement timeout on PostgreSQL and,
+    should the server not answer at all, by a read deadline half a second later (so that a
+    server that runs answers with its own error first; config/db/deadline.py)."""
     connection = connections[DEFAULT_DB_ALIAS]
-    with transaction.atomic(using=DEFAULT_DB_ALIAS), connection.cursor() as cursor:
+    with (
+        read_deadline(timeout + 0.5),
+        transaction.atomic(using=DEFAULT_DB_ALIAS),
+        connection.cursor() as cursor,
+    ):
         if connection.vendor == "postgresql":
             cursor.execute("SET LOCAL statement_timeout = %s", [max(1, int(timeout * 1000))])
         cursor.execute("SELECT 1")

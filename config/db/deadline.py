@@ -17,6 +17,11 @@ descriptor stays psycopg's to close. psycopg's wait returns, the query fails wit
 stopped server takes over: keys read lately are still accepted, ledger rows are spooled,
 anything else is a 503.
 
+A query cut this way may still run if the server resumes: its bytes were in the server's
+socket buffer. As with any connection lost mid-query, whether a write took effect is not
+known; the ledger's INSERT is keyed on the request id (ON CONFLICT DO NOTHING), so the
+spooled copy written later does not double it.
+
 A stopped server refuses at once; a hung one would cost each query its whole deadline. So
 once a deadline has passed, the process holds the database for a second: queries with a
 deadline, and new connections, fail at once with DatabaseNotAnswering. Then one query asks
@@ -27,9 +32,10 @@ timeout holds the database too.
 
 Where a deadline applies: from Django's request_started to its request_finished on the
 request's thread (a streamed answer included), and within `read_deadline(seconds)`
-anywhere. Management commands, migrations, Celery tasks and the shell have none: their
-long queries (roll-ups, reports) are theirs to wait for. A view whose queries legitimately
-take longer lifts it with `read_deadline(None)`.
+anywhere (the ledger's flusher, the readiness probe). Management commands, migrations,
+Celery tasks and the shell have none: their long queries (roll-ups, reports) are theirs to
+wait for. A view whose queries legitimately take longer lifts it with
+`read_deadline(None)`.
 
 Cost: off the request path, one ContextVar read per query; on it, about a microsecond or
 two (a small object, a set's add and a locked discard, a clock read; bench/db_deadline.py,

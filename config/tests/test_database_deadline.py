@@ -23,6 +23,7 @@ from config.db.deadline import DatabaseNotAnswering, read_deadline
 from config.tests.freezable_proxy import FreezableProxy
 from quotas.models import UsageRecord
 from quotas.services import usage_flush
+from quotas.services.spool import spool_pending
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -217,3 +218,47 @@ def test_generation_goes_on_while_the_database_hangs_and_its_rows_are_written_af
     assert usage_flush() == 3  # the flush once the database answers again
     assert UsageRecord.objects.filter(request_id__in=ids, outcome="ok").count() == 3
     assert not [r for r in caplog.records if "retried" in r.getMessage()]
+
+
+def test_readiness_fails_while_the_database_hangs(hung_database, api_client, settings):
+    settings.HEALTH_CHECK_TIMEOUT = 0.3
+    settings.HEALTH_REQUIRED_CHECKS = ["database"]
+    assert api_client.get("/health/ready").status_code == 200
+    hung_database.freeze()
+
+    response = api_client.get("/health/ready")
+
+    assert hung_database.still_frozen
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"]["status"] == "fail"
+
+
+def test_the_ledger_flusher_leaves_a_hung_database_its_rows_kept(hung_database, user):
+    from quotas.models import Outcome
+    from quotas.services import ledger
+
+    ledger._hit_queue.put(
+        ledger._row(
+            request_id="hit-while-hung",
+            user_id=user.pk,
+            api_key_id=None,
+            model="local/demo",
+            provider="local",
+            cached=True,
+            outcome=Outcome.CACHED,
+            latency_ms=1,
+        )
+    )
+    _select_one()
+    hung_database.freeze()
+
+    ledger._flush_once()  # what the flusher thread does each second
+
+    assert hung_database.still_frozen
+    assert spool_pending()  # the row, kept for the next flush
+    hung_database.thaw()
+    usage_flush()  # the next second
+    # The server, once it runs again, may also run the INSERT it had received before the
+    # deadline: the spooled copy does not double the row (ON CONFLICT on the request id).
+    assert UsageRecord.objects.filter(request_id="hit-while-hung").count() == 1
+    assert not spool_pending()

@@ -26,7 +26,7 @@ from django.db import (
 )
 from django.db.models import Count, Q, Sum
 
-from config.db.deadline import DatabaseNotAnswering
+from config.db.deadline import DatabaseNotAnswering, read_deadline
 from config.outages import Outage
 from health import metrics
 from quotas.engine import (
@@ -311,18 +311,26 @@ def _row_from_spool(values: dict[str, Any]) -> list[Any]:
 
 
 def _flush_forever(interval: float) -> None:
-    from django.db import close_old_connections
-
     while True:
         time.sleep(interval)
-        try:
+        _flush_once()
+
+
+def _flush_once() -> None:
+    """One flush of the flusher thread. Its queries have a request's read deadline: a hung
+    server does not hold the flusher (and the spool segments it has locked) for as long
+    as it hangs; the rows wait in the spool for the next flush."""
+    from django.db import close_old_connections
+
+    try:
+        with read_deadline(settings.DATABASE_READ_TIMEOUT):
             usage_flush()
-        except DatabaseError as exc:  # an outage: one line a second, not a traceback
-            logger.warning("ledger flush failed, rows wait in the spool: %s", exc)
-        except Exception:
-            logger.exception("ledger flush failed")
-        finally:
-            close_old_connections()
+    except DatabaseError as exc:  # an outage: one line a second, not a traceback
+        logger.warning("ledger flush failed, rows wait in the spool: %s", exc)
+    except Exception:
+        logger.exception("ledger flush failed")
+    finally:
+        close_old_connections()
 
 
 def _enqueue(row: list[Any]) -> None:
