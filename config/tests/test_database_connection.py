@@ -11,11 +11,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import psycopg
 import pytest
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.utils import timezone
 from psycopg import sql
 
 from quotas.models import UsageRecord
@@ -310,6 +312,28 @@ def test_a_key_read_before_the_database_went_away_still_generates_its_row_kept(
         f"database unreachable: API keys read in the last "
         f"{settings.AUTH_DB_OUTAGE_GRACE_SECONDS:.0f} s are still accepted"
     ]
+
+
+def test_a_key_whose_last_use_is_due_to_be_recorded_still_generates_while_the_database_is_away(
+    key_client, api_key, local_model
+):
+    # The key was last recorded as used two minutes ago, and this worker last wrote it a
+    # minute ago: the next request writes it again, and finds the database gone.
+    from quotas.models import ApiKey
+    from quotas.services import apikeys
+
+    assert _generate(key_client, "warm", local_model.model).status_code == 200
+    ApiKey.objects.filter(pk=api_key[1].pk).update(
+        last_used_at=timezone.now() - timedelta(minutes=2)
+    )
+    assert _generate(key_client, "warmer", local_model.model).status_code == 200  # read again
+    time.sleep(1.1)  # past the second a key is read for
+    apikeys._last_touch.clear()  # a minute later
+
+    with database_refusing_connections():
+        response = _generate(key_client, "away", local_model.model)
+
+    assert response.status_code == 200, response.content
 
 
 def test_a_key_not_read_lately_gets_503_while_the_database_is_away(

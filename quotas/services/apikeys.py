@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from quotas import keys
@@ -63,7 +64,9 @@ def key_extend(*, key: ApiKey, days: int = 30) -> ApiKey:
 
 
 def key_touch(*, key_id: int, last_used_at: datetime | None = None) -> None:
-    """Record that a key was used; at most one write a minute per key and process."""
+    """Record that a key was used; at most one write a minute per key and process. While
+    the database is unreachable or hung the write is skipped (tried again a minute later):
+    a request whose key is still accepted from the outage's grace is not refused for it."""
     now = time.monotonic()
     if now - _last_touch.get(key_id, -1e9) < 60:
         return
@@ -71,7 +74,13 @@ def key_touch(*, key_id: int, last_used_at: datetime | None = None) -> None:
     moment = timezone.now()
     if last_used_at is not None and (moment - last_used_at).total_seconds() < 60:
         return
-    ApiKey.objects.filter(pk=key_id).update(last_used_at=moment)
+    try:
+        ApiKey.objects.filter(pk=key_id).update(last_used_at=moment)
+    except (OperationalError, InterfaceError):
+        # The outage is told once by the key cache and the ledger; a line per key and
+        # minute would only repeat it.
+        if connection.in_atomic_block:
+            raise
 
 
 def new_request_id() -> str:
