@@ -186,7 +186,10 @@ def connecting(db: Any, connect: Callable[..., T], *args: Any) -> T:
     if not seconds:
         return connect(*args)
     if _hung:
-        _admit(db.alias, seconds)
+        # A new connection waits up to connect_timeout, which may be longer than the read
+        # deadline: the others are held for as long as this one may take.
+        options = db.settings_dict.get("OPTIONS") or {}
+        _admit(db.alias, max(seconds, float(options.get("connect_timeout") or 0)))
     try:
         connection = connect(*args)
     except ConnectionTimeout as exc:
@@ -212,7 +215,7 @@ def holds_reset() -> None:
 
 def _admit(alias: str, seconds: float) -> None:
     """Raise DatabaseNotAnswering while `alias` is held; past the hold, let this caller
-    ask the server (the others are held for as long as its deadline)."""
+    ask the server (the others are held for the `seconds` it may take)."""
     now = time.monotonic()
     with _lock:
         until = _hung.get(alias)

@@ -118,6 +118,42 @@ def test_after_a_deadline_queries_fail_at_once_then_one_asks_again(hung_database
     assert not deadline._hung
 
 
+def test_while_one_thread_asks_again_on_a_new_connection_the_others_are_held(
+    hung_database, monkeypatch
+):
+    # The probe's connection waits up to connect_timeout (2 s), longer than the deadline.
+    monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.2)
+    _select_one()
+    hung_database.freeze()
+    with read_deadline(0.5), pytest.raises(DatabaseNotAnswering):
+        _select_one()
+    time.sleep(0.25)  # past the hold
+    probed: list[BaseException] = []
+
+    def probe() -> None:
+        from django.db import connections
+
+        try:
+            with read_deadline(0.5):
+                connections["default"].ensure_connection()
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertion below
+            probed.append(exc)
+        finally:
+            connections.close_all()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    time.sleep(0.7)  # the probe's connection is past the read deadline, not connect_timeout
+    with read_deadline(0.5), pytest.raises(DatabaseNotAnswering) as held:
+        _select_one()
+    prober.join(SAFETY_SECONDS)
+
+    assert "not asked again" in str(held.value)
+    assert [type(exc) for exc in probed] == [DatabaseNotAnswering]
+    assert "new connection" in str(probed[0])
+    assert hung_database.still_frozen
+
+
 def test_a_commit_to_a_hung_server_fails_within_its_deadline(hung_database):
     _select_one()
 
