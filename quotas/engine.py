@@ -70,7 +70,14 @@ class RebuildNeeded(Exception):  # noqa: N818
 
 
 class BackendUnavailable(Exception):  # noqa: N818
-    """The shared quota store (Redis) cannot be reached."""
+    """The shared quota store (Redis) cannot serve now: unreachable, or answering that it
+    cannot (out of memory, read-only...)."""
+
+
+class BackendAway(BackendUnavailable):
+    """Redis did not answer (refused, timed out), or is left alone meanwhile because some
+    part of this worker found it so: its server's Outage (config.outages) times the next
+    try, not the quota engine."""
 
 
 def calendar_bounds(now: float) -> tuple[datetime, datetime, datetime, datetime]:

@@ -71,6 +71,10 @@ class LocalQuotaBackend:
             return f"{quota.counter}:l"
         return f"{quota.counter}:{quota.kind}{quota.window}"
 
+    def away(self) -> bool:
+        """Never: it lives in this process."""
+        return False
+
     # --- tokens ---
     def tokens(self) -> tuple[str, str]:
         return self._version, self._epoch

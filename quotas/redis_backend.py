@@ -27,7 +27,8 @@ ledger before its next use.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -41,11 +42,11 @@ from redis.exceptions import (
     RedisError,
     TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from config.outages import REDIS_DOWN, Outage, redis_outage
 from config.redis_calls import ScriptCall, run_calls
 from quotas.engine import (
+    BackendAway,
     BackendUnavailable,
     CacheGate,
     Decision,
@@ -61,10 +62,8 @@ _LUA = Path(__file__).with_name("lua")
 # Redis unreachable, or answering that it cannot serve now: loading its data set
 # (BusyLoadingError is a ConnectionError), out of memory, read-only (a master demoted by a
 # failover), a replica whose master is down, a cluster slot moving.
-_UNAVAILABLE = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    *REDIS_DOWN,
     OutOfMemoryError,
     ReadOnlyError,
     ClusterDownError,
@@ -92,6 +91,41 @@ class RedisQuotaBackend:
         from django_redis import get_redis_connection
 
         return get_redis_connection("default")
+
+    @cached_property
+    def outage(self) -> Outage:
+        """This Redis server's outage, shared with every part of the process that uses it:
+        while it lasts, every call raises BackendAway at once, except the probe's."""
+        return redis_outage(self.client)
+
+    def away(self) -> bool:
+        """Whether Redis is left alone now (`Outage.away`: a caller that gets False is the
+        probe, or Redis is healthy, and its calls go to Redis)."""
+        return self.outage.away()
+
+    def _left_alone(self) -> BackendAway:
+        return BackendAway("Redis did not answer a moment ago: left alone for now")
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        """The error to raise for a call Redis could not serve. One it did not answer
+        (refused, timed out) is its server's outage: every part of the process leaves it
+        alone until the back-off has passed and a probe has found it back."""
+        if isinstance(exc, REDIS_DOWN):
+            self.outage.failed(exc)
+            return BackendAway(str(exc))
+        return BackendUnavailable(str(exc))
+
+    @contextmanager
+    def _asking(self) -> Iterator[None]:
+        """One call to Redis off the hot path: BackendAway at once while Redis is left
+        alone, BackendUnavailable for a call it could not serve, its outage told of it."""
+        if self.outage.away():
+            raise self._left_alone()
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        self.outage.answered()
 
     @cached_property
     def _admit(self) -> Any:
@@ -143,6 +177,8 @@ class RedisQuotaBackend:
         now: float,
         gate: CacheGate | None = None,
     ) -> Decision:
+        if self.outage.away():
+            raise self._left_alone()
         day_left, month_left = seconds_left(now)
         day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
         keys = [
@@ -176,11 +212,12 @@ class RedisQuotaBackend:
         try:
             reply = self._admit(keys=keys, args=args)
         except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
+            raise self._unavailable(exc) from exc
         except RedisError as exc:
             if str(exc).startswith("BUSY"):  # another client's script holds the server
                 raise BackendUnavailable(str(exc)) from exc
             raise
+        self.outage.answered()
         status = _text(reply[0])
         if status == "stale":
             raise StalePolicy(_text(reply[1]), _text(reply[2]))
@@ -219,65 +256,62 @@ class RedisQuotaBackend:
     ) -> bool:
         """Settle (or refund) one reservation; `riders`, other services' script calls
         (the cache store of this very answer), go in the same round trip, and `meanwhile`
-        (the ledger INSERT) runs while Redis works on it (`run_calls`)."""
+        (the ledger INSERT) runs while Redis works on it (`run_calls`), or at once if Redis
+        is left alone (BackendAway, and the riders are not sent)."""
+        if self.outage.away():
+            if meanwhile is not None:
+                meanwhile()
+            raise self._left_alone()
         call = ScriptCall(
             self._settle,
             keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx", f"{self.prefix}:epoch"],
             args=[request_id, "refund" if refund else "settle", tokens, cost],
         )
         run_calls([call, *riders], meanwhile)
-        if isinstance(call.error, _UNAVAILABLE):
-            raise BackendUnavailable(str(call.error)) from call.error
-        if call.error is not None:
-            raise call.error
+        error = call.error
+        if error is not None:
+            if isinstance(error, _UNAVAILABLE):
+                raise self._unavailable(error) from error
+            raise error
+        self.outage.answered()
         return bool(call.reply)
 
     def renew(self, *, request_id: str, now: float) -> bool:
         """Keep a running request's reservation and leases for another lease's life."""
-        try:
+        with self._asking():
             return bool(
                 self._renew(
                     keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx"],
                     args=[request_id, repr(now), settings.QUOTA_LEASE_TTL],
                 )
             )
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
 
     def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int:
         """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present."""
         args: list[Any] = [uuid.uuid4().hex]
         for _, r, t, c, ttl in entries:
             args += [r, t, c, ttl]
-        try:
+        with self._asking():
             return int(self._init_calendar(keys=[e[0] for e in entries], args=args))
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
 
     def tokens(self) -> tuple[str, str]:
         """The current (policy version, counter epoch), creating them if missing."""
-        try:
+        with self._asking():
             pipe = self.client.pipeline()
             fresh = uuid.uuid4().hex
             pipe.set(f"{self.prefix}:ver", fresh, nx=True)
             pipe.set(f"{self.prefix}:epoch", fresh, nx=True)
             pipe.mget(f"{self.prefix}:ver", f"{self.prefix}:epoch")
             version, epoch = pipe.execute()[2]
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
         return _text(version), _text(epoch)
 
     def bump_version(self) -> None:
-        try:
+        with self._asking():
             self.client.set(f"{self.prefix}:ver", uuid.uuid4().hex)
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
 
     def rotate_epoch(self) -> None:
-        try:
+        with self._asking():
             self.client.set(f"{self.prefix}:epoch", uuid.uuid4().hex)
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
 
     def read(
         self, *, quotas: tuple[Quota, ...], version: str, epoch: str, now: float
@@ -300,10 +334,8 @@ class RedisQuotaBackend:
                 how.append(quota.kind)
             else:
                 how.append(quota.window)
-        try:
+        with self._asking():
             reply = self._read(keys=keys, args=[now, version, epoch, *how])
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
         status = _text(reply[0])
         if status == "stale":
             raise StalePolicy(_text(reply[1]), _text(reply[2]))
@@ -327,18 +359,14 @@ class RedisQuotaBackend:
     def reset_counters(self, *, counter: str) -> int:
         """Delete every counter of one principal (sliding, calendar, leases)."""
         deleted = 0
-        try:
+        with self._asking():
             for key in self.client.scan_iter(match=f"{self.prefix}:{{{counter}}}:*", count=500):
                 deleted += self.client.delete(key)
-        except _UNAVAILABLE as exc:
-            raise BackendUnavailable(str(exc)) from exc
         return deleted
 
     def denials(self, *, day: str) -> dict[str, int]:
-        try:
+        with self._asking():  # quota_global reports without them
             raw = self.client.hgetall(f"{self.prefix}:den:{day}")
-        except _UNAVAILABLE as exc:  # quota_global reports without them
-            raise BackendUnavailable(str(exc)) from exc
         return {_text(k): int(v) for k, v in raw.items()}
 
     def sweep(self, *, now: float, limit: int = 100) -> int:

@@ -695,6 +695,7 @@ def test_limit_changed_while_redis_is_away_reaches_the_other_workers_when_it_is_
     plan.requests_per_minute = 1
     plan.save()  # its bump finds no Redis
     redis_server.start()
+    time.sleep(1.1)  # after a failure, the worker leaves Redis alone for a second
     _post(client_with_key, GENERATE, {"prompt": "thawed", "cache": "bypass"})
     _state.policies, _state.version = dict(elsewhere[0]), elsewhere[1]
     _state.degraded_since = None
@@ -775,8 +776,6 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
     from django.db import connection
     from rest_framework.test import APIClient
 
-    from quotas.services.state import _state
-
     settings.QUOTA_FAIL_MODE = "open"
     plan_for(user, requests_per_day=1000)
     db = settings.DATABASES["default"]
@@ -804,7 +803,9 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
         while _ledger_waiters() < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         redis_server.start()  # back, and empty
-        _state.next_redis_try = 0.0  # the next admission tries Redis
+        # The next admission tries Redis: every part of the worker has left it alone for
+        # the second since the in-flight admission found it stopped.
+        time.sleep(1.1)
         back: list = []
         other = threading.Thread(target=ask, args=("back", back))
         other.start()

@@ -15,6 +15,7 @@ from django.db import DatabaseError, connection, transaction
 
 from health import metrics
 from quotas.engine import (
+    BackendAway,
     BackendUnavailable,
     CacheGate,
     Decision,
@@ -167,6 +168,8 @@ def _admit(
             if _state.degraded_since is not None:
                 if time.monotonic() < _state.next_redis_try:
                     raise BackendUnavailable("still in fail-open mode")
+                if backend().away():  # another caller probes Redis, or it failed just now
+                    raise BackendAway("still in fail-open mode: Redis is left alone")
                 _recover()
             if _state.bump_pending:
                 policy_bump()  # stays pending if Redis still does not take it
@@ -203,6 +206,7 @@ def _admit(
                     mode=mode,
                     now=moment,
                     reason=str(exc),
+                    away=isinstance(exc, BackendAway),
                 )
             except _RedisBack:
                 continue  # admitted through Redis instead
@@ -304,7 +308,11 @@ def _admit_degraded(
     mode: str,
     now: float,
     reason: str,
+    away: bool = False,
 ) -> Decision:
+    """`away`: Redis did not answer, or is left alone (BackendAway): not this engine's
+    back-off but its server's Outage decides when it is tried again, so that every part of
+    the worker goes back to it together, after one probe."""
     if _state.degraded_since is None:  # Redis has just failed: tried again in a second
         logger.warning(
             "quota backend unavailable (%s): QUOTA_FAIL_MODE=%s", reason, settings.QUOTA_FAIL_MODE
@@ -313,6 +321,8 @@ def _admit_degraded(
         _state.next_redis_try = time.monotonic() + 1.0
     # Otherwise the next try stays where `_recover` put it: pushed back by every request
     # served meanwhile, it would never come while requests are a second apart or less.
+    if away:
+        _state.next_redis_try = 0.0
     metrics.QUOTA_BACKEND_FALLBACKS.labels(settings.QUOTA_FAIL_MODE).inc()
     if settings.QUOTA_FAIL_MODE == "closed":
         raise QuotaUnavailable()
@@ -384,7 +394,9 @@ def _recover() -> None:
     """Try Redis again after a fail-open period; raises BackendUnavailable if still down.
 
     The counter epoch is rotated first, so day and month counters are rebuilt from the
-    ledger, which holds what every worker spent while Redis was away.
+    ledger, which holds what every worker spent while Redis was away. Also when another part
+    of the worker (the cache tier, the breaker) was the probe that found Redis back: the
+    engine's first call to Redis after its fail-open period is always this one.
     """
     _state.next_redis_try = time.monotonic() + 1.0
     backend().rotate_epoch()

@@ -33,6 +33,7 @@ logger = logging.getLogger("tollgate.quotas")
 class QuotaBackend(Protocol):
     name: str
 
+    def away(self) -> bool: ...
     def admit(
         self,
         *,
@@ -84,6 +85,8 @@ class _State:
         default_factory=dict
     )
     degraded_since: float | None = None
+    # While degraded, Redis is not tried again before this time.monotonic(), unless 0.0:
+    # Redis did not answer, and its server's Outage (config.outages) times the next try.
     next_redis_try: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Settlements Redis could not take: (request id, tokens, micro-USD, refund), sent again
