@@ -20,7 +20,8 @@ seen within that bound; the worker's own failures are always counted in Redis at
 
 Without REDIS_URL (the embedded default) the same state machine lives in the process. If
 Redis is unreachable the breaker steps aside (calls go through, failures are not counted)
-rather than turning an outage of Redis into an outage of the gateway.
+rather than turning an outage of Redis into an outage of the gateway; it leaves Redis alone
+while any part of the worker finds it away (its server's Outage, config.outages).
 """
 
 from __future__ import annotations
@@ -35,10 +36,8 @@ from typing import Any
 import tenacity
 from django.conf import settings
 from django_redis import get_redis_connection
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from config.outages import Outage
+from config.outages import REDIS_DOWN, Outage, OutageNotice, redis_outage
 from generation.errors import (
     GenerationError,
     UpstreamError,
@@ -114,8 +113,6 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 'closed'
 """
 
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-
 
 class _LocalCircuits:
     """The breaker's state machine in one process, for the embedded default (no Redis)."""
@@ -178,15 +175,21 @@ _scripts: dict[str, Any] = {}
 _reported: dict[tuple[str, str], int] = {}
 # Breaker key -> time.monotonic() until which a closed circuit without failures is trusted.
 _closed_until: dict[str, float] = {}
-# After Redis fails the breaker, calls go through as if the circuit were closed and Redis is
-# asked again a second later, as the quota engine and the cache tier do: a Redis that hangs
-# would otherwise cost every call a socket timeout, twice (before and after it).
-_redis_away = Outage(
+# While Redis is away (this breaker or any other part of the worker found it so), calls go
+# through as if the circuit were closed and Redis is left alone until a probe finds it back:
+# a Redis that hangs would otherwise cost every call a socket timeout, twice (before and
+# after it).
+_redis_away = OutageNotice(
     logger,
-    began="circuit state unavailable (Redis down): calls go through as if closed, and Redis "
-    "is asked again each second",
+    began="circuit state unavailable (Redis down): calls go through as if closed until "
+    "Redis answers again",
     ended="circuit state available again after %.1f s",
 )
+
+
+def _outage() -> Outage:
+    """The shared Outage of the Redis server that holds the circuits."""
+    return redis_outage(get_redis_connection("default"))
 
 
 def _report(provider: str, model: str, state: str) -> None:
@@ -240,7 +243,9 @@ class Breaker:
             reply = _local.allow(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms
             )
-        elif _closed_until.get(self.key, 0.0) > time.monotonic() or _redis_away.away():
+        elif _closed_until.get(self.key, 0.0) > time.monotonic() or _redis_away.away(
+            outage := _outage()
+        ):
             return "closed", 0
         else:
             try:
@@ -248,10 +253,10 @@ class Breaker:
                     keys=[self.key, self.probe_key],
                     args=[_now(now), settings.CIRCUIT_RESET_SECONDS, probe_ms],
                 )
-            except _REDIS_DOWN:
-                _redis_away.failed()
+            except REDIS_DOWN as exc:
+                _redis_away.failed(outage, exc)
                 return "closed", 0
-            _redis_away.answered()
+            _redis_away.answered(outage)
         allowed, state, failures, wait = reply
         state = state.decode() if isinstance(state, bytes) else str(state)
         _report(self.provider, self.model, state)
@@ -269,7 +274,7 @@ class Breaker:
             state = _local.failure(
                 self.key, self.probe_key, _now(now), settings.CIRCUIT_FAILURE_THRESHOLD
             )
-        elif _redis_away.away():
+        elif _redis_away.away(outage := _outage()):
             return "closed"
         else:
             try:
@@ -277,9 +282,10 @@ class Breaker:
                     keys=[self.key, self.probe_key],
                     args=[_now(now), settings.CIRCUIT_FAILURE_THRESHOLD, remember],
                 )
-            except _REDIS_DOWN:
-                _redis_away.failed()
+            except REDIS_DOWN as exc:
+                _redis_away.failed(outage, exc)
                 return "closed"
+            _redis_away.answered(outage)
         state = state.decode() if isinstance(state, bytes) else str(state)
         if state == "open":
             logger.warning("circuit open: %s:%s", self.provider, self.model)
@@ -291,26 +297,29 @@ class Breaker:
         if not settings.REDIS_URL:
             _local.release(self.probe_key)
             return
-        if _redis_away.away():
+        if _redis_away.away(outage := _outage()):
             return  # the lease expires by itself
         try:
             get_redis_connection("default").delete(self.probe_key)
-        except _REDIS_DOWN:
-            _redis_away.failed()
+        except REDIS_DOWN as exc:
+            _redis_away.failed(outage, exc)
             logger.warning("probe lease not released (Redis down); it expires by itself")
+            return
+        _redis_away.answered(outage)
 
     def record_success(self) -> None:
         """Close a half-open circuit / forget earlier failures."""
         if not settings.REDIS_URL:
             _local.success(self.key, self.probe_key)
-        elif _redis_away.away():
+        elif _redis_away.away(outage := _outage()):
             return
         else:
             try:
                 _script("success", _SUCCESS)(keys=[self.key, self.probe_key], args=[])
-            except _REDIS_DOWN:
-                _redis_away.failed()
+            except REDIS_DOWN as exc:
+                _redis_away.failed(outage, exc)
                 return
+            _redis_away.answered(outage)
         _report(self.provider, self.model, "closed")
 
 
@@ -350,6 +359,10 @@ def _circuit_hashes(prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield from items
         return
     conn = get_redis_connection("default")
+    outage = redis_outage(conn)
+    if outage.away():
+        logger.warning("circuit states unavailable (Redis down)")
+        return
     try:
         for raw in conn.scan_iter(match=prefix + "*", count=500):
             key = raw.decode() if isinstance(raw, bytes) else raw
@@ -362,8 +375,11 @@ def _circuit_hashes(prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
                     for k, v in conn.hgetall(key).items()
                 },
             )
-    except _REDIS_DOWN:
+    except REDIS_DOWN as exc:
+        outage.failed(exc)
         logger.warning("circuit states unavailable (Redis down)")
+        return
+    outage.answered()
 
 
 class _WaitRetryAfterOrJitter(tenacity.wait.wait_base):

@@ -103,7 +103,7 @@ def hung_redis(settings, monkeypatch):
 
     server.cured = cured  # type: ignore[attr-defined]
     point_settings_at(settings, server)
-    monkeypatch.setattr(resilience._redis_away, "retry_seconds", 0.3)
+    monkeypatch.setattr(resilience._outage(), "retry_seconds", 0.3)
     resilience._scripts.clear()
     resilience._redis_away.reset()
     yield server
