@@ -32,6 +32,7 @@ from caching.tier import (
     tier,
     tier_reset,
 )
+from config.outages import REDIS_DOWN
 from config.redis_calls import ScriptCall, run_calls
 
 logger = logging.getLogger("tollgate.caching")
@@ -101,13 +102,16 @@ def _lookup(key: str, *, now: float) -> CacheHit | None:
     if probe is None:
         return hit
     t = tier()
+    if not t.available():  # another thread probes a Redis that was away
+        t.count("redis_misses", "redis", "miss")
+        return None
     try:
         raw = t.redis.get(probe.entry_key)
-    except Exception:
-        logger.warning("cache read failed", exc_info=True)
-        t.mark_down()
+    except Exception as exc:
+        t.failed(exc, "cache read")
         t.count("redis_misses", "redis", "error")
         return None
+    t.answered()
     fresh = raw is not None and now < _parse(raw)[0]
     return cache_probe_found(probe, raw if fresh else None, locked=False)[0]
 
@@ -145,7 +149,8 @@ def _probe(key: str, *, now: float, lock_ms: int) -> tuple[CacheHit | None, Cach
         t.count("memory_hits", "memory", "hit")
         return CacheHit(value=json.loads(payload), layer="memory"), None
     t.count("memory_misses", "memory", "miss")
-    if not t.available():
+    # The look-up is the admission script's, or `_lookup`'s: they take the probe, if any.
+    if not t.available(probe=False):
         t.count("redis_misses", "redis", "miss")
         return None, None
     # Without a lock to take, an empty token (the lock is then never handed out).
@@ -186,9 +191,10 @@ def cache_get_stale(key: str, *, now: float | None = None) -> CacheHit | None:
     if t.available():  # without Redis there are no stale copies
         try:
             raw = t.redis.get(t.entry_key(key))
-        except Exception:
-            logger.warning("stale cache read failed", exc_info=True)
-            t.mark_down()
+        except Exception as exc:
+            t.failed(exc, "stale cache read")
+        else:
+            t.answered()
     return _stale_of(t, raw, now=now)
 
 
@@ -233,9 +239,8 @@ def _store(
         t = tier()
         try:
             t.publish("key", key)
-        except Exception:
-            logger.warning("cache invalidation publish failed", exc_info=True)
-            t.mark_down()
+        except Exception as exc:
+            t.failed(exc, "cache invalidation publish")
 
 
 @dataclass(slots=True)
@@ -245,8 +250,9 @@ class PendingStore:
     `calls`: that write (one script: SET the entry, release the single-flight lock if it is
     still ours), for another service to send in its own round trip (the settlement of the
     same request: `usage_settle(riders=...)`). Then `finish()` puts the answer in this
-    worker's memory layer. If the write never went out, `finish()` sends it; if it failed,
-    the answer stays in memory alone and the lock is released on its own (best effort).
+    worker's memory layer. If the write never went out, `finish()` sends it, unless Redis
+    is away meanwhile; if it failed, the answer stays in memory alone and the lock is
+    released on its own (best effort).
     """
 
     key: str
@@ -266,13 +272,19 @@ class PendingStore:
             return
         self.finished = True
         t = tier()
-        if self.call is not None:
-            run_calls([self.call])  # nothing to do if it went out with another round trip
-            if self.call.error is None:
+        call = self.call
+        if call is not None:
+            # Sent with another round trip (the settlement's), whose sender told the
+            # server's outage how it went; else sent here, unless Redis is away.
+            rode = call.ran
+            if not rode and t.available():
+                run_calls([call])
+                if call.error is None:
+                    t.answered()
+            if call.ran and call.error is None:
                 self.in_redis = True
-            else:
-                logger.warning("cache write failed", exc_info=self.call.error)
-                t.mark_down()
+            elif call.error is not None and not (rode and isinstance(call.error, REDIS_DOWN)):
+                t.failed(call.error, "cache write")
         if self.lock is not None and not self.in_redis:
             _release(t, self.lock.key, self.lock.token)
         t.memory.put(self.key, self.body, expires_at=self.memory_until)
@@ -563,7 +575,10 @@ def _single_flight_shared(
 
 
 def _pipe(t: Any, commands: list[tuple[Any, ...]]) -> list[Any] | None:
-    """Run a few commands in one round trip; None (and Redis marked down) on failure."""
+    """Run a few commands in one round trip; None when Redis is away or failed (told to the
+    tier: `CacheTier.failed`)."""
+    if not t.available():
+        return None
     try:
         pipe = t.redis.pipeline(transaction=False)
         for name, *args in commands:
@@ -571,18 +586,24 @@ def _pipe(t: Any, commands: list[tuple[Any, ...]]) -> list[Any] | None:
                 pipe.set(args[0], args[1], nx=True, px=args[2])
             else:
                 getattr(pipe, name)(*args)
-        return list(pipe.execute())
-    except Exception:
-        logger.warning("single flight: Redis failed", exc_info=True)
-        t.mark_down()
+        replies = list(pipe.execute())
+    except Exception as exc:
+        t.failed(exc, "single flight")
         return None
+    t.answered()
+    return replies
 
 
 def _release(t: Any, lock_key: str, token: str) -> None:
+    """Release our single-flight lock; while Redis is away, it expires on its own."""
+    if not t.available():
+        return
     try:
         t.release_lock(lock_key, token)
-    except Exception:  # the lock expires on its own
-        logger.warning("single flight: lock release failed", exc_info=True)
+    except Exception as exc:  # the lock expires on its own
+        t.failed(exc, "single flight: lock release")
+    else:
+        t.answered()
 
 
 def popularity_bump(topic: str, *, count: int = 1) -> None:

@@ -29,7 +29,11 @@ after an invalidation + 0.25 s (+ one round trip) can see the dropped entry. A g
 log (the stream was trimmed, or Redis was flushed: the counter went backwards) clears the
 whole memory layer, which is always safe.
 
-Without REDIS_URL (the embedded default) the tier is the memory layer alone.
+Without REDIS_URL (the embedded default) the tier is the memory layer alone. So it is while
+its Redis server is away (config.outages: a call of the tier, or of any other part of the
+worker, found it unreachable or hung): every look-up misses past the memory layer, every
+store stays in memory, single flight gives way, the sync waits, until one probe finds
+Redis back.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from django.conf import settings
 
 from caching.memory import MemoryLayer
 from caching.patterns import KeyPattern, PatternError, pattern_compile
+from config.outages import REDIS_DOWN, Outage, OutageNotice, redis_outage
 from config.redis_calls import ScriptCall
 from health.metrics import CACHE_OPERATIONS
 
@@ -98,6 +103,13 @@ end
 return 1
 """
 
+# What the tier says of a Redis outage, once as it begins and once as it ends.
+_redis_away = OutageNotice(
+    logger,
+    began="cache tier on this worker's memory alone while Redis is away",
+    ended="cache tier back on Redis after %.1f s",
+)
+
 _METRIC = {
     (layer, result): CACHE_OPERATIONS.labels(layer=layer, result=result)
     for layer in ("memory", "redis", "stale")
@@ -141,6 +153,7 @@ class CacheTier:
         self.memory = MemoryLayer(max_size=settings.CACHE_MEMORY_MAX_SIZE)
         self.prefix = f"{settings.REDIS_KEY_PREFIX}:c:"
         self._redis: Any = None
+        self.outage: Outage | None = None  # its Redis server's, once `redis` is first used
         self._scripts: dict[str, Any] = {}
         self._init_process_state()
 
@@ -152,6 +165,8 @@ class CacheTier:
         self.versions: dict[str, int] = {}
         self.last_seq: int | None = None
         self.last_sync = -1e18
+        # After an error Redis answered with (out of memory, read-only...), not an outage of
+        # the server: the tier alone leaves Redis for REDIS_RETRY_SECONDS.
         self.down_until = 0.0
         self.stats: Counter[str] = Counter()
         self.popularity: Counter[str] = Counter()
@@ -173,6 +188,7 @@ class CacheTier:
             from django_redis import get_redis_connection
 
             self._redis = get_redis_connection("default")
+            self.outage = redis_outage(self._redis)
             self._scripts = {
                 "publish": self._redis.register_script(_PUBLISH_LUA),
                 "release": self._redis.register_script(_RELEASE_LUA),
@@ -180,14 +196,31 @@ class CacheTier:
             }
         return self._redis
 
-    def available(self) -> bool:
-        """Redis is configured and did not fail in the last REDIS_RETRY_SECONDS."""
-        return self.redis is not None and time.monotonic() >= self.down_until
+    def available(self, *, probe: bool = True) -> bool:
+        """Redis is configured, not away and did not refuse a call of the tier in the last
+        REDIS_RETRY_SECONDS. While its server is away, True only for the probe
+        (`Outage.away`): the caller then asks Redis and tells `failed` or `answered`.
+        `probe=False`: the caller hands its call to another part, which asks on its own
+        (a look-up riding in the admission's script)."""
+        if self.redis is None or self.outage is None or time.monotonic() < self.down_until:
+            return False
+        return not _redis_away.away(self.outage, probe=probe)
 
-    def mark_down(self) -> None:
-        """After a Redis failure the tier runs on memory alone for REDIS_RETRY_SECONDS, so
-        that an outage costs one slow call per second, not one per look-up."""
+    def failed(self, exc: BaseException, what: str) -> None:
+        """A Redis call of the tier failed. Unanswered (refused, timed out): the server's
+        outage, which every part of the worker then waits out, said once. Answered with an
+        error: logged, and the tier alone runs on memory for REDIS_RETRY_SECONDS. Either
+        way an outage costs one slow call per second at most, not one per look-up."""
+        if isinstance(exc, REDIS_DOWN) and self.outage is not None:
+            _redis_away.failed(self.outage, exc)
+            return
+        logger.warning("%s failed", what, exc_info=exc)
         self.down_until = time.monotonic() + REDIS_RETRY_SECONDS
+
+    def answered(self) -> None:
+        """A Redis call of the tier was answered: an outage of its server is over."""
+        if self.outage is not None:
+            _redis_away.answered(self.outage)
 
     def k(self, name: str) -> str:
         return self.prefix + name
@@ -221,12 +254,14 @@ class CacheTier:
             return
         if not force and mono - self.last_sync < INVALIDATION_POLL_SECONDS:
             return
-        if mono < self.down_until:
+        if not self.available(probe=False):
             return
         # The first sync of a process blocks: until it has run, namespace versions are unknown.
         if not self._sync_lock.acquire(blocking=force or self.last_seq is None):
             return
         try:
+            if not self.available():  # another thread probes a Redis that was away
+                return
             self.last_sync = mono
             with self._stats_lock:
                 stats, self.stats = self.stats, Counter()
@@ -244,13 +279,13 @@ class CacheTier:
                     pipe.zincrby(self.k("pop"), n, topic)
             try:
                 replies = pipe.execute()
-            except Exception:  # a Redis outage must not fail a look-up
-                logger.warning("cache invalidation sync failed", exc_info=True)
-                self.mark_down()
+            except Exception as exc:  # a Redis outage must not fail a look-up
+                self.failed(exc, "cache invalidation sync")
                 with self._stats_lock:
                     self.stats.update(stats)
                     self.popularity.update(popularity)
                 return
+            self.answered()
             self._apply(replies, last_seq)
         finally:
             self._sync_lock.release()

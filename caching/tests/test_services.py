@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from caching.services import (
     FlightLock,
@@ -28,6 +29,7 @@ from caching.services import (
     topic_normalise,
 )
 from caching.tier import tier
+from config.outages import redis_outage
 from config.redis_calls import ScriptCall, run_calls
 
 T0 = 1_900_000_000.0  # a fixed "now" for the TTL tests
@@ -353,6 +355,7 @@ def test_redis_outage_is_a_miss_not_an_error():
     t.redis  # noqa: B018 - loads the scripts on the real client first
     # A Redis that does not answer (nothing listens on port 1).
     t._redis = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    t.outage = redis_outage(t._redis)
 
     assert cache_get("gen:a") is None
     cache_set("gen:b", {"x": 2})  # dropped from Redis, kept in this worker's memory
@@ -391,7 +394,7 @@ def test_probe_answers_from_memory_or_leaves_the_redis_look_up_to_another_script
 
 def test_probe_without_redis_is_a_plain_miss(redis_conn):
     t = tier()
-    t.mark_down()
+    t.failed(RedisConnectionError("refused"), "a look-up")  # its server is away
 
     assert cache_probe("gen:down", lock_seconds=30) == (None, None)
 

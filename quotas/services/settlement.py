@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 
-from config.redis_calls import ScriptCall, run_calls
+from config.redis_calls import ScriptCall
 from health import metrics
 from quotas.engine import (
     BackendUnavailable,
@@ -35,7 +35,9 @@ def _settle_counters(
         _state.fallback.settle(
             request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund
         )
-        run_calls(riders, ledger)  # on their own: Redis may be back for them
+        # The riders stay with their owner, which sends them unless Redis is away (in
+        # fail-open it often is) and tells its outage how they went (PendingStore.finish).
+        ledger()
         return
     try:
         backend().settle(
@@ -81,6 +83,8 @@ def usage_settle(
     settles a request answered by another one (single flight): it counts as a request and
     costs nothing. `riders`: other services' Redis script calls sent in the settlement's
     round trip (the cache store of the answer); each holds its own reply or error after.
+    They are not sent when the settlement does not go to Redis (fail-open, or Redis away):
+    their owner sends them, or not (caching's `PendingStore.finish`).
     """
     policy = admission.policy
     cost = policy.cost_of(prompt_tokens, completion_tokens)
