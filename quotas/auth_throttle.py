@@ -11,6 +11,8 @@ import time
 from django.conf import settings
 from django.core.cache import cache
 
+from config.outages import default_redis_outage, redis_unanswered
+
 logger = logging.getLogger("tollgate.auth")
 _WINDOW = 60
 _blocked: dict[str, float] = {}
@@ -34,11 +36,18 @@ def record_failure(address: str) -> int:
     """Count one failure; the number of seconds to block for once past the limit, else 0."""
     bucket = int(time.time() // _WINDOW)
     key = f"authfail:{address}:{bucket}"
+    outage = default_redis_outage()
+    if outage is not None and outage.away():  # not counted, as when the cache fails
+        return 0
     try:
         count = 1 if cache.add(key, 1, timeout=_WINDOW * 2) else cache.incr(key)
-    except Exception:  # noqa: BLE001 - the cache is down: do not turn a 401 into a 500
+    except Exception as exc:  # noqa: BLE001 - the cache is down: do not turn a 401 into a 500
+        if outage is not None and redis_unanswered(exc):
+            outage.failed(exc)
         logger.warning("auth failure counter unavailable", exc_info=True)
         return 0
+    if outage is not None:
+        outage.answered()
     if count <= settings.AUTH_FAILURES_PER_MINUTE:
         return 0
     retry = _WINDOW - int(time.time() % _WINDOW)

@@ -24,6 +24,7 @@ from django.core.cache.backends.locmem import LocMemCache
 from django_redis.exceptions import ConnectionInterrupted
 from redis.exceptions import RedisError
 
+from config.outages import default_redis_outage, redis_unanswered
 from generation.errors import IdempotencyConflict
 
 
@@ -42,11 +43,19 @@ _UNREACHABLE = (RedisError, ConnectionInterrupted, OSError)
 
 def _store(op: Callable[[BaseCache], Any]) -> Any:
     """Run one cache operation on Django's cache, or on the in-process one while Redis is
-    unreachable."""
-    try:
-        return op(cache)
-    except _UNREACHABLE:
+    unreachable, or away for any part of this worker (config.outages)."""
+    outage = default_redis_outage()
+    if outage is not None and outage.away():
         return op(_local)
+    try:
+        result = op(cache)
+    except _UNREACHABLE as exc:
+        if outage is not None and redis_unanswered(exc):
+            outage.failed(exc)
+        return op(_local)
+    if outage is not None:
+        outage.answered()
+    return result
 
 
 def _idempotency_slot(user_id: int, key: str) -> str:
