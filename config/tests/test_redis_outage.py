@@ -571,6 +571,165 @@ def test_redis_hung_requests_still_served_then_recovers(
     assert rows.count() == 5
 
 
+def _frozen_redis(monkeypatch, redis_server):
+    """Freeze the private Redis (SIGSTOP: every call runs into its socket timeout) and make
+    its server's back-off last a minute, so that no second try of it can come from the
+    clock while a test looks: only the test ends the back-off (`retry_at`). The Outage."""
+    from config.outages import default_redis_outage
+
+    outage = default_redis_outage()
+    assert outage is not None
+    monkeypatch.setattr(outage, "retry_seconds", 60.0)
+    redis_server.pause()
+    return outage
+
+
+def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all_back(  # noqa: PLR0915, PLR0917
+    redis_server,
+    settings,
+    client_with_key,
+    user,
+    local_model,
+    redis_round_trips,
+    monkeypatch,
+    caplog,
+):
+    """bench/outage.py's redis-freeze served 14 req/s: each part of the request path that
+    uses Redis (cache look-up, admission, single flight, breaker, cache store, invalidation
+    sync) tried the hung server on its own, each try a socket timeout. Now the first one
+    that finds it hung makes every part skip it: a request waits one timeout at most, the
+    next ones none. Every command, pipeline or script written to the frozen server is one
+    timeout (`redis_round_trips`). Once the back-off is over, one probe finds Redis back
+    and every part uses it again: day counters rebuilt from the ledger, the breaker's
+    state read from Redis, the cache stored and read there; each part said once that Redis
+    was away and once that it is back."""
+    import logging
+
+    import redis
+    from rest_framework.test import APIClient
+
+    from caching.tier import tier
+    from quotas.services.ledger import COUNTED_OUTCOMES
+
+    settings.QUOTA_FAIL_MODE = "open"
+    settings.QUOTA_WORKER_COUNT = 4
+    settings.CIRCUIT_CLOSED_CACHE_SECONDS = 0  # the breaker asks Redis on every call
+    plan_for(user, requests_per_minute=1000, requests_per_day=100_000)
+    _warm_up(client_with_key)
+    outage = _frozen_redis(monkeypatch, redis_server)
+    bad_key = APIClient()
+    bad_key.credentials(HTTP_AUTHORIZATION="Bearer tg_nope1234_" + "x" * 40)
+    chat = {"model": "local/demo", "messages": [{"role": "user", "content": "frozen chat"}]}
+    requests = {
+        "miss": lambda: _post(client_with_key, GENERATE, {"prompt": "frozen 1"}),
+        "another miss": lambda: _post(client_with_key, GENERATE, {"prompt": "frozen 2"}),
+        "memory hit": lambda: _post(
+            client_with_key, GENERATE, {"prompt": "warm-up", "max_tokens": 16}
+        ),
+        "bypass": lambda: _post(
+            client_with_key, GENERATE, {"prompt": "frozen 3", "cache": "bypass"}
+        ),
+        "idempotent": lambda: _post(
+            client_with_key, GENERATE, {"prompt": "frozen 4"}, HTTP_IDEMPOTENCY_KEY="frozen-4"
+        ),
+        "chat": lambda: _post(client_with_key, CHAT, chat),
+        "stream": lambda: b"".join(
+            client_with_key.post(CHAT, {**chat, "stream": True}, format="json").streaming_content
+        ),
+        "quota": lambda: _get(client_with_key, "/api/v1/quota"),
+        "bad key": lambda: bad_key.post(GENERATE, {"prompt": "x"}, format="json"),
+    }
+
+    with caplog.at_level(logging.INFO):
+        sent = {}
+        for name, request in requests.items():
+            redis_round_trips.count = 0
+            response = request()
+            if name != "stream":
+                assert response.status_code == (401 if name == "bad key" else 200), name
+            sent[name] = redis_round_trips.count
+        assert list(sent.values()) == [1] + [0] * (len(requests) - 1), sent
+        assert outage.failures == 1
+
+        # Past the back-off, Redis answering again: one call finds it back for every part.
+        outage.retry_at = 0.0
+        redis_server.resume()
+        after = _post(client_with_key, GENERATE, {"prompt": "after the freeze"})
+        quota = _get(client_with_key, "/api/v1/quota").json()["limits"]["requests_per_day"]
+        counted = UsageRecord.objects.filter(
+            user=user, outcome__in=COUNTED_OUTCOMES, fallback=False
+        ).count()
+        tier().memory.clear()  # another worker's memory: the answer is in Redis, or nowhere
+        again = _post(client_with_key, GENERATE, {"prompt": "after the freeze"})
+        # Another worker opens the circuit of the model in Redis: this one sees it.
+        raw = redis.Redis.from_url(redis_server.url)
+        circuit = (
+            f"{settings.REDIS_KEY_PREFIX}:cb:{local_model.provider}:{local_model.upstream_model}"
+        )
+        raw.hset(circuit, mapping={"state": "open", "opened_at": time.time(), "failures": 5})
+        tripped = _post(client_with_key, GENERATE, {"prompt": "circuit", "cache": "bypass"})
+
+    assert after.status_code == 200, after.content
+    assert after["X-RateLimit-Limit-Requests"] == "1000"  # Redis decides, not the share (250)
+    # Rebuilt from the ledger: the warm-up, the 7 requests of the freeze counted without
+    # Redis (the hit and the stream's hit among them), this one.
+    assert quota["used"] == counted == 9
+    assert (again["X-Cache"], again.json()["cache_layer"]) == ("HIT", "redis")
+    assert tripped.status_code == 503, tripped.content
+    assert tripped.json()["error"]["code"] == "upstream_unavailable"
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    for said in (
+        "unreachable (Timeout",  # the server's outage, with its first error
+        "answers again after",
+        "quota backend unavailable",
+        "quota backend reachable again",
+        "circuit state unavailable",
+        "circuit state available again",
+        "cache tier on this worker's memory alone",
+        "cache tier back on Redis",
+    ):
+        assert sum(said in m for m in logged) == 1, (said, logged)
+
+
+@pytest.mark.django_db(transaction=True)  # the requests run in threads
+def test_redis_hung_past_its_back_off_one_request_probes_it_not_every_thread(  # noqa: PLR0917
+    redis_server, settings, api_key, local_model, user, redis_round_trips, monkeypatch
+):
+    """Eight requests at once when the back-off of a still hung Redis is over: one of them
+    tries it (one timeout), the others go on without it, instead of each part of each
+    thread waiting out its own timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, requests_per_minute=1000)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    _warm_up(client)
+    outage = _frozen_redis(monkeypatch, redis_server)
+    assert _post(client, GENERATE, {"prompt": "finds it hung"}).status_code == 200
+    assert outage.failures == 1
+
+    def ask(i: int) -> int:
+        mine = APIClient()
+        mine.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+        try:
+            return _post(mine, GENERATE, {"prompt": f"at once {i}"}).status_code
+        finally:
+            connection.close()
+
+    redis_round_trips.count = 0
+    outage.retry_at = 0.0  # the back-off is over
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(ask, range(8)))
+
+    assert statuses == [200] * 8
+    assert redis_round_trips.count == 1  # the probe's, which timed out
+    assert outage.failures == 2
+
+
 def test_redis_down_admin_pages_answer(redis_server, settings, client_with_key, user, api_key):
     """The operator's pages that show live usage (user, key, dashboard) and the reset
     action while Redis is away."""
