@@ -314,11 +314,17 @@ def _admit_degraded(
     back-off but its server's Outage decides when it is tried again, so that every part of
     the worker goes back to it together, after one probe."""
     if _state.degraded_since is None:  # Redis has just failed: tried again in a second
-        logger.warning(
-            "quota backend unavailable (%s): QUOTA_FAIL_MODE=%s", reason, settings.QUOTA_FAIL_MODE
-        )
-        _state.degraded_since = time.monotonic()
-        _state.next_redis_try = time.monotonic() + 1.0
+        with _state.lock:  # the requests in flight when Redis hangs all fail at once
+            first = _state.degraded_since is None
+            if first:
+                _state.degraded_since = time.monotonic()
+                _state.next_redis_try = time.monotonic() + 1.0
+        if first:
+            logger.warning(
+                "quota backend unavailable (%s): QUOTA_FAIL_MODE=%s",
+                reason,
+                settings.QUOTA_FAIL_MODE,
+            )
     # Otherwise the next try stays where `_recover` put it: pushed back by every request
     # served meanwhile, it would never come while requests are a second apart or less.
     if away:
