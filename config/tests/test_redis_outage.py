@@ -58,6 +58,39 @@ def redis_server(settings):
     _reset_process_state()
 
 
+class _Timeouts:
+    """The socket timeouts redis-py runs into while reading a reply, each one
+    REDIS_SOCKET_TIMEOUT waited out: a frozen server answers nothing, so every call written
+    to it ends in exactly one (a new connection's handshake, and the health check it sends
+    first, included)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import threading
+
+        import redis.connection
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        self.count = 0
+        lock = threading.Lock()
+        original = redis.connection.AbstractConnection.read_response
+
+        def counting(conn, *args, **kwargs):  # type: ignore[no-untyped-def]
+            try:
+                return original(conn, *args, **kwargs)
+            except RedisTimeoutError:
+                with lock:
+                    self.count += 1
+                raise
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", counting)
+
+
+@pytest.fixture
+def redis_timeouts(monkeypatch):
+    """A _Timeouts counter for this test (`.count`, set it back to 0 at will)."""
+    return _Timeouts(monkeypatch)
+
+
 @pytest.fixture
 def upstream():
     """The fake LLM provider on loopback (the only thing faked)."""
@@ -590,7 +623,7 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all
     client_with_key,
     user,
     local_model,
-    redis_round_trips,
+    redis_timeouts,
     monkeypatch,
     caplog,
 ):
@@ -598,8 +631,8 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all
     uses Redis (cache look-up, admission, single flight, breaker, cache store, invalidation
     sync) tried the hung server on its own, each try a socket timeout. Now the first one
     that finds it hung makes every part skip it: a request waits one timeout at most, the
-    next ones none. Every command, pipeline or script written to the frozen server is one
-    timeout (`redis_round_trips`). Once the back-off is over, one probe finds Redis back
+    next ones none, counted as the timeouts redis-py runs into (`redis_timeouts`). Once
+    the back-off is over, one probe finds Redis back
     and every part uses it again: day counters rebuilt from the ledger, the breaker's
     state read from Redis, the cache stored and read there; each part said once that Redis
     was away and once that it is back."""
@@ -641,14 +674,14 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all
     }
 
     with caplog.at_level(logging.INFO):
-        sent = {}
+        waited = {}
         for name, request in requests.items():
-            redis_round_trips.count = 0
+            redis_timeouts.count = 0
             response = request()
             if name != "stream":
                 assert response.status_code == (401 if name == "bad key" else 200), name
-            sent[name] = redis_round_trips.count
-        assert list(sent.values()) == [1] + [0] * (len(requests) - 1), sent
+            waited[name] = redis_timeouts.count
+        assert list(waited.values()) == [1] + [0] * (len(requests) - 1), waited
         assert outage.failures == 1
 
         # Past the back-off, Redis answering again: one call finds it back for every part.
@@ -691,16 +724,67 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all
         assert sum(said in m for m in logged) == 1, (said, logged)
 
 
+def _at_once(api_key, prompts: list[str]) -> list[int]:
+    """The statuses of generations of `prompts` sent at once, each from a thread of its own
+    (the test must be transactional)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+    from rest_framework.test import APIClient
+
+    def ask(prompt: str) -> int:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+        try:
+            return _post(client, GENERATE, {"prompt": prompt}).status_code
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(ask, prompts))
+
+
+@pytest.mark.django_db(transaction=True)  # the requests run in threads
+def test_redis_hanging_under_requests_at_once_costs_each_one_timeout_said_once(  # noqa: PLR0917
+    redis_server, settings, api_key, local_model, user, redis_timeouts, monkeypatch, caplog
+):
+    """Redis hangs while eight requests are on their way: those whose call was already
+    out wait out its timeout, each one at most, and each part of the worker says once that
+    Redis is away, not once per request that found it so."""
+    import logging
+
+    from rest_framework.test import APIClient
+
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, requests_per_minute=1000)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    _warm_up(client)
+    outage = _frozen_redis(monkeypatch, redis_server)
+    redis_timeouts.count = 0
+
+    with caplog.at_level(logging.WARNING):
+        statuses = _at_once(api_key, [f"as it hangs {i}" for i in range(8)])
+
+    assert statuses == [200] * 8
+    assert 1 <= outage.failures == redis_timeouts.count <= 8
+    logged = [r.getMessage() for r in caplog.records]
+    for said in (
+        "unreachable (Timeout",
+        "quota backend unavailable",
+        "circuit state unavailable",
+        "cache tier on this worker's memory alone",
+    ):
+        assert sum(said in m for m in logged) == 1, (said, logged)
+
+
 @pytest.mark.django_db(transaction=True)  # the requests run in threads
 def test_redis_hung_past_its_back_off_one_request_probes_it_not_every_thread(  # noqa: PLR0917
-    redis_server, settings, api_key, local_model, user, redis_round_trips, monkeypatch
+    redis_server, settings, api_key, local_model, user, redis_timeouts, monkeypatch
 ):
     """Eight requests at once when the back-off of a still hung Redis is over: one of them
     tries it (one timeout), the others go on without it, instead of each part of each
     thread waiting out its own timeout."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from django.db import connection
     from rest_framework.test import APIClient
 
     settings.QUOTA_FAIL_MODE = "open"
@@ -712,21 +796,12 @@ def test_redis_hung_past_its_back_off_one_request_probes_it_not_every_thread(  #
     assert _post(client, GENERATE, {"prompt": "finds it hung"}).status_code == 200
     assert outage.failures == 1
 
-    def ask(i: int) -> int:
-        mine = APIClient()
-        mine.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
-        try:
-            return _post(mine, GENERATE, {"prompt": f"at once {i}"}).status_code
-        finally:
-            connection.close()
-
-    redis_round_trips.count = 0
+    redis_timeouts.count = 0
     outage.retry_at = 0.0  # the back-off is over
-    with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(ask, range(8)))
+    statuses = _at_once(api_key, [f"at once {i}" for i in range(8)])
 
     assert statuses == [200] * 8
-    assert redis_round_trips.count == 1  # the probe's, which timed out
+    assert redis_timeouts.count == 1  # the probe's, which timed out
     assert outage.failures == 2
 
 
