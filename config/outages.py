@@ -79,10 +79,14 @@ class Outage:
             return False
 
     def failed(self, *args: Any) -> None:
+        """A call found the service away. The next probe comes `retry_seconds` after this
+        failure, or, when this was the probe, after the probe began: one try a second,
+        not one a second plus the timeout it waited out."""
         now = time.monotonic()
         with self._lock:
             self.failures += 1
-            self.retry_at = now + self.retry_seconds
+            if self.prober != threading.get_ident() or now >= self.retry_at:
+                self.retry_at = now + self.retry_seconds
             self.prober = None
             if self.since is not None:
                 return

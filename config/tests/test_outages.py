@@ -64,6 +64,19 @@ def test_outage_probe_thread_may_call_again_until_it_reports():
     assert (outage.since, outage.retry_at) == (None, 0.0)
 
 
+def test_outage_probes_a_back_off_apart_counted_from_the_start_of_the_last_probe():
+    outage = _outage(retry_seconds=0.2)
+    outage.failed("refused")
+    outage.retry_at = 0.0
+    assert not outage.away()  # the probe begins
+    time.sleep(0.1)  # ... and waits out its timeout
+    outage.failed("timed out")
+    assert outage.away()
+    time.sleep(0.12)
+
+    assert not outage.away()  # 0.2 s after the last probe began, not after it failed
+
+
 def test_outage_probe_that_never_reports_gives_way_after_another_back_off():
     outage = _outage(retry_seconds=0.05)
     outage.failed("refused")
