@@ -94,11 +94,16 @@ class Outage:
         self.logger.warning(self.began, *args)
 
     def answered(self) -> None:
+        """A call was answered: the outage is over. Not for an answer that comes during the
+        back-off to a call other than the probe's: that call was sent before the failure
+        (a server shutting down still answers what it had read), and proves nothing."""
         if self.since is None:
             return
         with self._lock:
             since = self.since
             if since is None:
+                return
+            if time.monotonic() < self.retry_at and self.prober != threading.get_ident():
                 return
             self.since, self.retry_at, self.prober = None, 0.0, None
         self.logger.warning(self.ended, time.monotonic() - since)
@@ -136,7 +141,7 @@ class OutageNotice:
 
     def answered(self, outage: Outage) -> None:
         outage.answered()
-        if self.since is None:
+        if self.since is None or outage.since is not None:
             return
         with self._lock:
             since, self.since = self.since, None

@@ -96,6 +96,19 @@ def test_outage_probe_that_never_reports_gives_way_after_another_back_off():
     assert elsewhere == [True, False]  # another thread probes in turn
 
 
+def test_outage_answer_to_a_call_sent_before_the_failure_does_not_end_it():
+    outage = _outage()
+    outage.failed("refused")  # another connection of a server shutting down
+    outage.answered()  # a call that went out before that failure, answered now
+    assert outage.since is not None
+    assert outage.away()
+
+    outage.retry_at = 0.0
+    assert not outage.away()  # the probe
+    outage.answered()
+    assert outage.since is None
+
+
 def test_outage_without_probe_only_asks_whether_the_back_off_runs():
     outage = _outage()
     outage.failed("refused")
