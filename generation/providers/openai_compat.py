@@ -82,6 +82,13 @@ class OpenAIProvider:
         self.headers = {k: v for k, v in headers.items() if isinstance(v, str)}
         self.headers["Accept-Encoding"] = "gzip, deflate"
         self.pool = _pool_for(self.url)
+        # Without a proxy, the POST goes straight to the upstream host's own connection pool
+        # with the request's path: the PoolManager would parse the URL, look the pool up and
+        # copy the headers again on every call to arrive at the same pool and path.
+        self.endpoint: urllib3.HTTPConnectionPool | None = None
+        if not isinstance(self.pool, urllib3.ProxyManager):
+            self.endpoint = self.pool.connection_from_url(self.url)
+            self.path = urllib3.util.parse_url(self.url).request_uri
         # The field bounding the answer (OPENAI_MAX_TOKENS_PARAM; empty: by the base URL).
         self.max_tokens_param = max_tokens_param or (
             "max_completion_tokens" if self.client.base_url.host == _OPENAI_HOST else "max_tokens"
@@ -95,17 +102,21 @@ class OpenAIProvider:
         }
         if request.temperature is not None:
             body["temperature"] = request.temperature
+        options: dict[str, Any] = {
+            "body": json.dumps(body).encode(),
+            "headers": self.headers,
+            "timeout": urllib3.Timeout(connect=self.connect_timeout, read=timeout),
+            "retries": False,
+            "redirect": False,
+            "preload_content": False,  # read below: a body that breaks off is not unreachable
+        }
         try:
-            response = self.pool.request(
-                "POST",
-                self.url,
-                body=json.dumps(body).encode(),
-                headers=self.headers,
-                timeout=urllib3.Timeout(connect=self.connect_timeout, read=timeout),
-                retries=False,
-                redirect=False,
-                preload_content=False,  # read below: a body that breaks off is not unreachable
-            )
+            if self.endpoint is not None:
+                response = self.endpoint.urlopen(
+                    "POST", self.path, assert_same_host=False, **options
+                )
+            else:  # through the proxy, which the PoolManager's request handles
+                response = self.pool.request("POST", self.url, **options)
         except urllib3.exceptions.NewConnectionError as exc:  # a ConnectTimeoutError by class
             raise ProviderUnreachable(f"openai: cannot connect: {exc}") from exc
         except urllib3.exceptions.TimeoutError as exc:
