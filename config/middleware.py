@@ -204,11 +204,11 @@ class RequestIdMiddleware:
 
     @staticmethod
     def _record(request: HttpRequest, response: HttpResponse, started: float) -> None:
-        from health.metrics import REQUESTS
+        from health.metrics import REQUESTS, series
 
         endpoint = _endpoint_of(request)
         cache = response.get("X-Cache", "none")
-        REQUESTS.labels(endpoint=endpoint, status=str(response.status_code), cache=cache).inc()
+        series(REQUESTS, endpoint, str(response.status_code), cache).inc()
         if request.path in _UNLOGGED_PATHS:
             return  # probes and scrapes every few seconds would drown the log
         access_log.info(

@@ -55,7 +55,7 @@ from generation.providers.base import (
     ProviderTimeout,
     ProviderUnreachable,
 )
-from health.metrics import CIRCUIT_STATE, UPSTREAM_CALLS, UPSTREAM_LATENCY
+from health.metrics import CIRCUIT_STATE, UPSTREAM_CALLS, UPSTREAM_LATENCY, series
 
 logger = logging.getLogger("tollgate.generation")
 
@@ -457,10 +457,10 @@ class _Attempts:
         logger.info("upstream attempt failed: %s", exc)
 
     def succeeded(self) -> None:
-        UPSTREAM_LATENCY.labels(self.provider, self.model).observe(
+        series(UPSTREAM_LATENCY, self.provider, self.model).observe(
             time.perf_counter() - self.started
         )
-        UPSTREAM_CALLS.labels(self.provider, self.model, "ok").inc()
+        series(UPSTREAM_CALLS, self.provider, self.model, "ok").inc()
         if self.state != "closed" or self.failures:
             self.breaker.record_success()
 

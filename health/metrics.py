@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
@@ -72,3 +74,20 @@ REQUEST_SLOTS = Gauge(
     "Requests the serving workers can hold at once (their threads).",
     multiprocess_mode="livesum",
 )
+
+
+_series: dict[tuple[Any, ...], Any] = {}
+
+
+def series(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up once per process.
+
+    prometheus_client checks and joins the label values again at every `labels()` call, and
+    a cache miss updates seven labelled series of this module. `labels()` hands back the
+    same child for the same values as long as it is not removed, and no code removes one
+    (no `remove()` or `clear()`); the values are bounded (see above), so is the dict."""
+    key = (metric, *values)
+    child = _series.get(key)
+    if child is None:
+        child = _series[key] = metric.labels(*values)
+    return child

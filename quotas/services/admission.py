@@ -212,7 +212,7 @@ def _admit(
                 continue  # admitted through Redis instead
         if not decision.admitted:
             raise _refuse(decision, policy)
-        metrics.QUOTA_DECISIONS.labels("admitted", "", "").inc()
+        metrics.series(metrics.QUOTA_DECISIONS, "admitted", "", "").inc()
         hit = mode == "hit" or decision.hit
         return Admission(
             request_id=request_id,

@@ -110,10 +110,10 @@ def usage_settle(
     )
     admission.settled_tokens = tokens
     if tokens:
-        metrics.TOKENS.labels(policy.model, "prompt").inc(prompt_tokens)
-        metrics.TOKENS.labels(policy.model, "completion").inc(completion_tokens)
+        metrics.series(metrics.TOKENS, policy.model, "prompt").inc(prompt_tokens)
+        metrics.series(metrics.TOKENS, policy.model, "completion").inc(completion_tokens)
     if cost:
-        metrics.COST_USD.labels(policy.model).inc(float(cost))
+        metrics.series(metrics.COST_USD, policy.model).inc(float(cost))
     return cost
 
 
