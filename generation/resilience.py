@@ -400,18 +400,28 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderFailure) and exc.retryable
 
 
+_retryings: dict[tuple[Any, ...], tenacity.Retrying] = {}
+
+
 def _retrying() -> tenacity.Retrying:
-    return tenacity.Retrying(
-        stop=(
-            tenacity.stop_after_attempt(settings.UPSTREAM_MAX_ATTEMPTS)
-            | tenacity.stop_before_delay(settings.UPSTREAM_MAX_RETRY_SECONDS)
-        ),
-        wait=_WaitRetryAfterOrJitter(
-            base=settings.UPSTREAM_BACKOFF_BASE, maximum=settings.UPSTREAM_BACKOFF_MAX
-        ),
-        retry=tenacity.retry_if_exception(_retryable),
-        reraise=True,
+    """The retry policy of the settings of the moment, built once per set of values: a
+    Retrying keeps the state of a call per thread, so one serves every call."""
+    values = (
+        settings.UPSTREAM_MAX_ATTEMPTS,
+        settings.UPSTREAM_MAX_RETRY_SECONDS,
+        settings.UPSTREAM_BACKOFF_BASE,
+        settings.UPSTREAM_BACKOFF_MAX,
     )
+    retrying = _retryings.get(values)
+    if retrying is None:
+        attempts, seconds, base, maximum = values
+        retrying = _retryings[values] = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_before_delay(seconds),
+            wait=_WaitRetryAfterOrJitter(base=base, maximum=maximum),
+            retry=tenacity.retry_if_exception(_retryable),
+            reraise=True,
+        )
+    return retrying
 
 
 def _api_error(exc: Exception) -> GenerationError:
