@@ -71,6 +71,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+_PARTS_KEPT = 1000  # tuples of quotas whose keys and arguments are kept (see _quota_part)
+
+
 def _window_arg(kind: str, window: int | str) -> str:
     """How admit.lua is told a quota's window: seconds, "day", "month" or "lease"."""
     return "lease" if kind == "l" else str(window)
@@ -85,6 +88,8 @@ class RedisQuotaBackend:
 
     def __init__(self) -> None:
         self.prefix = f"{settings.REDIS_KEY_PREFIX}:q"
+        # id(quotas) -> (quotas, epoch, day, counter keys, admit.lua arguments)
+        self._parts: dict[int, tuple[Any, str, str, list[str], list[Any]]] = {}
 
     @cached_property
     def client(self) -> Any:
@@ -163,6 +168,29 @@ class RedisQuotaBackend:
             return f"{base}:l"
         return f"{base}:{kind}{window}"
 
+    def _quota_part(
+        self, quotas: tuple[Quota, ...], epoch: str, day: str, *, keep: bool
+    ) -> tuple[list[str], list[Any]]:
+        """The counter keys and admit.lua arguments of `quotas` in this epoch and UTC day.
+
+        They are the same for every request of a policy and priority all day long, and a
+        policy keeps one tuple of quotas per priority for its life (Policy.quotas_for): they
+        are kept per tuple (`keep`), the tuple itself held so that its id is not reused."""
+        found = self._parts.get(id(quotas)) if keep else None
+        if found is not None and found[0] is quotas and found[1] == epoch and found[2] == day:
+            return found[3], found[4]
+        keys: list[str] = []
+        args: list[Any] = []
+        for quota in quotas:
+            kind, window = DIMENSION_SPECS[quota.dimension]
+            keys.append(self._counter_key(quota, epoch, day))
+            args += [quota.scope, quota.dimension, quota.limit, kind, _window_arg(kind, window)]
+        if keep:
+            if len(self._parts) >= _PARTS_KEPT:  # policies replaced over a long life
+                self._parts.clear()
+            self._parts[id(quotas)] = (quotas, epoch, day, keys, args)
+        return keys, args
+
     # --- calls ---
     def admit(
         self,
@@ -202,10 +230,9 @@ class RedisQuotaBackend:
             month_left,
             len(quotas),
         ]
-        for quota in quotas:
-            kind, window = DIMENSION_SPECS[quota.dimension]
-            keys.append(self._counter_key(quota, epoch, day))
-            args += [quota.scope, quota.dimension, quota.limit, kind, _window_arg(kind, window)]
+        quota_keys, quota_args = self._quota_part(quotas, epoch, day, keep=mode != "hit")
+        keys += quota_keys
+        args += quota_args
         if gate is not None:
             keys += [gate.entry, gate.lock]
             args += [gate.token, gate.lock_ms]

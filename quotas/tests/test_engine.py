@@ -580,3 +580,16 @@ def test_ledger_sums_of_several_principals_and_windows_come_from_one_statement(u
     }
     assert together == {spot: ledger_usage(counter=spot[0], since=spot[1]) for spot in spots}
     assert ledger_usages([]) == {}
+
+
+def test_admit_counts_a_new_utc_day_in_a_new_counter_with_the_same_policy(
+    redis_conn, user, plan_for
+):
+    # The counter keys of a policy's quotas are kept for the day (RedisQuotaBackend): the
+    # first request after midnight must count in the new day's counter, not in the kept one.
+    plan_for(user, requests_per_day=2)
+    midnight = (NOW // 86400 + 1) * 86400
+    assert admitted(user, 3, now=midnight - 30) == 2
+    assert admitted(user, 3, now=midnight + 30) == 2
+    days = {k.decode().rsplit(":", 1)[-1] for k in redis_conn.keys("tg:q:{u:*:d*")}
+    assert len(days) == 2
