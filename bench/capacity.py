@@ -39,6 +39,7 @@ from bench.generate import (  # noqa: E402 - sets the environment's defaults fir
     MODEL,
     children,
     free_port,
+    gunicorn_start,
     proc_hwm_mib,
     setup_database,
     wait_http,
@@ -83,13 +84,7 @@ def run(threads: int, args: argparse.Namespace, key: str, up_port: int) -> dict[
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="tollgate-bench-prom-"),
         "PYTHONPATH": str(ROOT),
     }
-    gunicorn = subprocess.Popen(
-        [str(Path(sys.executable).with_name("gunicorn")), "config.wsgi"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    gunicorn = gunicorn_start(env)
     try:
         wait_http(f"http://127.0.0.1:{port}/health/live")
         workers = children(gunicorn.pid)

@@ -129,6 +129,18 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def gunicorn_start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """gunicorn serving Tollgate with the repository's gunicorn.conf.py (read from the
+    working directory), configured by `env`."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("gunicorn")), "config.wsgi"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def setup_database() -> str:
     """Create the bench database if needed, migrate, and return a key with every limit set."""
     ensure_database(os.environ["DATABASE_URL"])
@@ -289,14 +301,7 @@ def main() -> None:
             table = render(results, args.duration, "", args.rounds, reference=args.reference)
             sys.stdout.write(table + "\n")
             return
-        gunicorn = subprocess.Popen(
-            # gunicorn.conf.py is read from the working directory.
-            [str(Path(sys.executable).with_name("gunicorn")), "config.wsgi"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        gunicorn = gunicorn_start(env)
         procs.append(gunicorn)
         wait_http(f"http://127.0.0.1:{gw_port}/health/live")
         results = run_all(args, key, up_port, gw_port, gunicorn.pid)

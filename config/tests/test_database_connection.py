@@ -49,12 +49,6 @@ def _fresh_connection_after():
     connection.close()  # the test may leave a dead one; the database flush needs a live one
 
 
-@pytest.fixture
-def key_client(api_client, api_key, redis_conn):
-    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
-    return api_client
-
-
 def _generate(client, prompt: str, model: str):
     return client.post("/api/v1/generate", {"prompt": prompt, "model": model}, format="json")
 

@@ -21,6 +21,7 @@ from django.db import OperationalError, close_old_connections, connection, trans
 from config.db import deadline
 from config.db.deadline import DatabaseNotAnswering, read_deadline
 from config.tests.freezable_proxy import FreezableProxy
+from config.tests.test_database_connection import _generate
 from quotas.models import UsageRecord
 from quotas.services import usage_flush
 from quotas.services.spool import spool_pending
@@ -221,16 +222,6 @@ def test_the_watchdog_shuts_the_socket_down_and_leaves_the_descriptor_open():
 
         assert ours.recv(1) == b""  # a blocked read would return
         assert os.fstat(fd)  # still open: psycopg closes it, not the watchdog
-
-
-@pytest.fixture
-def key_client(api_client, api_key, redis_conn):
-    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
-    return api_client
-
-
-def _generate(client, prompt: str, model: str):
-    return client.post("/api/v1/generate", {"prompt": prompt, "model": model}, format="json")
 
 
 def test_generation_goes_on_while_the_database_hangs_and_its_rows_are_written_after(
