@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db.models import Sum
@@ -43,6 +44,15 @@ def _reset_process_state() -> None:
     providers_reset()
     _scripts.clear()
     _redis_away.reset()
+
+
+def _key_client(full_key: str) -> Any:
+    """A DRF test client that sends `full_key` as its bearer token."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+    return client
 
 
 @pytest.fixture
@@ -146,11 +156,9 @@ def _generate_while(settings, api_key, body, meanwhile):
     import threading
 
     from django.db import connection
-    from rest_framework.test import APIClient
 
     settings.LOCAL_PROVIDER_LATENCY_MS = 600
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    client = _key_client(api_key[0])
     answers: list = []
 
     def ask() -> None:
@@ -550,7 +558,6 @@ def test_redis_down_concurrent_identical_misses_all_answered_and_charged(
     from concurrent.futures import ThreadPoolExecutor
 
     from django.db import connection
-    from rest_framework.test import APIClient
 
     settings.QUOTA_FAIL_MODE = "open"
     plan_for(user, requests_per_minute=100)
@@ -558,8 +565,7 @@ def test_redis_down_concurrent_identical_misses_all_answered_and_charged(
     redis_server.stop()
 
     def ask(_: int) -> tuple[int, str]:
-        client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+        client = _key_client(full_key)
         try:
             response = client.post(GENERATE, {"prompt": "same question"}, format="json")
             return response.status_code, response.json().get("request_id", "")
@@ -730,11 +736,9 @@ def _at_once(api_key, prompts: list[str]) -> list[int]:
     from concurrent.futures import ThreadPoolExecutor
 
     from django.db import connection
-    from rest_framework.test import APIClient
 
     def ask(prompt: str) -> int:
-        client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+        client = _key_client(api_key[0])
         try:
             return _post(client, GENERATE, {"prompt": prompt}).status_code
         finally:
@@ -753,12 +757,9 @@ def test_redis_hanging_under_requests_at_once_costs_each_one_timeout_said_once( 
     Redis is away, not once per request that found it so."""
     import logging
 
-    from rest_framework.test import APIClient
-
     settings.QUOTA_FAIL_MODE = "open"
     plan_for(user, requests_per_minute=1000)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    client = _key_client(api_key[0])
     _warm_up(client)
     outage = _frozen_redis(monkeypatch, redis_server)
     redis_timeouts.count = 0
@@ -785,12 +786,10 @@ def test_redis_hung_past_its_back_off_one_request_probes_it_not_every_thread(  #
     """Eight requests at once when the back-off of a still hung Redis is over: one of them
     tries it (one timeout), the others go on without it, instead of each part of each
     thread waiting out its own timeout."""
-    from rest_framework.test import APIClient
 
     settings.QUOTA_FAIL_MODE = "open"
     plan_for(user, requests_per_minute=1000)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    client = _key_client(api_key[0])
     _warm_up(client)
     outage = _frozen_redis(monkeypatch, redis_server)
     assert _post(client, GENERATE, {"prompt": "finds it hung"}).status_code == 200
@@ -1008,7 +1007,6 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
 
     import psycopg
     from django.db import connection
-    from rest_framework.test import APIClient
 
     settings.QUOTA_FAIL_MODE = "open"
     plan_for(user, requests_per_day=1000)
@@ -1016,8 +1014,7 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
     dsn = f"host={db['HOST']} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
 
     def ask(prompt: str, answers: list) -> None:
-        client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+        client = _key_client(api_key[0])
         try:
             answers.append(_post(client, GENERATE, {"prompt": prompt, "max_tokens": 16}))
         finally:
@@ -1050,7 +1047,6 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
 
     assert [r.status_code for r in in_flight + back] == [200, 200]
     ledger = UsageRecord.objects.filter(user=user, outcome=Outcome.OK).count()
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    client = _key_client(api_key[0])
     used = _get(client, "/api/v1/quota").json()["limits"]["requests_per_day"]["used"]
     assert (ledger, used) == (3, 3)
