@@ -4,6 +4,8 @@ from typing import Any
 
 from django.apps import AppConfig
 
+from health.metrics import REQUESTS_IN_FLIGHT
+
 
 class HealthConfig(AppConfig):
     name = "health"
@@ -32,14 +34,10 @@ class HealthConfig(AppConfig):
 
 
 def _request_in(**_: Any) -> None:
-    from health.metrics import REQUESTS_IN_FLIGHT
-
     REQUESTS_IN_FLIGHT.inc()
 
 
 def _request_out(**_: Any) -> None:
-    from health.metrics import REQUESTS_IN_FLIGHT
-
     REQUESTS_IN_FLIGHT.dec()
 
 
