@@ -78,9 +78,10 @@ def setup() -> tuple[int, int]:
     return user.pk, key.pk
 
 
-def commandstats(conn) -> dict[str, int]:
+def commandstats(conn) -> dict[str, tuple[int, int]]:
+    """(calls, microseconds) of each command since Redis started (or CONFIG RESETSTAT)."""
     stats = conn.info("commandstats")
-    return {name: int(v["calls"]) for name, v in stats.items()}
+    return {name: (int(v["calls"]), int(v["usec"])) for name, v in stats.items()}
 
 
 def run(user_id: int, key_id: int, requests: int, threads: int) -> dict[str, float]:
@@ -126,11 +127,17 @@ def run(user_id: int, key_id: int, requests: int, threads: int) -> dict[str, flo
     elapsed = time.perf_counter() - start
     after = commandstats(conn)
     done = per * threads
-    calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    calls = {k: after[k][0] - before.get(k, (0, 0))[0] for k in after}
     # INFO commandstats also counts the commands a script runs; each EVALSHA is one round
-    # trip, and nothing else on this path talks to Redis.
+    # trip, and nothing else on this path talks to Redis. A script's time includes the
+    # time of the commands it runs: the server's time per request is the scripts' alone.
     round_trips = calls.get("cmdstat_evalsha", 0) + calls.get("cmdstat_eval", 0)
     inside = sum(v for k, v in calls.items() if k not in ("cmdstat_evalsha", "cmdstat_info"))
+    script_usec = sum(
+        after[k][1] - before.get(k, (0, 0))[1]
+        for k in ("cmdstat_evalsha", "cmdstat_eval")
+        if k in after
+    )
 
     def pct(values: list[float], q: float) -> float:
         return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
@@ -145,6 +152,7 @@ def run(user_id: int, key_id: int, requests: int, threads: int) -> dict[str, flo
         "settle_p99": pct(settle_ms, 99),
         "redis_per_request": round_trips / done,
         "inside_per_request": inside / done,
+        "redis_usec_per_request": script_usec / done,
     }
 
 
@@ -156,15 +164,17 @@ def main() -> None:
     user_id, key_id = setup()
     print(
         "| threads | requests | req/s | admit p50 ms | admit p99 ms | settle p50 ms "
-        "| settle p99 ms | Redis round trips / request | commands run by the scripts / request |"
+        "| settle p99 ms | Redis round trips / request | commands run by the scripts / request "
+        "| Redis server time / request |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for threads in args.threads:
         r = run(user_id, key_id, args.requests, threads)
         print(
             f"| {r['threads']} | {r['requests']} | {r['throughput']:.0f} | {r['admit_p50']:.2f} "
             f"| {r['admit_p99']:.2f} | {r['settle_p50']:.2f} | {r['settle_p99']:.2f} "
-            f"| {r['redis_per_request']:.2f} | {r['inside_per_request']:.1f} |"
+            f"| {r['redis_per_request']:.2f} | {r['inside_per_request']:.1f} "
+            f"| {r['redis_usec_per_request']:.0f} us |"
         )
     UsageRecord.objects.filter(user__username="bench").delete()
 
