@@ -81,17 +81,26 @@ def ledger_usage(*, counter: str, since: datetime) -> tuple[int, int, int]:
 def ledger_usages(
     spots: Iterable[tuple[str, datetime]],
 ) -> dict[tuple[str, datetime], tuple[int, int, int]]:
-    """`ledger_usage` of several (counter, since) pairs in one statement: the rows since the
-    earliest `since` of any of their principals, summed once per pair (a fail-open
-    admission holds its principals' ledger locks while it reads, so one scan of the month
-    instead of one per window and dimension is what every other admission waits for)."""
+    """`ledger_usage` of several (counter, since) pairs in one statement, each principal's
+    rows read from its own earliest `since` on and summed once per pair.
+
+    A fail-open admission holds its principals' ledger locks while it reads, the global
+    one included, so this statement is what every other fail-open admission waits for.
+    Each principal's rows are bounded by its own window: a user's month and the global
+    day read that user's month and everyone's day (one index scan each), not everyone's
+    month (bench/fail_open.py)."""
     wanted = list(dict.fromkeys(spots))
     if not wanted:
         return {}
     sums: dict[str, Any] = {}
     principals = [_ledger_filter(counter) for counter, _ in wanted]
-    # The global scope's filter is empty: it sums every row, and so does the scan.
-    every = functools.reduce(operator.or_, principals) if all(principals) else Q()
+    earliest: dict[str, datetime] = {}
+    for counter, since in wanted:
+        earliest[counter] = min(since, earliest.get(counter, since))
+    every = functools.reduce(
+        operator.or_,
+        (_ledger_filter(counter) & Q(created_at__gte=since) for counter, since in earliest.items()),
+    )
     for i, (principal, (_, since)) in enumerate(zip(principals, wanted, strict=True)):
         mine = principal & Q(created_at__gte=since)
         sums[f"r{i}"] = Count("id", filter=mine)
@@ -99,7 +108,7 @@ def ledger_usages(
         sums[f"c{i}"] = Sum("completion_tokens", filter=mine)
         sums[f"u{i}"] = Sum("cost_usd", filter=mine)
     row = (
-        UsageRecord.objects.filter(every, created_at__gte=min(since for _, since in wanted))
+        UsageRecord.objects.filter(every)
         .filter(outcome__in=COUNTED_OUTCOMES, fallback=False)
         .aggregate(**sums)
     )
