@@ -2,8 +2,11 @@
 
 Every caller leaves the service alone for `retry_seconds` after each failure (a service that
 hangs would otherwise cost every request its timeout); then exactly one caller, the probe,
-asks it again while the others go on leaving it alone until the probe has its answer. The
-outage is said once when it begins and once when it ends, not once per request.
+asks it again while the others go on leaving it alone until the probe has its answer. An
+Outage given a `check` (Redis's: a PING) has no caller probe: a thread of its own runs the
+check once per back-off for as long as the outage lasts, so that no request waits out the
+timeout of a service still hung. The outage is said once when it begins and once when it
+ends, not once per request.
 
 Authentication's and the ledger's PostgreSQL each keep an Outage of their own. A Redis
 server has one per process, whatever its database numbers and clients (`redis_outage`):
@@ -22,6 +25,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,18 +43,27 @@ class Outage:
     """One backing service's outage, as this process sees it (see the module docstring)."""
 
     def __init__(
-        self, logger: logging.Logger, *, began: str, ended: str, retry_seconds: float = 1.0
+        self,
+        logger: logging.Logger,
+        *,
+        began: str,
+        ended: str,
+        retry_seconds: float = 1.0,
+        check: Callable[[], object] | None = None,
     ) -> None:
         """`began`: the message (with %-arguments given to `failed`) when the first failure
         is seen; `ended`: the one (with the outage's length in seconds) when the service
-        answers again."""
+        answers again. `check`: asks the service, raising if it does not answer; with it,
+        the checking thread probes instead of a caller."""
         self.logger, self.began, self.ended = logger, began, ended
         self.retry_seconds = retry_seconds
+        self.check = check
         self.since: float | None = None  # the outage's start, while there is one
         self.retry_at = 0.0  # time.monotonic() before which the service is not asked
         self.prober: int | None = None  # the thread that asks it again, until it reports
         self.failures = 0  # calls that found the service away, in this process's life
         self._lock = threading.Lock()
+        self._checker: threading.Thread | None = None
         _every.add(self)
 
     def away(self, *, probe: bool = True) -> bool:
@@ -63,12 +76,18 @@ class Outage:
         part that will ask with `away()` (a cache look-up that rides in the admission's
         script): False as soon as the back-off has passed, and it never takes the probe.
 
+        With a `check`, True for every caller until the checking thread has found the
+        service back.
+
         A healthy service costs two comparisons, no lock."""
         now = time.monotonic()
         if now < self.retry_at:
             return self.prober != threading.get_ident()
-        if self.since is None or not probe:
+        if self.since is None or (not probe and self.check is None):
             return False
+        if self.check is not None:
+            self._checking()
+            return True
         with self._lock:
             if self.since is None:
                 return False
@@ -92,6 +111,46 @@ class Outage:
                 return
             self.since = now
         self.logger.warning(self.began, *args)
+        if self.check is not None:
+            self._checking()
+
+    def _checking(self) -> None:
+        """Start the checking thread unless it runs (it ends with the outage)."""
+        checker = self._checker
+        if checker is not None and checker.is_alive():
+            return
+        with self._lock:
+            checker = self._checker
+            if self.since is None or (checker is not None and checker.is_alive()):
+                return
+            self._checker = threading.Thread(
+                target=self._check_until_answered,
+                args=(self.check,),
+                name="outage-check",
+                daemon=True,
+            )
+            self._checker.start()
+
+    def _check_until_answered(self, check: Callable[[], object]) -> None:
+        """The checking thread: `check` once per back-off until the service answers."""
+        while self.since is not None:
+            wait = self.retry_at - time.monotonic()
+            if wait > 0:
+                # A short nap, not the whole back-off: the outage may end, or its back-off
+                # be cut short (a test), meanwhile.
+                time.sleep(min(wait, 0.05))
+                continue
+            with self._lock:
+                if self.since is None:
+                    return
+                self.retry_at = time.monotonic() + self.retry_seconds
+                self.prober = threading.get_ident()
+            try:
+                check()
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the service is still away
+                self.failed(exc)
+            else:
+                self.answered()
 
     def answered(self) -> None:
         """A call was answered: the outage is over. Not for an answer that comes during the
@@ -109,6 +168,7 @@ class Outage:
         self.logger.warning(self.ended, time.monotonic() - since)
 
     def reset(self) -> None:
+        """Forget the outage; a checking thread still running ends at its next look."""
         with self._lock:
             self.since, self.retry_at, self.prober = None, 0.0, None
             self.failures = 0
@@ -190,8 +250,9 @@ def redis_outage(client: Any) -> Outage:
                 outage = Outage(
                     logger,
                     began=f"Redis {server} unreachable (%s): every part of this worker leaves "
-                    "it alone, and one call tries it again each second",
+                    "it alone, and a PING tries it again each second",
                     ended=f"Redis {server} answers again after %.1f s",
+                    check=client.ping,
                 )
                 _redis_servers[server] = outage
     return outage

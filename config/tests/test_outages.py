@@ -1,5 +1,5 @@
-"""config.outages: the back-off after a failure, the one probe after it, one Outage per Redis
-server shared by every part of the process."""
+"""config.outages: the back-off after a failure, the one probe after it (or the check's
+thread), one Outage per Redis server shared by every part of the process."""
 
 from __future__ import annotations
 
@@ -119,6 +119,47 @@ def test_outage_without_probe_only_asks_whether_the_back_off_runs():
     assert outage.prober is None  # left to the caller that will call Redis
 
 
+def _until(done, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_outage_with_a_check_no_caller_probes_its_thread_does_until_answered(caplog):
+    """A hung service past its back-off: every caller still leaves it alone, and the
+    check, from a thread of its own, asks it once per back-off until it answers."""
+    answers = ["timed out", "timed out", None]
+    asked: list[str] = []
+
+    def check() -> None:
+        asked.append(threading.current_thread().name)
+        answer = answers.pop(0)
+        if answer:
+            raise TimeoutError(answer)
+
+    outage = Outage(logger, began="away: %s", ended="back after %.1f s", check=check)
+    outage.retry_seconds = 60.0
+    with caplog.at_level(logging.WARNING, logger="tollgate.tests"):
+        outage.failed("refused")
+        outage.retry_at = 0.0  # the back-off is over
+        assert outage.away()
+        assert outage.away(probe=False)
+        _until(lambda: outage.failures == 2)
+        assert outage.away()  # the check found it away: a new back-off
+        assert len(asked) == 1
+
+        outage.retry_at = 0.0
+        _until(lambda: outage.failures == 3)
+        outage.retry_at = 0.0
+        _until(lambda: outage.since is None)
+
+    assert not outage.away()
+    assert asked == ["outage-check"] * 3
+    said = [r.getMessage().split(" after")[0] for r in caplog.records]
+    assert said == ["away: refused", "back"]
+
+
 def test_outage_notice_says_began_and_ended_once_each(caplog):
     outage = _outage()
     notice = OutageNotice(logger, began="part away", ended="part back after %.1f s")
@@ -145,3 +186,4 @@ def test_redis_outage_is_one_per_server_whatever_the_database_or_client():
 
     assert redis_outage(zero) is redis_outage(other_db)
     assert redis_outage(zero) is not redis_outage(other_server)
+    assert redis_outage(zero).check is not None  # a PING, from the check's thread

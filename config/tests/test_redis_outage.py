@@ -81,6 +81,7 @@ class _Timeouts:
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
         self.count = 0
+        self.threads: list[str] = []  # the name of the thread of each, in order
         lock = threading.Lock()
         original = redis.connection.AbstractConnection.read_response
 
@@ -90,6 +91,7 @@ class _Timeouts:
             except RedisTimeoutError:
                 with lock:
                     self.count += 1
+                    self.threads.append(threading.current_thread().name)
                 raise
 
         monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", counting)
@@ -610,6 +612,15 @@ def test_redis_hung_requests_still_served_then_recovers(
     assert rows.count() == 5
 
 
+def _checked(outage, done, seconds: float = 10.0) -> None:
+    """Wait until the outage's checking thread has done what `done()` tells (it looks
+    every 50 ms once the back-off is over)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the check never reported"
+        time.sleep(0.01)
+
+
 def _frozen_redis(monkeypatch, redis_server):
     """Freeze the private Redis (SIGSTOP: every call runs into its socket timeout) and make
     its server's back-off last a minute, so that no second try of it can come from the
@@ -623,7 +634,7 @@ def _frozen_redis(monkeypatch, redis_server):
     return outage
 
 
-def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all_back(  # noqa: PLR0915, PLR0917
+def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_check_brings_all_back(  # noqa: PLR0915, PLR0917
     redis_server,
     settings,
     client_with_key,
@@ -638,7 +649,7 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all
     sync) tried the hung server on its own, each try a socket timeout. Now the first one
     that finds it hung makes every part skip it: a request waits one timeout at most, the
     next ones none, counted as the timeouts redis-py runs into (`redis_timeouts`). Once
-    the back-off is over, one probe finds Redis back
+    the back-off is over, the check (a PING from a thread of its own) finds Redis back
     and every part uses it again: day counters rebuilt from the ledger, the breaker's
     state read from Redis, the cache stored and read there; each part said once that Redis
     was away and once that it is back."""
@@ -690,9 +701,11 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_probe_brings_all
         assert list(waited.values()) == [1] + [0] * (len(requests) - 1), waited
         assert outage.failures == 1
 
-        # Past the back-off, Redis answering again: one call finds it back for every part.
-        outage.retry_at = 0.0
+        # Past the back-off, Redis answering again: the check finds it back for every part.
         redis_server.resume()
+        outage.retry_at = 0.0
+        _checked(outage, lambda: outage.since is None)
+        assert redis_timeouts.count == 0
         after = _post(client_with_key, GENERATE, {"prompt": "after the freeze"})
         quota = _get(client_with_key, "/api/v1/quota").json()["limits"]["requests_per_day"]
         counted = UsageRecord.objects.filter(
@@ -780,12 +793,13 @@ def test_redis_hanging_under_requests_at_once_costs_each_one_timeout_said_once( 
 
 
 @pytest.mark.django_db(transaction=True)  # the requests run in threads
-def test_redis_hung_past_its_back_off_one_request_probes_it_not_every_thread(  # noqa: PLR0917
+def test_redis_hung_past_its_back_off_the_check_tries_it_not_a_request(  # noqa: PLR0917
     redis_server, settings, api_key, local_model, user, redis_timeouts, monkeypatch
 ):
-    """Eight requests at once when the back-off of a still hung Redis is over: one of them
-    tries it (one timeout), the others go on without it, instead of each part of each
-    thread waiting out its own timeout."""
+    """Eight requests at once when the back-off of a still hung Redis is over: none of
+    them tries it; the check does, from its own thread (one timeout, waited out by no
+    request), instead of one request per back-off, or each part of each thread, waiting
+    out a timeout."""
 
     settings.QUOTA_FAIL_MODE = "open"
     plan_for(user, requests_per_minute=1000)
@@ -795,13 +809,14 @@ def test_redis_hung_past_its_back_off_one_request_probes_it_not_every_thread(  #
     assert _post(client, GENERATE, {"prompt": "finds it hung"}).status_code == 200
     assert outage.failures == 1
 
-    redis_timeouts.count = 0
+    redis_timeouts.count, redis_timeouts.threads = 0, []
     outage.retry_at = 0.0  # the back-off is over
     statuses = _at_once(api_key, [f"at once {i}" for i in range(8)])
+    _checked(outage, lambda: outage.failures == 2)
 
     assert statuses == [200] * 8
-    assert redis_timeouts.count == 1  # the probe's, which timed out
-    assert outage.failures == 2
+    assert redis_timeouts.threads == ["outage-check"]  # the check's, which timed out
+    assert outage.since is not None
 
 
 def test_redis_down_admin_pages_answer(redis_server, settings, client_with_key, user, api_key):
