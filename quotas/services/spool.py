@@ -93,12 +93,19 @@ def spool_append(rows: list[dict[str, Any]]) -> int:
 
 
 def _open_segment() -> Any:
+    """A new segment of this process's, locked. Between the file's creation and its lock,
+    a replay in another process may take it (empty, unlocked) and delete it; rows written
+    to it then would be in no file at all, so a segment found deleted once locked is let
+    go and another one made."""
     directory = spool_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
-    segment = open(path, "ab", buffering=0)  # noqa: SIM115 - held open while this process writes
-    fcntl.flock(segment.fileno(), fcntl.LOCK_EX)
-    return segment
+    while True:
+        path = directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+        segment = open(path, "ab", buffering=0)  # noqa: SIM115 - held open while this process writes
+        fcntl.flock(segment.fileno(), fcntl.LOCK_EX)
+        if not _replaced(path, segment):
+            return segment
+        segment.close()
 
 
 def spool_forget() -> None:
