@@ -23,13 +23,13 @@ global limits are all set, far above what the drill sends. --threads client thre
 `POST /api/v1/generate` with unique prompts (cache misses) over keep-alive connections, for
 --before seconds, through the outage (--outage seconds) and --after seconds past its end.
 
-Reported per phase: requests, requests/s, statuses by error code, latency p50/p99/max, and
-the 200s of each second. Then, once the spool is empty and no ledger row is pending (polled
-for up to 30 s), the reconciliation: every 200 has exactly one ledger row under its
-X-Request-ID, with outcome `ok`; no row belongs to a request that got no 200; no refused
-request is charged; the day's request counter in Redis (GET /api/v1/quota) equals the
-ledger's count of counted rows. Last, the log lines by event: how many, how many carry a
-traceback. The exit status is 1 when a check fails.
+Reported per phase: requests, requests/s, statuses by error code, latency p50/p99/max, how
+many took over a second, and the 200s of each second. Then, once the spool is empty and no
+ledger row is pending (polled for up to 30 s), the reconciliation: every 200 has exactly
+one ledger row under its X-Request-ID, with outcome `ok`; no row belongs to a request that
+got no 200; no refused request is charged; the day's request counter in Redis (GET
+/api/v1/quota) equals the ledger's count of counted rows. Last, the log lines by event: how
+many, how many carry a traceback. The exit status is 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ def phase_report(name: str, samples: list[Sample], span: float, first: float) ->
     rate = len(samples) / max(span, 1e-9)
     return [
         f"{name}: {len(samples)} requests in {span:.1f} s, {rate:.0f}/s; p50 {pct(lat, 0.5):.1f}"
-        f" ms, p99 {pct(lat, 0.99):.1f} ms, max {max(lat, default=0):.1f} ms",
+        f" ms, p99 {pct(lat, 0.99):.1f} ms, max {max(lat, default=0):.1f} ms,"
+        f" over 1 s {sum(ms > 1000 for ms in lat)}",
         "  statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
         f"  200s per second: {line}",
     ]

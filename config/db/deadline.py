@@ -24,9 +24,11 @@ spooled copy written later does not double it.
 
 A stopped server refuses at once; a hung one would cost each query its whole deadline. So
 once a deadline has passed, the process holds the database for a second: queries with a
-deadline, and new connections, fail at once with DatabaseNotAnswering. Then one query asks
-the server again while the others still fail; its answer ends the hold, its deadline
-renews it. A new connection's startup is bounded by libpq's connect_timeout (the kernel
+deadline, and new connections, fail at once with DatabaseNotAnswering. Then a check, from
+a thread of its own, asks the server again on a new connection (`SELECT 1`) while every
+request's query still fails at once; its answer ends the hold, its deadline renews it. No
+request waits out the deadline of a server still hung, only the requests in flight when it
+hung. A new connection's startup is bounded by libpq's connect_timeout (the kernel
 completes the handshake of a hung server, the startup packet gets no answer), and its
 timeout holds the database too.
 
@@ -92,11 +94,16 @@ _watchdog: threading.Thread | None = None
 
 # While a database is taken for hung (a query of this process got no answer within its
 # deadline), the queries with a deadline fail at once for HOLD_SECONDS, as they would
-# against a stopped server, instead of each waiting out its own deadline; then one query
-# asks the server again while the others keep failing, until its answer, or its deadline,
-# decides. Queries without a deadline are not held.
+# against a stopped server, instead of each waiting out its own deadline; then the check's
+# thread asks the server again while they keep failing, until its answer, or its
+# deadline, decides. Queries without a deadline are not held.
 HOLD_SECONDS = 1.0
 _hung: dict[str, float] = {}  # alias: time.monotonic() before which its queries fail at once
+_checkers: dict[str, threading.Thread] = {}  # alias: the thread asking it again
+# True in a check's thread: the hold lets its queries through.
+_checking: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "tollgate_database_check", default=False
+)
 
 
 @contextlib.contextmanager
@@ -214,19 +221,48 @@ def holds_reset() -> None:
 
 
 def _admit(alias: str, seconds: float) -> None:
-    """Raise DatabaseNotAnswering while `alias` is held; past the hold, let this caller
-    ask the server (the others are held for the `seconds` it may take)."""
+    """Raise DatabaseNotAnswering while `alias` is held. Past the hold, start the check
+    that asks the server again (unless it runs) and hold the others for the `seconds` it
+    may take; the caller fails at once too. The check's own queries are let through."""
+    if _checking.get():
+        return
     now = time.monotonic()
     with _lock:
         until = _hung.get(alias)
         if until is None:
             return
-        if now < until:
-            raise DatabaseNotAnswering(
-                f"the database did not answer lately (DATABASE_READ_TIMEOUT_MS): not asked"
-                f" again for {until - now:.1f} s"
-            )
-        _hung[alias] = now + seconds
+        if now >= until:
+            until = _hung[alias] = now + seconds
+            checker = _checkers.get(alias)
+            if checker is None or not checker.is_alive():
+                checker = threading.Thread(
+                    target=_check, args=(alias, seconds), name="db-check", daemon=True
+                )
+                _checkers[alias] = checker
+                checker.start()
+    raise DatabaseNotAnswering(
+        f"the database did not answer lately (DATABASE_READ_TIMEOUT_MS): not asked again"
+        f" for {until - now:.1f} s"
+    )
+
+
+def _check(alias: str, seconds: float) -> None:
+    """The check's thread: one `SELECT 1` on a new connection to `alias`, within `seconds`
+    (and the connection's connect_timeout). Its outcome is what `_run` and `connecting`
+    make of any query's: an answer ends the hold, the deadline or a connection timeout
+    renews it, a refusal ends it (a stopped server refuses every query at once anyway)."""
+    from django.db import connections
+
+    _checking.set(True)
+    db = connections[alias]  # this thread's own connection
+    try:
+        with read_deadline(seconds), db.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception:  # noqa: BLE001, S110 - the outcome is recorded by the hold itself
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            db.close()
 
 
 def socket_identity(connection: Any) -> tuple[int, int] | None:
@@ -292,6 +328,7 @@ def _after_fork_in_child() -> None:
     _watchdog, _lock = None, threading.Lock()
     _armed.clear()
     _hung.clear()
+    _checkers.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -99,7 +99,14 @@ def test_a_query_with_a_deadline_to_a_hung_server_fails_with_operational_error(h
     assert connection.connection is None  # let go at once; the next query connects again
 
 
-def test_after_a_deadline_queries_fail_at_once_then_one_asks_again(hung_database, monkeypatch):
+def _until(done, seconds: float = SAFETY_SECONDS) -> None:
+    deadline_at = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline_at, "never happened"
+        time.sleep(0.01)
+
+
+def test_after_a_deadline_queries_fail_at_once_then_a_check_asks_again(hung_database, monkeypatch):
     monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.3)
     _select_one()
     hung_database.freeze()
@@ -113,45 +120,41 @@ def test_after_a_deadline_queries_fail_at_once_then_one_asks_again(hung_database
 
         hung_database.thaw()
         time.sleep(0.35)  # past the hold
-        _select_one()  # asks the server again, which answers
-        _select_one()  # and the hold is over
+        with pytest.raises(DatabaseNotAnswering):
+            _select_one()  # starts the check, which asks the server; this query does not
+        _until(lambda: not deadline._hung)  # the server answered the check
+        _select_one()
 
-    assert not deadline._hung
+    assert deadline._checkers["default"].name == "db-check"
 
 
-def test_while_one_thread_asks_again_on_a_new_connection_the_others_are_held(
+def test_while_the_check_asks_again_on_a_new_connection_every_query_is_held(
     hung_database, monkeypatch
 ):
-    # The probe's connection waits up to connect_timeout (2 s), longer than the deadline.
+    """Past the hold, no request's query waits for a server still hung: the check, from a
+    thread of its own, does (its new connection up to connect_timeout, 2 s, longer than the
+    deadline), and its timeout holds the database again."""
     monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.2)
     _select_one()
     hung_database.freeze()
     with read_deadline(0.5), pytest.raises(DatabaseNotAnswering):
         _select_one()
     time.sleep(0.25)  # past the hold
-    probed: list[BaseException] = []
 
-    def probe() -> None:
-        from django.db import connections
+    with read_deadline(0.5):
+        with pytest.raises(DatabaseNotAnswering) as first:
+            _select_one()  # starts the check
+        checker = deadline._checkers["default"]
+        time.sleep(0.7)  # the check's connection is past the read deadline, not connect_timeout
+        with pytest.raises(DatabaseNotAnswering) as held:
+            _select_one()
+        still_checking = checker.is_alive()  # neither query waited for the check
+    checker.join(SAFETY_SECONDS)
 
-        try:
-            with read_deadline(0.5):
-                connections["default"].ensure_connection()
-        except BaseException as exc:  # noqa: BLE001 - kept for the assertion below
-            probed.append(exc)
-        finally:
-            connections.close_all()
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    time.sleep(0.7)  # the probe's connection is past the read deadline, not connect_timeout
-    with read_deadline(0.5), pytest.raises(DatabaseNotAnswering) as held:
-        _select_one()
-    prober.join(SAFETY_SECONDS)
-
+    assert "not asked again" in str(first.value)
     assert "not asked again" in str(held.value)
-    assert [type(exc) for exc in probed] == [DatabaseNotAnswering]
-    assert "new connection" in str(probed[0])
+    assert still_checking
+    assert deadline._hung  # the check's connection timed out: held again
     assert hung_database.still_frozen
 
 
