@@ -32,8 +32,6 @@ def main() -> None:
 
     from quotas.services.ledger import ledger_usages
 
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE quotas_usagerecord")
     user = get_user_model().objects.get(username=f"bench-{args.users // 2}")
     now = dt.datetime.now(tz=dt.UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)

@@ -30,9 +30,6 @@ def main() -> None:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE quotas_usagerecord")
-
     settings.ALLOWED_HOSTS = ["*"]
     admin, _ = get_user_model().objects.get_or_create(
         username="bench-admin", defaults={"is_staff": True, "is_superuser": True}
