@@ -102,7 +102,7 @@ def _lookup(key: str, *, now: float) -> CacheHit | None:
     if probe is None:
         return hit
     t = tier()
-    if not t.available():  # another thread probes a Redis that was away
+    if not t.available():  # Redis found away since the look-up began
         t.count("redis_misses", "redis", "miss")
         return None
     try:
@@ -149,8 +149,8 @@ def _probe(key: str, *, now: float, lock_ms: int) -> tuple[CacheHit | None, Cach
         t.count("memory_hits", "memory", "hit")
         return CacheHit(value=json.loads(payload), layer="memory"), None
     t.count("memory_misses", "memory", "miss")
-    # The look-up is the admission script's, or `_lookup`'s: they take the probe, if any.
-    if not t.available(probe=False):
+    # The look-up is the admission script's, or `_lookup`'s.
+    if not t.available():
         t.count("redis_misses", "redis", "miss")
         return None, None
     # Without a lock to take, an empty token (the lock is then never handed out).

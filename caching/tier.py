@@ -32,8 +32,8 @@ whole memory layer, which is always safe.
 Without REDIS_URL (the embedded default) the tier is the memory layer alone. So it is while
 its Redis server is away (config.outages: a call of the tier, or of any other part of the
 worker, found it unreachable or hung): every look-up misses past the memory layer, every
-store stays in memory, single flight gives way, the sync waits, until one probe finds
-Redis back.
+store stays in memory, single flight gives way, the sync waits, until the check (a PING
+from a thread of the worker's own) finds Redis back.
 """
 
 from __future__ import annotations
@@ -196,15 +196,13 @@ class CacheTier:
             }
         return self._redis
 
-    def available(self, *, probe: bool = True) -> bool:
-        """Redis is configured, not away and did not refuse a call of the tier in the last
-        REDIS_RETRY_SECONDS. While its server is away, True only for the probe
-        (`Outage.away`): the caller then asks Redis and tells `failed` or `answered`.
-        `probe=False`: the caller hands its call to another part, which asks on its own
-        (a look-up riding in the admission's script)."""
+    def available(self) -> bool:
+        """Redis is configured, not away (`Outage.away`: its server's check has not found it
+        back yet) and did not refuse a call of the tier in the last REDIS_RETRY_SECONDS.
+        The caller then asks Redis and tells `failed` or `answered`."""
         if self.redis is None or self.outage is None or time.monotonic() < self.down_until:
             return False
-        return not _redis_away.away(self.outage, probe=probe)
+        return not _redis_away.away(self.outage)
 
     def failed(self, exc: BaseException, what: str) -> None:
         """A Redis call of the tier failed. Unanswered (refused, timed out): the server's
@@ -254,13 +252,13 @@ class CacheTier:
             return
         if not force and mono - self.last_sync < INVALIDATION_POLL_SECONDS:
             return
-        if not self.available(probe=False):
+        if not self.available():
             return
         # The first sync of a process blocks: until it has run, namespace versions are unknown.
         if not self._sync_lock.acquire(blocking=force or self.last_seq is None):
             return
         try:
-            if not self.available():  # another thread probes a Redis that was away
+            if not self.available():  # Redis found away while waiting for the lock
                 return
             self.last_sync = mono
             with self._stats_lock:

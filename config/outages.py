@@ -66,15 +66,11 @@ class Outage:
         self._checker: threading.Thread | None = None
         _every.add(self)
 
-    def away(self, *, probe: bool = True) -> bool:
+    def away(self) -> bool:
         """True while the service is to be left alone. Once the back-off has passed, False
         for exactly one caller (its thread), the probe, which asks the service and reports
         with `failed` or `answered`; True for the others until it has, or until another
         back-off has passed if it never does. The probe's thread may make several calls.
-
-        `probe=False`: the caller does not ask the service itself but hands its call to a
-        part that will ask with `away()` (a cache look-up that rides in the admission's
-        script): False as soon as the back-off has passed, and it never takes the probe.
 
         With a `check`, True for every caller until the checking thread has found the
         service back.
@@ -83,7 +79,7 @@ class Outage:
         now = time.monotonic()
         if now < self.retry_at:
             return self.prober != threading.get_ident()
-        if self.since is None or (not probe and self.check is None):
+        if self.since is None:
             return False
         if self.check is not None:
             self._checking()
@@ -188,9 +184,9 @@ class OutageNotice:
         self._lock = threading.Lock()
         _notices.add(self)
 
-    def away(self, outage: Outage, *, probe: bool = True) -> bool:
+    def away(self, outage: Outage) -> bool:
         """`outage.away()`, and the part's notice that it leaves the service alone."""
-        if outage.away(probe=probe):
+        if outage.away():
             self._begin()
             return True
         return False

@@ -176,7 +176,7 @@ _reported: dict[tuple[str, str], int] = {}
 # Breaker key -> time.monotonic() until which a closed circuit without failures is trusted.
 _closed_until: dict[str, float] = {}
 # While Redis is away (this breaker or any other part of the worker found it so), calls go
-# through as if the circuit were closed and Redis is left alone until a probe finds it back:
+# through as if the circuit were closed and Redis is left alone until its check finds it back:
 # a Redis that hangs would otherwise cost every call a socket timeout, twice (before and
 # after it).
 _redis_away = OutageNotice(

@@ -100,12 +100,12 @@ class RedisQuotaBackend:
     @cached_property
     def outage(self) -> Outage:
         """This Redis server's outage, shared with every part of the process that uses it:
-        while it lasts, every call raises BackendAway at once, except the probe's."""
+        while it lasts, every call raises BackendAway at once (its check, a PING from a
+        thread of the worker's own, finds it back)."""
         return redis_outage(self.client)
 
     def away(self) -> bool:
-        """Whether Redis is left alone now (`Outage.away`: a caller that gets False is the
-        probe, or Redis is healthy, and its calls go to Redis)."""
+        """Whether Redis is left alone now (`Outage.away`)."""
         return self.outage.away()
 
     def _left_alone(self) -> BackendAway:
@@ -114,7 +114,7 @@ class RedisQuotaBackend:
     def _unavailable(self, exc: BaseException) -> BackendUnavailable:
         """The error to raise for a call Redis could not serve. One it did not answer
         (refused, timed out) is its server's outage: every part of the process leaves it
-        alone until the back-off has passed and a probe has found it back."""
+        alone until its check has found it back."""
         if isinstance(exc, REDIS_DOWN):
             self.outage.failed(exc)
             return BackendAway(str(exc))

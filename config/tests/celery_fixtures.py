@@ -3,8 +3,7 @@ named by CELERY_BROKER_URL. Tests using it need committed data (`transactional_d
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,15 +29,3 @@ def celery_worker(transactional_db: Any) -> Iterator[Any]:
         shutdown_timeout=30,
     ) as worker:
         yield worker
-
-
-def wait_until(predicate: Callable[[], Any], *, timeout: float = 60.0, step: float = 0.1) -> Any:
-    """Poll until `predicate()` is truthy and return its value; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(step)

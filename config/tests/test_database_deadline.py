@@ -22,6 +22,7 @@ from config.db import deadline
 from config.db.deadline import DatabaseNotAnswering, read_deadline
 from config.tests.freezable_proxy import FreezableProxy
 from config.tests.test_database_connection import _generate
+from config.tests.waiting import wait_until
 from quotas.models import UsageRecord
 from quotas.services import usage_flush
 from quotas.services.spool import spool_pending
@@ -99,13 +100,6 @@ def test_a_query_with_a_deadline_to_a_hung_server_fails_with_operational_error(h
     assert connection.connection is None  # let go at once; the next query connects again
 
 
-def _until(done, seconds: float = SAFETY_SECONDS) -> None:
-    deadline_at = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline_at, "never happened"
-        time.sleep(0.01)
-
-
 def test_after_a_deadline_queries_fail_at_once_then_a_check_asks_again(hung_database, monkeypatch):
     monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.3)
     _select_one()
@@ -122,7 +116,7 @@ def test_after_a_deadline_queries_fail_at_once_then_a_check_asks_again(hung_data
         time.sleep(0.35)  # past the hold
         with pytest.raises(DatabaseNotAnswering):
             _select_one()  # starts the check, which asks the server; this query does not
-        _until(lambda: not deadline._hung)  # the server answered the check
+        wait_until(lambda: not deadline._hung, timeout=SAFETY_SECONDS, step=0.01)  # the check
         _select_one()
 
     assert deadline._checkers["default"].name == "db-check"

@@ -10,6 +10,7 @@ import time
 import redis
 
 from config.outages import Outage, OutageNotice, redis_outage
+from config.tests.waiting import wait_until
 
 logger = logging.getLogger("tollgate.tests")
 
@@ -22,7 +23,6 @@ def test_outage_healthy_is_never_away():
     outage = _outage()
 
     assert not outage.away()
-    assert not outage.away(probe=False)
     outage.answered()
     assert outage.failures == 0
 
@@ -109,23 +109,6 @@ def test_outage_answer_to_a_call_sent_before_the_failure_does_not_end_it():
     assert outage.since is None
 
 
-def test_outage_without_probe_only_asks_whether_the_back_off_runs():
-    outage = _outage()
-    outage.failed("refused")
-    assert outage.away(probe=False)
-    outage.retry_at = 0.0
-
-    assert not outage.away(probe=False)
-    assert outage.prober is None  # left to the caller that will call Redis
-
-
-def _until(done, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
 def test_outage_with_a_check_no_caller_probes_its_thread_does_until_answered(caplog):
     """A hung service past its back-off: every caller still leaves it alone, and the
     check, from a thread of its own, asks it once per back-off until it answers."""
@@ -144,15 +127,14 @@ def test_outage_with_a_check_no_caller_probes_its_thread_does_until_answered(cap
         outage.failed("refused")
         outage.retry_at = 0.0  # the back-off is over
         assert outage.away()
-        assert outage.away(probe=False)
-        _until(lambda: outage.failures == 2)
+        wait_until(lambda: outage.failures == 2, timeout=10, step=0.01)
         assert outage.away()  # the check found it away: a new back-off
         assert len(asked) == 1
 
         outage.retry_at = 0.0
-        _until(lambda: outage.failures == 3)
+        wait_until(lambda: outage.failures == 3, timeout=10, step=0.01)
         outage.retry_at = 0.0
-        _until(lambda: outage.since is None)
+        wait_until(lambda: outage.since is None, timeout=10, step=0.01)
 
     assert not outage.away()
     assert asked == ["outage-check"] * 3

@@ -19,6 +19,7 @@ import pytest
 from django.db.models import Sum
 
 from config.tests.redis_server import PrivateRedis, point_settings_at
+from config.tests.waiting import wait_until
 from generation.tests.fake_upstream import Behaviour, FakeUpstream
 from quotas.models import Outcome, UsageRecord
 from quotas.policy import micros_to_usd, usd_to_micros
@@ -612,15 +613,6 @@ def test_redis_hung_requests_still_served_then_recovers(
     assert rows.count() == 5
 
 
-def _checked(outage, done, seconds: float = 10.0) -> None:
-    """Wait until the outage's checking thread has done what `done()` tells (it looks
-    every 50 ms once the back-off is over)."""
-    deadline = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < deadline, "the check never reported"
-        time.sleep(0.01)
-
-
 def _frozen_redis(monkeypatch, redis_server):
     """Freeze the private Redis (SIGSTOP: every call runs into its socket timeout) and make
     its server's back-off last a minute, so that no second try of it can come from the
@@ -704,7 +696,7 @@ def test_redis_hung_costs_a_request_one_timeout_at_most_and_one_check_brings_all
         # Past the back-off, Redis answering again: the check finds it back for every part.
         redis_server.resume()
         outage.retry_at = 0.0
-        _checked(outage, lambda: outage.since is None)
+        wait_until(lambda: outage.since is None, timeout=10, step=0.01)  # the check's PING
         assert redis_timeouts.count == 0
         after = _post(client_with_key, GENERATE, {"prompt": "after the freeze"})
         quota = _get(client_with_key, "/api/v1/quota").json()["limits"]["requests_per_day"]
@@ -812,7 +804,7 @@ def test_redis_hung_past_its_back_off_the_check_tries_it_not_a_request(  # noqa:
     redis_timeouts.count, redis_timeouts.threads = 0, []
     outage.retry_at = 0.0  # the back-off is over
     statuses = _at_once(api_key, [f"at once {i}" for i in range(8)])
-    _checked(outage, lambda: outage.failures == 2)
+    wait_until(lambda: outage.failures == 2, timeout=10, step=0.01)  # the check timed out
 
     assert statuses == [200] * 8
     assert redis_timeouts.threads == ["outage-check"]  # the check's, which timed out

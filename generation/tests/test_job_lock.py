@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from config.tests.celery_fixtures import wait_until
+from config.tests.waiting import wait_until
 from generation.job_lock import JobLock, job_lock_held, job_lock_key
 
 TTL = 1.0  # seconds; renewed every third of a second

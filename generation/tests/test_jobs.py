@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from config.tests.celery_fixtures import celery_worker, wait_until  # noqa: F401
+from config.tests.celery_fixtures import celery_worker  # noqa: F401
+from config.tests.waiting import wait_until
 from generation import jobs
 from generation.models import Job, JobStatus
 from quotas.models import UsageRecord, UserQuota

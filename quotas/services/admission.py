@@ -168,7 +168,7 @@ def _admit(
             if _state.degraded_since is not None:
                 if time.monotonic() < _state.next_redis_try:
                     raise BackendUnavailable("still in fail-open mode")
-                if backend().away():  # another caller probes Redis, or it failed just now
+                if backend().away():  # its check has not found Redis back yet
                     raise BackendAway("still in fail-open mode: Redis is left alone")
                 _recover()
             if _state.bump_pending:
@@ -312,7 +312,7 @@ def _admit_degraded(
 ) -> Decision:
     """`away`: Redis did not answer, or is left alone (BackendAway): not this engine's
     back-off but its server's Outage decides when it is tried again, so that every part of
-    the worker goes back to it together, after one probe."""
+    the worker goes back to it together, once the check has found it back."""
     if _state.degraded_since is None:  # Redis has just failed: tried again in a second
         with _state.lock:  # the requests in flight when Redis hangs all fail at once
             first = _state.degraded_since is None
@@ -400,9 +400,9 @@ def _recover() -> None:
     """Try Redis again after a fail-open period; raises BackendUnavailable if still down.
 
     The counter epoch is rotated first, so day and month counters are rebuilt from the
-    ledger, which holds what every worker spent while Redis was away. Also when another part
-    of the worker (the cache tier, the breaker) was the probe that found Redis back: the
-    engine's first call to Redis after its fail-open period is always this one.
+    ledger, which holds what every worker spent while Redis was away. Also when the outage
+    ended without the engine (its server's check, or another part's call, found Redis
+    back): the engine's first call to Redis after its fail-open period is always this one.
     """
     _state.next_redis_try = time.monotonic() + 1.0
     backend().rotate_epoch()

@@ -11,7 +11,8 @@ import pytest
 from django.core import mail
 from django.db import connection
 
-from config.tests.celery_fixtures import celery_worker, wait_until  # noqa: F401
+from config.tests.celery_fixtures import celery_worker  # noqa: F401
+from config.tests.waiting import wait_until
 from quotas.alerts import budget_alerts_check
 from quotas.models import Outcome, UsageRecord, UserQuota
 from quotas.rollups import BudgetAlert, DailyUsage, usage_rollup
