@@ -23,14 +23,15 @@ known; the ledger's INSERT is keyed on the request id (ON CONFLICT DO NOTHING), 
 spooled copy written later does not double it.
 
 A stopped server refuses at once; a hung one would cost each query its whole deadline. So
-once a deadline has passed, the process holds the database for a second: queries with a
-deadline, and new connections, fail at once with DatabaseNotAnswering. Then a check, from
-a thread of its own, asks the server again on a new connection (`SELECT 1`) while every
-request's query still fails at once; its answer ends the hold, its deadline renews it. No
-request waits out the deadline of a server still hung, only the requests in flight when it
-hung. A new connection's startup is bounded by libpq's connect_timeout (the kernel
-completes the handshake of a hung server, the startup packet gets no answer), and its
-timeout holds the database too.
+once a deadline has passed, the process holds the database: queries with a deadline, and
+new connections, fail at once with DatabaseNotAnswering. A check, from a thread of its own
+started with the hold, asks the server again on a new connection (`SELECT 1`) a second
+later, and every second while it gets no answer; its answer ends the hold, its deadline
+renews it. No request waits out the deadline of a server still hung, only the requests in
+flight when it hung, and none is failed once the server answers again: the check has asked
+before they come. A new connection's startup is bounded by libpq's connect_timeout (the
+kernel completes the handshake of a hung server, the startup packet gets no answer), and
+its timeout holds the database too.
 
 Where a deadline applies: from Django's request_started to its request_finished on the
 request's thread (a streamed answer included), and within `read_deadline(seconds)`
@@ -93,13 +94,13 @@ _lock = threading.Lock()
 _watchdog: threading.Thread | None = None
 
 # While a database is taken for hung (a query of this process got no answer within its
-# deadline), the queries with a deadline fail at once for HOLD_SECONDS, as they would
-# against a stopped server, instead of each waiting out its own deadline; then the check's
-# thread asks the server again while they keep failing, until its answer, or its
-# deadline, decides. Queries without a deadline are not held.
+# deadline), the queries with a deadline fail at once, as they would against a stopped
+# server, instead of each waiting out its own deadline, until the check's thread, which
+# asks the server again HOLD_SECONDS after the last time it did not answer, gets an answer.
+# Queries without a deadline are not held.
 HOLD_SECONDS = 1.0
-_hung: dict[str, float] = {}  # alias: time.monotonic() before which its queries fail at once
-_checkers: dict[str, threading.Thread] = {}  # alias: the thread asking it again
+_hung: dict[str, float] = {}  # alias: time.monotonic() at which the check asks it again
+_checkers: dict[str, threading.Thread] = {}  # alias: the thread that asks it again
 # True in a check's thread: the hold lets its queries through.
 _checking: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "tollgate_database_check", default=False
@@ -160,7 +161,7 @@ def _run(seconds: float, db: Any, call: Callable[..., T], *args: Any) -> T:
         result = call(*args)
     except Exception as exc:
         if armed.fired:
-            _hold(db.alias)
+            _hold(db.alias, seconds)
             # libpq has closed the socket; Django lets the connection go now rather than at
             # the end of the request, so that a later query meets the hold, not a closed
             # connection (which the ledger would retry).
@@ -193,14 +194,11 @@ def connecting(db: Any, connect: Callable[..., T], *args: Any) -> T:
     if not seconds:
         return connect(*args)
     if _hung:
-        # A new connection waits up to connect_timeout, which may be longer than the read
-        # deadline: the others are held for as long as this one may take.
-        options = db.settings_dict.get("OPTIONS") or {}
-        _admit(db.alias, max(seconds, float(options.get("connect_timeout") or 0)))
+        _admit(db.alias, seconds)
     try:
         connection = connect(*args)
     except ConnectionTimeout as exc:
-        _hold(db.alias)
+        _hold(db.alias, seconds)
         raise DatabaseNotAnswering(
             "the database did not answer a new connection within its connect_timeout"
         ) from exc
@@ -211,8 +209,12 @@ def connecting(db: Any, connect: Callable[..., T], *args: Any) -> T:
     return connection
 
 
-def _hold(alias: str) -> None:
-    _hung[alias] = time.monotonic() + HOLD_SECONDS
+def _hold(alias: str, seconds: float) -> None:
+    """Take `alias` for hung: its queries with a deadline fail at once until the check,
+    HOLD_SECONDS from now, gets an answer (each query's, and the check's, within `seconds`)."""
+    with _lock:
+        _hung[alias] = time.monotonic() + HOLD_SECONDS
+        _check_start(alias, seconds)
 
 
 def holds_reset() -> None:
@@ -221,39 +223,66 @@ def holds_reset() -> None:
 
 
 def _admit(alias: str, seconds: float) -> None:
-    """Raise DatabaseNotAnswering while `alias` is held. Past the hold, start the check
-    that asks the server again (unless it runs) and hold the others for the `seconds` it
-    may take; the caller fails at once too. The check's own queries are let through."""
+    """Raise DatabaseNotAnswering while `alias` is taken for hung; the check's own queries
+    are let through. A check that died is started again."""
     if _checking.get():
         return
-    now = time.monotonic()
-    with _lock:
-        until = _hung.get(alias)
-        if until is None:
-            return
-        if now >= until:
-            until = _hung[alias] = now + seconds
-            checker = _checkers.get(alias)
-            if checker is None or not checker.is_alive():
-                checker = threading.Thread(
-                    target=_check, args=(alias, seconds), name="db-check", daemon=True
-                )
-                _checkers[alias] = checker
-                checker.start()
+    until = _hung.get(alias)
+    if until is None:
+        return
+    if alias not in _checkers:
+        with _lock:
+            if alias in _hung:
+                _check_start(alias, seconds)
+    left = until - time.monotonic()
+    when = f"for {left:.1f} s" if left > 0 else "until a check under way is answered"
     raise DatabaseNotAnswering(
-        f"the database did not answer lately (DATABASE_READ_TIMEOUT_MS): not asked again"
-        f" for {until - now:.1f} s"
+        f"the database did not answer lately (DATABASE_READ_TIMEOUT_MS): not asked again {when}"
     )
 
 
+def _check_start(alias: str, seconds: float) -> None:
+    """Start the check's thread of `alias` unless it runs; with `_lock` held."""
+    if alias not in _checkers:
+        checker = threading.Thread(
+            target=_check, args=(alias, seconds), name="db-check", daemon=True
+        )
+        _checkers[alias] = checker
+        checker.start()
+
+
 def _check(alias: str, seconds: float) -> None:
-    """The check's thread: one `SELECT 1` on a new connection to `alias`, within `seconds`
-    (and the connection's connect_timeout). Its outcome is what `_run` and `connecting`
-    make of any query's: an answer ends the hold, the deadline or a connection timeout
-    renews it, a refusal ends it (a stopped server refuses every query at once anyway)."""
+    """The check's thread: while `alias` is taken for hung, wait for the time its hold
+    names, then ask (`_ask`); leave once a query of this process got an answer."""
+    _checking.set(True)
+    try:
+        while True:
+            with _lock:
+                until = _hung.get(alias)
+                if until is None:
+                    del _checkers[alias]
+                    return
+            wait = until - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+                continue
+            _ask(alias, seconds)
+            with _lock:
+                if _hung.get(alias) == until:  # no outcome recorded: not asked again at once
+                    _hung[alias] = time.monotonic() + HOLD_SECONDS
+    except BaseException:
+        with _lock:
+            _checkers.pop(alias, None)
+        raise
+
+
+def _ask(alias: str, seconds: float) -> None:
+    """One `SELECT 1` on a new connection to `alias`, within `seconds` (and the connection's
+    connect_timeout). Its outcome is what `_run` and `connecting` make of any query's: an
+    answer ends the hold, the deadline or a connection timeout renews it, a refusal ends it
+    (a stopped server refuses every query at once anyway)."""
     from django.db import connections
 
-    _checking.set(True)
     db = connections[alias]  # this thread's own connection
     try:
         with read_deadline(seconds), db.cursor() as cursor:

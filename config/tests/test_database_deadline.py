@@ -100,56 +100,64 @@ def test_a_query_with_a_deadline_to_a_hung_server_fails_with_operational_error(h
     assert connection.connection is None  # let go at once; the next query connects again
 
 
-def test_after_a_deadline_queries_fail_at_once_then_a_check_asks_again(hung_database, monkeypatch):
+def test_after_a_deadline_queries_fail_at_once_until_the_check_gets_an_answer(
+    hung_database, monkeypatch
+):
     monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.3)
     _select_one()
     hung_database.freeze()
     with read_deadline(0.5):
         with pytest.raises(DatabaseNotAnswering):
             _select_one()
+        checker = deadline._checkers["default"]  # started with the hold
 
         with pytest.raises(DatabaseNotAnswering) as held:
             _select_one()  # neither a new connection nor a query is sent meanwhile
         assert "not asked again" in str(held.value)
 
         hung_database.thaw()
-        time.sleep(0.35)  # past the hold
-        with pytest.raises(DatabaseNotAnswering):
-            _select_one()  # starts the check, which asks the server; this query does not
-        wait_until(lambda: not deadline._hung, timeout=SAFETY_SECONDS, step=0.01)  # the check
+        # Past the hold the check asks the server by itself: no request is failed to start
+        # it, and the first query after its answer goes through.
+        wait_until(lambda: not deadline._hung, timeout=SAFETY_SECONDS, step=0.01)
         _select_one()
 
-    assert deadline._checkers["default"].name == "db-check"
+    assert checker.name == "db-check"
+    checker.join(SAFETY_SECONDS)
+    assert not checker.is_alive()  # gone with the hold
+    assert "default" not in deadline._checkers
 
 
-def test_while_the_check_asks_again_on_a_new_connection_every_query_is_held(
+def test_the_check_asks_a_server_still_hung_again_every_hold_while_every_query_is_held(
     hung_database, monkeypatch
 ):
-    """Past the hold, no request's query waits for a server still hung: the check, from a
-    thread of its own, does (its new connection up to connect_timeout, 2 s, longer than the
-    deadline), and its timeout holds the database again."""
+    """No request's query waits for a server still hung: the check, from a thread of its
+    own, does (its new connection up to connect_timeout, 2 s, longer than the deadline),
+    its timeout holds the database again, and it asks again a hold later."""
     monkeypatch.setattr(deadline, "HOLD_SECONDS", 0.2)
     _select_one()
     hung_database.freeze()
     with read_deadline(0.5), pytest.raises(DatabaseNotAnswering):
         _select_one()
-    time.sleep(0.25)  # past the hold
+    checker = deadline._checkers["default"]
+    first_hold = deadline._hung["default"]
 
     with read_deadline(0.5):
-        with pytest.raises(DatabaseNotAnswering) as first:
-            _select_one()  # starts the check
-        checker = deadline._checkers["default"]
         time.sleep(0.7)  # the check's connection is past the read deadline, not connect_timeout
         with pytest.raises(DatabaseNotAnswering) as held:
             _select_one()
-        still_checking = checker.is_alive()  # neither query waited for the check
-    checker.join(SAFETY_SECONDS)
+        still_checking = checker.is_alive()  # the query did not wait for the check
+    # connect_timeout (2 s) ends the check's first connection: held again, a hold later.
+    wait_until(lambda: deadline._hung.get("default", 0) > first_hold, timeout=SAFETY_SECONDS)
 
-    assert "not asked again" in str(first.value)
-    assert "not asked again" in str(held.value)
+    assert "not asked again until a check under way is answered" in str(held.value)
     assert still_checking
-    assert deadline._hung  # the check's connection timed out: held again
+    assert checker.is_alive()  # it asks again at the end of the new hold
     assert hung_database.still_frozen
+
+    hung_database.thaw()
+    wait_until(lambda: not deadline._hung, timeout=SAFETY_SECONDS, step=0.01)
+    checker.join(SAFETY_SECONDS)
+    assert not checker.is_alive()
 
 
 def test_a_commit_to_a_hung_server_fails_within_its_deadline(hung_database):
