@@ -102,6 +102,10 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # every request thread. Above DATABASE_LOCK_TIMEOUT_MS, so that a lock wait fails first,
 # as itself. Commands, migrations and Celery tasks have no deadline. 0: none.
 DATABASE_READ_TIMEOUT = env.int("DATABASE_READ_TIMEOUT_MS", default=5000, minimum=0) / 1000
+# The ledger INSERT of a served request gets at most this long of it: a row the database
+# does not take in time goes to the spool, and a hung server holds generation for this
+# long rather than DATABASE_READ_TIMEOUT_MS. 0: the read deadline.
+LEDGER_WRITE_TIMEOUT = env.int("LEDGER_WRITE_TIMEOUT_MS", default=1000, minimum=0) / 1000
 if os.environ.get("TEST_DATABASE_NAME"):
     DATABASES["default"]["TEST"] = {"NAME": os.environ["TEST_DATABASE_NAME"]}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

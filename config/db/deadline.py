@@ -118,6 +118,21 @@ def read_deadline(seconds: float | None) -> Iterator[None]:
         _seconds.reset(token)
 
 
+@contextlib.contextmanager
+def deadline_at_most(seconds: float) -> Iterator[None]:
+    """Within the block, a query that has a deadline gets at most `seconds` (0: as it
+    was); where none applies (a command, a Celery task), none is set."""
+    current = _seconds.get()
+    if not current or not seconds or current <= seconds:
+        yield
+        return
+    token = _seconds.set(seconds)
+    try:
+        yield
+    finally:
+        _seconds.reset(token)
+
+
 def request_started(**_: Any) -> None:
     """Django's request_started: the request's queries get DATABASE_READ_TIMEOUT."""
     _seconds.set(settings.DATABASE_READ_TIMEOUT)
@@ -168,7 +183,8 @@ def _run(seconds: float, db: Any, call: Callable[..., T], *args: Any) -> T:
             with contextlib.suppress(Exception):
                 db.close()
             raise DatabaseNotAnswering(
-                f"the database did not answer within {seconds:g} s (DATABASE_READ_TIMEOUT_MS)"
+                f"the database did not answer within {seconds:g} s (DATABASE_READ_TIMEOUT_MS,"
+                " LEDGER_WRITE_TIMEOUT_MS for a ledger row)"
             ) from exc
         if _hung:
             _hung.pop(db.alias, None)  # an error, but an answer: the server runs

@@ -252,6 +252,38 @@ def test_generation_goes_on_while_the_database_hangs_and_its_rows_are_written_af
     assert not [r for r in caplog.records if "retried" in r.getMessage()]
 
 
+def test_a_served_requests_ledger_row_waits_less_for_a_hung_server_than_a_read(
+    hung_database, key_client, local_model, caplog, settings
+):
+    settings.LEDGER_WRITE_TIMEOUT = 0.2  # the request path's other queries get 0.5 s
+    for prompt in ("warm", "warmer"):  # the key and its policy read, as in a busy worker
+        assert _generate(key_client, prompt, local_model.model).status_code == 200
+    hung_database.freeze()  # the key is still known: the row's INSERT is the only query
+
+    answered = _generate(key_client, "hung", local_model.model)
+    still_frozen = hung_database.still_frozen
+    hung_database.thaw()
+
+    assert still_frozen
+    assert answered.status_code == 200
+    kept = [r.getMessage() for r in caplog.records if "ledger rows kept" in r.getMessage()]
+    assert len(kept) == 1
+    assert "did not answer within 0.2 s" in kept[0]
+    assert usage_flush() == 1
+    assert UsageRecord.objects.filter(request_id=answered.json()["request_id"]).count() == 1
+
+
+def test_a_shorter_deadline_applies_only_where_a_deadline_does():
+    with deadline.deadline_at_most(0.2):
+        assert deadline._seconds.get() == 0  # a command, a task: still none
+    with read_deadline(5), deadline.deadline_at_most(0.2):
+        assert deadline._seconds.get() == 0.2
+    with read_deadline(0.1), deadline.deadline_at_most(0.2):
+        assert deadline._seconds.get() == 0.1  # never longer
+    with read_deadline(5), deadline.deadline_at_most(0):
+        assert deadline._seconds.get() == 5
+
+
 def test_readiness_fails_while_the_database_hangs(hung_database, api_client, settings):
     settings.HEALTH_CHECK_TIMEOUT = 0.3
     settings.HEALTH_REQUIRED_CHECKS = ["database"]

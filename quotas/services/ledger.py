@@ -26,7 +26,7 @@ from django.db import (
 )
 from django.db.models import Count, Q, Sum
 
-from config.db.deadline import DatabaseNotAnswering, read_deadline
+from config.db.deadline import DatabaseNotAnswering, deadline_at_most, read_deadline
 from config.outages import Outage
 from health import metrics
 from quotas.engine import (
@@ -362,12 +362,15 @@ _database_away = Outage(
 def _insert_or_keep(row: list[Any]) -> None:
     """INSERT a ledger row now; if the database cannot take it now, keep it for a later
     flush rather than lose it (the request it records has been served, and charged in
-    Redis). A row the database refuses for good is dropped and logged (`_insert_or_drop`)."""
+    Redis). A row the database refuses for good is dropped and logged (`_insert_or_drop`).
+    On the request path it waits at most LEDGER_WRITE_TIMEOUT_MS for the database: a row
+    kept for later costs nothing, a request held by a hung server does."""
     if _database_away.away() and not connection.in_atomic_block:
         _keep_for_later([row])
         return
     try:
-        _insert_or_drop(row)
+        with deadline_at_most(settings.LEDGER_WRITE_TIMEOUT):
+            _insert_or_drop(row)
     except DatabaseError as exc:
         if connection.in_atomic_block:
             raise
