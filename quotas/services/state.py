@@ -202,19 +202,29 @@ def policy_get(*, user_id: int, key_id: int | None, model: str | None) -> Policy
                 return found
         elif now - at < _UNCHECKED_TTL:
             raise copy.copy(found)  # a fresh instance: one raised twice grows its traceback
+    # A change may land while the rows are read: the version learned meanwhile (`_on_stale`,
+    # which empties the cache) must not end up holding what was read before it.
+    version = _state.version
     try:
         policy = policy_resolve(user_id=user_id, key_id=key_id, model=model)
     except _REMEMBERED_REFUSALS as refusal:
-        _policy_remember(cache_key, copy.copy(refusal), now)
+        _policy_remember(cache_key, copy.copy(refusal), now, version)
         raise
-    _policy_remember(cache_key, policy, now)
+    _policy_remember(cache_key, policy, now, version)
     return policy
 
 
 def _policy_remember(
-    cache_key: tuple[int, int | None, str | None], found: Policy | ApiError, now: float
+    cache_key: tuple[int, int | None, str | None],
+    found: Policy | ApiError,
+    now: float,
+    version: str | None,
 ) -> None:
+    """Cache `found`, read while the policy version was `version`, unless it has changed
+    since: the next request reads the rows again."""
     with _state.lock:
+        if _state.version != version:
+            return
         if len(_state.policies) > 50_000:
             _state.policies.clear()
         _state.policies[cache_key] = (found, now)

@@ -376,6 +376,35 @@ def test_model_refused_by_plan_lifts_at_once_when_the_plan_changes(engine, user,
     admit(user)
 
 
+def test_a_policy_read_while_a_change_lands_is_not_kept_under_the_new_version(
+    engine, user, plan_for, save, monkeypatch, django_user_model
+):
+    """One thread reads a plan, the operator lowers it, another thread's admission learns
+    the new version: what the first read must not stay cached as the new policy."""
+    from quotas.services import state
+
+    plan = plan_for(user, requests_per_minute=100)
+    other = django_user_model.objects.create(username="other")
+    plan_for(other, requests_per_minute=100)
+    admit(other)  # this worker knows the current version
+    resolve = state.policy_resolve
+
+    def read_while_the_change_lands(**kwargs):
+        policy = resolve(**kwargs)  # the plan as it was
+        if kwargs["user_id"] == user.pk:
+            monkeypatch.setattr(state, "policy_resolve", resolve)
+            plan.requests_per_minute = 0  # the operator stops this user
+            save(plan)
+            admit(other)  # another thread's admission learns of the new version
+        return policy
+
+    monkeypatch.setattr(state, "policy_resolve", read_while_the_change_lands)
+    admit(user)  # read before the change: this one request may pass
+
+    with pytest.raises(QuotaExceeded):
+        admit(user)  # the next reads the plan again
+
+
 def test_money_is_counted_in_integer_micro_dollars():
     assert usd_to_micros(Decimal("0.0000011")) == 2  # a cost is counted rounded up
     assert usd_to_micros(Decimal("0.000002")) == 2
