@@ -62,6 +62,12 @@ _LUA = Path(__file__).with_name("lua")
 # Redis unreachable, or answering that it cannot serve now: loading its data set
 # (BusyLoadingError is a ConnectionError), out of memory, read-only (a master demoted by a
 # failover), a replica whose master is down, a cluster slot moving.
+def _busy(exc: BaseException) -> bool:
+    """Redis refused the call, unrun, while another client's script holds the server past
+    its busy-reply threshold: unavailable for now, as an unreachable Redis is."""
+    return isinstance(exc, RedisError) and str(exc).startswith("BUSY")
+
+
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     *REDIS_DOWN,
     OutOfMemoryError,
@@ -130,6 +136,10 @@ class RedisQuotaBackend:
             yield
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
+        except RedisError as exc:
+            if _busy(exc):
+                raise BackendUnavailable(str(exc)) from exc
+            raise
         self.outage.answered()
 
     @cached_property
@@ -241,7 +251,7 @@ class RedisQuotaBackend:
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
         except RedisError as exc:
-            if str(exc).startswith("BUSY"):  # another client's script holds the server
+            if _busy(exc):
                 raise BackendUnavailable(str(exc)) from exc
             raise
         self.outage.answered()
@@ -299,6 +309,8 @@ class RedisQuotaBackend:
         if error is not None:
             if isinstance(error, _UNAVAILABLE):
                 raise self._unavailable(error) from error
+            if _busy(error):  # not run: sent again later (settlement_defer)
+                raise BackendUnavailable(str(error)) from error
             raise error
         self.outage.answered()
         return bool(call.reply)

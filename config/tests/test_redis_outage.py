@@ -1057,3 +1057,65 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
     client = _key_client(api_key[0])
     used = _get(client, "/api/v1/quota").json()["limits"]["requests_per_day"]["used"]
     assert (ledger, used) == (3, 3)
+
+
+def test_redis_busy_with_a_long_script_defers_a_settlement_not_a_500(
+    redis_server, settings, user, local_model
+):
+    """A script that runs past Redis's busy-reply threshold (another client's, a long
+    one) gets every other call a BUSY refusal: a settlement met by one is sent again
+    later, as one Redis could not be reached for, and charges exactly then."""
+    import threading
+    import uuid
+
+    import redis
+
+    from quotas import services
+    from quotas.services.state import _state, deferred_settle
+
+    plan_for(user, cost_per_day=Decimal("10"))
+    admission = services.admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model=local_model.model,
+        request_id=uuid.uuid4().hex,
+        prompt_tokens=100,
+        max_tokens=100,
+    )
+    other = redis.Redis.from_url(redis_server.url)
+    other.config_set("busy-reply-threshold", 50)  # ms; 5 s by default
+    spin = threading.Thread(
+        target=other.eval,
+        args=(
+            "local s = redis.call('TIME') repeat local t = redis.call('TIME')"
+            " until (t[1] - s[1]) * 1000000 + t[2] - s[2] > 1500000 return 1",
+            0,
+        ),
+    )
+    spin.start()
+    probe = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: _refused_busy(probe), timeout=5, step=0.02)
+
+    services.usage_settle(admission=admission, prompt_tokens=100, completion_tokens=50)
+    deferred = list(_state.deferred)
+    spin.join()
+    deferred_settle()
+
+    assert [d[0] for d in deferred] == [admission.request_id]
+    assert not _state.deferred
+    row = UsageRecord.objects.get(request_id=admission.request_id)
+    assert row.cost_usd == Decimal("0.00025")  # 100 x 1.50 + 50 x 2.00 per million
+    day = services.quota_standing(user_id=user.pk)["limits"]["cost_per_day"]
+    assert Decimal(day["used"]) == row.cost_usd  # Redis's counter, settled once
+
+
+def _refused_busy(client: Any) -> bool:
+    import redis
+
+    try:
+        client.ping()
+    except redis.exceptions.BusyLoadingError:
+        return False
+    except redis.exceptions.ResponseError as exc:
+        return str(exc).startswith("BUSY")
+    return False
