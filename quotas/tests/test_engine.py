@@ -376,7 +376,7 @@ def test_model_refused_by_plan_lifts_at_once_when_the_plan_changes(engine, user,
     admit(user)
 
 
-def test_a_policy_read_while_a_change_lands_is_not_kept_under_the_new_version(
+def test_a_policy_read_while_a_change_lands_is_not_kept_under_the_new_version(  # noqa: PLR0917
     engine, user, plan_for, save, monkeypatch, django_user_model
 ):
     """One thread reads a plan, the operator lowers it, another thread's admission learns
