@@ -59,15 +59,17 @@ from quotas.errors import DuplicateRequest
 from quotas.policy import DIMENSION_SPECS, Quota
 
 _LUA = Path(__file__).with_name("lua")
-# Redis unreachable, or answering that it cannot serve now: loading its data set
-# (BusyLoadingError is a ConnectionError), out of memory, read-only (a master demoted by a
-# failover), a replica whose master is down, a cluster slot moving.
+
+
 def _busy(exc: BaseException) -> bool:
     """Redis refused the call, unrun, while another client's script holds the server past
     its busy-reply threshold: unavailable for now, as an unreachable Redis is."""
     return isinstance(exc, RedisError) and str(exc).startswith("BUSY")
 
 
+# Redis unreachable, or answering that it cannot serve now: loading its data set
+# (BusyLoadingError is a ConnectionError), out of memory, read-only (a master demoted by a
+# failover), a replica whose master is down, a cluster slot moving.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     *REDIS_DOWN,
     OutOfMemoryError,
