@@ -134,17 +134,8 @@ def _ledger_write(
     latency_ms: int,
 ) -> None:
     policy = admission.policy
-    if admission.backend == "degraded":
-        UsageRecord.objects.filter(request_id=admission.request_id).update(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cost_usd=cost,
-            outcome=outcome,
-            cached=cached,
-            fallback=fallback,
-            latency_ms=latency_ms,
-        )
-        return
+    # Admitted in fail-open, the request has a pending row: this one replaces it
+    # (`_ledger_conflict`), or waits in the spool to, as any row the database cannot take.
     _insert_or_keep(
         _row(
             request_id=admission.request_id,
@@ -190,10 +181,40 @@ def _row(**values: Any) -> list[Any]:
     return params
 
 
+# What a request's settlement writes over the pending row its fail-open admission wrote
+# (or over that row abandoned by the sweep, its worker taken for dead).
+_SETTLED_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "cached",
+    "fallback",
+    "outcome",
+    "latency_ms",
+)
+
+
+@functools.cache
+def _ledger_conflict(vendor: str) -> str:
+    """The ledger INSERT's ON CONFLICT clause: a row whose request id is there already is
+    left as it is (a retry, a replay of the spool), unless that row is the pending one of a
+    fail-open admission (or that row abandoned): the settled row replaces it. So a
+    settlement is one INSERT whichever way its request was admitted, spooled like any other
+    when the database cannot take it."""
+    quote = connection.ops.quote_name
+    table = quote(UsageRecord._meta.db_table)
+    sets = ", ".join(f"{quote(c)} = EXCLUDED.{quote(c)}" for c in _SETTLED_COLUMNS)
+    unsettled = ", ".join(f"'{o}'" for o in (Outcome.PENDING, Outcome.ABANDONED))
+    return (
+        f" ON CONFLICT ({quote('request_id')}) DO UPDATE SET {sets}"
+        f" WHERE {table}.{quote('outcome')} IN ({unsettled})"
+    )
+
+
 def _ledger_sql(rows: int) -> str:
     head, columns = _ledger_columns(connection.vendor)
     one = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    return head + ", ".join([one] * rows) + " ON CONFLICT DO NOTHING"
+    return head + ", ".join([one] * rows) + _ledger_conflict(connection.vendor)
 
 
 def _ledger_insert(params: list[Any]) -> None:
@@ -265,12 +286,21 @@ def usage_flush() -> int:
 
 def _write_rows(rows: list[list[Any]]) -> int:
     """One multi-row INSERT of `rows`, or one by one if the database refuses a row of them
-    for good (those are dropped and logged); the number written."""
+    for good (those are dropped and logged); the number written. A request id twice among
+    them (a row both queued and spooled) is written once: an INSERT may not update the same
+    row twice."""
+    if len(rows) > 1:
+        rows = list({row[_request_id_index()]: row for row in rows}.values())
     try:
         _execute(_ledger_sql(len(rows)), [v for row in rows for v in row])
     except _REFUSED:
         return sum(_insert_or_drop(row) for row in rows)
     return len(rows)
+
+
+def _request_id_index() -> int:
+    _, columns = _ledger_columns(connection.vendor)
+    return next(i for i, (name, _, _) in enumerate(columns) if name == "request_id")
 
 
 _REFUSED = (IntegrityError, DataError)  # what a row itself makes impossible
@@ -417,9 +447,13 @@ def usage_record_hit(
     """The ledger row of a cache hit (no tokens, no money), written at most a second late."""
     policy = admission.policy
     if admission.backend == "degraded":
-        UsageRecord.objects.filter(request_id=admission.request_id).update(
-            latency_ms=_latency(admission, latency_ms), fallback=fallback
-        )
+        # Its row was written, counted, at admission; what is left is bookkeeping.
+        try:
+            UsageRecord.objects.filter(request_id=admission.request_id).update(
+                latency_ms=_latency(admission, latency_ms), fallback=fallback
+            )
+        except DatabaseError as exc:
+            logger.warning("latency of cache hit %s not recorded: %s", admission.request_id, exc)
         return
     _enqueue(
         _row(

@@ -141,3 +141,73 @@ def test_fail_open_cost_limit_of_zero_refuses_a_free_model_too(
         admit(user, model=free_model)
     assert info.value.dimension == "cost_per_day"
     assert not UsageRecord.objects.filter(user=user).exists()
+
+
+@pytest.mark.django_db(transaction=True)  # the lock is taken from a connection of its own
+def test_fail_open_settlement_the_ledger_cannot_take_is_kept_and_replaces_the_pending_row(
+    private_redis, settings, user, plan_for
+):
+    """Admitted in fail-open, a request has a pending row holding its estimate. If its
+    settlement cannot be written (a migration's lock on the ledger, a blip), the answer is
+    still given and the settled row waits in the spool; written later, it replaces the
+    pending one, which the sweep then leaves alone."""
+    import threading
+
+    import psycopg
+    from django.db import connection
+
+    from quotas.services import usage_flush
+    from quotas.services.counters import pending_rows_abandon
+
+    settings.QUOTA_FAIL_MODE = "open"
+    plan_for(user, cost_per_day=Decimal("1"))
+    private_redis.stop()
+    admission = admit(user, prompt=100, max_tokens=100)
+    assert admission.backend == "degraded"
+    db = settings.DATABASES["default"]
+    dsn = f"host={db['HOST']} port={db['PORT'] or 5432} user={db['USER']} dbname={db['NAME']}"
+    options = connection.settings_dict["OPTIONS"]
+    saved = options.get("options")
+    options["options"] = "-c lock_timeout=200"
+    connection.close()
+    try:
+        with psycopg.connect(dsn) as other:  # in a transaction until the block ends
+            other.execute("LOCK TABLE quotas_usagerecord IN ACCESS EXCLUSIVE MODE")
+            released = threading.Timer(10, other.rollback)  # a bound, should the test fail
+            released.start()
+            services.usage_settle(admission=admission, prompt_tokens=100, completion_tokens=40)
+            settled_while_locked = released.is_alive()
+            released.cancel()
+    finally:
+        options["options"] = saved
+        connection.close()
+
+    assert settled_while_locked
+    row = UsageRecord.objects.get(request_id=admission.request_id)
+    assert (row.outcome, row.completion_tokens) == (Outcome.PENDING, 100)  # the estimate
+    assert usage_flush() == 1
+    row.refresh_from_db()
+    assert (row.outcome, row.prompt_tokens, row.completion_tokens) == (Outcome.OK, 100, 40)
+    assert row.cost_usd == Decimal("0.00023")  # 100 x 1.50 + 40 x 2.00 per million
+    assert pending_rows_abandon(now=time.time() + 2 * settings.QUOTA_LEASE_TTL + 1) == 0
+
+
+def test_a_replayed_row_leaves_a_settled_row_of_the_same_request_as_it_is(user):
+    from quotas.services import ledger
+
+    def row(outcome, tokens):
+        return ledger._row(
+            request_id="once",
+            user_id=user.pk,
+            api_key_id=None,
+            model="local/demo",
+            provider="local",
+            prompt_tokens=tokens,
+            outcome=outcome,
+        )
+
+    ledger._insert_or_keep(row(Outcome.OK, 10))
+    assert ledger._write_rows([row(Outcome.OK, 99), row(Outcome.OK, 99)]) == 1
+    ledger._insert_or_keep(row(Outcome.PENDING, 77))
+
+    assert UsageRecord.objects.get(request_id="once").prompt_tokens == 10
