@@ -155,18 +155,10 @@ def quota_standing(
     limits: dict[str, dict[str, Any]] = {}
     for dim in DIMENSIONS:
         dim_states = [s for s in states if s.quota.dimension == dim]
-        tight = min(dim_states, key=lambda s: s.remaining) if dim_states else None
-        if tight is not None:
-            limits[dim] = _limit_entry(tight)
-            continue
-        entry: dict[str, Any] = {
-            "limit": None,
-            "used": "0" if dim.startswith("cost") else 0,
-            "remaining": None,
-        }
-        if dim != "concurrency":
-            entry["reset_in"] = 0
-        limits[dim] = entry
+        if dim_states:
+            limits[dim] = _limit_entry(min(dim_states, key=lambda s: s.remaining))
+    limits |= _unlimited_entries(user_id, [dim for dim in DIMENSIONS if dim not in limits], moment)
+    limits = {dim: limits[dim] for dim in DIMENSIONS}
     username = policy.username if policy else ""
     if policy is None:
         from django.contrib.auth import get_user_model
@@ -185,6 +177,28 @@ def quota_standing(
         "suspended": bool(policy and policy.suspended),
         "limits": limits,
     }
+
+
+def _unlimited_entries(user_id: int, dims: list[str], now: float) -> dict[str, dict[str, Any]]:
+    """Dimensions no scope of the caller limits: `limit` and `remaining` null, `used` what
+    the user spent in that window by the ledger (one statement), `reset_in` the time to the
+    end of a day or month (0 for a sliding window). Concurrency is not tracked unlimited."""
+    quotas = {dim: Quota("user", dim, 0, f"u:{user_id}") for dim in dims if dim != "concurrency"}
+    spots = {dim: (q.counter, _window_start(q, now)) for dim, q in quotas.items()}
+    usages = ledger_usages(spots.values()) if spots else {}
+    day_left, month_left = seconds_left(now)
+    entries: dict[str, dict[str, Any]] = {}
+    for dim in dims:
+        entry: dict[str, Any] = {"limit": None, "used": 0, "remaining": None}
+        if dim in quotas:
+            q = quotas[dim]
+            requests, tokens, micros = usages[spots[dim]]
+            used = {"r": requests, "t": tokens, "c": micros}[q.kind]
+            entry["used"] = micros_text(used) if q.kind == "c" else used
+            reset = {"day": day_left, "month": month_left}.get(str(q.window), 0)
+            entry["reset_in"] = math.ceil(reset)
+        entries[dim] = entry
+    return entries
 
 
 def quota_global(*, now: float | None = None) -> dict[str, Any]:

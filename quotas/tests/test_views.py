@@ -141,12 +141,17 @@ def test_quota_standing_shape_and_headers(api_client, api_key, plan_for, redis_c
     assert limits["requests_per_minute"]["remaining"] == 59
     assert 0 < limits["requests_per_minute"]["reset_in"] <= 65
     assert limits["cost_per_day"]["limit"] == "5.00"
+    # Unlimited: no limit, and what was used all the same (the ledger's count).
     assert limits["requests_per_hour"] == {
         "limit": None,
-        "used": 0,
+        "used": 1,
         "remaining": None,
         "reset_in": 0,
     }
+    month = limits["cost_per_month"]
+    assert (month["limit"], month["remaining"]) == (None, None)
+    assert month["used"] == limits["cost_per_day"]["used"] != "0.00"
+    assert month["reset_in"] >= limits["cost_per_day"]["reset_in"] > 0
     assert limits["concurrency"] == {"limit": 4, "used": 0, "remaining": 4}
     assert response["RateLimit-Policy"] == '"rpm";q=60;w=60'
     assert response["X-RateLimit-Remaining-Requests"] == "59"
