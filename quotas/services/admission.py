@@ -59,6 +59,18 @@ def _tightest(windows: Iterable[WindowState], kind: str) -> WindowState | None:
     return min(candidates, key=lambda w: (w.remaining, _WINDOW_SECONDS.get(w.quota.window, 0)))
 
 
+def _duration(seconds: int) -> str:
+    """Whole seconds as OpenAI writes its reset headers (Go's durations): "17s", "6m0s",
+    "8h19m18s"."""
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{seconds}s"
+
+
 def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     """API.md's rate-limit headers for the tightest request window and token window."""
     windows = list(windows)
@@ -72,12 +84,12 @@ def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
         headers["RateLimit"] = f'"{name}";r={req.remaining};t={reset}'
         headers["X-RateLimit-Limit-Requests"] = str(req.quota.limit)
         headers["X-RateLimit-Remaining-Requests"] = str(req.remaining)
-        headers["X-RateLimit-Reset-Requests"] = f"{reset}s"
+        headers["X-RateLimit-Reset-Requests"] = _duration(reset)
     tok = _tightest(windows, "t")
     if tok is not None:
         headers["X-RateLimit-Limit-Tokens"] = str(tok.quota.limit)
         headers["X-RateLimit-Remaining-Tokens"] = str(tok.remaining)
-        headers["X-RateLimit-Reset-Tokens"] = f"{max(0, math.ceil(tok.reset_in))}s"
+        headers["X-RateLimit-Reset-Tokens"] = _duration(max(0, math.ceil(tok.reset_in)))
     return headers
 
 

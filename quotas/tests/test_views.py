@@ -465,3 +465,17 @@ def test_remaining_tokens_of_an_answer_count_the_tokens_used_not_the_reservation
     standing = api_client.get("/api/v1/quota", **auth(key)).json()["limits"]
     assert standing["tokens_per_minute"]["used"] == used
     assert response["X-RateLimit-Remaining-Tokens"] == str(10_000 - used)
+
+
+def test_reset_headers_are_written_as_openai_writes_them():
+    from quotas.services.admission import _duration
+
+    assert [_duration(s) for s in (0, 17, 60, 360, 3599, 3600, 29958)] == [
+        "0s",
+        "17s",
+        "1m0s",
+        "6m0s",
+        "59m59s",
+        "1h0m0s",
+        "8h19m18s",
+    ]
