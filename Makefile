@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-dev run serve test lint lint-deploy format migrate bench clean
+.PHONY: install install-dev run test lint lint-deploy format migrate bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
