@@ -11,7 +11,7 @@ import math
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -284,7 +284,13 @@ class LocalQuotaBackend:
             return self._sweep_locked(now, limit)
 
     # --- rebuild, reads, resets ---
-    def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int:
+    def carried(self) -> list[str]:
+        """None: this backend's epoch turns only with its process's counters (fail-open)."""
+        return []
+
+    def init_calendar(
+        self, entries: list[tuple[str, int, int, int, int]], in_ledger: Iterable[str] = ()
+    ) -> int:
         created = 0
         now = datetime.now(tz=UTC).timestamp()
         with self._lock:

@@ -9,6 +9,7 @@ with EVALSHA (redis-py reloads them after NOSCRIPT). Key layout, under `<prefix>
     {<counter>}:<epoch>:m<YYYYMM>    UTC month: same
     {<counter>}:l                    concurrency leases: zset request id -> expiry
     res:<request id>, resx           reservations and their expiry index
+    carry:<epoch>                    reservations in flight when that epoch began
     den:<YYYYMMDD>                   refusals of the day by "scope|dimension"
 
 Sliding windows (minute, hour) count 12 sub-buckets of window/12 seconds and admit only
@@ -21,13 +22,15 @@ Day and month windows are exact UTC calendar windows.
 
 The counter epoch is part of every calendar key: rotating it (after a period of fail-open
 service, or when Redis lost its data) makes every day and month counter rebuild from the
-ledger before its next use.
+ledger before its next use. The ledger has no row yet of a request in flight at the
+rotation: each rebuilt counter takes in the reservations of its own counter and period
+that were in flight then, and their settlements go to it as to any other.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cached_property
@@ -159,6 +162,16 @@ class RedisQuotaBackend:
     @cached_property
     def _renew(self) -> Any:
         return self.client.register_script((_LUA / "renew.lua").read_text())
+
+    @cached_property
+    def _carried(self) -> Any:
+        return self.client.register_script(
+            "return redis.call('SMEMBERS', ARGV[1] .. (redis.call('GET', KEYS[1]) or ''))"
+        )
+
+    @cached_property
+    def _rotate(self) -> Any:
+        return self.client.register_script((_LUA / "rotate.lua").read_text())
 
     @cached_property
     def _init_calendar(self) -> Any:
@@ -327,13 +340,26 @@ class RedisQuotaBackend:
                 )
             )
 
-    def init_calendar(self, entries: list[tuple[str, int, int, int, int]]) -> int:
-        """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present."""
+    def carried(self) -> list[str]:
+        """The request ids of the reservations in flight when the current epoch began."""
+        with self._asking():
+            ids = self._carried(keys=[f"{self.prefix}:epoch"], args=[f"{self.prefix}:carry:"])
+        return [_text(rid) for rid in ids]
+
+    def init_calendar(
+        self, entries: list[tuple[str, int, int, int, int]], in_ledger: Iterable[str] = ()
+    ) -> int:
+        """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present,
+        each with the reservations in flight since the last rotation that were counted in
+        its counter, but those of `in_ledger`, whose rows the ledger sums counted
+        (init_calendar.lua)."""
         args: list[Any] = [uuid.uuid4().hex]
         for _, r, t, c, ttl in entries:
             args += [r, t, c, ttl]
+        args += [f"{self.prefix}:res:", f"{self.prefix}:carry:", *in_ledger]
+        keys = [e[0] for e in entries] + [f"{self.prefix}:epoch"]
         with self._asking():
-            return int(self._init_calendar(keys=[e[0] for e in entries], args=args))
+            return int(self._init_calendar(keys=keys, args=args))
 
     def tokens(self) -> tuple[str, str]:
         """The current (policy version, counter epoch), creating them if missing."""
@@ -351,8 +377,13 @@ class RedisQuotaBackend:
             self.client.set(f"{self.prefix}:ver", uuid.uuid4().hex)
 
     def rotate_epoch(self) -> None:
+        """A new counter epoch (rotate.lua): day and month counters are rebuilt from the
+        ledger, each taking in the reservations in flight now (init_calendar.lua)."""
         with self._asking():
-            self.client.set(f"{self.prefix}:epoch", uuid.uuid4().hex)
+            self._rotate(
+                keys=[f"{self.prefix}:epoch", f"{self.prefix}:resx"],
+                args=[uuid.uuid4().hex, f"{self.prefix}:carry:", 2 * settings.QUOTA_LEASE_TTL],
+            )
 
     def read(
         self, *, quotas: tuple[Quota, ...], version: str, epoch: str, now: float

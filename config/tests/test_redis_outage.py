@@ -1059,54 +1059,37 @@ def test_redis_back_while_a_fail_open_admission_is_in_flight_still_counts_it(
     assert (ledger, used) == (3, 3)
 
 
-def test_redis_busy_with_a_long_script_defers_a_settlement_not_a_500(
-    redis_server, settings, user, local_model
-):
-    """A script that runs past Redis's busy-reply threshold (another client's, a long
-    one) gets every other call a BUSY refusal: a settlement met by one is sent again
-    later, as one Redis could not be reached for, and charges exactly then."""
-    import threading
-    import uuid
+class _BusyRedis:
+    """Another client's Lua script holding `server` for 1.5 s, past a busy-reply threshold
+    of 50 ms: meanwhile Redis answers every other call with BUSY, unrun."""
 
-    import redis
+    def __init__(self, server: PrivateRedis) -> None:
+        import threading
 
-    from quotas import services
-    from quotas.services.state import _state, deferred_settle
+        import redis
 
-    plan_for(user, cost_per_day=Decimal("10"))
-    admission = services.admission_admit(
-        user_id=user.pk,
-        key_id=None,
-        model=local_model.model,
-        request_id=uuid.uuid4().hex,
-        prompt_tokens=100,
-        max_tokens=100,
-    )
-    other = redis.Redis.from_url(redis_server.url)
-    other.config_set("busy-reply-threshold", 50)  # ms; 5 s by default
-    spin = threading.Thread(
-        target=other.eval,
-        args=(
-            "local s = redis.call('TIME') repeat local t = redis.call('TIME')"
-            " until (t[1] - s[1]) * 1000000 + t[2] - s[2] > 1500000 return 1",
-            0,
-        ),
-    )
-    spin.start()
-    probe = redis.Redis.from_url(redis_server.url)
-    wait_until(lambda: _refused_busy(probe), timeout=5, step=0.02)
+        self.url = server.url
+        other = redis.Redis.from_url(server.url)
+        other.config_set("busy-reply-threshold", 50)  # ms; 5 s by default
+        self.thread = threading.Thread(
+            target=other.eval,
+            args=(
+                "local s = redis.call('TIME') repeat local t = redis.call('TIME')"
+                " until (t[1] - s[1]) * 1000000 + t[2] - s[2] > 1500000 return 1",
+                0,
+            ),
+        )
 
-    services.usage_settle(admission=admission, prompt_tokens=100, completion_tokens=50)
-    deferred = list(_state.deferred)
-    spin.join()
-    deferred_settle()
+    def __enter__(self) -> _BusyRedis:
+        import redis
 
-    assert [d[0] for d in deferred] == [admission.request_id]
-    assert not _state.deferred
-    row = UsageRecord.objects.get(request_id=admission.request_id)
-    assert row.cost_usd == Decimal("0.00025")  # 100 x 1.50 + 50 x 2.00 per million
-    day = services.quota_standing(user_id=user.pk)["limits"]["cost_per_day"]
-    assert Decimal(day["used"]) == row.cost_usd  # Redis's counter, settled once
+        self.thread.start()
+        probe = redis.Redis.from_url(self.url)
+        wait_until(lambda: _refused_busy(probe), timeout=5, step=0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join()
 
 
 def _refused_busy(client: Any) -> bool:
@@ -1119,3 +1102,69 @@ def _refused_busy(client: Any) -> bool:
     except redis.exceptions.ResponseError as exc:
         return str(exc).startswith("BUSY")
     return False
+
+
+def _admitted(user: Any, model: str) -> Any:
+    import uuid
+
+    from quotas import services
+
+    return services.admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model=model,
+        request_id=uuid.uuid4().hex,
+        prompt_tokens=100,
+        max_tokens=100,
+    )
+
+
+def test_redis_busy_with_a_long_script_defers_a_settlement_not_a_500(
+    redis_server, settings, user, local_model
+):
+    """A script that runs past Redis's busy-reply threshold (another client's, a long
+    one) gets every other call a BUSY refusal: a settlement met by one is sent again
+    later, as one Redis could not be reached for, and charges exactly then."""
+    from quotas import services
+    from quotas.services.state import _state, deferred_settle
+
+    plan_for(user, cost_per_day=Decimal("10"))
+    admission = _admitted(user, local_model.model)
+    with _BusyRedis(redis_server):
+        services.usage_settle(admission=admission, prompt_tokens=100, completion_tokens=50)
+        deferred = list(_state.deferred)
+    deferred_settle()
+
+    assert [d[0] for d in deferred] == [admission.request_id]
+    assert not _state.deferred
+    row = UsageRecord.objects.get(request_id=admission.request_id)
+    assert row.cost_usd == Decimal("0.00025")  # 100 x 1.50 + 50 x 2.00 per million
+    day = services.quota_standing(user_id=user.pk)["limits"]["cost_per_day"]
+    assert Decimal(day["used"]) == row.cost_usd  # Redis's counter, settled once
+
+
+def test_a_deferred_settlement_is_counted_once_by_a_rebuild_that_read_its_row(
+    redis_server, settings, user, local_model
+):
+    """A settlement Redis did not take has its ledger row written all the same. A new
+    epoch's day, rebuilt from the ledger before the settlement is sent again, counts the
+    request through that row: sent again, it adds nothing more there."""
+    from quotas import services
+    from quotas.services.state import _state, deferred_settle
+
+    plan_for(user, cost_per_day=Decimal("10"))
+    first = _admitted(user, local_model.model)
+    with _BusyRedis(redis_server):
+        services.usage_settle(admission=first, prompt_tokens=100, completion_tokens=50)
+    assert len(_state.deferred) == 1
+    services.counters_rebuild_all()  # Redis back from an outage, or rebuild_counters
+    deferred, _state.deferred = list(_state.deferred), type(_state.deferred)()
+    second = _admitted(user, local_model.model)  # rebuilds the day: the first one's row
+    _state.deferred.extend(deferred)
+    deferred_settle()
+    services.usage_settle(admission=second, prompt_tokens=100, completion_tokens=50)
+
+    spent = UsageRecord.objects.filter(user=user).aggregate(total=Sum("cost_usd"))["total"]
+    day = services.quota_standing(user_id=user.pk)["limits"]["cost_per_day"]
+    assert spent == Decimal("0.00050")
+    assert Decimal(day["used"]) == spent

@@ -56,7 +56,9 @@ local n = tonumber(ARGV[12])
 -- A crashed worker's reservations: refund up to a few per admission (also swept periodically).
 local function refund_ops(res, rid_)
   for _, op in ipairs(res.ops) do
-    if op.k == 'l' then
+    if op.x then
+      -- counted by a rebuild through its ledger row, not as a reservation
+    elseif op.k == 'l' then
       redis.call('ZREM', op.key, rid_)
     elseif redis.call('EXISTS', op.key) == 1 then
       if op.k == 'cal' then

@@ -5,15 +5,16 @@
 -- ARGV[3] actual tokens   ARGV[4] actual cost (micro-USD)
 --
 -- The deltas go to the very buckets and calendar hashes the reservation was made in. A
--- settled request still counts as a request; a refund takes back the request too. A
--- calendar hash rebuilt from the ledger since admission did not see the reservation (the
--- request's ledger row is written at settlement): it gets the full actual usage, and a
--- refund leaves it alone. That is the case when its generation `g` changed, and when the
--- counter epoch was rotated since admission (Redis back from an outage, rebuild_counters):
--- the usage then goes to the day and month hashes of the current epoch, if they exist yet
--- (if not, they will be rebuilt from the ledger, this request's row included). A
--- reservation already refunded by the sweep (its worker was presumed dead) gets the full
--- actual usage back. Reply: 1 settled now, 0 nothing to do (settled before).
+-- settled request still counts as a request; a refund takes back the request too. Day and
+-- month usage goes to the hashes of the current counter epoch: after a rotation (Redis back
+-- from an outage, rebuild_counters) to the same counter's hash of the new epoch, if it
+-- exists yet (if not, it will be rebuilt from the ledger, this request's row included). A
+-- hash rebuilt from the ledger since admission that did not take the reservation in
+-- (init_calendar.lua does, for those in flight at the rotation) gets the full actual usage,
+-- and a refund leaves it alone: that is the case when its generation `g` is not the one the
+-- reservation names, or it is another epoch's. A reservation already refunded by the sweep
+-- (its worker was presumed dead) gets the full actual usage back. Reply: 1 settled now, 0
+-- nothing to do (settled before).
 
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
@@ -34,14 +35,16 @@ local function apply(key, field, reserved, actual, fresh)
 end
 
 local epoch = redis.call('GET', KEYS[3])
-local moved = res.e and epoch and res.e ~= epoch
 
 for _, op in ipairs(res.ops) do
-  if op.k == 'cal' then
+  if op.x then
+    -- A rebuild counted this request through its ledger row (init_calendar.lua).
+  elseif op.k == 'cal' then
     local key = op.key
-    if moved then  -- ":<epoch>:" sits between the counter and the day or month
-      local at = string.find(key, ':' .. res.e .. ':', 1, true)
-      if at then key = string.sub(key, 1, at) .. epoch .. string.sub(key, at + 1 + #res.e) end
+    -- "<prefix>:{<counter>}:<epoch>:<d|m><period>": this epoch's hash of that counter.
+    if epoch and not string.find(key, ':' .. epoch .. ':', 1, true) then
+      local base, period = string.match(key, '^(.*}):%x+:([dm]%d+)$')
+      if base then key = base .. ':' .. epoch .. ':' .. period end
     end
     if redis.call('EXISTS', key) == 1 then
       local fresh = swept or key ~= op.key or (redis.call('HGET', key, 'g') ~= op.g)

@@ -46,6 +46,19 @@ def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> in
                     cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"tg:{counter}"])
         entries: dict[str, tuple[str, int, int, int, int]] = {}
         spots = {quota: (quota.counter, _window_start(quota, moment)) for quota in calendar}
+        # Requests in flight since the epoch began are taken in by the new counters, but
+        # those whose rows the ledger holds already (read first: a row written in between
+        # is counted twice, never missed).
+        carried = be.carried()
+        in_ledger = (
+            list(
+                UsageRecord.objects.filter(request_id__in=carried).values_list(
+                    "request_id", flat=True
+                )
+            )
+            if carried
+            else []
+        )
         usages = ledger_usages(spots.values())
         for quota in calendar:
             key = be.counter_key(quota, _state.epoch, moment)
@@ -55,7 +68,7 @@ def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> in
             end = day_end if quota.window == "day" else month_end
             ttl = int(end.timestamp() - moment) + 3600
             entries[key] = (key, requests, tokens, micros, ttl)
-        created = be.init_calendar(list(entries.values()))
+        created = be.init_calendar(list(entries.values()), in_ledger)
     if created:
         logger.info("rebuilt %d calendar counters from the ledger", created)
     return created

@@ -189,8 +189,9 @@ def test_user_page_shows_live_usage_against_each_limit(admin_client, governance,
         html,
     )
     assert re.search(r"<td>cost per day</td>\s*<td>5.00</td>\s*<td>0.0000\d\d</td>", html)
+    # Unlimited: what the ledger holds of the day all the same, nothing remaining or resetting.
     assert re.search(
-        r"<td>tokens per day</td>\s*<td>unlimited</td>\s*<td>0</td>\s*<td>-</td>"
+        r"<td>tokens per day</td>\s*<td>unlimited</td>\s*<td>\d+</td>\s*<td>-</td>"
         r"\s*<td>-</td>",
         html,
     )

@@ -545,6 +545,52 @@ def test_request_refunded_across_an_epoch_rotation_leaves_the_new_day_alone(
     assert (limits["tokens_per_day"]["used"], limits["requests_per_day"]["used"]) == (20, 1)
 
 
+def test_a_day_rebuilt_after_a_rotation_counts_the_requests_still_in_flight(
+    redis_conn, user, plan_for
+):
+    """A rotation's rebuild reads the ledger, which has no row of a request in flight: the
+    new day takes its reservation in, so no budget admits past its limit meanwhile, and
+    its settlement charges the difference, not the whole."""
+    import time
+
+    now = time.time()
+    plan_for(user, tokens_per_day=250)
+    in_flight = admit(user, now=now, prompt=100, max_tokens=100)  # 200 reserved
+    services.counters_rebuild_all()
+
+    with pytest.raises(QuotaExceeded) as refused:
+        admit(user, now=now, prompt=50, max_tokens=50)  # 200 + 100 > 250
+    services.counters_rebuild_all()  # a second rotation while it still runs
+    with pytest.raises(QuotaExceeded):
+        admit(user, now=now, prompt=50, max_tokens=50)
+    services.usage_settle(admission=in_flight, prompt_tokens=100, completion_tokens=50)
+    fits = admit(user, now=now, prompt=50, max_tokens=50)  # 150 + 100 <= 250
+
+    assert refused.value.dimension == "tokens_per_day"
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert limits["tokens_per_day"]["used"] == 150 + 100  # settled, and reserved
+    services.usage_refund(admission=fits, outcome="upstream_error")
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert (limits["tokens_per_day"]["used"], limits["requests_per_day"]["used"]) == (150, 1)
+
+
+def test_a_reservation_taken_in_by_a_rebuild_is_refunded_there_by_the_sweep(
+    redis_conn, user, plan_for, settings
+):
+    import time
+
+    now = time.time()
+    plan_for(user, tokens_per_day=1000)
+    admit(user, now=now, prompt=100, max_tokens=100)  # its worker dies
+    services.counters_rebuild_all()
+    admit(user, now=now, prompt=10, max_tokens=10)  # the new day takes the first one in
+
+    services.reservations_sweep(now=now + 2 * settings.QUOTA_LEASE_TTL)
+
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert limits["tokens_per_day"]["used"] == 0  # both leases expired: both given back
+
+
 def test_ledger_sums_of_several_principals_and_windows_come_from_one_statement(user, api_key):
     """What a fail-open admission reads under its principals' locks: each (counter, since)
     summed as `ledger_usage` sums it alone (the global scope over everyone, the provider's
