@@ -30,8 +30,10 @@ def test_openai_body_over_limit_is_413_in_openai_shape(client, settings):
     )
     assert response.status_code == 413
     error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}  # every /v1 error's keys
     assert error["code"] == "payload_too_large"
     assert error["type"] == "invalid_request_error"
+    assert error["param"] is None
     assert error["message"]
 
 
