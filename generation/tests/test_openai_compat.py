@@ -406,6 +406,59 @@ def test_openai_sdk_stream_options_without_stream_is_refused_by_name(
     assert not UsageRecord.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": "false"}, "stream"),
+        ({"stream": 1}, "stream"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
+        ({"stream": True, "stream_options": {"include_usage": 0}}, "stream_options.include_usage"),
+    ],
+    ids=str,
+)
+def test_chat_completions_stream_flag_not_a_json_boolean_is_refused_by_name(
+    upstream_settings, local_model, key_client, flags, param
+):
+    response = key_client.post(
+        "/v1/chat/completions",
+        {"model": "local/demo", "messages": [{"role": "user", "content": "Hi"}], **flags},
+        format="json",
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_request",
+        param,
+    )
+    assert "Must be a boolean" in error["message"]
+    assert not UsageRecord.objects.exists()
+
+
+def test_chat_completions_null_stream_flags_are_taken_as_unset(
+    upstream_settings, local_model, key_client
+):
+    ask = {"model": "local/demo", "messages": [{"role": "user", "content": "Hi"}]}
+
+    plain = key_client.post("/v1/chat/completions", {**ask, "stream": None}, format="json")
+    streamed = key_client.post(
+        "/v1/chat/completions",
+        {**ask, "stream": True, "stream_options": {"include_usage": None}},
+        format="json",
+    )
+
+    assert plain.status_code == 200
+    assert plain.json()["object"] == "chat.completion"
+    assert streamed.status_code == 200
+    events = b"".join(streamed.streaming_content).decode()
+    assert '"usage":{' not in events  # no usage chunk: include_usage null is not true
+
+
 def test_openai_sdk_text_content_parts_are_joined_and_roles_mapped(
     upstream_settings, fake_upstream, openai_model, tollgate
 ):
