@@ -273,6 +273,29 @@ def test_openai_sdk_sees_upstream_timeout_as_504_and_is_not_charged(
     assert UsageRecord.objects.get().cost_usd == 0
 
 
+@pytest.mark.usefixtures("openai_model")
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_sees_an_open_circuit_as_503_with_the_retry_after_of_api(
+    upstream_settings, fake_upstream, tollgate, key_client, stream
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    hi = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.InternalServerError):  # the failure that opens the circuit
+        tollgate.chat.completions.create(model="gpt-test", messages=hi)
+
+    with pytest.raises(openai.InternalServerError) as info:
+        tollgate.chat.completions.create(model="gpt-test", messages=hi, stream=stream)
+    api = key_client.post("/api/v1/generate", {"prompt": "Hi", "model": "gpt-test"}, format="json")
+
+    assert info.value.status_code == api.status_code == 503
+    assert info.value.code == api.json()["error"]["code"] == "upstream_unavailable"
+    assert 1 <= int(info.value.response.headers["Retry-After"]) <= 30
+    assert abs(int(info.value.response.headers["Retry-After"]) - int(api["Retry-After"])) <= 1
+    assert len(fake_upstream.requests) == 1  # neither left Tollgate
+
+
 def test_openai_sdk_with_bad_key_gets_401(live_server, upstream_settings, openai_model):
     client = openai.OpenAI(
         api_key="tg_abcdefgh_" + "x" * 40, base_url=f"{live_server.url}/v1", max_retries=0
