@@ -7,13 +7,15 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.cache import add_never_cache_headers
 from django.views import defaults
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -29,16 +31,49 @@ from quotas.views import caller_headers
 
 logger = logging.getLogger(__name__)
 CIRCUIT_CODES = {"closed": 0, "half_open": 1, "open": 2}
+_READ_METHODS = ("GET", "HEAD")
 
 
+def _read_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """GET and HEAD only, as Django's require_safe, but any other method is answered with
+    a JSON 405 in the API's error shape and `Allow: GET, HEAD`. Exempt from CSRF: nothing
+    here changes state, and without the exemption CsrfViewMiddleware answers a POST with
+    Django's HTML 403 page before the view can refuse the method. It takes the place of
+    require_GET, so a probe's GET does no more work than before."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method not in _READ_METHODS:
+            return _method_not_allowed(request)
+        return view(request, *args, **kwargs)
+
+    wrapper.csrf_exempt = True  # type: ignore[attr-defined]  # what csrf_exempt sets
+    return wrapper
+
+
+def _method_not_allowed(request: HttpRequest) -> HttpResponse:
+    response = JsonResponse(
+        {
+            "error": {
+                "code": "method_not_allowed",
+                "message": f'Method "{request.method}" not allowed.',
+            }
+        },
+        status=405,
+    )
+    response["Allow"] = ", ".join(_READ_METHODS)
+    add_never_cache_headers(response)  # a 405 is heuristically cacheable (RFC 9110)
+    return response
+
+
+@_read_only
 @never_cache
-@require_GET
 def live(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+@_read_only
 @never_cache
-@require_GET
 def ready(request: HttpRequest) -> JsonResponse:
     status, checks = probes.readiness_report()
     return JsonResponse(
@@ -46,8 +81,8 @@ def ready(request: HttpRequest) -> JsonResponse:
     )
 
 
+@_read_only
 @never_cache
-@require_GET
 def startup(request: HttpRequest) -> JsonResponse:
     try:
         done = probes.migrations_applied()
@@ -100,8 +135,8 @@ def _refresh_shared_gauges() -> None:
         logger.warning("circuit gauges not refreshed", exc_info=True)
 
 
+@_read_only
 @never_cache
-@require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
     if not _authorized(request):
         response = HttpResponse(

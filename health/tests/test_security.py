@@ -77,7 +77,7 @@ def test_chunked_body_within_limit_is_handed_to_the_view(settings):
 def test_large_body_outside_api_is_not_refused_by_the_guard(client, settings):
     settings.API_MAX_BODY_BYTES = 10
     response = client.post("/health/live", data="z" * 100, content_type="text/plain")
-    assert response.status_code == 405  # the probe is GET-only; no 413
+    assert response.status_code == 405  # the probe is GET and HEAD only; no 413
 
 
 def test_responses_carry_security_headers_and_csp(client):
