@@ -242,7 +242,7 @@ def _is_redis_unreachable(exc: Exception) -> bool:
 _NOT_MIGRATED_SQLSTATES = frozenset({"42P01", "42703"})
 
 
-def _is_database_not_migrated(exc: Exception) -> bool:
+def is_database_not_migrated(exc: Exception) -> bool:
     """A query for a table or column the database does not have yet: `migrate` has not run
     (PostgreSQL's error codes; SQLite's "no such table/column" message)."""
     if not isinstance(exc, DatabaseError):
@@ -273,7 +273,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response:
     elif _is_redis_unreachable(exc):
         _redis_away.report(exc, request_id)
         err = ServiceUnavailable("A backing service (Redis) is unreachable; try again shortly.")
-    elif _is_database_not_migrated(exc):
+    elif is_database_not_migrated(exc):
         # One line (the missing table or column), not a traceback per request.
         logger.error(
             "database not migrated: %s",

@@ -135,6 +135,7 @@ def payload_too_large(request: HttpRequest, limit: int) -> HttpResponse:
             "error": {
                 "message": message,
                 "type": "invalid_request_error",
+                "param": None,
                 "code": "payload_too_large",
             }
         }

@@ -49,3 +49,16 @@ class TextField(serializers.CharField):
         if not isinstance(data, str):
             self.fail("invalid")
         return str(super().to_internal_value(data))
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A BooleanField that takes a JSON true or false only (or null where allowed): DRF's
+    reads "yes", "on", "1" and 1 as true and "no", "off", "0" and 0 as false, where OpenAI
+    refuses anything but a boolean."""
+
+    default_error_messages = {"invalid": "Must be a boolean."}
+
+    def to_internal_value(self, data: object) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data

@@ -8,7 +8,7 @@ from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
-from config.serializers import InputSerializer, TextField
+from config.serializers import InputSerializer, StrictBooleanField, TextField
 
 MAX_PROMPT_CHARS = 100_000
 MAX_MESSAGES = 200
@@ -203,7 +203,7 @@ class ChatCompletionInputSerializer(InputSerializer):
         allow_null=True,
         error_messages={"max_value": "Not supported by this gateway: one choice per request."},
     )
-    stream = serializers.BooleanField(required=False, default=False, allow_null=True)
+    stream = StrictBooleanField(required=False, default=False, allow_null=True)
     stream_options = serializers.DictField(required=False, allow_null=True)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
 
@@ -218,10 +218,17 @@ class ChatCompletionInputSerializer(InputSerializer):
                     raise serializers.ValidationError({name: "Not supported by this gateway."})
                 continue
             raise serializers.ValidationError({name: "Unrecognized request argument."})
-        if attrs.get("stream_options") is not None and not attrs.get("stream"):
+        options = attrs.get("stream_options")
+        if options is not None and not attrs.get("stream"):
             # As OpenAI: options of a stream on a request that is not one are a mistake.
             raise serializers.ValidationError(
                 {"stream_options": "Only allowed when stream is true."}
+            )
+        include_usage = (options or {}).get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):
+            # As `stream` (and OpenAI): a string or a number is not taken for a boolean.
+            raise serializers.ValidationError(
+                {"stream_options": {"include_usage": "Must be a boolean."}}
             )
         if attrs.get("max_tokens") is not None and attrs.get("max_completion_tokens") is not None:
             # OpenAI refuses the pair too: max_tokens is the older name of the same bound.

@@ -7,13 +7,17 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import threading
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.cache import add_never_cache_headers
 from django.views import defaults
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -22,6 +26,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from config.errors import is_database_not_migrated
 from config.middleware import request_id_var
 from health import probes
 from health.metrics import CIRCUIT_STATE
@@ -29,16 +34,49 @@ from quotas.views import caller_headers
 
 logger = logging.getLogger(__name__)
 CIRCUIT_CODES = {"closed": 0, "half_open": 1, "open": 2}
+_READ_METHODS = ("GET", "HEAD")
 
 
+def _read_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """GET and HEAD only, as Django's require_safe, but any other method is answered with
+    a JSON 405 in the API's error shape and `Allow: GET, HEAD`. Exempt from CSRF: nothing
+    here changes state, and without the exemption CsrfViewMiddleware answers a POST with
+    Django's HTML 403 page before the view can refuse the method. It takes the place of
+    require_GET, so a probe's GET does no more work than before."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method not in _READ_METHODS:
+            return _method_not_allowed(request)
+        return view(request, *args, **kwargs)
+
+    wrapper.csrf_exempt = True  # type: ignore[attr-defined]  # what csrf_exempt sets
+    return wrapper
+
+
+def _method_not_allowed(request: HttpRequest) -> HttpResponse:
+    response = JsonResponse(
+        {
+            "error": {
+                "code": "method_not_allowed",
+                "message": f'Method "{request.method}" not allowed.',
+            }
+        },
+        status=405,
+    )
+    response["Allow"] = ", ".join(_READ_METHODS)
+    add_never_cache_headers(response)  # a 405 is heuristically cacheable (RFC 9110)
+    return response
+
+
+@_read_only
 @never_cache
-@require_GET
 def live(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+@_read_only
 @never_cache
-@require_GET
 def ready(request: HttpRequest) -> JsonResponse:
     status, checks = probes.readiness_report()
     return JsonResponse(
@@ -46,8 +84,8 @@ def ready(request: HttpRequest) -> JsonResponse:
     )
 
 
+@_read_only
 @never_cache
-@require_GET
 def startup(request: HttpRequest) -> JsonResponse:
     try:
         done = probes.migrations_applied()
@@ -75,6 +113,52 @@ def _authorized(request: HttpRequest) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
 
 
+class _GaugeTrouble:
+    """Why the shared quota gauges were not refreshed, said once when it begins (or turns
+    into another reason) and once when it ends, not at every scrape: Prometheus scrapes
+    every few seconds, and a database not migrated yet or unreachable, or Redis away,
+    lasts. A known reason is one line (a missing table named, as the API's 503 logs it);
+    an unexpected error keeps its traceback, once. Per process."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._lock = threading.Lock()
+
+    def failed(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        level: int = logging.WARNING,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        with self._lock:
+            if reason == self.reason:
+                return
+            self.reason = reason
+        said = f"{reason}: {detail}" if detail else reason
+        logger.log(level, "shared quota gauges not refreshed: %s", said, exc_info=exc_info)
+
+    def refreshed(self) -> None:
+        if self.reason is None:
+            return
+        with self._lock:
+            reason, self.reason = self.reason, None
+        if reason is not None:
+            logger.warning("shared quota gauges refreshed again")
+
+    def reset(self) -> None:
+        self.reason = None
+
+
+_gauge_trouble = _GaugeTrouble()
+
+
+def gauge_trouble_reset() -> None:
+    """Forget why the gauges were last not refreshed (tests)."""
+    _gauge_trouble.reset()
+
+
 def _refresh_shared_gauges() -> None:
     """Set the gauges of state that lives in Redis (shared quota headroom, circuit states)
     from Redis itself, so a scrape sees the truth and not what this worker last noticed."""
@@ -82,10 +166,20 @@ def _refresh_shared_gauges() -> None:
         from quotas.services import quota_global
 
         # Sets tollgate_quota_remaining for every global and provider window.
-        if not quota_global()["backend"]["live"]:
-            logger.warning("shared quota gauges not refreshed")
-    except Exception:  # a scrape must answer even with Redis or the database down
-        logger.warning("shared quota gauges not refreshed", exc_info=True)
+        live = quota_global()["backend"]["live"]
+    except Exception as exc:  # a scrape must answer with Redis or the database down
+        detail = str(exc).split("\n", 1)[0]
+        if is_database_not_migrated(exc):
+            _gauge_trouble.failed("database not migrated", detail, level=logging.ERROR)
+        elif isinstance(exc, OperationalError | InterfaceError):
+            _gauge_trouble.failed("database unreachable", detail)
+        else:
+            _gauge_trouble.failed(type(exc).__name__, detail, exc_info=exc)
+    else:
+        if live:
+            _gauge_trouble.refreshed()
+        else:
+            _gauge_trouble.failed("quota counters unavailable (Redis unreachable)")
     try:
         from generation.services import circuit_states
     except ImportError:
@@ -100,8 +194,8 @@ def _refresh_shared_gauges() -> None:
         logger.warning("circuit gauges not refreshed", exc_info=True)
 
 
+@_read_only
 @never_cache
-@require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
     if not _authorized(request):
         response = HttpResponse(

@@ -197,6 +197,26 @@ def test_a_database_not_migrated_is_a_503_with_the_request_id_not_a_500(
     assert "does not exist" in logged[0].getMessage()  # the operator's log names the table
 
 
+@pytest.mark.usefixtures("unmigrated_database")
+def test_metrics_scrapes_of_a_database_not_migrated_log_one_line_naming_the_table(
+    client, settings, caplog
+):
+    settings.METRICS_TOKEN = ""
+
+    statuses = [client.get("/metrics").status_code for _ in range(3)]
+
+    assert statuses == [200] * 3  # the scrape answers, without the shared quota gauges
+    logged = [r for r in caplog.records if r.name == "health.views"]
+    assert [(r.levelname, r.getMessage()) for r in logged] == [
+        (
+            "ERROR",
+            "shared quota gauges not refreshed: database not migrated: "
+            'relation "quotas_globallimits" does not exist',
+        )
+    ]
+    assert not logged[0].exc_info  # one line, not a traceback
+
+
 def test_a_database_a_migration_behind_the_code_is_a_503_not_a_500(key_client):
     # A column the code reads is not there yet: the code was deployed before `migrate`.
     def rename(old: str, new: str) -> None:
@@ -379,3 +399,21 @@ def test_a_lock_held_on_the_ledger_does_not_hold_generation(key_client, local_mo
     assert not UsageRecord.objects.filter(request_id=request_id).exists()
     assert usage_flush() == 1
     assert UsageRecord.objects.filter(request_id=request_id, outcome="ok").exists()
+
+
+def test_metrics_scrapes_with_the_database_unreachable_log_one_line_until_it_is_back(
+    client, settings, caplog, redis_conn
+):
+    settings.METRICS_TOKEN = ""
+
+    with database_unreachable():
+        statuses = [client.get("/metrics").status_code for _ in range(3)]
+    statuses.append(client.get("/metrics").status_code)
+
+    assert statuses == [200] * 4
+    logged = [r for r in caplog.records if r.name == "health.views"]
+    messages = [r.getMessage() for r in logged]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("shared quota gauges not refreshed: database unreachable: ")
+    assert messages[1] == "shared quota gauges refreshed again"
+    assert not any(r.exc_info for r in logged)

@@ -273,6 +273,29 @@ def test_openai_sdk_sees_upstream_timeout_as_504_and_is_not_charged(
     assert UsageRecord.objects.get().cost_usd == 0
 
 
+@pytest.mark.usefixtures("openai_model")
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_sees_an_open_circuit_as_503_with_the_retry_after_of_api(
+    upstream_settings, fake_upstream, tollgate, key_client, stream
+):
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(kind="status", status=500)
+    hi = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.InternalServerError):  # the failure that opens the circuit
+        tollgate.chat.completions.create(model="gpt-test", messages=hi)
+
+    with pytest.raises(openai.InternalServerError) as info:
+        tollgate.chat.completions.create(model="gpt-test", messages=hi, stream=stream)
+    api = key_client.post("/api/v1/generate", {"prompt": "Hi", "model": "gpt-test"}, format="json")
+
+    assert info.value.status_code == api.status_code == 503
+    assert info.value.code == api.json()["error"]["code"] == "upstream_unavailable"
+    assert 1 <= int(info.value.response.headers["Retry-After"]) <= 30
+    assert abs(int(info.value.response.headers["Retry-After"]) - int(api["Retry-After"])) <= 1
+    assert len(fake_upstream.requests) == 1  # neither left Tollgate
+
+
 def test_openai_sdk_with_bad_key_gets_401(live_server, upstream_settings, openai_model):
     client = openai.OpenAI(
         api_key="tg_abcdefgh_" + "x" * 40, base_url=f"{live_server.url}/v1", max_retries=0
@@ -404,6 +427,59 @@ def test_openai_sdk_stream_options_without_stream_is_refused_by_name(
     assert info.value.body["param"] == "stream_options"
     assert "stream" in info.value.body["message"]
     assert not UsageRecord.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": "false"}, "stream"),
+        ({"stream": 1}, "stream"),
+        (
+            {"stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
+        ({"stream": True, "stream_options": {"include_usage": 0}}, "stream_options.include_usage"),
+    ],
+    ids=str,
+)
+def test_chat_completions_stream_flag_not_a_json_boolean_is_refused_by_name(
+    upstream_settings, local_model, key_client, flags, param
+):
+    response = key_client.post(
+        "/v1/chat/completions",
+        {"model": "local/demo", "messages": [{"role": "user", "content": "Hi"}], **flags},
+        format="json",
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "invalid_request",
+        param,
+    )
+    assert "Must be a boolean" in error["message"]
+    assert not UsageRecord.objects.exists()
+
+
+def test_chat_completions_null_stream_flags_are_taken_as_unset(
+    upstream_settings, local_model, key_client
+):
+    ask = {"model": "local/demo", "messages": [{"role": "user", "content": "Hi"}]}
+
+    plain = key_client.post("/v1/chat/completions", {**ask, "stream": None}, format="json")
+    streamed = key_client.post(
+        "/v1/chat/completions",
+        {**ask, "stream": True, "stream_options": {"include_usage": None}},
+        format="json",
+    )
+
+    assert plain.status_code == 200
+    assert plain.json()["object"] == "chat.completion"
+    assert streamed.status_code == 200
+    events = b"".join(streamed.streaming_content).decode()
+    assert '"usage":{' not in events  # no usage chunk: include_usage null is not true
 
 
 def test_openai_sdk_text_content_parts_are_joined_and_roles_mapped(

@@ -47,7 +47,10 @@ def test_scrape_answers_with_redis_down(client, settings, caplog):
     assert response.status_code == 200
     assert b"tollgate_requests_total" in response.content
     messages = [r.getMessage() for r in caplog.records]
-    assert "shared quota gauges not refreshed" in messages
+    assert (
+        "shared quota gauges not refreshed: quota counters unavailable (Redis unreachable)"
+        in messages
+    )
     assert "circuit states unavailable (Redis down)" in messages
 
 

@@ -5,6 +5,7 @@ import socket
 
 import pytest
 from django.db.migrations.recorder import MigrationRecorder
+from django.test import Client
 
 from health import probes
 
@@ -146,3 +147,41 @@ def test_probes_and_metrics_answer_a_host_that_is_not_allowed(client, settings):
     # Every other path still checks the host.
     assert client.get("/health/live/", HTTP_HOST="10.1.2.3:8000").status_code == 400
     assert client.get("/api/v1/quota", HTTP_HOST="10.1.2.3:8000").status_code == 400
+
+
+PROBES_AND_SCRAPE = ("/health/live", "/health/ready", "/health/startup", "/metrics")
+
+
+@pytest.mark.parametrize("path", PROBES_AND_SCRAPE)
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete", "options"])
+def test_probes_and_metrics_other_method_is_a_json_405_not_the_csrf_page(
+    settings, redis_conn, path, method
+):
+    settings.METRICS_TOKEN = ""
+    client = Client(enforce_csrf_checks=True)  # as a real client meets CSRF
+
+    response = getattr(client, method)(path)
+
+    assert response.status_code == 405, response.content[:200]
+    assert response["Allow"] == "GET, HEAD"
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {
+        "error": {
+            "code": "method_not_allowed",
+            "message": f'Method "{method.upper()}" not allowed.',
+        }
+    }
+    assert "no-cache" in response["Cache-Control"]
+    assert response["X-Request-ID"]
+
+
+@pytest.mark.parametrize("path", PROBES_AND_SCRAPE)
+def test_probes_and_metrics_answer_head_as_get(client, settings, redis_conn, path):
+    settings.METRICS_TOKEN = ""
+    settings.HEALTH_REQUIRED_CHECKS = ["database", "redis", "broker"]
+
+    response = client.head(path)
+
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response["Content-Type"] == client.get(path)["Content-Type"]

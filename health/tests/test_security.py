@@ -30,8 +30,10 @@ def test_openai_body_over_limit_is_413_in_openai_shape(client, settings):
     )
     assert response.status_code == 413
     error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}  # every /v1 error's keys
     assert error["code"] == "payload_too_large"
     assert error["type"] == "invalid_request_error"
+    assert error["param"] is None
     assert error["message"]
 
 
@@ -75,7 +77,7 @@ def test_chunked_body_within_limit_is_handed_to_the_view(settings):
 def test_large_body_outside_api_is_not_refused_by_the_guard(client, settings):
     settings.API_MAX_BODY_BYTES = 10
     response = client.post("/health/live", data="z" * 100, content_type="text/plain")
-    assert response.status_code == 405  # the probe is GET-only; no 413
+    assert response.status_code == 405  # the probe is GET and HEAD only; no 413
 
 
 def test_responses_carry_security_headers_and_csp(client):
