@@ -32,11 +32,13 @@ name="tollgate-${stamp}"
 dump="${BACKUP_DIR}/${name}.dump"
 manifest="${BACKUP_DIR}/${name}.manifest"
 partial="${dump}.partial"
-trap 'rm -f "${partial}" "${manifest}.partial"; [[ -n "${PSQL_PID:-}" ]] && kill "${PSQL_PID}" 2>/dev/null || true' EXIT
+trap 'rm -f "${partial}" "${manifest}.partial"; [[ -n "${snapshot_holder:-}" ]] && kill "${snapshot_holder}" 2>/dev/null || true' EXIT
 
 # One read-only repeatable-read transaction exports its snapshot; pg_dump and the row
 # counts both read that snapshot while the transaction stays open.
 coproc PSQL { psql "${DB_URL}" -X -q -A -t -v ON_ERROR_STOP=1 2>&1; }
+# Copied at once: bash unsets PSQL and PSQL_PID as soon as the coprocess has exited.
+snapshot_holder="${PSQL_PID}"
 PSQL_IN="${PSQL[1]}"
 PSQL_OUT="${PSQL[0]}"
 echo "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_export_snapshot();" >&"${PSQL_IN}"
@@ -71,8 +73,8 @@ pg_dump "${DB_URL}" --format=custom --compress="${LEVEL}" --no-owner --no-privil
 
 echo "COMMIT;" >&"${PSQL_IN}"
 eval "exec ${PSQL_IN}>&-"
-wait "${PSQL_PID}" 2>/dev/null || true
-PSQL_PID=""
+wait "${snapshot_holder}" 2>/dev/null || true
+snapshot_holder=""
 
 # Only a complete dump gets its final name.
 pg_restore --list "${partial}" > /dev/null
