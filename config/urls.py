@@ -21,7 +21,7 @@ urlpatterns = [
     # Unknown API URLs answer in the contract's shape even with DEBUG on (Django's debug
     # 404 page would answer HTML), whatever the method: a POST with no CSRF token would
     # otherwise get Django's HTML CSRF page (a 403) before the 404.
-    re_path(r"^(?:api|v1)/", csrf_exempt(health_views.page_not_found)),
+    re_path(r"^(?:api|v1)/", csrf_exempt(health_views.api_not_found), name="api-not-found"),
 ]
 
 handler400 = "health.views.bad_request"

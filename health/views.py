@@ -14,7 +14,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
+from django.urls import Resolver404, resolve
 from django.utils.cache import add_never_cache_headers
 from django.views import defaults
 from django.views.decorators.cache import never_cache
@@ -258,6 +259,21 @@ def page_not_found(request: HttpRequest, exception: Exception | None = None) -> 
     for name, value in caller_headers(request).items():
         response[name] = value
     return response
+
+
+def api_not_found(request: HttpRequest) -> HttpResponse:
+    """An unknown URL under /api/ or /v1/, whatever the method: the contract's 404. But a
+    GET of a page that exists with a trailing slash (the schema, its docs) is sent there,
+    as Django's APPEND_SLASH would do if this catch-all did not match first."""
+    path = request.path_info
+    if request.method in _READ_METHODS and not path.endswith("/"):
+        try:
+            match = resolve(f"{path}/")
+        except Resolver404:
+            match = None
+        if match is not None and match.url_name != "api-not-found":
+            return HttpResponsePermanentRedirect(request.get_full_path(force_append_slash=True))
+    return page_not_found(request)
 
 
 def server_error(request: HttpRequest) -> HttpResponse:

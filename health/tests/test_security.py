@@ -216,6 +216,21 @@ def test_unknown_api_url_is_json_404_even_in_debug(client, settings):
     assert response.json()["error"]["code"] == "not_found"
 
 
+@pytest.mark.parametrize("path", ["/api/schema", "/api/docs"])
+def test_an_api_page_asked_without_its_trailing_slash_is_redirected_to_it(client, path):
+    response = client.get(f"{path}?format=json", secure=True)
+
+    assert response.status_code == 301
+    assert response["Location"] == f"{path}/?format=json"
+
+
+def test_an_unknown_api_url_without_a_trailing_slash_is_still_a_404(client):
+    response = client.get("/api/v1/nothing-here", secure=True)  # nor with one
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "shape"),
     [
