@@ -80,7 +80,7 @@ def _clean_process_state(tmp_path):
     from caching.services import cache_local_reset
     from config.db.deadline import holds_reset
     from config.outages import outages_reset
-    from health.views import gauge_trouble_reset
+    from health.gauges import gauges_trouble_reset
     from quotas.authentication import key_cache_clear
     from quotas.services import local_state_reset
     from quotas.services.spool import spool_forget
@@ -91,7 +91,7 @@ def _clean_process_state(tmp_path):
     spool_forget()
     outages_reset()
     holds_reset()
-    gauge_trouble_reset()
+    gauges_trouble_reset()
     settings.LEDGER_SPOOL_DIR = str(tmp_path / "ledger-spool")
 
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import threading
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
 from django.urls import Resolver404, resolve
 from django.utils.cache import add_never_cache_headers
@@ -27,14 +25,12 @@ from prometheus_client import (
     multiprocess,
 )
 
-from config.errors import is_database_not_migrated
 from config.middleware import request_id_var
 from health import probes
-from health.metrics import CIRCUIT_STATE
+from health.gauges import shared_gauges_refresh
 from quotas.views import caller_headers
 
 logger = logging.getLogger(__name__)
-CIRCUIT_CODES = {"closed": 0, "half_open": 1, "open": 2}
 _READ_METHODS = ("GET", "HEAD")
 
 
@@ -114,87 +110,6 @@ def _authorized(request: HttpRequest) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
 
 
-class _GaugeTrouble:
-    """Why the shared quota gauges were not refreshed, said once when it begins (or turns
-    into another reason) and once when it ends, not at every scrape: Prometheus scrapes
-    every few seconds, and a database not migrated yet or unreachable, or Redis away,
-    lasts. A known reason is one line (a missing table named, as the API's 503 logs it);
-    an unexpected error keeps its traceback, once. Per process."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._lock = threading.Lock()
-
-    def failed(
-        self,
-        reason: str,
-        detail: str = "",
-        *,
-        level: int = logging.WARNING,
-        exc_info: BaseException | None = None,
-    ) -> None:
-        with self._lock:
-            if reason == self.reason:
-                return
-            self.reason = reason
-        said = f"{reason}: {detail}" if detail else reason
-        logger.log(level, "shared quota gauges not refreshed: %s", said, exc_info=exc_info)
-
-    def refreshed(self) -> None:
-        if self.reason is None:
-            return
-        with self._lock:
-            reason, self.reason = self.reason, None
-        if reason is not None:
-            logger.warning("shared quota gauges refreshed again")
-
-    def reset(self) -> None:
-        self.reason = None
-
-
-_gauge_trouble = _GaugeTrouble()
-
-
-def gauge_trouble_reset() -> None:
-    """Forget why the gauges were last not refreshed (tests)."""
-    _gauge_trouble.reset()
-
-
-def _refresh_shared_gauges() -> None:
-    """Set the gauges of state that lives in Redis (shared quota headroom, circuit states)
-    from Redis itself, so a scrape sees the truth and not what this worker last noticed."""
-    try:
-        from quotas.services import quota_global
-
-        # Sets tollgate_quota_remaining for every global and provider window.
-        live = quota_global()["backend"]["live"]
-    except Exception as exc:  # a scrape must answer with Redis or the database down
-        detail = str(exc).split("\n", 1)[0]
-        if is_database_not_migrated(exc):
-            _gauge_trouble.failed("database not migrated", detail, level=logging.ERROR)
-        elif isinstance(exc, OperationalError | InterfaceError):
-            _gauge_trouble.failed("database unreachable", detail)
-        else:
-            _gauge_trouble.failed(type(exc).__name__, detail, exc_info=exc)
-    else:
-        if live:
-            _gauge_trouble.refreshed()
-        else:
-            _gauge_trouble.failed("quota counters unavailable (Redis unreachable)")
-    try:
-        from generation.services import circuit_states
-    except ImportError:
-        return
-    try:
-        for row in circuit_states():
-            state = str(row.get("state", "closed")).replace("-", "_")
-            CIRCUIT_STATE.labels(row.get("provider", ""), row.get("model", "")).set(
-                CIRCUIT_CODES.get(state, 0)
-            )
-    except Exception:
-        logger.warning("circuit gauges not refreshed", exc_info=True)
-
-
 @_read_only
 @never_cache
 def metrics(request: HttpRequest) -> HttpResponse:
@@ -204,7 +119,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         )
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
-    _refresh_shared_gauges()
+    shared_gauges_refresh()
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
 
 

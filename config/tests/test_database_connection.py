@@ -206,7 +206,7 @@ def test_metrics_scrapes_of_a_database_not_migrated_log_one_line_naming_the_tabl
     statuses = [client.get("/metrics").status_code for _ in range(3)]
 
     assert statuses == [200] * 3  # the scrape answers, without the shared quota gauges
-    logged = [r for r in caplog.records if r.name == "health.views"]
+    logged = [r for r in caplog.records if r.name == "health.gauges"]
     assert [(r.levelname, r.getMessage()) for r in logged] == [
         (
             "ERROR",
@@ -411,7 +411,7 @@ def test_metrics_scrapes_with_the_database_unreachable_log_one_line_until_it_is_
     statuses.append(client.get("/metrics").status_code)
 
     assert statuses == [200] * 4
-    logged = [r for r in caplog.records if r.name == "health.views"]
+    logged = [r for r in caplog.records if r.name == "health.gauges"]
     messages = [r.getMessage() for r in logged]
     assert len(messages) == 2, messages
     assert messages[0].startswith("shared quota gauges not refreshed: database unreachable: ")
