@@ -261,14 +261,16 @@ class RedisQuotaBackend:
         if gate is not None:
             keys += [gate.entry, gate.lock]
             args += [gate.token, gate.lock_ms]
-        try:
-            reply = self._admit(keys=keys, args=args)
-        except _UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
-        except RedisError as exc:
-            if _busy(exc):
-                raise BackendUnavailable(str(exc)) from exc
-            raise
+        call = ScriptCall(self._admit, keys=keys, args=args)
+        run_calls((call,))
+        error = call.error
+        if error is not None:
+            if isinstance(error, _UNAVAILABLE):
+                raise self._unavailable(error) from error
+            if _busy(error):
+                raise BackendUnavailable(str(error)) from error
+            raise error
+        reply = call.reply
         self.outage.answered()
         status = _text(reply[0])
         if status == "stale":
