@@ -319,7 +319,13 @@ class RedisQuotaBackend:
         call = ScriptCall(
             self._settle,
             keys=[f"{self.prefix}:res:{request_id}", f"{self.prefix}:resx", f"{self.prefix}:epoch"],
-            args=[request_id, "refund" if refund else "settle", tokens, cost],
+            args=[
+                request_id,
+                "refund" if refund else "settle",
+                tokens,
+                cost,
+                f"{self.prefix}:carry:",
+            ],
         )
         run_calls([call, *riders], meanwhile)
         error = call.error

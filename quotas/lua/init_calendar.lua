@@ -53,7 +53,9 @@ for _, rid in ipairs(redis.call('SMEMBERS', carry)) do
     redis.call('SREM', carry, rid)  -- settled, or refunded: nothing left to carry
   else
     local res = cjson.decode(raw)
-    if not res.s then  -- one the sweep refunded is charged in full when it settles
+    -- One the sweep refunded is charged in full when it settles; one settled already
+    -- (`d`, settle.lua) holds its actual usage in place of its reservation.
+    if not res.s then
       local changed = false
       for _, op in ipairs(res.ops) do
         if op.k == 'cal' and op.g ~= gen then

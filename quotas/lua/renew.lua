@@ -8,7 +8,7 @@
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local res = cjson.decode(raw)
-if res.s then return 0 end
+if res.s or res.d then return 0 end  -- swept, or settled (settle.lua)
 local rid = ARGV[1]
 local ttl = tonumber(ARGV[3])
 local until_ = tonumber(ARGV[2]) + ttl

@@ -15,10 +15,18 @@
 -- reservation names, or it is another epoch's. A reservation already refunded by the sweep
 -- (its worker was presumed dead) gets the full actual usage back. Reply: 1 settled now, 0
 -- nothing to do (settled before).
+--
+-- ARGV[5] the carry set key prefix (rotate.lua). A request in flight at the last rotation
+-- whose counter of the new epoch does not exist yet leaves its actual usage behind for
+-- the rebuild of that counter, as a settled reservation (`d`) in place of its reservation:
+-- the rebuild reads the ledger, and this request's row may not be committed by then (its
+-- INSERT runs while this script does). init_calendar.lua takes it in unless the ledger
+-- counted its row; nothing settles it again.
 
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local res = cjson.decode(raw)
+if res.d then return 0 end
 local rid = ARGV[1]
 local refund = ARGV[2] == 'refund'
 local act_t = tonumber(ARGV[3])
@@ -35,6 +43,7 @@ local function apply(key, field, reserved, actual, fresh)
 end
 
 local epoch = redis.call('GET', KEYS[3])
+local unbuilt = false
 
 for _, op in ipairs(res.ops) do
   if op.x then
@@ -46,7 +55,9 @@ for _, op in ipairs(res.ops) do
       local base, period = string.match(key, '^(.*}):%x+:([dm]%d+)$')
       if base then key = base .. ':' .. epoch .. ':' .. period end
     end
-    if redis.call('EXISTS', key) == 1 then
+    if redis.call('EXISTS', key) == 0 then
+      unbuilt = true
+    else
       local fresh = swept or key ~= op.key or (redis.call('HGET', key, 'g') ~= op.g)
       if not (fresh and refund) then
         apply(key, 'r', 1, act_r, fresh)
@@ -66,6 +77,11 @@ for _, op in ipairs(res.ops) do
     end
   end
 end
-redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], rid)
+if unbuilt and not refund and epoch and redis.call('SISMEMBER', ARGV[5] .. epoch, rid) == 1 then
+  res.t, res.c, res.s, res.d = act_t, act_c, nil, 1
+  redis.call('SET', KEYS[1], cjson.encode(res), 'KEEPTTL')
+else
+  redis.call('DEL', KEYS[1])
+end
 return 1

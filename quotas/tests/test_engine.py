@@ -574,6 +574,51 @@ def test_a_day_rebuilt_after_a_rotation_counts_the_requests_still_in_flight(
     assert (limits["tokens_per_day"]["used"], limits["requests_per_day"]["used"]) == (150, 1)
 
 
+def test_a_request_settled_before_the_rebuild_counts_in_the_new_day_before_its_row(
+    redis_conn, user, plan_for
+):
+    """A settlement reaches Redis while its ledger INSERT is still on its way (the two
+    overlap). If the new epoch's day is rebuilt in between, the ledger lacks the row and
+    the reservation is gone: the settlement leaves its actual usage for the rebuild."""
+    import time
+
+    from quotas.services.state import backend
+
+    now = time.time()
+    plan_for(user, tokens_per_day=240)
+    in_flight = admit(user, now=now, prompt=100, max_tokens=100)  # 200 reserved
+    services.counters_rebuild_all()
+    # Its settlement in Redis, its row not yet committed (the INSERT is what `meanwhile`
+    # would run): the new day does not exist yet.
+    backend().settle(request_id=in_flight.request_id, tokens=150, cost=0, refund=False)
+
+    with pytest.raises(QuotaExceeded):
+        admit(user, now=now, prompt=50, max_tokens=50)  # rebuilt: 150 + 100 > 240
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert limits["tokens_per_day"]["used"] == 150
+    # Sent again (a deferred settlement), it is not counted twice.
+    assert not backend().settle(request_id=in_flight.request_id, tokens=150, cost=0, refund=False)
+    assert (
+        services.quota_standing(user_id=user.pk, now=now)["limits"]["tokens_per_day"]["used"] == 150
+    )
+
+
+def test_a_request_settled_before_the_rebuild_is_counted_once_when_its_row_is_in(
+    redis_conn, user, plan_for
+):
+    import time
+
+    now = time.time()
+    plan_for(user, tokens_per_day=1000)
+    in_flight = admit(user, now=now, prompt=100, max_tokens=100)
+    services.counters_rebuild_all()
+    # Settled in Redis and in the ledger before the new day is rebuilt.
+    services.usage_settle(admission=in_flight, prompt_tokens=100, completion_tokens=50)
+
+    limits = services.quota_standing(user_id=user.pk, now=now)["limits"]
+    assert (limits["tokens_per_day"]["used"], limits["requests_per_day"]["used"]) == (150, 1)
+
+
 def test_a_reservation_taken_in_by_a_rebuild_is_refunded_there_by_the_sweep(
     redis_conn, user, plan_for, settings
 ):
