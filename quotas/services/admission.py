@@ -167,7 +167,10 @@ def _admit(
     if priority not in PRIORITIES:
         priority = "high"
     moment = time.time() if now is None else now
-    for _ in range(5):
+    # Each pass that does not decide has brought this process up to date (a policy saved,
+    # an epoch rotated: a stale reply, then a rebuild). Workers back from a Redis outage
+    # each rotate the epoch once, so a request may meet several rotations in a row.
+    for _ in range(10):
         policy = policy_get(user_id=user_id, key_id=key_id, model=model)
         quotas = policy.quotas_for(priority)
         if mode == "hit":  # counted as a request; its token windows only read (headers)

@@ -9,6 +9,13 @@ With "gate": "<redis key>", each admission looks that cache entry up in its own 
 (quotas' CacheGate); "hits" counts the admissions that found it fresh.
 
     {"op": "flush"} -> {"written": 3}   (usage_flush(); {"error": "<class>"} if it fails)
+
+    {"op": "churn", "user_id": 1, "threads": 8, "per_thread": 40, "prompt_tokens": 10,
+     "max_tokens": 40, "seed": 7}
+    -> {"admitted": 90, "denied": 230, "errors": {"quota_exceeded": 230}, "refunded": 9,
+        "settled_tokens": 3012}
+    Each admitted request is held in flight 0-15 ms, then refunded (one in ten) or settled
+    with the prompt and a random completion of at most max_tokens.
 """
 
 from __future__ import annotations
@@ -89,6 +96,75 @@ def _admit_many(cmd: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _churn(cmd: dict[str, Any]) -> dict[str, Any]:
+    import random
+    import time
+
+    from django.db import close_old_connections
+
+    from config.errors import ApiError
+    from quotas import services
+
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(cmd["threads"])
+
+    def one_thread(seed: int) -> None:
+        rng = random.Random(seed)
+        barrier.wait()
+        try:
+            for _ in range(cmd["per_thread"]):
+                try:
+                    admission = services.admission_admit(
+                        user_id=cmd["user_id"],
+                        key_id=None,
+                        model=cmd.get("model", "local/demo"),
+                        request_id=uuid.uuid4().hex,
+                        prompt_tokens=cmd["prompt_tokens"],
+                        max_tokens=cmd["max_tokens"],
+                        priority="high",
+                    )
+                except ApiError as exc:
+                    with lock:
+                        outcomes[exc.code] += 1
+                    continue
+                time.sleep(rng.random() * 0.015)
+                if rng.random() < 0.1:
+                    services.usage_refund(admission=admission, outcome="upstream_error")
+                    with lock:
+                        outcomes["refunded"] += 1
+                    continue
+                completion = rng.randint(0, cmd["max_tokens"])
+                services.usage_settle(
+                    admission=admission,
+                    prompt_tokens=cmd["prompt_tokens"],
+                    completion_tokens=completion,
+                    latency_ms=1,
+                )
+                with lock:
+                    outcomes["admitted"] += 1
+                    outcomes["settled_tokens"] += cmd["prompt_tokens"] + completion
+        finally:
+            close_old_connections()
+
+    with ThreadPoolExecutor(cmd["threads"]) as pool:
+        futures = [
+            pool.submit(one_thread, cmd.get("seed", 0) * 1000 + i) for i in range(cmd["threads"])
+        ]
+        for future in futures:
+            future.result()
+    admitted = outcomes.pop("admitted", 0)
+    refunded = outcomes.pop("refunded", 0)
+    settled_tokens = outcomes.pop("settled_tokens", 0)
+    return {
+        "admitted": admitted,
+        "denied": sum(outcomes.values()),
+        "errors": dict(outcomes),
+        "refunded": refunded,
+        "settled_tokens": settled_tokens,
+    }
+
+
 def _flush() -> dict[str, Any]:
     from django.db import DatabaseError
 
@@ -110,6 +186,8 @@ def main() -> None:
         cmd = json.loads(line)
         if cmd["op"] == "admit":
             reply = _admit_many(cmd)
+        elif cmd["op"] == "churn":
+            reply = _churn(cmd)
         elif cmd["op"] == "flush":
             reply = _flush()
         elif cmd["op"] == "exit":

@@ -3,7 +3,9 @@ and live policy changes seen by another process."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
@@ -158,3 +160,57 @@ def test_token_and_cost_budgets_admit_exactly_what_fits_across_processes(
     (dimension,) = limits
     standing = services.quota_standing(user_id=user.pk)["limits"][dimension]
     assert standing["remaining"] in (0, "0.00")
+
+
+def test_day_budget_exact_while_counters_are_rebuilt_under_load(worker_factory, user, plan_for):
+    # Two processes of 8 threads admit, hold and settle (or refund) at random while this
+    # process rotates the counter epoch again and again, as `rebuild_counters` or Redis
+    # coming back does: every rotation makes the day counter rebuild from the ledger with
+    # the requests then in flight. The budget must hold, and the counter must end equal to
+    # the ledger: nothing counted twice, nothing lost.
+    plan_for(user, tokens_per_day=6_000)
+    workers = [worker_factory(), worker_factory()]
+    stop = threading.Event()
+    rotations = 0
+
+    def rotate() -> None:
+        nonlocal rotations
+        while not stop.is_set():
+            services.counters_rebuild_all()
+            rotations += 1
+            stop.wait(0.1)
+
+    rotator = threading.Thread(target=rotate)
+    rotator.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(
+                pool.map(
+                    lambda pair: pair[1].ask(
+                        op="churn",
+                        user_id=user.pk,
+                        threads=8,
+                        per_thread=25,
+                        prompt_tokens=10,
+                        max_tokens=40,
+                        seed=pair[0],
+                    ),
+                    enumerate(workers),
+                )
+            )
+    finally:
+        stop.set()
+        rotator.join()
+    assert rotations > 5
+    assert all(set(r["errors"]) <= {"quota_exceeded"} for r in replies), replies
+    settled = sum(r["settled_tokens"] for r in replies)
+    rows = UsageRecord.objects.filter(user=user, outcome="ok")
+    spent = rows.aggregate(p=Sum("prompt_tokens"), c=Sum("completion_tokens"))
+    standing = services.quota_standing(user_id=user.pk)["limits"]["tokens_per_day"]
+    assert (
+        rows.count(),
+        spent["p"] + spent["c"],
+        settled <= 6_000,
+        standing["used"],
+    ) == (sum(r["admitted"] for r in replies), settled, True, settled)
+    assert sum(r["denied"] for r in replies) > 0  # the budget did refuse some
