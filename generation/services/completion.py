@@ -18,6 +18,7 @@ import inspect
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -50,13 +51,14 @@ from quotas.policy import Policy, usd_text
 from quotas.services import (
     Admission,
     CacheGate,
+    Renewal,
     admission_admit,
     admission_count_hit,
     policy_get,
+    renewal_start,
     usage_record_fallback,
     usage_record_hit,
     usage_refund,
-    usage_renew,
     usage_settle,
 )
 
@@ -404,7 +406,12 @@ def _start_stream(
     model: str,
     prompt_tokens: int,
 ) -> Outcome:
-    """Open the upstream stream (retried until its first piece) and wrap it in `_relay`."""
+    """Open the upstream stream (retried until its first piece) and wrap it in `_relay`.
+
+    From here until the stream ends (read to its end, cut short upstream, or closed by the
+    server) its reservation and lease are renewed on a thread (`renewal_start`), not by the
+    relay: a client that stops reading blocks the relay's thread in send for as long as it
+    likes, and the sweep must not take the stream for a dead worker's meanwhile."""
     try:
         pieces = upstream_stream(provider=admission.policy.provider, request=request)
     except GenerationError as err:
@@ -418,16 +425,23 @@ def _start_stream(
         cache="MISS" if cache_policy != "bypass" else "BYPASS",
         headers=admission.headers(),
     )
+    renewal = renewal_start(admission=admission)
     relay = _relay(
         pieces,
         outcome=outcome,
         admission=admission,
+        renewal=renewal,
         key=key,
         cache_policy=cache_policy,
         prompt_tokens=prompt_tokens,
     )
+    # A response dropped unclosed and unstarted (never the server's way, but a middleware
+    # may fail after the view) would otherwise renew its lease as long as the process
+    # lives: its reservation is left to the sweep, as a dead worker's.
+    weakref.finalize(relay, renewal.stop)
 
     def close() -> None:
+        renewal.stop()  # the response ends: its request is settled here, if not already
         unstarted = inspect.getgeneratorstate(relay) == inspect.GEN_CREATED
         relay.close()  # a relay cut short settles what it sent; one at its end: nothing
         if unstarted:  # the client left before the first piece: it was sent nothing, but
@@ -471,19 +485,19 @@ def _relay(
     *,
     outcome: Outcome,
     admission: Admission,
+    renewal: Renewal,
     key: str,
     cache_policy: str,
     prompt_tokens: int,
 ) -> Generator[str, None, None]:
     """Pass a stream's text on, then settle it and store the whole answer. A failure
     mid-stream is refunded and left in `outcome.error`. A client that goes away mid-stream
-    pays the estimate of what it was sent (the provider has produced and billed it). A
-    stream that outlasts a third of QUOTA_LEASE_TTL renews its reservation and lease, so
-    that the sweep never takes a running stream for a dead worker's."""
+    pays the estimate of what it was sent (the provider has produced and billed it).
+    `renewal` keeps the reservation and lease held meanwhile, however long the client takes
+    to read; it is stopped for good once the last piece is passed on or the relay ends
+    any other way."""
     sent: list[str] = []
     final: Completion | None = None
-    renew_every = settings.QUOTA_LEASE_TTL / 3
-    renew_at = time.monotonic() + renew_every
     try:
         for item in pieces:
             if isinstance(item, Completion):
@@ -491,9 +505,6 @@ def _relay(
             else:
                 sent.append(item)
                 yield item
-            if time.monotonic() >= renew_at:
-                usage_renew(admission=admission)
-                renew_at = time.monotonic() + renew_every
     except GenerationError as err:
         usage_refund(admission=admission, outcome=err.outcome)
         outcome.error = err
@@ -506,6 +517,7 @@ def _relay(
         )
         raise
     finally:
+        renewal.stop()  # nothing is passed on past here: no client can hold the stream up
         _close_iterator(pieces)
     if final is None:
         usage_refund(admission=admission, outcome="upstream_error")

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import time
+from decimal import Decimal
 
 import pytest
 
 from generation.tests.fake_upstream import Behaviour
 from generation.tokens import tokens_count
 from quotas.models import Plan, UsageRecord, UserQuota
+from quotas.policy import micros_text, usd_to_micros
+from quotas.services import quota_standing
 
 pytestmark = pytest.mark.django_db(transaction=True)  # a response's close ends its request
 
@@ -116,3 +119,51 @@ def test_a_stream_outlasting_the_lease_keeps_it_until_it_ends(
     assert rest.endswith(b"data: [DONE]\n\n")
     assert UsageRecord.objects.get(completion_tokens=75).prompt_tokens == 9
     assert after.status_code == 200, after.content
+
+
+def test_a_stream_whose_client_stops_reading_keeps_its_lease_and_is_charged_once(
+    upstream_settings, fake_upstream, openai_model, key_client, api_key
+):
+    """A client that stops reading (its socket buffer full, the worker blocked in send) pulls
+    nothing from the stream for as long as it likes; the stream renews its reservation and
+    lease all the same, so the sweep leaves them alone, no other request takes its
+    concurrency slot, and its settlement still finds its reservation to charge."""
+    from quotas.tasks import quota_sweep
+
+    upstream_settings.QUOTA_LEASE_TTL = 2
+    plan = Plan.objects.create(
+        name="one-at-a-time-metered",
+        concurrency=1,
+        requests_per_day=100,
+        tokens_per_day=100_000,
+        cost_per_day=Decimal("10.00"),
+    )
+    user = api_key[1].user
+    UserQuota.objects.update_or_create(user=user, defaults={"plan": plan})
+    fake_upstream.default = Behaviour(text=LONG, usage=(9, 300))
+    response = _stream(key_client)
+    events = iter(response.streaming_content)
+    next(events)  # the assistant's role
+    next(events)  # the first piece of text
+
+    time.sleep(3)  # the client reads nothing past the lease's life (2 s)...
+    quota_sweep()  # ...while the sweep looks for dead workers' reservations
+    meanwhile = key_client.post(GENERATE, {"prompt": "now", "model": "gpt-test"}, format="json")
+    time.sleep(1.5)  # and on past the reservation record's own life (twice the lease's)
+    rest = b"".join(events)
+    response.close()
+
+    assert meanwhile.status_code == 429, meanwhile.content
+    assert meanwhile.json()["error"]["dimension"] == "concurrency"
+    assert rest.endswith(b"data: [DONE]\n\n")
+    rows = list(UsageRecord.objects.all())
+    limits = quota_standing(user_id=user.pk)["limits"]  # Redis's day counters
+    assert limits["requests_per_day"]["used"] == len(rows)
+    assert limits["tokens_per_day"]["used"] == sum(
+        r.prompt_tokens + r.completion_tokens for r in rows
+    )
+    assert limits["cost_per_day"]["used"] == micros_text(
+        sum(usd_to_micros(r.cost_usd) for r in rows)
+    )
+    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(9, 300)]  # the stream's
+    assert limits["concurrency"]["used"] == 0  # freed by the settlement

@@ -40,6 +40,7 @@ from quotas.services.ledger import (
     usage_record_fallback,
     usage_record_hit,
 )
+from quotas.services.renewal import Renewal, renewal_start
 from quotas.services.settlement import usage_refund, usage_renew, usage_settle
 from quotas.services.standing import quota_global, quota_headers, quota_standing
 from quotas.services.state import (
@@ -55,6 +56,7 @@ __all__ = [
     "Admission",
     "CacheGate",
     "QuotaBackend",
+    "Renewal",
     "admission_admit",
     "admission_count_hit",
     "backend",
@@ -77,6 +79,7 @@ __all__ = [
     "quota_reset_windows",
     "quota_standing",
     "ratelimit_headers",
+    "renewal_start",
     "reservations_sweep",
     "usage_flush",
     "usage_record_fallback",

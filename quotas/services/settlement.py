@@ -56,15 +56,14 @@ def _settle_counters(
         settlement_defer(request_id=admission.request_id, tokens=tokens, cost=cost, refund=refund)
 
 
-def usage_renew(*, admission: Admission) -> None:
+def usage_renew(*, admission: Admission) -> bool:
     """A request still running (a long stream) keeps what it reserved, its concurrency
     lease included, for another QUOTA_LEASE_TTL: the sweep refunds only what a dead worker
-    left. Redis unreachable: left as it is (the settlement charges exactly all the same)."""
+    left. Returns False when there is nothing left to renew (settled, swept, or lost with a
+    restarted Redis). Raises BackendUnavailable when Redis could not take it. Streams call
+    it through `renewal_start`, off the request's thread."""
     be = _state.fallback if admission.backend == "degraded" else backend()
-    try:
-        be.renew(request_id=admission.request_id, now=time.time())
-    except BackendUnavailable:
-        logger.warning("lease of %s not renewed: quota backend unavailable", admission.request_id)
+    return be.renew(request_id=admission.request_id, now=time.time())
 
 
 def usage_settle(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from decimal import Decimal
 
@@ -207,6 +208,45 @@ def test_a_renewed_reservation_outlives_its_first_lease(engine, user, plan_for, 
         admit(user, now=NOW + 31)  # its lease is still held
     assert services.reservations_sweep(now=NOW + 51) == 1  # not renewed again: refunded
     assert backend().renew(request_id=running.request_id, now=NOW + 52) is False
+
+
+def test_a_renewal_holds_a_reservation_on_its_own_until_stopped(
+    redis_conn, user, plan_for, settings
+):
+    """Nothing of the request runs meanwhile (a stream whose client stopped reading): the
+    renewal's thread keeps its reservation and lease past the lease's life; once stopped,
+    it renews them no more."""
+    settings.QUOTA_LEASE_TTL = 2
+    plan_for(user, concurrency=1, tokens_per_day=100)
+    running = admit(user, now=None, prompt=40, max_tokens=40)
+    renewal = services.renewal_start(admission=running)
+    try:
+        time.sleep(3)  # past the lease's life
+        assert services.reservations_sweep() == 0
+        with pytest.raises(QuotaExceeded) as info:
+            admit(user, now=None)
+        assert info.value.dimension == "concurrency"
+    finally:
+        stopped_at = time.time()
+        renewal.stop()
+    time.sleep(1.5)  # the time of two renewals, had it not stopped
+    # Its last lease, taken before it stopped, has run out by then: refunded.
+    assert services.reservations_sweep(now=stopped_at + 2.2) == 1
+    assert services.quota_standing(user_id=user.pk)["limits"]["tokens_per_day"]["used"] == 0
+
+
+def test_a_renewal_ends_by_itself_once_its_request_is_settled(redis_conn, user, plan_for, settings):
+    settings.QUOTA_LEASE_TTL = 1
+    plan_for(user, concurrency=1)
+    running = admit(user, now=None)
+    renewal = services.renewal_start(admission=running)
+    services.usage_settle(admission=running, prompt_tokens=1, completion_tokens=1)
+
+    deadline = time.monotonic() + 10  # its next renewal finds nothing left to renew
+    while renewal.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert not renewal.running
 
 
 def test_late_settlement_after_sweep_still_charges_actual_usage(engine, user, plan_for, settings):

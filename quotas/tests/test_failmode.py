@@ -94,6 +94,34 @@ def test_fail_open_spending_counts_after_redis_comes_back(private_redis, setting
     assert info.value.dimension == "cost_per_day"
 
 
+def test_a_renewal_redis_cannot_take_is_logged_once_and_tried_again(
+    private_redis, settings, user, plan_for, caplog
+):
+    """A long stream's renewals while Redis is away fail, quietly after the first; once
+    Redis is back the next one holds its lease again."""
+    settings.QUOTA_LEASE_TTL = 2
+    plan_for(user, concurrency=1)
+    running = admit(user)
+    renewal = services.renewal_start(admission=running)
+    try:
+        private_redis.stop_keeping_data()
+        time.sleep(2.5)  # some three renewals fail meanwhile, past the lease's life
+        private_redis.start()  # back whole
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # Redis retried at most once a second
+            if services.quota_standing(user_id=user.pk)["limits"]["concurrency"]["used"]:
+                break
+            time.sleep(0.1)
+        assert services.reservations_sweep() == 0
+        with pytest.raises(QuotaExceeded) as info:
+            admit(user)
+        assert info.value.dimension == "concurrency"
+    finally:
+        renewal.stop()
+    complaints = [r for r in caplog.records if "not renewed" in r.getMessage()]
+    assert len(complaints) == 1
+
+
 def test_fail_closed_answers_quota_unavailable(private_redis, settings, user, plan_for):
     settings.QUOTA_FAIL_MODE = "closed"
     plan_for(user, requests_per_minute=10)
