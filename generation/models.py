@@ -3,7 +3,8 @@
 A job's state lives here, in PostgreSQL, not in Celery's result backend: the worker that
 runs it records every finished item as it goes, so a job delivered again (late
 acknowledgement after a crash, a quota retry) resumes where it stopped and never pays for
-an item twice.
+a recorded item twice. An item a crashed run paid for but did not record is taken from the
+cache; only if its answer is gone is it paid for again, in a ledger row of its own.
 """
 
 from __future__ import annotations
