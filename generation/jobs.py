@@ -7,6 +7,9 @@ once (202) and generated in the background by `generation.tasks.job_run`:
   traffic on the shared global and provider scopes;
 - every finished item is written to the job row before the next one starts, so a job
   delivered again resumes where it stopped, and each item carries a stable request id;
+  an item that a dead run settled but did not record is taken from the cache, or if its
+  answer is gone generated again under a request id of its own (`_item_resume`), so that
+  no call to the provider is without its ledger row;
 - an item refused for quota (`QuotaExceeded`) stops the run with `JobQuotaWait`; the task
   retries after the window's `retry_after` and the job shows status "waiting" meanwhile.
   Other per-item failures are recorded on the item, as in the synchronous endpoint.
@@ -34,6 +37,7 @@ from config.errors import ApiError, ServiceUnavailable
 from generation.job_lock import JobLock, job_lock_held
 from generation.models import FINISHED, UNFINISHED, Job, JobStatus
 from quotas.errors import DuplicateRequest, QuotaExceeded
+from quotas.models import Outcome, UsageRecord
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -222,22 +226,81 @@ def _quota_wait_from(error: dict[str, Any] | None) -> JobQuotaWait | None:
     return None
 
 
+def _item_resume(job: Job, index: int) -> tuple[str, list[UsageRecord]]:
+    """(The request id to generate item `index` under, the settled ledger rows of the ids
+    earlier runs of the job used for it, oldest first), for a job run before.
+
+    A run that died between an item's settlement and its record left a settled row, which
+    a second settlement under the same id would not replace: the item's next call gets the
+    next id, `item_request_id(index, retry=n)`. A run tries an item at most once, so the
+    job's `attempts` ids are all those ever used. An id without a settled row (none: refused
+    or still in flight; pending or abandoned: nothing charged) is used again, so that a call
+    of a dead run still in flight under it is waited for (DuplicateRequest)."""
+    ids = [job.item_request_id(index, retry=n) for n in range(max(1, job.attempts))]
+    rows = {
+        row.request_id: row
+        for row in UsageRecord.objects.filter(request_id__in=ids).exclude(
+            outcome__in=(Outcome.PENDING, Outcome.ABANDONED)
+        )
+    }
+    settled = [rows[i] for i in ids if i in rows]
+    if not settled:
+        return ids[0], []
+    return job.item_request_id(index, retry=ids.index(settled[-1].request_id) + 1), settled
+
+
+def _item_recover(job: Job, subtopic: str, settled: list[UsageRecord]) -> dict[str, Any] | None:
+    """The item whose last call a dead run settled (answered, or counted as a hit), from
+    the cache, with nothing charged again (its cost is in `settled`); None if that call
+    failed or its answer is no longer in the cache."""
+    from caching.services import cache_get
+    from generation.services import explanation_cache_key
+
+    last = settled[-1]
+    if last.outcome not in (Outcome.OK, Outcome.CACHED):
+        return None
+    key = explanation_cache_key(
+        topic=job.request["topic"], subtopic=subtopic, model=job.request["model"]
+    )
+    hit = cache_get(key)
+    if hit is None:
+        return None
+    return {"explanation": hit.value.get("text", ""), "cached": last.cached}
+
+
 def _item_record(
     job: Job,
     index: int,
     subtopic: str,
     outcome: dict[str, Any] | None,
     error: dict[str, Any] | None,
+    *,
+    charged: list[UsageRecord] | None = None,
 ) -> None:
+    """Write the item on the job row. `charged`: ledger rows of its calls by earlier runs,
+    whose usage and cost join the item's, so that the job shows what the ledger charged."""
+    from generation.services import money
+
     outcome = outcome or {}
+    usage = outcome.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens", 0))
+    completion = int(usage.get("completion_tokens", 0))
+    cost = Decimal(str(outcome.get("cost_usd", "0")))
+    for row in charged or ():
+        prompt += row.prompt_tokens
+        completion += row.completion_tokens
+        cost += row.cost_usd
     job.items[index] = {
         "subtopic": subtopic,
         "explanation": outcome.get("explanation"),
         "cached": bool(outcome.get("cached", False)),
         "error": error if error is not None else outcome.get("error"),
-        "usage": outcome.get("usage")
-        or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        "cost_usd": str(outcome.get("cost_usd", "0")),
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+        "cost_usd": money(cost),
     }
     job.done_items = sum(1 for item in job.items if item is not None)
     job.save(update_fields=["items", "done_items", "updated_at"])
@@ -291,6 +354,15 @@ def _job_run_locked(*, job_id: uuid.UUID | str, lock: JobLock) -> str:
         if not lock.renew():
             # Our lock expired and perhaps another run has the job: leave it to that run.
             raise JobLocked(str(job_id))
+        request_id = job.item_request_id(index)
+        charged: list[UsageRecord] = []
+        if job.attempts > 1:
+            # An earlier run may have settled the item and died before recording it.
+            request_id, charged = _item_resume(job, index)
+            recovered = _item_recover(job, subtopic, charged) if charged else None
+            if recovered is not None:
+                _item_record(job, index, subtopic, recovered, None, charged=charged)
+                continue
         try:
             outcome = explanation_item_generate(
                 user_id=job.user_id,
@@ -298,7 +370,7 @@ def _job_run_locked(*, job_id: uuid.UUID | str, lock: JobLock) -> str:
                 topic=topic,
                 subtopic=subtopic,
                 model=model,
-                request_id=job.item_request_id(index),
+                request_id=request_id,
                 priority=JOB_PRIORITY,
             )
         except QuotaExceeded as exc:
@@ -309,12 +381,13 @@ def _job_run_locked(*, job_id: uuid.UUID | str, lock: JobLock) -> str:
             in_flight += 1
             continue
         except ApiError as exc:
-            _item_record(job, index, subtopic, None, {"code": exc.code, "message": exc.message})
+            error = {"code": exc.code, "message": exc.message}
+            _item_record(job, index, subtopic, None, error, charged=charged)
             continue
         wait = _quota_wait_from(outcome.get("error"))
         if wait is not None:
             raise _job_wait(job, wait)
-        _item_record(job, index, subtopic, outcome, None)
+        _item_record(job, index, subtopic, outcome, None, charged=charged)
     if in_flight:
         raise _job_wait_in_flight(job, in_flight)
 

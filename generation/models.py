@@ -3,7 +3,8 @@
 A job's state lives here, in PostgreSQL, not in Celery's result backend: the worker that
 runs it records every finished item as it goes, so a job delivered again (late
 acknowledgement after a crash, a quota retry) resumes where it stopped and never pays for
-an item twice.
+a recorded item twice. An item a crashed run paid for but did not record is taken from the
+cache; only if its answer is gone is it paid for again, in a ledger row of its own.
 """
 
 from __future__ import annotations
@@ -71,9 +72,15 @@ class Job(models.Model):
     def finished(self) -> bool:
         return self.status in FINISHED
 
-    def item_request_id(self, index: int) -> str:
-        """Stable request id of one item: a redelivered job settles each item once."""
-        return f"job-{self.id.hex}-{index}"
+    def item_request_id(self, index: int, *, retry: int = 0) -> str:
+        """Stable request id of one item: a redelivered job settles each item once.
+
+        `retry` n > 0: the id of the item's call n after the first, `<id>.<n>` (under 50
+        characters for any job: the ledger allows 64). A run that died between an item's
+        settlement and its record leaves a ledger row that a second settlement under the
+        same id would not replace, so a call made again needs an id (and a row) of its own."""
+        stable = f"job-{self.id.hex}-{index}"
+        return f"{stable}.{retry}" if retry else stable
 
     def progress(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ from generation.services.topic_answers import (
     SUBTOPICS_UPSTREAM_CALLS,
     ExplanationItem,
     _explain_one,
+    explanation_cache_key,
     explanations_body,
     explanations_headers,
     explanations_rounds,
@@ -39,6 +40,7 @@ __all__ = [
     "Replay",
     "_explain_one",  # one explanation item, for the batch jobs of generation.jobs
     "circuit_states",
+    "explanation_cache_key",
     "completion_body",
     "completion_create",
     "explanations_body",

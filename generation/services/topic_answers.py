@@ -105,6 +105,13 @@ class ExplanationItem:
     error: ApiError | None = None
 
 
+def explanation_cache_key(*, topic: str, subtopic: str, model: str) -> str:
+    """The cache key of the explanation of `subtopic` of `topic` by `model`."""
+    return cache_key_topic(
+        kind="explanation", topic=topic, model=model, extra=topic_normalise(subtopic)
+    )
+
+
 def _explain_one(*, caller: Caller, topic: str, subtopic: str, model: str) -> ExplanationItem:
     """One explanation along the request path; an API error becomes the item's error."""
     try:
@@ -115,9 +122,7 @@ def _explain_one(*, caller: Caller, topic: str, subtopic: str, model: str) -> Ex
             max_tokens=None,
             temperature=None,
             cache_policy="use",
-            cache_key=cache_key_topic(
-                kind="explanation", topic=topic, model=model, extra=topic_normalise(subtopic)
-            ),
+            cache_key=explanation_cache_key(topic=topic, subtopic=subtopic, model=model),
             task="explanation",
             prompt_field="subtopics",
         )

@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.db.models import F
 
 from config.tests.celery_fixtures import celery_worker  # noqa: F401
 from config.tests.waiting import wait_until
@@ -670,6 +671,161 @@ def test_job_item_an_earlier_run_left_in_flight_waits_and_the_other_items_go_on(
     job.refresh_from_db()
     assert (job.status, job.error) == (JobStatus.DONE, None)
     assert all(item["explanation"] and item["error"] is None for item in job.items)
+
+
+def settle_item_then_die(job: Job, index: int, *, retry: int = 0) -> dict[str, Any]:
+    """What a run that dies between an item's settlement and its record on the job row
+    leaves behind: the item generated, charged, ledgered and cached under its request id
+    (`retry`: the id derived for a later run), the job row running, the item still None."""
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempts=F("attempts") + 1)
+    return jobs.explanation_item_generate(
+        user_id=job.user_id,
+        key_id=job.api_key_id,
+        topic=job.request["topic"],
+        subtopic=job.request["subtopics"][index],
+        model=job.request["model"],
+        request_id=job.item_request_id(index, retry=retry),
+        priority=jobs.JOB_PRIORITY,
+    )
+
+
+def explanation_evict(job: Job, index: int) -> None:
+    """The item's answer leaves the cache (evicted, invalidated) before the job runs again."""
+    from caching.services import cache_delete
+    from generation.services import explanation_cache_key
+
+    subtopic = job.request["subtopics"][index]
+    key = explanation_cache_key(
+        topic=job.request["topic"], subtopic=subtopic, model=job.request["model"]
+    )
+    assert cache_delete(keys=[key]) == 1
+
+
+def ledger_rows(job: Job) -> list[UsageRecord]:
+    from quotas.services import usage_flush
+
+    usage_flush()  # cache-hit rows are written in batches
+    return list(
+        UsageRecord.objects.filter(request_id__startswith=f"job-{job.id.hex}").order_by(
+            "request_id"
+        )
+    )
+
+
+def assert_counters_match_ledger(user, rows: list[UsageRecord]) -> None:
+    """What Redis counted for the user today is what the ledger holds, request by request."""
+    from quotas.policy import usd_to_micros
+    from quotas.services import quota_standing
+
+    limits = quota_standing(user_id=user.pk)["limits"]
+    counted = [r for r in rows if r.outcome in ("ok", "cached")]
+    assert limits["requests_per_day"]["used"] == len(counted)
+    assert limits["tokens_per_day"]["used"] == sum(r.total_tokens for r in counted)
+    assert usd_to_micros(Decimal(limits["cost_per_day"]["used"])) == sum(
+        usd_to_micros(r.cost_usd) for r in counted
+    )
+
+
+def assert_result_is_what_the_ledger_charged(job: Job, rows: list[UsageRecord]) -> None:
+    result = jobs.job_result(job=job)
+    assert result is not None
+    assert Decimal(result["cost_usd"]) == sum(r.cost_usd for r in rows) > 0
+    assert result["usage"]["total_tokens"] == sum(r.total_tokens for r in rows)
+
+
+@pytest.fixture
+def day_budget(user):
+    """Day limits on the user, so that its Redis counters can be read back."""
+    return UserQuota.objects.create(
+        user=user, requests_per_day=100, tokens_per_day=1_000_000, cost_per_day=Decimal(10)
+    )
+
+
+@pytest.mark.parametrize("deaths", [1, 2])
+@pytest.mark.usefixtures("openai_model", "upstream_settings", "day_budget")
+def test_job_item_settled_by_a_dead_run_and_gone_from_the_cache_is_charged_in_a_row_of_its_own(
+    user, fake_upstream, deaths, django_capture_on_commit_callbacks
+):
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+    for retry in range(deaths):
+        settle_item_then_die(job, 0, retry=retry)
+        explanation_evict(job, 0)
+
+    assert jobs.job_run(job_id=job.id) == "done"
+
+    job.refresh_from_db()
+    rows = ledger_rows(job)
+    assert len(fake_upstream.requests) == deaths + 2
+    # Every call the provider was paid for has a ledger row of its own.
+    assert [r.request_id for r in rows] == sorted(
+        [job.item_request_id(0, retry=n) for n in range(deaths + 1)] + [job.item_request_id(1)]
+    )
+    assert all(r.outcome == "ok" and r.cost_usd > 0 for r in rows)
+    assert_counters_match_ledger(user, rows)
+    assert all(item["explanation"] and item["error"] is None for item in job.items)
+    assert job.items[0]["cached"] is False
+    assert_result_is_what_the_ledger_charged(job, rows)
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings", "day_budget")
+def test_job_item_settled_by_a_dead_run_and_still_cached_is_taken_from_the_cache_charged_once(
+    user, fake_upstream, django_capture_on_commit_callbacks
+):
+    job = queued_job(user, ["One", "Two"], django_capture_on_commit_callbacks)
+    settled = settle_item_then_die(job, 0)
+
+    assert jobs.job_run(job_id=job.id) == "done"
+
+    job.refresh_from_db()
+    rows = ledger_rows(job)
+    assert len(fake_upstream.requests) == 2  # the provider is not asked for the item again
+    assert [r.request_id for r in rows] == [job.item_request_id(0), job.item_request_id(1)]
+    assert_counters_match_ledger(user, rows)
+    first = job.items[0]
+    assert first["explanation"] == settled["explanation"]
+    assert (first["cached"], first["cost_usd"]) == (False, settled["cost_usd"])
+    assert first["usage"] == settled["usage"]
+    assert_result_is_what_the_ledger_charged(job, rows)
+
+
+@pytest.mark.usefixtures("openai_model", "upstream_settings", "day_budget")
+def test_job_item_a_dead_run_was_calling_again_under_its_own_id_is_waited_for_then_charged_once(
+    user, fake_upstream, django_capture_on_commit_callbacks
+):
+    from quotas.services import admission_admit, usage_refund
+
+    job = queued_job(user, ["One"], django_capture_on_commit_callbacks)
+    settle_item_then_die(job, 0)
+    explanation_evict(job, 0)
+    # The next run died calling the item again, under the id derived for that call.
+    Job.objects.filter(pk=job.pk).update(attempts=F("attempts") + 1)
+    left = admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="gpt-test",
+        request_id=job.item_request_id(0, retry=1),
+        prompt_tokens=10,
+        max_tokens=10,
+        priority=jobs.JOB_PRIORITY,
+    )
+
+    with pytest.raises(jobs.JobItemsInFlight):
+        jobs.job_run(job_id=job.id)
+    assert len(fake_upstream.requests) == 1
+    usage_refund(admission=left, outcome="error")  # what the quota sweep does for a dead run
+
+    assert jobs.job_run(job_id=job.id) == "done"
+    job.refresh_from_db()
+    rows = ledger_rows(job)
+    assert len(fake_upstream.requests) == 2
+    # The refunded call's row stays; the call made again is charged in one of its own.
+    assert [(r.request_id, r.outcome) for r in rows] == [
+        (job.item_request_id(0), "ok"),
+        (job.item_request_id(0, retry=1), "error"),
+        (job.item_request_id(0, retry=2), "ok"),
+    ]
+    assert_counters_match_ledger(user, rows)
+    assert_result_is_what_the_ledger_charged(job, rows)
 
 
 @pytest.mark.django_db  # in a transaction, so that the message is captured, not sent
