@@ -183,7 +183,13 @@ def generation_run(
         messages=messages,
         params={"max_tokens": max_tokens, "temperature": temperature, "task": task},
     )
-    wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+    # The longest `compute` can take: each of its calls, one after another, retried within
+    # the retry budget plus one read. The single-flight lock lives that long and identical
+    # misses wait that long for its answer: a shorter wait would let them give up on a
+    # leader still at work (a subtopics re-ask) and call upstream, and be charged, again.
+    wait = max(1, upstream_calls) * (
+        settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+    )
     lock: FlightLock | None = None  # the single-flight lock, when the admission took it
     probe: CacheProbe | None = None  # the Redis look-up, done by the admission's script
     pending: PendingStore | None = None  # the answer's store, sent with the settlement
