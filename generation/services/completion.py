@@ -100,6 +100,8 @@ class Outcome:
     # Streams only: to be called when the response ends, read to its end or not (see
     # `_start_stream`). Settles a stream the client left, exactly once.
     close: Callable[[], None] | None = None
+    # A stale copy (STALE): the code of the refusal or failure it stands in for.
+    fallback_code: str | None = None
 
     @property
     def cached(self) -> bool:
@@ -398,7 +400,14 @@ def _fallback(
         request_id=caller.request_id,
         latency_ms=latency_ms,
     )
-    return Outcome(value=value, model=model, cache="STALE", cache_layer=layer, headers=exc.headers)
+    return Outcome(
+        value=value,
+        model=model,
+        cache="STALE",
+        cache_layer=layer,
+        headers=exc.headers,
+        fallback_code=exc.code,
+    )
 
 
 def _start_stream(
@@ -468,6 +477,7 @@ def _upstream_failed(
                 cache="STALE",
                 cache_layer="redis",
                 headers=err.headers,
+                fallback_code=err.code,
             )
     raise err
 
