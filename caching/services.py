@@ -128,6 +128,9 @@ class CacheProbe:
     lock: FlightLock
     lock_ms: int
     now: float
+    # The memory layer's invalidation count before the script reads the entry: one applied
+    # meanwhile keeps what it read out of memory (MemoryLayer.put).
+    memory_mark: int
 
 
 def cache_probe(
@@ -155,7 +158,7 @@ def _probe(key: str, *, now: float, lock_ms: int) -> tuple[CacheHit | None, Cach
         return None, None
     # Without a lock to take, an empty token (the lock is then never handed out).
     lock = FlightLock(t.k("lock:" + key), new_token() if lock_ms else "")
-    return None, CacheProbe(key, t.entry_key(key), lock, lock_ms, now)
+    return None, CacheProbe(key, t.entry_key(key), lock, lock_ms, now, t.memory.invalidations)
 
 
 def cache_probe_found(
@@ -167,7 +170,9 @@ def cache_probe_found(
     if fresh is not None:
         fresh_until, _, body = _parse(fresh)
         expires_at = min(probe.now + settings.CACHE_MEMORY_TTL, fresh_until)
-        t.memory.put(probe.key, body, expires_at=expires_at)
+        t.memory.put(
+            probe.key, body, expires_at=expires_at, unless_invalidated_since=probe.memory_mark
+        )
         t.count("redis_hits", "redis", "hit")
         return CacheHit(value=json.loads(body), layer="redis"), None
     t.count("redis_misses", "redis", "miss")
@@ -260,6 +265,9 @@ class PendingStore:
     memory_until: float
     lock: FlightLock | None
     call: ScriptCall | None
+    # The memory layer's invalidation count before the Redis write: one applied before
+    # `finish()` (a purge of the entry just written) keeps the answer out of memory.
+    memory_mark: int | None = None
     in_redis: bool = False
     finished: bool = False
 
@@ -287,7 +295,12 @@ class PendingStore:
                 t.failed(call.error, "cache write")
         if self.lock is not None and not self.in_redis:
             _release(t, self.lock.key, self.lock.token)
-        t.memory.put(self.key, self.body, expires_at=self.memory_until)
+        t.memory.put(
+            self.key,
+            self.body,
+            expires_at=self.memory_until,
+            unless_invalidated_since=self.memory_mark,
+        )
         t.count("sets", "redis" if self.in_redis else "memory", "set")
 
 
@@ -303,6 +316,7 @@ def cache_store_later(
     write goes out with another round trip; see PendingStore. Call its `finish()`."""
     t = tier()
     t.sync()
+    memory_mark = t.memory.invalidations
     now = time.time() if now is None else now
     fresh_until = now + (settings.CACHE_REDIS_TTL if ttl is None else ttl)
     stale_until = fresh_until + settings.QUOTA_FALLBACK_CACHE_TTL
@@ -321,6 +335,7 @@ def cache_store_later(
         memory_until=min(now + settings.CACHE_MEMORY_TTL, fresh_until),
         lock=lock,
         call=call,
+        memory_mark=memory_mark,
     )
 
 

@@ -25,9 +25,12 @@ INVALIDATION_POLL_SECONDS (0.25 s) have passed since the last sync; then ONE tra
 reads the log counter, the entries after the last one applied and the namespace versions,
 and flushes this process's buffered stats and popularity counts. A worker therefore serves
 at most one extra round trip per 0.25 s, however many hits it answers, and no look-up
-after an invalidation + 0.25 s (+ one round trip) can see the dropped entry. A gap in the
-log (the stream was trimmed, or Redis was flushed: the counter went backwards) clears the
-whole memory layer, which is always safe.
+after an invalidation + 0.25 s (+ one round trip) can see the dropped entry. That holds for
+an answer in flight too (read from Redis, or written there, by a request as the purge runs):
+if this process applies an invalidation before putting it in memory, it is not put there
+(MemoryLayer.put), since the invalidation will not be applied again. A gap in the log (the
+stream was trimmed, or Redis was flushed: the counter went backwards) clears the whole
+memory layer, which is always safe.
 
 Without REDIS_URL (the embedded default) the tier is the memory layer alone. So it is while
 its Redis server is away (config.outages: a call of the tier, or of any other part of the

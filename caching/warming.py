@@ -103,13 +103,20 @@ def cache_warm(
             continue
         caller = Caller(user_id, None, f"warm-{uuid.uuid4().hex}", WARM_PRIORITY)
         try:
-            topic_subtopics(caller=caller, topic=topic, count=count, model=model)
+            outcome = topic_subtopics(caller=caller, topic=topic, count=count, model=model)
         except Exception as exc:  # one topic failing must not stop the others
             code = getattr(exc, "code", type(exc).__name__)
             logger.warning("warming %r failed: %s", topic, code)
             report.failed[topic] = str(code)
         else:
-            report.warmed.append(topic)
+            if outcome.fallback:
+                # Refused (a quota) or not answered (the provider), the request got the
+                # stored copy as a client would: nothing new was computed or stored.
+                code = outcome.fallback_code or "fallback"
+                logger.warning("warming %r failed: %s (the stale copy was kept)", topic, code)
+                report.failed[topic] = code
+            else:
+                report.warmed.append(topic)
         finally:
             # The endpoint's service counts every call as a client request; warming is not.
             popularity_bump(topic, count=-1)

@@ -15,13 +15,18 @@ import pytest
 from django.conf import settings
 
 from caching.services import (
+    cache_get,
     cache_invalidate,
     cache_local_reset,
     cache_namespace_drop,
+    cache_probe,
+    cache_probe_found,
     cache_set,
+    cache_store_later,
     single_flight,
 )
-from caching.tier import tier
+from caching.tier import INVALIDATION_POLL_SECONDS, tier
+from config.redis_calls import run_calls
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +100,54 @@ def test_broadcast_set_replaces_another_process_memory_copy_within_one_second():
 
     # Its memory copy was dropped: the new answer comes from Redis.
     assert layers == ["redis", "memory"]
+
+
+def _purge_in_another_process_seen_here(pattern: str) -> int:
+    """An operator's purge made by another process, then a look-up here late enough for
+    this process to apply it (its poll); returns how many entries the purge dropped."""
+    purge = subprocess.run(
+        [sys.executable, "-m", "caching.tests.worker_proc", "invalidate", pattern],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    time.sleep(INVALIDATION_POLL_SECONDS)
+    cache_get("gen:unrelated")  # any look-up syncs
+    return int(json.loads(purge.stdout))
+
+
+def test_answer_stored_while_another_process_purges_it_stays_purged(redis_conn):
+    key = "topic:python:subtopics:abc"
+    # A miss's answer: its Redis write rides in the settlement's round trip...
+    pending = cache_store_later(key, {"text": "computed before the purge"})
+    run_calls(list(pending.calls))
+    # ... and an operator purges it before this request puts it in its memory layer.
+    assert _purge_in_another_process_seen_here("topic:python*") == 1
+    pending.finish()
+
+    time.sleep(1.0)  # the contract's bound
+
+    assert cache_get(key) is None
+
+
+def test_answer_read_while_another_process_purges_it_is_not_kept_in_memory(redis_conn):
+    key = "topic:python:subtopics:abc"
+    cache_set(key, {"text": "purged"})
+    cache_local_reset()  # this process has it in Redis only
+    # A look-up past the memory layer: the admission's script reads the entry...
+    hit, probe = cache_probe(key, lock_seconds=30)
+    assert hit is None
+    raw = redis_conn.get(probe.entry_key)
+    # ... and an operator purges it before this request promotes it into memory.
+    assert _purge_in_another_process_seen_here("topic:python*") == 1
+    hit, _ = cache_probe_found(probe, raw, locked=False)
+    assert hit.value == {"text": "purged"}  # read before the purge: this request has it
+
+    time.sleep(1.0)  # the contract's bound
+
+    assert cache_get(key) is None
 
 
 def test_single_flight_across_processes_computes_once(redis_conn):

@@ -144,3 +144,23 @@ def test_warm_cache_without_a_shared_cache_refuses_to_run(tmp_path, operator, se
     with pytest.raises(CommandError, match="REDIS_URL is not set"):
         _warm("--topics-file", str(topics))
     assert not UsageRecord.objects.exists()  # nothing computed, nothing charged
+
+
+def test_refresh_refused_by_a_quota_is_reported_failed_not_warmed(operator, settings):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    old = {"subtopics": ["old1", "old2", "old3"], "usage": {}}
+    cache_set(topic_key(topic="python"), old, ttl=60)
+    popularity_bump("python", count=50)
+    # The warming account's plan refuses every request, and allows stale fallbacks.
+    plan = PlanFactory(requests_per_minute=0, allow_stale_fallback=True)
+    UserQuotaFactory(user=operator, plan=plan)
+
+    result = cache_popular_refresh()
+
+    # What the quota let through is the old answer (a client would get it as a fallback):
+    # nothing was warmed, and the answer is still due.
+    assert result["warmed"] == 0
+    assert result["failed"] == {"python": "quota_exceeded"}
+    assert cache_fresh_for(topic_key(topic="python")) == 0
+    assert cache_get_stale(topic_key(topic="python")).value == old

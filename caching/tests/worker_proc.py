@@ -6,6 +6,8 @@ again and prints the layers ("none" for a miss).
 `python -m caching.tests.worker_proc flight KEY THREADS`: once the Redis key `test:go`
 exists, THREADS threads call single_flight(KEY); prints how many computed here and the
 layers the others took the answer from.
+`python -m caching.tests.worker_proc invalidate PATTERN`: an operator's purge made in this
+process (`cache_invalidate`); prints how many entries it dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import django  # noqa: E402
 
 django.setup()
 
-from caching.services import cache_get, single_flight  # noqa: E402
+from caching.services import cache_get, cache_invalidate, single_flight  # noqa: E402
 from caching.tier import tier  # noqa: E402
 
 
@@ -78,5 +80,7 @@ def flight(key: str, threads: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "read":
         read(sys.argv[2:])
+    elif sys.argv[1] == "invalidate":
+        _say(json.dumps(cache_invalidate(pattern=sys.argv[2])))
     else:
         flight(sys.argv[2], int(sys.argv[3]))

@@ -102,6 +102,8 @@ class Outcome:
     # Streams only: to be called when the response ends, read to its end or not (see
     # `_start_stream`). Settles a stream the client left, exactly once.
     close: Callable[[], None] | None = None
+    # A stale copy (STALE): the code of the refusal or failure it stands in for.
+    fallback_code: str | None = None
 
     @property
     def cached(self) -> bool:
@@ -185,7 +187,13 @@ def generation_run(
         messages=messages,
         params={"max_tokens": max_tokens, "temperature": temperature, "task": task},
     )
-    wait = settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+    # The longest `compute` can take: each of its calls, one after another, retried within
+    # the retry budget plus one read. The single-flight lock lives that long and identical
+    # misses wait that long for its answer: a shorter wait would let them give up on a
+    # leader still at work (a subtopics re-ask) and call upstream, and be charged, again.
+    wait = max(1, upstream_calls) * (
+        settings.UPSTREAM_MAX_RETRY_SECONDS + settings.UPSTREAM_READ_TIMEOUT
+    )
     lock: FlightLock | None = None  # the single-flight lock, when the admission took it
     probe: CacheProbe | None = None  # the Redis look-up, done by the admission's script
     pending: PendingStore | None = None  # the answer's store, sent with the settlement
@@ -394,7 +402,14 @@ def _fallback(
         request_id=caller.request_id,
         latency_ms=latency_ms,
     )
-    return Outcome(value=value, model=model, cache="STALE", cache_layer=layer, headers=exc.headers)
+    return Outcome(
+        value=value,
+        model=model,
+        cache="STALE",
+        cache_layer=layer,
+        headers=exc.headers,
+        fallback_code=exc.code,
+    )
 
 
 def _start_stream(
@@ -476,6 +491,7 @@ def _upstream_failed(
                 cache="STALE",
                 cache_layer="redis",
                 headers=err.headers,
+                fallback_code=err.code,
             )
     raise err
 

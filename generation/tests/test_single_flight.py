@@ -84,3 +84,50 @@ def test_requests_riding_on_another_upstream_call_name_the_layer_they_were_answe
         assert body["cost_usd"] == "0"
         assert body["usage"]["total_tokens"] == 0
         assert body["cache_layer"] in ("memory", "redis")
+
+
+def test_concurrent_subtopics_with_a_re_ask_call_upstream_once_and_are_charged_once(
+    upstream_settings, fake_upstream, openai_model, api_key
+):
+    # A subtopics answer may take two upstream calls (a re-ask), each of them retried
+    # within UPSTREAM_MAX_RETRY_SECONDS: here each call waits out a provider's Retry-After
+    # of 1 s, so the pair outlasts one call's time (the retry budget plus one read).
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 1.5
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 0.3
+    busy = Behaviour(kind="status", status=429, retry_after="1")
+    fake_upstream.script(
+        busy,
+        Behaviour(text="I cannot do JSON today.", usage=(100, 10)),
+        busy,
+        Behaviour(text='{"subtopics": ["X", "Y", "Z"]}', usage=(150, 20)),
+    )
+    fake_upstream.default = Behaviour(text='{"subtopics": ["P", "Q", "R"]}', usage=(100, 10))
+    full_key, _ = api_key
+    barrier = threading.Barrier(2)
+    results: list[dict] = []
+
+    def ask() -> None:
+        from rest_framework.test import APIClient
+
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {full_key}")
+        barrier.wait()
+        try:
+            response = client.post(
+                "/api/v1/topics/subtopics",
+                {"topic": "Letters", "count": 3, "model": "gpt-test"},
+                format="json",
+            )
+            results.append(response.json())
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert [[n["label"] for n in body["nodes"]][1:] for body in results] == [["X", "Y", "Z"]] * 2
+    assert len(fake_upstream.requests) == 4  # one answer: its two calls, each tried twice
+    assert sorted(body["cost_usd"] == "0" for body in results) == [False, True]
