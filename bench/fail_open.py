@@ -9,7 +9,9 @@ admission waits for that statement. Uses the ledger of bench/dashboard.py
 (BENCH_DATABASE_URL, default postgres://postgres@127.0.0.1:5432/tollgate_bench_dashboard;
 `--rows` rows over the last 30 days for `--users` users), and times the read of one
 user's usual windows, at the end of a 30-day month: the key's minute, the user's minute,
-day and month, the global hour and day. Prints the statement's plan.
+day and month, the global hour and day, read whole, then as a fail-open admission reads
+them (`ledger_usages_failopen`: the global day's rows older than a few seconds kept
+summed by the process). Prints the whole read's plan.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main() -> None:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from quotas.services.ledger import ledger_usages
+    from quotas.services.ledger import ledger_usages, ledger_usages_failopen
 
     user = get_user_model().objects.get(username=f"bench-{args.users // 2}")
     now = dt.datetime.now(tz=dt.UTC)
@@ -53,8 +55,20 @@ def main() -> None:
         cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + statement["sql"])
         plan = "\n".join(f"    {row[0]}" for row in cursor.fetchall())
 
+    # As an admission reads them: the global day's older rows kept summed by the process.
+    moment, calendar = now.timestamp(), [spots[5]]
+    assert ledger_usages_failopen(spots, calendar=calendar, now=moment) == usages
+    assert ledger_usages_failopen(spots, calendar=calendar, now=moment + 1) == usages
+    kept_median, kept_worst = _timed(
+        lambda: ledger_usages_failopen(spots, calendar=calendar, now=moment + 1), args.repeat
+    )
+
     print(f"\nledger rows: {args.rows:,} over 30 days, {args.users} users")
     print(f"  fail-open ledger read, {len(spots)} windows: {median:.1f} ms (max {worst:.1f} ms)")
+    print(
+        f"  the same, the global day's older rows kept summed: {kept_median:.1f} ms "
+        f"(max {kept_worst:.1f} ms)"
+    )
     print(f"  the user's month: {usages[spots[3]]}; the global day: {usages[spots[5]]}")
     print(f"  plan:\n{plan}")
 

@@ -28,7 +28,7 @@ from quotas.errors import QuotaExceeded, QuotaUnavailable
 from quotas.models import Outcome, UsageRecord
 from quotas.policy import PRIORITIES, Policy, Quota, micros_to_usd, usd_to_micros
 from quotas.services.counters import counters_rebuild
-from quotas.services.ledger import _window_start, ledger_usages
+from quotas.services.ledger import _window_start, ledger_usages_failopen
 from quotas.services.state import (
     _on_stale,
     _state,
@@ -427,6 +427,12 @@ def _recover() -> None:
     _state.degraded_since = None
 
 
+def _broad(counter: str) -> bool:
+    """A scope of everyone's rows (global) or of a provider's: the reads that every
+    fail-open admission waits for, whose older rows are worth keeping summed."""
+    return counter == "g" or counter.startswith("p:")
+
+
 def _ledger_admit(
     *,
     policy: Policy,
@@ -452,7 +458,15 @@ def _ledger_admit(
         worst: WindowState | None = None
         worst_wait = -1.0
         spots = [(quota.counter, _window_start(quota, now)) for quota in quotas]
-        usages = ledger_usages(spots)
+        usages = ledger_usages_failopen(
+            spots,
+            calendar=[
+                spot
+                for quota, spot in zip(quotas, spots, strict=True)
+                if quota.window in ("day", "month") and _broad(quota.counter)
+            ],
+            now=now,
+        )
         _, day_end, _, month_end = calendar_bounds(now)
         for quota, spot in zip(quotas, spots, strict=True):
             used = usages[spot]

@@ -24,7 +24,7 @@ from django.db import (
     connection,
     models,
 )
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Max, Q, Subquery, Sum
 
 from config.db.deadline import DatabaseNotAnswering, deadline_at_most, read_deadline
 from config.outages import Outage
@@ -120,6 +120,93 @@ def ledger_usages(
         )
         for i, spot in enumerate(wanted)
     }
+
+
+# A fail-open admission's read of a calendar window (day, month) of a broad scope: the
+# rows older than a cut, a few seconds back, are summed once every `_OLDER_KEPT_SECONDS` by
+# each process and kept, with the highest row id then; afterwards only the rows since the
+# cut, and those written since (an id above the kept one, whatever their time: a row
+# replayed from the spool), are read. A row is committed within `_SETTLED_SECONDS` of its
+# `created_at` (the request path's INSERT waits at most LEDGER_WRITE_TIMEOUT_MS), so the
+# kept sums miss a row only if it was being written, with a time older than the cut, at
+# the very moment they were read; and only until they are read again.
+_OLDER_KEPT_SECONDS = 5.0
+_SETTLED_SECONDS = 5.0
+_OLDER_KEPT_MAX = 1000
+
+
+def ledger_usages_failopen(
+    spots: Iterable[tuple[str, datetime]], *, calendar: Iterable[tuple[str, datetime]], now: float
+) -> dict[tuple[str, datetime], tuple[int, int, int]]:
+    """`ledger_usages` for a fail-open admission, in one statement as well, but for the
+    `calendar` spots (a day or month window: its start does not move) whose older rows this
+    process summed less than `_OLDER_KEPT_SECONDS` ago: those are the kept sums plus the
+    rows since their cut or written since. With a global day budget every fail-open
+    admission of every user waits for this read (the global lock), so it reads the last
+    seconds of everyone's rows, not the whole day (bench/fail_open.py)."""
+    from quotas.services.state import _state
+
+    kept = _state.ledger_older
+    calendar = set(calendar)
+    cut = datetime.fromtimestamp(now - _SETTLED_SECONDS, tz=UTC)
+    terms: dict[tuple[str, datetime], Q] = {}  # the rows each spot sums
+    finds: dict[tuple[str, datetime], Q] = {}  # how the statement finds them
+    using: dict[tuple[str, datetime], tuple[datetime, float, int, tuple[int, int, int]]] = {}
+    renewed: set[tuple[str, datetime]] = set()
+    for spot in dict.fromkeys(spots):
+        counter, since = spot
+        principal = _ledger_filter(counter)
+        older = kept.get(spot) if spot in calendar else None
+        if older is not None and now - older[1] < _OLDER_KEPT_SECONDS:
+            using[spot] = older  # as read here: another thread may replace it meanwhile
+            terms[spot] = principal & (
+                Q(created_at__gte=older[0]) | Q(id__gt=older[2], created_at__gte=since)
+            )
+            # The rows are found by time or by id, each through its own index (with the
+            # window's start in this condition too, the day's index was scanned whole).
+            finds[spot] = principal & (Q(created_at__gte=older[0]) | Q(id__gt=older[2]))
+            continue
+        terms[spot] = finds[spot] = principal & Q(created_at__gte=since)
+        if spot in calendar and since < cut:
+            renewed.add(spot)
+    if not terms:
+        return {}
+    sums: dict[str, Any] = {}
+    for i, (spot, mine) in enumerate(terms.items()):
+        parts = [("", mine)]
+        if spot in renewed:
+            parts.append(("o", mine & Q(created_at__lt=cut)))
+        for tag, rows in parts:
+            sums[f"{tag}r{i}"] = Count("id", filter=rows)
+            sums[f"{tag}p{i}"] = Sum("prompt_tokens", filter=rows)
+            sums[f"{tag}c{i}"] = Sum("completion_tokens", filter=rows)
+            sums[f"{tag}u{i}"] = Sum("cost_usd", filter=rows)
+    if renewed:  # the ledger's highest id, in the same snapshot as the sums
+        sums["last"] = Max(Subquery(UsageRecord.objects.order_by("-id").values("id")[:1]))
+    row = (
+        UsageRecord.objects.filter(functools.reduce(operator.or_, finds.values()))
+        .filter(outcome__in=COUNTED_OUTCOMES, fallback=False)
+        .aggregate(**sums)
+    )
+
+    def read(tag: str, i: int) -> tuple[int, int, int]:
+        return (
+            int(row[f"{tag}r{i}"]),
+            int(row[f"{tag}p{i}"] or 0) + int(row[f"{tag}c{i}"] or 0),
+            usd_to_micros(row[f"{tag}u{i}"] or Decimal(0)),
+        )
+
+    found: dict[tuple[str, datetime], tuple[int, int, int]] = {}
+    for i, spot in enumerate(terms):
+        found[spot] = read("", i)
+        if spot in renewed and row["last"] is not None:  # None: no rows to keep
+            if len(kept) >= _OLDER_KEPT_MAX:  # windows of days gone by
+                kept.clear()
+            kept[spot] = (cut, now, int(row["last"]), read("o", i))
+        elif spot in using:
+            (r, t, c), (r2, t2, c2) = using[spot][3], found[spot]
+            found[spot] = (r + r2, t + t2, c + c2)
+    return found
 
 
 def _ledger_write(

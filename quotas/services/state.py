@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from typing import Protocol
 
 from django.conf import settings
@@ -101,6 +102,11 @@ class _State:
     # A governance change whose version bump Redis did not take: bumped again before the
     # next admission that reaches it, so that the other workers hear of the change.
     bump_pending: bool = False
+    # Fail-open admissions: a calendar window's (counter, start) -> (cut, read at, highest
+    # row id then, sums of its ledger rows older than the cut): `ledger_usages_failopen`.
+    ledger_older: dict[tuple[str, datetime], tuple[datetime, float, int, tuple[int, int, int]]] = (
+        field(default_factory=dict)
+    )
 
 
 # Beyond this many, the oldest deferred settlement is left to the sweep (which refunds its

@@ -676,6 +676,71 @@ def test_a_reservation_taken_in_by_a_rebuild_is_refunded_there_by_the_sweep(
     assert limits["tokens_per_day"]["used"] == 0  # both leases expired: both given back
 
 
+def test_fail_open_reads_of_a_global_day_keep_its_older_rows_summed_a_few_seconds(user):
+    """Every fail-open admission waits for its global window's read: the day's rows older
+    than a few seconds are summed once every few seconds by the process, and only those
+    since, or written since, are read each time, with sums equal to a read of the whole
+    day; an older row changed in place is seen at the next whole read."""
+    from datetime import UTC, datetime
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from quotas.services.ledger import ledger_usages, ledger_usages_failopen
+    from quotas.tests.factories import UserFactory
+
+    services.local_state_reset()
+    day = datetime.fromtimestamp(NOW, tz=UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    spot = ("g", day)
+    others = UserFactory()
+
+    def row(owner, at, tokens):
+        UsageRecord.objects.create(
+            request_id=f"r{UsageRecord.objects.count()}",
+            user=owner,
+            model="local/demo",
+            provider="local",
+            prompt_tokens=tokens,
+            completion_tokens=0,
+            cost_usd=Decimal("0.000010"),
+            outcome=Outcome.OK,
+            created_at=datetime.fromtimestamp(at, tz=UTC),
+        )
+
+    def read(now):
+        with CaptureQueriesContext(connection) as queries:
+            sums = ledger_usages_failopen([spot], calendar=[spot], now=now)[spot]
+        assert len(queries) == 1
+        return sums, queries[0]["sql"]
+
+    row(user, NOW - 3600, 100)
+    row(others, NOW - 1, 10)
+    first, sql = read(NOW)  # the whole day, once
+    assert first == ledger_usage_of(spot) == (2, 110, 20)
+    assert "00:00:00" in sql  # from midnight on
+    kept_from = datetime.fromtimestamp(NOW - 5, tz=UTC).strftime("%H:%M:%S")
+
+    row(others, NOW + 1, 7)  # a request settled since: read as it comes
+    kept, sql = read(NOW + 2)
+    assert kept == ledger_usage_of(spot) == (3, 117, 30)
+    # Everyone's rows since the kept sums' cut, a few seconds back, and those written since.
+    assert kept_from in sql
+
+    row(user, NOW - 1800, 1000)  # written long after its time (replayed from the spool)
+    assert read(NOW + 3)[0] == ledger_usage_of(spot) == (4, 1117, 40)
+    UsageRecord.objects.filter(prompt_tokens=100).update(outcome=Outcome.ABANDONED)
+    assert read(NOW + 4)[0] == (4, 1117, 40)  # an older row changed: seen at the next
+    assert read(NOW + 6)[0] == ledger_usage_of(spot) == (3, 1017, 30)  # whole read
+
+    assert ledger_usages([spot])[spot] == (3, 1017, 30)
+
+
+def ledger_usage_of(spot):
+    from quotas.services.ledger import ledger_usage
+
+    return ledger_usage(counter=spot[0], since=spot[1])
+
+
 def test_ledger_sums_of_several_principals_and_windows_come_from_one_statement(user, api_key):
     """What a fail-open admission reads under its principals' locks: each (counter, since)
     summed as `ledger_usage` sums it alone (the global scope over everyone, the provider's
