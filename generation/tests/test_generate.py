@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from decimal import Decimal
+from email.utils import formatdate
 
 import pytest
 
@@ -151,6 +153,23 @@ def test_generate_429_with_retry_after_beyond_budget_is_503_not_retried(
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "upstream_unavailable"
     assert int(response["Retry-After"]) >= 30
+    assert len(fake_upstream.requests) == 1
+    assert UsageRecord.objects.get().outcome == "upstream_unavailable"
+
+
+def test_generate_429_with_retry_after_as_http_date_beyond_budget_is_503_not_retried(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    # RFC 9110 lets Retry-After be an HTTP date: it is as binding as the seconds form.
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 2.0
+    in_30_seconds = formatdate(time.time() + 30, usegmt=True)
+    fake_upstream.default = Behaviour(kind="status", status=429, retry_after=in_30_seconds)
+
+    response = _post(key_client, {"prompt": "slow down by date", "model": "gpt-test"})
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert int(response["Retry-After"]) >= 28  # the date has whole seconds
     assert len(fake_upstream.requests) == 1
     assert UsageRecord.objects.get().outcome == "upstream_unavailable"
 

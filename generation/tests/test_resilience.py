@@ -282,3 +282,21 @@ def test_open_circuit_is_listed_by_quota_global(upstream_settings, api_client, u
     [circuit] = response.json()["circuits"]
     assert circuit["provider"] == "gemini"
     assert circuit["state"] == "open"
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),  # the HTTP-date form
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # a date gone by: no wait
+        ("-5", None),
+        ("soon", None),
+    ],
+)
+def test_retry_after_is_read_in_both_forms_of_rfc_9110(header, seconds):
+    from generation.providers.base import parse_retry_after
+
+    at_07_28_00 = 1445412480.0
+
+    assert parse_retry_after(header, now=at_07_28_00) == seconds
