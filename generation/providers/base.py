@@ -7,6 +7,7 @@ subclass. Retries, the circuit breaker and the mapping to HTTP errors live above
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         seconds = float(value)
     except ValueError:
         return _seconds_until(value, now)
-    return seconds if seconds >= 0 else None
+    # float() also reads "inf" and "nan", which no wait and no header can be made of.
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _seconds_until(http_date: str, now: float | None) -> float | None:

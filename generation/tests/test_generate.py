@@ -174,6 +174,19 @@ def test_generate_429_with_retry_after_as_http_date_beyond_budget_is_503_not_ret
     assert UsageRecord.objects.get().outcome == "upstream_unavailable"
 
 
+@pytest.mark.parametrize("header", ["inf", "1e999", "nan"])
+def test_generate_429_with_retry_after_beyond_any_number_is_503_never_500(
+    upstream_settings, fake_upstream, openai_model, key_client, header
+):
+    fake_upstream.default = Behaviour(kind="status", status=429, retry_after=header)
+
+    response = _post(key_client, {"prompt": "slow down forever", "model": "gpt-test"})
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert UsageRecord.objects.get().outcome == "upstream_unavailable"
+
+
 def test_generate_timeout_is_504_and_refunded(
     upstream_settings, fake_upstream, openai_model, key_client, api_key
 ):

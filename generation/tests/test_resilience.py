@@ -291,6 +291,7 @@ def test_open_circuit_is_listed_by_quota_global(upstream_settings, api_client, u
         ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),  # the HTTP-date form
         ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # a date gone by: no wait
         ("-5", None),
+        ("inf", None),
         ("soon", None),
     ],
 )
