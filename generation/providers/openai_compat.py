@@ -54,6 +54,9 @@ _UNSENT_HEADERS: dict[str, Any] = dict.fromkeys(
 
 _OPENAI_HOST = "api.openai.com"
 
+# What reading an answer that is JSON but not of the expected shape raises.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError)
+
 
 class OpenAIProvider:
     """Chat completions of an OpenAI-compatible endpoint at a configurable base URL: the
@@ -228,6 +231,12 @@ def _mapped_errors(timeout: float, *, answered: bool = False) -> Iterator[None]:
         ) from exc
     except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
         raise ProviderServerError(f"openai: malformed or broken response: {exc}") from exc
+    except _SHAPE_ERRORS as exc:
+        if not answered:
+            raise  # nothing was read yet: a mistake of ours, not the provider's
+        # The SDK builds its chunks without validating them: an event that is JSON but
+        # not a chunk (a number, a "choices" that is no list) fails as we read it.
+        raise ProviderServerError(f"openai: answer of unexpected shape: {exc!r}") from exc
 
 
 def _completion(data: Any, request: CompletionRequest) -> Completion:

@@ -434,6 +434,29 @@ def test_generate_openai_malformed_json_is_retried_then_502_refunded(
     assert row.cost_usd == 0
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        "123",  # JSON, but not an object
+        "true",
+        '{"candidates": [{"content": {"parts": [{"text": "a"}]}, "finishReason": 7}]}',
+    ],
+)
+def test_generate_gemini_answer_of_unexpected_shape_is_retried_then_502_refunded(
+    upstream_settings, fake_upstream, gemini_model, key_client, body
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="raw", body=body)
+
+    response = _post(key_client, {"prompt": "odd", "model": "gemini-test"})
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
 def test_generate_openai_answer_broken_off_is_retried_then_502_refunded(
     upstream_settings, fake_upstream, openai_model, key_client
 ):
