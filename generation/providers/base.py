@@ -41,6 +41,15 @@ class Completion:
     finish_reason: str = "stop"
     usage_reported: bool = True
 
+    def __post_init__(self) -> None:
+        # A count below zero would be settled as a credit to every budget of the caller,
+        # and the ledger refuses it: such a usage report makes the answer unusable.
+        if self.prompt_tokens < 0 or self.completion_tokens < 0:
+            raise ProviderServerError(
+                f"usage reported as {self.prompt_tokens} prompt and "
+                f"{self.completion_tokens} completion tokens"
+            )
+
     @classmethod
     def estimated(cls, request: CompletionRequest, text: str, finish_reason: str) -> Completion:
         """An answer whose provider reported no usage: both counts estimated."""

@@ -253,6 +253,7 @@ def _completion(data: Any, request: CompletionRequest) -> Completion:
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 finish_reason=str(finish),
             )
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+        # OverflowError: a count of 1e400, which JSON reads as infinity
         raise ProviderServerError(f"openai: unexpected response shape: {exc!r}") from exc
     return Completion.estimated(request, str(text), str(finish))
