@@ -166,8 +166,10 @@ class OpenAIProvider:
             )
         # Closed even when our caller stops reading (the client left). The provider has
         # answered: a connection it drops from here on breaks its answer off.
+        received = False
         with chunks, _mapped_errors(timeout, answered=True):
             for chunk in chunks:
+                received = True
                 if chunk.usage is not None:
                     usage = chunk.usage
                 if not chunk.choices:
@@ -178,6 +180,10 @@ class OpenAIProvider:
                 if choice.delta and choice.delta.content:
                     parts.append(choice.delta.content)
                     yield choice.delta.content
+        if not received:
+            # Not one chunk (an empty body, or [DONE] alone): no answer, not an empty one,
+            # which would be charged and cached.
+            raise ProviderServerError("openai: the stream ended without a chunk")
         text = "".join(parts)
         if usage is not None:
             yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)

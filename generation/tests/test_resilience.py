@@ -355,3 +355,18 @@ def test_stream_of_unexpected_shape_after_its_first_piece_ends_in_a_502(
     assert next(pieces) == "first words "
     with pytest.raises(UpstreamError):
         next(pieces)
+
+
+@pytest.mark.parametrize("body", ["", "data: [DONE]\n\n"])
+def test_openai_stream_without_a_single_chunk_is_a_502_not_an_empty_answer(
+    upstream_settings, fake_upstream, body
+):
+    from generation.errors import UpstreamError
+
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="raw", body=body)
+
+    with pytest.raises(UpstreamError):
+        upstream_stream(provider="openai", request=_request())
+
+    assert len(fake_upstream.requests) == 2
