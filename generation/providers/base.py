@@ -7,8 +7,12 @@ subclass. Retries, the circuit breaker and the mapping to HTTP errors live above
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 from generation.tokens import tokens_count, tokens_count_messages
@@ -36,6 +40,15 @@ class Completion:
     completion_tokens: int
     finish_reason: str = "stop"
     usage_reported: bool = True
+
+    def __post_init__(self) -> None:
+        # A count below zero would be settled as a credit to every budget of the caller,
+        # and the ledger refuses it: such a usage report makes the answer unusable.
+        if self.prompt_tokens < 0 or self.completion_tokens < 0:
+            raise ProviderServerError(
+                f"usage reported as {self.prompt_tokens} prompt and "
+                f"{self.completion_tokens} completion tokens"
+            )
 
     @classmethod
     def estimated(cls, request: CompletionRequest, text: str, finish_reason: str) -> Completion:
@@ -109,15 +122,28 @@ class Provider(Protocol):
         ...
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds of a Retry-After header (delta-seconds form; HTTP dates are ignored)."""
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds of a Retry-After header, in either of its forms (RFC 9110): delta-seconds,
+    or an HTTP date, read as the seconds from `now` (default: the clock) until it, 0 when
+    it has passed. None when there is no header or it cannot be read."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
+        return _seconds_until(value, now)
+    # float() also reads "inf" and "nan", which no wait and no header can be made of.
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _seconds_until(http_date: str, now: float | None) -> float | None:
+    try:
+        when = parsedate_to_datetime(http_date)
+    except (TypeError, ValueError):
         return None
-    return seconds if seconds >= 0 else None
+    if when.tzinfo is None:  # "-0000": a date in UTC without saying so
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def failure_for_status(

@@ -148,3 +148,9 @@ def _mapped_errors(timeout: float) -> Iterator[None]:
         ) from exc
     except (ValueError, httpx2.HTTPError) as exc:
         raise ProviderServerError(f"gemini: malformed or broken response: {exc}") from exc
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        if not _answered.get():
+            raise  # no response yet: a mistake of ours, not the provider's
+        # google-genai walks the JSON before validating it: a body that is no object, or
+        # a field of another type than its enum's, fails inside the SDK as we read it.
+        raise ProviderServerError(f"gemini: answer of unexpected shape: {exc!r}") from exc

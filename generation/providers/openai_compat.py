@@ -54,6 +54,9 @@ _UNSENT_HEADERS: dict[str, Any] = dict.fromkeys(
 
 _OPENAI_HOST = "api.openai.com"
 
+# What reading an answer that is JSON but not of the expected shape raises.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError)
+
 
 class OpenAIProvider:
     """Chat completions of an OpenAI-compatible endpoint at a configurable base URL: the
@@ -163,8 +166,10 @@ class OpenAIProvider:
             )
         # Closed even when our caller stops reading (the client left). The provider has
         # answered: a connection it drops from here on breaks its answer off.
+        received = False
         with chunks, _mapped_errors(timeout, answered=True):
             for chunk in chunks:
+                received = True
                 if chunk.usage is not None:
                     usage = chunk.usage
                 if not chunk.choices:
@@ -175,6 +180,10 @@ class OpenAIProvider:
                 if choice.delta and choice.delta.content:
                     parts.append(choice.delta.content)
                     yield choice.delta.content
+        if not received:
+            # Not one chunk (an empty body, or [DONE] alone): no answer, not an empty one,
+            # which would be charged and cached.
+            raise ProviderServerError("openai: the stream ended without a chunk")
         text = "".join(parts)
         if usage is not None:
             yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
@@ -228,6 +237,12 @@ def _mapped_errors(timeout: float, *, answered: bool = False) -> Iterator[None]:
         ) from exc
     except (openai.APIError, httpx2.HTTPError, ValueError) as exc:
         raise ProviderServerError(f"openai: malformed or broken response: {exc}") from exc
+    except _SHAPE_ERRORS as exc:
+        if not answered:
+            raise  # nothing was read yet: a mistake of ours, not the provider's
+        # The SDK builds its chunks without validating them: an event that is JSON but
+        # not a chunk (a number, a "choices" that is no list) fails as we read it.
+        raise ProviderServerError(f"openai: answer of unexpected shape: {exc!r}") from exc
 
 
 def _completion(data: Any, request: CompletionRequest) -> Completion:
@@ -244,6 +259,7 @@ def _completion(data: Any, request: CompletionRequest) -> Completion:
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 finish_reason=str(finish),
             )
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+        # OverflowError: a count of 1e400, which JSON reads as infinity
         raise ProviderServerError(f"openai: unexpected response shape: {exc!r}") from exc
     return Completion.estimated(request, str(text), str(finish))

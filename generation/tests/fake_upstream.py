@@ -6,7 +6,8 @@ error status, optionally with Retry-After), "malformed" (200 with a body that is
 "hang" (never answers until the server stops), "held" (answers as "ok" once the test sets
 the behaviour's `gate`, or gives up when the server stops), "cut" (an answer, streamed or not, that
 breaks off half-way: the connection drops before the declared length), "paced" (a stream
-whose events come `delay` seconds apart).
+whose events come `delay` seconds apart), "raw" (200 with `body` as it is: JSON, or the
+events of a stream, of a shape the test chooses).
 Streaming requests (OpenAI `stream: true`, Gemini `streamGenerateContent?alt=sse`) are
 answered as server-sent events, a few words per event. A test scripts the next answers with
 `script(...)` (consumed in order), sets a `default`, or adds `rules` that apply to requests
@@ -41,6 +42,7 @@ class Behaviour:
     delay: float = 0.0
     text: str | None = None
     usage: tuple[int, int] | None = None  # (prompt, completion); None: counted by length
+    body: str | None = None  # the whole answer of a "raw" behaviour
     gate: threading.Event = field(default_factory=threading.Event)  # opens a "held" answer
 
 
@@ -152,9 +154,10 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             headers: dict[str, str] | None = None,
             *,
             cut: bool = False,
+            content_type: str = "application/json",
         ) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
@@ -223,8 +226,13 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
                 self._send(behaviour.status, _error(flavour, behaviour.status), headers)
                 return
-            if behaviour.kind == "malformed":
-                self._send(200, b'{"choices": [ this is not json')
+            if behaviour.kind in ("malformed", "raw"):
+                answer, kind = b'{"choices": [ this is not json', "application/json"
+                if behaviour.kind == "raw":
+                    answer = (behaviour.body or "").encode()
+                    if body.get("stream") or "alt=sse" in self.path:
+                        kind = "text/event-stream"
+                self._send(200, answer, content_type=kind)
                 return
             text = behaviour.text if behaviour.text is not None else _answer_text(prompt)
             p_tokens, c_tokens = behaviour.usage or (_words(prompt), _words(text))

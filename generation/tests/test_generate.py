@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
 import logging
+import time
 from decimal import Decimal
+from email.utils import formatdate
 
 import pytest
 
@@ -152,6 +155,36 @@ def test_generate_429_with_retry_after_beyond_budget_is_503_not_retried(
     assert response.json()["error"]["code"] == "upstream_unavailable"
     assert int(response["Retry-After"]) >= 30
     assert len(fake_upstream.requests) == 1
+    assert UsageRecord.objects.get().outcome == "upstream_unavailable"
+
+
+def test_generate_429_with_retry_after_as_http_date_beyond_budget_is_503_not_retried(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    # RFC 9110 lets Retry-After be an HTTP date: it is as binding as the seconds form.
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 2.0
+    in_30_seconds = formatdate(time.time() + 30, usegmt=True)
+    fake_upstream.default = Behaviour(kind="status", status=429, retry_after=in_30_seconds)
+
+    response = _post(key_client, {"prompt": "slow down by date", "model": "gpt-test"})
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+    assert int(response["Retry-After"]) >= 28  # the date has whole seconds
+    assert len(fake_upstream.requests) == 1
+    assert UsageRecord.objects.get().outcome == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("header", ["inf", "1e999", "nan"])
+def test_generate_429_with_retry_after_beyond_any_number_is_503_never_500(
+    upstream_settings, fake_upstream, openai_model, key_client, header
+):
+    fake_upstream.default = Behaviour(kind="status", status=429, retry_after=header)
+
+    response = _post(key_client, {"prompt": "slow down forever", "model": "gpt-test"})
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
     assert UsageRecord.objects.get().outcome == "upstream_unavailable"
 
 
@@ -400,6 +433,66 @@ def test_generate_openai_malformed_json_is_retried_then_502_refunded(
     row = UsageRecord.objects.get()
     assert row.outcome == "upstream_error"
     assert row.cost_usd == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "123",  # JSON, but not an object
+        "true",
+        '{"candidates": [{"content": {"parts": [{"text": "a"}]}, "finishReason": 7}]}',
+    ],
+)
+def test_generate_gemini_answer_of_unexpected_shape_is_retried_then_502_refunded(
+    upstream_settings, fake_upstream, gemini_model, key_client, body
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="raw", body=body)
+
+    response = _post(key_client, {"prompt": "odd", "model": "gemini-test"})
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
+@pytest.mark.usefixtures("openai_model", "gemini_model")
+@pytest.mark.parametrize("model", ["gpt-test", "gemini-test"])
+def test_generate_usage_report_of_negative_tokens_is_502_and_credits_nothing(
+    upstream_settings, fake_upstream, key_client, api_key, model
+):
+    from quotas.services import quota_standing
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    user = api_key[1].user
+    UserQuotaFactory(user=user, plan=PlanFactory(tokens_per_minute=100_000, cost_per_day="5"))
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(text="odd count", usage=(-700, 3))
+
+    response = _post(key_client, {"prompt": "count", "model": model})
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.prompt_tokens, row.cost_usd) == ("upstream_error", 0, 0)
+    standing = quota_standing(user_id=user.pk, key_id=api_key[1].pk)["limits"]
+    assert standing["tokens_per_minute"]["used"] == 0
+    assert Decimal(standing["cost_per_day"]["used"]) == 0
+
+
+def test_generate_openai_usage_report_past_any_integer_is_502(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    answer = {"choices": [{"message": {"content": "a"}}], "usage": {"prompt_tokens": 1e400}}
+    fake_upstream.default = Behaviour(kind="raw", body=json.dumps(answer))
+
+    response = _post(key_client, {"prompt": "count", "model": "gpt-test"})
+
+    assert response.status_code == 502, response.content
+    assert UsageRecord.objects.get().outcome == "upstream_error"
 
 
 def test_generate_openai_answer_broken_off_is_retried_then_502_refunded(

@@ -12,7 +12,13 @@ import pytest
 from django.conf import settings
 
 from generation.providers.base import CompletionRequest
-from generation.resilience import Breaker, CircuitOpen, circuit_states, upstream_complete
+from generation.resilience import (
+    Breaker,
+    CircuitOpen,
+    circuit_states,
+    upstream_complete,
+    upstream_stream,
+)
 from generation.tests.fake_upstream import Behaviour
 
 pytestmark = pytest.mark.django_db
@@ -282,3 +288,85 @@ def test_open_circuit_is_listed_by_quota_global(upstream_settings, api_client, u
     [circuit] = response.json()["circuits"]
     assert circuit["provider"] == "gemini"
     assert circuit["state"] == "open"
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),  # the HTTP-date form
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # a date gone by: no wait
+        ("-5", None),
+        ("inf", None),
+        ("soon", None),
+    ],
+)
+def test_retry_after_is_read_in_both_forms_of_rfc_9110(header, seconds):
+    from generation.providers.base import parse_retry_after
+
+    at_07_28_00 = 1445412480.0
+
+    assert parse_retry_after(header, now=at_07_28_00) == seconds
+
+
+_CHUNK = json.dumps(
+    {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {"content": "first words "}}],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("provider", "events"),
+    [
+        ("openai", ["123"]),
+        ("openai", ['{"choices": [{"index": 0, "delta": 5}]}']),
+        ("gemini", ["true"]),
+    ],
+)
+def test_stream_of_unexpected_shape_before_its_first_piece_is_a_502(
+    upstream_settings, fake_upstream, provider, events
+):
+    from generation.errors import UpstreamError
+
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    body = "".join(f"data: {event}\n\n" for event in events)
+    fake_upstream.default = Behaviour(kind="raw", body=body)
+
+    with pytest.raises(UpstreamError):
+        upstream_stream(provider=provider, request=_request())
+
+    assert len(fake_upstream.requests) == 2  # a malformed answer is retried
+
+
+@pytest.mark.parametrize("odd", ['{"choices": 5}', "123"])
+def test_stream_of_unexpected_shape_after_its_first_piece_ends_in_a_502(
+    upstream_settings, fake_upstream, odd
+):
+    from generation.errors import UpstreamError
+
+    fake_upstream.default = Behaviour(kind="raw", body=f"data: {_CHUNK}\n\ndata: {odd}\n\n")
+    pieces = upstream_stream(provider="openai", request=_request())
+
+    assert next(pieces) == "first words "
+    with pytest.raises(UpstreamError):
+        next(pieces)
+
+
+@pytest.mark.parametrize("body", ["", "data: [DONE]\n\n"])
+def test_openai_stream_without_a_single_chunk_is_a_502_not_an_empty_answer(
+    upstream_settings, fake_upstream, body
+):
+    from generation.errors import UpstreamError
+
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 2
+    fake_upstream.default = Behaviour(kind="raw", body=body)
+
+    with pytest.raises(UpstreamError):
+        upstream_stream(provider="openai", request=_request())
+
+    assert len(fake_upstream.requests) == 2
