@@ -22,7 +22,22 @@ from generation.providers.base import (
     failure_for_status,
 )
 
-_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
+# Gemini's finish reasons in OpenAI's words. Every stop of Gemini's filters (safety,
+# recitation, blocklists, prohibited content, personal data) is a `content_filter`: the
+# answer was withheld or cut, and a client reading "stop" would take it for a whole one.
+# Anything else (OTHER, LANGUAGE...) is a stop, OpenAI having no word for it.
+_FILTERED = (
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "MODEL_ARMOR",
+)
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", **dict.fromkeys(_FILTERED, "content_filter")}
 
 # Whether the call in progress (in this thread) has had its response's headers: the SDK
 # reads the body itself, and a connection dropped after them breaks an answer off (502)
