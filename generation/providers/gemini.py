@@ -131,10 +131,13 @@ def _with_usage(
     usage: types.GenerateContentResponseUsageMetadata | None,
 ) -> Completion:
     if usage is not None and usage.prompt_token_count is not None:
+        # A thinking model's thoughts are counted apart from the answer's tokens but billed
+        # as output, as OpenAI counts reasoning tokens in completion_tokens.
         return Completion(
             text=text,
             prompt_tokens=usage.prompt_token_count,
-            completion_tokens=usage.candidates_token_count or 0,
+            completion_tokens=(usage.candidates_token_count or 0)
+            + (usage.thoughts_token_count or 0),
             finish_reason=finish,
         )
     return Completion.estimated(request, text, finish)

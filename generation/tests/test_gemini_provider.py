@@ -3,9 +3,12 @@ finish reasons, usage report and refusals in OpenAI's terms, streamed or not."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 from generation.tests.fake_upstream import Behaviour
+from quotas.models import UsageRecord
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -56,3 +59,36 @@ def test_gemini_finish_reason_reaches_the_sdk_in_openais_terms(
 
     # A stop of Gemini's filters read as "stop" would pass a withheld answer for a whole one.
     assert finishes == [openai]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_thinking_tokens_are_completion_tokens_and_charged(fake_upstream, tollgate, stream):
+    # A thinking model (Gemini 2.5) reports its thoughts apart from the answer's tokens and
+    # bills them as output; OpenAI counts reasoning tokens in completion_tokens too.
+    fake_upstream.default = Behaviour(text="a b c d", usage=(30, 4), thoughts=500)
+
+    _, _, usage = _ask(tollgate, stream=stream)
+
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (30, 504, 534)
+    row = UsageRecord.objects.get()
+    assert (row.prompt_tokens, row.completion_tokens) == (30, 504)
+    assert row.cost_usd == Decimal("0.0002046")  # (30 x 0.10 + 504 x 0.40) / 1e6
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_answer_without_usage_metadata_is_charged_an_estimate(
+    fake_upstream, tollgate, stream
+):
+    fake_upstream.default = Behaviour(text="one two three", usage_reported=False)
+
+    text, finishes, usage = _ask(tollgate, stream=stream)
+
+    assert (text, finishes) == ("one two three", ["stop"])
+    assert usage.prompt_tokens > 0
+    assert usage.completion_tokens > 0
+    row = UsageRecord.objects.get()
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert row.cost_usd > 0
