@@ -92,6 +92,8 @@ class GeminiProvider:
                 model=request.model, contents=contents, config=config
             )
         if not response.candidates:
+            if _prompt_blocked(response):
+                return _with_usage(request, "", "content_filter", response.usage_metadata)
             raise ProviderServerError("gemini: response without candidates")
         text, finish = _candidate(response)
         return _with_usage(request, text, finish, response.usage_metadata)
@@ -108,12 +110,22 @@ class GeminiProvider:
                 if response.usage_metadata is not None:
                     usage = response.usage_metadata
                 if not response.candidates:
+                    if _prompt_blocked(response):
+                        finish = "content_filter"
                     continue
                 text, finish = _candidate(response)
                 if text:
                     parts.append(text)
                     yield text
         yield _with_usage(request, "".join(parts), finish, usage)
+
+
+def _prompt_blocked(response: types.GenerateContentResponse) -> bool:
+    """Gemini's filters blocked the prompt itself: it answers without any candidate, the
+    reason in promptFeedback. That is an answer (the same prompt is blocked again, and the
+    provider is healthy), not a failure to retry or to hold against the circuit."""
+    feedback = response.prompt_feedback
+    return feedback is not None and feedback.block_reason is not None
 
 
 def _candidate(response: types.GenerateContentResponse) -> tuple[str, str]:

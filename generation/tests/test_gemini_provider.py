@@ -92,3 +92,26 @@ def test_gemini_answer_without_usage_metadata_is_charged_an_estimate(
         usage.completion_tokens,
     )
     assert row.cost_usd > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_blocked_prompt_is_a_content_filter_answer_asked_once(
+    upstream_settings, fake_upstream, tollgate, stream
+):
+    # Gemini answers a prompt its filters block with no candidate at all, the reason in
+    # promptFeedback: the same prompt would be blocked again, and the provider is healthy.
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    fake_upstream.script(Behaviour(blocked="PROHIBITED_CONTENT", usage=(12, 0)))
+
+    text, finishes, usage = _ask(tollgate, stream=stream)
+
+    assert (text, finishes) == ("", ["content_filter"])
+    assert (usage.prompt_tokens, usage.completion_tokens) == (12, 0)
+    assert len(fake_upstream.requests) == 1  # not retried
+    row = UsageRecord.objects.get()
+    assert (row.prompt_tokens, row.completion_tokens) == (12, 0)
+    # The circuit of the model stays closed for everyone else.
+    other = tollgate.chat.completions.create(
+        model="gemini-test", messages=[{"role": "user", "content": "Other"}]
+    )
+    assert other.choices[0].finish_reason == "stop"
