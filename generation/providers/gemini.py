@@ -76,6 +76,11 @@ class GeminiProvider:
             for m in request.messages
             if m.get("role") != "system"
         ]
+        if not contents:
+            # Instructions alone (OpenAI answers them): Gemini refuses a request without
+            # contents, so they are its one user turn.
+            contents = [types.Content(role="user", parts=[types.Part(text=system)])]
+            system = ""
         config = types.GenerateContentConfig(
             max_output_tokens=request.max_tokens,
             temperature=request.temperature,

@@ -115,3 +115,47 @@ def test_gemini_blocked_prompt_is_a_content_filter_answer_asked_once(
         model="gemini-test", messages=[{"role": "user", "content": "Other"}]
     )
     assert other.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_conversation_of_system_messages_only_is_answered(fake_upstream, tollgate, stream):
+    # OpenAI answers a conversation of instructions alone; Gemini refuses a request without
+    # contents, so the instructions are its one user turn.
+    fake_upstream.default = Behaviour(text="Hello there", usage=(6, 2))
+    messages = [
+        {"role": "system", "content": "Greet the reader."},
+        {"role": "developer", "content": "In English."},
+    ]
+
+    text, finishes, _ = _ask(tollgate, stream=stream, messages=messages)
+
+    assert (text, finishes) == ("Hello there", ["stop"])
+    sent = fake_upstream.requests[-1].body
+    assert sent["contents"] == [
+        {"role": "user", "parts": [{"text": "Greet the reader.\nIn English."}]}
+    ]
+    assert "systemInstruction" not in sent
+    assert len(fake_upstream.requests) == 1
+
+
+def test_gemini_system_messages_are_its_system_instruction(fake_upstream, tollgate):
+    fake_upstream.default = Behaviour(text="Bonjour", usage=(6, 2))
+
+    tollgate.chat.completions.create(
+        model="gemini-test",
+        messages=[
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Bonjour"},
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "And goodbye?"},
+        ],
+    )
+
+    sent = fake_upstream.requests[0].body
+    assert sent["systemInstruction"]["parts"] == [{"text": "Answer in French.\nBe brief."}]
+    assert [(c["role"], c["parts"][0]["text"]) for c in sent["contents"]] == [
+        ("user", "Hello"),
+        ("model", "Bonjour"),
+        ("user", "And goodbye?"),
+    ]
