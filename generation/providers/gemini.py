@@ -22,7 +22,22 @@ from generation.providers.base import (
     failure_for_status,
 )
 
-_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter"}
+# Gemini's finish reasons in OpenAI's words. Every stop of Gemini's filters (safety,
+# recitation, blocklists, prohibited content, personal data) is a `content_filter`: the
+# answer was withheld or cut, and a client reading "stop" would take it for a whole one.
+# Anything else (OTHER, LANGUAGE...) is a stop, OpenAI having no word for it.
+_FILTERED = (
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "MODEL_ARMOR",
+)
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", **dict.fromkeys(_FILTERED, "content_filter")}
 
 # Whether the call in progress (in this thread) has had its response's headers: the SDK
 # reads the body itself, and a connection dropped after them breaks an answer off (502)
@@ -61,6 +76,11 @@ class GeminiProvider:
             for m in request.messages
             if m.get("role") != "system"
         ]
+        if not contents:
+            # Instructions alone (OpenAI answers them): Gemini refuses a request without
+            # contents, so they are its one user turn.
+            contents = [types.Content(role="user", parts=[types.Part(text=system)])]
+            system = ""
         config = types.GenerateContentConfig(
             max_output_tokens=request.max_tokens,
             temperature=request.temperature,
@@ -77,6 +97,8 @@ class GeminiProvider:
                 model=request.model, contents=contents, config=config
             )
         if not response.candidates:
+            if _prompt_blocked(response):
+                return _with_usage(request, "", "content_filter", response.usage_metadata)
             raise ProviderServerError("gemini: response without candidates")
         text, finish = _candidate(response)
         return _with_usage(request, text, finish, response.usage_metadata)
@@ -93,12 +115,22 @@ class GeminiProvider:
                 if response.usage_metadata is not None:
                     usage = response.usage_metadata
                 if not response.candidates:
+                    if _prompt_blocked(response):
+                        finish = "content_filter"
                     continue
                 text, finish = _candidate(response)
                 if text:
                     parts.append(text)
                     yield text
         yield _with_usage(request, "".join(parts), finish, usage)
+
+
+def _prompt_blocked(response: types.GenerateContentResponse) -> bool:
+    """Gemini's filters blocked the prompt itself: it answers without any candidate, the
+    reason in promptFeedback. That is an answer (the same prompt is blocked again, and the
+    provider is healthy), not a failure to retry or to hold against the circuit."""
+    feedback = response.prompt_feedback
+    return feedback is not None and feedback.block_reason is not None
 
 
 def _candidate(response: types.GenerateContentResponse) -> tuple[str, str]:
@@ -116,10 +148,13 @@ def _with_usage(
     usage: types.GenerateContentResponseUsageMetadata | None,
 ) -> Completion:
     if usage is not None and usage.prompt_token_count is not None:
+        # A thinking model's thoughts are counted apart from the answer's tokens but billed
+        # as output, as OpenAI counts reasoning tokens in completion_tokens.
         return Completion(
             text=text,
             prompt_tokens=usage.prompt_token_count,
-            completion_tokens=usage.candidates_token_count or 0,
+            completion_tokens=(usage.candidates_token_count or 0)
+            + (usage.thoughts_token_count or 0),
             finish_reason=finish,
         )
     return Completion.estimated(request, text, finish)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import time
 
+import openai
 import pytest
 
 from generation.tests.fake_upstream import Behaviour, FakeUpstream
@@ -70,6 +71,13 @@ def gemini_model(db):
         context_window=1000000,
         max_output_tokens=8192,
     )
+
+
+@pytest.fixture
+def tollgate(live_server, api_key):
+    """An unmodified OpenAI SDK client pointed at Tollgate with a Tollgate key."""
+    full_key, _ = api_key
+    return openai.OpenAI(api_key=full_key, base_url=f"{live_server.url}/v1", max_retries=0)
 
 
 @pytest.fixture

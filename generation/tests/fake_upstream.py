@@ -43,6 +43,13 @@ class Behaviour:
     text: str | None = None
     usage: tuple[int, int] | None = None  # (prompt, completion); None: counted by length
     body: str | None = None  # the whole answer of a "raw" behaviour
+    # The finish reason in the provider's own words ("length", "MAX_TOKENS", "SAFETY"...);
+    # None: a natural stop.
+    finish: str | None = None
+    usage_reported: bool = True  # False: the answer carries no usage report at all
+    thoughts: int = 0  # Gemini: thinking tokens (thoughtsTokenCount), billed as output
+    # Gemini: the prompt itself is blocked (promptFeedback.blockReason): no candidates.
+    blocked: str | None = None
     gate: threading.Event = field(default_factory=threading.Event)  # opens a "held" answer
 
 
@@ -218,6 +225,10 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                     )
                 )
             behaviour = fake._choose(prompt)
+            if gemini and not body.get("contents"):
+                # As Gemini: a request holds at least one content (a system instruction
+                # alone is refused).
+                behaviour = Behaviour(kind="status", status=400)
             if behaviour.kind in ("hang", "held") and not self._opened(behaviour):
                 return
             if behaviour.kind == "slow" and behaviour.delay:
@@ -238,19 +249,21 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             p_tokens, c_tokens = behaviour.usage or (_words(prompt), _words(text))
             if flavour == "openai" and body.get("stream"):
                 usage = (body.get("stream_options") or {}).get("include_usage")
-                events = _openai_events(body.get("model", "?"), text, p_tokens, c_tokens, usage)
+                events = _openai_events(
+                    body.get("model", "?"), text, p_tokens, c_tokens, usage, behaviour=behaviour
+                )
                 pace = behaviour.delay if behaviour.kind == "paced" else 0.0
                 self._send_events(events, cut=behaviour.kind == "cut", pace=pace)
                 return
             if gemini and gemini.group("method") == "streamGenerateContent":
-                events = _gemini_events(gemini.group("model"), text, p_tokens, c_tokens)
+                events = _gemini_events(gemini.group("model"), text, p_tokens, c_tokens, behaviour)
                 self._send_events(events, cut=behaviour.kind == "cut")
                 return
             if flavour == "openai":
-                payload = _openai_body(body.get("model", "?"), text, p_tokens, c_tokens)
+                payload = _openai_body(body.get("model", "?"), text, p_tokens, c_tokens, behaviour)
             else:
                 assert gemini is not None
-                payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens)
+                payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens, behaviour)
             self._send(200, json.dumps(payload).encode(), cut=behaviour.kind == "cut")
 
         def _send_events(self, events: list[str], *, cut: bool, pace: float = 0.0) -> None:
@@ -296,8 +309,18 @@ def _error(flavour: str, status: int) -> bytes:
     ).encode()
 
 
-def _openai_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[str, Any]:
+def _openai_usage(p_tokens: int, c_tokens: int) -> dict[str, int]:
     return {
+        "prompt_tokens": p_tokens,
+        "completion_tokens": c_tokens,
+        "total_tokens": p_tokens + c_tokens,
+    }
+
+
+def _openai_body(
+    model: str, text: str, p_tokens: int, c_tokens: int, behaviour: Behaviour
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -306,15 +329,13 @@ def _openai_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[st
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop",
+                "finish_reason": behaviour.finish or "stop",
             }
         ],
-        "usage": {
-            "prompt_tokens": p_tokens,
-            "completion_tokens": c_tokens,
-            "total_tokens": p_tokens + c_tokens,
-        },
     }
+    if behaviour.usage_reported:
+        body["usage"] = _openai_usage(p_tokens, c_tokens)
+    return body
 
 
 def _pieces(text: str, size: int = 3) -> list[str]:
@@ -326,7 +347,13 @@ def _pieces(text: str, size: int = 3) -> list[str]:
 
 
 def _openai_events(
-    model: str, text: str, p_tokens: int, c_tokens: int, include_usage: bool
+    model: str,
+    text: str,
+    p_tokens: int,
+    c_tokens: int,
+    include_usage: bool,
+    *,
+    behaviour: Behaviour,
 ) -> list[str]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return json.dumps(
@@ -345,19 +372,38 @@ def _openai_events(
         chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
         for piece in _pieces(text)
     ]
-    events.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
-    if include_usage:
-        usage = {
-            "prompt_tokens": p_tokens,
-            "completion_tokens": c_tokens,
-            "total_tokens": p_tokens + c_tokens,
-        }
-        events.append(chunk([], usage=usage))
+    events.append(chunk([{"index": 0, "delta": {}, "finish_reason": behaviour.finish or "stop"}]))
+    if include_usage and behaviour.usage_reported:
+        events.append(chunk([], usage=_openai_usage(p_tokens, c_tokens)))
     events.append("[DONE]")
     return events
 
 
-def _gemini_events(model: str, text: str, p_tokens: int, c_tokens: int) -> list[str]:
+def _gemini_usage(p_tokens: int, c_tokens: int, behaviour: Behaviour) -> dict[str, int]:
+    usage = {
+        "promptTokenCount": p_tokens,
+        "candidatesTokenCount": c_tokens,
+        "totalTokenCount": p_tokens + c_tokens + behaviour.thoughts,
+    }
+    if behaviour.thoughts:
+        usage["thoughtsTokenCount"] = behaviour.thoughts
+    return usage
+
+
+def _gemini_blocked(model: str, p_tokens: int, behaviour: Behaviour) -> dict[str, Any]:
+    """Gemini's answer to a prompt it blocks: no candidates, the reason in promptFeedback."""
+    return {
+        "promptFeedback": {"blockReason": behaviour.blocked},
+        "usageMetadata": {"promptTokenCount": p_tokens, "totalTokenCount": p_tokens},
+        "modelVersion": model,
+    }
+
+
+def _gemini_events(
+    model: str, text: str, p_tokens: int, c_tokens: int, behaviour: Behaviour
+) -> list[str]:
+    if behaviour.blocked:
+        return [json.dumps(_gemini_blocked(model, p_tokens, behaviour))]
     pieces = _pieces(text)
     events = []
     for index, piece in enumerate(pieces):
@@ -366,32 +412,31 @@ def _gemini_events(model: str, text: str, p_tokens: int, c_tokens: int) -> list[
             "modelVersion": model,
         }
         if index == len(pieces) - 1:
-            body["candidates"][0]["finishReason"] = "STOP"
-            body["usageMetadata"] = {
-                "promptTokenCount": p_tokens,
-                "candidatesTokenCount": c_tokens,
-                "totalTokenCount": p_tokens + c_tokens,
-            }
+            body["candidates"][0]["finishReason"] = behaviour.finish or "STOP"
+            if behaviour.usage_reported:
+                body["usageMetadata"] = _gemini_usage(p_tokens, c_tokens, behaviour)
         events.append(json.dumps(body))
     return events
 
 
-def _gemini_body(model: str, text: str, p_tokens: int, c_tokens: int) -> dict[str, Any]:
-    return {
+def _gemini_body(
+    model: str, text: str, p_tokens: int, c_tokens: int, behaviour: Behaviour
+) -> dict[str, Any]:
+    if behaviour.blocked:
+        return _gemini_blocked(model, p_tokens, behaviour)
+    body: dict[str, Any] = {
         "candidates": [
             {
                 "content": {"role": "model", "parts": [{"text": text}]},
-                "finishReason": "STOP",
+                "finishReason": behaviour.finish or "STOP",
                 "index": 0,
             }
         ],
-        "usageMetadata": {
-            "promptTokenCount": p_tokens,
-            "candidatesTokenCount": c_tokens,
-            "totalTokenCount": p_tokens + c_tokens,
-        },
         "modelVersion": model,
     }
+    if behaviour.usage_reported:
+        body["usageMetadata"] = _gemini_usage(p_tokens, c_tokens, behaviour)
+    return body
 
 
 if __name__ == "__main__":

@@ -11,13 +11,6 @@ from quotas.models import UsageRecord
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def tollgate(live_server, api_key):
-    """An unmodified OpenAI SDK client pointed at Tollgate with a Tollgate key."""
-    full_key, _ = api_key
-    return openai.OpenAI(api_key=full_key, base_url=f"{live_server.url}/v1", max_retries=0)
-
-
 def test_openai_sdk_completes_through_tollgate_and_is_charged(
     upstream_settings, fake_upstream, openai_model, tollgate
 ):
