@@ -214,3 +214,18 @@ def test_day_budget_exact_while_counters_are_rebuilt_under_load(worker_factory, 
         standing["used"],
     ) == (sum(r["admitted"] for r in replies), settled, True, settled)
     assert sum(r["denied"] for r in replies) > 0  # the budget did refuse some
+
+
+def test_a_limit_set_on_an_unlimited_caller_shows_in_another_processs_standing(
+    worker_factory, user, plan_for, save
+):
+    plan = plan_for(user)
+    worker = worker_factory()
+    before = worker.ask(op="standing", user_id=user.pk)
+    assert before["limits"]["requests_per_minute"]["limit"] is None
+    plan.requests_per_minute = 5
+    save(plan)
+    # The worker's cached policy had no limit of the caller's own to read from Redis, so
+    # nothing told it of the new policy version: it must not show "unlimited" for ever.
+    after = worker.ask(op="standing", user_id=user.pk)
+    assert after["limits"]["requests_per_minute"]["limit"] == 5
