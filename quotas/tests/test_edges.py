@@ -290,3 +290,19 @@ def test_a_key_that_expires_is_refused_by_admission_with_its_policy_cached(
     time.sleep(max(0.0, key.expires_at.timestamp() - time.time()) + 0.05)
     with pytest.raises(KeyExpired):
         admit(user, key_id=key.pk, now=time.time())
+
+
+def test_a_day_budget_cleared_and_set_again_counts_what_was_spent_meanwhile(
+    engine, user, plan_for, save
+):
+    plan = plan_for(user, tokens_per_day=100)
+    settle(admit(user), 10, 10)
+    plan.tokens_per_day = None  # unlimited for a while: nothing refuses, the ledger counts
+    save(plan)
+    for _ in range(5):
+        settle(admit(user, now=NOW + 1), 10, 10)
+    plan.tokens_per_day = 100
+    save(plan)
+    # 120 tokens spent today: the budget of 100 is gone, whatever Redis counted before.
+    assert limits(user, now=NOW + 2)["tokens_per_day"]["used"] == 120
+    assert refusal(user, now=NOW + 2).dimension == "tokens_per_day"
