@@ -3,7 +3,8 @@
 Any save or delete of governance data (through the admin, the ORM or a command) bumps the
 policy version once the transaction commits; every worker sees the new version in its next
 admission reply and reloads, so a change holds everywhere within a second. Changes of
-limits, plan assignments, suspensions and key revocations are written to the audit trail.
+limits, plan assignments, suspensions, key revocations and a user's deactivation (which
+bumps the version too) are written to the audit trail.
 
 A day or month counter is kept in Redis only while some limit of its window applies to
 its principal. A change that may make one apply again (a calendar limit set where there
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
@@ -137,6 +139,41 @@ def _audit_and_bump(sender: Any, instance: Any, created: bool, **kwargs: Any) ->
     instance._audit_old = None
     if _starts_counting(sender, instance, old, created):
         transaction.on_commit(_recount)
+    transaction.on_commit(_bump)
+
+
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL)
+def _remember_active(sender: Any, instance: Any, **kwargs: Any) -> None:
+    update_fields = kwargs.get("update_fields")
+    instance._was_active = None
+    if instance.pk is None or kwargs.get("raw"):
+        return
+    if update_fields is not None and "is_active" not in update_fields:
+        return  # a login's last_login, and the like: no query
+    instance._was_active = (
+        sender.objects.filter(pk=instance.pk).values_list("is_active", flat=True).first()
+    )
+
+
+@receiver(post_save, sender=settings.AUTH_USER_MODEL)
+def _bump_on_activation(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    """A user deactivated or reactivated: refused or let through everywhere within a
+    second, by admission too (a batch job's items are admitted without a new
+    authentication), as a suspension is. Other saves of a user bump nothing."""
+    was_active = getattr(instance, "_was_active", None)
+    instance._was_active = None
+    if created or was_active is None or was_active == instance.is_active:
+        return
+    actor = current_actor.get()
+    AuditEntry.objects.create(
+        actor=actor if getattr(actor, "pk", None) else None,
+        object_type=str(sender._meta.model_name),
+        object_id=str(instance.pk),
+        object_repr=str(instance)[:200],
+        field="is_active",
+        old_value=str(was_active),
+        new_value=str(instance.is_active),
+    )
     transaction.on_commit(_bump)
 
 
