@@ -130,6 +130,9 @@ class Policy:
     # Only a standing's policy (model None) may belong to a suspended user: any other
     # resolution refuses one.
     suspended: bool = False
+    # When the key expires (epoch seconds), or None: the time passing bumps no policy
+    # version, so a cached policy checks it itself.
+    key_expires_at: float | None = None
     # quotas_for's answers: the policy itself is cached, so each priority's is built once.
     _by_priority: dict[str, tuple[Quota, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -325,4 +328,5 @@ def policy_resolve(
         shares=shares,
         version=version,
         suspended=who.suspended,
+        key_expires_at=key.expires_at.timestamp() if key and key.expires_at else None,
     )

@@ -40,15 +40,28 @@ def _standing_quotas(user_id: int, key_id: int | None) -> tuple[Policy | None, t
     return policy, tuple(q for q in policy.quotas if q.scope in scopes)
 
 
-def _read_live(quotas: tuple[Quota, ...], now: float) -> list[WindowState] | None:
+def _read_live(
+    quotas: tuple[Quota, ...], now: float, *, check_empty: bool = False
+) -> list[WindowState] | None:
     """The windows' standing from the backend, or None when it is unreachable. Calendar
     counters of a new epoch are rebuilt from the ledger first, as an admission would.
     Raises StalePolicy (this process's state already brought up to date) when the policy
-    version or the epoch moved: the caller's quotas may have changed, resolve them again."""
-    if not quotas:
+    version or the epoch moved: the caller's quotas may have changed, resolve them again.
+
+    No quotas: nothing to read, and no round trip unless `check_empty`, which still
+    compares the policy version (the standing of a caller with no limit of its own, whose
+    cached policy would otherwise never hear of a limit an operator gives it)."""
+    if not quotas and not check_empty:
         return []
     be = backend()
     try:
+        if not quotas:
+            version, epoch = be.tokens()
+            if (version, epoch) != (_state.version, _state.epoch):
+                stale = StalePolicy(version, epoch)
+                _on_stale(stale)
+                raise stale
+            return []
         if not _state.epoch:
             _state.version, _state.epoch = be.tokens()
         for _ in range(2):
@@ -67,7 +80,9 @@ def _read_live(quotas: tuple[Quota, ...], now: float) -> list[WindowState] | Non
 def _read(quotas: tuple[Quota, ...], now: float, *, from_ledger: bool = False) -> list[WindowState]:
     """The windows' standing from the backend; Redis unreachable: nothing used (headers),
     or (from_ledger) what fail-open enforces, see `_read_degraded`."""
-    states = _read_live(quotas, now)
+    # The standing body (from_ledger) checks the version even with no quotas to read; the
+    # headers of every response do not spend a round trip on it (an admission checks it).
+    states = _read_live(quotas, now, check_empty=from_ledger)
     if states is not None:
         return states
     if from_ledger:

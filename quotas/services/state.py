@@ -205,9 +205,12 @@ def policy_get(*, user_id: int, key_id: int | None, model: str | None) -> Policy
         if isinstance(found, Policy):
             # Redis's shared version tells of a change. Without it (Redis unreachable, or the
             # embedded default, whose database a shell or a command may change from another
-            # process) a policy lives a second.
+            # process) a policy lives a second. A key's expiry changes nothing anywhere: a
+            # policy whose key has expired is resolved again, which refuses it (a batch
+            # job's items are admitted long after its request was authenticated).
             shared = _state.degraded_since is None and backend().name == "redis"
-            if shared or now - at < _UNCHECKED_TTL:
+            expired = found.key_expires_at is not None and found.key_expires_at <= time.time()
+            if (shared or now - at < _UNCHECKED_TTL) and not expired:
                 return found
         elif now - at < _UNCHECKED_TTL:
             raise copy.copy(found)  # a fresh instance: one raised twice grows its traceback

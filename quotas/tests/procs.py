@@ -10,6 +10,9 @@ With "gate": "<redis key>", each admission looks that cache entry up in its own 
 
     {"op": "flush"} -> {"written": 3}   (usage_flush(); {"error": "<class>"} if it fails)
 
+    {"op": "standing", "user_id": 1, "key_id": null} -> GET /api/v1/quota's body
+    (quota_standing(); {"error": "<code>"} for an ApiError)
+
     {"op": "churn", "user_id": 1, "threads": 8, "per_thread": 40, "prompt_tokens": 10,
      "max_tokens": 40, "seed": 7}
     -> {"admitted": 90, "denied": 230, "errors": {"quota_exceeded": 230}, "refunded": 9,
@@ -176,6 +179,16 @@ def _flush() -> dict[str, Any]:
         return {"error": type(exc).__name__}
 
 
+def _standing(cmd: dict[str, Any]) -> dict[str, Any]:
+    from config.errors import ApiError
+    from quotas.services import quota_standing
+
+    try:
+        return quota_standing(user_id=cmd["user_id"], key_id=cmd.get("key_id"))
+    except ApiError as exc:
+        return {"error": exc.code}
+
+
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
@@ -190,6 +203,8 @@ def main() -> None:
             reply = _churn(cmd)
         elif cmd["op"] == "flush":
             reply = _flush()
+        elif cmd["op"] == "standing":
+            reply = _standing(cmd)
         elif cmd["op"] == "exit":
             break
         else:

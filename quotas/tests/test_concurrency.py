@@ -12,7 +12,7 @@ import pytest
 from django.db.models import Sum
 
 from quotas import services
-from quotas.models import UsageRecord
+from quotas.models import AuditEntry, UsageRecord
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -214,3 +214,57 @@ def test_day_budget_exact_while_counters_are_rebuilt_under_load(worker_factory, 
         standing["used"],
     ) == (sum(r["admitted"] for r in replies), settled, True, settled)
     assert sum(r["denied"] for r in replies) > 0  # the budget did refuse some
+
+
+def test_a_limit_set_on_an_unlimited_caller_shows_in_another_processs_standing(
+    worker_factory, user, plan_for, save
+):
+    plan = plan_for(user)
+    worker = worker_factory()
+    before = worker.ask(op="standing", user_id=user.pk)
+    assert before["limits"]["requests_per_minute"]["limit"] is None
+    plan.requests_per_minute = 5
+    save(plan)
+    # The worker's cached policy had no limit of the caller's own to read from Redis, so
+    # nothing told it of the new policy version: it must not show "unlimited" for ever.
+    after = worker.ask(op="standing", user_id=user.pk)
+    assert after["limits"]["requests_per_minute"]["limit"] == 5
+
+
+def test_a_user_deactivated_in_the_admin_is_refused_by_another_process(
+    worker_factory, user, plan_for, client
+):
+    from django.contrib.auth import get_user_model
+
+    plan_for(user)
+    worker = worker_factory()
+    assert worker.ask(op="admit", user_id=user.pk)["admitted"] == 1
+    admin = get_user_model().objects.create_superuser("boss", "boss@example.com", "pw-boss-123")
+    client.force_login(admin)
+    data = {  # the user's change page as it was, "Active" unticked
+        "username": user.username,
+        "email": user.email,
+        "first_name": "",
+        "last_name": "",
+        "date_joined_0": user.date_joined.strftime("%Y-%m-%d"),
+        "date_joined_1": user.date_joined.strftime("%H:%M:%S"),
+        "quota-TOTAL_FORMS": "1",
+        "quota-INITIAL_FORMS": "1",
+        "quota-0-id": str(user.quota.pk),
+        "quota-0-user": str(user.pk),
+        "quota-0-plan": str(user.quota.plan_id),
+        "api_keys-TOTAL_FORMS": "0",
+        "api_keys-INITIAL_FORMS": "0",
+    }
+    response = client.post(f"/admin/auth/user/{user.pk}/change/", data)
+    assert response.status_code == 302, (
+        response.context["adminform"].form.errors if response.context else response.content[:500]
+    )
+    user.refresh_from_db()
+    assert not user.is_active
+    assert AuditEntry.objects.filter(
+        object_type="user", object_id=str(user.pk), field="is_active", actor=admin
+    ).exists()
+    # A batch job's items are admitted without authenticating again: admission must refuse.
+    reply = worker.ask(op="admit", user_id=user.pk)
+    assert reply["errors"] == {"user_inactive": 1}

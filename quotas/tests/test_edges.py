@@ -4,14 +4,16 @@ boundaries and the waits a refusal names."""
 
 from __future__ import annotations
 
+import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 
 from quotas import services
-from quotas.errors import QuotaExceeded
+from quotas.errors import KeyExpired, QuotaExceeded
 from quotas.models import UsageRecord
 
 pytestmark = pytest.mark.django_db
@@ -272,3 +274,35 @@ def test_refusal_waits_and_resets_stay_within_the_window(engine, user, plan_for,
             max_tokens=10,
             now=NOW + 1 + err.retry_after,
         )
+
+
+# --- keys that expire ------------------------------------------------------------------------
+
+
+def test_a_key_that_expires_is_refused_by_admission_with_its_policy_cached(
+    user, plan_for, redis_conn
+):
+    # A batch job admits its items with its key long after the request that created it was
+    # authenticated: admission itself must notice the expiry, which bumps no policy version.
+    plan_for(user)
+    _, key = services.key_create(user=user, expires_at=timezone.now() + timedelta(seconds=1))
+    admit(user, key_id=key.pk, now=time.time())
+    time.sleep(max(0.0, key.expires_at.timestamp() - time.time()) + 0.05)
+    with pytest.raises(KeyExpired):
+        admit(user, key_id=key.pk, now=time.time())
+
+
+def test_a_day_budget_cleared_and_set_again_counts_what_was_spent_meanwhile(
+    engine, user, plan_for, save
+):
+    plan = plan_for(user, tokens_per_day=100)
+    settle(admit(user), 10, 10)
+    plan.tokens_per_day = None  # unlimited for a while: nothing refuses, the ledger counts
+    save(plan)
+    for _ in range(5):
+        settle(admit(user, now=NOW + 1), 10, 10)
+    plan.tokens_per_day = 100
+    save(plan)
+    # 120 tokens spent today: the budget of 100 is gone, whatever Redis counted before.
+    assert limits(user, now=NOW + 2)["tokens_per_day"]["used"] == 120
+    assert refusal(user, now=NOW + 2).dimension == "tokens_per_day"
