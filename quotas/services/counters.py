@@ -17,7 +17,7 @@ from quotas.engine import (
 )
 from quotas.models import ApiKey, DenialCount, Outcome, UsageRecord
 from quotas.policy import Quota
-from quotas.services.ledger import _window_start, ledger_usages
+from quotas.services.ledger import _window_start, ledger_usages_and_rows
 from quotas.services.state import _state, backend, logger
 
 # --- counters ------------------------------------------------------------------------------
@@ -47,19 +47,11 @@ def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> in
         entries: dict[str, tuple[str, int, int, int, int]] = {}
         spots = {quota: (quota.counter, _window_start(quota, moment)) for quota in calendar}
         # Requests in flight since the epoch began are taken in by the new counters, but
-        # those whose rows the ledger holds already (read first: a row written in between
-        # is counted twice, never missed).
-        carried = be.carried()
-        in_ledger = (
-            list(
-                UsageRecord.objects.filter(request_id__in=carried).values_list(
-                    "request_id", flat=True
-                )
-            )
-            if carried
-            else []
-        )
-        usages = ledger_usages(spots.values())
+        # those whose rows the ledger sums hold already: both read in one statement, so
+        # that a row committed meanwhile is counted once, through the ledger or not at all
+        # there (its settlement then reaches the new counter).
+        usages, present = ledger_usages_and_rows(spots.values(), be.carried())
+        in_ledger = sorted(present)
         for quota in calendar:
             key = be.counter_key(quota, _state.epoch, moment)
             if key in entries:

