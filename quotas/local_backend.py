@@ -284,12 +284,16 @@ class LocalQuotaBackend:
             return self._sweep_locked(now, limit)
 
     # --- rebuild, reads, resets ---
-    def carried(self) -> list[str]:
+    def carried(self, epoch: str) -> list[str]:
         """None: this backend's epoch turns only with its process's counters (fail-open)."""
         return []
 
     def init_calendar(
-        self, entries: list[tuple[str, int, int, int, int]], in_ledger: Iterable[str] = ()
+        self,
+        entries: list[tuple[str, int, int, int, int]],
+        in_ledger: Iterable[str] = (),
+        *,
+        epoch: str = "",
     ) -> int:
         created = 0
         now = datetime.now(tz=UTC).timestamp()

@@ -8,8 +8,11 @@ with EVALSHA (redis-py reloads them after NOSCRIPT). Key layout, under `<prefix>
     {<counter>}:<epoch>:d<YYYYMMDD>  UTC day: hash r, t, c (+ g, its generation)
     {<counter>}:<epoch>:m<YYYYMM>    UTC month: same
     {<counter>}:l                    concurrency leases: zset request id -> expiry
-    res:<request id>, resx           reservations and their expiry index
-    carry:<epoch>                    reservations in flight when that epoch began
+    res:<request id>, resx           reservations and their expiry index (a settled one
+                                     is kept a few seconds, marked settled)
+    settled:<second>                 the requests settled in that second
+    carry:<epoch>                    reservations in flight (or just settled) when that
+                                     epoch began
     den:<YYYYMMDD>                   refusals of the day by "scope|dimension"
 
 Sliding windows (minute, hour) count 12 sub-buckets of window/12 seconds and admit only
@@ -29,6 +32,7 @@ that were in flight then, and their settlements go to it as to any other.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -62,6 +66,12 @@ from quotas.errors import DuplicateRequest
 from quotas.policy import DIMENSION_SPECS, Quota
 
 _LUA = Path(__file__).with_name("lua")
+
+
+def _settled_kept() -> int:
+    """Seconds a settled request stays known to rotations (settle.lua, rotate.lua): longer
+    than its ledger INSERT may take (LEDGER_WRITE_TIMEOUT_MS), with room to spare."""
+    return max(10, math.ceil(2 * settings.LEDGER_WRITE_TIMEOUT))
 
 
 def _busy(exc: BaseException) -> bool:
@@ -162,12 +172,6 @@ class RedisQuotaBackend:
     @cached_property
     def _renew(self) -> Any:
         return self.client.register_script((_LUA / "renew.lua").read_text())
-
-    @cached_property
-    def _carried(self) -> Any:
-        return self.client.register_script(
-            "return redis.call('SMEMBERS', ARGV[1] .. (redis.call('GET', KEYS[1]) or ''))"
-        )
 
     @cached_property
     def _rotate(self) -> Any:
@@ -324,7 +328,8 @@ class RedisQuotaBackend:
                 "refund" if refund else "settle",
                 tokens,
                 cost,
-                f"{self.prefix}:carry:",
+                f"{self.prefix}:settled:",
+                _settled_kept(),
             ],
         )
         run_calls([call, *riders], meanwhile)
@@ -348,24 +353,28 @@ class RedisQuotaBackend:
                 )
             )
 
-    def carried(self) -> list[str]:
-        """The request ids of the reservations in flight when the current epoch began."""
+    def carried(self, epoch: str) -> list[str]:
+        """The request ids carried into `epoch`: in flight, or just settled, when it began."""
         with self._asking():
-            ids = self._carried(keys=[f"{self.prefix}:epoch"], args=[f"{self.prefix}:carry:"])
+            ids = self.client.smembers(f"{self.prefix}:carry:{epoch}")
         return [_text(rid) for rid in ids]
 
     def init_calendar(
-        self, entries: list[tuple[str, int, int, int, int]], in_ledger: Iterable[str] = ()
+        self,
+        entries: list[tuple[str, int, int, int, int]],
+        in_ledger: Iterable[str] = (),
+        *,
+        epoch: str = "",
     ) -> int:
-        """Create calendar hashes (key, requests, tokens, micro-USD, ttl) unless present,
-        each with the reservations in flight since the last rotation that were counted in
-        its counter, but those of `in_ledger`, whose rows the ledger sums counted
-        (init_calendar.lua)."""
+        """Create calendar hashes (key, requests, tokens, micro-USD, ttl) of `epoch` unless
+        present, each with the reservations carried into that epoch (in flight, or just
+        settled, at its rotation: `carried`) that were counted in its counter, but those of
+        `in_ledger`, whose rows the ledger sums counted (init_calendar.lua)."""
         args: list[Any] = [uuid.uuid4().hex]
         for _, r, t, c, ttl in entries:
             args += [r, t, c, ttl]
-        args += [f"{self.prefix}:res:", f"{self.prefix}:carry:", *in_ledger]
-        keys = [e[0] for e in entries] + [f"{self.prefix}:epoch"]
+        args += [f"{self.prefix}:res:", *in_ledger]
+        keys = [e[0] for e in entries] + [f"{self.prefix}:carry:{epoch}"]
         with self._asking():
             return int(self._init_calendar(keys=keys, args=args))
 
@@ -390,7 +399,13 @@ class RedisQuotaBackend:
         with self._asking():
             self._rotate(
                 keys=[f"{self.prefix}:epoch", f"{self.prefix}:resx"],
-                args=[uuid.uuid4().hex, f"{self.prefix}:carry:", 2 * settings.QUOTA_LEASE_TTL],
+                args=[
+                    uuid.uuid4().hex,
+                    f"{self.prefix}:carry:",
+                    2 * settings.QUOTA_LEASE_TTL,
+                    f"{self.prefix}:settled:",
+                    _settled_kept(),
+                ],
             )
 
     def read(

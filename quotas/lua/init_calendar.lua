@@ -9,10 +9,11 @@
 -- waiting and served it in fail-open) is counted through that row: its op is marked `x`,
 -- and neither its settlement nor the sweep touches the new counter for it.
 --
--- KEYS[i] a calendar hash (i <= n), KEYS[n + 1] the counter epoch
+-- KEYS[i] a calendar hash (i <= n), KEYS[n + 1] the carry set of the hashes' epoch (the
+-- one the rebuild read, whatever the current epoch is now)
 -- ARGV[1] generation token, then 4 per key: requests, tokens, micro-USD, ttl seconds;
--- ARGV[2 + 4n] the reservation key prefix, ARGV[3 + 4n] the carry set key prefix, then
--- the request ids of carried reservations whose ledger rows the rebuild counted.
+-- ARGV[2 + 4n] the reservation key prefix, then the request ids of carried reservations
+-- whose ledger rows the rebuild counted.
 -- Reply: number of hashes created.
 --
 -- A calendar key is "<prefix>:{<counter>}:<epoch>:<d|m><period>": the same counter and
@@ -40,12 +41,10 @@ for i = 1, n do
 end
 if count == 0 then return 0 end
 
-local epoch = redis.call('GET', KEYS[n + 1])
-if not epoch then return count end
-local carry = ARGV[3 + 4 * n] .. epoch
+local carry = KEYS[n + 1]
 local prefix = ARGV[2 + 4 * n]
 local in_ledger = {}
-for i = 4 + 4 * n, #ARGV do in_ledger[ARGV[i]] = true end
+for i = 3 + 4 * n, #ARGV do in_ledger[ARGV[i]] = true end
 for _, rid in ipairs(redis.call('SMEMBERS', carry)) do
   local rkey = prefix .. rid
   local raw = redis.call('GET', rkey)

@@ -16,12 +16,13 @@
 -- (its worker was presumed dead) gets the full actual usage back. Reply: 1 settled now, 0
 -- nothing to do (settled before).
 --
--- ARGV[5] the carry set key prefix (rotate.lua). A request in flight at the last rotation
--- whose counter of the new epoch does not exist yet leaves its actual usage behind for
--- the rebuild of that counter, as a settled reservation (`d`) in place of its reservation:
--- the rebuild reads the ledger, and this request's row may not be committed by then (its
--- INSERT runs while this script does). init_calendar.lua takes it in unless the ledger
--- counted its row; nothing settles it again.
+-- ARGV[5] the key prefix of the sets of requests settled in each second, ARGV[6] how long
+-- (s) a settled request is kept. A settled request's reservation stays that long, marked
+-- settled (`d`), holding its actual usage and its calendar ops, and its id in the set of
+-- its second: its ledger INSERT runs while this script does, and a rotation meanwhile
+-- (rotate.lua carries those ids too) must not rebuild a counter from a ledger without
+-- its row and without it. init_calendar.lua takes it in unless the ledger's sums hold
+-- its row; nothing settles or renews it again.
 
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
@@ -43,7 +44,7 @@ local function apply(key, field, reserved, actual, fresh)
 end
 
 local epoch = redis.call('GET', KEYS[3])
-local unbuilt = false
+local kept = {}  -- its calendar ops, for the rebuilds of the next few seconds
 
 for _, op in ipairs(res.ops) do
   if op.x then
@@ -55,9 +56,8 @@ for _, op in ipairs(res.ops) do
       local base, period = string.match(key, '^(.*}):%x+:([dm]%d+)$')
       if base then key = base .. ':' .. epoch .. ':' .. period end
     end
-    if redis.call('EXISTS', key) == 0 then
-      unbuilt = true
-    else
+    table.insert(kept, op)
+    if redis.call('EXISTS', key) == 1 then
       local fresh = swept or key ~= op.key or (redis.call('HGET', key, 'g') ~= op.g)
       if not (fresh and refund) then
         apply(key, 'r', 1, act_r, fresh)
@@ -78,10 +78,14 @@ for _, op in ipairs(res.ops) do
   end
 end
 redis.call('ZREM', KEYS[2], rid)
-if unbuilt and not refund and epoch and redis.call('SISMEMBER', ARGV[5] .. epoch, rid) == 1 then
-  res.t, res.c, res.s, res.d = act_t, act_c, nil, 1
-  redis.call('SET', KEYS[1], cjson.encode(res), 'KEEPTTL')
-else
+if refund or #kept == 0 then
   redis.call('DEL', KEYS[1])
+else
+  local keep = tonumber(ARGV[6])
+  res.ops, res.t, res.c, res.s, res.d = kept, act_t, act_c, nil, 1
+  redis.call('SET', KEYS[1], cjson.encode(res), 'EX', keep)
+  local second = ARGV[5] .. redis.call('TIME')[1]
+  redis.call('SADD', second, rid)
+  redis.call('EXPIRE', second, keep + 1)
 end
 return 1

@@ -50,17 +50,18 @@ def counters_rebuild(*, quotas: Iterable[Quota], now: float | None = None) -> in
         # those whose rows the ledger sums hold already: both read in one statement, so
         # that a row committed meanwhile is counted once, through the ledger or not at all
         # there (its settlement then reaches the new counter).
-        usages, present = ledger_usages_and_rows(spots.values(), be.carried())
+        epoch = _state.epoch
+        usages, present = ledger_usages_and_rows(spots.values(), be.carried(epoch))
         in_ledger = sorted(present)
         for quota in calendar:
-            key = be.counter_key(quota, _state.epoch, moment)
+            key = be.counter_key(quota, epoch, moment)
             if key in entries:
                 continue
             requests, tokens, micros = usages[spots[quota]]
             end = day_end if quota.window == "day" else month_end
             ttl = int(end.timestamp() - moment) + 3600
             entries[key] = (key, requests, tokens, micros, ttl)
-        created = be.init_calendar(list(entries.values()), in_ledger)
+        created = be.init_calendar(list(entries.values()), in_ledger, epoch=epoch)
     if created:
         logger.info("rebuilt %d calendar counters from the ledger", created)
     return created

@@ -178,7 +178,7 @@ def test_day_budget_exact_while_counters_are_rebuilt_under_load(worker_factory, 
         while not stop.is_set():
             services.counters_rebuild_all()
             rotations += 1
-            stop.wait(0.05)
+            stop.wait(0.1)
 
     rotator = threading.Thread(target=rotate)
     rotator.start()
