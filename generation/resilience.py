@@ -4,8 +4,10 @@ Redis.
 Retries: exponential backoff with full jitter (`random(0, min(max, base * 2**n))`, AWS's
 "full jitter"), except when the provider sent Retry-After, which is then waited instead.
 Attempts are bounded by UPSTREAM_MAX_ATTEMPTS and the whole call by
-UPSTREAM_MAX_RETRY_SECONDS: no attempt starts, and no sleep begins, that would end past
-that budget, and each attempt's read timeout is cut to the time left.
+UPSTREAM_MAX_RETRY_SECONDS, or UPSTREAM_READ_TIMEOUT if that is longer (a first attempt
+always has its whole read timeout: a generation that takes 45 s is not cut at a 30 s retry
+budget): no attempt starts, and no sleep begins, that would end past that bound, and each
+attempt's read timeout is cut to the time left.
 
 Circuit breaker: one Redis hash per provider+model (`<prefix>:cb:<provider>:<model>`), so
 every worker sees the same state. CIRCUIT_FAILURE_THRESHOLD consecutive failed attempts
@@ -403,12 +405,18 @@ def _retryable(exc: BaseException) -> bool:
 _retryings: dict[tuple[Any, ...], tenacity.Retrying] = {}
 
 
+def _call_seconds() -> float:
+    """How long one upstream call may take, its retries included (see the module's
+    docstring): the retry budget, but never less than one attempt's read timeout."""
+    return max(settings.UPSTREAM_MAX_RETRY_SECONDS, settings.UPSTREAM_READ_TIMEOUT)
+
+
 def _retrying() -> tenacity.Retrying:
     """The retry policy of the settings of the moment, built once per set of values: a
     Retrying keeps the state of a call per thread, so one serves every call."""
     values = (
         settings.UPSTREAM_MAX_ATTEMPTS,
-        settings.UPSTREAM_MAX_RETRY_SECONDS,
+        _call_seconds(),
         settings.UPSTREAM_BACKOFF_BASE,
         settings.UPSTREAM_BACKOFF_MAX,
     )
@@ -447,7 +455,7 @@ class _Attempts:
         self.provider = provider
         self.model = model
         self.breaker = Breaker(provider, model)
-        self.deadline = time.monotonic() + settings.UPSTREAM_MAX_RETRY_SECONDS
+        self.deadline = time.monotonic() + _call_seconds()
         self.state = "closed"
         self.failures = 0
         self.started = 0.0

@@ -370,3 +370,25 @@ def test_openai_stream_without_a_single_chunk_is_a_502_not_an_empty_answer(
         upstream_stream(provider="openai", request=_request())
 
     assert len(fake_upstream.requests) == 2
+
+
+def test_an_answer_slower_than_the_retry_budget_but_within_the_read_timeout_is_served(
+    upstream_settings, fake_upstream
+):
+    # A long generation: the provider answers after 1.2 s, within the 2 s read timeout but
+    # past the 0.5 s retry budget. The budget bounds retries, it does not cut the attempt.
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 2.0
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 0.5
+    fake_upstream.default = Behaviour(kind="slow", delay=1.2, text="long answer")
+
+    result = upstream_complete(
+        provider="openai",
+        request=CompletionRequest(
+            model="gpt-4o-mini",
+            messages=({"role": "user", "content": "write a lot"},),
+            max_tokens=100,
+        ),
+    )
+
+    assert result.text == "long answer"
+    assert len(fake_upstream.requests) == 1
