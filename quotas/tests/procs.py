@@ -29,8 +29,24 @@ import sys
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+
+def _threads(count: int, work: Callable[[int], None]) -> None:
+    """Run `work(i)` on `count` threads at once; re-raise the first failure."""
+    with ThreadPoolExecutor(count) as pool:
+        for future in [pool.submit(work, i) for i in range(count)]:
+            future.result()
+
+
+def _reply(outcomes: Counter[str], *tallies: str) -> dict[str, Any]:
+    """The reply of an admitting command: admissions, refusals by error code, and the
+    command's own `tallies`."""
+    reply: dict[str, Any] = {"admitted": outcomes.pop("admitted", 0)}
+    reply.update({name: outcomes.pop(name, 0) for name in tallies})
+    return {**reply, "denied": sum(outcomes.values()), "errors": dict(outcomes)}
 
 
 def _admit_many(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -86,17 +102,8 @@ def _admit_many(cmd: dict[str, Any]) -> dict[str, Any]:
         finally:
             close_old_connections()
 
-    with ThreadPoolExecutor(cmd.get("threads", 1)) as pool:
-        for future in [pool.submit(one_thread) for _ in range(cmd.get("threads", 1))]:
-            future.result()
-    admitted = outcomes.pop("admitted", 0)
-    hits = outcomes.pop("hits", 0)
-    return {
-        "admitted": admitted,
-        "denied": sum(outcomes.values()),
-        "errors": dict(outcomes),
-        "hits": hits,
-    }
+    _threads(cmd.get("threads", 1), lambda i: one_thread())
+    return _reply(outcomes, "hits")
 
 
 def _churn(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -150,22 +157,8 @@ def _churn(cmd: dict[str, Any]) -> dict[str, Any]:
         finally:
             close_old_connections()
 
-    with ThreadPoolExecutor(cmd["threads"]) as pool:
-        futures = [
-            pool.submit(one_thread, cmd.get("seed", 0) * 1000 + i) for i in range(cmd["threads"])
-        ]
-        for future in futures:
-            future.result()
-    admitted = outcomes.pop("admitted", 0)
-    refunded = outcomes.pop("refunded", 0)
-    settled_tokens = outcomes.pop("settled_tokens", 0)
-    return {
-        "admitted": admitted,
-        "denied": sum(outcomes.values()),
-        "errors": dict(outcomes),
-        "refunded": refunded,
-        "settled_tokens": settled_tokens,
-    }
+    _threads(cmd["threads"], lambda i: one_thread(cmd.get("seed", 0) * 1000 + i))
+    return _reply(outcomes, "refunded", "settled_tokens")
 
 
 def _flush() -> dict[str, Any]:
