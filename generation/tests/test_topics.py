@@ -328,3 +328,30 @@ def test_subtopics_reserves_for_its_re_ask_so_no_budget_ends_past_its_limit(
         assert len(fake_upstream.requests) == 2  # the re-ask
         row = UsageRecord.objects.get()
         assert row.prompt_tokens + row.completion_tokens <= budget
+
+
+@pytest.mark.django_db(transaction=True)
+def test_explanations_pool_never_outruns_the_callers_concurrency_limit(
+    upstream_settings, fake_upstream, openai_model, api_key, key_client
+):
+    # A plan allowing 2 requests in flight: a batch of 5 on a pool of 4 would have its own
+    # items refused for concurrency by each other, an error the client did not cause.
+    from quotas.models import Plan, UserQuota
+
+    plan = Plan.objects.create(name="two-at-a-time", concurrency=2)
+    UserQuota.objects.update_or_create(user=api_key[1].user, defaults={"plan": plan})
+    upstream_settings.EXPLANATIONS_MAX_WORKERS = 4
+    fake_upstream.default = Behaviour(kind="slow", delay=0.3, text="An explanation.")
+    subtopics = ["One", "Two", "Three", "Four", "Five"]
+
+    response = key_client.post(
+        EXPLANATIONS,
+        {"topic": "Counting", "subtopics": subtopics, "model": "gpt-test"},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+    items = response.json()["items"]
+    assert [i["error"] for i in items] == [None] * 5
+    assert all(i["explanation"] == "An explanation." for i in items)
+    assert len(fake_upstream.requests) == 5
