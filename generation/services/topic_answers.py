@@ -4,6 +4,7 @@ answer going through the request path of generation.services.completion."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,11 +17,13 @@ from django.db import connections
 from caching.services import cache_key_topic, popularity_bump, topic_normalise
 from config.errors import ApiError
 from generation import topics
-from generation.errors import UpstreamError
+from generation.errors import GenerationError, UpstreamError
 from generation.providers.base import CompletionRequest
 from generation.resilience import upstream_complete
 from generation.services.completion import ZERO, Caller, Outcome, generation_run, money
 from quotas.services import policy_get
+
+logger = logging.getLogger("tollgate.generation")
 
 # The upstream calls a subtopics request may make: a malformed answer is asked for again.
 SUBTOPICS_UPSTREAM_CALLS = 2
@@ -36,7 +39,7 @@ def _subtopics_compute(
         if len(labels) < count:
             # Re-ask once, showing the model its unreadable or short answer (repeats, the
             # topic itself); both calls are charged. Fewer than `count` only if it is short
-            # twice.
+            # twice, or short once and the re-ask fails.
             retry = CompletionRequest(
                 model=request.model,
                 messages=tuple(
@@ -52,10 +55,18 @@ def _subtopics_compute(
                 temperature=request.temperature,
                 task=request.task,
             )
-            again = upstream_complete(provider=provider, request=retry)
-            labels = topics.subtopics_parse(again.text, count=count, topic=topic, known=labels)
-            p_tokens += again.prompt_tokens
-            c_tokens += again.completion_tokens
+            try:
+                again = upstream_complete(provider=provider, request=retry)
+            except GenerationError:
+                if not labels:
+                    raise  # nothing to answer: the request fails, refunded as any failure
+                # The first call gave usable subtopics, only fewer than asked: they are
+                # the answer, charged as the call that made them (the failed one is not).
+                logger.info("subtopics re-ask failed; answering the first call's %d", len(labels))
+            else:
+                labels = topics.subtopics_parse(again.text, count=count, topic=topic, known=labels)
+                p_tokens += again.prompt_tokens
+                c_tokens += again.completion_tokens
         if not labels:
             raise UpstreamError("The model's answer could not be read as a list of subtopics.")
         return {

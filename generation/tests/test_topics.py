@@ -355,3 +355,44 @@ def test_explanations_pool_never_outruns_the_callers_concurrency_limit(
     assert [i["error"] for i in items] == [None] * 5
     assert all(i["explanation"] == "An explanation." for i in items)
     assert len(fake_upstream.requests) == 5
+
+
+@pytest.mark.django_db
+def test_subtopics_re_ask_failing_upstream_answers_the_first_short_list_charged_once(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    # The first call answered usable subtopics, only fewer than asked: the re-ask failing
+    # must not throw them away (a 502) nor leave the call the provider billed uncharged.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants"]}', usage=(100, 10)),
+        Behaviour(kind="status", status=500),
+    )
+
+    response = _letters(key_client)
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert [n["label"] for n in body["nodes"][1:]] == ["Vowels", "Consonants"]
+    assert body["usage"]["prompt_tokens"] == 100
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.prompt_tokens, row.completion_tokens) == ("ok", 100, 10)
+    assert body["cost_usd"] == "0.000021"  # 100 x 0.15 / 1e6 + 10 x 0.60 / 1e6
+
+
+@pytest.mark.django_db
+def test_subtopics_unreadable_then_re_ask_failing_upstream_is_that_error_refunded(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(
+        Behaviour(text="I cannot do JSON today.", usage=(100, 10)),
+        Behaviour(kind="status", status=500),
+    )
+
+    response = _letters(key_client)
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert UsageRecord.objects.get().cost_usd == 0
