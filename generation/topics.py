@@ -43,10 +43,48 @@ def explanation_messages(*, topic: str, subtopic: str) -> list[dict[str, str]]:
     ]
 
 
+def _closed_after_last_item(text: str) -> str | None:
+    """JSON cut short (an answer that ran into max_tokens), cut after the last complete
+    item of its innermost open array and closed; None if it is not cut short or holds no
+    complete item."""
+    closers: list[str] = []
+    in_string = escaped = False
+    cut: tuple[int, str] | None = None  # where the last whole item ends, what closes it
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if closers and closers[-1] == "]":
+                    cut = (index + 1, "".join(reversed(closers)))
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            closers.append("]" if char == "[" else "}")
+        elif char in "]}":
+            if not closers or closers.pop() != char:
+                return None
+            if closers and closers[-1] == "]":
+                cut = (index + 1, "".join(reversed(closers)))
+    if not closers or cut is None:
+        return None
+    return text[: cut[0]] + cut[1]
+
+
 def _loads_lenient(text: str) -> Any:
     """JSON, or the first JSON object/array inside the text, with trailing commas and
-    single quotes repaired; None when nothing parses."""
+    single quotes repaired, or its complete items if it was cut short; None when nothing
+    parses."""
     candidates = [text]
+    starts = [i for i in (text.find("{"), text.find("[")) if i != -1]
+    if starts:
+        # Before the pieces below: one of them may be a whole item of the cut list.
+        closed = _closed_after_last_item(text[min(starts) :])
+        if closed is not None:
+            candidates.append(closed)
     for opener, closer in (("{", "}"), ("[", "]")):
         start, end = text.find(opener), text.rfind(closer)
         if start != -1 and end > start:

@@ -396,3 +396,20 @@ def test_subtopics_unreadable_then_re_ask_failing_upstream_is_that_error_refunde
     assert response.status_code == 502, response.content
     assert response.json()["error"]["code"] == "upstream_error"
     assert UsageRecord.objects.get().cost_usd == 0
+
+
+@pytest.mark.django_db
+def test_subtopics_answer_cut_short_by_max_tokens_keeps_its_complete_items(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.script(
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants", "Dig', finish="length"),
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants", "Digraphs', finish="length"),
+    )
+
+    response = _letters(key_client)
+
+    assert response.status_code == 200, response.content
+    assert [n["label"] for n in response.json()["nodes"][1:]] == ["Vowels", "Consonants"]
+    asked = fake_upstream.requests[1].body["messages"][-1]["content"]
+    assert "gave 2 usable subtopics of the 3 asked for" in asked

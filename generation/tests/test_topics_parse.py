@@ -39,3 +39,12 @@ def test_topic_graph_links_every_subtopic_to_the_root():
         {"source": "root", "target": "s1"},
         {"source": "root", "target": "s2"},
     ]
+
+
+def test_subtopics_parse_keeps_the_complete_items_of_an_answer_cut_short():
+    # An answer cut by max_tokens: the items before the cut are whole and usable.
+    text = '```json\n{"subtopics": ["Alpha", "Beta", "Gam'
+    assert subtopics_parse(text, count=6) == ["Alpha", "Beta"]
+    objects = '[{"name": "Alpha", "why": "first"}, {"name": "Beta", "why": "sec'
+    assert subtopics_parse(objects, count=6) == ["Alpha"]
+    assert subtopics_parse('{"subtopics": ["Al', count=6) == []
