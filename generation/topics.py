@@ -97,7 +97,7 @@ def _loads_lenient(text: str) -> Any:
         ):
             try:
                 return json.loads(attempt)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: brackets nested deep
                 continue
     return None
 

@@ -413,3 +413,16 @@ def test_subtopics_answer_cut_short_by_max_tokens_keeps_its_complete_items(
     assert [n["label"] for n in response.json()["nodes"][1:]] == ["Vowels", "Consonants"]
     asked = fake_upstream.requests[1].body["messages"][-1]["content"]
     assert "gave 2 usable subtopics of the 3 asked for" in asked
+
+
+@pytest.mark.django_db
+def test_subtopics_answer_of_endlessly_nested_brackets_is_502_not_500(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text="[" * 5000)
+
+    response = _letters(key_client)
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert UsageRecord.objects.get().cost_usd == 0

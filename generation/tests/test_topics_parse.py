@@ -48,3 +48,9 @@ def test_subtopics_parse_keeps_the_complete_items_of_an_answer_cut_short():
     objects = '[{"name": "Alpha", "why": "first"}, {"name": "Beta", "why": "sec'
     assert subtopics_parse(objects, count=6) == ["Alpha"]
     assert subtopics_parse('{"subtopics": ["Al', count=6) == []
+
+
+def test_subtopics_parse_deeply_nested_answer_yields_nothing_instead_of_raising():
+    # A model stuck repeating a bracket: unreadable (asked again), never a crash.
+    assert subtopics_parse("[" * 5000, count=6) == []
+    assert subtopics_parse('{"subtopics": ' + "[" * 5000 + "]" * 5000 + "}", count=6) == []
