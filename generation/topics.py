@@ -3,6 +3,7 @@ parsing of the model's subtopic lists."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Sequence
@@ -90,15 +91,24 @@ def _loads_lenient(text: str) -> Any:
         if start != -1 and end > start:
             candidates.append(text[start : end + 1])
     for candidate in candidates:
-        for attempt in (
-            candidate,
-            _TRAILING_COMMA.sub(r"\1", candidate),
-            _TRAILING_COMMA.sub(r"\1", candidate.replace("'", '"')),
-        ):
+        for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
             try:
                 return json.loads(attempt)
             except (ValueError, RecursionError):  # RecursionError: brackets nested deep
                 continue
+        # Python's notation (single quotes, an escaped apostrophe, double quotes around an
+        # item holding one) before the blunt repair below, which would turn "Newton's
+        # laws" into Newton"s laws. A literal only: nothing is run.
+        try:
+            literal = ast.literal_eval(candidate)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            literal = None
+        if isinstance(literal, (list, dict)):
+            return literal
+        try:
+            return json.loads(_TRAILING_COMMA.sub(r"\1", candidate.replace("'", '"')))
+        except (ValueError, RecursionError):
+            continue
     return None
 
 

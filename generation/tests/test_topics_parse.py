@@ -50,6 +50,16 @@ def test_subtopics_parse_keeps_the_complete_items_of_an_answer_cut_short():
     assert subtopics_parse('{"subtopics": ["Al', count=6) == []
 
 
+def test_subtopics_parse_reads_single_quoted_lists_without_breaking_apostrophes():
+    # Python-style answers: single quotes, an escaped apostrophe, or double quotes around
+    # the items that hold one (Python's own repr of such a list).
+    escaped = "{'subtopics': ['Newton\\'s laws', 'Energy', 'Momentum',]}"
+    mixed = "[\"Newton's laws\", 'Energy', 'Momentum']"
+    expected = ["Newton's laws", "Energy", "Momentum"]
+    assert subtopics_parse(escaped, count=6) == expected
+    assert subtopics_parse(mixed, count=6) == expected
+
+
 def test_subtopics_parse_deeply_nested_answer_yields_nothing_instead_of_raising():
     # A model stuck repeating a bracket: unreadable (asked again), never a crash.
     assert subtopics_parse("[" * 5000, count=6) == []
