@@ -14,6 +14,11 @@ from django.template.loader import render_to_string
 _FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?|\n?\s*```\s*$")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+(?P<item>.+?)\s*$")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
+# A bullet that starts with a name in bold or code, alone or before its description
+# (`1. **Syntax**: how code is written`, `- `Modules` - packaging`).
+_EMPHASISED = re.compile(
+    r"^(?:\*\*(?P<bold>[^*]+)\*\*|`(?P<code>[^`]+)`)(?=\s*(?:$|[:(\-\u2013\u2014]))"
+)
 MAX_LABEL = 200
 
 
@@ -121,6 +126,13 @@ def _label(item: Any) -> str:
     return item if isinstance(item, str) else ""
 
 
+def _bullet_name(item: str) -> str:
+    """A bullet's subtopic: the name it puts in bold or code, if it starts with one (the
+    rest is a description), else the whole bullet."""
+    emphasised = _EMPHASISED.match(item)
+    return (emphasised.group("bold") or emphasised.group("code")) if emphasised else item
+
+
 def subtopics_parse(
     text: str, *, count: int, topic: str = "", known: Sequence[str] = ()
 ) -> list[str]:
@@ -138,7 +150,7 @@ def subtopics_parse(
     elif isinstance(data, list):
         items = data
     if not items:
-        items = [m.group("item") for m in map(_BULLET.match, body.splitlines()) if m]
+        items = [_bullet_name(m.group("item")) for m in map(_BULLET.match, body.splitlines()) if m]
     labels: list[str] = list(known)
     seen = {label.casefold() for label in known} | {" ".join(topic.split()).casefold()}
     for item in items:

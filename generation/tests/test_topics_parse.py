@@ -64,3 +64,13 @@ def test_subtopics_parse_deeply_nested_answer_yields_nothing_instead_of_raising(
     # A model stuck repeating a bracket: unreadable (asked again), never a crash.
     assert subtopics_parse("[" * 5000, count=6) == []
     assert subtopics_parse('{"subtopics": ' + "[" * 5000 + "]" * 5000 + "}", count=6) == []
+
+
+def test_subtopics_parse_bullets_in_markdown_keep_the_emphasised_name_only():
+    text = "1. **Syntax**: how code is written\n2. **Types**\n3. `Modules` - packaging\n- Tests"
+    assert subtopics_parse(text, count=6) == ["Syntax", "Types", "Modules", "Tests"]
+    # Emphasis that is not the bullet's name is left as it is.
+    assert subtopics_parse("- `async`/`await`\n- __init__ methods", count=6) == [
+        "`async`/`await`",
+        "__init__ methods",
+    ]
