@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from rest_framework import serializers
 
+from config.serializers import TextField
 from generation.jobs import job_result
 from generation.models import Job
 
@@ -14,13 +15,13 @@ from generation.models import Job
 class JobCreateInputSerializer(serializers.Serializer):
     """The explanations request of API.md: topic, 1..20 subtopics, optional model."""
 
-    topic = serializers.CharField(max_length=200, trim_whitespace=True)
+    # TextField, as the synchronous endpoint's: a number sent for a text is a mistake the
+    # client hears of, not an explanation of "42" generated and charged in the background.
+    topic = TextField(max_length=200)
     subtopics = serializers.ListField(
-        child=serializers.CharField(max_length=200, trim_whitespace=True),
-        min_length=1,
-        max_length=settings.JOB_MAX_SUBTOPICS,
+        child=TextField(max_length=200), min_length=1, max_length=settings.JOB_MAX_SUBTOPICS
     )
-    model = serializers.CharField(max_length=100, required=False, allow_blank=False)
+    model = TextField(max_length=100, required=False)
 
 
 class JobOutputSerializer(serializers.ModelSerializer):

@@ -3,6 +3,7 @@ parsing of the model's subtopic lists."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Sequence
@@ -13,6 +14,11 @@ from django.template.loader import render_to_string
 _FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?|\n?\s*```\s*$")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+(?P<item>.+?)\s*$")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
+# A bullet that starts with a name in bold or code, alone or before its description
+# (`1. **Syntax**: how code is written`, `- `Modules` - packaging`).
+_EMPHASISED = re.compile(
+    r"^(?:\*\*(?P<bold>[^*]+)\*\*|`(?P<code>[^`]+)`)(?=\s*(?:$|[:(\-\u2013\u2014]))"
+)
 MAX_LABEL = 200
 
 
@@ -43,24 +49,71 @@ def explanation_messages(*, topic: str, subtopic: str) -> list[dict[str, str]]:
     ]
 
 
+def _closed_after_last_item(text: str) -> str | None:
+    """JSON cut short (an answer that ran into max_tokens), cut after the last complete
+    item of its innermost open array and closed; None if it is not cut short or holds no
+    complete item."""
+    closers: list[str] = []
+    in_string = escaped = False
+    cut: tuple[int, str] | None = None  # where the last whole item ends, what closes it
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if closers and closers[-1] == "]":
+                    cut = (index + 1, "".join(reversed(closers)))
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            closers.append("]" if char == "[" else "}")
+        elif char in "]}":
+            if not closers or closers.pop() != char:
+                return None
+            if closers and closers[-1] == "]":
+                cut = (index + 1, "".join(reversed(closers)))
+    if not closers or cut is None:
+        return None
+    return text[: cut[0]] + cut[1]
+
+
 def _loads_lenient(text: str) -> Any:
     """JSON, or the first JSON object/array inside the text, with trailing commas and
-    single quotes repaired; None when nothing parses."""
+    single quotes repaired, or its complete items if it was cut short; None when nothing
+    parses."""
     candidates = [text]
+    starts = [i for i in (text.find("{"), text.find("[")) if i != -1]
+    if starts:
+        # Before the pieces below: one of them may be a whole item of the cut list.
+        closed = _closed_after_last_item(text[min(starts) :])
+        if closed is not None:
+            candidates.append(closed)
     for opener, closer in (("{", "}"), ("[", "]")):
         start, end = text.find(opener), text.rfind(closer)
         if start != -1 and end > start:
             candidates.append(text[start : end + 1])
     for candidate in candidates:
-        for attempt in (
-            candidate,
-            _TRAILING_COMMA.sub(r"\1", candidate),
-            _TRAILING_COMMA.sub(r"\1", candidate.replace("'", '"')),
-        ):
+        for attempt in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
             try:
                 return json.loads(attempt)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: brackets nested deep
                 continue
+        # Python's notation (single quotes, an escaped apostrophe, double quotes around an
+        # item holding one) before the blunt repair below, which would turn "Newton's
+        # laws" into Newton"s laws. A literal only: nothing is run.
+        try:
+            literal = ast.literal_eval(candidate)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            literal = None
+        if isinstance(literal, (list, dict)):
+            return literal
+        try:
+            return json.loads(_TRAILING_COMMA.sub(r"\1", candidate.replace("'", '"')))
+        except (ValueError, RecursionError):
+            continue
     return None
 
 
@@ -71,6 +124,13 @@ def _label(item: Any) -> str:
                 return str(item[name])
         return ""
     return item if isinstance(item, str) else ""
+
+
+def _bullet_name(item: str) -> str:
+    """A bullet's subtopic: the name it puts in bold or code, if it starts with one (the
+    rest is a description), else the whole bullet."""
+    emphasised = _EMPHASISED.match(item)
+    return (emphasised.group("bold") or emphasised.group("code")) if emphasised else item
 
 
 def subtopics_parse(
@@ -90,7 +150,7 @@ def subtopics_parse(
     elif isinstance(data, list):
         items = data
     if not items:
-        items = [m.group("item") for m in map(_BULLET.match, body.splitlines()) if m]
+        items = [_bullet_name(m.group("item")) for m in map(_BULLET.match, body.splitlines()) if m]
     labels: list[str] = list(known)
     seen = {label.casefold() for label in known} | {" ".join(topic.split()).casefold()}
     for item in items:

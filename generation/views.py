@@ -125,13 +125,13 @@ class _AnswerView(RateLimitHeadersMixin, APIView):
             request,
             self.fingerprint_scope,
             lambda: self.answer(caller, data),
-            upstream_calls=self.upstream_calls(data),
+            upstream_calls=self.upstream_calls(caller, data),
         )
 
     def answer(self, caller: services.Caller, data: dict[str, Any]) -> services.Replay:
         raise NotImplementedError
 
-    def upstream_calls(self, data: dict[str, Any]) -> int:
+    def upstream_calls(self, caller: services.Caller, data: dict[str, Any]) -> int:
         """How many upstream calls `answer` may make one after another."""
         return 1
 
@@ -177,7 +177,7 @@ class TopicSubtopicsView(_AnswerView):
         body = services.subtopics_body(outcome, topic=data["topic"])
         return _replay(body, outcome.headers, outcome.cache)
 
-    def upstream_calls(self, data: dict[str, Any]) -> int:
+    def upstream_calls(self, caller: services.Caller, data: dict[str, Any]) -> int:
         return services.SUBTOPICS_UPSTREAM_CALLS
 
 
@@ -199,8 +199,10 @@ class TopicExplanationsView(_AnswerView):
             services.explanations_body(items), services.explanations_headers(items), cache
         )
 
-    def upstream_calls(self, data: dict[str, Any]) -> int:
-        return services.explanations_rounds(len(data["subtopics"]))
+    def upstream_calls(self, caller: services.Caller, data: dict[str, Any]) -> int:
+        return services.explanations_rounds(
+            len(data["subtopics"]), caller=caller, model=data.get("model")
+        )
 
 
 # --- OpenAI-compatible ----------------------------------------------------------------------

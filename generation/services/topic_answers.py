@@ -4,6 +4,7 @@ answer going through the request path of generation.services.completion."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,10 +17,13 @@ from django.db import connections
 from caching.services import cache_key_topic, popularity_bump, topic_normalise
 from config.errors import ApiError
 from generation import topics
-from generation.errors import UpstreamError
+from generation.errors import GenerationError, UpstreamError
 from generation.providers.base import CompletionRequest
 from generation.resilience import upstream_complete
 from generation.services.completion import ZERO, Caller, Outcome, generation_run, money
+from quotas.services import policy_get
+
+logger = logging.getLogger("tollgate.generation")
 
 # The upstream calls a subtopics request may make: a malformed answer is asked for again.
 SUBTOPICS_UPSTREAM_CALLS = 2
@@ -35,7 +39,7 @@ def _subtopics_compute(
         if len(labels) < count:
             # Re-ask once, showing the model its unreadable or short answer (repeats, the
             # topic itself); both calls are charged. Fewer than `count` only if it is short
-            # twice.
+            # twice, or short once and the re-ask fails.
             retry = CompletionRequest(
                 model=request.model,
                 messages=tuple(
@@ -51,10 +55,18 @@ def _subtopics_compute(
                 temperature=request.temperature,
                 task=request.task,
             )
-            again = upstream_complete(provider=provider, request=retry)
-            labels = topics.subtopics_parse(again.text, count=count, topic=topic, known=labels)
-            p_tokens += again.prompt_tokens
-            c_tokens += again.completion_tokens
+            try:
+                again = upstream_complete(provider=provider, request=retry)
+            except GenerationError:
+                if not labels:
+                    raise  # nothing to answer: the request fails, refunded as any failure
+                # The first call gave usable subtopics, only fewer than asked: they are
+                # the answer, charged as the call that made them (the failed one is not).
+                logger.info("subtopics re-ask failed; answering the first call's %d", len(labels))
+            else:
+                labels = topics.subtopics_parse(again.text, count=count, topic=topic, known=labels)
+                p_tokens += again.prompt_tokens
+                c_tokens += again.completion_tokens
         if not labels:
             raise UpstreamError("The model's answer could not be read as a list of subtopics.")
         return {
@@ -139,26 +151,47 @@ def _explain_in_pool(*, caller: Caller, topic: str, subtopic: str, model: str) -
         connections.close_all()
 
 
-def _explanation_workers(count: int) -> int:
-    return max(1, min(settings.EXPLANATIONS_MAX_WORKERS, count))
+def _caller_concurrency(*, caller: Caller, model: str) -> int | None:
+    """The most requests `caller` may have in flight on `model` (the tightest concurrency
+    limit of its policy at its priority), or None: unlimited, or a policy that refuses the
+    caller (each item is then refused on its own, as it would be anyway)."""
+    try:
+        policy = policy_get(user_id=caller.user_id, key_id=caller.key_id, model=model)
+    except ApiError:
+        return None
+    limits = [q.limit for q in policy.quotas_for(caller.priority) if q.dimension == "concurrency"]
+    return min(limits) if limits else None
 
 
-def explanations_rounds(count: int) -> int:
+def _explanation_workers(count: int, *, caller: Caller, model: str) -> int:
+    # A pool wider than the caller's concurrency limit would have the batch's own items
+    # refused for concurrency by each other: at most as many workers as it may have in
+    # flight (other requests of the caller in flight may still take some of those slots).
+    workers = min(settings.EXPLANATIONS_MAX_WORKERS, count)
+    limit = _caller_concurrency(caller=caller, model=model)
+    if limit is not None:
+        workers = min(workers, limit)
+    return max(1, workers)
+
+
+def explanations_rounds(count: int, *, caller: Caller, model: str | None) -> int:
     """The upstream calls `topic_explanations` of `count` subtopics makes one after
     another: its pool takes them a batch of workers at a time."""
-    return math.ceil(count / _explanation_workers(count))
+    model = model or settings.TOLLGATE_DEFAULT_MODEL
+    return math.ceil(count / _explanation_workers(count, caller=caller, model=model))
 
 
 def topic_explanations(
     *, caller: Caller, topic: str, subtopics: list[str], model: str | None
 ) -> list[ExplanationItem]:
     """Explanations of each subtopic, generated in parallel by at most
-    EXPLANATIONS_MAX_WORKERS threads; every item is admitted, cached and charged on its own
-    (ledger request ids `<request id>.<n>`). A failed item carries its error. Raises the
-    first item's error when every item failed."""
+    EXPLANATIONS_MAX_WORKERS threads, and no more than the caller's concurrency limit;
+    every item is admitted, cached and charged on its own (ledger request ids
+    `<request id>.<n>`). A failed item carries its error. Raises the first item's error
+    when every item failed."""
     model = model or settings.TOLLGATE_DEFAULT_MODEL
     popularity_bump(topic)
-    workers = _explanation_workers(len(subtopics))
+    workers = _explanation_workers(len(subtopics), caller=caller, model=model)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="explain") as pool:
         futures = [
             pool.submit(

@@ -157,6 +157,9 @@ def test_job_get_other_users_job_is_404_staff_can_read(
         ({"topic": "t", "subtopics": [f"s{i}" for i in range(21)]}, "subtopics"),
         ({"subtopics": ["a"]}, "topic"),
         ({"topic": "t", "subtopics": "not a list"}, "subtopics"),
+        # As the synchronous endpoint: a number is not taken for a text.
+        ({"topic": 123, "subtopics": ["a"]}, "topic"),
+        ({"topic": "t", "subtopics": ["Channels", 42]}, "subtopics"),
     ],
 )
 def test_job_create_bad_body_is_400_and_queues_nothing(owner_client, body, field):

@@ -328,3 +328,101 @@ def test_subtopics_reserves_for_its_re_ask_so_no_budget_ends_past_its_limit(
         assert len(fake_upstream.requests) == 2  # the re-ask
         row = UsageRecord.objects.get()
         assert row.prompt_tokens + row.completion_tokens <= budget
+
+
+@pytest.mark.django_db(transaction=True)
+def test_explanations_pool_never_outruns_the_callers_concurrency_limit(
+    upstream_settings, fake_upstream, openai_model, api_key, key_client
+):
+    # A plan allowing 2 requests in flight: a batch of 5 on a pool of 4 would have its own
+    # items refused for concurrency by each other, an error the client did not cause.
+    from quotas.models import Plan, UserQuota
+
+    plan = Plan.objects.create(name="two-at-a-time", concurrency=2)
+    UserQuota.objects.update_or_create(user=api_key[1].user, defaults={"plan": plan})
+    upstream_settings.EXPLANATIONS_MAX_WORKERS = 4
+    fake_upstream.default = Behaviour(kind="slow", delay=0.3, text="An explanation.")
+    subtopics = ["One", "Two", "Three", "Four", "Five"]
+
+    response = key_client.post(
+        EXPLANATIONS,
+        {"topic": "Counting", "subtopics": subtopics, "model": "gpt-test"},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+    items = response.json()["items"]
+    assert [i["error"] for i in items] == [None] * 5
+    assert all(i["explanation"] == "An explanation." for i in items)
+    assert len(fake_upstream.requests) == 5
+
+
+@pytest.mark.django_db
+def test_subtopics_re_ask_failing_upstream_answers_the_first_short_list_charged_once(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    # The first call answered usable subtopics, only fewer than asked: the re-ask failing
+    # must not throw them away (a 502) nor leave the call the provider billed uncharged.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants"]}', usage=(100, 10)),
+        Behaviour(kind="status", status=500),
+    )
+
+    response = _letters(key_client)
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert [n["label"] for n in body["nodes"][1:]] == ["Vowels", "Consonants"]
+    assert body["usage"]["prompt_tokens"] == 100
+    assert len(fake_upstream.requests) == 2
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.prompt_tokens, row.completion_tokens) == ("ok", 100, 10)
+    assert body["cost_usd"] == "0.000021"  # 100 x 0.15 / 1e6 + 10 x 0.60 / 1e6
+
+
+@pytest.mark.django_db
+def test_subtopics_unreadable_then_re_ask_failing_upstream_is_that_error_refunded(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(
+        Behaviour(text="I cannot do JSON today.", usage=(100, 10)),
+        Behaviour(kind="status", status=500),
+    )
+
+    response = _letters(key_client)
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert UsageRecord.objects.get().cost_usd == 0
+
+
+@pytest.mark.django_db
+def test_subtopics_answer_cut_short_by_max_tokens_keeps_its_complete_items(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.script(
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants", "Dig', finish="length"),
+        Behaviour(text='{"subtopics": ["Vowels", "Consonants", "Digraphs', finish="length"),
+    )
+
+    response = _letters(key_client)
+
+    assert response.status_code == 200, response.content
+    assert [n["label"] for n in response.json()["nodes"][1:]] == ["Vowels", "Consonants"]
+    asked = fake_upstream.requests[1].body["messages"][-1]["content"]
+    assert "gave 2 usable subtopics of the 3 asked for" in asked
+
+
+@pytest.mark.django_db
+def test_subtopics_answer_of_endlessly_nested_brackets_is_502_not_500(
+    upstream_settings, fake_upstream, openai_model, key_client
+):
+    fake_upstream.default = Behaviour(text="[" * 5000)
+
+    response = _letters(key_client)
+
+    assert response.status_code == 502, response.content
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert UsageRecord.objects.get().cost_usd == 0
