@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import OperationalError, close_old_connections, connection, transaction
 
 from config.db import deadline
@@ -29,6 +33,7 @@ from quotas.services.spool import spool_pending
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+ROOT = Path(__file__).resolve().parents[2]
 SAFETY_SECONDS = 20  # the proxy thaws by itself after this long, whatever the test does
 
 
@@ -326,3 +331,57 @@ def test_the_ledger_flusher_leaves_a_hung_database_its_rows_kept(hung_database, 
     # deadline: the spooled copy does not double the row (ON CONFLICT on the request id).
     assert UsageRecord.objects.filter(request_id="hit-while-hung").count() == 1
     assert not spool_pending()
+
+
+EXIT_WHILE_FLUSHING = """
+import sys, time
+import django
+django.setup()
+from quotas.services import ledger
+
+for i in range(3):
+    ledger._keep(
+        ledger._row(request_id=f"hit-at-exit-{i}", user_id=int(sys.argv[1]), model="local/demo",
+                    provider="local", cached=True, outcome="cached", latency_ms=1)
+    )
+while not ledger._hit_queue.empty():  # the flusher has taken them: it is writing them now
+    time.sleep(0.01)
+time.sleep(0.2)
+print("taken", flush=True)
+# A graceful exit (gunicorn's after SIGTERM or max_requests: sys.exit, then atexit).
+"""
+
+
+def test_hit_rows_the_flusher_is_writing_when_the_worker_exits_are_not_lost(hung_database, user):
+    """A worker stopped gracefully (a deploy, max_requests) while its flusher waits on a
+    hung server with rows it took from the queue: the exit waits for that flush (bounded
+    by its deadlines), which keeps the rows in the spool. They died with the process."""
+    db = connection.settings_dict  # the proxy's address: the spool of this test's database
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "DATABASE_CONNECT_TIMEOUT": "2",
+        "USAGE_HIT_BATCH_SECONDS": "0.1",
+        "LEDGER_SPOOL_DIR": django_settings.LEDGER_SPOOL_DIR,
+    }
+    env.pop("TEST_DATABASE_NAME", None)
+    hung_database.freeze()  # the worker's flusher gets no answer
+
+    run = subprocess.run(
+        [sys.executable, "-c", EXIT_WHILE_FLUSHING, str(user.pk)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SAFETY_SECONDS,
+        check=True,
+    )
+    still_frozen = hung_database.still_frozen
+    hung_database.thaw()
+
+    assert run.stdout == "taken\n"
+    assert still_frozen  # the worker exited while the server hung
+    assert spool_pending()
+    assert usage_flush() == 3
+    assert UsageRecord.objects.filter(request_id__startswith="hit-at-exit-").count() == 3

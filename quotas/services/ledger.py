@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import functools
 import operator
+import os
 import queue
 import threading
 import time
@@ -363,6 +364,8 @@ HIT_BACKLOG_MAX = 200_000  # rows kept in memory if the spool cannot be written 
 _hit_queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
+# Held while rows taken from the queue are being written (or kept): the exit waits for it.
+_draining = threading.Lock()
 
 
 def usage_flush() -> int:
@@ -373,6 +376,23 @@ def usage_flush() -> int:
     DataError) is dropped and logged, the rest of its batch written one by one. Queued rows
     that cannot be written now (the database unreachable, busy, mid-migration) go to the
     spool for the next flush, and the error is raised."""
+    with _draining:
+        written = _drain_queue()
+    spooled = [0]
+
+    def write(batch: list[dict[str, Any]]) -> None:
+        done = _write_rows([_row_from_spool(values) for values in batch])
+        metrics.LEDGER_SPOOL_ROWS.labels("written").inc(done)
+        spooled[0] += done
+
+    spool_replay(write)
+    return written + spooled[0]
+
+
+def _drain_queue() -> int:
+    """Write the queued rows, or keep those the database cannot take now; the number
+    written. With `_draining` held: rows taken from the queue are in no other place until
+    they are written or spooled."""
     rows: list[list[Any]] = []
     while True:
         try:
@@ -386,15 +406,7 @@ def usage_flush() -> int:
         except Exception:
             _keep_for_later(rows[start:])
             raise
-    spooled = [0]
-
-    def write(batch: list[dict[str, Any]]) -> None:
-        done = _write_rows([_row_from_spool(values) for values in batch])
-        metrics.LEDGER_SPOOL_ROWS.labels("written").inc(done)
-        spooled[0] += done
-
-    spool_replay(write)
-    return written + spooled[0]
+    return written
 
 
 def _write_rows(rows: list[list[Any]]) -> int:
@@ -551,7 +563,35 @@ def ledger_spool_adopt() -> None:
         _flusher_ensure()
 
 
-atexit.register(lambda: usage_flush() if not _hit_queue.empty() else None)
+def usage_flush_at_exit() -> None:
+    """At a worker's graceful exit (gunicorn's after SIGTERM or max_requests, a Celery pool
+    process's): the queued rows written, or spooled if the database cannot take them.
+
+    It first waits for the rows the flusher thread has taken from the queue to be written
+    or spooled (its queries have the read deadline): that thread dies with the process, and
+    the rows in its hands with it. It then keeps the flusher from taking more. Its own
+    writes get the read deadline too: a hung server does not hold the exit until the
+    process is killed, with the rows still in memory."""
+    _draining.acquire()  # for good: the process is ending
+    if _hit_queue.empty():
+        return
+    try:
+        with read_deadline(settings.DATABASE_READ_TIMEOUT):
+            _drain_queue()
+    except DatabaseError as exc:
+        logger.warning("ledger flush at exit failed, rows wait in the spool: %s", exc)
+
+
+atexit.register(usage_flush_at_exit)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no flusher thread: a lock that thread held stays free in it."""
+    global _draining  # noqa: PLW0603
+    _draining = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def usage_record_hit(
