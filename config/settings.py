@@ -183,6 +183,9 @@ AUTH_DB_OUTAGE_GRACE_SECONDS = env.float("AUTH_DB_OUTAGE_GRACE_SECONDS", default
 FORWARDED_ALLOW_IPS = env.list("FORWARDED_ALLOW_IPS", default=["127.0.0.1"])
 # Ledger rows of cache hits are written in batches at most this many seconds late (0: at once).
 USAGE_HIT_BATCH_SECONDS = env.float("USAGE_HIT_BATCH_SECONDS", default=1.0, minimum=0)
+# With hit rows written at once (USAGE_HIT_BATCH_SECONDS=0), how often rows spooled in an
+# outage are tried again (0: only by an explicit usage_flush(), as in tests).
+LEDGER_SPOOL_REPLAY_SECONDS = env.float("LEDGER_SPOOL_REPLAY_SECONDS", default=1.0, minimum=0)
 # Ledger rows the database cannot take yet wait here, on local disk, so that a worker killed
 # meanwhile loses none (quotas/services/spool.py). Shared by the workers of one host.
 LEDGER_SPOOL_DIR = env(

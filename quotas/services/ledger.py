@@ -541,10 +541,14 @@ def _keep(row: list[Any]) -> None:
 
 
 def _flusher_ensure() -> None:
-    """Start this process's flusher thread unless it runs (none with
-    USAGE_HIT_BATCH_SECONDS=0, as in tests: the next usage_flush() writes the rows)."""
+    """Start this process's flusher thread unless it runs. It flushes every
+    USAGE_HIT_BATCH_SECONDS; with hit rows written at once (0), it is started only once rows
+    are spooled, and replays the spool every LEDGER_SPOOL_REPLAY_SECONDS. Neither (both 0,
+    as in tests): no thread, the next usage_flush() writes the rows."""
     global _flusher  # noqa: PLW0603
     interval = float(getattr(settings, "USAGE_HIT_BATCH_SECONDS", 1.0))
+    if interval <= 0:
+        interval = float(getattr(settings, "LEDGER_SPOOL_REPLAY_SECONDS", 1.0))
     if interval <= 0:
         return
     if _flusher is None or not _flusher.is_alive():

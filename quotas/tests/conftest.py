@@ -71,8 +71,8 @@ def worker_factory(transactional_db, redis_conn):
     env.pop("TEST_DATABASE_NAME", None)
     workers: list[Worker] = []
 
-    def start() -> Worker:
-        worker = Worker(env)
+    def start(**extra_env: str) -> Worker:
+        worker = Worker({**env, **extra_env})
         workers.append(worker)
         return worker
 

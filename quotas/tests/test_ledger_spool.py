@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -65,6 +66,26 @@ def test_a_worker_writes_its_own_kept_rows_once_the_database_is_back(
         worker.ask(op="admit", user_id=user.pk, threads=1, settle_tokens=[100, 60])
         assert worker.ask(op="flush") == {"error": "ProgrammingError"}
     assert worker.ask(op="flush") == {"written": 1}
+    assert UsageRecord.objects.filter(user=user).count() == 1
+    assert _segments() == []
+
+
+def test_kept_rows_are_written_by_the_worker_itself_when_hit_rows_are_not_batched(
+    worker_factory, user, plan_for, hidden_ledger
+):
+    # USAGE_HIT_BATCH_SECONDS=0 (hit rows written at once): no flusher runs until a row is
+    # spooled; then one replays the spool, with no usage_flush() from anyone.
+    plan_for(user, requests_per_minute=100)
+    worker = worker_factory(LEDGER_SPOOL_REPLAY_SECONDS="0.2")
+    with hidden_ledger:
+        reply = worker.ask(op="admit", user_id=user.pk, threads=1, settle_tokens=[100, 60])
+        assert reply["admitted"] == 1
+        assert len(_segments()) == 1
+
+    deadline = time.monotonic() + 10
+    while not UsageRecord.objects.filter(user=user).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
     assert UsageRecord.objects.filter(user=user).count() == 1
     assert _segments() == []
 
