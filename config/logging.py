@@ -237,6 +237,10 @@ def sentry_init(*, dsn: str, environment: str, release: str | None, traces_rate:
         # No PII: left unset, send_default_pii keeps its default, off (setting it is
         # deprecated in favour of data_collection, which collects more unless restricted).
         max_request_body_size="never",  # bodies hold prompts
+        # Every frame's local variables would go out with an error, scrubbed only of a few
+        # names (`api_key`, `secret`...): a key header or a request body held in any other
+        # local (`raw`, `data`) would reach Sentry whole.
+        include_local_variables=False,
         auto_enabling_integrations=False,
         integrations=[
             # A span per middleware and per signal receiver costs every request CPU even

@@ -130,6 +130,28 @@ def test_unexpected_error_reaches_sentry_tagged_with_request_id(raising_client, 
     assert event["exception"]["values"][-1]["type"] == "RuntimeError"
 
 
+def test_sentry_event_carries_no_key_or_prompt_held_in_a_frames_local_variables(
+    raising_client, sentry_ingest
+):
+    # Sentry sends every frame's local variables by default and scrubs only a few names
+    # (`api_key`, `secret`...): `credential` or `body` would go out as they are.
+    full_key = "tg_abcd1234_" + "L" * 43
+    response = raising_client.post(
+        "/api/v1/test-boom-locals",
+        data={"prompt": "another confidential prompt"},
+        content_type="application/json",
+        HTTP_X_REQUEST_ID="req-sentry-2",
+        HTTP_X_API_KEY=full_key,
+    )
+    assert response.status_code == 500
+    sentry_sdk.flush(timeout=5)
+    raw = b"".join(sentry_ingest)
+    events = _events(sentry_ingest)
+    assert [e for e in events if e.get("tags", {}).get("request_id") == "req-sentry-2"]
+    assert b"L" * 43 not in raw
+    assert b"another confidential prompt" not in raw
+
+
 def test_sentry_instruments_django_celery_and_logging_and_loads_no_provider_sdk():
     """With a DSN, a worker starts with Sentry's Django, Celery and logging integrations
     only: the auto-enabled ones would import both provider SDKs into every worker (about

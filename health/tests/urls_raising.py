@@ -23,12 +23,23 @@ class BoomView(APIView):
         raise RuntimeError("internal detail that must not leak")
 
 
+class BoomWithSecretsInLocalsView(BoomView):
+    """Fails while its frame holds a credential and a prompt in local variables, as the
+    authentication and generation code does while it serves a request."""
+
+    def post(self, request: Request) -> Response:
+        credential = request.META.get("HTTP_X_API_KEY", "")
+        body = request.data
+        raise RuntimeError(f"internal detail that must not leak ({len(credential)}, {len(body)})")
+
+
 def plain_boom(request: HttpRequest) -> HttpResponse:
     raise RuntimeError("internal detail that must not leak")
 
 
 urlpatterns = [
     path("api/v1/test-boom", BoomView.as_view()),
+    path("api/v1/test-boom-locals", BoomWithSecretsInLocalsView.as_view()),
     path("api/v1/test-boom-plain", plain_boom),
     path("v1/test-boom-plain", plain_boom),
     path("admin-boom", plain_boom),
