@@ -6,7 +6,9 @@ its jobs; any key may read its own quota standing). `model:<name>` entries restr
 models a key may use (enforced by admission, and shown by /v1/models). A key with no
 endpoint scope may call every endpoint; DRF tokens and sessions are not scoped. A view
 declares the scope it needs in `key_scope`, or a tuple of scopes any one of which will do
-(a job is read with the `generate` scope that created it as well as with `usage`).
+(a job is read with the `generate` scope that created it as well as with `usage`). A view
+that names no scope (the staff endpoints) is refused to a key with endpoint scopes: a
+staff member's key made for an application may not flush the cache.
 """
 
 from __future__ import annotations
@@ -31,19 +33,29 @@ class KeyScopePermission(BasePermission):
     message = "This API key does not have the scope this endpoint needs."
 
     def has_permission(self, request: Request, view: Any) -> bool:
-        needed = getattr(view, "key_scope", None)
         auth = request.auth
-        if needed is None or not isinstance(auth, KeyPrincipal):
+        if not isinstance(auth, KeyPrincipal):
             return True
         granted = [s for s in auth.scopes if not s.startswith("model:")]
+        needed = getattr(view, "key_scope", None) or ()
         any_of = (needed,) if isinstance(needed, str) else tuple(needed)
         return not granted or any(scope in granted for scope in any_of)
 
 
 class IsStaff(IsAdminUser):
-    """Operators' endpoints (global quotas, the cache's statistics and invalidation)."""
+    """Operators' endpoints (global quotas, the cache's statistics and invalidation): staff,
+    with a session, a DRF token or a key without endpoint scopes (KeyScopePermission)."""
 
     message = "This endpoint is for staff only."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        if not super().has_permission(request, view):
+            return False
+        scopes = KeyScopePermission()
+        if not scopes.has_permission(request, view):
+            self.message = scopes.message  # an instance per request: DRF makes one each time
+            return False
+        return True
 
 
 class NotSuspended(BasePermission):

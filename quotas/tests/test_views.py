@@ -419,6 +419,29 @@ def test_key_scopes_limit_the_endpoints_a_key_may_call(api_client, user, local_m
     assert api_client.get("/api/v1/quota", **auth(models_only)).status_code == 200
 
 
+def test_a_staff_users_scoped_key_cannot_call_the_staff_endpoints(api_client, redis_conn):
+    # A staff member's key made for an application (`generate`) or a report (`usage`) may
+    # call what its scopes name, not flush the cache or read every user's shared standing:
+    # only a key without endpoint scopes may call everything.
+    from quotas.tests.factories import UserFactory
+
+    staff = UserFactory(is_staff=True)
+    unscoped, _ = services.key_create(user=staff, name="ops")
+    models_only, _ = services.key_create(user=staff, scopes=["model:local/demo"])
+    for scopes in (["generate"], ["usage"], ["generate", "usage"]):
+        scoped, _ = services.key_create(user=staff, scopes=scopes)
+        invalidate = api_client.post(
+            "/api/v1/cache/invalidate", {"pattern": "topic:*"}, format="json", **auth(scoped)
+        )
+        assert_error(invalidate, 403, "permission_denied")
+        for path in ("/api/v1/cache/stats", "/api/v1/quota/global"):
+            err = assert_error(api_client.get(path, **auth(scoped)), 403, "permission_denied")
+            assert "scope" in err["message"]
+    for key in (unscoped, models_only):
+        for path in ("/api/v1/cache/stats", "/api/v1/quota/global"):
+            assert api_client.get(path, **auth(key)).status_code == 200
+
+
 def test_a_limit_another_worker_changed_shows_in_the_standing_at_once(
     api_client, api_key, user, plan_for, redis_conn
 ):
