@@ -107,7 +107,10 @@ def _authorized(request: HttpRequest) -> bool:
     if not token:
         return True
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
+    # As bytes: compare_digest refuses (TypeError, a 500) a str that is not ASCII.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    )
 
 
 @_read_only

@@ -127,6 +127,16 @@ def test_metrics_require_the_token_when_set(client, settings):
     assert b"django_http_requests_before_middlewares_total" in response.content
 
 
+def test_metrics_refuse_a_non_ascii_token_with_401_not_500(client, settings):
+    # hmac.compare_digest raises TypeError for a str that is not ASCII; a header is
+    # whatever a client sends (latin-1 in WSGI).
+    settings.METRICS_TOKEN = "scrape-secret"
+    client.raise_request_exception = False
+    response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-secr\u00e9t")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == 'Bearer realm="metrics"'
+
+
 def test_metrics_open_when_no_token_is_set(client, settings):
     settings.METRICS_TOKEN = ""
     client.get("/health/live")
