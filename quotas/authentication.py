@@ -11,11 +11,13 @@ address's bad credentials get 429 `too_many_authentication_failures`.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -29,6 +31,7 @@ from quotas.errors import KeyExpired, KeyRevoked, TooManyAuthFailures, UserInact
 from quotas.models import ApiKey
 
 _CACHE_TTL = 1.0
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 logger = logging.getLogger("tollgate.quotas")
 
 
@@ -110,21 +113,44 @@ def _client_address(request: Request) -> str:
     Behind nginx or an ingress, REMOTE_ADDR is the proxy's for every client, so one client's
     bad keys would block all of them: when REMOTE_ADDR is a trusted proxy
     (FORWARDED_ALLOW_IPS, the variable gunicorn reads too; `*` trusts any), the client is
-    the right-most X-Forwarded-For entry that is not itself a trusted proxy. Entries further
-    left are whatever the client sent, and are never used.
+    the right-most X-Forwarded-For entry that is not itself a trusted proxy (an address or
+    network of the list). Entries further left are whatever the client sent, and are never
+    used.
     """
     remote = str(request.META.get("REMOTE_ADDR") or "unknown")
-    trusted = set(settings.FORWARDED_ALLOW_IPS)
+    any_peer, networks = _trusted_proxies(tuple(settings.FORWARDED_ALLOW_IPS))
     forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
-    if not forwarded or ("*" not in trusted and remote not in trusted):
+    if not forwarded or not (any_peer or _in_networks(remote, networks)):
         return remote
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-    if "*" in trusted:
+    if any_peer:
         return hops[-1] if hops else remote
     for hop in reversed(hops):
-        if hop not in trusted:
+        if not _in_networks(hop, networks):
             return hop
     return remote
+
+
+@functools.lru_cache(maxsize=4)
+def _trusted_proxies(entries: tuple[str, ...]) -> tuple[bool, tuple[IPNetwork, ...]]:
+    """(`*` given, the networks) of FORWARDED_ALLOW_IPS. Its entries are addresses or
+    networks (`10.0.0.0/8`), as gunicorn reads them; one that is neither is ignored (gunicorn
+    refuses to start with it)."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            continue
+    return "*" in entries, tuple(networks)
+
+
+def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _refusal(request: Request, exc: exceptions.AuthenticationFailed) -> Exception:

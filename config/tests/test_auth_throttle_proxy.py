@@ -54,3 +54,23 @@ def test_auth_failures_from_untrusted_peer_ignore_x_forwarded_for(
     codes = [_code(api_client, BAD, f"192.0.2.{i}", proxy="10.0.0.9") for i in range(5)]
 
     assert codes[3:] == ["too_many_authentication_failures"] * 2
+
+
+def test_auth_failures_behind_a_proxy_trusted_by_network_block_only_that_client(
+    throttle, settings, api_client, api_key
+):
+    # gunicorn takes networks in FORWARDED_ALLOW_IPS (an ingress's pod range): so must the
+    # throttle, or every client behind the ingress shares the ingress's address.
+    settings.FORWARDED_ALLOW_IPS = ["10.0.0.0/24"]
+
+    attacker = [_code(api_client, BAD, "203.0.113.7") for _ in range(5)]
+    neighbour = _code(api_client, BAD, "198.51.100.1")
+    # Another proxy of the network, and a hop of it in the chain, are proxies, not clients.
+    through_two = _code(api_client, BAD, "203.0.113.7, 10.0.0.9", proxy="10.0.0.6")
+    untrusted = [_code(api_client, BAD, f"192.0.2.{i}", proxy="10.0.1.5") for i in range(4)]
+
+    assert attacker[3:] == ["too_many_authentication_failures"] * 2
+    assert neighbour == "authentication_failed"
+    assert through_two == "too_many_authentication_failures"
+    # A peer outside the network names no client: its failures are its own.
+    assert untrusted[3] == "too_many_authentication_failures"
