@@ -107,3 +107,30 @@ def test_scrape_reports_a_circuit_closed_once_redis_no_longer_holds_it(client, r
     redis_conn.delete("tg:cb:openai:gpt-test")
     text = client.get("/metrics").content.decode()
     assert _sample(text, "tollgate_circuit_state", provider="openai", model="gpt-test") == 0
+
+
+def test_scrape_reports_the_headroom_of_each_provider_on_its_own(client, redis_conn):
+    ProviderQuota.objects.create(
+        provider="openai", model="", requests_per_minute=100, safety_margin="0.80"
+    )
+    ProviderQuota.objects.create(
+        provider="gemini", model="gemini-test", requests_per_minute=10, safety_margin="0.80"
+    )
+    text = client.get("/metrics").content.decode()
+    headroom = {
+        labels: value
+        for labels in (("openai", "*"), ("gemini", "gemini-test"))
+        if (
+            value := _sample(
+                text,
+                "tollgate_quota_remaining",
+                scope="provider",
+                dimension="requests_per_minute",
+                provider=labels[0],
+                model=labels[1],
+            )
+        )
+    }
+    # Each provider's headroom is a series of its own: one provider out of requests must
+    # not hide behind another's (TollgateSharedQuotaExhausted takes the minimum).
+    assert headroom == {("openai", "*"): 80, ("gemini", "gemini-test"): 8}
