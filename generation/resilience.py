@@ -329,10 +329,38 @@ def circuit_states(*, now: float | None = None) -> list[dict[str, Any]]:
     """Every circuit Redis knows of (closed circuits without recent failures are absent):
     [{"provider", "model", "state", "failures", "retry_in"}], sorted by provider+model.
     `retry_in` is the seconds until an open circuit lets a probe through (0 otherwise)."""
+    return _circuit_rows(_now(now)) or []
+
+
+def circuit_gauges_refresh() -> None:
+    """Set tollgate_circuit_state of every circuit from Redis (a scrape).
+
+    Every state is written, not only changes: under gunicorn the most recent write of a
+    live worker wins, and a state this worker said before may have been overwritten since.
+    A circuit this worker has reported that Redis no longer holds is closed (a success
+    deletes its hash; so does a Redis that lost its data): it is written 0, or the gauge
+    would show it open until this worker next calls that model. Redis away: nothing is
+    written, the last states stand."""
+    rows = _circuit_rows(time.time())
+    if rows is None:
+        return
+    states = {(row["provider"], row["model"]): str(row["state"]) for row in rows}
+    for provider, model in list(_reported):
+        states.setdefault((provider, model), "closed")
+    for (provider, model), state in states.items():
+        code = STATE_CODES.get(state.replace("-", "_"), 0)
+        _reported[(provider, model)] = code
+        CIRCUIT_STATE.labels(provider, model).set(code)
+
+
+def _circuit_rows(now: float) -> list[dict[str, Any]] | None:
+    """The rows of circuit_states(); None when Redis cannot be read."""
     prefix = f"{settings.REDIS_KEY_PREFIX}:cb:"
-    now = now if now is not None else time.time()
+    hashes = _circuit_hashes(prefix)
+    if hashes is None:
+        return None
     rows = []
-    for key, data in _circuit_hashes(prefix):
+    for key, data in hashes:
         if not data:
             continue
         provider, _, model = key[len(prefix) :].partition(":")
@@ -354,34 +382,37 @@ def circuit_states(*, now: float | None = None) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["provider"], r["model"]))
 
 
-def _circuit_hashes(prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _circuit_hashes(prefix: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """(key, fields) of every breaker hash; None when Redis is away or stops answering."""
     if not settings.REDIS_URL:
         with _local.lock:
-            items = [(k, {n: str(v) for n, v in h.items()}) for k, h in _local.state.items()]
-        yield from items
-        return
+            return [(k, {n: str(v) for n, v in h.items()}) for k, h in _local.state.items()]
     conn = get_redis_connection("default")
     outage = redis_outage(conn)
     if outage.away():
         logger.warning("circuit states unavailable (Redis down)")
-        return
+        return None
+    hashes = []
     try:
         for raw in conn.scan_iter(match=prefix + "*", count=500):
             key = raw.decode() if isinstance(raw, bytes) else raw
-            yield (
-                key,
-                {
-                    (k.decode() if isinstance(k, bytes) else k): (
-                        v.decode() if isinstance(v, bytes) else v
-                    )
-                    for k, v in conn.hgetall(key).items()
-                },
+            hashes.append(
+                (
+                    key,
+                    {
+                        (k.decode() if isinstance(k, bytes) else k): (
+                            v.decode() if isinstance(v, bytes) else v
+                        )
+                        for k, v in conn.hgetall(key).items()
+                    },
+                )
             )
     except REDIS_DOWN as exc:
         outage.failed(exc)
         logger.warning("circuit states unavailable (Redis down)")
-        return
+        return None
     outage.answered()
+    return hashes
 
 
 class _WaitRetryAfterOrJitter(tenacity.wait.wait_base):

@@ -10,10 +10,8 @@ import threading
 from django.db import InterfaceError, OperationalError
 
 from config.errors import is_database_not_migrated
-from health.metrics import CIRCUIT_STATE
 
 logger = logging.getLogger(__name__)
-CIRCUIT_CODES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class _Trouble:
@@ -59,7 +57,7 @@ def gauges_trouble_reset() -> None:
 def shared_gauges_refresh() -> None:
     """Set tollgate_quota_remaining of every global and provider window and the circuit
     gauges from Redis. Never raises: a scrape answers with Redis or the database down."""
-    from generation.services import circuit_states
+    from generation.services import circuit_gauges_refresh
     from quotas.services import quota_global
 
     try:
@@ -78,10 +76,6 @@ def shared_gauges_refresh() -> None:
         else:
             _trouble.failed("quota counters unavailable (Redis unreachable)")
     try:
-        for row in circuit_states():
-            state = str(row.get("state", "closed")).replace("-", "_")
-            CIRCUIT_STATE.labels(row.get("provider", ""), row.get("model", "")).set(
-                CIRCUIT_CODES.get(state, 0)
-            )
+        circuit_gauges_refresh()
     except Exception:
         logger.warning("circuit gauges not refreshed", exc_info=True)

@@ -57,8 +57,11 @@ CIRCUIT_STATE = Gauge(
 )
 QUOTA_REMAINING = Gauge(
     "tollgate_quota_remaining",
-    "Remaining headroom of global and provider scopes.",
-    ["scope", "dimension"],
+    "Remaining headroom of global and provider scopes (provider and model empty for global;"
+    " model * for all of a provider's models).",
+    # Each ProviderQuota row is a scope of its own: without provider and model, every row
+    # with the same dimension wrote one series, the last read hiding the others.
+    ["scope", "dimension", "provider", "model"],
     multiprocess_mode="livemostrecent",
 )
 # Saturation: a gthread worker holds as many requests as it has threads (gunicorn.conf.py),

@@ -5,6 +5,7 @@ from generation.services.completion import (
     ZERO,
     Caller,
     Outcome,
+    circuit_gauges_refresh,
     circuit_states,
     completion_body,
     completion_create,
@@ -39,6 +40,7 @@ __all__ = [
     "Outcome",
     "Replay",
     "_explain_one",  # one explanation item, for the batch jobs of generation.jobs
+    "circuit_gauges_refresh",
     "circuit_states",
     "explanation_cache_key",
     "completion_body",

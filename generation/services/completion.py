@@ -126,6 +126,12 @@ def circuit_states() -> list[dict[str, Any]]:
     return resilience.circuit_states()
 
 
+def circuit_gauges_refresh() -> None:
+    """tollgate_circuit_state of every circuit set from Redis (a scrape); see
+    generation.resilience."""
+    resilience.circuit_gauges_refresh()
+
+
 def money(value: Decimal) -> str:
     """USD as API.md writes it: "0" for nothing, else at least six decimals (`usd_text`)."""
     return "0" if not value else usd_text(value)

@@ -91,3 +91,46 @@ def test_request_metrics_keep_counting_each_series_on_its_own(client):
 
     assert count(after, "200", "GET") - count(before, "200", "GET") == 3
     assert count(after, "405", "POST") - count(before, "405", "POST") == 1
+
+
+def test_scrape_reports_a_circuit_closed_once_redis_no_longer_holds_it(client, redis_conn):
+    from generation.resilience import Breaker
+
+    # This worker called the model while its circuit was closed (and remembers having said so).
+    Breaker("openai", "gpt-test").allow()
+    redis_conn.hset(
+        "tg:cb:openai:gpt-test", mapping={"state": "open", "failures": 5, "opened_at": time.time()}
+    )
+    text = client.get("/metrics").content.decode()
+    assert _sample(text, "tollgate_circuit_state", provider="openai", model="gpt-test") == 2
+    # Another replica's probe succeeded: the circuit is closed, its hash deleted.
+    redis_conn.delete("tg:cb:openai:gpt-test")
+    text = client.get("/metrics").content.decode()
+    assert _sample(text, "tollgate_circuit_state", provider="openai", model="gpt-test") == 0
+
+
+def test_scrape_reports_the_headroom_of_each_provider_on_its_own(client, redis_conn):
+    ProviderQuota.objects.create(
+        provider="openai", model="", requests_per_minute=100, safety_margin="0.80"
+    )
+    ProviderQuota.objects.create(
+        provider="gemini", model="gemini-test", requests_per_minute=10, safety_margin="0.80"
+    )
+    text = client.get("/metrics").content.decode()
+    headroom = {
+        labels: value
+        for labels in (("openai", "*"), ("gemini", "gemini-test"))
+        if (
+            value := _sample(
+                text,
+                "tollgate_quota_remaining",
+                scope="provider",
+                dimension="requests_per_minute",
+                provider=labels[0],
+                model=labels[1],
+            )
+        )
+    }
+    # Each provider's headroom is a series of its own: one provider out of requests must
+    # not hide behind another's (TollgateSharedQuotaExhausted takes the minimum).
+    assert headroom == {("openai", "*"): 80, ("gemini", "gemini-test"): 8}

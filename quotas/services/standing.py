@@ -239,9 +239,12 @@ def quota_global(*, now: float | None = None) -> dict[str, Any]:
 
     def entry(state: WindowState) -> dict[str, Any]:
         if live is not None:  # the gauges show live counters only
-            metrics.QUOTA_REMAINING.labels(state.quota.scope, state.quota.dimension).set(
-                state.remaining
-            )
+            provider, _, model = state.quota.counter.removeprefix("p:").partition(":")
+            if state.quota.scope != "provider":
+                provider = model = ""
+            metrics.QUOTA_REMAINING.labels(
+                state.quota.scope, state.quota.dimension, provider, model
+            ).set(state.remaining)
         return _limit_entry(state)
 
     providers: dict[str, dict[str, Any]] = {}
