@@ -134,3 +134,25 @@ def test_scrape_reports_the_headroom_of_each_provider_on_its_own(client, redis_c
     # Each provider's headroom is a series of its own: one provider out of requests must
     # not hide behind another's (TollgateSharedQuotaExhausted takes the minimum).
     assert headroom == {("openai", "*"): 80, ("gemini", "gemini-test"): 8}
+
+
+def test_a_removed_provider_limit_reads_as_no_limit_not_its_last_headroom(client, redis_conn):
+    quota = ProviderQuota.objects.create(
+        provider="openai", model="", requests_per_minute=0, safety_margin="0.80"
+    )
+    labels = {
+        "scope": "provider",
+        "dimension": "requests_per_minute",
+        "provider": "openai",
+        "model": "*",
+    }
+    exhausted = _sample(
+        client.get("/metrics").content.decode(), "tollgate_quota_remaining", **labels
+    )
+    assert exhausted == 0  # TollgateSharedQuotaExhausted fires
+
+    quota.delete()  # the operator lifts the limit
+
+    # Its series must not hold 0 (the alert would fire for good): no limit, no bound.
+    text = client.get("/metrics").content.decode()
+    assert _sample(text, "tollgate_quota_remaining", **labels) == float("inf")

@@ -216,6 +216,20 @@ def _unlimited_entries(user_id: int, dims: list[str], now: float) -> dict[str, d
     return entries
 
 
+# The headroom series this process has reported (tollgate_quota_remaining).
+_headroom_shown: set[tuple[str, str, str, str]] = set()
+
+
+def _headroom_of_removed_limits(shown: set[tuple[str, str, str, str]]) -> None:
+    """A limit an operator removed has no headroom to report: its series reads +Inf (no
+    limit) rather than the last value it had, which would keep an exhaustion alert firing.
+    In gunicorn's multiprocess mode a series cannot be dropped from every worker's file,
+    but the most recent value wins (`livemostrecent`)."""
+    for labels in _headroom_shown - shown:
+        metrics.QUOTA_REMAINING.labels(*labels).set(float("inf"))
+    _headroom_shown.update(shown)
+
+
 def quota_global(*, now: float | None = None) -> dict[str, Any]:
     """Staff view of the shared scopes: global and provider limits with their use, today's
     refusals by reason, the priority shares and the upstream circuits."""
@@ -237,14 +251,16 @@ def quota_global(*, now: float | None = None) -> dict[str, Any]:
         live = None
     states = live if live is not None else _read_degraded(tuple(quotas), moment)
 
+    shown: set[tuple[str, str, str, str]] = set()
+
     def entry(state: WindowState) -> dict[str, Any]:
         if live is not None:  # the gauges show live counters only
             provider, _, model = state.quota.counter.removeprefix("p:").partition(":")
             if state.quota.scope != "provider":
                 provider = model = ""
-            metrics.QUOTA_REMAINING.labels(
-                state.quota.scope, state.quota.dimension, provider, model
-            ).set(state.remaining)
+            labels = (state.quota.scope, state.quota.dimension, provider, model)
+            metrics.QUOTA_REMAINING.labels(*labels).set(state.remaining)
+            shown.add(labels)
         return _limit_entry(state)
 
     providers: dict[str, dict[str, Any]] = {}
@@ -252,6 +268,8 @@ def quota_global(*, now: float | None = None) -> dict[str, Any]:
         if state.quota.scope == "provider":
             name = state.quota.counter.removeprefix("p:")
             providers.setdefault(name, {})[state.quota.dimension] = entry(state)
+    if live is not None:
+        _headroom_of_removed_limits(shown)
     day = datetime.fromtimestamp(moment, tz=UTC).strftime("%Y%m%d")
     try:
         denials = backend().denials(day=day)
