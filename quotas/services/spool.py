@@ -13,6 +13,12 @@ ledger, so a replay cut short and done again writes nothing twice.
 
 Rows are stored by column name with their database-ready values (decimals and datetimes
 tagged), so a segment written before a migration that adds a column is still read.
+
+Whatever lies in the spool is written to the ledger as served requests, so only this
+process's user may put it there: the directories are made 0700 and the files 0600, and a
+spool directory that another user owns or may write to (one planted in a shared /tmp before
+the service first ran) is neither written nor replayed; the rows wait in memory and an
+error says why.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,6 +47,7 @@ BATCH_ROWS = 500  # rows handed to the writer at a time
 
 _lock = threading.Lock()  # the current segment, between request threads and the flusher
 _segment: tuple[int, Any] | None = None  # (the pid that opened it, its file object)
+_refused: set[str] = set()  # spool directories refused, told once
 
 
 def spool_dir() -> Path:
@@ -48,6 +56,32 @@ def spool_dir() -> Path:
     db = connection.settings_dict
     ident = "|".join(str(db.get(k) or "") for k in ("ENGINE", "HOST", "PORT", "NAME"))
     return Path(settings.LEDGER_SPOOL_DIR) / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _private_dir() -> Path:
+    """This database's spool directory, made if need be, once it is known to be this
+    user's alone (see the module's docstring); PermissionError if it is not. Its parent,
+    LEDGER_SPOOL_DIR, must be this user's or root's, and either closed to others or
+    sticky (like /tmp), so that no one else can swap the directory for theirs."""
+    directory = spool_dir()
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    parent, own = os.lstat(directory.parent), os.lstat(directory)
+    if not (
+        stat.S_ISDIR(own.st_mode)
+        and own.st_uid == os.geteuid()
+        and not own.st_mode & 0o022
+        and parent.st_uid in (os.geteuid(), 0)
+        and (not parent.st_mode & 0o022 or parent.st_mode & stat.S_ISVTX)
+    ):
+        raise PermissionError(
+            f"ledger spool directory {directory} is not this user's alone (mode "
+            f"{stat.S_IMODE(own.st_mode):o}, owner uid {own.st_uid}; its parent's mode "
+            f"{stat.S_IMODE(parent.st_mode):o}, owner uid {parent.st_uid}): not used"
+        )
+    if own.st_mode & 0o077:  # made by an earlier release, readable by others
+        os.chmod(directory, 0o700)
+    return directory
 
 
 def _encode(value: Any) -> Any:
@@ -97,11 +131,11 @@ def _open_segment() -> Any:
     a replay in another process may take it (empty, unlocked) and delete it; rows written
     to it then would be in no file at all, so a segment found deleted once locked is let
     go and another one made."""
-    directory = spool_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _private_dir()
     while True:
         path = directory / f"{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
-        segment = open(path, "ab", buffering=0)  # noqa: SIM115 - held open while this process writes
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        segment = os.fdopen(fd, "ab", buffering=0)
         fcntl.flock(segment.fileno(), fcntl.LOCK_EX)
         if not _replaced(path, segment):
             return segment
@@ -126,16 +160,28 @@ def spool_pending() -> bool:
         return False
 
 
+def _replayable() -> Path | None:
+    """The spool directory if its rows may be replayed; None (with an error) if another
+    user could have put them there."""
+    try:
+        return _private_dir()
+    except PermissionError as exc:
+        if str(exc) not in _refused:  # once per process, not at every replay
+            _refused.add(str(exc))
+            logger.error("ledger spool not replayed: %s", exc)
+        return None
+
+
 def spool_replay(write: Callable[[list[dict[str, Any]]], None]) -> int:
     """Hand the rows of every segment this process can lock to `write`, a batch at a
     time, and delete each segment once all of it is written; the number of rows handed.
     An error of `write` (the database still unavailable) leaves the segment for the next
     replay and is raised."""
-    if not spool_pending():
+    if not spool_pending() or (directory := _replayable()) is None:
         return 0
     spool_forget()
     handed = 0
-    for path in sorted(spool_dir().glob(f"*{SUFFIX}")):
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
         for batch in _locked_batches(path):
             write(batch)
             handed += len(batch)
@@ -155,6 +201,9 @@ def _locked_batches(path: Path) -> Iterator[list[dict[str, Any]]]:
         except BlockingIOError:  # a live process writes or replays it
             return
         if _replaced(path, segment):
+            return
+        if os.fstat(segment.fileno()).st_uid != os.geteuid():
+            logger.error("ledger spool: %s is not this user's, not written", path.name)
             return
         rows = list(_rows(path, segment))
         for start in range(0, len(rows), BATCH_ROWS):

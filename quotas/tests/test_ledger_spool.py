@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -119,10 +120,11 @@ def test_queued_hit_rows_a_failed_flush_could_not_write_go_to_the_spool(user, hi
     assert _spool_metric("written") == written + 1
 
 
-def test_an_incomplete_last_line_is_skipped_and_the_rest_written(user, caplog):
+def _spool_line(user, request_id: str) -> str:
+    """A served request's row as a segment holds it (what spool_append writes)."""
     row = ledger._row_to_spool(
         ledger._row(
-            request_id="whole",
+            request_id=request_id,
             user_id=user.pk,
             model="local/demo",
             provider="local",
@@ -132,19 +134,91 @@ def test_an_incomplete_last_line_is_skipped_and_the_rest_written(user, caplog):
             outcome="ok",
         )
     )
-    spool_dir().mkdir(parents=True)
-    line = json.dumps(
+    return json.dumps(
         row,
         default=lambda v: (
             {"$decimal": str(v)} if isinstance(v, Decimal) else {"$datetime": v.isoformat()}
         ),
     )
+
+
+def test_an_incomplete_last_line_is_skipped_and_the_rest_written(user, caplog):
+    line = _spool_line(user, "whole")
+    spool_dir().mkdir(mode=0o700, parents=True)
     (spool_dir() / "4242-dead.jsonl").write_text(line + "\n" + line[: len(line) // 2])
 
     assert usage_flush() == 1
     assert UsageRecord.objects.get(request_id="whole").cost_usd == Decimal("0.000017")
     assert "incomplete" in caplog.text
     assert _segments() == []
+
+
+def test_the_spool_is_this_users_alone(user, hidden_ledger):
+    ledger._hit_queue.put(
+        ledger._row(
+            request_id="hit-3",
+            user_id=user.pk,
+            model="local/demo",
+            provider="local",
+            cached=True,
+            outcome="cached",
+        )
+    )
+    with hidden_ledger, pytest.raises(ProgrammingError):
+        usage_flush()
+
+    (segment,) = spool_dir().glob("*.jsonl")
+    assert stat.S_IMODE(spool_dir().stat().st_mode) == 0o700
+    assert stat.S_IMODE(spool_dir().parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(segment.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("opened", ["directory", "parent"])
+def test_a_spool_others_may_write_to_is_neither_replayed_nor_written(
+    user, hidden_ledger, caplog, opened
+):
+    """Rows in the spool are written to the ledger as served requests: a directory another
+    user could have put them in (one made in a shared /tmp before the service first ran) is
+    not trusted. The rows meant for it wait in memory instead."""
+    spool_dir().mkdir(mode=0o700, parents=True)
+    (spool_dir() / "4242-planted.jsonl").write_text(_spool_line(user, "planted") + "\n")
+    (spool_dir() if opened == "directory" else spool_dir().parent).chmod(0o777)
+
+    assert usage_flush() == 0
+    assert not UsageRecord.objects.filter(request_id="planted").exists()
+    assert "is not this user's alone" in caplog.text
+
+    ledger._hit_queue.put(
+        ledger._row(
+            request_id="hit-4",
+            user_id=user.pk,
+            model="local/demo",
+            provider="local",
+            cached=True,
+            outcome="cached",
+        )
+    )
+    with hidden_ledger, pytest.raises(ProgrammingError):
+        usage_flush()
+    assert not ledger._hit_queue.empty()  # kept in memory, not in the open directory
+    assert _segments() == ["4242-planted.jsonl"]
+
+    if opened == "directory":
+        assert usage_flush() == 1  # the row kept in memory; the planted one still not
+        assert not UsageRecord.objects.filter(request_id="planted").exists()
+    else:
+        spool_dir().parent.chmod(0o1777)  # sticky, like /tmp: no one else can swap the spool
+        assert usage_flush() == 2
+        assert UsageRecord.objects.filter(request_id__in=["planted", "hit-4"]).count() == 2
+
+
+def test_a_spool_made_readable_by_an_earlier_release_is_closed_and_replayed(user):
+    spool_dir().mkdir(mode=0o755, parents=True)
+    (spool_dir() / "4242-dead.jsonl").write_text(_spool_line(user, "earlier") + "\n")
+
+    assert usage_flush() == 1
+    assert UsageRecord.objects.filter(request_id="earlier").exists()
+    assert stat.S_IMODE(spool_dir().stat().st_mode) == 0o700
 
 
 def test_a_new_segment_a_replay_deleted_before_its_lock_is_not_written_to(monkeypatch):
