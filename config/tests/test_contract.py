@@ -348,6 +348,15 @@ def test_usage_up_to_the_last_day_there_is_answers_empty(client_with_key):
     assert response.json()["rows"] == []
 
 
+@pytest.mark.parametrize("end", ["0001-01-01", "0001-01-05", "0001-01-30"])
+def test_usage_ending_near_the_first_day_there_is_answers_empty(client_with_key, end):
+    """The default start, 30 days before `end`, stops at the first day there is."""
+    response = client_with_key.get("/api/v1/usage", {"end": end})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["rows"] == []
+
+
 def test_quota_lists_every_dimension_with_money_as_strings(client_with_key):
     response = client_with_key.get("/api/v1/quota")
 
