@@ -37,6 +37,7 @@ from quotas.permissions import KeyScopePermission
 from quotas.views import RateLimitHeadersMixin, principal_of
 
 MAX_IDEMPOTENCY_KEY = 255
+RATE_LIMIT_HEADER_PREFIXES = ("RateLimit", "X-RateLimit-")
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
@@ -96,7 +97,11 @@ def idempotent_response(
     )
     response = Response(answer.body, status=answer.status)
     for name, value in answer.headers.items():
-        response[name] = value
+        # A replay's rate-limit headers are the caller's standing now (RateLimitHeadersMixin
+        # reads it), not the first answer's: requests made since count, and a reset is
+        # counted from now.
+        if not (replayed and name.startswith(RATE_LIMIT_HEADER_PREFIXES)):
+            response[name] = value
     if replayed:
         response["Idempotent-Replayed"] = "true"
     return response

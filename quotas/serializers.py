@@ -31,7 +31,12 @@ class UsageQueryInputSerializer(serializers.Serializer):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         """Fills in the defaults; the range, given or not, is at most USAGE_MAX_DAYS."""
         end = attrs.get("end") or timezone.now().date()
-        start = attrs.get("start") or max(dt.date.min, end - dt.timedelta(days=USAGE_DEFAULT_DAYS))
+        # Counted from the first day there is up, so that an `end` in its first month does
+        # not overflow the date type (a 500).
+        earliest = dt.date.min + dt.timedelta(days=USAGE_DEFAULT_DAYS)
+        start = attrs.get("start") or (
+            end - dt.timedelta(days=USAGE_DEFAULT_DAYS) if end >= earliest else dt.date.min
+        )
         if start > end:
             raise serializers.ValidationError({"start": ["start must not be after end."]})
         if (end - start).days > USAGE_MAX_DAYS:

@@ -97,6 +97,33 @@ def test_generate_cache_bypass_is_x_cache_bypass(client_with_key):
     assert response["X-Cache"] == "BYPASS"
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/generate", {"prompt": "pay once"}),
+        (
+            "/v1/chat/completions",
+            {"model": "local/demo", "messages": [{"role": "user", "content": "pay once"}]},
+        ),
+    ],
+)
+def test_idempotent_replay_carries_the_rate_limit_headers_of_now(client_with_key, path, body):
+    """A replay returns the first answer, not the first answer's standing: the requests
+    made since count in its headers (the replay itself is not counted)."""
+    first = client_with_key.post(path, body, format="json", HTTP_IDEMPOTENCY_KEY="order-42")
+    for n in range(3):
+        assert _generate(client_with_key, prompt=f"other {n}").status_code == 200
+
+    replay = client_with_key.post(path, body, format="json", HTTP_IDEMPOTENCY_KEY="order-42")
+
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.json() == first.json()
+    assert first["X-RateLimit-Remaining-Requests"] == "59"
+    assert replay["X-RateLimit-Remaining-Requests"] == "56"
+    assert replay["RateLimit"].startswith('"rpm";r=56;')
+    assert replay["X-Cache"] == first["X-Cache"]
+
+
 def test_generate_messages_instead_of_prompt_is_accepted(client_with_key):
     response = client_with_key.post(
         "/api/v1/generate",
@@ -343,6 +370,15 @@ def test_usage_bad_date_range_is_invalid_request_naming_the_field(client_with_ke
 
 def test_usage_up_to_the_last_day_there_is_answers_empty(client_with_key):
     response = client_with_key.get("/api/v1/usage", {"start": "9999-12-30", "end": "9999-12-31"})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["rows"] == []
+
+
+@pytest.mark.parametrize("end", ["0001-01-01", "0001-01-05", "0001-01-30"])
+def test_usage_ending_near_the_first_day_there_is_answers_empty(client_with_key, end):
+    """The default start, 30 days before `end`, stops at the first day there is."""
+    response = client_with_key.get("/api/v1/usage", {"end": end})
 
     assert response.status_code == 200, response.content
     assert response.json()["rows"] == []
