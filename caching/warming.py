@@ -18,7 +18,6 @@ from django.contrib.auth import get_user_model
 
 from caching.errors import WarmUserMissing
 from caching.services import (
-    cache_expire,
     cache_fresh_for,
     cache_get,
     cache_key_topic,
@@ -79,8 +78,9 @@ def cache_warm(
 ) -> WarmReport:
     """Make sure each topic's subtopics are cached (deduplicated by normalised topic).
 
-    `refresh=True` recomputes answers that are still cached (their stale copy is kept until
-    the new one is stored). A topic that fails (quota, upstream) is reported, not raised.
+    `refresh=True` recomputes answers that are still cached; each is served as it is
+    (fresh, then stale for the quota fallback) until the new one is stored, and for good if
+    none is computed. A topic that fails (quota, upstream) is reported, not raised.
     `on_progress(topic)` is called after each topic.
     """
     from generation.services import Caller, topic_subtopics
@@ -94,16 +94,22 @@ def cache_warm(
             continue
         seen.add(topic)
         key = topic_key(topic=topic, count=count, model=model)
-        if refresh:
-            cache_expire(key)
-        elif cache_get(key) is not None:
+        if not refresh and cache_get(key) is not None:
             report.cached.append(topic)
             if on_progress:
                 on_progress(topic)
             continue
         caller = Caller(user_id, None, f"warm-{uuid.uuid4().hex}", WARM_PRIORITY)
         try:
-            outcome = topic_subtopics(caller=caller, topic=topic, count=count, model=model)
+            # A refresh skips the look-up and replaces the answer once it has a new one:
+            # until then (or if it gets none) clients are served the answer they had.
+            outcome = topic_subtopics(
+                caller=caller,
+                topic=topic,
+                count=count,
+                model=model,
+                cache_policy="refresh" if refresh else "use",
+            )
         except Exception as exc:  # one topic failing must not stop the others
             code = getattr(exc, "code", type(exc).__name__)
             logger.warning("warming %r failed: %s", topic, code)
@@ -113,7 +119,7 @@ def cache_warm(
                 # Refused (a quota) or not answered (the provider), the request got the
                 # stored copy as a client would: nothing new was computed or stored.
                 code = outcome.fallback_code or "fallback"
-                logger.warning("warming %r failed: %s (the stale copy was kept)", topic, code)
+                logger.warning("warming %r failed: %s (the stored copy was kept)", topic, code)
                 report.failed[topic] = code
             else:
                 report.warmed.append(topic)

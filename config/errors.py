@@ -229,13 +229,31 @@ _database_away = _OutageLog("database", logging.ERROR)
 
 
 def _is_redis_unreachable(exc: Exception) -> bool:
+    """Redis did not answer, or answered that it cannot serve now: out of memory, read-only
+    (a master demoted by a failover), a cluster slot down or moving. README: a Redis that
+    answers but cannot write counts as unreachable (as for the quota engine)."""
     try:
         from django_redis.exceptions import ConnectionInterrupted
+        from redis.exceptions import (
+            ClusterDownError,
+            OutOfMemoryError,
+            ReadOnlyError,
+            TryAgainError,
+        )
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
     except ImportError:  # pragma: no cover - both are in requirements/base.txt
         return False
-    return isinstance(exc, ConnectionInterrupted | RedisConnectionError | RedisTimeoutError)
+    return isinstance(
+        exc,
+        ConnectionInterrupted
+        | RedisConnectionError
+        | RedisTimeoutError
+        | OutOfMemoryError
+        | ReadOnlyError
+        | ClusterDownError
+        | TryAgainError,
+    )
 
 
 # PostgreSQL's undefined_table and undefined_column: the schema is behind the code.

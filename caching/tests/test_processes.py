@@ -188,3 +188,20 @@ def test_single_flight_across_processes_computes_once(redis_conn):
         assert layers <= {"memory", "redis"}
         assert here or "redis" in layers
     assert tier().redis.exists(tier().k("lock:gen:shared")) == 0
+
+
+@pytest.mark.django_db
+def test_warming_refresh_replaces_another_process_memory_copy_within_one_second(local_model):
+    from caching.warming import cache_warm, topic_key
+    from quotas.tests.factories import UserFactory
+
+    operator = UserFactory(is_superuser=True)
+    key = topic_key(topic="python")
+
+    layers = _layers_in_another_process_after(
+        {key: "old"}, lambda: cache_warm(topics=["python"], user_id=operator.pk, refresh=True)
+    )
+
+    # Its memory copy of the old answer was dropped: the new one comes from Redis.
+    assert layers == ["redis"]
+    assert cache_get(key).value["subtopics"]

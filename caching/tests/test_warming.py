@@ -129,7 +129,8 @@ def test_refresh_keeps_stale_copy_when_recompute_fails(operator, settings):
     result = cache_popular_refresh()
 
     assert result["failed"] == {"python": "invalid_request"}
-    assert cache_get(topic_key(topic="python")) is None
+    # Nothing new: the answer is served as it was, fresh until its own end, then stale.
+    assert cache_get(topic_key(topic="python")).value == old
     stale = cache_get_stale(topic_key(topic="python"))
     assert stale is not None
     assert stale.value == old
@@ -159,8 +160,30 @@ def test_refresh_refused_by_a_quota_is_reported_failed_not_warmed(operator, sett
     result = cache_popular_refresh()
 
     # What the quota let through is the old answer (a client would get it as a fallback):
-    # nothing was warmed, and the answer is still due.
+    # nothing was warmed, and the answer is still due (fresh for less than the period).
     assert result["warmed"] == 0
     assert result["failed"] == {"python": "quota_exceeded"}
-    assert cache_fresh_for(topic_key(topic="python")) == 0
+    assert 0 < cache_fresh_for(topic_key(topic="python")) <= 60
     assert cache_get_stale(topic_key(topic="python")).value == old
+
+
+def test_refresh_that_cannot_compute_leaves_clients_the_fresh_answer(
+    operator, settings, api_client, api_key
+):
+    """The provider fails while popular topics are refreshed: clients are still served the
+    answer that had half an hour of freshness left (a hit), not sent upstream to fail."""
+    old = {"subtopics": ["old1", "old2", "old3"], "usage": {}}
+    cache_set(topic_key(topic="python"), old, ttl=1800)
+    popularity_bump("python", count=50)
+    settings.LOCAL_PROVIDER_FAILURE_RATE = 1.0
+    settings.UPSTREAM_MAX_ATTEMPTS = 1
+
+    result = cache_popular_refresh()
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    response = api_client.post("/api/v1/topics/subtopics", {"topic": "Python"}, format="json")
+
+    assert result["failed"] == {"python": "upstream_error"}
+    assert response.status_code == 200, response.content
+    assert response["X-Cache"] == "HIT"
+    assert [n["label"] for n in response.json()["nodes"][1:]] == old["subtopics"]
+    assert cache_fresh_for(topic_key(topic="python")) > 1700

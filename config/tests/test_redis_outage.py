@@ -916,6 +916,34 @@ def test_redis_answering_it_cannot_write_is_an_outage_not_a_500(  # noqa: PLR091
         assert response.json()["error"]["code"] == "quota_unavailable"
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        ("CONFIG", "SET", "maxmemory", "1"),  # out of memory: OOM on every write
+        ("REPLICAOF", "127.0.0.1", "1"),  # demoted by a failover: READONLY on every write
+    ],
+    ids=["out-of-memory", "read-only"],
+)
+def test_cache_invalidation_refused_a_write_by_redis_is_503_not_500(redis_server, refusal):
+    """An operator's purge needs Redis to write (to drop the entries, then to tell every
+    worker): a Redis that answers it cannot is the clear 503 of a Redis away."""
+    import redis
+    from rest_framework.test import APIClient
+
+    from caching.services import cache_set
+    from quotas.tests.factories import UserFactory
+
+    cache_set("topic:python:subtopics:abc", {"subtopics": ["a", "b", "c"]})
+    staff_client = APIClient()
+    staff_client.force_authenticate(UserFactory(is_staff=True, is_superuser=True))
+    redis.Redis.from_url(redis_server.url).execute_command(*refusal)
+
+    response = _post(staff_client, "/api/v1/cache/invalidate", {"pattern": "topic:python*"})
+
+    assert response.status_code == 503, response.content
+    assert response.json()["error"]["code"] == "service_unavailable"
+
+
 @pytest.mark.django_db(transaction=True)  # the change is announced when it commits
 def test_limit_changed_while_redis_is_away_reaches_the_other_workers_when_it_is_back(
     redis_server, settings, client_with_key, user

@@ -77,8 +77,12 @@ def _subtopics_compute(
     return compute
 
 
-def topic_subtopics(*, caller: Caller, topic: str, count: int, model: str | None) -> Outcome:
-    """The subtopics of `topic` (cached per normalised topic, count and model)."""
+def topic_subtopics(
+    *, caller: Caller, topic: str, count: int, model: str | None, cache_policy: str = "use"
+) -> Outcome:
+    """The subtopics of `topic` (cached per normalised topic, count and model).
+    `cache_policy` as `generation_run`'s: "refresh" recomputes an answer still cached while
+    it goes on serving every other request (warming)."""
     model = model or settings.TOLLGATE_DEFAULT_MODEL
     messages = topics.subtopics_messages(topic=topic, count=count)
     popularity_bump(topic)
@@ -88,7 +92,7 @@ def topic_subtopics(*, caller: Caller, topic: str, count: int, model: str | None
         messages=messages,
         max_tokens=None,
         temperature=None,
-        cache_policy="use",
+        cache_policy=cache_policy,
         cache_key=cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count)),
         task="subtopics",
         compute=_subtopics_compute(topic=topic, count=count, messages=messages),
