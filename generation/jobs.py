@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import uuid
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -38,9 +38,6 @@ from generation.job_lock import JobLock, job_lock_held
 from generation.models import FINISHED, UNFINISHED, Job, JobStatus
 from quotas.errors import DuplicateRequest, QuotaExceeded
 from quotas.models import Outcome, UsageRecord
-
-if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
 logger = logging.getLogger("tollgate.jobs")
 
@@ -163,13 +160,14 @@ def job_enqueue(*, job_id: uuid.UUID, countdown: float | None = None) -> None:
     transaction.on_commit(send)
 
 
-def job_get(*, job_id: uuid.UUID | str, user: AbstractBaseUser | AnonymousUser) -> Job:
-    """The job if `user` owns it or is staff; 404 otherwise (ids of others' jobs stay hidden)."""
+def job_get(*, job_id: uuid.UUID | str, user_id: int | None, staff: bool) -> Job:
+    """The job if the user owns it or `staff` (quotas.permissions.acts_as_staff) reads it;
+    404 otherwise (ids of others' jobs stay hidden)."""
     try:
         job = Job.objects.get(pk=job_id)
     except (Job.DoesNotExist, ValueError, TypeError) as exc:
         raise JobNotFound() from exc
-    if job.user_id != user.pk and not getattr(user, "is_staff", False):
+    if job.user_id != user_id and not staff:
         raise JobNotFound()
     return job
 

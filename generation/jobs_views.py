@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 from generation import jobs, services
 from generation.jobs_serializers import JobCreateInputSerializer, JobOutputSerializer
 from generation.views import IDEMPOTENCY_HEADER, idempotent_response
+from quotas.permissions import acts_as_staff
 from quotas.views import RateLimitHeadersMixin, principal_of
 
 
@@ -53,5 +54,5 @@ class JobDetailView(RateLimitHeadersMixin, APIView):
         summary="A job's status, progress and, once finished, its result (owner or staff)",
     )
     def get(self, request: Request, job_id: uuid.UUID) -> Response:
-        job = jobs.job_get(job_id=job_id, user=request.user)
+        job = jobs.job_get(job_id=job_id, user_id=request.user.pk, staff=acts_as_staff(request))
         return Response(JobOutputSerializer(job).data)

@@ -42,6 +42,18 @@ class KeyScopePermission(BasePermission):
         return not granted or any(scope in granted for scope in any_of)
 
 
+def acts_as_staff(request: Request) -> bool:
+    """Whether the request carries staff's powers: a staff user with a session, a DRF token
+    or a key without endpoint scopes. A staff member's scoped key reaches what any user's
+    would (its own usage and jobs), not every user's."""
+    if not getattr(request.user, "is_staff", False):
+        return False
+    auth = request.auth
+    return not (
+        isinstance(auth, KeyPrincipal) and any(not s.startswith("model:") for s in auth.scopes)
+    )
+
+
 class IsStaff(IsAdminUser):
     """Operators' endpoints (global quotas, the cache's statistics and invalidation): staff,
     with a session, a DRF token or a key without endpoint scopes (KeyScopePermission)."""

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from caching.http import ConditionalGetMixin
 from config.errors import InvalidRequest, PermissionDeniedError
 from quotas import selectors, services
-from quotas.permissions import IsStaff, KeyScopePermission, NotSuspended
+from quotas.permissions import IsStaff, KeyScopePermission, NotSuspended, acts_as_staff
 from quotas.serializers import (
     QuotaGlobalOutputSerializer,
     QuotaStandingOutputSerializer,
@@ -93,8 +93,10 @@ class UsageListView(ConditionalGetMixin, RateLimitHeadersMixin, APIView):
         data = params.validated_data
         user_id = int(request.user.pk or 0)
         if data.get("user"):
-            if not request.user.is_staff:
-                raise PermissionDeniedError("Only staff may read another user's usage.")
+            if not acts_as_staff(request):
+                raise PermissionDeniedError(
+                    "Only staff may read another user's usage (with a key without endpoint scopes)."
+                )
             other = selectors.user_id_by_username(data["user"])
             if other is None:
                 raise InvalidRequest("Unknown user.", fields={"user": ["Unknown user."]})

@@ -442,6 +442,25 @@ def test_a_staff_users_scoped_key_cannot_call_the_staff_endpoints(api_client, re
             assert api_client.get(path, **auth(key)).status_code == 200
 
 
+def test_a_staff_users_scoped_key_reads_its_own_usage_and_jobs_only(api_client, redis_conn):
+    # Nor may it read other users' usage or jobs: a `usage` key made for a dashboard reads
+    # its own user's, as a non-staff user's would. An unscoped key keeps staff's reach.
+    from generation.models import Job
+    from quotas.tests.factories import UserFactory
+
+    staff, other = UserFactory(is_staff=True), UserFactory(username="carol")
+    job = Job.objects.create(user=other, request={"topic": "t", "subtopics": ["a"]})
+    unscoped, _ = services.key_create(user=staff, name="ops")
+    for scopes in (["usage"], ["generate", "usage"]):
+        scoped, _ = services.key_create(user=staff, scopes=scopes)
+        usage = api_client.get("/api/v1/usage?user=carol", **auth(scoped))
+        assert_error(usage, 403, "permission_denied")
+        assert api_client.get("/api/v1/usage", **auth(scoped)).status_code == 200
+        assert_error(api_client.get(f"/api/v1/jobs/{job.id}", **auth(scoped)), 404, "not_found")
+    assert api_client.get("/api/v1/usage?user=carol", **auth(unscoped)).status_code == 200
+    assert api_client.get(f"/api/v1/jobs/{job.id}", **auth(unscoped)).status_code == 200
+
+
 def test_a_limit_another_worker_changed_shows_in_the_standing_at_once(
     api_client, api_key, user, plan_for, redis_conn
 ):
