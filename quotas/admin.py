@@ -658,7 +658,9 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "latency_ms",
     )
     list_filter = ("cached", "fallback", "outcome", LedgerProviderFilter, LedgerModelFilter)
-    list_select_related = ("user", "api_key")
+    # A key without a name is shown with its owner ("tg_<prefix> (alice)", ApiKey.__str__):
+    # joined here, or each such row of the page costs a query of its own.
+    list_select_related = ("user", "api_key__user")
     # Shows the search box; get_search_results says what a search finds.
     search_fields = ("^request_id", "user__username")
     search_help_text = "The start of a request id (case counts) or part of a username."

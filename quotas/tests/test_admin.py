@@ -869,6 +869,35 @@ def test_ledger_list_queries_do_not_grow_with_rows_nor_scan_for_distinct_values(
     assert "openai" in [v for v, _ in filters["provider"].lookup_choices]
 
 
+def test_ledger_list_queries_do_not_grow_with_rows_of_unnamed_keys(admin_client, user):
+    # A key made without --name shows as "tg_<prefix> (<its user>)": its user comes with
+    # the page's one query, not one query per row.
+    url = _url(UsageRecord, "changelist")
+    keys = [key_create(user=user, name="")[1] for _ in range(2)]
+
+    def rows(start: int, count: int) -> None:
+        UsageRecord.objects.bulk_create(
+            UsageRecord(
+                request_id=f"req-key-{i}",
+                user=user,
+                api_key=keys[i % 2],
+                model="local/demo",
+                provider="local",
+            )
+            for i in range(start, start + count)
+        )
+
+    rows(0, 2)
+    with CaptureQueriesContext(connection) as few:
+        assert admin_client.get(url).status_code == 200
+    rows(2, 20)
+    with CaptureQueriesContext(connection) as many:
+        page = admin_client.get(url)
+
+    assert len(many.captured_queries) == len(few.captured_queries)
+    assert page.content.decode().count(f"{keys[0].display} ({user.username})") == 11
+
+
 def test_ledger_date_hierarchy_lists_the_days_that_have_rows(admin_client, user):
     _ledger_rows(user, 6)
     url = _url(UsageRecord, "changelist")
