@@ -514,7 +514,7 @@ class ModelPriceAdmin(AuditedAdmin):
 
 @admin.register(ProviderQuota)
 class ProviderQuotaAdmin(AuditedAdmin):
-    form = forms.GovernanceForm
+    form = forms.ProviderQuotaForm
     list_display = (
         "provider",
         "model_or_all",

@@ -11,7 +11,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from quotas.models import DIMENSIONS, ApiKey, ModelPrice, Plan
+from quotas.models import DIMENSIONS, ApiKey, ModelPrice, Plan, Provider
 
 # Fields that hold USD amounts (must not be negative) and fractions (0..1), wherever they occur.
 MONEY_FIELDS = ("cost_per_day", "cost_per_month", "input_per_million", "output_per_million")
@@ -66,6 +66,30 @@ class GovernanceForm(forms.ModelForm):
             value = cleaned.get(name)
             if value is not None and not Decimal(0) <= value <= Decimal(1):
                 self.add_error(name, "A fraction between 0 and 1.")
+        return cleaned
+
+
+class ProviderQuotaForm(GovernanceForm):
+    """A provider's limits, of all its models or of one model of the catalogue."""
+
+    def clean(self) -> dict[str, Any]:
+        """A named model is a catalogue entry of this provider: the admission applies a
+        row to the catalogue model of that name and provider only, so any other name
+        (a typo, an upstream name, another provider's model) would be saved and never
+        enforced."""
+        cleaned = super().clean()
+        provider, model = cleaned.get("provider"), cleaned.get("model")
+        if (
+            provider
+            and model
+            and not ModelPrice.objects.filter(model=model, provider=provider).exists()
+        ):
+            self.add_error(
+                "model",
+                f"“{model}” is not in the model catalogue as a model of "
+                f"{Provider(provider).label}: a limit on it would never apply. Use the "
+                "catalogue's name, or leave it blank for all the provider's models.",
+            )
         return cleaned
 
 

@@ -566,6 +566,35 @@ def test_global_limits_share_outside_zero_to_one_is_refused(admin_client):
     assert "low_share" in response.context["adminform"].form.errors
 
 
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [("local/dmeo", "local"), ("local/demo", "openai")],
+    ids=["misspelt", "another-providers-model"],
+)
+def test_provider_quota_for_a_model_it_would_never_apply_to_is_refused(
+    admin_client, local_model, model, provider
+):
+    # A provider row of a model applies to the catalogue entry of that name and provider
+    # (policy_resolve): any other name would be saved and never enforced.
+    data = {"provider": provider, "model": model, "requests_per_minute": "10"}
+    response = admin_client.post(_url(ProviderQuota, "add"), {**data, "safety_margin": "0.8"})
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == ["model"]
+    assert "not in the model catalogue" in errors["model"][0]
+    assert not ProviderQuota.objects.exists()
+
+
+def test_provider_quota_of_a_catalogue_model_or_of_all_models_is_saved(admin_client, local_model):
+    for model in ("local/demo", ""):
+        data = {"provider": "local", "model": model, "requests_per_minute": "10"}
+        response = admin_client.post(_url(ProviderQuota, "add"), {**data, "safety_margin": "0.8"})
+        assert response.status_code == 302
+
+    assert sorted(ProviderQuota.objects.values_list("model", flat=True)) == ["", "local/demo"]
+
+
 # --- The model catalogue ---
 
 
