@@ -497,7 +497,7 @@ class ApiKeyAdmin(AuditedAdmin):
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(AuditedAdmin):
-    form = forms.GovernanceForm
+    form = forms.ModelPriceForm
     list_display = (
         "model",
         "provider",

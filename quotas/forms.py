@@ -69,6 +69,32 @@ class GovernanceForm(forms.ModelForm):
         return cleaned
 
 
+class ModelPriceForm(GovernanceForm):
+    """A catalogue entry whose token limits some request can meet."""
+
+    def clean(self) -> dict[str, Any]:
+        """A context window and an output limit of at least one token, the output within
+        the window. With an output limit of 0, a request without `max_tokens` gets 0 (the
+        default, capped by the model's limit) and is served an empty answer, its prompt
+        charged, and any other is refused; an output limit past the window promises
+        answers that the window refuses."""
+        cleaned = super().clean()
+        context_window = cleaned.get("context_window")
+        max_output_tokens = cleaned.get("max_output_tokens")
+        for name, value in (
+            ("context_window", context_window),
+            ("max_output_tokens", max_output_tokens),
+        ):
+            if value is not None and value < 1:
+                self.add_error(name, "At least one token.")
+        if context_window and max_output_tokens and max_output_tokens > context_window:
+            self.add_error(
+                "max_output_tokens",
+                f"At most the context window ({context_window} tokens): the answer is part of it.",
+            )
+        return cleaned
+
+
 class ProviderQuotaForm(GovernanceForm):
     """A provider's limits, of all its models or of one model of the catalogue."""
 

@@ -646,6 +646,25 @@ def test_model_price_add_saves_local_names_with_local_and_other_names_upstream(a
     assert saved == {"local/echo": "local", "gpt-4o-mini": "openai"}
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"max_output_tokens": "0"}, "max_output_tokens"),
+        ({"context_window": "0"}, "context_window"),
+        ({"context_window": "512", "max_output_tokens": "1024"}, "max_output_tokens"),
+    ],
+    ids=["no-output", "no-context", "output-past-context"],
+)
+def test_model_price_token_limits_that_no_request_could_meet_are_refused(
+    admin_client, fields, field
+):
+    response = _price_add(admin_client, **fields)
+
+    assert response.status_code == 200
+    assert field in response.context["adminform"].form.errors
+    assert not ModelPrice.objects.exists()
+
+
 def test_model_price_change_to_an_upstream_provider_keeps_a_local_name_local(
     admin_client, local_model
 ):
