@@ -536,7 +536,7 @@ class ProviderQuotaAdmin(AuditedAdmin):
 class GlobalLimitsAdmin(AuditedAdmin):
     """One row; the engine reads the row with primary key 1."""
 
-    form = forms.GovernanceForm
+    form = forms.GlobalLimitsForm
     list_display = (
         "__str__",
         "cost_per_day",

@@ -119,6 +119,21 @@ class ProviderQuotaForm(GovernanceForm):
         return cleaned
 
 
+class GlobalLimitsForm(GovernanceForm):
+    """The global limits, with priority shares in priority order."""
+
+    def clean(self) -> dict[str, Any]:
+        """low <= medium <= high (critical has all): a lower priority is refused first as
+        a shared scope fills up (DESIGN.md), never a higher one."""
+        cleaned = super().clean()
+        low, medium, high = (cleaned.get(f"{p}_share") for p in ("low", "medium", "high"))
+        if low is not None and medium is not None and medium < low:
+            self.add_error("medium_share", "At least the low priority's share.")
+        if medium is not None and high is not None and high < medium:
+            self.add_error("high_share", "At least the medium priority's share.")
+        return cleaned
+
+
 class PlanForm(GovernanceForm):
     allowed_models = NameListField(
         required=False,

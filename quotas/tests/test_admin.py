@@ -595,6 +595,25 @@ def test_provider_quota_of_a_catalogue_model_or_of_all_models_is_saved(admin_cli
     assert sorted(ProviderQuota.objects.values_list("model", flat=True)) == ["", "local/demo"]
 
 
+def test_global_limits_shares_out_of_priority_order_are_refused(admin_client):
+    row = GlobalLimits.load()
+
+    response = _edit(
+        admin_client, GlobalLimits, row.pk, low_share="0.90", medium_share="0.70", high_share="0.50"
+    )
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert "medium_share" in errors
+    assert "high_share" in errors
+    row.refresh_from_db()
+    assert (row.low_share, row.high_share) == (Decimal("0.50"), Decimal("0.90"))
+    equal = _edit(
+        admin_client, GlobalLimits, row.pk, low_share="0.60", medium_share="0.60", high_share="0.60"
+    )
+    assert equal.status_code == 302
+
+
 # --- The model catalogue ---
 
 
