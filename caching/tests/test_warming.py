@@ -89,6 +89,24 @@ def test_warm_cache_refuses_bad_arguments(tmp_path, operator):
         _warm("--top", "3", "--count", "40")
 
 
+@pytest.mark.parametrize("model", ["nope/x", "local/off", "local/other"])
+def test_warm_cache_with_a_model_its_account_cannot_use_is_refused_up_front(
+    tmp_path, operator, model
+):
+    # Unknown, disabled, or not on the warming account's plan: every topic would fail alike.
+    from quotas.tests.factories import ModelPriceFactory, PlanFactory, UserQuotaFactory
+
+    ModelPriceFactory(model="local/off", enabled=False)
+    ModelPriceFactory(model="local/other")
+    UserQuotaFactory(user=operator, plan=PlanFactory(allowed_models=["local/demo", "local/off"]))
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\ngo\n")
+
+    with pytest.raises(CommandError, match=model):
+        _warm("--topics-file", str(topics), "--model", model)
+    assert not UsageRecord.objects.exists()
+
+
 def test_warm_cache_without_an_account_to_charge_is_refused(tmp_path):
     topics = tmp_path / "topics.txt"
     topics.write_text("rust\n")
