@@ -83,3 +83,6 @@ class Command(BaseCommand):
         )
         for topic, code in report.failed.items():
             self.stderr.write(f"  {topic}: {code}")
+        if report.failed:
+            # A scheduled run that left topics cold is a failed run, for cron or a Job.
+            raise CommandError(f"{len(report.failed)} of {len(unique)} topics could not be warmed.")
