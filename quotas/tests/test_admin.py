@@ -722,6 +722,21 @@ def test_records_are_read_only_in_the_admin(admin_client, governance, model):
     assert model.objects.filter(pk=obj.pk).values().get() == before
 
 
+def test_daily_roll_up_rows_cannot_be_deleted_in_the_admin(admin_client, governance):
+    # The month's budget alerts and the dashboard add up the roll-up's past days, which
+    # the periodic roll-up never recomputes: a deleted row would be spend forgotten.
+    from quotas.rollups import DailyUsage, usage_rollup
+
+    usage = governance[UsageRecord]
+    usage_rollup(day=usage.created_at.date())
+    row = DailyUsage.objects.get()
+
+    assert admin_client.get(_url(DailyUsage, "change", row.pk)).status_code == 200
+    assert admin_client.post(_url(DailyUsage, "delete", row.pk), {"post": "yes"}).status_code == 403
+    _action(admin_client, DailyUsage, "delete_selected", [row.pk])
+    assert DailyUsage.objects.filter(pk=row.pk).exists()
+
+
 def test_ledger_filters_search_and_date_hierarchy(admin_client, governance):
     usage = governance[UsageRecord]
     UsageRecord.objects.create(
