@@ -39,8 +39,10 @@ class NameListField(forms.CharField):
         return names
 
 
-def scopes_validate(scopes: list[str]) -> list[str]:
-    """The scopes as given, or ValidationError naming the first malformed one."""
+def scopes_validate(scopes: list[str], *, catalogue: bool = True) -> list[str]:
+    """The scopes as given, or ValidationError naming the first malformed one, or (with
+    `catalogue`) the first `model:<name>` whose model is not in the catalogue: the key could
+    not use it, and a key whose model scopes are all misspelt could use no model at all."""
     from quotas.permissions import ENDPOINT_SCOPES, scope_is_known
 
     for scope in scopes:
@@ -49,6 +51,15 @@ def scopes_validate(scopes: list[str]) -> list[str]:
                 f"“{scope}” is not a valid scope: use "
                 f"{', '.join(ENDPOINT_SCOPES)} or model:<name>.",
                 code="invalid_scope",
+            )
+    if not catalogue:
+        return scopes
+    models = {scope.removeprefix("model:") for scope in scopes if scope.startswith("model:")}
+    known = set(ModelPrice.objects.filter(model__in=models).values_list("model", flat=True))
+    for scope in scopes:
+        if scope.startswith("model:") and scope.removeprefix("model:") not in known:
+            raise ValidationError(
+                f"“{scope}”: the model is not in the model catalogue.", code="unknown_model"
             )
     return scopes
 
@@ -166,7 +177,10 @@ class ApiKeyForm(GovernanceForm):
         fields: tuple[str, ...] = ("name", "scopes", "expires_at", *DIMENSIONS)
 
     def clean_scopes(self) -> list[str]:
-        return scopes_validate(self.cleaned_data["scopes"])
+        """Scopes left as they were may name a model since removed from the catalogue, so
+        that the key's other fields can still be edited (as an expiry already past can)."""
+        changed = "scopes" in self.changed_data
+        return scopes_validate(self.cleaned_data["scopes"], catalogue=changed)
 
     def clean_expires_at(self) -> Any:
         """A new expiry lies in the future (revoke a key to stop it now); an expiry left as

@@ -320,7 +320,7 @@ def test_key_add_shows_the_key_once_and_stores_only_prefix_and_hash(
     assert response.json()["key"] == f"tg_{prefix}"
 
 
-def test_key_add_each_save_makes_a_different_key(admin_client, user):
+def test_key_add_each_save_makes_a_different_key(admin_client, user, local_model):
     first = KEY_RE.search(_add_key(admin_client, user).content.decode()).group(0)
     second = KEY_RE.search(_add_key(admin_client, user).content.decode()).group(0)
 
@@ -340,6 +340,24 @@ def test_key_add_refuses_past_expiry_bad_scope_and_inactive_user(admin_client, u
     assert "inactive" in refused_user.content.decode()
     assert not KEY_RE.search(past.content.decode() + bad_scope.content.decode())
     assert ApiKey.objects.count() == 0
+
+
+def test_key_scopes_name_catalogue_models_only(admin_client, user, local_model):
+    refused = _add_key(admin_client, user, scopes="generate, model:local/dmeo")
+    kept = _add_key(admin_client, user, scopes="generate, model:local/demo")
+
+    assert refused.status_code == 200
+    assert "model:local/dmeo" in refused.context["adminform"].form.errors["scopes"][0]
+    assert KEY_RE.search(kept.content.decode())
+    assert list(ApiKey.objects.values_list("scopes", flat=True)) == [
+        ["generate", "model:local/demo"]
+    ]
+    key = ApiKey.objects.get()
+    local_model.delete()
+    # Scopes left as they were may name a model since removed: the key stays editable.
+    assert _edit(admin_client, ApiKey, key.pk, name="renamed").status_code == 302
+    changed = _edit(admin_client, ApiKey, key.pk, scopes="model:local/demo, model:local/x")
+    assert "model:local/demo" in changed.context["adminform"].form.errors["scopes"][0]
 
 
 def test_key_change_refuses_a_new_expiry_in_the_past_but_keeps_an_old_one(admin_client, api_key):
