@@ -497,7 +497,7 @@ class ApiKeyAdmin(AuditedAdmin):
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(AuditedAdmin):
-    form = forms.GovernanceForm
+    form = forms.ModelPriceForm
     list_display = (
         "model",
         "provider",
@@ -514,7 +514,7 @@ class ModelPriceAdmin(AuditedAdmin):
 
 @admin.register(ProviderQuota)
 class ProviderQuotaAdmin(AuditedAdmin):
-    form = forms.GovernanceForm
+    form = forms.ProviderQuotaForm
     list_display = (
         "provider",
         "model_or_all",
@@ -536,7 +536,7 @@ class ProviderQuotaAdmin(AuditedAdmin):
 class GlobalLimitsAdmin(AuditedAdmin):
     """One row; the engine reads the row with primary key 1."""
 
-    form = forms.GovernanceForm
+    form = forms.GlobalLimitsForm
     list_display = (
         "__str__",
         "cost_per_day",
@@ -658,7 +658,9 @@ class UsageRecordAdmin(ReadOnlyAdmin):
         "latency_ms",
     )
     list_filter = ("cached", "fallback", "outcome", LedgerProviderFilter, LedgerModelFilter)
-    list_select_related = ("user", "api_key")
+    # A key without a name is shown with its owner ("tg_<prefix> (alice)", ApiKey.__str__):
+    # joined here, or each such row of the page costs a query of its own.
+    list_select_related = ("user", "api_key__user")
     # Shows the search box; get_search_results says what a search finds.
     search_fields = ("^request_id", "user__username")
     search_help_text = "The start of a request id (case counts) or part of a username."

@@ -11,7 +11,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from quotas.models import DIMENSIONS, ApiKey, ModelPrice, Plan
+from quotas.models import DIMENSIONS, ApiKey, ModelPrice, Plan, Provider
 
 # Fields that hold USD amounts (must not be negative) and fractions (0..1), wherever they occur.
 MONEY_FIELDS = ("cost_per_day", "cost_per_month", "input_per_million", "output_per_million")
@@ -39,8 +39,10 @@ class NameListField(forms.CharField):
         return names
 
 
-def scopes_validate(scopes: list[str]) -> list[str]:
-    """The scopes as given, or ValidationError naming the first malformed one."""
+def scopes_validate(scopes: list[str], *, catalogue: bool = True) -> list[str]:
+    """The scopes as given, or ValidationError naming the first malformed one, or (with
+    `catalogue`) the first `model:<name>` whose model is not in the catalogue: the key could
+    not use it, and a key whose model scopes are all misspelt could use no model at all."""
     from quotas.permissions import ENDPOINT_SCOPES, scope_is_known
 
     for scope in scopes:
@@ -49,6 +51,15 @@ def scopes_validate(scopes: list[str]) -> list[str]:
                 f"“{scope}” is not a valid scope: use "
                 f"{', '.join(ENDPOINT_SCOPES)} or model:<name>.",
                 code="invalid_scope",
+            )
+    if not catalogue:
+        return scopes
+    models = {scope.removeprefix("model:") for scope in scopes if scope.startswith("model:")}
+    known = set(ModelPrice.objects.filter(model__in=models).values_list("model", flat=True))
+    for scope in scopes:
+        if scope.startswith("model:") and scope.removeprefix("model:") not in known:
+            raise ValidationError(
+                f"“{scope}”: the model is not in the model catalogue.", code="unknown_model"
             )
     return scopes
 
@@ -66,6 +77,71 @@ class GovernanceForm(forms.ModelForm):
             value = cleaned.get(name)
             if value is not None and not Decimal(0) <= value <= Decimal(1):
                 self.add_error(name, "A fraction between 0 and 1.")
+        return cleaned
+
+
+class ModelPriceForm(GovernanceForm):
+    """A catalogue entry whose token limits some request can meet."""
+
+    def clean(self) -> dict[str, Any]:
+        """A context window and an output limit of at least one token, the output within
+        the window. With an output limit of 0, a request without `max_tokens` gets 0 (the
+        default, capped by the model's limit) and is served an empty answer, its prompt
+        charged, and any other is refused; an output limit past the window promises
+        answers that the window refuses."""
+        cleaned = super().clean()
+        context_window = cleaned.get("context_window")
+        max_output_tokens = cleaned.get("max_output_tokens")
+        for name, value in (
+            ("context_window", context_window),
+            ("max_output_tokens", max_output_tokens),
+        ):
+            if value is not None and value < 1:
+                self.add_error(name, "At least one token.")
+        if context_window and max_output_tokens and max_output_tokens > context_window:
+            self.add_error(
+                "max_output_tokens",
+                f"At most the context window ({context_window} tokens): the answer is part of it.",
+            )
+        return cleaned
+
+
+class ProviderQuotaForm(GovernanceForm):
+    """A provider's limits, of all its models or of one model of the catalogue."""
+
+    def clean(self) -> dict[str, Any]:
+        """A named model is a catalogue entry of this provider: the admission applies a
+        row to the catalogue model of that name and provider only, so any other name
+        (a typo, an upstream name, another provider's model) would be saved and never
+        enforced."""
+        cleaned = super().clean()
+        provider, model = cleaned.get("provider"), cleaned.get("model")
+        if (
+            provider
+            and model
+            and not ModelPrice.objects.filter(model=model, provider=provider).exists()
+        ):
+            self.add_error(
+                "model",
+                f"“{model}” is not in the model catalogue as a model of "
+                f"{Provider(provider).label}: a limit on it would never apply. Use the "
+                "catalogue's name, or leave it blank for all the provider's models.",
+            )
+        return cleaned
+
+
+class GlobalLimitsForm(GovernanceForm):
+    """The global limits, with priority shares in priority order."""
+
+    def clean(self) -> dict[str, Any]:
+        """low <= medium <= high (critical has all): a lower priority is refused first as
+        a shared scope fills up (DESIGN.md), never a higher one."""
+        cleaned = super().clean()
+        low, medium, high = (cleaned.get(f"{p}_share") for p in ("low", "medium", "high"))
+        if low is not None and medium is not None and medium < low:
+            self.add_error("medium_share", "At least the low priority's share.")
+        if medium is not None and high is not None and high < medium:
+            self.add_error("high_share", "At least the medium priority's share.")
         return cleaned
 
 
@@ -101,7 +177,10 @@ class ApiKeyForm(GovernanceForm):
         fields: tuple[str, ...] = ("name", "scopes", "expires_at", *DIMENSIONS)
 
     def clean_scopes(self) -> list[str]:
-        return scopes_validate(self.cleaned_data["scopes"])
+        """Scopes left as they were may name a model since removed from the catalogue, so
+        that the key's other fields can still be edited (as an expiry already past can)."""
+        changed = "scopes" in self.changed_data
+        return scopes_validate(self.cleaned_data["scopes"], catalogue=changed)
 
     def clean_expires_at(self) -> Any:
         """A new expiry lies in the future (revoke a key to stop it now); an expiry left as

@@ -183,6 +183,12 @@ class DailyUsageAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: object, obj: object = None) -> bool:
         return False
 
+    def has_delete_permission(self, request: object, obj: object = None) -> bool:
+        # The month's budget alerts and the dashboard add up past days from these rows,
+        # and the periodic roll-up recomputes only yesterday and today: a deleted row
+        # would be spend forgotten. `usage_rollup` rebuilds a day from the ledger.
+        return False
+
 
 class BudgetAlertAdmin(admin.ModelAdmin):
     list_display = (

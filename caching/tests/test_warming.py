@@ -89,6 +89,38 @@ def test_warm_cache_refuses_bad_arguments(tmp_path, operator):
         _warm("--top", "3", "--count", "40")
 
 
+@pytest.mark.parametrize("model", ["nope/x", "local/off", "local/other"])
+def test_warm_cache_with_a_model_its_account_cannot_use_is_refused_up_front(
+    tmp_path, operator, model
+):
+    # Unknown, disabled, or not on the warming account's plan: every topic would fail alike.
+    from quotas.tests.factories import ModelPriceFactory, PlanFactory, UserQuotaFactory
+
+    ModelPriceFactory(model="local/off", enabled=False)
+    ModelPriceFactory(model="local/other")
+    UserQuotaFactory(user=operator, plan=PlanFactory(allowed_models=["local/demo", "local/off"]))
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\ngo\n")
+
+    with pytest.raises(CommandError, match=model):
+        _warm("--topics-file", str(topics), "--model", model)
+    assert not UsageRecord.objects.exists()
+
+
+def test_warm_cache_that_warms_not_every_topic_exits_with_an_error(tmp_path, operator):
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    UserQuotaFactory(user=operator, plan=PlanFactory(requests_per_day=1))
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\ngo\n")
+    out, err = StringIO(), StringIO()
+
+    with pytest.raises(CommandError, match="1 of 2 topics could not be warmed"):
+        call_command("warm_cache", "--topics-file", str(topics), stdout=out, stderr=err)
+    assert "warmed 1, already cached 0, failed 1" in out.getvalue()
+    assert "go: quota_exceeded" in err.getvalue()
+
+
 def test_warm_cache_without_an_account_to_charge_is_refused(tmp_path):
     topics = tmp_path / "topics.txt"
     topics.write_text("rust\n")

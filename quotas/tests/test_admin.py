@@ -320,7 +320,7 @@ def test_key_add_shows_the_key_once_and_stores_only_prefix_and_hash(
     assert response.json()["key"] == f"tg_{prefix}"
 
 
-def test_key_add_each_save_makes_a_different_key(admin_client, user):
+def test_key_add_each_save_makes_a_different_key(admin_client, user, local_model):
     first = KEY_RE.search(_add_key(admin_client, user).content.decode()).group(0)
     second = KEY_RE.search(_add_key(admin_client, user).content.decode()).group(0)
 
@@ -340,6 +340,24 @@ def test_key_add_refuses_past_expiry_bad_scope_and_inactive_user(admin_client, u
     assert "inactive" in refused_user.content.decode()
     assert not KEY_RE.search(past.content.decode() + bad_scope.content.decode())
     assert ApiKey.objects.count() == 0
+
+
+def test_key_scopes_name_catalogue_models_only(admin_client, user, local_model):
+    refused = _add_key(admin_client, user, scopes="generate, model:local/dmeo")
+    kept = _add_key(admin_client, user, scopes="generate, model:local/demo")
+
+    assert refused.status_code == 200
+    assert "model:local/dmeo" in refused.context["adminform"].form.errors["scopes"][0]
+    assert KEY_RE.search(kept.content.decode())
+    assert list(ApiKey.objects.values_list("scopes", flat=True)) == [
+        ["generate", "model:local/demo"]
+    ]
+    key = ApiKey.objects.get()
+    local_model.delete()
+    # Scopes left as they were may name a model since removed: the key stays editable.
+    assert _edit(admin_client, ApiKey, key.pk, name="renamed").status_code == 302
+    changed = _edit(admin_client, ApiKey, key.pk, scopes="model:local/demo, model:local/x")
+    assert "model:local/demo" in changed.context["adminform"].form.errors["scopes"][0]
 
 
 def test_key_change_refuses_a_new_expiry_in_the_past_but_keeps_an_old_one(admin_client, api_key):
@@ -566,6 +584,54 @@ def test_global_limits_share_outside_zero_to_one_is_refused(admin_client):
     assert "low_share" in response.context["adminform"].form.errors
 
 
+@pytest.mark.parametrize(
+    ("model", "provider"),
+    [("local/dmeo", "local"), ("local/demo", "openai")],
+    ids=["misspelt", "another-providers-model"],
+)
+def test_provider_quota_for_a_model_it_would_never_apply_to_is_refused(
+    admin_client, local_model, model, provider
+):
+    # A provider row of a model applies to the catalogue entry of that name and provider
+    # (policy_resolve): any other name would be saved and never enforced.
+    data = {"provider": provider, "model": model, "requests_per_minute": "10"}
+    response = admin_client.post(_url(ProviderQuota, "add"), {**data, "safety_margin": "0.8"})
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == ["model"]
+    assert "not in the model catalogue" in errors["model"][0]
+    assert not ProviderQuota.objects.exists()
+
+
+def test_provider_quota_of_a_catalogue_model_or_of_all_models_is_saved(admin_client, local_model):
+    for model in ("local/demo", ""):
+        data = {"provider": "local", "model": model, "requests_per_minute": "10"}
+        response = admin_client.post(_url(ProviderQuota, "add"), {**data, "safety_margin": "0.8"})
+        assert response.status_code == 302
+
+    assert sorted(ProviderQuota.objects.values_list("model", flat=True)) == ["", "local/demo"]
+
+
+def test_global_limits_shares_out_of_priority_order_are_refused(admin_client):
+    row = GlobalLimits.load()
+
+    response = _edit(
+        admin_client, GlobalLimits, row.pk, low_share="0.90", medium_share="0.70", high_share="0.50"
+    )
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert "medium_share" in errors
+    assert "high_share" in errors
+    row.refresh_from_db()
+    assert (row.low_share, row.high_share) == (Decimal("0.50"), Decimal("0.90"))
+    equal = _edit(
+        admin_client, GlobalLimits, row.pk, low_share="0.60", medium_share="0.60", high_share="0.60"
+    )
+    assert equal.status_code == 302
+
+
 # --- The model catalogue ---
 
 
@@ -617,6 +683,25 @@ def test_model_price_add_saves_local_names_with_local_and_other_names_upstream(a
     assert saved == {"local/echo": "local", "gpt-4o-mini": "openai"}
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"max_output_tokens": "0"}, "max_output_tokens"),
+        ({"context_window": "0"}, "context_window"),
+        ({"context_window": "512", "max_output_tokens": "1024"}, "max_output_tokens"),
+    ],
+    ids=["no-output", "no-context", "output-past-context"],
+)
+def test_model_price_token_limits_that_no_request_could_meet_are_refused(
+    admin_client, fields, field
+):
+    response = _price_add(admin_client, **fields)
+
+    assert response.status_code == 200
+    assert field in response.context["adminform"].form.errors
+    assert not ModelPrice.objects.exists()
+
+
 def test_model_price_change_to_an_upstream_provider_keeps_a_local_name_local(
     admin_client, local_model
 ):
@@ -653,6 +738,21 @@ def test_records_are_read_only_in_the_admin(admin_client, governance, model):
     assert admin_client.post(_url(model, "delete", obj.pk), {"post": "yes"}).status_code == 403
     _action(admin_client, model, "delete_selected", [obj.pk])
     assert model.objects.filter(pk=obj.pk).values().get() == before
+
+
+def test_daily_roll_up_rows_cannot_be_deleted_in_the_admin(admin_client, governance):
+    # The month's budget alerts and the dashboard add up the roll-up's past days, which
+    # the periodic roll-up never recomputes: a deleted row would be spend forgotten.
+    from quotas.rollups import DailyUsage, usage_rollup
+
+    usage = governance[UsageRecord]
+    usage_rollup(day=usage.created_at.date())
+    row = DailyUsage.objects.get()
+
+    assert admin_client.get(_url(DailyUsage, "change", row.pk)).status_code == 200
+    assert admin_client.post(_url(DailyUsage, "delete", row.pk), {"post": "yes"}).status_code == 403
+    _action(admin_client, DailyUsage, "delete_selected", [row.pk])
+    assert DailyUsage.objects.filter(pk=row.pk).exists()
 
 
 def test_ledger_filters_search_and_date_hierarchy(admin_client, governance):
@@ -867,6 +967,35 @@ def test_ledger_list_queries_do_not_grow_with_rows_nor_scan_for_distinct_values(
     filters = {spec.title: spec for spec in page.context_data["cl"].filter_specs}
     assert [v for v, _ in filters["model"].lookup_choices] == ["local/demo"]
     assert "openai" in [v for v, _ in filters["provider"].lookup_choices]
+
+
+def test_ledger_list_queries_do_not_grow_with_rows_of_unnamed_keys(admin_client, user):
+    # A key made without --name shows as "tg_<prefix> (<its user>)": its user comes with
+    # the page's one query, not one query per row.
+    url = _url(UsageRecord, "changelist")
+    keys = [key_create(user=user, name="")[1] for _ in range(2)]
+
+    def rows(start: int, count: int) -> None:
+        UsageRecord.objects.bulk_create(
+            UsageRecord(
+                request_id=f"req-key-{i}",
+                user=user,
+                api_key=keys[i % 2],
+                model="local/demo",
+                provider="local",
+            )
+            for i in range(start, start + count)
+        )
+
+    rows(0, 2)
+    with CaptureQueriesContext(connection) as few:
+        assert admin_client.get(url).status_code == 200
+    rows(2, 20)
+    with CaptureQueriesContext(connection) as many:
+        page = admin_client.get(url)
+
+    assert len(many.captured_queries) == len(few.captured_queries)
+    assert page.content.decode().count(f"{keys[0].display} ({user.username})") == 11
 
 
 def test_ledger_date_hierarchy_lists_the_days_that_have_rows(admin_client, user):

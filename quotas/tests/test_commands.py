@@ -102,6 +102,13 @@ def test_create_api_key_bad_input_is_a_command_error_and_creates_nothing(user, a
     assert ApiKey.objects.count() == 0
 
 
+def test_create_api_key_refuses_a_model_scope_outside_the_catalogue(user, local_model):
+    # A key scoped to a misspelt model may call no model at all: said now, not by its 403s.
+    with pytest.raises(CommandError, match=re.escape("model:local/dmeo")):
+        _run("create_api_key", user.username, "--scopes", "generate, model:local/dmeo")
+    assert ApiKey.objects.count() == 0
+
+
 def test_create_api_key_refuses_an_inactive_user():
     UserFactory(username="gone", is_active=False)
 

@@ -12,6 +12,8 @@ from tqdm import tqdm
 from caching.errors import WarmUserMissing
 from caching.services import popularity_top, topic_normalise
 from caching.warming import DEFAULT_COUNT, cache_warm, warm_user_get
+from config.errors import ApiError
+from quotas.services import policy_get
 
 
 class Command(BaseCommand):
@@ -57,6 +59,13 @@ class Command(BaseCommand):
             user_id = warm_user_get(username=options["user"])
         except WarmUserMissing as exc:
             raise CommandError(exc.message) from exc
+        # A model unknown, disabled or not allowed to the account (or the account
+        # suspended) would refuse every topic alike: a bad argument, said before any topic.
+        model = options["model"] or settings.TOLLGATE_DEFAULT_MODEL
+        try:
+            policy_get(user_id=user_id, key_id=None, model=model)
+        except ApiError as exc:
+            raise CommandError(f"Cannot warm with model {model!r}: {exc.message}") from exc
         unique = list(dict.fromkeys(filter(None, map(topic_normalise, topics))))
         stream = getattr(self.stderr, "_out", self.stderr)  # tqdm needs the raw stream
         with tqdm(total=len(unique), unit="topic", file=stream) as bar:
@@ -74,3 +83,6 @@ class Command(BaseCommand):
         )
         for topic, code in report.failed.items():
             self.stderr.write(f"  {topic}: {code}")
+        if report.failed:
+            # A scheduled run that left topics cold is a failed run, for cron or a Job.
+            raise CommandError(f"{len(report.failed)} of {len(unique)} topics could not be warmed.")
