@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -634,3 +636,53 @@ def test_the_images_collectstatic_gathers_swagger_uis_files():
     assert "drf_spectacular_sidecar" in settings.INSTALLED_APPS
     assert finders.find("drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js")
     assert "staticfiles" in (ROOT / ".dockerignore").read_text().split()  # built, not copied
+
+
+def dockerfile_final_stage() -> tuple[dict[str, str], list[str]]:
+    """The final stage's ENV, in order, and its RUN commands (continuation lines joined)."""
+    final = (ROOT / "Dockerfile").read_text().split("\nFROM ")[-1].replace("\\\n", " ")
+    environment: dict[str, str] = {}
+    runs = []
+    for line in final.splitlines():
+        if line.startswith("ENV "):
+            environment.update(item.split("=", 1) for item in shlex.split(line[4:]))
+        elif line.startswith("RUN "):
+            runs.append(line[4:])
+    return environment, runs
+
+
+def test_the_images_collectstatic_runs_in_the_environment_the_dockerfile_gives_it(tmp_path):
+    # The build context (what .dockerignore lets through that matters here), the image's
+    # /tmp as the build finds it (empty: the entry point, which prepares the metrics
+    # directory, does not run at build time) and the final stage's ENV.
+    app, image_tmp = tmp_path / "app", tmp_path / "tmp"
+    image_tmp.mkdir()
+    shutil.copytree(
+        ROOT,
+        app,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "staticfiles", "__pycache__", "*.pyc", ".*_cache", "db.sqlite3"
+        ),
+    )
+    environment, runs = dockerfile_final_stage()
+    (run,) = [r for r in runs if "manage.py collectstatic" in r]
+    (command,) = [c for c in run.split("&&") if "manage.py collectstatic" in c]
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(app), "TMPDIR": str(image_tmp)}
+    for name, value in environment.items():
+        env[name] = re.sub(r"^/tmp(?=/|$)", str(image_tmp), value)
+    assert env["PROMETHEUS_MULTIPROC_DIR"].startswith(str(image_tmp))  # as the image sets it
+
+    built = subprocess.run(
+        ["sh", "-c", command],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert built.returncode == 0, built.stdout + built.stderr
+    swagger = app / "staticfiles/drf_spectacular_sidecar/swagger-ui-dist"
+    assert (swagger / "swagger-ui-bundle.js").exists()
+    assert list(image_tmp.iterdir()) == []  # no metrics file of the build left in the image
