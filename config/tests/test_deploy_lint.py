@@ -686,3 +686,48 @@ def test_the_images_collectstatic_runs_in_the_environment_the_dockerfile_gives_i
     swagger = app / "staticfiles/drf_spectacular_sidecar/swagger-ui-dist"
     assert (swagger / "swagger-ui-bundle.js").exists()
     assert list(image_tmp.iterdir()) == []  # no metrics file of the build left in the image
+
+
+def pinned_requirements(path: Path) -> set[str]:
+    """The distributions a requirements file pins (`name==version`), its `-r` files' too,
+    by their normalised names."""
+    names = set()
+    for text in path.read_text().splitlines():
+        line = text.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= pinned_requirements(path.parent / line[3:].strip())
+        elif "==" in line:
+            names.add(re.sub(r"[-_.]+", "-", line.split("==")[0].split("[")[0]).lower())
+    return names
+
+
+def test_every_third_party_module_the_code_imports_is_pinned():
+    import ast
+    from importlib.metadata import packages_distributions
+
+    distributions = packages_distributions()
+    local = {p.stem for p in ROOT.iterdir() if p.is_dir() or p.suffix == ".py"}
+    image = pinned_requirements(ROOT / "requirements/prod.txt")
+    development = pinned_requirements(ROOT / "requirements/dev.txt")
+    unpinned: dict[str, str] = {}  # a module, and a file that imports it
+    for path in sorted(ROOT.glob("**/*.py")):
+        parts = set(path.relative_to(ROOT).parts)
+        if {".venv", "node_modules"} & parts:
+            continue
+        # The image runs the application; the tests, benchmarks and deployment checks run
+        # from the development virtualenv.
+        runtime = not {"tests", "bench", "deploy", "conftest.py"} & parts
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in (m.split(".")[0] for m in modules):
+                if module in sys.stdlib_module_names or module in local:
+                    continue
+                names = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions[module]}
+                if not names & (image if runtime else development):
+                    unpinned.setdefault(module, str(path.relative_to(ROOT)))
+    assert unpinned == {}
