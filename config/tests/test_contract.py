@@ -649,6 +649,18 @@ def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, st
         ("DEBUG", "maybe", "must be a yes or a no"),
         ("REDIS_URL", "notaurl", "redis://"),
         ("OPENAI_MAX_TOKENS_PARAM", "max_length", "max_completion_tokens"),
+        # A timeout of 0 or less fails every Redis and broker check of the readiness probe.
+        ("HEALTH_CHECK_TIMEOUT", "-1", "must be at least 0.001"),
+        ("HEALTH_CHECK_TIMEOUT", "0", "must be at least 0.001"),
+        # A check the probe does not have would be required in vain, the real one not.
+        ("HEALTH_REQUIRED_CHECKS", "database,cache", "cache"),
+        ("SENTRY_TRACES_SAMPLE_RATE", "1.5", "must be at most 1"),
+        ("SENTRY_TRACES_SAMPLE_RATE", "-0.5", "must be at least 0"),
+        ("DATABASE_CONNECT_TIMEOUT", "-3", "must be at least 0"),
+        ("CORS_PREFLIGHT_MAX_AGE", "-1", "must be at least 0"),
+        ("SECURE_HSTS_SECONDS", "-1", "must be at least 0"),
+        ("BUDGET_ALERT_THRESHOLDS", "80,abc", "must be whole numbers"),
+        ("BUDGET_ALERT_THRESHOLDS", "0,100", "at least 1"),
     ],
 )
 def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variable, value, says):
