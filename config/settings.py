@@ -7,6 +7,7 @@ that `make run` works on a bare machine. Production and the test suite set both.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -395,9 +396,17 @@ SENTRY_RELEASE = env("SENTRY_RELEASE", default="") or None
 SENTRY_TRACES_SAMPLE_RATE = env.float(
     "SENTRY_TRACES_SAMPLE_RATE", default=0.0, minimum=0, maximum=1
 )
-LOG_LEVEL = env("LOG_LEVEL", default="INFO")
+# Any case (gunicorn's own GUNICORN_LOG_LEVEL is lowercase): logging knows only capitals.
+LOG_LEVEL = env("LOG_LEVEL", default="INFO").strip().upper()
+if LOG_LEVEL not in logging.getLevelNamesMapping():
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL), not "
+        f"{LOG_LEVEL!r}."
+    )
 # json (one object per line) or console (readable, for a terminal).
-LOG_FORMAT = env("LOG_FORMAT", default="json")
+LOG_FORMAT = env("LOG_FORMAT", default="json").strip().lower()
+if LOG_FORMAT not in ("json", "console"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or console, not {LOG_FORMAT!r}.")
 # Debugging only: keep keys, tokens and prompt text in log lines instead of redacting them.
 LOG_SENSITIVE_DATA = env.bool("LOG_SENSITIVE_DATA", default=False)
 # Readiness: each dependency is given this many seconds; a failing required check makes

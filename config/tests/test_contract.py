@@ -661,6 +661,8 @@ def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, st
         ("SECURE_HSTS_SECONDS", "-1", "must be at least 0"),
         ("BUDGET_ALERT_THRESHOLDS", "80,abc", "must be whole numbers"),
         ("BUDGET_ALERT_THRESHOLDS", "0,100", "at least 1"),
+        ("LOG_LEVEL", "verbose", "must be a logging level"),
+        ("LOG_FORMAT", "text", "json or console"),  # not json without a word
     ],
 )
 def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variable, value, says):
@@ -680,6 +682,34 @@ def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variab
     assert last.startswith("django.core.exceptions.ImproperlyConfigured"), result.stderr
     assert variable in last
     assert says in last
+
+
+@pytest.mark.parametrize("value", ["debug", "Debug", " DEBUG "])
+def test_log_level_is_read_whatever_its_case(value):
+    # gunicorn's own GUNICORN_LOG_LEVEL is lowercase ("info"): LOG_LEVEL=debug is natural.
+    env = {
+        **os.environ,
+        "DEBUG": "1",
+        "LOG_LEVEL": value,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+    }
+    code = (
+        "import django, logging; django.setup(); "
+        "print(logging.getLevelName(logging.getLogger().level), "
+        "logging.getLevelName(logging.getLogger('gunicorn.error').level))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["DEBUG", "DEBUG"]
 
 
 def test_quota_exceeded_on_a_money_dimension_gives_the_limit_as_a_decimal_string(
