@@ -540,6 +540,19 @@ def test_readme_configuration_lists_every_variable_the_code_reads():
     assert all(f"`{name}`" in section for name in TEST_SUITE_ONLY)
 
 
+def test_the_suite_empties_no_redis_database_but_its_own():
+    # README: `make test` uses the Redis databases of REDIS_URL and CELERY_BROKER_URL (15 and
+    # 14 by default) and empties them; the developer's others (`make run` with a .env, a
+    # service of their own) are left alone. FLUSHALL empties every database of the server.
+    sources = [p for p in ROOT.glob("**/*.py") if ".venv" not in p.relative_to(ROOT).parts]
+    command = re.compile(r"""\.flushall\(|["']flushall["']""", re.IGNORECASE)  # redis-py, CLI
+    flushing = [str(p.relative_to(ROOT)) for p in sources if command.search(p.read_text())]
+    assert flushing == []
+    readme = (ROOT / "README.md").read_text()
+    assert "`redis://127.0.0.1:6379/15`" in readme
+    assert "`redis://127.0.0.1:6379/14`" in readme
+
+
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
