@@ -35,7 +35,11 @@ RUN pip install --no-index --find-links=/wheels /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
 COPY --chown=tollgate:tollgate . .
 # /backups: the mount point of the compose backup volume, writable by the app user.
-RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput \
+# collectstatic loads the apps, whose metrics would go to PROMETHEUS_MULTIPROC_DIR, a
+# directory only the entry point makes (at start, in the container's /tmp): the build
+# leaves the variable out, so it needs no such directory and bakes no metric file.
+RUN env -u PROMETHEUS_MULTIPROC_DIR SECRET_KEY=collectstatic-only \
+        python manage.py collectstatic --noinput \
     && chmod 0755 deploy/backup/*.sh deploy/docker-entrypoint.sh \
     && install -d -o "${APP_UID}" -g "${APP_UID}" /backups
 USER ${APP_UID}:${APP_UID}

@@ -7,6 +7,7 @@ that `make run` works on a bare machine. Production and the test suite set both.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -323,7 +324,17 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- BUDGET ALERTS ---
 # Thresholds in percent of a user's day or month cost budget.
-BUDGET_ALERT_THRESHOLDS = env.list("BUDGET_ALERT_THRESHOLDS", cast=int, default=[80, 100])
+try:
+    BUDGET_ALERT_THRESHOLDS = env.list("BUDGET_ALERT_THRESHOLDS", cast=int, default=[80, 100])
+except ValueError:
+    raise ImproperlyConfigured(
+        f"BUDGET_ALERT_THRESHOLDS must be whole numbers (percent), comma-separated, not "
+        f"{os.environ['BUDGET_ALERT_THRESHOLDS']!r}."
+    ) from None
+if min(BUDGET_ALERT_THRESHOLDS, default=1) < 1:
+    raise ImproperlyConfigured(
+        f"BUDGET_ALERT_THRESHOLDS must each be at least 1, not {BUDGET_ALERT_THRESHOLDS}."
+    )
 # Extra recipients of every alert (the user's own address is always used when known).
 BUDGET_ALERT_EMAILS = env.list("BUDGET_ALERT_EMAILS", default=[])
 BUDGET_ALERT_EMAIL_USER = env.bool("BUDGET_ALERT_EMAIL_USER", default=True)
@@ -381,20 +392,43 @@ METRICS_TOKEN = env("METRICS_TOKEN", default="")
 SENTRY_DSN = env("SENTRY_DSN", default="")
 SENTRY_ENVIRONMENT = env("SENTRY_ENVIRONMENT", default="development" if DEBUG else "production")
 SENTRY_RELEASE = env("SENTRY_RELEASE", default="") or None
-SENTRY_TRACES_SAMPLE_RATE = env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0)
-LOG_LEVEL = env("LOG_LEVEL", default="INFO")
+# A share of the requests (Sentry turns tracing off, with a warning only, outside 0..1).
+SENTRY_TRACES_SAMPLE_RATE = env.float(
+    "SENTRY_TRACES_SAMPLE_RATE", default=0.0, minimum=0, maximum=1
+)
+# Any case (gunicorn's own GUNICORN_LOG_LEVEL is lowercase): logging knows only capitals.
+LOG_LEVEL = env("LOG_LEVEL", default="INFO").strip().upper()
+if LOG_LEVEL not in logging.getLevelNamesMapping():
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL), not "
+        f"{LOG_LEVEL!r}."
+    )
 # json (one object per line) or console (readable, for a terminal).
-LOG_FORMAT = env("LOG_FORMAT", default="json")
+LOG_FORMAT = env("LOG_FORMAT", default="json").strip().lower()
+if LOG_FORMAT not in ("json", "console"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or console, not {LOG_FORMAT!r}.")
 # Debugging only: keep keys, tokens and prompt text in log lines instead of redacting them.
 LOG_SENSITIVE_DATA = env.bool("LOG_SENSITIVE_DATA", default=False)
 # Readiness: each dependency is given this many seconds; a failing required check makes
 # /health/ready 503, a failing optional one `degraded` (200). Redis is optional while
-# quotas fail open.
-HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=1.0)
-HEALTH_REQUIRED_CHECKS = env.list(
-    "HEALTH_REQUIRED_CHECKS",
-    default=["database", "redis"] if QUOTA_FAIL_MODE == "closed" else ["database"],
-)
+# quotas fail open. A timeout of 0 or less would fail every Redis and broker check.
+HEALTH_CHECK_TIMEOUT = env.float("HEALTH_CHECK_TIMEOUT", default=1.0, minimum=0.001)
+HEALTH_REQUIRED_CHECKS = [
+    name.strip()
+    for name in env.list(
+        "HEALTH_REQUIRED_CHECKS",
+        default=["database", "redis"] if QUOTA_FAIL_MODE == "closed" else ["database"],
+    )
+    if name.strip()
+]
+# The checks of health/probes.py: a name it does not know would be required in vain (a
+# misspelt "reddis" leaves Redis optional without a word).
+_UNKNOWN_CHECKS = sorted(set(HEALTH_REQUIRED_CHECKS) - {"database", "redis", "broker"})
+if _UNKNOWN_CHECKS:
+    raise ImproperlyConfigured(
+        "HEALTH_REQUIRED_CHECKS must name checks among database, redis and broker, not "
+        f"{', '.join(_UNKNOWN_CHECKS)}."
+    )
 # django-prometheus's database and cache wrappers: queries, errors and latencies per alias,
 # cache get/hit/miss counts. Same drivers underneath; off with PROMETHEUS_DB_CACHE_METRICS=0.
 if env.bool("PROMETHEUS_DB_CACHE_METRICS", default=True):
@@ -415,7 +449,10 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
 # An unreachable database fails a readiness probe (and a request) in seconds, not minutes.
 if DATABASES["default"]["ENGINE"] == "config.db":
     _DB_OPTIONS = DATABASES["default"].setdefault("OPTIONS", {})
-    _DB_OPTIONS.setdefault("connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3))
+    # libpq waits for ever at 0 (and, silently, at any negative value: refused here).
+    _DB_OPTIONS.setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=3, minimum=0)
+    )
     # A statement waits at most this long for a lock (a migration's ALTER on the ledger, a
     # LOCK TABLE), then fails: the ledger INSERT goes to the spool instead of holding its
     # request, and a migration stuck behind a long query fails instead of queueing every
@@ -457,7 +494,7 @@ SECURE_PROXY_SSL_HEADER = (
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG and not TESTING)
 # Probes and scrapes reach the pods over plain HTTP from inside the cluster.
 SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
-SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=not DEBUG)
 # Content-Security-Policy (django-csp): nothing from another origin, no inline script or
@@ -502,7 +539,7 @@ CORS_EXPOSE_HEADERS = (
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-requests",
 )
-CORS_PREFLIGHT_MAX_AGE = env.int("CORS_PREFLIGHT_MAX_AGE", default=3600)
+CORS_PREFLIGHT_MAX_AGE = env.int("CORS_PREFLIGHT_MAX_AGE", default=3600, minimum=0)
 
 # --- I18N, STATIC ---
 LANGUAGE_CODE = "en-us"

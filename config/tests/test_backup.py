@@ -116,6 +116,29 @@ def test_backup_then_restore_into_fresh_database_has_identical_ledger(
     )
 
 
+def test_backup_and_restore_take_the_applications_database_url_with_djangos_parameters(
+    ledger_rows, restore_target, tmp_path
+):
+    # README: a `?conn_max_age=` in DATABASE_URL sets Django's CONN_MAX_AGE. The scripts get
+    # that same URL (compose's backup service passes the app's DATABASE_URL as it is), and
+    # libpq refuses a parameter it does not know; its own ones (sslmode) still apply.
+    django_only = "?conn_max_age=60&CONN_HEALTH_CHECKS=true&sslmode=disable"
+    source = server_url(settings.DATABASES["default"]["NAME"])
+    backup = run(str(BACKUP), BACKUP_DIR=str(tmp_path), DATABASE_URL=source + django_only)
+    assert backup.returncode == 0, backup.stderr
+    dump = Path(backup.stdout.strip().splitlines()[-1])
+
+    target = server_url(restore_target)
+    restored = run(str(RESTORE), "--yes", "--create", str(dump), target + django_only)
+    assert restored.returncode == 0, restored.stderr
+    assert "verified" in restored.stderr
+    assert rows(target) == rows(source)
+
+    refused = run(str(BACKUP), source + "?sslmode=nonsense", BACKUP_DIR=str(tmp_path))
+    assert refused.returncode != 0  # libpq's own parameters are passed on, not dropped
+    assert "sslmode" in refused.stderr
+
+
 def test_restore_asks_for_confirmation_and_refuses_a_corrupt_archive(
     ledger_rows, restore_target, tmp_path
 ):

@@ -576,6 +576,19 @@ def test_readme_configuration_lists_every_variable_the_code_reads():
     assert all(f"`{name}`" in section for name in TEST_SUITE_ONLY)
 
 
+def test_the_suite_empties_no_redis_database_but_its_own():
+    # README: `make test` uses the Redis databases of REDIS_URL and CELERY_BROKER_URL (15 and
+    # 14 by default) and empties them; the developer's others (`make run` with a .env, a
+    # service of their own) are left alone. FLUSHALL empties every database of the server.
+    sources = [p for p in ROOT.glob("**/*.py") if ".venv" not in p.relative_to(ROOT).parts]
+    command = re.compile(r"""\.flushall\(|["']flushall["']""", re.IGNORECASE)  # redis-py, CLI
+    flushing = [str(p.relative_to(ROOT)) for p in sources if command.search(p.read_text())]
+    assert flushing == []
+    readme = (ROOT / "README.md").read_text()
+    assert "`redis://127.0.0.1:6379/15`" in readme
+    assert "`redis://127.0.0.1:6379/14`" in readme
+
+
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
@@ -685,6 +698,20 @@ def test_quota_safety_margin_outside_zero_to_one_is_refused_at_startup(value, st
         ("DEBUG", "maybe", "must be a yes or a no"),
         ("REDIS_URL", "notaurl", "redis://"),
         ("OPENAI_MAX_TOKENS_PARAM", "max_length", "max_completion_tokens"),
+        # A timeout of 0 or less fails every Redis and broker check of the readiness probe.
+        ("HEALTH_CHECK_TIMEOUT", "-1", "must be at least 0.001"),
+        ("HEALTH_CHECK_TIMEOUT", "0", "must be at least 0.001"),
+        # A check the probe does not have would be required in vain, the real one not.
+        ("HEALTH_REQUIRED_CHECKS", "database,cache", "cache"),
+        ("SENTRY_TRACES_SAMPLE_RATE", "1.5", "must be at most 1"),
+        ("SENTRY_TRACES_SAMPLE_RATE", "-0.5", "must be at least 0"),
+        ("DATABASE_CONNECT_TIMEOUT", "-3", "must be at least 0"),
+        ("CORS_PREFLIGHT_MAX_AGE", "-1", "must be at least 0"),
+        ("SECURE_HSTS_SECONDS", "-1", "must be at least 0"),
+        ("BUDGET_ALERT_THRESHOLDS", "80,abc", "must be whole numbers"),
+        ("BUDGET_ALERT_THRESHOLDS", "0,100", "at least 1"),
+        ("LOG_LEVEL", "verbose", "must be a logging level"),
+        ("LOG_FORMAT", "text", "json or console"),  # not json without a word
     ],
 )
 def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variable, value, says):
@@ -704,6 +731,34 @@ def test_a_setting_that_does_not_parse_or_is_out_of_range_stops_the_start(variab
     assert last.startswith("django.core.exceptions.ImproperlyConfigured"), result.stderr
     assert variable in last
     assert says in last
+
+
+@pytest.mark.parametrize("value", ["debug", "Debug", " DEBUG "])
+def test_log_level_is_read_whatever_its_case(value):
+    # gunicorn's own GUNICORN_LOG_LEVEL is lowercase ("info"): LOG_LEVEL=debug is natural.
+    env = {
+        **os.environ,
+        "DEBUG": "1",
+        "LOG_LEVEL": value,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+    }
+    code = (
+        "import django, logging; django.setup(); "
+        "print(logging.getLevelName(logging.getLogger().level), "
+        "logging.getLevelName(logging.getLogger('gunicorn.error').level))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["DEBUG", "DEBUG"]
 
 
 def test_quota_exceeded_on_a_money_dimension_gives_the_limit_as_a_decimal_string(

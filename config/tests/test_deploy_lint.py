@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -634,3 +636,98 @@ def test_the_images_collectstatic_gathers_swagger_uis_files():
     assert "drf_spectacular_sidecar" in settings.INSTALLED_APPS
     assert finders.find("drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js")
     assert "staticfiles" in (ROOT / ".dockerignore").read_text().split()  # built, not copied
+
+
+def dockerfile_final_stage() -> tuple[dict[str, str], list[str]]:
+    """The final stage's ENV, in order, and its RUN commands (continuation lines joined)."""
+    final = (ROOT / "Dockerfile").read_text().split("\nFROM ")[-1].replace("\\\n", " ")
+    environment: dict[str, str] = {}
+    runs = []
+    for line in final.splitlines():
+        if line.startswith("ENV "):
+            environment.update(item.split("=", 1) for item in shlex.split(line[4:]))
+        elif line.startswith("RUN "):
+            runs.append(line[4:])
+    return environment, runs
+
+
+def test_the_images_collectstatic_runs_in_the_environment_the_dockerfile_gives_it(tmp_path):
+    # The build context (what .dockerignore lets through that matters here), the image's
+    # /tmp as the build finds it (empty: the entry point, which prepares the metrics
+    # directory, does not run at build time) and the final stage's ENV.
+    app, image_tmp = tmp_path / "app", tmp_path / "tmp"
+    image_tmp.mkdir()
+    shutil.copytree(
+        ROOT,
+        app,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "staticfiles", "__pycache__", "*.pyc", ".*_cache", "db.sqlite3"
+        ),
+    )
+    environment, runs = dockerfile_final_stage()
+    (run,) = [r for r in runs if "manage.py collectstatic" in r]
+    (command,) = [c for c in run.split("&&") if "manage.py collectstatic" in c]
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(app), "TMPDIR": str(image_tmp)}
+    for name, value in environment.items():
+        env[name] = re.sub(r"^/tmp(?=/|$)", str(image_tmp), value)
+    assert env["PROMETHEUS_MULTIPROC_DIR"].startswith(str(image_tmp))  # as the image sets it
+
+    built = subprocess.run(
+        ["sh", "-c", command],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert built.returncode == 0, built.stdout + built.stderr
+    swagger = app / "staticfiles/drf_spectacular_sidecar/swagger-ui-dist"
+    assert (swagger / "swagger-ui-bundle.js").exists()
+    assert list(image_tmp.iterdir()) == []  # no metrics file of the build left in the image
+
+
+def pinned_requirements(path: Path) -> set[str]:
+    """The distributions a requirements file pins (`name==version`), its `-r` files' too,
+    by their normalised names."""
+    names = set()
+    for text in path.read_text().splitlines():
+        line = text.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            names |= pinned_requirements(path.parent / line[3:].strip())
+        elif "==" in line:
+            names.add(re.sub(r"[-_.]+", "-", line.split("==")[0].split("[")[0]).lower())
+    return names
+
+
+def test_every_third_party_module_the_code_imports_is_pinned():
+    import ast
+    from importlib.metadata import packages_distributions
+
+    distributions = packages_distributions()
+    local = {p.stem for p in ROOT.iterdir() if p.is_dir() or p.suffix == ".py"}
+    image = pinned_requirements(ROOT / "requirements/prod.txt")
+    development = pinned_requirements(ROOT / "requirements/dev.txt")
+    unpinned: dict[str, str] = {}  # a module, and a file that imports it
+    for path in sorted(ROOT.glob("**/*.py")):
+        parts = set(path.relative_to(ROOT).parts)
+        if {".venv", "node_modules"} & parts:
+            continue
+        # The image runs the application; the tests, benchmarks and deployment checks run
+        # from the development virtualenv.
+        runtime = not {"tests", "bench", "deploy", "conftest.py"} & parts
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in (m.split(".")[0] for m in modules):
+                if module in sys.stdlib_module_names or module in local:
+                    continue
+                names = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions[module]}
+                if not names & (image if runtime else development):
+                    unpinned.setdefault(module, str(path.relative_to(ROOT)))
+    assert unpinned == {}

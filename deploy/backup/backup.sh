@@ -15,11 +15,30 @@
 # Prints the path of the dump on its last line.
 set -euo pipefail
 
+# The application's DATABASE_URL may carry Django's own settings as query parameters
+# (`?conn_max_age=60`, README), which libpq refuses ("invalid URI query parameter"): they
+# are dropped, libpq's own (sslmode...) kept.
+libpq_url() {
+    local url="$1" param name kept=""
+    local -a params=()
+    [[ "${url}" == *\?* ]] || { printf '%s' "${url}"; return; }
+    IFS='&' read -r -a params <<< "${url#*\?}"
+    for param in "${params[@]}"; do
+        name="${param%%=*}"
+        case "${name,,}" in
+            conn_max_age|conn_health_checks|atomic_requests|autocommit|disable_server_side_cursors) ;;
+            *) kept="${kept:+${kept}&}${param}" ;;
+        esac
+    done
+    printf '%s' "${url%%\?*}${kept:+?${kept}}"
+}
+
 DB_URL="${1:-${DATABASE_URL:-}}"
 if [[ -z "${DB_URL}" ]]; then
     echo "backup: DATABASE_URL (or the first argument) is required" >&2
     exit 2
 fi
+DB_URL="$(libpq_url "${DB_URL}")"
 BACKUP_DIR="${BACKUP_DIR:-./backups}"
 RETENTION_DAYS="${BACKUP_RETENTION_DAYS:-14}"
 KEEP_MIN="${BACKUP_KEEP_MIN:-3}"

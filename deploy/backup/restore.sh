@@ -13,6 +13,24 @@ set -euo pipefail
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
+# The application's DATABASE_URL may carry Django's own settings as query parameters
+# (`?conn_max_age=60`, README), which libpq refuses ("invalid URI query parameter"): they
+# are dropped, libpq's own (sslmode...) kept.
+libpq_url() {
+    local url="$1" param name kept=""
+    local -a params=()
+    [[ "${url}" == *\?* ]] || { printf '%s' "${url}"; return; }
+    IFS='&' read -r -a params <<< "${url#*\?}"
+    for param in "${params[@]}"; do
+        name="${param%%=*}"
+        case "${name,,}" in
+            conn_max_age|conn_health_checks|atomic_requests|autocommit|disable_server_side_cursors) ;;
+            *) kept="${kept:+${kept}&}${param}" ;;
+        esac
+    done
+    printf '%s' "${url%%\?*}${kept:+?${kept}}"
+}
+
 assume_yes=0
 create=0
 args=()
@@ -30,6 +48,7 @@ done
 dump="${args[0]}"
 target="${args[1]:-${DATABASE_URL:-}}"
 [[ -n "${target}" ]] || { echo "restore: no target database (argument or DATABASE_URL)" >&2; exit 2; }
+target="$(libpq_url "${target}")"
 [[ -r "${dump}" ]] || { echo "restore: cannot read ${dump}" >&2; exit 1; }
 
 base="${dump%.dump}"

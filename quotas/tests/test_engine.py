@@ -273,7 +273,8 @@ def test_flushall_mid_day_rebuilds_day_budget_from_ledger(redis_conn, user, plan
     # (0.000525 > 0.0005) is refused, so two went through.
     spent = sum(r.cost_usd for r in UsageRecord.objects.filter(user=user))
     assert spent == Decimal("0.000350")
-    redis_conn.flushall()
+    redis_conn.flushdb()  # Redis lost Tollgate's data (its database only: not FLUSHALL,
+    # which would empty every database of the developer's server)
     with pytest.raises(QuotaExceeded) as info:
         admit(user, prompt=50, max_tokens=50, now=NOW + 1)
     assert info.value.dimension == "cost_per_day"
