@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import openai
@@ -620,3 +621,82 @@ def test_openai_sdk_sees_an_upstream_failure_as_an_internal_server_error(
     assert info.value.status_code == 502
     assert (info.value.body["type"], info.value.code) == ("server_error", "upstream_error")
     assert info.value.body["param"] is None
+
+
+def _upstream_events(*events: object) -> str:
+    """An OpenAI stream as the upstream sends it: one chunk per event, then [DONE]."""
+    chunks = [
+        json.dumps(
+            {"id": "u", "object": "chat.completion.chunk", "created": 1, "model": "m", **event}
+        )
+        for event in events
+    ]
+    return "".join(f"data: {chunk}\n\n" for chunk in [*chunks, "[DONE]"])
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": None, "completion_tokens": 2, "total_tokens": None},
+        {"prompt_tokens": 5, "completion_tokens": "two"},
+        {"prompt_tokens": [5], "completion_tokens": 2},
+    ],
+    ids=str,
+)
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
+def test_openai_sdk_stream_whose_upstream_usage_cannot_be_read_ends_in_an_error_event(
+    fake_upstream, tollgate, api_client, api_key, usage
+):
+    # The same usage report in a non-streamed answer is a 502, refunded: a stream that has
+    # sent its text ends in the error event instead of breaking off with no ending at all.
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "hello "}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": usage},
+        ),
+    )
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    received: list[str] = []
+
+    with pytest.raises(openai.APIError) as info:
+        received.extend(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert "".join(received) == "hello "
+    assert info.value.body["code"] == "upstream_error"
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+    quota = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    assert quota.json()["limits"]["concurrency"]["used"] == 0
+
+
+@pytest.mark.parametrize("usage", [{}, 7], ids=str)
+def test_openai_sdk_stream_whose_upstream_usage_has_no_counts_is_charged_an_estimate(
+    upstream_settings, fake_upstream, openai_model, tollgate, usage
+):
+    # As a non-streamed answer whose usage holds no counts: charged as if none was reported.
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "hello there"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": usage},
+        ),
+    )
+
+    chunks = list(
+        tollgate.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello there"
+    assert chunks[-1].usage.completion_tokens == 2  # estimated: two words
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.completion_tokens) == ("ok", 2)
