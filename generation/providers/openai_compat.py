@@ -178,7 +178,7 @@ class OpenAIProvider:
                 if choice.finish_reason:
                     finish = choice.finish_reason
                 if choice.delta and choice.delta.content:
-                    parts.append(choice.delta.content)
+                    parts.append(_text(choice.delta.content))
                     yield choice.delta.content
             if not received:
                 # Not one chunk (an empty body, or [DONE] alone): no answer, not an empty one,
@@ -250,12 +250,21 @@ def _completion(data: Any, request: CompletionRequest) -> Completion:
     """A Completion from a chat.completion body; ProviderServerError when it is not one."""
     try:
         choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
+        text = _text(choice["message"].get("content") or "")
         finish = choice.get("finish_reason") or "stop"
         usage = data.get("usage")
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ProviderServerError(f"openai: unexpected response shape: {exc!r}") from exc
-    return _counted(request, str(text), str(finish), usage)
+    return _counted(request, text, str(finish), usage)
+
+
+def _text(content: Any) -> str:
+    """An answer's content, which must be a text: a list of content parts (some compatible
+    servers' reasoning models answer so) would reach the client as its Python repr, or as
+    a list where the SDK expects a string. TypeError (an answer of unexpected shape)."""
+    if not isinstance(content, str):
+        raise TypeError(f"content is a {type(content).__name__}, not a text")
+    return content
 
 
 def _counted(request: CompletionRequest, text: str, finish: str, usage: Any) -> Completion:

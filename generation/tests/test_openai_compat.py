@@ -700,3 +700,52 @@ def test_openai_sdk_stream_whose_upstream_usage_has_no_counts_is_charged_an_esti
     assert chunks[-1].usage.completion_tokens == 2  # estimated: two words
     row = UsageRecord.objects.get()
     assert (row.outcome, row.completion_tokens) == ("ok", 2)
+
+
+_PARTS = [{"type": "text", "text": "hi"}]
+
+
+def test_openai_sdk_answer_whose_upstream_content_is_not_text_is_a_502_not_its_repr(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    # Some compatible servers answer with a list of content parts: not a text to pass on.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    answer = {
+        "choices": [{"message": {"role": "assistant", "content": _PARTS}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    fake_upstream.default = Behaviour(kind="raw", body=json.dumps(answer))
+
+    with pytest.raises(openai.InternalServerError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Hi"}]
+        )
+
+    assert (info.value.status_code, info.value.code) == (502, "upstream_error")
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
+def test_openai_sdk_stream_whose_upstream_content_is_not_text_ends_in_an_error_event(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "hello "}}]},
+            {"choices": [{"index": 0, "delta": {"content": _PARTS}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ),
+    )
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    received: list[object] = []
+
+    with pytest.raises(openai.APIError) as info:
+        received.extend(c.choices[0].delta.content for c in stream if c.choices)
+
+    assert received == ["", "hello "]  # the role chunk, then the text: no parts passed on
+    assert info.value.body["code"] == "upstream_error"
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
