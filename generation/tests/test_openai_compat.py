@@ -749,3 +749,26 @@ def test_openai_sdk_stream_whose_upstream_content_is_not_text_ends_in_an_error_e
     assert info.value.body["code"] == "upstream_error"
     row = UsageRecord.objects.get()
     assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
+@pytest.mark.parametrize("temperature", [True, False])
+def test_openai_sdk_temperature_sent_as_a_boolean_is_refused_by_name(
+    upstream_settings, local_model, tollgate, key_client, temperature
+):
+    # DRF's FloatField reads true as 1.0 and false as 0.0: an answer at a temperature the
+    # client never chose, where OpenAI refuses the type.
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo",
+            messages=[{"role": "user", "content": "Hi"}],
+            temperature=temperature,
+        )
+    generate = key_client.post(
+        "/api/v1/generate", {"prompt": "Hi", "temperature": temperature}, format="json"
+    )
+
+    assert (info.value.body["param"], info.value.body["code"]) == ("temperature", "invalid_request")
+    assert "Must be a number" in info.value.body["message"]
+    assert generate.status_code == 400
+    assert generate.json()["error"]["fields"] == {"temperature": ["Must be a number."]}
+    assert not UsageRecord.objects.exists()
