@@ -62,3 +62,16 @@ class StrictBooleanField(serializers.BooleanField):
         if not isinstance(data, bool):
             self.fail("invalid")
         return data
+
+
+class StrictFloatField(serializers.FloatField):
+    """A FloatField that refuses a JSON boolean: DRF's reads true as 1.0 and false as 0.0,
+    so a client that sent a flag where a number belongs (a temperature) would be answered
+    at a value it never chose, where OpenAI refuses the type."""
+
+    default_error_messages = {"invalid": "Must be a number."}
+
+    def to_internal_value(self, data: float | int | str) -> float:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        return float(super().to_internal_value(data))

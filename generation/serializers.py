@@ -8,7 +8,7 @@ from drf_spectacular.utils import extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
-from config.serializers import InputSerializer, StrictBooleanField, TextField
+from config.serializers import InputSerializer, StrictBooleanField, StrictFloatField, TextField
 
 MAX_PROMPT_CHARS = 100_000
 MAX_MESSAGES = 200
@@ -27,7 +27,7 @@ class GenerateInputSerializer(InputSerializer):
     )
     model = TextField(max_length=100, required=False)
     max_tokens = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False)
-    temperature = serializers.FloatField(min_value=0.0, max_value=2.0, required=False)
+    temperature = StrictFloatField(min_value=0.0, max_value=2.0, required=False)
     priority = serializers.ChoiceField(choices=PRIORITIES, default="high")
     cache = serializers.ChoiceField(choices=("use", "refresh", "bypass"), default="use")
 
@@ -193,9 +193,7 @@ class ChatCompletionInputSerializer(InputSerializer):
     max_completion_tokens = serializers.IntegerField(
         min_value=1, max_value=1_000_000, required=False, allow_null=True
     )
-    temperature = serializers.FloatField(
-        min_value=0.0, max_value=2.0, required=False, allow_null=True
-    )
+    temperature = StrictFloatField(min_value=0.0, max_value=2.0, required=False, allow_null=True)
     n = serializers.IntegerField(
         min_value=1,
         max_value=1,

@@ -178,17 +178,18 @@ class OpenAIProvider:
                 if choice.finish_reason:
                     finish = choice.finish_reason
                 if choice.delta and choice.delta.content:
-                    parts.append(choice.delta.content)
+                    parts.append(_text(choice.delta.content))
                     yield choice.delta.content
-        if not received:
-            # Not one chunk (an empty body, or [DONE] alone): no answer, not an empty one,
-            # which would be charged and cached.
-            raise ProviderServerError("openai: the stream ended without a chunk")
-        text = "".join(parts)
-        if usage is not None:
-            yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
-        else:
-            yield Completion.estimated(request, text, finish)
+            if not received:
+                # Not one chunk (an empty body, or [DONE] alone): no answer, not an empty one,
+                # which would be charged and cached.
+                raise ProviderServerError("openai: the stream ended without a chunk")
+            # Read as a non-streamed answer's usage is, so that a report of unexpected shape
+            # (null or text counts) is the same 502 here, refunded, not an exception that
+            # breaks the response off after its text with no ending, taken for a whole answer.
+            report = usage.to_dict(warnings=False) if isinstance(usage, openai.BaseModel) else usage
+            final = _counted(request, "".join(parts), str(finish), report)
+        yield final
 
 
 def _pool_for(url: str) -> urllib3.PoolManager:
@@ -249,17 +250,36 @@ def _completion(data: Any, request: CompletionRequest) -> Completion:
     """A Completion from a chat.completion body; ProviderServerError when it is not one."""
     try:
         choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
+        text = _text(choice["message"].get("content") or "")
         finish = choice.get("finish_reason") or "stop"
         usage = data.get("usage")
-        if isinstance(usage, dict) and "prompt_tokens" in usage:
-            return Completion(
-                text=str(text),
-                prompt_tokens=int(usage["prompt_tokens"]),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                finish_reason=str(finish),
-            )
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
-        # OverflowError: a count of 1e400, which JSON reads as infinity
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
         raise ProviderServerError(f"openai: unexpected response shape: {exc!r}") from exc
-    return Completion.estimated(request, str(text), str(finish))
+    return _counted(request, text, str(finish), usage)
+
+
+def _text(content: Any) -> str:
+    """An answer's content, which must be a text: a list of content parts (some compatible
+    servers' reasoning models answer so) would reach the client as its Python repr, or as
+    a list where the SDK expects a string. TypeError (an answer of unexpected shape)."""
+    if not isinstance(content, str):
+        raise TypeError(f"content is a {type(content).__name__}, not a text")
+    return content
+
+
+def _counted(request: CompletionRequest, text: str, finish: str, usage: Any) -> Completion:
+    """The answer `text` with the token counts of the upstream's `usage` report (a JSON
+    object), estimated when it reports none; ProviderServerError when its counts cannot be
+    read."""
+    if not (isinstance(usage, dict) and "prompt_tokens" in usage):
+        return Completion.estimated(request, text, finish)
+    try:
+        return Completion(
+            text=text,
+            prompt_tokens=int(usage["prompt_tokens"]),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=finish,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        # OverflowError: a count of 1e400, which JSON reads as infinity
+        raise ProviderServerError(f"openai: unexpected usage report: {exc!r}") from exc

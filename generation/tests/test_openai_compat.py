@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import openai
@@ -620,3 +621,154 @@ def test_openai_sdk_sees_an_upstream_failure_as_an_internal_server_error(
     assert info.value.status_code == 502
     assert (info.value.body["type"], info.value.code) == ("server_error", "upstream_error")
     assert info.value.body["param"] is None
+
+
+def _upstream_events(*events: object) -> str:
+    """An OpenAI stream as the upstream sends it: one chunk per event, then [DONE]."""
+    chunks = [
+        json.dumps(
+            {"id": "u", "object": "chat.completion.chunk", "created": 1, "model": "m", **event}
+        )
+        for event in events
+    ]
+    return "".join(f"data: {chunk}\n\n" for chunk in [*chunks, "[DONE]"])
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": None, "completion_tokens": 2, "total_tokens": None},
+        {"prompt_tokens": 5, "completion_tokens": "two"},
+        {"prompt_tokens": [5], "completion_tokens": 2},
+    ],
+    ids=str,
+)
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
+def test_openai_sdk_stream_whose_upstream_usage_cannot_be_read_ends_in_an_error_event(
+    fake_upstream, tollgate, api_client, api_key, usage
+):
+    # The same usage report in a non-streamed answer is a 502, refunded: a stream that has
+    # sent its text ends in the error event instead of breaking off with no ending at all.
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "hello "}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": usage},
+        ),
+    )
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    received: list[str] = []
+
+    with pytest.raises(openai.APIError) as info:
+        received.extend(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    assert "".join(received) == "hello "
+    assert info.value.body["code"] == "upstream_error"
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+    quota = api_client.get("/api/v1/quota", HTTP_AUTHORIZATION=f"Bearer {api_key[0]}")
+    assert quota.json()["limits"]["concurrency"]["used"] == 0
+
+
+@pytest.mark.parametrize("usage", [{}, 7], ids=str)
+def test_openai_sdk_stream_whose_upstream_usage_has_no_counts_is_charged_an_estimate(
+    upstream_settings, fake_upstream, openai_model, tollgate, usage
+):
+    # As a non-streamed answer whose usage holds no counts: charged as if none was reported.
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "hello there"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": usage},
+        ),
+    )
+
+    chunks = list(
+        tollgate.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello there"
+    assert chunks[-1].usage.completion_tokens == 2  # estimated: two words
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.completion_tokens) == ("ok", 2)
+
+
+_PARTS = [{"type": "text", "text": "hi"}]
+
+
+def test_openai_sdk_answer_whose_upstream_content_is_not_text_is_a_502_not_its_repr(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    # Some compatible servers answer with a list of content parts: not a text to pass on.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    answer = {
+        "choices": [{"message": {"role": "assistant", "content": _PARTS}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+    fake_upstream.default = Behaviour(kind="raw", body=json.dumps(answer))
+
+    with pytest.raises(openai.InternalServerError) as info:
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Hi"}]
+        )
+
+    assert (info.value.status_code, info.value.code) == (502, "upstream_error")
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
+def test_openai_sdk_stream_whose_upstream_content_is_not_text_ends_in_an_error_event(
+    upstream_settings, fake_upstream, openai_model, tollgate
+):
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "hello "}}]},
+            {"choices": [{"index": 0, "delta": {"content": _PARTS}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ),
+    )
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    received: list[object] = []
+
+    with pytest.raises(openai.APIError) as info:
+        received.extend(c.choices[0].delta.content for c in stream if c.choices)
+
+    assert received == ["", "hello "]  # the role chunk, then the text: no parts passed on
+    assert info.value.body["code"] == "upstream_error"
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+
+
+@pytest.mark.parametrize("temperature", [True, False])
+def test_openai_sdk_temperature_sent_as_a_boolean_is_refused_by_name(
+    upstream_settings, local_model, tollgate, key_client, temperature
+):
+    # DRF's FloatField reads true as 1.0 and false as 0.0: an answer at a temperature the
+    # client never chose, where OpenAI refuses the type.
+    with pytest.raises(openai.BadRequestError) as info:
+        tollgate.chat.completions.create(
+            model="local/demo",
+            messages=[{"role": "user", "content": "Hi"}],
+            temperature=temperature,
+        )
+    generate = key_client.post(
+        "/api/v1/generate", {"prompt": "Hi", "temperature": temperature}, format="json"
+    )
+
+    assert (info.value.body["param"], info.value.body["code"]) == ("temperature", "invalid_request")
+    assert "Must be a number" in info.value.body["message"]
+    assert generate.status_code == 400
+    assert generate.json()["error"]["fields"] == {"temperature": ["Must be a number."]}
+    assert not UsageRecord.objects.exists()
