@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
+from config.errors import InvalidRequest
 from quotas import keys
 from quotas.errors import QuotaExceeded
 from quotas.models import (
@@ -66,7 +67,7 @@ def _form_data(response) -> dict[str, Any]:
     return data
 
 
-def _edit(client, model: type, obj_id: int, **changes: Any):
+def _edit(client, model: type, obj_id: int, /, **changes: Any):
     url = _url(model, "change", obj_id)
     data = _form_data(client.get(url))
     for name, value in changes.items():
@@ -720,6 +721,70 @@ def test_seed_demo_entry_and_factory_rows_follow_the_local_naming_rule():
     ModelPrice(model=DEMO_MODEL, **DEMO_PRICE).full_clean()
     for name in ("local/demo", "other/model"):
         ModelPriceFactory.build(model=name).full_clean()
+
+
+def test_catalogue_model_named_nowhere_is_renamed_audited_and_deleted(
+    admin_client, admin_user, redis_conn, django_capture_on_commit_callbacks
+):
+    from quotas.tests.factories import ModelPriceFactory
+
+    model = ModelPriceFactory(model="local/echo")
+    user = UserFactory(username="dave")
+    admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="local/echo",
+        request_id="r1",
+        prompt_tokens=1,
+        max_tokens=1,
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _edit(admin_client, ModelPrice, model.pk, model="local/echo2")
+
+    assert response.status_code == 302
+    entry = AuditEntry.objects.get(object_type="modelprice", field="model", actor__isnull=False)
+    assert (entry.old_value, entry.new_value, entry.actor) == (
+        "local/echo",
+        "local/echo2",
+        admin_user,
+    )
+    # Every worker serves the new name and refuses the old one from the next request.
+    admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="local/echo2",
+        request_id="r2",
+        prompt_tokens=1,
+        max_tokens=1,
+    )
+    with pytest.raises(InvalidRequest):
+        admission_admit(
+            user_id=user.pk,
+            key_id=None,
+            model="local/echo",
+            request_id="r3",
+            prompt_tokens=1,
+            max_tokens=1,
+        )
+    deleted = admin_client.post(_url(ModelPrice, "delete", model.pk), {"post": "yes"})
+    assert deleted.status_code == 302
+    assert not ModelPrice.objects.filter(pk=model.pk).exists()
+
+
+def test_provider_quota_moved_to_another_model_is_audited_with_the_actor(
+    admin_client, admin_user, local_model
+):
+    from quotas.tests.factories import ModelPriceFactory
+
+    ModelPriceFactory(model="local/echo")
+    row = ProviderQuota.objects.create(provider="local", model="local/demo", requests_per_day=5)
+
+    response = _edit(admin_client, ProviderQuota, row.pk, model="local/echo")
+
+    assert response.status_code == 302
+    entry = AuditEntry.objects.get(object_type="providerquota", field="model", actor=admin_user)
+    assert (entry.old_value, entry.new_value) == ("local/demo", "local/echo")
 
 
 # --- Read-only records ---
