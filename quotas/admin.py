@@ -42,6 +42,7 @@ from quotas.models import (
     UserQuota,
 )
 from quotas.policy import usd_text
+from quotas.selectors import model_references
 
 logger = logging.getLogger("tollgate.admin")
 User = get_user_model()
@@ -510,6 +511,19 @@ class ModelPriceAdmin(AuditedAdmin):
     )
     list_filter = ("provider", "enabled")
     search_fields = ("model", "upstream_model")
+
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[str, int], set[str], list[Any]]:
+        """A model that a provider quota, a plan, a key or the default model still names is
+        refused as a protected object would be, on its delete page and by "Delete
+        selected": both list what names it and offer no confirmation (the templates of
+        admin/quotas/modelprice/ say why). Disabling it keeps what names it valid."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        for obj in objs:
+            references = model_references(model=obj.model, provider=obj.provider)
+            protected += [f"{obj.model}: {reference}" for reference in references]
+        return deleted, counts, perms_needed, protected
 
 
 @admin.register(ProviderQuota)

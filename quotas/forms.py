@@ -12,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from quotas.models import DIMENSIONS, ApiKey, ModelPrice, Plan, Provider
+from quotas.selectors import model_references
 
 # Fields that hold USD amounts (must not be negative) and fractions (0..1), wherever they occur.
 MONEY_FIELDS = ("cost_per_day", "cost_per_month", "input_per_million", "output_per_million")
@@ -103,7 +104,42 @@ class ModelPriceForm(GovernanceForm):
                 "max_output_tokens",
                 f"At most the context window ({context_window} tokens): the answer is part of it.",
             )
+        self._check_references()
         return cleaned
+
+    def _check_references(self) -> None:
+        """A saved entry keeps its name, and its provider, while something names it there.
+
+        A provider quota, a plan's allowed models, a key's `model:` scopes and the default
+        model all name a model by name (and a provider quota by provider too): renamed, the
+        model would slip out of its provider's limit, unnoticed, and be refused where it is
+        allowed. The operator changes those first; disabling a model keeps them valid.
+        """
+        if self.instance.pk is None:
+            return
+        renamed = "model" in self.changed_data
+        if not renamed and "provider" not in self.changed_data:
+            return
+        name, provider = self.initial["model"], self.initial["provider"]
+        references = model_references(model=name, provider=provider, provider_only=not renamed)
+        if not references:
+            return
+        if renamed:
+            self.add_error(
+                "model",
+                f"“{name}” is still named by {'; '.join(references)}. Under a new name "
+                "they would no longer reach it: change them first (a new name can be added "
+                "as a catalogue entry of its own), or keep the name and disable the model "
+                "instead.",
+            )
+        else:
+            self.add_error(
+                "provider",
+                f"“{name}” is limited at {Provider(provider).label} by "
+                f"{'; '.join(references)}: moved to another provider, it would escape that "
+                "limit. Delete the limit first (and set one at the new provider once the "
+                "model is moved).",
+            )
 
 
 class ProviderQuotaForm(GovernanceForm):

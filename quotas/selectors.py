@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
 from config.errors import InvalidRequest
-from quotas.models import UsageRecord
+from quotas.models import ApiKey, Plan, ProviderQuota, UsageRecord
 from quotas.policy import usd_text
 
 # group_by -> the expression a ledger row is grouped by. "user" is for operators' reports;
@@ -124,3 +125,47 @@ def usage_rows(
             if key != "group"
         },
     }
+
+
+# The keys a reference list names one by one; past that it says how many more there are.
+REFERENCES_KEYS_SHOWN = 10
+
+
+def model_references(*, model: str, provider: str, provider_only: bool = False) -> list[str]:
+    """What names the catalogue model `model` of `provider`, for an operator to read: the
+    provider quota on it, the plans that allow it, the keys whose scopes name it (revoked
+    ones aside: no one uses them again) and the deployment's default model. They all name
+    it by name, so renamed or deleted it would slip out of that provider limit, unnoticed,
+    and be refused to those plans, keys and requests.
+
+    `provider_only`: only what a move to another provider breaks, its provider quota (the
+    other references name the model, whatever its provider).
+    """
+    found = [
+        f"the provider quota {row}"
+        for row in ProviderQuota.objects.filter(provider=provider, model=model)
+    ]
+    if provider_only:
+        return found
+    found += [
+        f"plan “{plan.name}” (allowed models)"
+        for plan in Plan.objects.exclude(allowed_models=[]).order_by("name")
+        if model in plan.allowed_models
+    ]
+    # JSON containment is a PostgreSQL lookup; the keys with scopes are read and looked
+    # through instead, which an operator's rename or delete can afford.
+    scope = f"model:{model}"
+    keys = [
+        key
+        for key in ApiKey.objects.filter(revoked_at__isnull=True)
+        .exclude(scopes=[])
+        .select_related("user")
+        .order_by("prefix")
+        if scope in key.scopes
+    ]
+    found += [f"API key {key} (scope {scope})" for key in keys[:REFERENCES_KEYS_SHOWN]]
+    if len(keys) > REFERENCES_KEYS_SHOWN:
+        found.append(f"{len(keys) - REFERENCES_KEYS_SHOWN} other API key(s) (scope {scope})")
+    if model == settings.TOLLGATE_DEFAULT_MODEL:
+        found.append("the default model of requests that name none (TOLLGATE_DEFAULT_MODEL)")
+    return found

@@ -40,8 +40,21 @@ AUDITED_FIELDS: dict[type, tuple[str, ...]] = {
     Plan: (*DIMENSIONS, "allowed_models", "allow_stale_fallback"),
     UserQuota: (*DIMENSIONS, "plan_id", "suspended"),
     ApiKey: (*DIMENSIONS, "scopes", "expires_at", "revoked_at"),
-    ModelPrice: ("input_per_million", "output_per_million", "enabled", "max_output_tokens"),
+    # A catalogue entry's name and provider are what the rest names it by (a rename is what
+    # clients must send from then on); its upstream name and window are what it serves.
+    ModelPrice: (
+        "model",
+        "provider",
+        "upstream_model",
+        "input_per_million",
+        "output_per_million",
+        "enabled",
+        "context_window",
+        "max_output_tokens",
+    ),
     ProviderQuota: (
+        "provider",
+        "model",
         "requests_per_minute",
         "requests_per_day",
         "tokens_per_minute",

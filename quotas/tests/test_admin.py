@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape
 
+from config.errors import InvalidRequest
 from quotas import keys
 from quotas.errors import QuotaExceeded
 from quotas.models import (
@@ -27,6 +28,7 @@ from quotas.models import (
     UsageRecord,
     UserQuota,
 )
+from quotas.policy import policy_resolve
 from quotas.services import admission_admit, key_create
 from quotas.tests.factories import PlanFactory, UserFactory, UserQuotaFactory
 
@@ -66,7 +68,7 @@ def _form_data(response) -> dict[str, Any]:
     return data
 
 
-def _edit(client, model: type, obj_id: int, **changes: Any):
+def _edit(client, model: type, obj_id: int, /, **changes: Any):
     url = _url(model, "change", obj_id)
     data = _form_data(client.get(url))
     for name, value in changes.items():
@@ -720,6 +722,184 @@ def test_seed_demo_entry_and_factory_rows_follow_the_local_naming_rule():
     ModelPrice(model=DEMO_MODEL, **DEMO_PRICE).full_clean()
     for name in ("local/demo", "other/model"):
         ModelPriceFactory.build(model=name).full_clean()
+
+
+# --- Catalogue entries that other rows name ---
+
+
+@pytest.fixture
+def named_model(local_model):
+    """local/demo as a provider quota, a plan, a key and a revoked key name it."""
+    quota = ProviderQuota.objects.create(provider="local", model="local/demo", requests_per_day=5)
+    plan = PlanFactory(name="gold", allowed_models=["local/demo"])
+    user = UserQuotaFactory(user=UserFactory(username="carol"), plan=plan).user
+    _, key = key_create(user=user, name="ci", scopes=["generate", "model:local/demo"])
+    _, revoked = key_create(user=user, name="old", scopes=["model:local/demo"])
+    revoked.revoked_at = timezone.now()
+    revoked.save()
+    return {"model": local_model, "quota": quota, "plan": plan, "key": key, "revoked": revoked}
+
+
+def _references_listed(text: str, named_model: dict[str, Any]) -> None:
+    assert "provider quota local:local/demo" in text
+    assert "plan “gold”" in text
+    assert f"API key tg_{named_model['key'].prefix}" in text
+    # A revoked key can never be used again: it holds nothing back.
+    assert named_model["revoked"].prefix not in text
+
+
+def test_catalogue_rename_refused_while_a_provider_quota_plan_key_or_default_names_it(
+    admin_client, named_model
+):
+    model, key = named_model["model"], named_model["key"]
+
+    response = _edit(admin_client, ModelPrice, model.pk, model="local/demo2")
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == ["model"]
+    _references_listed(errors["model"][0], named_model)
+    assert "TOLLGATE_DEFAULT_MODEL" in errors["model"][0]
+    model.refresh_from_db()
+    assert model.model == "local/demo"
+    # The provider's limit still holds on the model, and the plan and key still reach it.
+    policy = policy_resolve(user_id=key.user_id, key_id=key.pk, model="local/demo")
+    assert "p:local:local/demo" in {q.counter for q in policy.quotas}
+
+
+def test_catalogue_provider_change_refused_while_a_limit_of_its_provider_names_it(
+    admin_client, settings
+):
+    from quotas.tests.factories import ModelPriceFactory
+
+    model = ModelPriceFactory(model="gpt-x", upstream_model="gpt-x")
+    row = ProviderQuota.objects.create(provider="openai", model="gpt-x", tokens_per_day=1000)
+    PlanFactory(name="gold", allowed_models=["gpt-x"])
+
+    response = _edit(admin_client, ModelPrice, model.pk, provider="gemini")
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert list(errors) == ["provider"]
+    assert "provider quota openai:gpt-x" in errors["provider"][0]
+    model.refresh_from_db()
+    assert model.provider == "openai"
+    # A plan or key names the model only: moved to another provider it still reaches it.
+    row.delete()
+    moved = _edit(admin_client, ModelPrice, model.pk, provider="gemini")
+    assert moved.status_code == 302
+    model.refresh_from_db()
+    assert model.provider == "gemini"
+
+
+def test_catalogue_delete_refused_while_named_and_lists_what_names_it(admin_client, named_model):
+    model = named_model["model"]
+
+    page = admin_client.get(_url(ModelPrice, "delete", model.pk))
+    response = admin_client.post(_url(ModelPrice, "delete", model.pk), {"post": "yes"})
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "cannot be deleted while" in html
+    _references_listed(html, named_model)
+    assert 'name="post"' not in html  # no button to confirm
+    assert response.status_code == 200
+    assert ModelPrice.objects.filter(pk=model.pk).exists()
+    assert not AuditEntry.objects.filter(object_type="modelprice", field="(deleted)").exists()
+
+
+def test_catalogue_bulk_delete_refused_while_any_selected_model_is_named(admin_client, named_model):
+    from quotas.tests.factories import ModelPriceFactory
+
+    model, free = named_model["model"], ModelPriceFactory(model="local/free")
+    data = {"action": "delete_selected", "_selected_action": [str(model.pk), str(free.pk)]}
+
+    page = admin_client.post(_url(ModelPrice, "changelist"), data)
+    response = admin_client.post(_url(ModelPrice, "changelist"), {**data, "post": "yes"})
+
+    html = page.content.decode()
+    assert "cannot be deleted while" in html
+    _references_listed(html, named_model)
+    assert response.status_code == 200
+    assert ModelPrice.objects.filter(pk__in=[model.pk, free.pk]).count() == 2
+
+
+def test_catalogue_model_named_nowhere_is_renamed_audited_and_deleted(
+    admin_client, admin_user, redis_conn, django_capture_on_commit_callbacks
+):
+    from quotas.tests.factories import ModelPriceFactory
+
+    model = ModelPriceFactory(model="local/echo")
+    user = UserFactory(username="dave")
+    admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="local/echo",
+        request_id="r1",
+        prompt_tokens=1,
+        max_tokens=1,
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = _edit(admin_client, ModelPrice, model.pk, model="local/echo2")
+
+    assert response.status_code == 302
+    entry = AuditEntry.objects.get(object_type="modelprice", field="model", actor__isnull=False)
+    assert (entry.old_value, entry.new_value, entry.actor) == (
+        "local/echo",
+        "local/echo2",
+        admin_user,
+    )
+    # Every worker serves the new name and refuses the old one from the next request.
+    admission_admit(
+        user_id=user.pk,
+        key_id=None,
+        model="local/echo2",
+        request_id="r2",
+        prompt_tokens=1,
+        max_tokens=1,
+    )
+    with pytest.raises(InvalidRequest):
+        admission_admit(
+            user_id=user.pk,
+            key_id=None,
+            model="local/echo",
+            request_id="r3",
+            prompt_tokens=1,
+            max_tokens=1,
+        )
+    deleted = admin_client.post(_url(ModelPrice, "delete", model.pk), {"post": "yes"})
+    assert deleted.status_code == 302
+    assert not ModelPrice.objects.filter(pk=model.pk).exists()
+
+
+def test_provider_quota_moved_to_another_model_is_audited_with_the_actor(
+    admin_client, admin_user, local_model
+):
+    from quotas.tests.factories import ModelPriceFactory
+
+    ModelPriceFactory(model="local/echo")
+    row = ProviderQuota.objects.create(provider="local", model="local/demo", requests_per_day=5)
+
+    response = _edit(admin_client, ProviderQuota, row.pk, model="local/echo")
+
+    assert response.status_code == 302
+    entry = AuditEntry.objects.get(object_type="providerquota", field="model", actor=admin_user)
+    assert (entry.old_value, entry.new_value) == ("local/demo", "local/echo")
+
+
+def test_catalogue_model_named_elsewhere_can_be_disabled_and_its_names_stay_valid(
+    admin_client, named_model
+):
+    model, plan = named_model["model"], named_model["plan"]
+
+    response = _edit(admin_client, ModelPrice, model.pk, enabled=False)
+
+    assert response.status_code == 302
+    model.refresh_from_db()
+    assert model.enabled is False
+    # The plan that names it can still be edited: its name is still in the catalogue.
+    assert _edit(admin_client, Plan, plan.pk, requests_per_minute="7").status_code == 302
 
 
 # --- Read-only records ---
