@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from quotas import services
 from quotas.errors import KeyExpired, QuotaExceeded
-from quotas.models import UsageRecord
+from quotas.models import GlobalLimits, ProviderQuota, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -23,7 +23,9 @@ DAY_END = datetime(2026, 11, 19, tzinfo=UTC).timestamp()
 MONTH_END = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
 
 
-def admit(user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id=None):
+def admit(
+    user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id=None, priority="high"
+):
     return services.admission_admit(
         user_id=user.pk,
         key_id=key_id,
@@ -31,6 +33,7 @@ def admit(user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id
         request_id=uuid.uuid4().hex,
         prompt_tokens=prompt,
         max_tokens=max_tokens,
+        priority=priority,
         now=now,
     )
 
@@ -306,3 +309,35 @@ def test_a_day_budget_cleared_and_set_again_counts_what_was_spent_meanwhile(
     # 120 tokens spent today: the budget of 100 is gone, whatever Redis counted before.
     assert limits(user, now=NOW + 2)["tokens_per_day"]["used"] == 120
     assert refusal(user, now=NOW + 2).dimension == "tokens_per_day"
+
+
+# --- priority shares and safety margins ------------------------------------------------------
+
+
+def admitted(user, n, **kwargs) -> int:
+    count = 0
+    for _ in range(n):
+        try:
+            admit(user, **kwargs)
+            count += 1
+        except QuotaExceeded:
+            pass
+    return count
+
+
+def test_a_priority_share_of_a_global_limit_is_taken_exactly(engine, user, plan_for):
+    # Medium may use 70% of 90 requests an hour: 63, not the 62 that 90 x 0.7 floors to in
+    # binary floating point (62.99999999999999).
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 90})
+    assert admitted(user, 70, priority="medium") == 63
+    err = refusal(user, priority="medium")
+    assert (err.scope, err.dimension, err.limit) == ("global", "requests_per_hour", 63)
+
+
+def test_a_safety_margin_of_a_provider_limit_is_taken_exactly(engine, user, plan_for):
+    plan_for(user)
+    ProviderQuota.objects.create(
+        provider="local", model="", requests_per_minute=100, safety_margin="0.57"
+    )
+    assert admitted(user, 70, priority="critical") == 57
