@@ -97,11 +97,10 @@ class Quota:
         return DIMENSION_SPECS[self.dimension][1]
 
     def scaled(self, share: Decimal) -> Quota:
-        """The limit a priority may use of a shared scope (floor; at least 0). In Decimal:
-        a float product floors an exact one below it (90 x 0.7 is 62.99999999999999)."""
+        """The limit a priority may use of a shared scope (`_fraction_of`)."""
         if share >= 1:
             return self
-        return Quota(self.scope, self.dimension, _floor(self.limit * share), self.counter)
+        return Quota(self.scope, self.dimension, _fraction_of(self.limit, share), self.counter)
 
     def display_limit(self) -> int | str:
         return micros_text(self.limit) if self.kind == "c" else self.limit
@@ -155,8 +154,14 @@ class Policy:
         ) / MICROS
 
 
-def _floor(value: Decimal) -> int:
-    return int(value.to_integral_value(rounding=ROUND_FLOOR))
+def _fraction_of(limit: int, fraction: Decimal) -> int:
+    """A fraction of a limit (a priority's share, a provider's safety margin), rounded
+    down, in Decimal: a float product floors an exact one below it (90 x 0.7 is
+    62.99999999999999). A positive fraction of a positive limit is at least 1: rounded to
+    0 it would refuse everything, on an idle scope too (90% of a global concurrency of 1,
+    80% of a provider's 1 request a minute), which only a fraction of 0 is meant to."""
+    part = int((limit * fraction).to_integral_value(rounding=ROUND_FLOOR))
+    return max(1, part) if limit > 0 and fraction > 0 else part
 
 
 def _units(dimension: str, value: int | Decimal | None) -> int | None:
@@ -206,12 +211,12 @@ def global_quotas(glob: GlobalLimits) -> list[Quota]:
 def provider_quotas(row: ProviderQuota) -> list[Quota]:
     """The quotas of one provider row: the upstream's limits times its safety margin."""
     counter = f"p:{row.provider}:{row.model or '*'}"
-    margin = Decimal(row.safety_margin)  # exact: see Quota.scaled
+    margin = Decimal(row.safety_margin)
     quotas = []
     for dim in ("requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day"):
         value = getattr(row, dim)
         if value is not None:
-            quotas.append(Quota("provider", dim, _floor(value * margin), counter))
+            quotas.append(Quota("provider", dim, _fraction_of(value, margin), counter))
     return quotas
 
 

@@ -341,3 +341,41 @@ def test_a_safety_margin_of_a_provider_limit_is_taken_exactly(engine, user, plan
         provider="local", model="", requests_per_minute=100, safety_margin="0.57"
     )
     assert admitted(user, 70, priority="critical") == 57
+
+
+def test_a_priority_share_of_a_limit_of_one_is_not_rounded_to_nothing(engine, user, plan_for):
+    # A global concurrency of 1 (one request at a time upstream): 90% of it floors to 0,
+    # which refused every request of the default priority forever, on an idle scope, with
+    # "limit 0" and a Retry-After of 1 that waiting never honoured.
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"concurrency": 1})
+    first = admit(user)
+    err = refusal(user, priority="critical")  # the one slot is taken, whoever asks
+    assert (err.scope, err.dimension, err.limit) == ("global", "concurrency", 1)
+    settle(first, 10, 10)
+    settle(admit(user, priority="low"), 10, 10)
+    # A share of 0 is the operator's own: that priority is refused everything.
+    GlobalLimits.objects.filter(pk=1).update(low_share=Decimal(0))
+    services.local_state_reset()
+    assert refusal(user, priority="low").limit == 0
+    settle(admit(user, priority="medium"), 10, 10)
+
+
+def test_a_provider_limit_of_two_with_the_default_margin_still_serves(engine, user, plan_for):
+    # A free tier's 2 requests a minute, at a margin of 0.8: 1 usable, of which high's 90%
+    # floored to nothing.
+    plan_for(user)
+    ProviderQuota.objects.create(
+        provider="local", model="", requests_per_minute=2, safety_margin="0.80"
+    )
+    assert admitted(user, 3) == 1
+    assert refusal(user, priority="critical").limit == 1
+
+
+def test_critical_still_passes_once_low_is_refused_at_a_small_limit(engine, user, plan_for):
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 3})
+    assert admitted(user, 3, priority="low") == 1
+    assert admitted(user, 3, priority="high") == 1
+    assert admitted(user, 3, priority="critical") == 1
+    assert refusal(user, priority="critical").limit == 3
