@@ -71,6 +71,15 @@ def _duration(seconds: int) -> str:
     return f"{hours}h{minutes}m{seconds}s"
 
 
+def _reset_seconds(state: WindowState) -> int:
+    """Whole seconds until the window frees up. A full window with nothing in it to leave
+    (a limit of 0) frees up no sooner than a refusal's Retry-After says: its length, not
+    "0s", which would have a client ask again at once."""
+    if state.reset_in <= 0 and state.remaining == 0 and isinstance(state.quota.window, int):
+        return state.quota.window
+    return max(0, math.ceil(state.reset_in))
+
+
 def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     """API.md's rate-limit headers for the tightest request window and token window."""
     windows = list(windows)
@@ -78,7 +87,7 @@ def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     req = _tightest(windows, "r")
     if req is not None:
         name = _POLICY_NAMES.get((req.quota.kind, req.quota.window), "requests")
-        reset = max(0, math.ceil(req.reset_in))
+        reset = _reset_seconds(req)
         window = _WINDOW_SECONDS.get(req.quota.window, 60)
         headers["RateLimit-Policy"] = f'"{name}";q={req.quota.limit};w={window}'
         headers["RateLimit"] = f'"{name}";r={req.remaining};t={reset}'
@@ -89,7 +98,7 @@ def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     if tok is not None:
         headers["X-RateLimit-Limit-Tokens"] = str(tok.quota.limit)
         headers["X-RateLimit-Remaining-Tokens"] = str(tok.remaining)
-        headers["X-RateLimit-Reset-Tokens"] = _duration(max(0, math.ceil(tok.reset_in)))
+        headers["X-RateLimit-Reset-Tokens"] = _duration(_reset_seconds(tok))
     return headers
 
 

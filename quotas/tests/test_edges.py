@@ -83,6 +83,28 @@ def test_a_limit_of_zero_refuses_the_first_request_naming_it(engine, user, plan_
     assert entry["remaining"] in (0, "0.00")
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("requests_per_minute", "X-RateLimit-Reset-Requests", "1m0s"),
+        ("requests_per_hour", "X-RateLimit-Reset-Requests", "1h0m0s"),
+        ("tokens_per_minute", "X-RateLimit-Reset-Tokens", "1m0s"),
+    ],
+)
+def test_a_limit_of_zero_never_says_it_resets_at_once(engine, user, plan_for, case):
+    # Nothing is in the window to leave it: "0s" would have clients ask again at once, and
+    # be refused again, where Retry-After says the window's length.
+    dimension, header, reset = case
+    plan_for(user, **{dimension: 0})
+    err = refusal(user)
+    assert err.headers[header] == reset
+    assert err.extra_headers()["Retry-After"] == str(err.retry_after)
+    if header.endswith("Requests"):
+        assert err.headers["RateLimit"].endswith(f";t={err.retry_after}")
+    headers = services.quota_headers(user_id=user.pk, key_id=None, now=NOW)
+    assert headers[header] == reset
+
+
 def test_a_cost_limit_of_zero_refuses_a_free_model_too(engine, user, plan_for, free_model):
     plan_for(user, cost_per_day=Decimal(0))
     err = refusal(user, model=free_model)
