@@ -53,10 +53,18 @@ _WINDOW_SECONDS = {60: 60, 3600: 3600, "day": 86400, "month": 2592000}
 
 
 def _tightest(windows: Iterable[WindowState], kind: str) -> WindowState | None:
+    """The window of `kind` with the least left; of several with nothing left, the one
+    that frees up last, since no request passes before it does; else the shortest."""
     candidates = [w for w in windows if w.quota.kind == kind]
     if not candidates:
         return None
-    return min(candidates, key=lambda w: (w.remaining, _WINDOW_SECONDS.get(w.quota.window, 0)))
+    return min(
+        candidates,
+        key=lambda w: (
+            w.remaining,
+            -_reset_seconds(w) if w.remaining == 0 else _WINDOW_SECONDS.get(w.quota.window, 0),
+        ),
+    )
 
 
 def _duration(seconds: int) -> str:
@@ -154,7 +162,12 @@ def _refuse(decision: Decision, policy: Policy) -> QuotaExceeded:
         limit=quota.display_limit(),
         retry_after=decision.retry_after,
     )
-    exc.headers = ratelimit_headers(decision.windows)
+    # The refusing window frees up for this request when Retry-After says, which may be
+    # later than its oldest use leaving it (a limit lowered below what it holds).
+    exc.headers = ratelimit_headers(
+        WindowState(w.quota, w.used, max(w.reset_in, decision.retry_after)) if w is denied else w
+        for w in decision.windows
+    )
     exc.policy = policy  # lets the caller serve a stale answer
     exc.looked_up, exc.entry = decision.looked_up, decision.entry  # ... a CacheGate's look-up
     return exc

@@ -301,6 +301,36 @@ def test_refusal_waits_and_resets_stay_within_the_window(engine, user, plan_for,
         )
 
 
+def test_a_refusal_headers_name_the_window_that_refused_when_several_are_full(
+    engine, user, plan_for
+):
+    # 10 a minute and 10 an hour, all 10 used: the minute frees up in a minute, but no
+    # request passes for an hour. Headers saying "rpm", reset in 1m, sent clients back
+    # to be refused again for the rest of the hour.
+    plan_for(user, requests_per_minute=10, requests_per_hour=10)
+    for _ in range(10):
+        admit(user)
+    err = refusal(user, now=NOW + 1)
+    assert err.dimension == "requests_per_hour"
+    assert err.headers["RateLimit-Policy"] == '"rph";q=10;w=3600'
+    assert err.headers["RateLimit"] == f'"rph";r=0;t={err.retry_after}'
+    minutes, seconds = divmod(err.retry_after, 60)
+    assert err.headers["X-RateLimit-Reset-Requests"] == f"1h{minutes - 60}m{seconds}s"
+
+
+def test_a_limit_lowered_below_use_resets_when_a_request_fits_again(engine, user, plan_for, save):
+    # 4 requests in 4 sub-buckets, then the limit lowered to 2: the first bucket leaving
+    # the window is not enough, 3 must leave before one more request fits.
+    plan = plan_for(user, requests_per_minute=10)
+    for i in range(4):
+        admit(user, now=NOW + 5 * i)
+    plan.requests_per_minute = 2
+    save(plan)
+    err = refusal(user, now=NOW + 16)
+    assert err.headers["RateLimit"] == f'"rpm";r=0;t={err.retry_after}'
+    admit(user, now=NOW + 16 + err.retry_after)
+
+
 # --- keys that expire ------------------------------------------------------------------------
 
 
