@@ -431,3 +431,20 @@ def test_critical_still_passes_once_low_is_refused_at_a_small_limit(engine, user
     assert admitted(user, 3, priority="high") == 1
     assert admitted(user, 3, priority="critical") == 1
     assert refusal(user, priority="critical").limit == 3
+
+
+# --- refusal counts --------------------------------------------------------------------------
+
+
+def test_refusals_are_counted_by_the_utc_day_they_happen_on(engine, user, plan_for):
+    # The embedded default counted every refusal since its start as today's: yesterday's
+    # showed in "denials today" (GET /api/v1/quota/global) and were persisted again as
+    # today's (denials_persist).
+    plan_for(user, requests_per_day=0)
+    refusal(user, now=DAY_END - 10)
+    refusal(user, now=DAY_END + 10)
+    refusal(user, now=DAY_END + 20)
+    backend = services.backend()
+    assert backend.denials(day="20261118") == {"plan|requests_per_day": 1}
+    assert backend.denials(day="20261119") == {"plan|requests_per_day": 2}
+    assert backend.denials(day="20261120") == {}
