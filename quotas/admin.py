@@ -569,7 +569,8 @@ class GlobalLimitsAdmin(AuditedAdmin):
             {
                 "fields": ("high_share", "medium_share", "low_share"),
                 "description": "The fraction of a shared scope each priority may fill "
-                "(critical may use all of it).",
+                "(critical may use all of it), rounded down but never to nothing: a share "
+                "above 0 of a limit of 1 is that 1.",
             },
         ),
         ("History", {"fields": ("updated_at",)}),

@@ -60,7 +60,8 @@ class LocalQuotaBackend:
         self._calendar: dict[str, _Calendar] = {}
         self._leases: dict[str, dict[str, float]] = defaultdict(dict)
         self._reservations: dict[str, _Reservation] = {}
-        self.denial_counts: dict[str, int] = defaultdict(int)
+        # (UTC day YYYYMMDD, "scope|dimension") -> refusals, as Redis counts them by day.
+        self.denial_counts: dict[tuple[str, str], int] = defaultdict(int)
 
     def counter_key(self, quota: Quota, epoch: str, now: float) -> str:
         if quota.window == "day":
@@ -145,7 +146,8 @@ class LocalQuotaBackend:
             if missing:
                 raise RebuildNeeded(missing)
             if worst is not None:
-                self.denial_counts[f"{worst.quota.scope}|{worst.quota.dimension}"] += 1
+                day = f"{datetime.fromtimestamp(now, tz=UTC):%Y%m%d}"
+                self.denial_counts[(day, f"{worst.quota.scope}|{worst.quota.dimension}")] += 1
                 return Decision(False, states, worst, worst_wait, backend=self.name)
 
             reservation = _Reservation(est_tokens, est_cost, deadline=now + _lease_ttl())
@@ -342,7 +344,7 @@ class LocalQuotaBackend:
         return deleted
 
     def denials(self, *, day: str) -> dict[str, int]:
-        return dict(self.denial_counts)
+        return {name: n for (on, name), n in self.denial_counts.items() if on == day}
 
 
 def _lease_ttl() -> int:

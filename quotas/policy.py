@@ -12,9 +12,8 @@ provider -> `p:<provider>:<model or *>`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from django.conf import settings
@@ -97,11 +96,11 @@ class Quota:
     def window(self) -> int | str:
         return DIMENSION_SPECS[self.dimension][1]
 
-    def scaled(self, share: float) -> Quota:
-        """The limit a priority may use of a shared scope (floor; at least 0)."""
+    def scaled(self, share: Decimal) -> Quota:
+        """The limit a priority may use of a shared scope (`_fraction_of`)."""
         if share >= 1:
             return self
-        return Quota(self.scope, self.dimension, math.floor(self.limit * share), self.counter)
+        return Quota(self.scope, self.dimension, _fraction_of(self.limit, share), self.counter)
 
     def display_limit(self) -> int | str:
         return micros_text(self.limit) if self.kind == "c" else self.limit
@@ -125,7 +124,7 @@ class Policy:
     context_window: int
     allow_stale_fallback: bool
     quotas: tuple[Quota, ...]
-    shares: dict[str, float] = field(default_factory=dict)
+    shares: dict[str, Decimal] = field(default_factory=dict)
     version: int = 0
     # Only a standing's policy (model None) may belong to a suspended user: any other
     # resolution refuses one.
@@ -141,7 +140,7 @@ class Policy:
     def quotas_for(self, priority: str) -> tuple[Quota, ...]:
         quotas = self._by_priority.get(priority)
         if quotas is None:
-            share = self.shares.get(priority, 1.0)
+            share = self.shares.get(priority, Decimal(1))
             quotas = tuple(q.scaled(share) if q.scope in SHARED_SCOPES else q for q in self.quotas)
             self._by_priority[priority] = quotas
         return quotas
@@ -153,6 +152,16 @@ class Policy:
             Decimal(prompt_tokens) * self.input_per_million
             + Decimal(completion_tokens) * self.output_per_million
         ) / MICROS
+
+
+def _fraction_of(limit: int, fraction: Decimal) -> int:
+    """A fraction of a limit (a priority's share, a provider's safety margin), rounded
+    down, in Decimal: a float product floors an exact one below it (90 x 0.7 is
+    62.99999999999999). A positive fraction of a positive limit is at least 1: rounded to
+    0 it would refuse everything, on an idle scope too (90% of a global concurrency of 1,
+    80% of a provider's 1 request a minute), which only a fraction of 0 is meant to."""
+    part = int((limit * fraction).to_integral_value(rounding=ROUND_FLOOR))
+    return max(1, part) if limit > 0 and fraction > 0 else part
 
 
 def _units(dimension: str, value: int | Decimal | None) -> int | None:
@@ -202,12 +211,12 @@ def global_quotas(glob: GlobalLimits) -> list[Quota]:
 def provider_quotas(row: ProviderQuota) -> list[Quota]:
     """The quotas of one provider row: the upstream's limits times its safety margin."""
     counter = f"p:{row.provider}:{row.model or '*'}"
-    margin = float(row.safety_margin)
+    margin = Decimal(row.safety_margin)
     quotas = []
     for dim in ("requests_per_minute", "requests_per_day", "tokens_per_minute", "tokens_per_day"):
         value = getattr(row, dim)
         if value is not None:
-            quotas.append(Quota("provider", dim, math.floor(value * margin), counter))
+            quotas.append(Quota("provider", dim, _fraction_of(value, margin), counter))
     return quotas
 
 
@@ -295,10 +304,17 @@ def policy_resolve(
             quotas.append(Quota("plan", dim, _units(dim, getattr(plan, dim)) or 0, f"u:{user_id}"))
 
     glob = GlobalLimits.objects.filter(pk=1).first()
-    shares = {"critical": 1.0, "high": 0.9, "medium": 0.7, "low": 0.5}
+    shares = {
+        "critical": Decimal(1),
+        "high": Decimal("0.9"),
+        "medium": Decimal("0.7"),
+        "low": Decimal("0.5"),
+    }
     if glob is not None:
         shares.update(
-            high=float(glob.high_share), medium=float(glob.medium_share), low=float(glob.low_share)
+            high=Decimal(glob.high_share),
+            medium=Decimal(glob.medium_share),
+            low=Decimal(glob.low_share),
         )
         quotas += global_quotas(glob)
 

@@ -538,6 +538,11 @@ def _relay(
             completion_tokens=tokens_count("".join(sent)),
         )
         raise
+    except BaseException:
+        # Not the provider's failure but one of ours: refunded as the whole-answer path
+        # does, not left holding its lease until the sweep takes its worker for dead.
+        usage_refund(admission=admission, outcome="upstream_error")
+        raise
     finally:
         renewal.stop()  # nothing is passed on past here: no client can hold the stream up
         _close_iterator(pieces)

@@ -167,3 +167,33 @@ def test_a_stream_whose_client_stops_reading_keeps_its_lease_and_is_charged_once
     )
     assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(9, 300)]  # the stream's
     assert limits["concurrency"]["used"] == 0  # freed by the settlement
+
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_a_stream_broken_by_an_unexpected_error_frees_its_lease_at_once(
+    upstream_settings, fake_upstream, openai_model, key_client, monkeypatch
+):
+    """Not a provider's failure but a mistake of ours (a bug, a MemoryError) mid-stream: the
+    request is refunded as an upstream error, not left holding its concurrency lease and
+    reservation until the sweep takes its worker for dead (QUOTA_LEASE_TTL, 5 minutes)."""
+    from generation.providers.openai_compat import OpenAIProvider
+
+    original = OpenAIProvider.stream
+
+    def breaking(self, request, *, timeout):
+        pieces = original(self, request, timeout=timeout)
+        yield next(pieces)
+        pieces.close()
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(OpenAIProvider, "stream", breaking)
+    fake_upstream.default = Behaviour(text=LONG, usage=(9, 300))
+    response = _stream(key_client)
+    with pytest.raises(RuntimeError):
+        b"".join(response.streaming_content)
+    response.close()
+    monkeypatch.setattr(OpenAIProvider, "stream", original)
+
+    assert UsageRecord.objects.get().cost_usd == 0
+    again = key_client.post(CHAT, ASK, format="json")  # concurrency 1: the lease is free
+    assert again.status_code == 200, again.content

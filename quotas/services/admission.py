@@ -53,10 +53,18 @@ _WINDOW_SECONDS = {60: 60, 3600: 3600, "day": 86400, "month": 2592000}
 
 
 def _tightest(windows: Iterable[WindowState], kind: str) -> WindowState | None:
+    """The window of `kind` with the least left; of several with nothing left, the one
+    that frees up last, since no request passes before it does; else the shortest."""
     candidates = [w for w in windows if w.quota.kind == kind]
     if not candidates:
         return None
-    return min(candidates, key=lambda w: (w.remaining, _WINDOW_SECONDS.get(w.quota.window, 0)))
+    return min(
+        candidates,
+        key=lambda w: (
+            w.remaining,
+            -_reset_seconds(w) if w.remaining == 0 else _WINDOW_SECONDS.get(w.quota.window, 0),
+        ),
+    )
 
 
 def _duration(seconds: int) -> str:
@@ -71,6 +79,15 @@ def _duration(seconds: int) -> str:
     return f"{hours}h{minutes}m{seconds}s"
 
 
+def _reset_seconds(state: WindowState) -> int:
+    """Whole seconds until the window frees up. A full window with nothing in it to leave
+    (a limit of 0) frees up no sooner than a refusal's Retry-After says: its length, not
+    "0s", which would have a client ask again at once."""
+    if state.reset_in <= 0 and state.remaining == 0 and isinstance(state.quota.window, int):
+        return state.quota.window
+    return max(0, math.ceil(state.reset_in))
+
+
 def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     """API.md's rate-limit headers for the tightest request window and token window."""
     windows = list(windows)
@@ -78,7 +95,7 @@ def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     req = _tightest(windows, "r")
     if req is not None:
         name = _POLICY_NAMES.get((req.quota.kind, req.quota.window), "requests")
-        reset = max(0, math.ceil(req.reset_in))
+        reset = _reset_seconds(req)
         window = _WINDOW_SECONDS.get(req.quota.window, 60)
         headers["RateLimit-Policy"] = f'"{name}";q={req.quota.limit};w={window}'
         headers["RateLimit"] = f'"{name}";r={req.remaining};t={reset}'
@@ -89,7 +106,7 @@ def ratelimit_headers(windows: Iterable[WindowState]) -> dict[str, str]:
     if tok is not None:
         headers["X-RateLimit-Limit-Tokens"] = str(tok.quota.limit)
         headers["X-RateLimit-Remaining-Tokens"] = str(tok.remaining)
-        headers["X-RateLimit-Reset-Tokens"] = _duration(max(0, math.ceil(tok.reset_in)))
+        headers["X-RateLimit-Reset-Tokens"] = _duration(_reset_seconds(tok))
     return headers
 
 
@@ -145,7 +162,12 @@ def _refuse(decision: Decision, policy: Policy) -> QuotaExceeded:
         limit=quota.display_limit(),
         retry_after=decision.retry_after,
     )
-    exc.headers = ratelimit_headers(decision.windows)
+    # The refusing window frees up for this request when Retry-After says, which may be
+    # later than its oldest use leaving it (a limit lowered below what it holds).
+    exc.headers = ratelimit_headers(
+        WindowState(w.quota, w.used, max(w.reset_in, decision.retry_after)) if w is denied else w
+        for w in decision.windows
+    )
     exc.policy = policy  # lets the caller serve a stale answer
     exc.looked_up, exc.entry = decision.looked_up, decision.entry  # ... a CacheGate's look-up
     return exc

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from quotas import services
 from quotas.errors import KeyExpired, QuotaExceeded
-from quotas.models import UsageRecord
+from quotas.models import GlobalLimits, ProviderQuota, UsageRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -23,7 +23,9 @@ DAY_END = datetime(2026, 11, 19, tzinfo=UTC).timestamp()
 MONTH_END = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
 
 
-def admit(user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id=None):
+def admit(
+    user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id=None, priority="high"
+):
     return services.admission_admit(
         user_id=user.pk,
         key_id=key_id,
@@ -31,6 +33,7 @@ def admit(user, *, now=NOW, prompt=10, max_tokens=10, model="local/demo", key_id
         request_id=uuid.uuid4().hex,
         prompt_tokens=prompt,
         max_tokens=max_tokens,
+        priority=priority,
         now=now,
     )
 
@@ -78,6 +81,28 @@ def test_a_limit_of_zero_refuses_the_first_request_naming_it(engine, user, plan_
     entry = limits(user)[dimension]
     assert entry["used"] in (0, "0.00")
     assert entry["remaining"] in (0, "0.00")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("requests_per_minute", "X-RateLimit-Reset-Requests", "1m0s"),
+        ("requests_per_hour", "X-RateLimit-Reset-Requests", "1h0m0s"),
+        ("tokens_per_minute", "X-RateLimit-Reset-Tokens", "1m0s"),
+    ],
+)
+def test_a_limit_of_zero_never_says_it_resets_at_once(engine, user, plan_for, case):
+    # Nothing is in the window to leave it: "0s" would have clients ask again at once, and
+    # be refused again, where Retry-After says the window's length.
+    dimension, header, reset = case
+    plan_for(user, **{dimension: 0})
+    err = refusal(user)
+    assert err.headers[header] == reset
+    assert err.extra_headers()["Retry-After"] == str(err.retry_after)
+    if header.endswith("Requests"):
+        assert err.headers["RateLimit"].endswith(f";t={err.retry_after}")
+    headers = services.quota_headers(user_id=user.pk, key_id=None, now=NOW)
+    assert headers[header] == reset
 
 
 def test_a_cost_limit_of_zero_refuses_a_free_model_too(engine, user, plan_for, free_model):
@@ -276,6 +301,36 @@ def test_refusal_waits_and_resets_stay_within_the_window(engine, user, plan_for,
         )
 
 
+def test_a_refusal_headers_name_the_window_that_refused_when_several_are_full(
+    engine, user, plan_for
+):
+    # 10 a minute and 10 an hour, all 10 used: the minute frees up in a minute, but no
+    # request passes for an hour. Headers saying "rpm", reset in 1m, sent clients back
+    # to be refused again for the rest of the hour.
+    plan_for(user, requests_per_minute=10, requests_per_hour=10)
+    for _ in range(10):
+        admit(user)
+    err = refusal(user, now=NOW + 1)
+    assert err.dimension == "requests_per_hour"
+    assert err.headers["RateLimit-Policy"] == '"rph";q=10;w=3600'
+    assert err.headers["RateLimit"] == f'"rph";r=0;t={err.retry_after}'
+    minutes, seconds = divmod(err.retry_after, 60)
+    assert err.headers["X-RateLimit-Reset-Requests"] == f"1h{minutes - 60}m{seconds}s"
+
+
+def test_a_limit_lowered_below_use_resets_when_a_request_fits_again(engine, user, plan_for, save):
+    # 4 requests in 4 sub-buckets, then the limit lowered to 2: the first bucket leaving
+    # the window is not enough, 3 must leave before one more request fits.
+    plan = plan_for(user, requests_per_minute=10)
+    for i in range(4):
+        admit(user, now=NOW + 5 * i)
+    plan.requests_per_minute = 2
+    save(plan)
+    err = refusal(user, now=NOW + 16)
+    assert err.headers["RateLimit"] == f'"rpm";r=0;t={err.retry_after}'
+    admit(user, now=NOW + 16 + err.retry_after)
+
+
 # --- keys that expire ------------------------------------------------------------------------
 
 
@@ -306,3 +361,90 @@ def test_a_day_budget_cleared_and_set_again_counts_what_was_spent_meanwhile(
     # 120 tokens spent today: the budget of 100 is gone, whatever Redis counted before.
     assert limits(user, now=NOW + 2)["tokens_per_day"]["used"] == 120
     assert refusal(user, now=NOW + 2).dimension == "tokens_per_day"
+
+
+# --- priority shares and safety margins ------------------------------------------------------
+
+
+def admitted(user, n, **kwargs) -> int:
+    count = 0
+    for _ in range(n):
+        try:
+            admit(user, **kwargs)
+            count += 1
+        except QuotaExceeded:
+            pass
+    return count
+
+
+def test_a_priority_share_of_a_global_limit_is_taken_exactly(engine, user, plan_for):
+    # Medium may use 70% of 90 requests an hour: 63, not the 62 that 90 x 0.7 floors to in
+    # binary floating point (62.99999999999999).
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 90})
+    assert admitted(user, 70, priority="medium") == 63
+    err = refusal(user, priority="medium")
+    assert (err.scope, err.dimension, err.limit) == ("global", "requests_per_hour", 63)
+
+
+def test_a_safety_margin_of_a_provider_limit_is_taken_exactly(engine, user, plan_for):
+    plan_for(user)
+    ProviderQuota.objects.create(
+        provider="local", model="", requests_per_minute=100, safety_margin="0.57"
+    )
+    assert admitted(user, 70, priority="critical") == 57
+
+
+def test_a_priority_share_of_a_limit_of_one_is_not_rounded_to_nothing(engine, user, plan_for):
+    # A global concurrency of 1 (one request at a time upstream): 90% of it floors to 0,
+    # which refused every request of the default priority forever, on an idle scope, with
+    # "limit 0" and a Retry-After of 1 that waiting never honoured.
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"concurrency": 1})
+    first = admit(user)
+    err = refusal(user, priority="critical")  # the one slot is taken, whoever asks
+    assert (err.scope, err.dimension, err.limit) == ("global", "concurrency", 1)
+    settle(first, 10, 10)
+    settle(admit(user, priority="low"), 10, 10)
+    # A share of 0 is the operator's own: that priority is refused everything.
+    GlobalLimits.objects.filter(pk=1).update(low_share=Decimal(0))
+    services.local_state_reset()
+    assert refusal(user, priority="low").limit == 0
+    settle(admit(user, priority="medium"), 10, 10)
+
+
+def test_a_provider_limit_of_two_with_the_default_margin_still_serves(engine, user, plan_for):
+    # A free tier's 2 requests a minute, at a margin of 0.8: 1 usable, of which high's 90%
+    # floored to nothing.
+    plan_for(user)
+    ProviderQuota.objects.create(
+        provider="local", model="", requests_per_minute=2, safety_margin="0.80"
+    )
+    assert admitted(user, 3) == 1
+    assert refusal(user, priority="critical").limit == 1
+
+
+def test_critical_still_passes_once_low_is_refused_at_a_small_limit(engine, user, plan_for):
+    plan_for(user)
+    GlobalLimits.objects.update_or_create(pk=1, defaults={"requests_per_hour": 3})
+    assert admitted(user, 3, priority="low") == 1
+    assert admitted(user, 3, priority="high") == 1
+    assert admitted(user, 3, priority="critical") == 1
+    assert refusal(user, priority="critical").limit == 3
+
+
+# --- refusal counts --------------------------------------------------------------------------
+
+
+def test_refusals_are_counted_by_the_utc_day_they_happen_on(engine, user, plan_for):
+    # The embedded default counted every refusal since its start as today's: yesterday's
+    # showed in "denials today" (GET /api/v1/quota/global) and were persisted again as
+    # today's (denials_persist).
+    plan_for(user, requests_per_day=0)
+    refusal(user, now=DAY_END - 10)
+    refusal(user, now=DAY_END + 10)
+    refusal(user, now=DAY_END + 20)
+    backend = services.backend()
+    assert backend.denials(day="20261118") == {"plan|requests_per_day": 1}
+    assert backend.denials(day="20261119") == {"plan|requests_per_day": 2}
+    assert backend.denials(day="20261120") == {}
