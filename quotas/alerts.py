@@ -186,7 +186,23 @@ def alert_payload(*, alert: BudgetAlert) -> dict[str, Any]:
 
 
 def alert_deliver(*, alert: BudgetAlert) -> None:
-    """Send one alert by email and/or webhook, as configured, and record the outcome."""
+    """Send one alert by email and/or webhook, as configured, and record the outcome.
+
+    Two checks may hold the same alert (one outliving the beat period while a webhook is
+    slow meets the next): the alert's row stays locked from before anything is sent until
+    the outcome is saved, and a check that finds it locked, or delivered again since it
+    read it (its attempts counted up), leaves it alone, so nothing is sent twice.
+    """
+    with transaction.atomic():
+        mine = BudgetAlert.objects.select_for_update(skip_locked=True).filter(
+            pk=alert.pk, delivery_attempts=alert.delivery_attempts
+        )
+        if not list(mine.values_list("pk", flat=True)):
+            return
+        _alert_send(alert=alert)
+
+
+def _alert_send(*, alert: BudgetAlert) -> None:
     payload = alert_payload(alert=alert)
     errors: list[str] = []
     recipients = list(settings.BUDGET_ALERT_EMAILS)

@@ -325,3 +325,67 @@ def test_budget_alert_webhook_that_times_out_is_recorded_not_raised(settings):
         assert not alert.webhook_sent
         assert "webhook" in alert.delivery_error
         assert alert.delivery_attempts == 1
+
+
+def test_budget_alert_retried_by_two_overlapping_checks_is_delivered_once(
+    transactional_db, settings
+):
+    # A check that outlives the beat period (a webhook slow to answer) overlaps the next
+    # one: both find the same alert waiting for a retry, and only one may deliver it.
+    arrived, release = threading.Event(), threading.Event()
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            bodies.append(json.loads(self.rfile.read(length)))
+            if len(bodies) == 1:  # the first delivery waits until the other check is done
+                arrived.set()
+                release.wait(10)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.BUDGET_ALERT_WEBHOOK_URL = f"http://127.0.0.1:{server.server_port}/hook"
+    settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
+    user = UserFactory(email="")
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "0.800000")
+    # Its first delivery failed whole (SMTP and webhook down): the next checks retry it.
+    alert = BudgetAlert.objects.create(
+        user=user,
+        period="day",
+        period_start=NOW.date(),
+        threshold=80,
+        budget_usd=Decimal("1.00"),
+        spent_usd=Decimal("0.800000"),
+        delivery_attempts=1,
+        delivery_error="email: refused; webhook: refused",
+    )
+
+    def slow_check():
+        try:
+            budget_alerts_check(now=NOW)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=slow_check)
+    first.start()
+    try:
+        assert arrived.wait(10)
+        budget_alerts_check(now=NOW)
+    finally:
+        release.set()
+        first.join()
+        server.shutdown()
+        server.server_close()
+
+    assert len(mail.outbox) == 1
+    assert len(bodies) == 1
+    alert.refresh_from_db()
+    assert (alert.email_sent, alert.webhook_sent, alert.delivery_error) == (True, True, "")
+    assert alert.delivery_attempts == 2
