@@ -106,6 +106,55 @@ def test_rollup_task_through_worker_rolls_up_today():
     assert row.day == dt.datetime.now(dt.UTC).date()
 
 
+def _late_day(today: dt.date) -> dt.date:
+    """Two days or more before `today`, in the same month as the day after it."""
+    day = today - dt.timedelta(days=2)
+    return day if (day + dt.timedelta(days=1)).day != 1 else day - dt.timedelta(days=1)
+
+
+@pytest.mark.usefixtures("redis_conn")
+def test_rollup_task_rolls_up_again_an_earlier_day_that_gets_a_late_row():
+    plan = PlanFactory(cost_per_month=Decimal("10.00"))
+    user = UserFactory()
+    UserQuota.objects.create(user=user, plan=plan)
+    late_day = _late_day(dt.datetime.now(dt.UTC).date())
+    served = dt.datetime.combine(late_day, dt.time(12), tzinfo=dt.UTC)
+    ledger(user, "5.000000", when=served)
+    usage_rollup(day=late_day)  # beat's roll-ups of that day, while it was today
+    usage_rollup_task()  # and its periodic runs since
+    usage_rollup_task()
+    # Days later, a worker's spool is replayed: a row of a request served on that day.
+    ledger(user, "3.500000", when=served + dt.timedelta(hours=1))
+
+    usage_rollup_task()
+
+    row = DailyUsage.objects.get(day=late_day, user=user)
+    assert (row.requests, row.cost_usd) == (2, Decimal("8.500000"))
+    alerts = budget_alerts_check(now=served + dt.timedelta(days=1))
+    assert [(a.period, a.threshold, a.spent_usd) for a in alerts] == [
+        ("month", 80, Decimal("8.500000"))
+    ]
+
+
+@pytest.mark.usefixtures("redis_conn")
+def test_rollup_task_rolls_up_the_days_it_missed_while_beat_was_down():
+    user = UserFactory()
+    today = dt.datetime.now(dt.UTC).date()
+    usage_rollup_task()
+    # Beat stopped for three days; the ledger went on.
+    for back in (4, 3, 2):
+        ledger(
+            user,
+            "1.250000",
+            when=dt.datetime.combine(today, dt.time(9), tzinfo=dt.UTC) - dt.timedelta(days=back),
+        )
+
+    usage_rollup_task()
+
+    rolled = dict(DailyUsage.objects.filter(user=user).values_list("day", "cost_usd"))
+    assert rolled == {today - dt.timedelta(days=back): Decimal("1.250000") for back in (4, 3, 2)}
+
+
 @pytest.mark.usefixtures("celery_worker")
 def test_budget_alert_through_worker_fires_once_per_threshold(webhook, settings):
     settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
