@@ -253,6 +253,26 @@ def test_budget_alert_new_period_alerts_again():
     assert {a.period_start for a in next_day} == {NOW.date() + dt.timedelta(days=1)}
 
 
+def test_budget_alert_passed_in_the_last_minute_of_a_day_and_month_is_still_sent():
+    last_minute = dt.datetime(2026, 11, 30, 23, 59, tzinfo=dt.UTC)
+    plan = PlanFactory(cost_per_day=Decimal("1.00"), cost_per_month=Decimal("10.00"))
+    user = UserFactory()
+    UserQuota.objects.create(user=user, plan=plan)
+    ledger(user, "7.500000", when=dt.datetime(2026, 11, 20, 12, tzinfo=dt.UTC))
+    usage_rollup(day=dt.date(2026, 11, 20))
+    assert budget_alerts_check(now=last_minute) == []
+    # Spent after that check and before the next, which runs in the new day and month.
+    ledger(user, "0.900000", when=last_minute + dt.timedelta(seconds=30))
+
+    alerts = budget_alerts_check(now=last_minute + dt.timedelta(seconds=80))
+
+    assert sorted((a.period, a.period_start, a.threshold, a.spent_usd) for a in alerts) == [
+        ("day", dt.date(2026, 11, 30), 80, Decimal("0.900000")),
+        ("month", dt.date(2026, 11, 1), 80, Decimal("8.400000")),
+    ]
+    assert budget_alerts_check(now=last_minute + dt.timedelta(seconds=140)) == []
+
+
 def test_budget_alert_unlimited_or_zero_budget_never_alerts():
     unlimited, zero = UserFactory(), UserFactory()
     UserQuota.objects.create(user=unlimited)
