@@ -290,7 +290,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "caching.popular_refresh",
         "schedule": env.float("CELERY_POPULAR_REFRESH_SECONDS", default=3600.0, minimum=1),
     },
-    # The ledger rolled up into daily aggregates (today and yesterday, idempotent).
+    # The ledger rolled up into daily aggregates (today, yesterday and any earlier day that
+    # got rows since, idempotent).
     "usage-rollup": {
         "task": "quotas.tasks.usage_rollup",
         "schedule": env.float("CELERY_USAGE_ROLLUP_SECONDS", default=300.0, minimum=1),

@@ -36,6 +36,11 @@ MAX_DELIVERY_ATTEMPTS = 3
 # delivering it: longer than the check task's hard time limit (120 s), so the check that
 # created it is done or dead and a later one never sends it twice.
 UNDELIVERED_GRACE = dt.timedelta(seconds=180)
+# A threshold passed between a period's last check and its end is alerted by the checks of
+# this long into the next period (a minute apart, some of them late or failed), which read
+# the period that ended; its earlier days come from the roll-up, final by then. Not longer:
+# the budget compared is today's, and one lowered since would raise alerts that never were.
+PERIOD_END_GRACE = dt.timedelta(minutes=15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,31 +87,47 @@ def _spend_earlier_this_month(month_start: dt.date, today: dt.date) -> dict[int,
     return {r["user_id"]: r["total"] or Decimal(0) for r in rows}
 
 
-def budget_alerts_check(*, now: dt.datetime | None = None) -> list[BudgetAlert]:
-    """Create and deliver the alerts due now; returns the alerts created by this call.
-
-    Thresholds are BUDGET_ALERT_THRESHOLDS (percent). A budget of 0 refuses everything and
-    never alerts; an unlimited budget never alerts.
-    """
-    now = now or timezone.now()
-    today = now.astimezone(dt.UTC).date()
-    month_start = today.replace(day=1)
-    day_start = dt.datetime.combine(today, dt.time.min, tzinfo=dt.UTC)
+def _spend_through(day: dt.date) -> tuple[dict[int, Decimal], dict[int, Decimal]]:
+    """(spend on `day`, spend in its month up to and including it) per user."""
+    day_start = dt.datetime.combine(day, dt.time.min, tzinfo=dt.UTC)
     spend_day = _spend_today(day_start, day_start + dt.timedelta(days=1))
-    earlier = _spend_earlier_this_month(month_start, today)
+    earlier = _spend_earlier_this_month(day.replace(day=1), day)
     spend_month = {
         uid: spend_day.get(uid, Decimal(0)) + earlier.get(uid, Decimal(0))
         for uid in set(spend_day) | set(earlier)
     }
-    budgets = budgets_of_users(user_ids=sorted(spend_month))
+    return spend_day, spend_month
+
+
+def budget_alerts_check(*, now: dt.datetime | None = None) -> list[BudgetAlert]:
+    """Create and deliver the alerts due now; returns the alerts created by this call.
+
+    Thresholds are BUDGET_ALERT_THRESHOLDS (percent). A budget of 0 refuses everything and
+    never alerts; an unlimited budget never alerts. For PERIOD_END_GRACE after midnight
+    the day (and month) just ended are checked too, against the ledger: a threshold
+    passed after the last check of a period is still alerted, once.
+    """
+    now = now or timezone.now()
+    today = now.astimezone(dt.UTC).date()
+    spend_day, spend_month = _spend_through(today)
+    due = [
+        (BudgetPeriod.DAY, today, spend_day),
+        (BudgetPeriod.MONTH, today.replace(day=1), spend_month),
+    ]
+    if now - dt.datetime.combine(today, dt.time.min, tzinfo=dt.UTC) < PERIOD_END_GRACE:
+        yesterday = today - dt.timedelta(days=1)
+        ended_day, ended_month = _spend_through(yesterday)
+        due.append((BudgetPeriod.DAY, yesterday, ended_day))
+        if yesterday.month != today.month:
+            due.append((BudgetPeriod.MONTH, yesterday.replace(day=1), ended_month))
+    budgets = budgets_of_users(user_ids=sorted(set().union(*(spend for _, _, spend in due))))
     thresholds = sorted({int(t) for t in settings.BUDGET_ALERT_THRESHOLDS})
 
     created: list[BudgetAlert] = []
     for user_id, budget in budgets.items():
-        for period, limit, spent, start in (
-            (BudgetPeriod.DAY, budget.day, spend_day.get(user_id, Decimal(0)), today),
-            (BudgetPeriod.MONTH, budget.month, spend_month.get(user_id, Decimal(0)), month_start),
-        ):
+        for period, start, spend in due:
+            limit = budget.day if period == BudgetPeriod.DAY else budget.month
+            spent = spend.get(user_id, Decimal(0))
             if limit is None or limit <= 0:
                 continue
             for threshold in thresholds:
@@ -186,7 +207,23 @@ def alert_payload(*, alert: BudgetAlert) -> dict[str, Any]:
 
 
 def alert_deliver(*, alert: BudgetAlert) -> None:
-    """Send one alert by email and/or webhook, as configured, and record the outcome."""
+    """Send one alert by email and/or webhook, as configured, and record the outcome.
+
+    Two checks may hold the same alert (one outliving the beat period while a webhook is
+    slow meets the next): the alert's row stays locked from before anything is sent until
+    the outcome is saved, and a check that finds it locked, or delivered again since it
+    read it (its attempts counted up), leaves it alone, so nothing is sent twice.
+    """
+    with transaction.atomic():
+        mine = BudgetAlert.objects.select_for_update(skip_locked=True).filter(
+            pk=alert.pk, delivery_attempts=alert.delivery_attempts
+        )
+        if not list(mine.values_list("pk", flat=True)):
+            return
+        _alert_send(alert=alert)
+
+
+def _alert_send(*, alert: BudgetAlert) -> None:
     payload = alert_payload(alert=alert)
     errors: list[str] = []
     recipients = list(settings.BUDGET_ALERT_EMAILS)

@@ -9,15 +9,19 @@ constraint is what makes an alert fire once.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from decimal import Decimal
 
 from django.conf import settings
 from django.contrib import admin
+from django.core.cache import cache
 from django.db import connection, models, transaction
 from django.db.models import Count, Max, Q, Sum
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, TruncDate
+from django.utils import timezone
 
 ZERO = Decimal(0)
+logger = logging.getLogger("tollgate.rollups")
 
 
 class DailyUsage(models.Model):
@@ -160,6 +164,63 @@ def usage_rollup(*, day: dt.date) -> int:
     return len(rows)
 
 
+# The highest ledger ids the periodic roll-up saw at its last two runs (older, newer).
+ROLLUP_MARKS_KEY = "quotas:rollup:ledger-marks"
+
+
+def _marks_get() -> tuple[int, int] | None:
+    try:
+        marks = cache.get(ROLLUP_MARKS_KEY)
+    except Exception:  # noqa: BLE001 - Redis away: roll up every day that may have changed
+        logger.warning("roll-up marks unavailable; rolling up the whole window", exc_info=True)
+        return None
+    return (int(marks[0]), int(marks[1])) if marks else None
+
+
+def _marks_set(marks: tuple[int, int]) -> None:
+    try:
+        cache.set(ROLLUP_MARKS_KEY, list(marks), timeout=None)
+    except Exception:  # noqa: BLE001 - the next run rolls up the whole window instead
+        logger.warning("roll-up marks not saved", exc_info=True)
+
+
+def usage_rollup_due(*, now: dt.datetime | None = None) -> int:
+    """The periodic roll-up: today, yesterday (rows written late, e.g. batched cache hits)
+    and every earlier day that got ledger rows since the last runs; returns the row count.
+
+    An earlier day gets rows when a spool is replayed after a long outage (a row is dated
+    when its request was served) or when beat was down for days; the month's budget alerts
+    and the dashboard add past days up from these rows, so such a day is rolled up again.
+    It is found by its rows' ids: above the highest id the run before the last one saw, so
+    a row committed after a higher id (its INSERT still running when that id was read) is
+    still found a run later. Without marks (the first run, Redis flushed or unreachable, a
+    database restored to fewer rows), every day of this month and of the dashboard's
+    series is rolled up.
+    """
+    from health.selectors import SERIES_DAYS
+    from quotas.models import UsageRecord
+
+    today = (now or timezone.now()).astimezone(dt.UTC).date()
+    yesterday = today - dt.timedelta(days=1)
+    high = UsageRecord.objects.aggregate(high=Max("id"))["high"] or 0
+    marks = _marks_get()
+    if marks is None or marks[1] > high:
+        first = min(today.replace(day=1), today - dt.timedelta(days=SERIES_DAYS - 1))
+        days = {first + dt.timedelta(days=i) for i in range((yesterday - first).days)}
+        marks = (high, high)
+    else:
+        days = set(
+            UsageRecord.objects.filter(id__gt=marks[0], created_at__lt=_day_bounds(yesterday)[0])
+            .annotate(day=TruncDate("created_at", tzinfo=dt.UTC))
+            .values_list("day", flat=True)
+            .order_by()
+            .distinct()
+        )
+    count = sum(usage_rollup(day=day) for day in sorted(days | {yesterday, today}))
+    _marks_set((marks[1], high))
+    return count
+
+
 class DailyUsageAdmin(admin.ModelAdmin):
     list_display = (
         "day",
@@ -185,8 +246,8 @@ class DailyUsageAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: object, obj: object = None) -> bool:
         # The month's budget alerts and the dashboard add up past days from these rows,
-        # and the periodic roll-up recomputes only yesterday and today: a deleted row
-        # would be spend forgotten. `usage_rollup` rebuilds a day from the ledger.
+        # and the periodic roll-up recomputes a past day only when it gets new ledger
+        # rows: a deleted row would be spend forgotten. `usage_rollup` rebuilds a day.
         return False
 
 

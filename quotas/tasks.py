@@ -15,14 +15,14 @@ from django.utils import timezone
 
 @shared_task(name="quotas.tasks.usage_rollup", time_limit=600, soft_time_limit=540)
 def usage_rollup(day: str | None = None) -> int:
-    """Roll the ledger up into DailyUsage: the given ISO day, else yesterday and today
-    (yesterday again so rows written late, e.g. batched cache hits, are counted)."""
+    """Roll the ledger up into DailyUsage: the given ISO day, else today, yesterday and any
+    earlier day that got rows since the last runs (`usage_rollup_due`)."""
     from quotas.rollups import usage_rollup as rollup
+    from quotas.rollups import usage_rollup_due
 
     if day is not None:
         return rollup(day=dt.date.fromisoformat(day))
-    today = timezone.now().astimezone(dt.UTC).date()
-    return rollup(day=today - dt.timedelta(days=1)) + rollup(day=today)
+    return usage_rollup_due()
 
 
 @shared_task(name="quotas.tasks.budget_alerts_check", time_limit=120, soft_time_limit=100)

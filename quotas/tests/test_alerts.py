@@ -106,6 +106,55 @@ def test_rollup_task_through_worker_rolls_up_today():
     assert row.day == dt.datetime.now(dt.UTC).date()
 
 
+def _late_day(today: dt.date) -> dt.date:
+    """Two days or more before `today`, in the same month as the day after it."""
+    day = today - dt.timedelta(days=2)
+    return day if (day + dt.timedelta(days=1)).day != 1 else day - dt.timedelta(days=1)
+
+
+@pytest.mark.usefixtures("redis_conn")
+def test_rollup_task_rolls_up_again_an_earlier_day_that_gets_a_late_row():
+    plan = PlanFactory(cost_per_month=Decimal("10.00"))
+    user = UserFactory()
+    UserQuota.objects.create(user=user, plan=plan)
+    late_day = _late_day(dt.datetime.now(dt.UTC).date())
+    served = dt.datetime.combine(late_day, dt.time(12), tzinfo=dt.UTC)
+    ledger(user, "5.000000", when=served)
+    usage_rollup(day=late_day)  # beat's roll-ups of that day, while it was today
+    usage_rollup_task()  # and its periodic runs since
+    usage_rollup_task()
+    # Days later, a worker's spool is replayed: a row of a request served on that day.
+    ledger(user, "3.500000", when=served + dt.timedelta(hours=1))
+
+    usage_rollup_task()
+
+    row = DailyUsage.objects.get(day=late_day, user=user)
+    assert (row.requests, row.cost_usd) == (2, Decimal("8.500000"))
+    alerts = budget_alerts_check(now=served + dt.timedelta(days=1))
+    assert [(a.period, a.threshold, a.spent_usd) for a in alerts] == [
+        ("month", 80, Decimal("8.500000"))
+    ]
+
+
+@pytest.mark.usefixtures("redis_conn")
+def test_rollup_task_rolls_up_the_days_it_missed_while_beat_was_down():
+    user = UserFactory()
+    today = dt.datetime.now(dt.UTC).date()
+    usage_rollup_task()
+    # Beat stopped for three days; the ledger went on.
+    for back in (4, 3, 2):
+        ledger(
+            user,
+            "1.250000",
+            when=dt.datetime.combine(today, dt.time(9), tzinfo=dt.UTC) - dt.timedelta(days=back),
+        )
+
+    usage_rollup_task()
+
+    rolled = dict(DailyUsage.objects.filter(user=user).values_list("day", "cost_usd"))
+    assert rolled == {today - dt.timedelta(days=back): Decimal("1.250000") for back in (4, 3, 2)}
+
+
 @pytest.mark.usefixtures("celery_worker")
 def test_budget_alert_through_worker_fires_once_per_threshold(webhook, settings):
     settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
@@ -202,6 +251,26 @@ def test_budget_alert_new_period_alerts_again():
     assert again == []
     assert sorted(a.threshold for a in next_day) == [80, 100]
     assert {a.period_start for a in next_day} == {NOW.date() + dt.timedelta(days=1)}
+
+
+def test_budget_alert_passed_in_the_last_minute_of_a_day_and_month_is_still_sent():
+    last_minute = dt.datetime(2026, 11, 30, 23, 59, tzinfo=dt.UTC)
+    plan = PlanFactory(cost_per_day=Decimal("1.00"), cost_per_month=Decimal("10.00"))
+    user = UserFactory()
+    UserQuota.objects.create(user=user, plan=plan)
+    ledger(user, "7.500000", when=dt.datetime(2026, 11, 20, 12, tzinfo=dt.UTC))
+    usage_rollup(day=dt.date(2026, 11, 20))
+    assert budget_alerts_check(now=last_minute) == []
+    # Spent after that check and before the next, which runs in the new day and month.
+    ledger(user, "0.900000", when=last_minute + dt.timedelta(seconds=30))
+
+    alerts = budget_alerts_check(now=last_minute + dt.timedelta(seconds=80))
+
+    assert sorted((a.period, a.period_start, a.threshold, a.spent_usd) for a in alerts) == [
+        ("day", dt.date(2026, 11, 30), 80, Decimal("0.900000")),
+        ("month", dt.date(2026, 11, 1), 80, Decimal("8.400000")),
+    ]
+    assert budget_alerts_check(now=last_minute + dt.timedelta(seconds=140)) == []
 
 
 def test_budget_alert_unlimited_or_zero_budget_never_alerts():
@@ -325,3 +394,67 @@ def test_budget_alert_webhook_that_times_out_is_recorded_not_raised(settings):
         assert not alert.webhook_sent
         assert "webhook" in alert.delivery_error
         assert alert.delivery_attempts == 1
+
+
+def test_budget_alert_retried_by_two_overlapping_checks_is_delivered_once(
+    transactional_db, settings
+):
+    # A check that outlives the beat period (a webhook slow to answer) overlaps the next
+    # one: both find the same alert waiting for a retry, and only one may deliver it.
+    arrived, release = threading.Event(), threading.Event()
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            bodies.append(json.loads(self.rfile.read(length)))
+            if len(bodies) == 1:  # the first delivery waits until the other check is done
+                arrived.set()
+                release.wait(10)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.BUDGET_ALERT_WEBHOOK_URL = f"http://127.0.0.1:{server.server_port}/hook"
+    settings.BUDGET_ALERT_EMAILS = ["ops@example.com"]
+    user = UserFactory(email="")
+    UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
+    ledger(user, "0.800000")
+    # Its first delivery failed whole (SMTP and webhook down): the next checks retry it.
+    alert = BudgetAlert.objects.create(
+        user=user,
+        period="day",
+        period_start=NOW.date(),
+        threshold=80,
+        budget_usd=Decimal("1.00"),
+        spent_usd=Decimal("0.800000"),
+        delivery_attempts=1,
+        delivery_error="email: refused; webhook: refused",
+    )
+
+    def slow_check():
+        try:
+            budget_alerts_check(now=NOW)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=slow_check)
+    first.start()
+    try:
+        assert arrived.wait(10)
+        budget_alerts_check(now=NOW)
+    finally:
+        release.set()
+        first.join()
+        server.shutdown()
+        server.server_close()
+
+    assert len(mail.outbox) == 1
+    assert len(bodies) == 1
+    alert.refresh_from_db()
+    assert (alert.email_sent, alert.webhook_sent, alert.delivery_error) == (True, True, "")
+    assert alert.delivery_attempts == 2
