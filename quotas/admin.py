@@ -13,6 +13,7 @@ import logging
 import math
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
@@ -193,6 +194,21 @@ class PlanAdmin(AuditedAdmin):
     @admin.display(description="users", ordering="users")
     def user_count(self, obj: Any) -> int:
         return int(getattr(obj, "users", 0))
+
+    def get_deleted_objects(
+        self, objs: Any, request: HttpRequest
+    ) -> tuple[list[Any], dict[str, int], set[str], list[Any]]:
+        """The default plan is refused as a protected object would be, on its delete page
+        and by "Delete selected": deleted, it would leave every user without a quota row of
+        their own without plan limits."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        protected += [
+            f"QUOTA_DEFAULT_PLAN: “{plan.name}” is the plan of every user without a quota "
+            "of their own (set QUOTA_DEFAULT_PLAN to another plan first)"
+            for plan in objs
+            if plan.name == settings.QUOTA_DEFAULT_PLAN
+        ]
+        return deleted, counts, perms_needed, protected
 
 
 class UserQuotaInline(admin.StackedInline):

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
@@ -190,6 +191,20 @@ class PlanForm(GovernanceForm):
     class Meta:
         model = Plan
         fields = ("name", "description", *DIMENSIONS, "allowed_models", "allow_stale_fallback")
+
+    def clean_name(self) -> str:
+        """The default plan keeps its name: users without a quota row of their own are on
+        the plan QUOTA_DEFAULT_PLAN names, and renamed it would leave them without plan
+        limits, unnoticed."""
+        name: str = self.cleaned_data["name"]
+        was = self.initial.get("name") if self.instance.pk is not None else None
+        if was == settings.QUOTA_DEFAULT_PLAN and name != was:
+            raise ValidationError(
+                f"“{was}” is the default plan (QUOTA_DEFAULT_PLAN) of every user without a "
+                "quota of their own: renamed, it would leave them without plan limits. "
+                "Change its limits instead, or set QUOTA_DEFAULT_PLAN to another plan first."
+            )
+        return name
 
     def clean_allowed_models(self) -> list[str]:
         names: list[str] = self.cleaned_data["allowed_models"]

@@ -1196,3 +1196,28 @@ def test_ledger_date_hierarchy_lists_the_days_that_have_rows(admin_client, user)
     )
     assert [r.request_id for r in searched.context_data["cl"].result_list] == ["req-span-0"]
     assert "created_at__day=27" in searched.content.decode()
+
+
+def test_the_default_plan_keeps_its_name_and_cannot_be_deleted(admin_client, settings):
+    # Users without a quota row of their own are on the plan QUOTA_DEFAULT_PLAN names:
+    # renamed or deleted, it would leave them without plan limits, unnoticed.
+    settings.QUOTA_DEFAULT_PLAN = "free"
+    default, other = PlanFactory(name="free", requests_per_minute=5), PlanFactory(name="gold")
+
+    renamed = _edit(admin_client, Plan, default.pk, name="starter")
+    page = admin_client.get(_url(Plan, "delete", default.pk))
+    deleted = admin_client.post(_url(Plan, "delete", default.pk), {"post": "yes"})
+    bulk = admin_client.post(
+        _url(Plan, "changelist"),
+        {"action": "delete_selected", "_selected_action": [str(default.pk)], "post": "yes"},
+    )
+
+    assert renamed.status_code == 200
+    assert "QUOTA_DEFAULT_PLAN" in renamed.context["adminform"].form.errors["name"][0]
+    assert "QUOTA_DEFAULT_PLAN" in page.content.decode()
+    assert 'name="post"' not in page.content.decode()  # no button to confirm
+    assert (deleted.status_code, bulk.status_code) == (200, 200)
+    assert Plan.objects.filter(pk=default.pk, name="free").exists()
+    # Any other plan is renamed as before.
+    assert _edit(admin_client, Plan, other.pk, name="platinum").status_code == 302
+    assert Plan.objects.filter(pk=other.pk, name="platinum").exists()
