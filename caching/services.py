@@ -66,10 +66,14 @@ def cache_key_generation(
     return "gen:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def cache_key_topic(*, kind: str, topic: str, model: str, extra: str = "") -> str:
-    """Key of a topic answer: `topic:<normalised topic>:<kind>:<hash of model and extra>`,
-    so that `topic:python*` invalidates every answer about topics starting with python."""
-    digest = hashlib.sha256(f"{model}\x00{extra}".encode()).hexdigest()[:16]
+def cache_key_topic(
+    *, kind: str, topic: str, model: str, extra: str = "", prompts: str = ""
+) -> str:
+    """Key of a topic answer: `topic:<normalised topic>:<kind>:<hash of model, extra and
+    prompts>`, so that `topic:python*` invalidates every answer about topics starting with
+    python. `prompts`: the version of the prompts the answer is built from, so that one
+    built from other prompts (before a deploy that changed them) is not found."""
+    digest = hashlib.sha256(f"{model}\x00{extra}\x00{prompts}".encode()).hexdigest()[:16]
     return f"topic:{topic_normalise(topic)}:{kind}:{digest}"
 
 

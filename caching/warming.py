@@ -20,7 +20,6 @@ from caching.errors import WarmUserMissing
 from caching.services import (
     cache_fresh_for,
     cache_get,
-    cache_key_topic,
     popularity_bump,
     popularity_decay,
     popularity_top,
@@ -63,8 +62,10 @@ def warm_user_get(*, username: str | None = None) -> int:
 
 def topic_key(*, topic: str, count: int = DEFAULT_COUNT, model: str | None = None) -> str:
     """The cache key of a topic's subtopics, as the subtopics endpoint stores it."""
+    from generation.services import subtopics_cache_key
+
     model = model or settings.TOLLGATE_DEFAULT_MODEL
-    return cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count))
+    return subtopics_cache_key(topic=topic, count=count, model=model)
 
 
 def cache_warm(
