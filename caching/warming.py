@@ -122,6 +122,11 @@ def cache_warm(
                 code = outcome.fallback_code or "fallback"
                 logger.warning("warming %r failed: %s (the stored copy was kept)", topic, code)
                 report.failed[topic] = code
+            elif not _shared(key):
+                # Redis went away meanwhile: the answer reached this process's memory
+                # alone, which no server reads (and which a command loses as it exits).
+                logger.warning("warming %r failed: Redis did not take the answer", topic)
+                report.failed[topic] = "redis_unavailable"
             else:
                 report.warmed.append(topic)
         finally:
@@ -130,6 +135,17 @@ def cache_warm(
         if on_progress:
             on_progress(topic)
     return report
+
+
+def _shared(key: str) -> bool:
+    """Whether the answer of `key` is where every server finds it: in Redis, or, without
+    REDIS_URL (the embedded default, where a task runs in the server), in this process."""
+    if not settings.REDIS_URL:
+        return True
+    try:
+        return cache_fresh_for(key) is not None
+    except Exception:  # Redis did not answer the read either
+        return False
 
 
 def popular_refresh(
