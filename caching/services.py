@@ -20,8 +20,10 @@ from typing import Any
 
 from django.conf import settings
 
+from caching.errors import CacheUnavailable
 from caching.patterns import pattern_compile
 from caching.tier import (
+    REDIS_RETRY_SECONDS,
     STAT_FIELDS,
     CacheTier,
     Flight,
@@ -32,7 +34,7 @@ from caching.tier import (
     tier,
     tier_reset,
 )
-from config.outages import REDIS_DOWN
+from config.outages import REDIS_DOWN, redis_server
 from config.redis_calls import ScriptCall, run_calls
 
 logger = logging.getLogger("tollgate.caching")
@@ -66,10 +68,14 @@ def cache_key_generation(
     return "gen:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def cache_key_topic(*, kind: str, topic: str, model: str, extra: str = "") -> str:
-    """Key of a topic answer: `topic:<normalised topic>:<kind>:<hash of model and extra>`,
-    so that `topic:python*` invalidates every answer about topics starting with python."""
-    digest = hashlib.sha256(f"{model}\x00{extra}".encode()).hexdigest()[:16]
+def cache_key_topic(
+    *, kind: str, topic: str, model: str, extra: str = "", prompts: str = ""
+) -> str:
+    """Key of a topic answer: `topic:<normalised topic>:<kind>:<hash of model, extra and
+    prompts>`, so that `topic:python*` invalidates every answer about topics starting with
+    python. `prompts`: the version of the prompts the answer is built from, so that one
+    built from other prompts (before a deploy that changed them) is not found."""
+    digest = hashlib.sha256(f"{model}\x00{extra}\x00{prompts}".encode()).hexdigest()[:16]
     return f"topic:{topic_normalise(topic)}:{kind}:{digest}"
 
 
@@ -337,6 +343,28 @@ def cache_store_later(
         call=call,
         memory_mark=memory_mark,
     )
+
+
+def cache_shared_check() -> None:
+    """Make sure the shared layer (Redis) takes answers now: one write of a short-lived key.
+    A batch of work that stores answers (warming) asks first, since a store Redis does not
+    take stays in the process's memory, out of every server's reach. Nothing to check
+    without REDIS_URL. Raises CacheUnavailable when Redis does not answer or answers that
+    it cannot write (out of memory, read-only)."""
+    t = tier()
+    client = t.redis
+    if client is None:
+        return
+    try:
+        client.set(t.k("check"), b"1", px=1000)
+    except Exception as exc:  # any Redis error (redis-py's and the sockets')
+        if isinstance(exc, REDIS_DOWN):
+            t.failed(exc, "cache check")  # the server's outage: said once, left alone
+        else:  # it answered that it cannot write: the tier leaves it alone a while
+            t.down_until = time.monotonic() + REDIS_RETRY_SECONDS
+        raise CacheUnavailable(
+            f"Redis {redis_server(client)} cannot take the answers ({exc})."
+        ) from exc
 
 
 def cache_fresh_for(key: str, *, now: float | None = None) -> float | None:

@@ -20,7 +20,6 @@ from caching.errors import WarmUserMissing
 from caching.services import (
     cache_fresh_for,
     cache_get,
-    cache_key_topic,
     popularity_bump,
     popularity_decay,
     popularity_top,
@@ -63,8 +62,10 @@ def warm_user_get(*, username: str | None = None) -> int:
 
 def topic_key(*, topic: str, count: int = DEFAULT_COUNT, model: str | None = None) -> str:
     """The cache key of a topic's subtopics, as the subtopics endpoint stores it."""
+    from generation.services import subtopics_cache_key
+
     model = model or settings.TOLLGATE_DEFAULT_MODEL
-    return cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count))
+    return subtopics_cache_key(topic=topic, count=count, model=model)
 
 
 def cache_warm(
@@ -121,6 +122,11 @@ def cache_warm(
                 code = outcome.fallback_code or "fallback"
                 logger.warning("warming %r failed: %s (the stored copy was kept)", topic, code)
                 report.failed[topic] = code
+            elif not _shared(key):
+                # Redis went away meanwhile: the answer reached this process's memory
+                # alone, which no server reads (and which a command loses as it exits).
+                logger.warning("warming %r failed: Redis did not take the answer", topic)
+                report.failed[topic] = "redis_unavailable"
             else:
                 report.warmed.append(topic)
         finally:
@@ -129,6 +135,17 @@ def cache_warm(
         if on_progress:
             on_progress(topic)
     return report
+
+
+def _shared(key: str) -> bool:
+    """Whether the answer of `key` is where every server finds it: in Redis, or, without
+    REDIS_URL (the embedded default, where a task runs in the server), in this process."""
+    if not settings.REDIS_URL:
+        return True
+    try:
+        return cache_fresh_for(key) is not None
+    except Exception:  # Redis did not answer the read either
+        return False
 
 
 def popular_refresh(

@@ -4,12 +4,14 @@ parsing of the model's subtopic lists."""
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
 import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from django.template.loader import render_to_string
+from django.template.loader import get_template, render_to_string
 
 _FENCE = re.compile(r"^\s*```[a-zA-Z0-9_-]*\s*\n?|\n?\s*```\s*$")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+(?P<item>.+?)\s*$")
@@ -25,6 +27,19 @@ MAX_LABEL = 200
 def prompt_render(name: str, **context: Any) -> str:
     """Render templates/prompts/<name>.txt (no HTML escaping), stripped."""
     return render_to_string(f"prompts/{name}.txt", context).strip()
+
+
+@functools.cache
+def prompts_version(*names: str) -> str:
+    """A short hash of the sources of templates/prompts/<name>.txt, read once per process:
+    part of the cache keys of the answers built from them, so that a deploy that changes a
+    prompt does not serve the answers of the old one (they are left to expire)."""
+    digest = hashlib.sha256()
+    for name in names:
+        # The DjangoTemplates backend's template wraps the engine's, which keeps its source.
+        template = get_template(f"prompts/{name}.txt").template  # type: ignore[attr-defined]
+        digest.update(f"{name}\x00{template.source}\x00".encode())
+    return digest.hexdigest()[:12]
 
 
 def subtopics_messages(*, topic: str, count: int) -> list[dict[str, str]]:

@@ -22,7 +22,8 @@ QUOTA_BACKEND_FALLBACKS = Counter(
     ["mode"],
 )
 STALE_FALLBACKS = Counter(
-    "tollgate_stale_fallbacks_total", "Stale cached answers served because a quota was exhausted."
+    "tollgate_stale_fallbacks_total",
+    "Stale cached answers served because a quota was exhausted or the provider unavailable.",
 )
 CACHE_OPERATIONS = Counter(
     "tollgate_cache_operations_total",

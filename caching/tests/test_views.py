@@ -241,3 +241,57 @@ def test_admin_page_requires_staff(client):
 
     assert response.status_code == 302
     assert "/admin/login/" in response["Location"]
+
+
+@pytest.fixture
+def private_redis(settings):
+    """A private Redis (config/tests/redis_server.py) the test may stop or make refuse
+    writes; settings and the cache tier point at it, never at the shared one."""
+    from config.tests.redis_server import PrivateRedis, point_settings_at
+    from quotas.services import local_state_reset
+
+    server = PrivateRedis()
+    server.start()
+    point_settings_at(settings, server)
+    cache_local_reset()
+    local_state_reset()
+    yield server
+    server.stop()
+    cache_local_reset()
+    local_state_reset()
+
+
+def _refuse(server, refusal: str) -> None:
+    """Make `server` unreachable (stopped) or unable to write (out of memory, read-only)."""
+    import redis
+
+    if refusal == "stopped":
+        server.stop()
+    elif refusal == "out-of-memory":
+        conn = redis.Redis.from_url(server.url)
+        conn.config_set("maxmemory-policy", "noeviction")
+        conn.config_set("maxmemory", 1)
+    else:  # demoted by a failover to a replica of a master that is not there
+        redis.Redis.from_url(server.url).execute_command("REPLICAOF", "127.0.0.1", "1")
+
+
+@pytest.mark.parametrize("refusal", ["stopped", "out-of-memory", "read-only"])
+def test_admin_page_says_redis_is_unavailable_instead_of_failing(client, private_redis, refusal):
+    client.force_login(UserFactory(username="root", is_staff=True, is_superuser=True))
+    cache_set("topic:python:subtopics:1", {"x": 1})
+    popularity_bump("python")
+    assert client.get("/admin/cache/").status_code == 200
+    _refuse(private_redis, refusal)
+
+    page = client.get("/admin/cache/")
+    invalidate = client.post("/admin/cache/", {"pattern": "topic:python*"}, follow=True)
+    drop = client.post("/admin/cache/", {"namespace": "gen"}, follow=True)
+
+    assert page.status_code == invalidate.status_code == drop.status_code == 200
+    # Statistics are read, which a Redis refusing writes still answers; what it must write
+    # fails, and says so.
+    assert (b"Redis is unavailable" in page.content) is (refusal == "stopped")
+    assert b"Redis is unavailable" in invalidate.content
+    assert b"Redis is unavailable" in drop.content
+    assert b"Invalidated" not in invalidate.content
+    assert b"Dropped every cached answer" not in drop.content

@@ -219,3 +219,116 @@ def test_refresh_that_cannot_compute_leaves_clients_the_fresh_answer(
     assert response["X-Cache"] == "HIT"
     assert [n["label"] for n in response.json()["nodes"][1:]] == old["subtopics"]
     assert cache_fresh_for(topic_key(topic="python")) > 1700
+
+
+def _process_state_reset() -> None:
+    from generation.resilience import _redis_away, _scripts
+    from quotas.authentication import key_cache_clear
+    from quotas.services import local_state_reset
+
+    local_state_reset()
+    cache_local_reset()
+    key_cache_clear()
+    _scripts.clear()
+    _redis_away.reset()
+
+
+@pytest.fixture
+def private_redis(settings):
+    """A private Redis (config/tests/redis_server.py) the test may stop or make refuse
+    writes; settings and process state point at it, never at the shared one."""
+    from config.tests.redis_server import PrivateRedis, point_settings_at
+
+    server = PrivateRedis()
+    server.start()
+    point_settings_at(settings, server)
+    _process_state_reset()
+    yield server
+    server.stop()
+    _process_state_reset()
+
+
+def _refuse(server, refusal: str) -> None:
+    """Make `server` unreachable (stopped) or unable to write (out of memory, read-only)."""
+    import redis
+
+    if refusal == "stopped":
+        server.stop()
+    elif refusal == "out-of-memory":
+        redis.Redis.from_url(server.url).config_set("maxmemory", 1)
+    else:  # demoted by a failover to a replica of a master that is not there
+        redis.Redis.from_url(server.url).execute_command("REPLICAOF", "127.0.0.1", "1")
+
+
+REFUSALS = ["stopped", "out-of-memory", "read-only"]
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+@pytest.mark.parametrize("which", ["--top", "--topics-file"])
+def test_warm_cache_with_redis_that_cannot_take_the_answers_warms_nothing_and_says_why(
+    private_redis, tmp_path, operator, which, refusal
+):
+    # The answers would reach this command's memory alone, out of every server's reach,
+    # while their provider calls were charged: the run is refused before any topic.
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\ngo\n")
+    popularity_bump("rust", count=3)
+    _refuse(private_redis, refusal)
+    out = StringIO()
+
+    with pytest.raises(CommandError, match=r"Redis .* cannot take") as info:
+        call_command("warm_cache", which, "3" if which == "--top" else str(topics), stdout=out)
+
+    assert private_redis.url.split("/")[2] in str(info.value)  # which Redis
+    assert "warmed" not in out.getvalue()
+    assert not UsageRecord.objects.exists()  # nothing computed, nothing charged
+
+
+def test_warm_cache_with_redis_unreachable_exits_1_without_a_traceback(private_redis, settings):
+    import subprocess
+    import sys
+
+    private_redis.stop()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SECRET_KEY": settings.SECRET_KEY,
+        "REDIS_URL": private_redis.url,
+        "CELERY_BROKER_URL": private_redis.url,
+    }
+
+    done = subprocess.run(  # noqa: S603 - this interpreter, our manage.py
+        [sys.executable, "manage.py", "warm_cache", "--top", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(settings.BASE_DIR),
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("CommandError: Redis")
+
+
+def test_warm_cache_whose_redis_goes_away_midway_reports_the_rest_not_warmed(
+    private_redis, tmp_path, operator, monkeypatch
+):
+    from generation.services import topic_answers
+
+    bump = topic_answers.popularity_bump
+
+    def redis_stops_at_go(topic: str, **kwargs: int) -> None:
+        if topic == "go":  # Redis goes away as the second topic is computed
+            private_redis.stop()
+        bump(topic, **kwargs)
+
+    monkeypatch.setattr(topic_answers, "popularity_bump", redis_stops_at_go)
+    topics = tmp_path / "topics.txt"
+    topics.write_text("rust\ngo\n")
+    out, err = StringIO(), StringIO()
+
+    with pytest.raises(CommandError, match="1 of 2 topics could not be warmed"):
+        call_command("warm_cache", "--topics-file", str(topics), stdout=out, stderr=err)
+    assert "warmed 1, already cached 0, failed 1" in out.getvalue()
+    assert "go: redis_unavailable" in err.getvalue()

@@ -28,6 +28,7 @@ from generation.services.topic_answers import (
     explanations_headers,
     explanations_rounds,
     subtopics_body,
+    subtopics_cache_key,
     topic_explanations,
     topic_subtopics,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "money",
     "request_fingerprint",
     "subtopics_body",
+    "subtopics_cache_key",
     "explanations_rounds",
     "topic_explanations",
     "topic_subtopics",

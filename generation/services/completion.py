@@ -485,21 +485,28 @@ def _upstream_failed(
     err: GenerationError, admission: Admission, key: str, cache_policy: str, model: str
 ) -> Outcome:
     """Refund a failed upstream call; serve the stale copy when the provider is unavailable
-    and the policy allows it, else raise `err` (with the rate-limit headers)."""
-    usage_refund(admission=admission, outcome=err.outcome)
+    and the policy allows it, else raise `err` (with the rate-limit headers). The copy is
+    looked up before the refund, whose ledger row records what the client got: the stale
+    copy (a fallback, as a quota's), or the failure."""
+    copy = None
+    if (
+        isinstance(err, UpstreamUnavailable)
+        and cache_policy != "bypass"
+        and admission.policy.allow_stale_fallback
+    ):
+        copy = cache_get_stale(key)
+    usage_refund(admission=admission, outcome=err.outcome, fallback=copy is not None)
     err.headers = admission.headers()
-    if isinstance(err, UpstreamUnavailable) and cache_policy != "bypass":
-        copy = cache_get_stale(key) if admission.policy.allow_stale_fallback else None
-        if copy is not None:
-            return Outcome(
-                value=copy.value,
-                model=model,
-                cache="STALE",
-                cache_layer="redis",
-                headers=err.headers,
-                fallback_code=err.code,
-            )
-    raise err
+    if copy is None:
+        raise err
+    return Outcome(
+        value=copy.value,
+        model=model,
+        cache="STALE",
+        cache_layer="redis",
+        headers=err.headers,
+        fallback_code=err.code,
+    )
 
 
 def _relay(

@@ -27,6 +27,9 @@ logger = logging.getLogger("tollgate.generation")
 
 # The upstream calls a subtopics request may make: a malformed answer is asked for again.
 SUBTOPICS_UPSTREAM_CALLS = 2
+# The prompts (templates/prompts/) each kind of answer is built from.
+SUBTOPICS_PROMPTS = ("subtopics_system", "subtopics", "subtopics_retry")
+EXPLANATION_PROMPTS = ("explanation_system", "explanation")
 
 
 def _subtopics_compute(
@@ -93,11 +96,22 @@ def topic_subtopics(
         max_tokens=None,
         temperature=None,
         cache_policy=cache_policy,
-        cache_key=cache_key_topic(kind="subtopics", topic=topic, model=model, extra=str(count)),
+        cache_key=subtopics_cache_key(topic=topic, count=count, model=model),
         task="subtopics",
         compute=_subtopics_compute(topic=topic, count=count, messages=messages),
         upstream_calls=SUBTOPICS_UPSTREAM_CALLS,
         prompt_field="topic",
+    )
+
+
+def subtopics_cache_key(*, topic: str, count: int, model: str) -> str:
+    """The cache key of `count` subtopics of `topic` by `model`, from the current prompts."""
+    return cache_key_topic(
+        kind="subtopics",
+        topic=topic,
+        model=model,
+        extra=str(count),
+        prompts=topics.prompts_version(*SUBTOPICS_PROMPTS),
     )
 
 
@@ -122,9 +136,14 @@ class ExplanationItem:
 
 
 def explanation_cache_key(*, topic: str, subtopic: str, model: str) -> str:
-    """The cache key of the explanation of `subtopic` of `topic` by `model`."""
+    """The cache key of the explanation of `subtopic` of `topic` by `model`, from the
+    current prompts."""
     return cache_key_topic(
-        kind="explanation", topic=topic, model=model, extra=topic_normalise(subtopic)
+        kind="explanation",
+        topic=topic,
+        model=model,
+        extra=topic_normalise(subtopic),
+        prompts=topics.prompts_version(*EXPLANATION_PROMPTS),
     )
 
 

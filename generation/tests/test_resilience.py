@@ -247,6 +247,45 @@ def test_open_circuit_serves_stale_copy_when_policy_allows(
     assert len(fake_upstream.requests) == 1
 
 
+def test_open_circuit_stale_copy_is_recorded_as_the_fallback_it_served(
+    upstream_settings, fake_upstream, openai_model, key_client, user
+):
+    # The ledger and the metrics say what the client got, as for a quota's fallback: a
+    # cached answer served as a fallback, free. The failed attempt is refunded whole, so
+    # only the first request counts, in Redis as in counters rebuilt from the ledger.
+    from prometheus_client import REGISTRY
+
+    from quotas import services
+    from quotas.models import UsageRecord
+    from quotas.tests.factories import PlanFactory, UserQuotaFactory
+
+    plan = PlanFactory(requests_per_day=100, tokens_per_day=100_000, cost_per_day="5.00")
+    UserQuotaFactory(user=user, plan=plan)
+    upstream_settings.CIRCUIT_FAILURE_THRESHOLD = 1
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.default = Behaviour(text="kept answer", usage=(1000, 500))
+    body = {"prompt": "remember me", "model": "gpt-test"}
+    assert key_client.post(URL, body, format="json").status_code == 200
+    Breaker("openai", "gpt-4o-mini").record_failure()  # the provider starts failing
+    fallbacks = REGISTRY.get_sample_value("tollgate_stale_fallbacks_total") or 0.0
+
+    response = key_client.post(URL, {**body, "cache": "refresh"}, format="json")
+
+    assert response["X-Cache"] == "STALE"
+    assert response.json()["cached"] is response.json()["fallback"] is True
+    row = UsageRecord.objects.get(request_id=response.json()["request_id"])
+    assert (row.outcome, row.cached, row.fallback) == ("cached", True, True)
+    assert (row.prompt_tokens, row.completion_tokens, row.cost_usd) == (0, 0, 0)
+    assert REGISTRY.get_sample_value("tollgate_stale_fallbacks_total") == fallbacks + 1
+    live = services.quota_standing(user_id=user.pk)["limits"]
+    # 1000 x 0.15 / 1e6 + 500 x 0.60 / 1e6: the first request's cost, and nothing more.
+    assert live["cost_per_day"]["used"] == "0.00045"
+    assert (live["requests_per_day"]["used"], live["tokens_per_day"]["used"]) == (1, 1500)
+    services.counters_rebuild_all()  # a new counter epoch: day counters from the ledger
+    services.local_state_reset()
+    assert services.quota_standing(user_id=user.pk)["limits"] == live
+
+
 def test_gemini_429_retry_after_is_honoured(upstream_settings, fake_upstream):
     fake_upstream.script(Behaviour(kind="status", status=429, retry_after="1"), Behaviour())
 

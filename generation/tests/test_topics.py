@@ -62,6 +62,50 @@ def test_subtopics_same_topic_any_case_is_a_cache_hit(
     assert len(fake_upstream.requests) == 1
 
 
+@pytest.fixture
+def deploy_prompts(settings, tmp_path):
+    """Deploy changed prompts: templates/prompts/<name>.txt replaced by the given text,
+    in a new process (which reads the prompts anew)."""
+    from generation import topics
+
+    def deploy(**texts: str) -> None:
+        (tmp_path / "prompts").mkdir(exist_ok=True)
+        for name, text in texts.items():
+            (tmp_path / "prompts" / f"{name}.txt").write_text(text)
+        engine = settings.TEMPLATES[0]
+        settings.TEMPLATES = [{**engine, "DIRS": [tmp_path, *engine["DIRS"]]}]
+        topics.prompts_version.cache_clear()
+
+    yield deploy
+    topics.prompts_version.cache_clear()
+
+
+@pytest.mark.django_db
+def test_subtopics_cached_under_old_prompts_are_not_served_after_a_deploy_that_changed_them(
+    upstream_settings, fake_upstream, openai_model, key_client, deploy_prompts
+):
+    from caching.services import cache_invalidate
+
+    fake_upstream.default = Behaviour(text=json.dumps({"subtopics": ["Old", "Older", "Oldest"]}))
+    body = {"topic": "Python", "count": 3, "model": "gpt-test"}
+    assert key_client.post(SUBTOPICS, body, format="json").status_code == 200
+    deploy_prompts(subtopics="List {{ count }} subtopics of {{ topic }}, as JSON.")
+    fake_upstream.default = Behaviour(text=json.dumps({"subtopics": ["New", "Newer", "Newest"]}))
+
+    again = key_client.post(SUBTOPICS, {**body, "topic": "python"}, format="json")
+
+    assert again["X-Cache"] == "MISS"
+    assert [n["label"] for n in again.json()["nodes"][1:]] == ["New", "Newer", "Newest"]
+    assert fake_upstream.requests[-1].body["messages"][-1]["content"] == (
+        "List 3 subtopics of python, as JSON."
+    )
+    third = key_client.post(SUBTOPICS, body, format="json")
+    assert third["X-Cache"] == "HIT"  # the new prompts' answer, cached as ever
+    assert [n["label"] for n in third.json()["nodes"][1:]] == ["New", "Newer", "Newest"]
+    # The documented invalidation pattern still reaches every answer about the topic.
+    assert cache_invalidate(pattern="topic:python*") == 2
+
+
 @pytest.mark.django_db
 def test_subtopics_malformed_answer_is_repaired_without_asking_again(
     upstream_settings, fake_upstream, openai_model, key_client
@@ -221,6 +265,26 @@ def test_explanations_cached_items_cost_nothing_the_second_time(
     assert again.json()["cost_usd"] == "0"
     assert again["X-Cache"] == "HIT"
     assert len(fake_upstream.requests) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_explanations_cached_under_old_prompts_are_not_served_after_a_deploy_that_changed_them(
+    upstream_settings, fake_upstream, openai_model, key_client, deploy_prompts
+):
+    body = {"topic": "Go", "subtopics": ["Goroutines"], "model": "gpt-test"}
+    fake_upstream.default = Behaviour(text="The old explanation.")
+    key_client.post(EXPLANATIONS, body, format="json")
+    deploy_prompts(explanation_system="You explain things to children.")
+    fake_upstream.default = Behaviour(text="The new explanation.")
+
+    again = key_client.post(EXPLANATIONS, body, format="json")
+
+    assert [(i["explanation"], i["cached"]) for i in again.json()["items"]] == [
+        ("The new explanation.", False)
+    ]
+    assert fake_upstream.requests[-1].body["messages"][0]["content"] == (
+        "You explain things to children."
+    )
 
 
 @pytest.mark.django_db(transaction=True)

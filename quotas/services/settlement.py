@@ -116,9 +116,20 @@ def usage_settle(
     return cost
 
 
-def usage_refund(*, admission: Admission, outcome: str, latency_ms: int | None = None) -> None:
-    """A failed upstream call: everything reserved is given back; the ledger row has no cost."""
+def usage_refund(
+    *, admission: Admission, outcome: str, latency_ms: int | None = None, fallback: bool = False
+) -> None:
+    """A failed upstream call: everything reserved is given back; the ledger row has no cost.
+
+    `fallback=True`: the failure (the provider unavailable) was answered with a stale cached
+    copy. The row then records what was served, as a quota's fallback row does (cached,
+    fallback, outcome `cached`, not `outcome`), and a stale fallback is counted. Like a
+    refused request's, it is no request in the counters (the refund takes the request back)
+    nor in the ledger's sums (fallback rows are left out), so both still agree.
+    """
     latency = _latency(admission, latency_ms)
+    if fallback:
+        outcome = Outcome.CACHED
     _settle_counters(
         admission=admission,
         tokens=0,
@@ -130,9 +141,11 @@ def usage_refund(*, admission: Admission, outcome: str, latency_ms: int | None =
             completion_tokens=0,
             cost=Decimal(0),
             outcome=outcome,
-            cached=False,
-            fallback=False,
+            cached=fallback,
+            fallback=fallback,
             latency_ms=latency,
         ),
     )
     admission.settled_tokens = 0
+    if fallback:
+        metrics.STALE_FALLBACKS.inc()

@@ -9,8 +9,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from caching.errors import WarmUserMissing
-from caching.services import popularity_top, topic_normalise
+from caching.errors import CacheUnavailable, WarmUserMissing
+from caching.services import cache_shared_check, popularity_top, topic_normalise
 from caching.warming import DEFAULT_COUNT, cache_warm, warm_user_get
 from config.errors import ApiError
 from quotas.services import policy_get
@@ -46,6 +46,12 @@ class Command(BaseCommand):
             raise CommandError("--top must be at least 1.")
         if not 3 <= options["count"] <= 12:
             raise CommandError("--count must be between 3 and 12.")
+        # A Redis that does not take answers would leave them in this command's memory,
+        # which it loses as it exits, and their provider calls charged all the same.
+        try:
+            cache_shared_check()
+        except CacheUnavailable as exc:
+            raise CommandError(f"{exc.message} Nothing was warmed.") from exc
         topics: list[str] = []
         if path is not None:
             try:
