@@ -184,11 +184,7 @@ class OpenAIProvider:
             # Not one chunk (an empty body, or [DONE] alone): no answer, not an empty one,
             # which would be charged and cached.
             raise ProviderServerError("openai: the stream ended without a chunk")
-        text = "".join(parts)
-        if usage is not None:
-            yield Completion(text, usage.prompt_tokens, usage.completion_tokens, finish)
-        else:
-            yield Completion.estimated(request, text, finish)
+        yield _streamed_completion(usage, request, "".join(parts), finish)
 
 
 def _pool_for(url: str) -> urllib3.PoolManager:
@@ -243,6 +239,23 @@ def _mapped_errors(timeout: float, *, answered: bool = False) -> Iterator[None]:
         # The SDK builds its chunks without validating them: an event that is JSON but
         # not a chunk (a number, a "choices" that is no list) fails as we read it.
         raise ProviderServerError(f"openai: answer of unexpected shape: {exc!r}") from exc
+
+
+def _streamed_completion(
+    usage: Any, request: CompletionRequest, text: str, finish: str
+) -> Completion:
+    """A stream's Completion from its usage chunk, read as `_completion` reads a body's:
+    a report without the prompt's count is none (estimated), a missing completion count
+    is 0. The SDK builds the chunk without validating it, so a count may be anything:
+    ProviderServerError when it is not a number."""
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    if prompt_tokens is None:
+        return Completion.estimated(request, text, finish)
+    try:
+        completion_tokens = int(getattr(usage, "completion_tokens", None) or 0)
+        return Completion(text, int(prompt_tokens), completion_tokens, finish)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProviderServerError(f"openai: unexpected usage report: {exc!r}") from exc
 
 
 def _completion(data: Any, request: CompletionRequest) -> Completion:
