@@ -173,6 +173,38 @@ def test_openai_sdk_stream_whose_upstream_usage_report_is_partial_is_charged_as_
     assert quota.json()["limits"]["concurrency"]["used"] == 0
 
 
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
+def test_openai_sdk_stream_broken_by_an_unexpected_error_ends_in_an_error_event_refunded(
+    fake_upstream, tollgate, key_client
+):
+    # A piece of text that is no text (a number): whatever fails once the stream has begun,
+    # the client's stream ends as a cut one does, and the request is refunded and its
+    # concurrency lease freed at once, not left to the sweep.
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "first words "}}]},
+            {"choices": [{"index": 0, "delta": {"content": 5}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ),
+    )
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+
+    assert info.value.body["type"] == "server_error"
+    assert info.value.body["request_id"] == stream.response.headers["X-Request-ID"]
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+    quota = key_client.get("/api/v1/quota")
+    standing = quota.json()["limits"]
+    assert standing["tokens_per_minute"]["used"] == 0
+    assert standing["concurrency"]["used"] == 0
+
+
 def test_openai_sdk_stream_failing_before_first_piece_gets_a_json_error(
     upstream_settings, fake_upstream, openai_model, tollgate
 ):
