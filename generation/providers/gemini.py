@@ -108,6 +108,7 @@ class GeminiProvider:
         parts: list[str] = []
         finish = "stop"
         usage = None
+        answered = False  # a candidate came, or the prompt was blocked
         with _mapped_errors(timeout):
             for response in self.client.models.generate_content_stream(
                 model=request.model, contents=contents, config=config
@@ -116,12 +117,17 @@ class GeminiProvider:
                     usage = response.usage_metadata
                 if not response.candidates:
                     if _prompt_blocked(response):
-                        finish = "content_filter"
+                        answered, finish = True, "content_filter"
                     continue
+                answered = True
                 text, finish = _candidate(response)
                 if text:
                     parts.append(text)
                     yield text
+        if not answered:
+            # Not one candidate (an empty body, or usage alone), as `complete` takes it: no
+            # answer, not an empty one, which would be charged and cached.
+            raise ProviderServerError("gemini: the stream ended without a candidate")
         yield _with_usage(request, "".join(parts), finish, usage)
 
 

@@ -520,8 +520,9 @@ def _relay(
     prompt_tokens: int,
 ) -> Generator[str, None, None]:
     """Pass a stream's text on, then settle it and store the whole answer. A failure
-    mid-stream is refunded and left in `outcome.error`. A client that goes away mid-stream
-    pays the estimate of what it was sent (the provider has produced and billed it).
+    mid-stream (the provider's, or any other) is refunded and left in `outcome.error`. A
+    client that goes away mid-stream pays the estimate of what it was sent (the provider
+    has produced and billed it).
     `renewal` keeps the reservation and lease held meanwhile, however long the client takes
     to read; it is stopped for good once the last piece is passed on or the relay ends
     any other way."""
@@ -545,9 +546,20 @@ def _relay(
             completion_tokens=tokens_count("".join(sent)),
         )
         raise
+    except Exception:
+        # Anything else (an answer of a shape no provider maps, a mistake of ours) is
+        # refunded at once, as it is before the stream begins, and its lease freed, rather
+        # than left to the sweep; the client's stream ends as a cut one does, with the
+        # generic 500's error, instead of breaking off as if the answer were whole.
+        logger.exception("stream %s broke off", admission.request_id)
+        usage_refund(admission=admission, outcome="upstream_error")
+        outcome.error = GenerationError(
+            "An unexpected error occurred.", code="internal_error", status=500
+        )
+        return
     except BaseException:
-        # Not the provider's failure but one of ours: refunded as the whole-answer path
-        # does, not left holding its lease until the sweep takes its worker for dead.
+        # The worker told to stop (SystemExit, KeyboardInterrupt) mid-stream: refunded
+        # too, not left holding its lease until the sweep takes the worker for dead.
         usage_refund(admission=admission, outcome="upstream_error")
         raise
     finally:

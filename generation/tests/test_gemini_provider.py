@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import openai
 import pytest
 
 from generation.tests.fake_upstream import Behaviour
@@ -115,6 +116,34 @@ def test_gemini_blocked_prompt_is_a_content_filter_answer_asked_once(
         model="gemini-test", messages=[{"role": "user", "content": "Other"}]
     )
     assert other.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "",
+        'data: {"modelVersion": "gemini-2.0-flash"}\n\n',
+        'data: {"usageMetadata": {"promptTokenCount": 5, "totalTokenCount": 5}}\n\n',
+    ],
+)
+def test_gemini_stream_without_an_answer_is_a_502_neither_charged_nor_cached(
+    upstream_settings, fake_upstream, tollgate, body
+):
+    # No candidate and no blocked prompt: no answer, as a non-streamed call takes it, not
+    # an empty one that would be charged and then served from the cache to everyone.
+    upstream_settings.UPSTREAM_MAX_ATTEMPTS = 1
+    fake_upstream.script(Behaviour(kind="raw", body=body))
+
+    with pytest.raises(openai.APIStatusError) as info:
+        _ask(tollgate, stream=True)
+
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "upstream_error"
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.prompt_tokens, row.cost_usd) == ("upstream_error", 0, 0)
+    fake_upstream.default = Behaviour(text="the real answer", usage=(3, 3))
+    assert _ask(tollgate, stream=True)[0] == "the real answer"
+    assert len(fake_upstream.requests) == 2  # asked again: nothing was cached
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from generation.tests.fake_upstream import Behaviour
+from generation.tokens import tokens_count, tokens_count_messages
 from quotas.models import UsageRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -121,6 +122,87 @@ def test_openai_sdk_stream_cut_upstream_ends_in_a_502_error_event_and_is_refunde
     assert standing["tokens_per_minute"]["used"] == 0
     assert standing["concurrency"]["used"] == 0
     assert Decimal(standing["cost_per_day"]["used"]) == 0
+
+
+def _upstream_events(*events: dict) -> str:
+    """A stream's body as an OpenAI-compatible upstream sends it: the chunks, then [DONE]."""
+    chunks = [
+        json.dumps({"id": "up", "object": "chat.completion.chunk", "model": "m", **e})
+        for e in events
+    ]
+    return "".join(f"data: {c}\n\n" for c in [*chunks, "[DONE]"])
+
+
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
+@pytest.mark.parametrize(
+    ("usage", "charged"),
+    [
+        ({"prompt_tokens": 7}, (7, 0)),
+        ({"prompt_tokens": 7, "completion_tokens": None, "total_tokens": 7}, (7, 0)),
+        ({"total_tokens": 9}, None),  # no prompt count: both estimated
+    ],
+)
+def test_openai_sdk_stream_whose_upstream_usage_report_is_partial_is_charged_as_unstreamed(
+    fake_upstream, tollgate, key_client, usage, charged
+):
+    # As a non-streamed answer's partial report is read: a missing completion count is 0,
+    # a report without the prompt's count is no report (estimated).
+    ask = [{"role": "user", "content": "count for me"}]
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "one two three"}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {"choices": [], "usage": usage},
+        ),
+    )
+
+    chunks = list(
+        tollgate.chat.completions.create(
+            model="gpt-test", messages=ask, stream=True, stream_options={"include_usage": True}
+        )
+    )
+
+    expected = charged or (tokens_count_messages(ask), tokens_count("one two three"))
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == expected
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.prompt_tokens, row.completion_tokens) == ("ok", *expected)
+    quota = key_client.get("/api/v1/quota")
+    assert quota.json()["limits"]["tokens_per_minute"]["used"] == sum(expected)
+    assert quota.json()["limits"]["concurrency"]["used"] == 0
+
+
+@pytest.mark.usefixtures("upstream_settings", "openai_model")
+def test_openai_sdk_stream_broken_by_an_unexpected_error_ends_in_an_error_event_refunded(
+    fake_upstream, tollgate, key_client
+):
+    # A piece of text that is no text (a number): whatever fails once the stream has begun,
+    # the client's stream ends as a cut one does, and the request is refunded and its
+    # concurrency lease freed at once, not left to the sweep.
+    fake_upstream.default = Behaviour(
+        kind="raw",
+        body=_upstream_events(
+            {"choices": [{"index": 0, "delta": {"content": "first words "}}]},
+            {"choices": [{"index": 0, "delta": {"content": 5}}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        ),
+    )
+    stream = tollgate.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+
+    assert info.value.body["type"] == "server_error"
+    assert info.value.body["request_id"] == stream.response.headers["X-Request-ID"]
+    row = UsageRecord.objects.get()
+    assert (row.outcome, row.cost_usd) == ("upstream_error", 0)
+    quota = key_client.get("/api/v1/quota")
+    standing = quota.json()["limits"]
+    assert standing["tokens_per_minute"]["used"] == 0
+    assert standing["concurrency"]["used"] == 0
 
 
 def test_openai_sdk_stream_failing_before_first_piece_gets_a_json_error(

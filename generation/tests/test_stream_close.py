@@ -189,10 +189,13 @@ def test_a_stream_broken_by_an_unexpected_error_frees_its_lease_at_once(
     monkeypatch.setattr(OpenAIProvider, "stream", breaking)
     fake_upstream.default = Behaviour(text=LONG, usage=(9, 300))
     response = _stream(key_client)
-    with pytest.raises(RuntimeError):
-        b"".join(response.streaming_content)
+    body = b"".join(response.streaming_content)
     response.close()
     monkeypatch.setattr(OpenAIProvider, "stream", original)
+
+    # The client's stream ends as a cut one does: an error event, then [DONE].
+    assert b'"code":"internal_error"' in body.replace(b" ", b"")
+    assert body.endswith(b"data: [DONE]\n\n")
 
     assert UsageRecord.objects.get().cost_usd == 0
     again = key_client.post(CHAT, ASK, format="json")  # concurrency 1: the lease is free
