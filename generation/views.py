@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from django.http import StreamingHttpResponse
@@ -73,6 +73,30 @@ def _caller(request: Request, priority: str = "high") -> services.Caller:
     )
 
 
+def _idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key, None without one; a 400 when it is too long."""
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(
+            "Idempotency-Key is too long.",
+            fields={"Idempotency-Key": [f"At most {MAX_IDEMPOTENCY_KEY} characters."]},
+        )
+    return key
+
+
+def _answer_headers(
+    response: Response | StreamingHttpResponse, headers: dict[str, str], *, replayed: bool
+) -> None:
+    for name, value in headers.items():
+        # A replay's rate-limit headers are the caller's standing now (RateLimitHeadersMixin
+        # reads it), not the first answer's: requests made since count, and a reset is
+        # counted from now.
+        if not (replayed and name.startswith(RATE_LIMIT_HEADER_PREFIXES)):
+            response[name] = value
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+
+
 def idempotent_response(
     request: Request,
     view_name: str,
@@ -81,12 +105,7 @@ def idempotent_response(
 ) -> Response:
     """The answer of `run`, once per Idempotency-Key of the caller: a retry with the key
     replays the first answer (charged once); the key in flight or with another body is a 409."""
-    key = request.headers.get("Idempotency-Key") or None
-    if key is not None and len(key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidRequest(
-            "Idempotency-Key is too long.",
-            fields={"Idempotency-Key": [f"At most {MAX_IDEMPOTENCY_KEY} characters."]},
-        )
+    key = _idempotency_key(request)
     answer, replayed = services.idempotent_run(
         user_id=_user_id(request),
         key=key,
@@ -96,14 +115,7 @@ def idempotent_response(
         upstream_calls=upstream_calls,
     )
     response = Response(answer.body, status=answer.status)
-    for name, value in answer.headers.items():
-        # A replay's rate-limit headers are the caller's standing now (RateLimitHeadersMixin
-        # reads it), not the first answer's: requests made since count, and a reset is
-        # counted from now.
-        if not (replayed and name.startswith(RATE_LIMIT_HEADER_PREFIXES)):
-            response[name] = value
-    if replayed:
-        response["Idempotent-Replayed"] = "true"
+    _answer_headers(response, answer.headers, replayed=replayed)
     return response
 
 
@@ -336,7 +348,12 @@ def _chat_stream(
     created: int,
     include_usage: bool,
     request_id: str,
+    *,
+    ended: Callable[[services.Outcome], None] | None = None,
 ) -> Generator[bytes, None, None]:
+    """The events of a streamed answer. `ended` is called once its last piece is sent and
+    the answer settled (or refunded: `outcome.error`), before the events that tell the
+    client it ended: a client that has read them and retries finds what `ended` did."""
     # Asked for usage, every chunk carries the field, null until the last one (OpenAI's).
     no_usage = {"usage": None} if include_usage else {}
 
@@ -357,6 +374,8 @@ def _chat_stream(
     )
     for piece in outcome.pieces if outcome.pieces is not None else _pieces(outcome.value):
         yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+    if ended is not None:
+        ended(outcome)
     if outcome.error is not None:
         # Cut short upstream (and refunded): OpenAI SDKs raise on an event carrying "error".
         error = {
@@ -378,11 +397,18 @@ def _chat_stream(
 class _StreamBody:
     """A stream's response body: its events, then, when the server closes the response
     (it always does, whether the client read to the end or went away, even before the
-    first event), the outcome's close, which settles a stream cut short."""
+    first event), the outcome's close, which settles a stream cut short, and the release
+    of its Idempotency-Key's `claim` if its answer was not kept (the client left)."""
 
-    def __init__(self, events: Generator[bytes, None, None], outcome: services.Outcome) -> None:
+    def __init__(
+        self,
+        events: Generator[bytes, None, None],
+        outcome: services.Outcome,
+        claim: services.IdempotencyClaim | None = None,
+    ) -> None:
         self.events = events
         self.outcome = outcome
+        self.claim = claim
 
     def __iter__(self) -> Iterator[bytes]:
         return self.events
@@ -391,8 +417,38 @@ class _StreamBody:
         try:
             self.events.close()
         finally:
-            if self.outcome.close is not None:
-                self.outcome.close()
+            try:
+                if self.outcome.close is not None:
+                    self.outcome.close()
+            finally:
+                if self.claim is not None:  # released after the settlement: a retry finds
+                    self.claim.finish(None)  # the lease of the stream it repeats freed
+
+
+def _event_stream(events: Iterable[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    # nginx (the compose proxy, ingress-nginx) passes each event on as it comes
+    # instead of buffering the stream, whatever its proxy_buffering.
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _stored_stream(
+    body: dict[str, Any], include_usage: bool, request_id: str
+) -> Generator[bytes, None, None]:
+    """The events of a stored chat.completion body (an Idempotency-Key's first answer),
+    as its stream sent them: the same id, text in pieces, finish reason and usage."""
+    choice = body["choices"][0]
+    usage = body["usage"]
+    outcome = services.Outcome(
+        value={"text": choice["message"]["content"], "finish_reason": choice["finish_reason"]},
+        model=body["model"],
+        cache="MISS",  # not sent: the stored X-Cache header is
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
+    )
+    return _chat_stream(outcome, body["id"], body["created"], include_usage, request_id)
 
 
 def _pieces(value: dict[str, Any]) -> Iterator[str]:
@@ -414,6 +470,7 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
         request=ChatCompletionInputSerializer,
         responses={200: OpenApiTypes.OBJECT},
         description="OpenAI Chat Completions (also `stream: true`, as server-sent events).",
+        parameters=[IDEMPOTENCY_HEADER],
     )
     def post(self, request: Request) -> Response | StreamingHttpResponse:
         params = ChatCompletionInputSerializer(data=request.data)
@@ -428,7 +485,9 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def run(*, stream: bool = False) -> services.Outcome:
+        def run(
+            *, stream: bool = False, keep_alive: Callable[[], object] | None = None
+        ) -> services.Outcome:
             return services.completion_create(
                 caller=caller,
                 model=data["model"],
@@ -437,35 +496,75 @@ class ChatCompletionCreateView(RateLimitHeadersMixin, APIView):
                 temperature=data.get("temperature"),
                 stream=stream,
                 max_tokens_field=max_tokens_field,
+                keep_alive=keep_alive,
             )
 
-        if data.get("stream"):
-            # Errors before the first piece are ordinary JSON errors; the stream is settled
-            # when it ends. Streams are not idempotent-replayed.
-            outcome = run(stream=True)
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            response = StreamingHttpResponse(
-                _StreamBody(
-                    _chat_stream(
-                        outcome, completion_id, created, include_usage, _request_id(request)
-                    ),
-                    outcome,
-                ),
-                content_type="text/event-stream",
-            )
-            response["Cache-Control"] = "no-cache"
-            # nginx (the compose proxy, ingress-nginx) passes each event on as it comes
-            # instead of buffering the stream, whatever its proxy_buffering.
-            response["X-Accel-Buffering"] = "no"
-            response["X-Cache"] = outcome.cache
-            for name, value in outcome.headers.items():
-                response[name] = value
-            return response
-
-        def replay() -> services.Replay:
-            outcome = run()
+        def replay(outcome: services.Outcome) -> services.Replay:
             return _replay(
                 _chat_body(outcome, completion_id, created), outcome.headers, outcome.cache
             )
 
-        return idempotent_response(request, "chat.completions", replay)
+        if data.get("stream"):
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            return self.stream(
+                request,
+                run=run,
+                replay=replay,
+                completion_id=completion_id,
+                created=created,
+                include_usage=include_usage,
+            )
+        return idempotent_response(request, "chat.completions", lambda: replay(run()))
+
+    def stream(
+        self,
+        request: Request,
+        *,
+        run: Callable[..., services.Outcome],
+        replay: Callable[[services.Outcome], services.Replay],
+        completion_id: str,
+        created: int,
+        include_usage: bool,
+    ) -> StreamingHttpResponse:
+        """A streamed answer. Errors before the first piece are ordinary JSON errors; the
+        stream is settled when it ends.
+
+        With an Idempotency-Key (the same fingerprint as a whole answer's, `stream` part of
+        it: a stream and a whole answer are two requests), the key is claimed before the
+        admission and kept claimed while the stream runs (renewed with its lease). A stream
+        that ends with its answer settled keeps it, as a whole answer's, and a retry gets
+        it again as a stream, not charged. One that fails, or that its client leaves (which
+        pays for what it was sent), releases the key: its retry runs, and is charged, again."""
+        key = _idempotency_key(request)
+        request_id = _request_id(request)
+        claim: services.IdempotencyClaim | None = None
+        if key:
+            fingerprint = services.request_fingerprint("chat.completions", request.data)
+            user_id = _user_id(request)
+            stored = services.idempotency_begin(
+                user_id=user_id, key=key, fingerprint=fingerprint, stream=True
+            )
+            if stored is not None:
+                response = _event_stream(_stored_stream(stored.body, include_usage, request_id))
+                _answer_headers(response, stored.headers, replayed=True)
+                return response
+            claim = services.IdempotencyClaim(user_id=user_id, key=key, fingerprint=fingerprint)
+        try:
+            outcome = run(stream=True, keep_alive=claim.renew if claim is not None else None)
+        except BaseException:
+            if claim is not None:
+                claim.finish(None)
+            raise
+
+        def ended(outcome: services.Outcome) -> None:
+            if claim is not None:
+                claim.finish(replay(outcome) if outcome.error is None else None)
+
+        body = _StreamBody(
+            _chat_stream(outcome, completion_id, created, include_usage, request_id, ended=ended),
+            outcome,
+            claim,
+        )
+        response = _event_stream(body)
+        _answer_headers(response, {**outcome.headers, "X-Cache": outcome.cache}, replayed=False)
+        return response

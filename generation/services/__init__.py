@@ -13,6 +13,7 @@ from generation.services.completion import (
     money,
 )
 from generation.services.idempotency import (
+    IdempotencyClaim,
     Replay,
     idempotency_begin,
     idempotency_finish,
@@ -38,6 +39,7 @@ __all__ = [
     "Caller",
     "SUBTOPICS_UPSTREAM_CALLS",
     "ExplanationItem",
+    "IdempotencyClaim",
     "Outcome",
     "Replay",
     "_explain_one",  # one explanation item, for the batch jobs of generation.jobs

@@ -163,6 +163,7 @@ def generation_run(
     upstream_calls: int = 1,
     prompt_field: str = "messages",
     max_tokens_field: str = "max_tokens",
+    keep_alive: Callable[[], object] | None = None,
 ) -> Outcome:
     """Answer one generation request along the request path; see the module docstring.
 
@@ -175,7 +176,9 @@ def generation_run(
     `max_tokens_field` the one a `max_tokens` over the model's limit is.
     `stream=True`: a miss is not coalesced by single flight; the returned Outcome's `pieces`
     relays the provider's text as it comes, and settles (or refunds) when it ends. Hits and
-    stale copies come back whole, as without `stream`.
+    stale copies come back whole, as without `stream`. `keep_alive`: called, while a relayed
+    stream runs, at each renewal of its lease (`renewal_start`), to keep what lives as long
+    as the stream alive with it (its Idempotency-Key's claim).
     Raises InvalidRequest (400: unknown model, max_tokens over the model's limit, prompt over
     its context window), the policy's 401/403, QuotaExceeded (429), UpstreamError (502),
     UpstreamUnavailable (503) or UpstreamTimeout (504); failures after admission are refunded.
@@ -248,6 +251,7 @@ def generation_run(
             cache_policy=cache_policy,
             model=model,
             prompt_tokens=prompt_tokens,
+            keep_alive=keep_alive,
         )
 
     try:
@@ -426,6 +430,7 @@ def _start_stream(
     cache_policy: str,
     model: str,
     prompt_tokens: int,
+    keep_alive: Callable[[], object] | None = None,
 ) -> Outcome:
     """Open the upstream stream (retried until its first piece) and wrap it in `_relay`.
 
@@ -446,7 +451,7 @@ def _start_stream(
         cache="MISS" if cache_policy != "bypass" else "BYPASS",
         headers=admission.headers(),
     )
-    renewal = renewal_start(admission=admission)
+    renewal = renewal_start(admission=admission, keep_alive=keep_alive)
     relay = _relay(
         pieces,
         outcome=outcome,
@@ -620,10 +625,11 @@ def completion_create(
     stream: bool = False,
     prompt_field: str = "messages",
     max_tokens_field: str = "max_tokens",
+    keep_alive: Callable[[], object] | None = None,
 ) -> Outcome:
     """A chat completion (`prompt` requests arrive here as one user message, and name
     `prompt` as their `prompt_field`; `max_tokens_field` is the field the client bounded
-    the answer with)."""
+    the answer with; `keep_alive`: see `generation_run`)."""
     return generation_run(
         caller=caller,
         model=model or settings.TOLLGATE_DEFAULT_MODEL,
@@ -634,6 +640,7 @@ def completion_create(
         stream=stream,
         prompt_field=prompt_field,
         max_tokens_field=max_tokens_field,
+        keep_alive=keep_alive,
     )
 
 

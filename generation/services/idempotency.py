@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,15 +74,28 @@ def idempotency_claim_seconds(upstream_calls: int = 1) -> int:
     return math.ceil(max(1, upstream_calls) * 2 * call + 30)
 
 
+def idempotency_stream_claim_seconds() -> int:
+    """How long a stream's claimed key stays in flight, and is kept in flight again at each
+    renewal of the stream's lease (`IdempotencyClaim.renew`): a stream runs as long as its
+    client reads it, so no length covers it; the claim first lasts as long as the stream
+    may take to begin (`idempotency_claim_seconds`) and at least a lease's life
+    (QUOTA_LEASE_TTL), whose renewal, every third of it from the admission on, renews the
+    claim too."""
+    return max(idempotency_claim_seconds(1), math.ceil(settings.QUOTA_LEASE_TTL))
+
+
 def idempotency_begin(
-    *, user_id: int, key: str, fingerprint: str, upstream_calls: int = 1
+    *, user_id: int, key: str, fingerprint: str, upstream_calls: int = 1, stream: bool = False
 ) -> Replay | None:
     """Claim an Idempotency-Key for this user: None when the request should run, the stored
     answer when a first one exists. Raises IdempotencyConflict (409) when the same key is in
-    flight or was used for a different request body."""
+    flight or was used for a different request body. `stream`: the claim is a stream's
+    (`idempotency_stream_claim_seconds`), which must be renewed while it runs."""
     slot = _idempotency_slot(user_id, key)
     pending = {"state": "pending", "fingerprint": fingerprint}
-    budget = idempotency_claim_seconds(upstream_calls)
+    budget = (
+        idempotency_stream_claim_seconds() if stream else idempotency_claim_seconds(upstream_calls)
+    )
     if _store(lambda c: c.add(slot, pending, timeout=budget)):
         return None
     stored = _store(lambda c: c.get(slot))
@@ -111,6 +125,39 @@ def idempotency_finish(*, user_id: int, key: str, fingerprint: str, replay: Repl
         "headers": replay.headers,
     }
     _store(lambda c: c.set(slot, done, timeout=settings.GENERATION_IDEMPOTENCY_TTL))
+
+
+class IdempotencyClaim:
+    """A key claimed by a request whose end is not the view's to see (a stream, answered
+    after the view returned): `renew` keeps it in flight while the request runs (from the
+    stream's lease renewal, on another thread), `finish` stores its answer or releases it,
+    once; later calls of either do nothing. A renewal never lands after the finish (it
+    would cut a stored answer's life to a claim's)."""
+
+    def __init__(self, *, user_id: int, key: str, fingerprint: str) -> None:
+        self.user_id = user_id
+        self.key = key
+        self.fingerprint = fingerprint
+        self._lock = threading.Lock()
+        self._finished = False
+
+    def renew(self) -> None:
+        slot = _idempotency_slot(self.user_id, self.key)
+        with self._lock:
+            if not self._finished:
+                seconds = idempotency_stream_claim_seconds()
+                _store(lambda c: c.touch(slot, timeout=seconds))
+
+    def finish(self, replay: Replay | None) -> None:
+        """Store `replay` as the answer, or (None: the request failed or was left) release
+        the key so that a retry runs again; only the first call counts."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            idempotency_finish(
+                user_id=self.user_id, key=self.key, fingerprint=self.fingerprint, replay=replay
+            )
 
 
 def request_fingerprint(path: str, data: Any) -> str:

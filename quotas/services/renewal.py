@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from django.conf import settings
 
@@ -33,10 +34,18 @@ class Renewal:
     whatever the worker class: a sync worker's one thread, each of a gthread worker's,
     hold one each at most. It dies with its process, whose reservations are then the
     sweep's, as a dead worker's should be.
+
+    `keep_alive`, when given, is called after each renewal (unless it found nothing left to
+    renew), on the same thread: whatever else must live exactly as long as the request (a
+    stream's claim of its Idempotency-Key) is renewed with it. Its failures are logged as
+    a renewal's are, and end nothing.
     """
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(
+        self, admission: Admission, keep_alive: Callable[[], object] | None = None
+    ) -> None:
         self.admission = admission
+        self.keep_alive = keep_alive
         self._stop = threading.Event()
         self._complained = False
         self._thread = threading.Thread(
@@ -66,6 +75,11 @@ class Renewal:
             if not self._renew():
                 self._stop.set()
                 return
+            if self.keep_alive is not None:
+                try:
+                    self.keep_alive()
+                except Exception as exc:  # as a failed renewal: tried again at the next third
+                    self._complain("keep-alive of %s failed: %r", exc, trace=True)
             wait = every
 
     def _renew(self) -> bool:
@@ -86,8 +100,11 @@ class Renewal:
         logger.warning(message, self.admission.request_id, exc, exc_info=trace)
 
 
-def renewal_start(*, admission: Admission) -> Renewal:
+def renewal_start(
+    *, admission: Admission, keep_alive: Callable[[], object] | None = None
+) -> Renewal:
     """Keep `admission`'s reservation and concurrency leases held while its request runs,
-    on a thread of its own, however long the request's thread is blocked; see `Renewal`.
-    The caller must `stop()` it when the request ends, settled or not."""
-    return Renewal(admission).start()
+    on a thread of its own, however long the request's thread is blocked, and call
+    `keep_alive` at each renewal; see `Renewal`. The caller must `stop()` it when the
+    request ends, settled or not."""
+    return Renewal(admission, keep_alive).start()
