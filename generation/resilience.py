@@ -7,7 +7,10 @@ Attempts are bounded by UPSTREAM_MAX_ATTEMPTS and the whole call by
 UPSTREAM_MAX_RETRY_SECONDS, or UPSTREAM_READ_TIMEOUT if that is longer (a first attempt
 always has its whole read timeout: a generation that takes 45 s is not cut at a 30 s retry
 budget): no attempt starts, and no sleep begins, that would end past that bound, and each
-attempt's read timeout is cut to the time left.
+attempt's read timeout is cut to the time left. Except a stream's: the SDKs' HTTP client
+applies an attempt's read timeout to every read of its answer, so a stream attempt reads
+with the whole UPSTREAM_READ_TIMEOUT, lest an answer under way be cut between two pieces by
+what was left of the budget when it began (its first piece may come that much past it).
 
 Circuit breaker: one Redis hash per provider+model (`<prefix>:cb:<provider>:<model>`), so
 every worker sees the same state. CIRCUIT_FAILURE_THRESHOLD consecutive failed attempts
@@ -479,7 +482,7 @@ def _api_error(exc: Exception) -> GenerationError:
 
 
 class _Attempts:
-    """One upstream call's attempts: breaker check, read timeout cut to the time left,
+    """One upstream call's attempts: breaker check, read timeout (cut to the time left),
     metrics, and the breaker's bookkeeping of each outcome."""
 
     def __init__(self, provider: str, model: str) -> None:
@@ -491,10 +494,17 @@ class _Attempts:
         self.failures = 0
         self.started = 0.0
 
-    def begin(self) -> float:
-        """Admit an attempt (raises CircuitOpen); returns its read timeout."""
+    def begin(self, *, stream: bool = False) -> float:
+        """Admit an attempt (raises CircuitOpen); returns its read timeout: the time left
+        in the budget, at most UPSTREAM_READ_TIMEOUT. A stream's is the whole read timeout:
+        the SDKs' HTTP client applies one read timeout to every read of a response, and a
+        stream begun late in the budget would otherwise be cut between two pieces of an
+        answer under way (never retried) by what was left of the budget when it began.
+        Its first piece may so come up to a read timeout past the budget."""
         self.state, self.failures = self.breaker.allow()
         self.started = time.perf_counter()
+        if stream:
+            return float(settings.UPSTREAM_READ_TIMEOUT)
         return max(0.05, min(settings.UPSTREAM_READ_TIMEOUT, self.deadline - time.monotonic()))
 
     def failed(self, exc: ProviderFailure) -> None:
@@ -562,7 +572,7 @@ def upstream_stream(*, provider: str, request: CompletionRequest) -> Iterator[st
     attempts = _Attempts(provider, request.model)
 
     def attempt() -> tuple[Iterator[str | Completion], str | Completion]:
-        timeout = attempts.begin()
+        timeout = attempts.begin(stream=True)
         try:
             pieces = iter(client.stream(request, timeout=timeout))
             return pieces, next(pieces)

@@ -6,7 +6,8 @@ error status, optionally with Retry-After), "malformed" (200 with a body that is
 "hang" (never answers until the server stops), "held" (answers as "ok" once the test sets
 the behaviour's `gate`, or gives up when the server stops), "cut" (an answer, streamed or not, that
 breaks off half-way: the connection drops before the declared length), "paced" (a stream
-whose events come `delay` seconds apart), "raw" (200 with `body` as it is: JSON, or the
+whose first piece of text comes at once, or its first `at_once` events, each further event
+`delay` seconds after the previous one), "raw" (200 with `body` as it is: JSON, or the
 events of a stream, of a shape the test chooses).
 Streaming requests (OpenAI `stream: true`, Gemini `streamGenerateContent?alt=sse`) are
 answered as server-sent events, a few words per event. A test scripts the next answers with
@@ -51,6 +52,7 @@ class Behaviour:
     # Gemini: the prompt itself is blocked (promptFeedback.blockReason): no candidates.
     blocked: str | None = None
     gate: threading.Event = field(default_factory=threading.Event)  # opens a "held" answer
+    at_once: int | None = None  # "paced": events sent at once (None: to the first text)
 
 
 @dataclass
@@ -253,11 +255,15 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                     body.get("model", "?"), text, p_tokens, c_tokens, usage, behaviour=behaviour
                 )
                 pace = behaviour.delay if behaviour.kind == "paced" else 0.0
-                self._send_events(events, cut=behaviour.kind == "cut", pace=pace)
+                # The role's event, then the first piece of text at once.
+                at_once = behaviour.at_once or 2
+                self._send_events(events, cut=behaviour.kind == "cut", pace=pace, at_once=at_once)
                 return
             if gemini and gemini.group("method") == "streamGenerateContent":
                 events = _gemini_events(gemini.group("model"), text, p_tokens, c_tokens, behaviour)
-                self._send_events(events, cut=behaviour.kind == "cut")
+                pace = behaviour.delay if behaviour.kind == "paced" else 0.0
+                at_once = behaviour.at_once or 1
+                self._send_events(events, cut=behaviour.kind == "cut", pace=pace, at_once=at_once)
                 return
             if flavour == "openai":
                 payload = _openai_body(body.get("model", "?"), text, p_tokens, c_tokens, behaviour)
@@ -266,17 +272,20 @@ def _handler_for(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
                 payload = _gemini_body(gemini.group("model"), text, p_tokens, c_tokens, behaviour)
             self._send(200, json.dumps(payload).encode(), cut=behaviour.kind == "cut")
 
-        def _send_events(self, events: list[str], *, cut: bool, pace: float = 0.0) -> None:
+        def _send_events(
+            self, events: list[str], *, cut: bool, pace: float = 0.0, at_once: int = 1
+        ) -> None:
             data = "".join(f"data: {event}\n\n" for event in events).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            if pace:  # one event at a time, `pace` seconds apart
-                for event in events:
+            if pace:  # the first `at_once` events together, then one `pace` seconds apart
+                for index, event in enumerate(events):
                     self.wfile.write(f"data: {event}\n\n".encode())
                     self.wfile.flush()
-                    time.sleep(pace)
+                    if index + 1 >= at_once:
+                        time.sleep(pace)
                 return
             if cut:
                 self._cut(data)  # half the events

@@ -431,3 +431,53 @@ def test_an_answer_slower_than_the_retry_budget_but_within_the_read_timeout_is_s
 
     assert result.text == "long answer"
     assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.parametrize("provider", ["openai", "gemini"])
+def test_a_stream_begun_late_in_the_retry_budget_waits_the_whole_read_timeout_between_pieces(
+    upstream_settings, fake_upstream, provider
+):
+    # The first attempt fails and asks for 0.5 s: the second begins with some 0.3 s of the
+    # 0.8 s budget left, its first piece comes at once, the next ones 0.5 s apart. The
+    # budget bounds the wait for the first piece; the answer begun is read as any other,
+    # each piece waited for up to the 0.8 s read timeout, not cut at the budget's end.
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 0.8
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 0.8
+    text = "one two three four five six"
+    fake_upstream.script(
+        Behaviour(kind="status", status=500, retry_after="0.5"),
+        Behaviour(kind="paced", delay=0.5, text=text, usage=(3, 6)),
+    )
+
+    pieces = list(upstream_stream(provider=provider, request=_request()))
+
+    assert "".join(p for p in pieces if isinstance(p, str)) == text
+    assert pieces[-1].completion_tokens == 6
+    assert len(fake_upstream.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("provider", "late"),
+    [
+        # The role's event at once, the first piece of text 1.2 s later.
+        ("openai", Behaviour(kind="paced", delay=1.2, text="one two three", at_once=1)),
+        ("gemini", Behaviour(kind="slow", delay=1.2, text="one two three")),
+    ],
+    ids=["openai", "gemini"],
+)
+def test_a_stream_begun_late_in_the_retry_budget_waits_for_its_first_piece_a_read_timeout(
+    upstream_settings, fake_upstream, provider, late
+):
+    # As above, but the first piece comes 1.2 s after the attempt began: past the 0.8 s read
+    # timeout, which bounds each wait of a stream, the first one included. No attempt is
+    # left to try in the budget: a 504.
+    from generation.errors import UpstreamTimeout
+
+    upstream_settings.UPSTREAM_READ_TIMEOUT = 0.8
+    upstream_settings.UPSTREAM_MAX_RETRY_SECONDS = 0.8
+    fake_upstream.script(Behaviour(kind="status", status=500, retry_after="0.5"), late)
+
+    with pytest.raises(UpstreamTimeout):
+        upstream_stream(provider=provider, request=_request())
+
+    assert len(fake_upstream.requests) == 2
