@@ -278,6 +278,15 @@ class UsageRecord(models.Model):
                 name="usage_pending",
                 condition=models.Q(outcome="pending"),
             ),
+            # The few rows that are neither served nor a hit (failed, abandoned, pending) and
+            # the stale fallbacks, which the admin's list filters on: a page of one outcome
+            # is a range of it in time order, the fallbacks a read of this index alone
+            # (migration 0005, built CONCURRENTLY).
+            models.Index(
+                fields=("outcome", "created_at", "fallback"),
+                name="usage_unusual",
+                condition=~models.Q(outcome__in=("ok", "cached")) | models.Q(fallback=True),
+            ),
         ]
 
     def __str__(self) -> str:
