@@ -8,8 +8,10 @@ with EVALSHA (redis-py reloads them after NOSCRIPT). Key layout, under `<prefix>
     {<counter>}:<epoch>:d<YYYYMMDD>  UTC day: hash r, t, c (+ g, its generation)
     {<counter>}:<epoch>:m<YYYYMM>    UTC month: same
     {<counter>}:l                    concurrency leases: zset request id -> expiry
-    res:<request id>, resx           reservations and their expiry index (a settled one
-                                     is kept a few seconds, marked settled)
+    res:<request id>, resx           reservations and their expiry index (one in flight
+                                     is kept as long as its counters count it, so that
+                                     a dead worker's is refunded however late the sweep;
+                                     a settled one a few seconds, marked settled)
     settled:<second>                 the requests settled in that second
     carry:<epoch>                    reservations in flight (or just settled) when that
                                      epoch began

@@ -54,6 +54,8 @@ local month_left = tonumber(ARGV[11])
 local n = tonumber(ARGV[12])
 
 -- A crashed worker's reservations: refund up to a few per admission (also swept periodically).
+-- However late that comes, the reservation is still there to refund: it lives as long as
+-- the counters it holds an estimate in count for (see the reserve phase).
 local function refund_ops(res, rid_)
   for _, op in ipairs(res.ops) do
     if op.x then
@@ -76,8 +78,9 @@ local function refund_ops(res, rid_)
   end
 end
 
-local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 5)
-for _, old in ipairs(expired) do
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 5)
+for j = 1, #expired, 2 do
+  local old = expired[j]
   local rkey = string.sub(KEYS[3], 1, #KEYS[3] - #rid) .. old
   local raw = redis.call('GET', rkey)
   if raw then
@@ -85,7 +88,21 @@ for _, old in ipairs(expired) do
     if not res.s then
       refund_ops(res, old)
       res.s = 1
-      redis.call('SET', rkey, cjson.encode(res), 'KEEPTTL')
+      -- Kept, refunded, until two of its own leases (`l`) from its last admission or
+      -- renewal, as it would have been but for its refund: a worker that was only slow and
+      -- settles meanwhile is charged its actual usage in full (settle.lua), and its request
+      -- id stays in use until then (a job's item waits for it: generation/jobs.py). Past
+      -- that (a late sweep), it is forgotten at once.
+      if not res.l then
+        redis.call('SET', rkey, cjson.encode(res), 'KEEPTTL')  -- one admitted before `l`
+      else
+        local left = math.ceil(tonumber(expired[j + 1]) + res.l - now)
+        if left > 0 then
+          redis.call('SET', rkey, cjson.encode(res), 'EX', left)
+        else
+          redis.call('DEL', rkey)
+        end
+      end
     end
   end
   redis.call('ZREM', KEYS[4], old)
@@ -227,8 +244,15 @@ if worst then
 end
 
 -- Reserve phase: all or nothing (nothing above wrote a counter).
+-- `life`: how long the reservation must be kept for its refund, should its worker die: as
+-- long as any counter it adds to counts it (to its day's or month's end, after which no
+-- admission reads that counter; the sliding hash's life; two leases at least), so that
+-- however late the next sweep or admission comes (a quiet night with no periodic sweep),
+-- the estimate is taken back, never kept for good. Only those in flight live that long: a
+-- settled one is kept a few seconds (settle.lua), a refunded one as described above.
 local ops = {}
 local seen = {}
+local life = lease_ttl * 2
 for i = 1, n do
   local b = 12 + (i - 1) * 5
   local kind, window = ARGV[b + 4], ARGV[b + 5]
@@ -250,6 +274,7 @@ for i = 1, n do
       if est_c ~= 0 then redis.call('HINCRBY', key, 'c', est_c) end
       ops[#ops + 1] = {key = key, k = 'cal', g = redis.call('HGET', key, 'g')}
     end
+    life = math.max(life, (window == 'day') and day_left or month_left)
   else
     local w = tonumber(window)
     local size = w / SUB
@@ -267,6 +292,7 @@ for i = 1, n do
       redis.call('EXPIRE', key, math.ceil(w + 2 * size))
     end
     ops[#ops + 1] = {key = key, k = kind, f = tostring(cur)}
+    life = math.max(life, math.ceil(w + 2 * size))
     if reset[i] == 0 and amount ~= 0 then reset[i] = (cur + SUB + 1) * size - now end
   end
   used[i] = used[i] + amount
@@ -274,8 +300,8 @@ end
 
 local claimed = 0
 if mode == 'full' then
-  local res = {t = est_t, c = est_c, e = epoch, ops = ops}
-  redis.call('SET', KEYS[3], cjson.encode(res), 'EX', lease_ttl * 2)
+  local res = {t = est_t, c = est_c, e = epoch, l = lease_ttl, ops = ops}
+  redis.call('SET', KEYS[3], cjson.encode(res), 'EX', life)
   redis.call('ZADD', KEYS[4], now + lease_ttl, rid)
   local b = 12 + 5 * n
   if gated and tonumber(ARGV[b + 2]) > 0 then

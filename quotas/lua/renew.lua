@@ -18,5 +18,7 @@ for _, op in ipairs(res.ops) do
   end
 end
 redis.call('ZADD', KEYS[2], 'XX', until_, rid)
-redis.call('EXPIRE', KEYS[1], ttl * 2)
+-- The reservation lives two leases from now at least; not less than admit.lua gave it
+-- (as long as its counters count it, for its refund however late the sweep).
+if redis.call('TTL', KEYS[1]) < ttl * 2 then redis.call('EXPIRE', KEYS[1], ttl * 2) end
 return 1

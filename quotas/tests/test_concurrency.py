@@ -3,6 +3,7 @@ and live policy changes seen by another process."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from django.db.models import Sum
 
 from quotas import services
 from quotas.models import AuditEntry, UsageRecord
+from quotas.policy import micros_text, usd_to_micros
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -274,3 +276,55 @@ def test_a_user_deactivated_in_the_admin_is_refused_by_another_process(
     # A batch job's items are admitted without authenticating again: admission must refuse.
     reply = worker.ask(op="admit", user_id=user.pk)
     assert reply["errors"] == {"user_inactive": 1}
+
+
+@pytest.mark.parametrize("late", ["sweep", "admission"])
+def test_a_killed_workers_reservation_is_refunded_however_late_the_next_sweep(
+    worker_factory, user, plan_for, redis_conn, late
+):
+    """A worker killed (SIGKILL) holding a reservation; then nothing sweeps and nothing is
+    admitted for longer than the reservation's two leases (Celery beat down on a quiet
+    night). The next sweep, or the next admission, must still give it back: the day's and
+    month's counters hold what the ledger holds, not the dead request's estimate for good.
+    Once refunded so late, the dead request's reservation is forgotten."""
+    plan_for(
+        user,
+        requests_per_day=100,
+        tokens_per_day=10_000,
+        cost_per_month=Decimal("1.000000"),
+    )
+    worker = worker_factory(QUOTA_LEASE_TTL="1")  # its reservation's lease: 1 s
+    reply = worker.ask(op="admit", user_id=user.pk, prompt_tokens=100, max_tokens=100)
+    assert reply["admitted"] == 1  # reserved, never settled: its worker dies now
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait(10)
+    assert services.quota_standing(user_id=user.pk)["limits"]["tokens_per_day"]["used"] == 200
+
+    time.sleep(3.5)  # no sweep, no admission: past two leases' life
+    if late == "sweep":
+        assert services.reservations_sweep() == 1
+    else:
+        admission = services.admission_admit(
+            user_id=user.pk,
+            key_id=None,
+            model="local/demo",
+            request_id="after-the-night",
+            prompt_tokens=10,
+            max_tokens=10,
+        )
+        services.usage_settle(admission=admission, prompt_tokens=10, completion_tokens=5)
+
+    rows = UsageRecord.objects.filter(user=user)
+    spent = rows.aggregate(p=Sum("prompt_tokens"), c=Sum("completion_tokens"))
+    limits = services.quota_standing(user_id=user.pk)["limits"]
+    assert (
+        limits["requests_per_day"]["used"],
+        limits["tokens_per_day"]["used"],
+        limits["cost_per_month"]["used"],
+    ) == (
+        rows.count(),
+        (spent["p"] or 0) + (spent["c"] or 0),
+        micros_text(sum(usd_to_micros(r.cost_usd) for r in rows)),
+    )
+    kept = [b"tg:q:res:after-the-night"] if late == "admission" else []  # settled: 10 s
+    assert (redis_conn.keys("tg:q:res:*"), redis_conn.zcard("tg:q:resx")) == (kept, 0)

@@ -210,6 +210,24 @@ def test_a_renewed_reservation_outlives_its_first_lease(engine, user, plan_for, 
     assert backend().renew(request_id=running.request_id, now=NOW + 52) is False
 
 
+def test_a_renewed_reservation_whose_worker_died_is_refunded_by_a_late_sweep(
+    redis_conn, user, plan_for, settings
+):
+    """A stream renewed its reservation, then its worker died; nothing sweeps for longer
+    than two leases. Its renewal must not have cut the reservation's life short: the late
+    sweep still gives its estimate back."""
+    from quotas.services.state import backend
+
+    settings.QUOTA_LEASE_TTL = 1
+    plan_for(user, tokens_per_day=1000)
+    running = admit(user, now=None, prompt=40, max_tokens=40)
+    assert backend().renew(request_id=running.request_id, now=time.time()) is True
+    time.sleep(3)  # its worker is gone: no renewal, no sweep, no admission meanwhile
+
+    assert services.reservations_sweep() == 1
+    assert services.quota_standing(user_id=user.pk)["limits"]["tokens_per_day"]["used"] == 0
+
+
 def test_a_renewal_holds_a_reservation_on_its_own_until_stopped(
     redis_conn, user, plan_for, settings
 ):
