@@ -13,23 +13,8 @@ set -euo pipefail
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-# The application's DATABASE_URL may carry Django's own settings as query parameters
-# (`?conn_max_age=60`, README), which libpq refuses ("invalid URI query parameter"): they
-# are dropped, libpq's own (sslmode...) kept.
-libpq_url() {
-    local url="$1" param name kept=""
-    local -a params=()
-    [[ "${url}" == *\?* ]] || { printf '%s' "${url}"; return; }
-    IFS='&' read -r -a params <<< "${url#*\?}"
-    for param in "${params[@]}"; do
-        name="${param%%=*}"
-        case "${name,,}" in
-            conn_max_age|conn_health_checks|atomic_requests|autocommit|disable_server_side_cursors) ;;
-            *) kept="${kept:+${kept}&}${param}" ;;
-        esac
-    done
-    printf '%s' "${url%%\?*}${kept:+?${kept}}"
-}
+# shellcheck source=deploy/backup/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 assume_yes=0
 create=0
