@@ -91,6 +91,20 @@ def test_kept_rows_are_written_by_the_worker_itself_when_hit_rows_are_not_batche
     assert _segments() == []
 
 
+def _queue_hit(user, request_id: str) -> None:
+    """A cache hit's ledger row, queued for the next flush as a served hit's is."""
+    ledger._hit_queue.put(
+        ledger._row(
+            request_id=request_id,
+            user_id=user.pk,
+            model="local/demo",
+            provider="local",
+            cached=True,
+            outcome="cached",
+        )
+    )
+
+
 def _spool_metric(event: str) -> float:
     from prometheus_client import REGISTRY
 
@@ -99,16 +113,7 @@ def _spool_metric(event: str) -> float:
 
 def test_queued_hit_rows_a_failed_flush_could_not_write_go_to_the_spool(user, hidden_ledger):
     kept, written = _spool_metric("kept"), _spool_metric("written")
-    ledger._hit_queue.put(
-        ledger._row(
-            request_id="hit-1",
-            user_id=user.pk,
-            model="local/demo",
-            provider="local",
-            cached=True,
-            outcome="cached",
-        )
-    )
+    _queue_hit(user, "hit-1")
     with hidden_ledger, pytest.raises(ProgrammingError):
         usage_flush()
 
@@ -154,16 +159,7 @@ def test_an_incomplete_last_line_is_skipped_and_the_rest_written(user, caplog):
 
 
 def test_the_spool_is_this_users_alone(user, hidden_ledger):
-    ledger._hit_queue.put(
-        ledger._row(
-            request_id="hit-3",
-            user_id=user.pk,
-            model="local/demo",
-            provider="local",
-            cached=True,
-            outcome="cached",
-        )
-    )
+    _queue_hit(user, "hit-3")
     with hidden_ledger, pytest.raises(ProgrammingError):
         usage_flush()
 
@@ -188,16 +184,7 @@ def test_a_spool_others_may_write_to_is_neither_replayed_nor_written(
     assert not UsageRecord.objects.filter(request_id="planted").exists()
     assert "is not this user's alone" in caplog.text
 
-    ledger._hit_queue.put(
-        ledger._row(
-            request_id="hit-4",
-            user_id=user.pk,
-            model="local/demo",
-            provider="local",
-            cached=True,
-            outcome="cached",
-        )
-    )
+    _queue_hit(user, "hit-4")
     with hidden_ledger, pytest.raises(ProgrammingError):
         usage_flush()
     assert not ledger._hit_queue.empty()  # kept in memory, not in the open directory
@@ -259,16 +246,7 @@ def test_rows_stay_in_memory_when_the_spool_cannot_be_written(user, hidden_ledge
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     settings.LEDGER_SPOOL_DIR = str(blocker)
-    ledger._hit_queue.put(
-        ledger._row(
-            request_id="hit-2",
-            user_id=user.pk,
-            model="local/demo",
-            provider="local",
-            cached=True,
-            outcome="cached",
-        )
-    )
+    _queue_hit(user, "hit-2")
     with hidden_ledger, pytest.raises(ProgrammingError):
         usage_flush()
 
