@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,16 +79,23 @@ def _fill(rows: int, users: int) -> None:
     print(f"filled {rows:,} ledger rows in {time.perf_counter() - started:.1f} s")
 
 
-def ledger_setup(description: str) -> argparse.Namespace:
+def ledger_setup(
+    description: str,
+    *,
+    fill: Callable[[int, int], None] | None = None,
+    rows: int = 1_000_000,
+    database: str = DEFAULT_DB,
+) -> argparse.Namespace:
     """The command line of a ledger benchmark (`--rows`, `--users`, `--repeat`), and Django
-    set up on its own database with the ledger filled (once) to `--rows` rows, vacuumed."""
+    set up on its own database (BENCH_DATABASE_URL, else `database`) with the ledger filled
+    (once) to `--rows` rows by `fill` (this module's `_fill` by default), vacuumed."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=rows)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
-    url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
+    url = os.environ.get("BENCH_DATABASE_URL", database)
     ensure_database(url)
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
@@ -99,7 +107,7 @@ def ledger_setup(description: str) -> argparse.Namespace:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-    _fill(args.rows, args.users)
+    (fill or _fill)(args.rows, args.users)
     from django.db import connection
 
     with connection.cursor() as cursor:  # the visibility map and statistics of a settled table

@@ -15,8 +15,6 @@ the deployed middleware) and is not tried again.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import ensure_database  # noqa: E402
+from bench.dashboard import ledger_setup  # noqa: E402
 
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/tollgate_bench_ledger_admin"
 
@@ -83,35 +81,17 @@ def _fill(rows: int, users: int) -> None:
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE quotas_usagerecord, quotas_dailyusage")
         cursor.execute(FILL, {"rows": rows, "users": users})
-        cursor.execute("VACUUM ANALYZE quotas_usagerecord")
     print(f"filled {rows:,} ledger rows in {time.perf_counter() - started:.1f} s")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-
-    url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
-    ensure_database(url)
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("SECRET_KEY", "bench-only-secret-key-not-for-production-use-0123456789")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    import django
-
-    django.setup()
+    args = ledger_setup(__doc__.splitlines()[0], fill=_fill, rows=2_000_000, database=DEFAULT_DB)
     from django.conf import settings
     from django.contrib.auth import get_user_model
-    from django.core.management import call_command
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    call_command("migrate", verbosity=0)
-    _fill(args.rows, args.users)
     settings.ALLOWED_HOSTS = ["*"]
     admin, _ = get_user_model().objects.get_or_create(
         username="admin-bench", defaults={"is_staff": True, "is_superuser": True}
