@@ -39,6 +39,14 @@ def _warm(*args: str) -> tuple[str, str]:
     return out.getvalue(), err.getvalue()
 
 
+def _warm_failing(*args: str, message: str) -> tuple[str, str]:
+    """`_warm` of a run that ends in CommandError `message` (exit status 1)."""
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError, match=message):
+        call_command("warm_cache", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
 def test_warm_cache_fills_cache_for_listed_topics(tmp_path, operator):
     topics = tmp_path / "topics.txt"
     topics.write_text("# ops list\nPython programming\n\nRust\n  python   PROGRAMMING \n")
@@ -113,12 +121,12 @@ def test_warm_cache_that_warms_not_every_topic_exits_with_an_error(tmp_path, ope
     UserQuotaFactory(user=operator, plan=PlanFactory(requests_per_day=1))
     topics = tmp_path / "topics.txt"
     topics.write_text("rust\ngo\n")
-    out, err = StringIO(), StringIO()
 
-    with pytest.raises(CommandError, match="1 of 2 topics could not be warmed"):
-        call_command("warm_cache", "--topics-file", str(topics), stdout=out, stderr=err)
-    assert "warmed 1, already cached 0, failed 1" in out.getvalue()
-    assert "go: quota_exceeded" in err.getvalue()
+    out, err = _warm_failing(
+        "--topics-file", str(topics), message="1 of 2 topics could not be warmed"
+    )
+    assert "warmed 1, already cached 0, failed 1" in out
+    assert "go: quota_exceeded" in err
 
 
 def test_warm_cache_without_an_account_to_charge_is_refused(tmp_path):
@@ -326,9 +334,9 @@ def test_warm_cache_whose_redis_goes_away_midway_reports_the_rest_not_warmed(
     monkeypatch.setattr(topic_answers, "popularity_bump", redis_stops_at_go)
     topics = tmp_path / "topics.txt"
     topics.write_text("rust\ngo\n")
-    out, err = StringIO(), StringIO()
 
-    with pytest.raises(CommandError, match="1 of 2 topics could not be warmed"):
-        call_command("warm_cache", "--topics-file", str(topics), stdout=out, stderr=err)
-    assert "warmed 1, already cached 0, failed 1" in out.getvalue()
-    assert "go: redis_unavailable" in err.getvalue()
+    out, err = _warm_failing(
+        "--topics-file", str(topics), message="1 of 2 topics could not be warmed"
+    )
+    assert "warmed 1, already cached 0, failed 1" in out
+    assert "go: redis_unavailable" in err

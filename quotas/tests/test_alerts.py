@@ -72,6 +72,19 @@ def webhook(settings):
     receiver.close()
 
 
+def _day_alert_at_80(user, spent: str, **fields) -> BudgetAlert:
+    """The 80% alert of `user`'s 1.00 USD day budget, as a check creates it."""
+    return BudgetAlert.objects.create(
+        user=user,
+        period="day",
+        period_start=NOW.date(),
+        threshold=80,
+        budget_usd=Decimal("1.00"),
+        spent_usd=Decimal(spent),
+        **fields,
+    )
+
+
 def test_rollup_sums_ledger_per_day_user_and_model_and_is_idempotent():
     alice, bob = UserFactory(), UserFactory()
     yesterday = NOW - dt.timedelta(days=1)
@@ -315,27 +328,13 @@ def test_budget_alert_left_undelivered_by_a_dead_check_is_delivered_by_a_later_o
     UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
     ledger(user, "0.800000")
     # A check created this alert, then died (killed, time limit) before delivering it.
-    left = BudgetAlert.objects.create(
-        user=user,
-        period="day",
-        period_start=NOW.date(),
-        threshold=80,
-        budget_usd=Decimal("1.00"),
-        spent_usd=Decimal("0.800000"),
-    )
+    left = _day_alert_at_80(user, "0.800000")
     BudgetAlert.objects.filter(pk=left.pk).update(
         created_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
     )
     # One another check has just created and is still delivering: not sent twice.
     other = UserFactory(email="")
-    in_flight = BudgetAlert.objects.create(
-        user=other,
-        period="day",
-        period_start=NOW.date(),
-        threshold=80,
-        budget_usd=Decimal("1.00"),
-        spent_usd=Decimal("0.900000"),
-    )
+    in_flight = _day_alert_at_80(other, "0.900000")
 
     assert budget_alerts_check(now=NOW) == []
 
@@ -425,15 +424,8 @@ def test_budget_alert_retried_by_two_overlapping_checks_is_delivered_once(
     UserQuota.objects.create(user=user, cost_per_day=Decimal("1.00"))
     ledger(user, "0.800000")
     # Its first delivery failed whole (SMTP and webhook down): the next checks retry it.
-    alert = BudgetAlert.objects.create(
-        user=user,
-        period="day",
-        period_start=NOW.date(),
-        threshold=80,
-        budget_usd=Decimal("1.00"),
-        spent_usd=Decimal("0.800000"),
-        delivery_attempts=1,
-        delivery_error="email: refused; webhook: refused",
+    alert = _day_alert_at_80(
+        user, "0.800000", delivery_attempts=1, delivery_error="email: refused; webhook: refused"
     )
 
     def slow_check():
